@@ -1,0 +1,141 @@
+"""Deploying the marketplace suite and remembering where it went.
+
+:func:`deploy_suite` deploys Registry, PaymentChannels, Ratings, Market and DataAnchors in
+one call, to the embedded chain or any JSON-RPC endpoint; :class:`Deployment` is what a
+broker or client needs to find them again (chain id, addresses, block), saved as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from web3 import AsyncWeb3
+from web3.contract import AsyncContract
+
+from blendsm.contracts._artifacts import SUITE_CONTRACTS, load_artifact, load_manifest
+from blendsm.contracts._transactor import Transactor
+from blendsm.errors import ConfigError
+
+__all__ = ["DEFAULT_CHALLENGE_PERIOD", "Deployment", "contract_at", "deploy_contract", "deploy_suite"]
+
+#: One day: long enough for a broker that was down for hours to claim before a payer exits.
+DEFAULT_CHALLENGE_PERIOD = 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """Where the suite lives: chain, contract addresses and the block it was deployed at."""
+
+    chain_id: int
+    addresses: dict[str, str]
+    block: int
+    deployer: str
+    challenge_period: int
+    compiler_version: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def address(self, name: str) -> str:
+        try:
+            return self.addresses[name]
+        except KeyError:
+            raise ConfigError(f"deployment has no address for {name!r}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Deployment:
+        try:
+            raw = json.loads(text)
+            addresses = {str(k): to_checksum_address(v) for k, v in raw["addresses"].items()}
+            dep = cls(
+                chain_id=int(raw["chain_id"]),
+                addresses=addresses,
+                block=int(raw["block"]),
+                deployer=to_checksum_address(raw["deployer"]),
+                challenge_period=int(raw["challenge_period"]),
+                compiler_version=str(raw.get("compiler_version", "")),
+                extra={str(k): str(v) for k, v in raw.get("extra", {}).items()},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"invalid deployment file: {exc}") from exc
+        missing = [n for n in SUITE_CONTRACTS if n not in dep.addresses]
+        if missing:
+            raise ConfigError(f"deployment file lacks addresses for {', '.join(missing)}")
+        return dep
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (temp file, fsync, rename), so a crash never leaves half a file."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Deployment:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read deployment file {path}: {exc}") from exc
+        return cls.from_json(text)
+
+
+def contract_at(w3: AsyncWeb3[Any], name: str, address: str) -> AsyncContract:
+    """A web3 contract object for artifact ``name`` at ``address``."""
+    return w3.eth.contract(address=to_checksum_address(address), abi=load_artifact(name)["abi"])
+
+
+async def deploy_contract(transactor: Transactor, name: str, *args: Any) -> AsyncContract:
+    """Deploy one artifact with constructor ``args``; returns the contract at its address."""
+    artifact = load_artifact(name)
+    factory = transactor.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    receipt = await transactor.send(factory.constructor(*args))
+    return contract_at(transactor.w3, name, receipt["contractAddress"])
+
+
+async def deploy_suite(
+    w3: AsyncWeb3[Any],
+    deployer: LocalAccount,
+    *,
+    challenge_period: int = DEFAULT_CHALLENGE_PERIOD,
+    confirmations: int = 0,
+) -> Deployment:
+    """Deploy the five marketplace contracts; ``deployer`` becomes the Registry's oracle."""
+    if challenge_period <= 0:
+        raise ConfigError("challenge_period must be positive")
+    tx = Transactor(w3, deployer, confirmations=confirmations)
+    registry = await deploy_contract(tx, "Registry", deployer.address)
+    channels = await deploy_contract(tx, "PaymentChannels", challenge_period)
+    ratings = await deploy_contract(tx, "Ratings", channels.address)
+    market = await deploy_contract(tx, "Market", registry.address, ratings.address)
+    anchors = await deploy_contract(tx, "DataAnchors", registry.address)
+    block = await w3.eth.block_number
+    return Deployment(
+        chain_id=await w3.eth.chain_id,
+        addresses={
+            "Registry": registry.address,
+            "PaymentChannels": channels.address,
+            "Ratings": ratings.address,
+            "Market": market.address,
+            "DataAnchors": anchors.address,
+        },
+        block=block,
+        deployer=deployer.address,
+        challenge_period=challenge_period,
+        compiler_version=str(load_manifest()["compilerVersion"]),
+    )

@@ -1,0 +1,108 @@
+"""Contract reverts and transport failures, turned into BlendSM errors.
+
+Every custom error in every artifact ABI is indexed by its 4-byte selector, so revert
+data from any of our contracts decodes to a :class:`~blendsm.errors.ContractRevertError`
+that names the Solidity error and its arguments. web3 and transport errors are re-raised
+from the original with ``from``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+import aiohttp
+from eth_abi import decode
+from eth_utils import function_signature_to_4byte_selector
+from web3.exceptions import (
+    ContractLogicError,
+    ProviderConnectionError,
+    TimeExhausted,
+    Web3Exception,
+)
+
+from blendsm.contracts._artifacts import CONTRACT_NAMES, load_artifact
+from blendsm.errors import (
+    ChainError,
+    ChainUnavailableError,
+    ContractRevertError,
+    TransactionFailedError,
+)
+
+__all__ = ["chain_errors", "decode_revert"]
+
+_ERROR_STRING = bytes.fromhex("08c379a0")  # Error(string)
+_PANIC = bytes.fromhex("4e487b71")  # Panic(uint256)
+
+
+def _abi_type(item: dict[str, Any]) -> str:
+    if item["type"].startswith("tuple"):
+        inner = ",".join(_abi_type(c) for c in item["components"])
+        return f"({inner}){item['type'][5:]}"
+    return str(item["type"])
+
+
+@cache
+def _error_table() -> dict[bytes, tuple[str, list[str], list[str]]]:
+    table: dict[bytes, tuple[str, list[str], list[str]]] = {}
+    for name in CONTRACT_NAMES:
+        for item in load_artifact(name)["abi"]:
+            if item["type"] != "error":
+                continue
+            types = [_abi_type(i) for i in item["inputs"]]
+            selector = function_signature_to_4byte_selector(f"{item['name']}({','.join(types)})")
+            table[selector] = (item["name"], [i["name"] for i in item["inputs"]], types)
+    return table
+
+
+def _as_bytes(data: Any) -> bytes | None:
+    if isinstance(data, dict):
+        data = data.get("data")
+    if isinstance(data, bytes | bytearray):
+        return bytes(data)
+    if isinstance(data, str) and data.startswith("0x"):
+        try:
+            return bytes.fromhex(data[2:])
+        except ValueError:
+            return None
+    return None
+
+
+def decode_revert(data: bytes) -> ContractRevertError:
+    """Decode revert data into a named error; unknown data keeps its hex."""
+    selector, body = data[:4], data[4:]
+    try:
+        if selector == _ERROR_STRING:
+            return ContractRevertError("Error", {"message": decode(["string"], body)[0]})
+        if selector == _PANIC:
+            return ContractRevertError("Panic", {"code": decode(["uint256"], body)[0]})
+        known = _error_table().get(selector)
+        if known is not None:
+            name, names, types = known
+            values = decode(types, body)
+            return ContractRevertError(name, dict(zip(names, values, strict=True)))
+    except Exception:  # malformed revert data: report it raw below
+        pass
+    return ContractRevertError("UnknownRevert", {"data": "0x" + data.hex()})
+
+
+@contextmanager
+def chain_errors(action: str) -> Iterator[None]:
+    """Translate web3 and transport failures inside the block into our error tree."""
+    try:
+        yield
+    except ChainError:
+        raise
+    except ContractLogicError as exc:
+        raw = _as_bytes(exc.data)
+        if raw:
+            raise decode_revert(raw) from exc
+        raise ContractRevertError("Revert", {"message": str(exc)}) from exc
+    except TimeExhausted as exc:
+        raise TransactionFailedError(f"{action}: not mined in time") from exc
+    except (ProviderConnectionError, aiohttp.ClientError, ConnectionError, TimeoutError, OSError) as exc:
+        raise ChainUnavailableError(f"{action}: chain endpoint unavailable: {exc}") from exc
+    except Web3Exception as exc:
+        raise ChainError(f"{action}: {exc}") from exc

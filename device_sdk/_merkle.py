@@ -1,0 +1,116 @@
+"""Merkle trees whose proofs OpenZeppelin ``MerkleProof.verify`` accepts on chain.
+
+OZ folds a proof with ``Hashes.commutativeKeccak256``: each pair is sorted (as unsigned
+256-bit numbers, i.e. byte order) before hashing, so a proof needs no left/right flags.
+We lay the tree out level by level in leaf order, pair neighbours (0,1), (2,3), ..., and
+carry an odd last node up unchanged (it adds no proof element at that level). Leaf
+``i`` stays at index ``i``, so the broker can hand out proofs by message position.
+
+Leaves are double-hashed, ``keccak256(keccak256(data))``, as OZ ``StandardMerkleTree``
+does: an inner node is the hash of 64 bytes and a leaf the hash of a 32-byte hash, so no
+inner node can be passed off as a leaf (second-preimage attack) without breaking keccak.
+Build trees only from :func:`leaf_hash` outputs for that guarantee to hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from blendsm.errors import WireError
+
+from ._keccak import keccak256
+
+__all__ = [
+    "MerkleTree",
+    "hash_pair",
+    "leaf_hash",
+    "process_proof",
+    "verify_proof",
+]
+
+
+def leaf_hash(data: bytes) -> bytes:
+    """The double-hashed leaf for ``data`` (see the module docstring for why double)."""
+    return keccak256(keccak256(data))
+
+
+def hash_pair(a: bytes, b: bytes) -> bytes:
+    """OZ ``Hashes.commutativeKeccak256``: keccak256 of the two nodes, smaller first."""
+    return keccak256(a + b if a < b else b + a)
+
+
+def _check_node(node: object, what: str) -> bytes:
+    if not isinstance(node, bytes) or len(node) != 32:
+        got = f"{len(node)} bytes" if isinstance(node, bytes) else type(node).__name__
+        raise WireError(f"{what} must be 32 bytes, got {got}")
+    return node
+
+
+class MerkleTree:
+    """A tree over 32-byte leaf hashes; ``MerkleTree(leaves).proof(i)`` proves leaf ``i``.
+
+    Built in O(n) hashes (~n - 1); all levels are kept, so a proof costs O(log n).
+    One leaf gives ``root == leaf`` and an empty proof, as OZ verifies it.
+    """
+
+    __slots__ = ("_levels",)
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        if not leaves:
+            raise WireError("a Merkle tree needs at least one leaf")
+        level = [bytes(_check_node(leaf, f"leaf {i}")) for i, leaf in enumerate(leaves)]
+        levels = [level]
+        h = keccak256
+        while len(level) > 1:
+            nxt = [
+                h(a + b if a < b else b + a) for a, b in zip(level[0::2], level[1::2], strict=False)
+            ]
+            if len(level) & 1:
+                nxt.append(level[-1])
+            levels.append(nxt)
+            level = nxt
+        self._levels: list[list[bytes]] = levels
+
+    def __len__(self) -> int:
+        return len(self._levels[0])
+
+    @property
+    def root(self) -> bytes:
+        """The 32-byte root to anchor on chain."""
+        return self._levels[-1][0]
+
+    @property
+    def leaves(self) -> list[bytes]:
+        """The leaf hashes, in the order given (a copy)."""
+        return list(self._levels[0])
+
+    def proof(self, index: int) -> list[bytes]:
+        """Sibling hashes from leaf ``index`` up to the root, for ``MerkleProof.verify``."""
+        n = len(self._levels[0])
+        if not -n <= index < n:
+            raise IndexError(f"leaf index {index} out of range for {n} leaves")
+        index %= n
+        proof: list[bytes] = []
+        for level in self._levels[:-1]:
+            sibling = index ^ 1
+            if sibling < len(level):  # else: odd last node, carried up with no sibling
+                proof.append(level[sibling])
+            index >>= 1
+        return proof
+
+
+def process_proof(leaf: bytes, proof: Sequence[bytes]) -> bytes:
+    """OZ ``MerkleProof.processProof``: the root that ``proof`` leads to from ``leaf``."""
+    node = _check_node(leaf, "leaf")
+    for i, sibling in enumerate(proof):
+        node = hash_pair(node, _check_node(sibling, f"proof element {i}"))
+    return node
+
+
+def verify_proof(leaf: bytes, proof: Sequence[bytes], root: bytes) -> bool:
+    """OZ ``MerkleProof.verify``: True if ``proof`` links ``leaf`` to ``root``.
+
+    Malformed input (a node not 32 bytes) raises :class:`WireError` rather than
+    returning False, since it cannot come from an honest broker.
+    """
+    return process_proof(leaf, proof) == _check_node(root, "root")

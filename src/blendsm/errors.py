@@ -1,0 +1,97 @@
+"""The one error tree of BlendSM.
+
+Every error BlendSM raises on purpose derives from :class:`BlendsmError`; where a
+stdlib class describes the same failure, the error also derives from it, so callers
+can catch either. Chain errors are re-raised with ``from`` so the original stays
+visible::
+
+    BlendsmError
+    ├── ConfigError(BlendsmError, ValueError)        bad settings, named by field
+    ├── WireError(BlendsmError, ValueError)          malformed wire data (vouchers, tokens, proofs)
+    │   └── VoucherError                             a voucher the contract would refuse
+    │       ├── VoucherSignatureError                malformed, high-s, bad v, not the payer
+    │       ├── VoucherNotNewerError                 cumulative amount not above what was claimed
+    │       └── VoucherChannelError                  channel unknown, closed or past its challenge period
+    ├── ArtifactError(BlendsmError, RuntimeError)    compiled contracts missing or stale
+    └── ChainError(BlendsmError, RuntimeError)       the chain could not answer or refused
+        ├── ChainUnavailableError(ChainError, ConnectionError)
+        ├── TransactionFailedError                   mined but reverted, or never mined
+        └── ContractRevertError                      a contract's custom error, decoded
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ArtifactError",
+    "BlendsmError",
+    "ChainError",
+    "ChainUnavailableError",
+    "ConfigError",
+    "ContractRevertError",
+    "TransactionFailedError",
+    "VoucherChannelError",
+    "VoucherError",
+    "VoucherNotNewerError",
+    "VoucherSignatureError",
+    "WireError",
+]
+
+
+class BlendsmError(Exception):
+    """Root of every error BlendSM raises on purpose."""
+
+
+class ConfigError(BlendsmError, ValueError):
+    """A setting is missing or invalid; the message names the field."""
+
+
+class WireError(BlendsmError, ValueError):
+    """Bytes from the wire (a voucher, a token, a proof) are malformed."""
+
+
+class VoucherError(WireError):
+    """A voucher that the PaymentChannels contract would refuse to pay."""
+
+
+class VoucherSignatureError(VoucherError):
+    """The signature is malformed, non-canonical (high s, v not 27/28) or not the payer's."""
+
+
+class VoucherNotNewerError(VoucherError):
+    """The voucher's cumulative amount pays nothing over what was already claimed."""
+
+
+class VoucherChannelError(VoucherError):
+    """The channel is unknown, already settled, or past its challenge period."""
+
+
+class ArtifactError(BlendsmError, RuntimeError):
+    """Compiled contract artifacts are missing, unreadable or do not match their sources."""
+
+
+class ChainError(BlendsmError, RuntimeError):
+    """The chain could not answer, or refused what we asked."""
+
+
+class ChainUnavailableError(ChainError, ConnectionError):
+    """The JSON-RPC endpoint cannot be reached (down, restarting, timing out)."""
+
+
+class TransactionFailedError(ChainError):
+    """A transaction reverted or was not mined in time."""
+
+
+class ContractRevertError(ChainError):
+    """A contract reverted with one of its custom errors.
+
+    ``error_name`` is the Solidity error (e.g. ``PaymentChannelsNothingToClaim``) and
+    ``error_args`` its decoded arguments by name.
+    """
+
+    def __init__(self, error_name: str, error_args: dict[str, Any] | None = None) -> None:
+        self.error_name = error_name
+        self.error_args = dict(error_args or {})
+        detail = ", ".join(f"{k}={v!r}" for k, v in self.error_args.items())
+        super().__init__(f"{error_name}({detail})")

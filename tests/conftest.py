@@ -1,0 +1,145 @@
+"""Shared fixtures: one chain per session (embedded py-evm, and anvil over JSON-RPC),
+the marketplace suite deployed once on each, and a snapshot reverted after every test.
+
+Contract tests talk to the chain through plain synchronous web3 (so they check the
+contracts independently of our async bindings); every test account is a TEST-ONLY key
+derived from a label and funded at session start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.contract import Contract
+from web3.middleware import SignAndSendRawMiddlewareBuilder
+from web3.providers.eth_tester import EthereumTesterProvider
+
+from blendsm.contracts._artifacts import load_artifact
+from blendsm.contracts._connect import EMBEDDED, connect
+from blendsm.contracts._deploy import Deployment, deploy_suite
+from blendsm.contracts._devchain import AnvilNode, new_embedded_chain, test_account
+
+#: Labels of the funded TEST-ONLY accounts every chain fixture provides.
+ACCOUNT_LABELS = ("oracle", "seller", "buyer", "buyer2", "operator", "device", "device2", "validator",
+                  "stranger")
+CHALLENGE_PERIOD = 3600
+
+
+@dataclass
+class Chain:
+    """A chain with the suite deployed, seen through synchronous web3."""
+
+    kind: str
+    w3: Web3
+    deployment: Deployment
+    accounts: dict[str, LocalAccount]
+    tester: Any = None
+    anvil: AnvilNode | None = None
+    contracts: dict[str, Contract] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Contract:
+        # chain.Registry, chain.Market, ... and chain.Token (the TEST-ONLY ERC-20)
+        contracts = self.__dict__.get("contracts", {})
+        if name in contracts:
+            return contracts[name]
+        raise AttributeError(name)
+
+    def addr(self, label: str) -> str:
+        return self.accounts[label].address
+
+    def snapshot(self) -> Any:
+        if self.tester is not None:
+            return self.tester.take_snapshot()
+        return self.w3.provider.make_request("evm_snapshot", [])["result"]  # type: ignore[arg-type]
+
+    def revert(self, snap: Any) -> None:
+        if self.tester is not None:
+            self.tester.revert_to_snapshot(snap)
+        else:
+            assert self.w3.provider.make_request("evm_revert", [snap])["result"]  # type: ignore[arg-type]
+
+    def now(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def time_travel(self, seconds: int) -> None:
+        """Mine a block ``seconds`` after the latest one."""
+        target = self.now() + seconds
+        if self.tester is not None:
+            self.tester.time_travel(target)  # the pending block gets `target`
+            self.tester.mine_blocks(1)
+        else:
+            self.w3.provider.make_request("evm_setNextBlockTimestamp", [target])  # type: ignore[arg-type]
+            self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+
+    def async_w3(self) -> Any:
+        if self.tester is not None:
+            return connect(EMBEDDED, ethereum_tester=self.tester)
+        assert self.anvil is not None
+        return connect(self.anvil.url)
+
+    def balance(self, token: Contract | None, who: str) -> int:
+        if token is None:
+            return int(self.w3.eth.get_balance(who))
+        return int(token.functions.balanceOf(who).call())
+
+
+def _build(kind: str, w3: Web3, tester: Any, anvil: AnvilNode | None) -> Chain:
+    accounts = {label: test_account(label) for label in ACCOUNT_LABELS}
+    w3.middleware_onion.inject(SignAndSendRawMiddlewareBuilder.build(list(accounts.values())), layer=0)
+    if anvil is not None:
+        for acct in accounts.values():
+            w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**24)])  # type: ignore[arg-type]
+    chain = Chain(kind=kind, w3=w3, deployment=None, accounts=accounts, tester=tester, anvil=anvil)  # type: ignore[arg-type]
+    chain.deployment = asyncio.run(
+        deploy_suite(chain.async_w3(), accounts["oracle"], challenge_period=CHALLENGE_PERIOD)
+    )
+    for name, address in chain.deployment.addresses.items():
+        chain.contracts[name] = w3.eth.contract(address=address, abi=load_artifact(name)["abi"])
+    token_art = load_artifact("BlendsmTestToken")
+    factory = w3.eth.contract(abi=token_art["abi"], bytecode=token_art["bytecode"])
+    receipt = w3.eth.wait_for_transaction_receipt(factory.constructor().transact({"from": chain.addr("oracle")}))
+    chain.contracts["Token"] = w3.eth.contract(address=receipt["contractAddress"], abi=token_art["abi"])
+    return chain
+
+
+@pytest.fixture(scope="session")
+def embedded_chain() -> Chain:
+    accounts = [test_account(label).address for label in ACCOUNT_LABELS]
+    tester = new_embedded_chain(fund=accounts)
+    return _build("embedded", Web3(EthereumTesterProvider(tester)), tester, None)
+
+
+@pytest.fixture(scope="session")
+def anvil_chain() -> Iterator[Chain]:
+    node = AnvilNode().start()
+    try:
+        yield _build("anvil", Web3(Web3.HTTPProvider(node.url, request_kwargs={"timeout": 30})), None, node)
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
+    """The embedded chain, or the one named by indirect parametrisation ("anvil"),
+    reverted to its pre-test state afterwards."""
+    kind = getattr(request, "param", "embedded")
+    c: Chain = request.getfixturevalue(f"{kind}_chain")
+    snap = c.snapshot()
+    try:
+        yield c
+    finally:
+        c.revert(snap)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests parametrised onto anvil get the `anvil` marker, so `-m "not anvil"` skips them.
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("chain") == "anvil":
+            item.add_marker(pytest.mark.anvil)
