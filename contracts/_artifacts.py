@@ -87,20 +87,26 @@ def load_artifact(name: str) -> dict[str, Any]:
     return artifact
 
 
-def verify_manifest(node_modules: Path | None = None) -> list[str]:
+def verify_manifest(
+    node_modules: Path | None = None,
+    *,
+    sources_dir: Path = SOURCES_DIR,
+    manifest: dict[str, Any] | None = None,
+) -> list[str]:
     """Problems that make the committed artifacts stale; empty when all is in order.
 
     Compares our sources (and, when ``node_modules`` is given, the OpenZeppelin sources)
     and the compiler settings with what the manifest recorded.
     """
-    manifest = load_manifest()
+    if manifest is None:
+        manifest = load_manifest()
     problems: list[str] = []
     if manifest.get("settings") != COMPILER_SETTINGS:
         problems.append("compiler settings changed since the artifacts were built")
     recorded: dict[str, str] = manifest.get("sources", {})
     ours = {
-        f"blendsm/{p.relative_to(SOURCES_DIR).as_posix()}": p.read_text()
-        for p in sorted(SOURCES_DIR.rglob("*.sol"))
+        f"blendsm/{p.relative_to(sources_dir).as_posix()}": p.read_text()
+        for p in sorted(sources_dir.rglob("*.sol"))
     }
     for unit, digest in source_hashes(ours).items():
         if recorded.get(unit) != digest:

@@ -54,7 +54,9 @@ def _node() -> str:
     if node is None:
         raise ArtifactError("node is not on PATH; install Node.js 18+ and run `npm ci`")
     if not (repository_root() / "node_modules" / "solc").is_dir():
-        raise ArtifactError(f"solc-js not found under {repository_root() / 'node_modules'}; run `npm ci`")
+        raise ArtifactError(
+            f"solc-js not found under {repository_root() / 'node_modules'}; run `npm ci`"
+        )
     return node
 
 
@@ -62,7 +64,10 @@ def solc_version() -> str:
     """The version string of the pinned solc-js, e.g. ``0.8.28+commit.7893614a.Emscripten.clang``."""
     out = subprocess.run(
         [_node(), "-e", "process.stdout.write(require('solc').version())"],
-        cwd=repository_root(), check=True, capture_output=True, text=True,
+        cwd=repository_root(),
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out.stdout.strip()
 
@@ -73,19 +78,26 @@ def _run_solc(sources: dict[str, str]) -> dict[str, Any]:
         "sources": {name: {"content": text} for name, text in sources.items()},
         "settings": {
             **COMPILER_SETTINGS,
-            "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}},
+            "outputSelection": {
+                "*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}
+            },
         },
     }
     proc = subprocess.run(
         [_node(), "-e", _DRIVER],
-        cwd=repository_root(), input=json.dumps(std_input), capture_output=True, text=True,
+        cwd=repository_root(),
+        input=json.dumps(std_input),
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise ArtifactError(f"solc-js failed: {proc.stderr.strip()[-2000:]}")
     out: dict[str, Any] = json.loads(proc.stdout)
     errors = [e for e in out.get("errors", []) if e.get("severity") == "error"]
     if errors:
-        raise ArtifactError("compilation failed:\n" + "\n".join(e["formattedMessage"] for e in errors))
+        raise ArtifactError(
+            "compilation failed:\n" + "\n".join(e["formattedMessage"] for e in errors)
+        )
     return out
 
 

@@ -16,7 +16,9 @@ __all__ = ["EMBEDDED", "connect"]
 EMBEDDED = "embedded"
 
 
-def connect(endpoint: str, *, ethereum_tester: Any = None, request_timeout: float = 10.0) -> AsyncWeb3[Any]:
+def connect(
+    endpoint: str, *, ethereum_tester: Any = None, request_timeout: float = 10.0
+) -> AsyncWeb3[Any]:
     """An AsyncWeb3 for ``endpoint``: ``embedded``, ``http(s)://...`` or ``ws(s)://...``.
 
     For ``embedded``, pass ``ethereum_tester`` to share one in-process chain between
@@ -32,4 +34,6 @@ def connect(endpoint: str, *, ethereum_tester: Any = None, request_timeout: floa
         return AsyncWeb3(AsyncHTTPProvider(endpoint, request_kwargs={"timeout": request_timeout}))
     if endpoint.startswith(("ws://", "wss://")):
         return AsyncWeb3(WebSocketProvider(endpoint))
-    raise ConfigError(f"chain endpoint must be 'embedded', http(s):// or ws(s)://, not {endpoint!r}")
+    raise ConfigError(
+        f"chain endpoint must be 'embedded', http(s):// or ws(s)://, not {endpoint!r}"
+    )

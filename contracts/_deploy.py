@@ -21,9 +21,15 @@ from web3.contract import AsyncContract
 
 from blendsm.contracts._artifacts import SUITE_CONTRACTS, load_artifact, load_manifest
 from blendsm.contracts._transactor import Transactor
-from blendsm.errors import ConfigError
+from blendsm.errors import ConfigError, TransactionFailedError
 
-__all__ = ["DEFAULT_CHALLENGE_PERIOD", "Deployment", "contract_at", "deploy_contract", "deploy_suite"]
+__all__ = [
+    "DEFAULT_CHALLENGE_PERIOD",
+    "Deployment",
+    "contract_at",
+    "deploy_contract",
+    "deploy_suite",
+]
 
 #: One day: long enough for a broker that was down for hours to claim before a payer exits.
 DEFAULT_CHALLENGE_PERIOD = 24 * 3600
@@ -54,7 +60,7 @@ class Deployment:
     def from_json(cls, text: str) -> Deployment:
         try:
             raw = json.loads(text)
-            addresses = {str(k): to_checksum_address(v) for k, v in raw["addresses"].items()}
+            addresses = {str(k): str(to_checksum_address(v)) for k, v in raw["addresses"].items()}
             dep = cls(
                 chain_id=int(raw["chain_id"]),
                 addresses=addresses,
@@ -105,7 +111,10 @@ async def deploy_contract(transactor: Transactor, name: str, *args: Any) -> Asyn
     artifact = load_artifact(name)
     factory = transactor.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
     receipt = await transactor.send(factory.constructor(*args))
-    return contract_at(transactor.w3, name, receipt["contractAddress"])
+    address = receipt["contractAddress"]
+    if address is None:
+        raise TransactionFailedError(f"deploying {name} created no contract")
+    return contract_at(transactor.w3, name, address)
 
 
 async def deploy_suite(

@@ -60,7 +60,9 @@ def find_anvil(start: Path | None = None) -> str:
         return env
     here = (start or Path(__file__)).resolve()
     for parent in [here, *here.parents]:
-        for candidate in sorted((parent / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil")):
+        for candidate in sorted(
+            (parent / "node_modules" / "@foundry-rs").glob("anvil-*/bin/anvil")
+        ):
             if os.access(candidate, os.X_OK):
                 return str(candidate)
     found = shutil.which("anvil")
@@ -73,8 +75,14 @@ class AnvilNode:
     """An anvil process bound to 127.0.0.1; stop and start it again on the same port
     (with its state dumped and reloaded) to test what a node restart does to clients."""
 
-    def __init__(self, *, port: int | None = None, chain_id: int = 31337, block_time: float | None = None,
-                 state_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        chain_id: int = 31337,
+        block_time: float | None = None,
+        state_file: Path | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.chain_id = chain_id
         self.block_time = block_time
@@ -88,14 +96,29 @@ class AnvilNode:
     def start(self, timeout: float = 20.0) -> AnvilNode:
         if self.process is not None and self.process.poll() is None:
             return self
-        args = [find_anvil(), "--host", "127.0.0.1", "--port", str(self.port),
-                "--chain-id", str(self.chain_id), "--silent", "--accounts", "2"]
+        args = [
+            find_anvil(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chain-id",
+            str(self.chain_id),
+            "--silent",
+            "--accounts",
+            "2",
+        ]
         if self.block_time:
             args += ["--block-time", str(self.block_time)]
         if self.state_file is not None:
             args += ["--state", str(self.state_file)]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -108,7 +131,9 @@ class AnvilNode:
 
     def ready(self) -> bool:
         body = b'{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}'
-        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url, data=body, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=1) as resp:
                 return bool(resp.status == 200)

@@ -102,7 +102,13 @@ def chain_errors(action: str) -> Iterator[None]:
         raise ContractRevertError("Revert", {"message": str(exc)}) from exc
     except TimeExhausted as exc:
         raise TransactionFailedError(f"{action}: not mined in time") from exc
-    except (ProviderConnectionError, aiohttp.ClientError, ConnectionError, TimeoutError, OSError) as exc:
+    except (
+        ProviderConnectionError,
+        aiohttp.ClientError,
+        ConnectionError,
+        TimeoutError,
+        OSError,
+    ) as exc:
         raise ChainUnavailableError(f"{action}: chain endpoint unavailable: {exc}") from exc
     except Web3Exception as exc:
         raise ChainError(f"{action}: {exc}") from exc

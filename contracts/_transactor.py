@@ -12,8 +12,10 @@ import asyncio
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
+from eth_typing import Hash32
+from hexbytes import HexBytes
 from web3 import AsyncWeb3
-from web3.types import TxParams, TxReceipt
+from web3.types import Nonce, TxParams, TxReceipt, Wei
 
 from blendsm.contracts._revert import chain_errors
 from blendsm.errors import TransactionFailedError
@@ -56,7 +58,7 @@ class Transactor:
         Raises ContractRevertError when the call would revert or did, and
         TransactionFailedError when it was not mined in time.
         """
-        params: TxParams = {"from": self.address, "value": value}  # type: ignore[typeddict-item]
+        params: TxParams = {"from": self.address, "value": Wei(value)}
         async with self._lock:
             with chain_errors("build transaction"):
                 if gas is None:
@@ -64,8 +66,8 @@ class Transactor:
                     gas = int(estimate * self.gas_margin) + 10_000
                 if self._nonce is None:
                     self._nonce = await self.w3.eth.get_transaction_count(self.address, "pending")
-                params["nonce"] = self._nonce  # type: ignore[typeddict-unknown-key]
-                params["gas"] = gas  # type: ignore[typeddict-unknown-key]
+                params["nonce"] = Nonce(self._nonce)
+                params["gas"] = gas
                 tx = await call.build_transaction(params)
                 signed = self.account.sign_transaction(tx)
             try:
@@ -77,7 +79,7 @@ class Transactor:
             self._nonce += 1
         return await self.wait(tx_hash, call)
 
-    async def wait(self, tx_hash: bytes, call: Any = None) -> TxReceipt:
+    async def wait(self, tx_hash: Hash32 | HexBytes, call: Any = None) -> TxReceipt:
         """Wait for inclusion plus ``confirmations``; decode the revert if it failed."""
         with chain_errors("wait for receipt"):
             receipt = await self.w3.eth.wait_for_transaction_receipt(
@@ -103,7 +105,7 @@ class Transactor:
     async def _raise_revert(self, receipt: TxReceipt, call: Any) -> None:
         # Replay the call at the failing block to learn the reason.
         if call is not None and hasattr(call, "call"):
-            params: TxParams = {"from": self.address}  # type: ignore[typeddict-item]
+            params: TxParams = {"from": self.address}
             with chain_errors("replay failed transaction"):
                 await call.call(params, block_identifier=receipt["blockNumber"] - 1)
         raise TransactionFailedError(f"transaction {receipt['transactionHash'].hex()} reverted")

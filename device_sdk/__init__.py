@@ -10,6 +10,7 @@ from ._keccak import (
     keccak256,
     keccak256_backends,
 )
+from ._keys import account_from_env, account_from_keystore
 from ._merkle import (
     MerkleTree,
     hash_pair,
@@ -51,6 +52,8 @@ __all__ = [
     "VoucherDomain",
     "VoucherSigner",
     "VoucherVerifier",
+    "account_from_env",
+    "account_from_keystore",
     "checksum_address",
     "hash_pair",
     "high_s_twin",

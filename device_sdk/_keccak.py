@@ -116,7 +116,7 @@ def checksum_address(address: bytes) -> str:
     """EIP-55 checksum form of a 20-byte address.
 
     Written here because ``eth_utils.to_checksum_address`` costs ~13 us, a quarter of a
-    whole voucher check; with the fast keccak this takes ~1.5 us.
+    whole voucher check; this takes ~3 us.
     """
     if len(address) != 20:
         raise ValueError(f"an address is 20 bytes, got {len(address)}")

@@ -26,8 +26,17 @@ from blendsm.contracts._deploy import Deployment, deploy_suite
 from blendsm.contracts._devchain import AnvilNode, new_embedded_chain, test_account
 
 #: Labels of the funded TEST-ONLY accounts every chain fixture provides.
-ACCOUNT_LABELS = ("oracle", "seller", "buyer", "buyer2", "operator", "device", "device2", "validator",
-                  "stranger")
+ACCOUNT_LABELS = (
+    "oracle",
+    "seller",
+    "buyer",
+    "buyer2",
+    "operator",
+    "device",
+    "device2",
+    "validator",
+    "stranger",
+)
 CHALLENGE_PERIOD = 3600
 
 
@@ -91,7 +100,9 @@ class Chain:
 
 def _build(kind: str, w3: Web3, tester: Any, anvil: AnvilNode | None) -> Chain:
     accounts = {label: test_account(label) for label in ACCOUNT_LABELS}
-    w3.middleware_onion.inject(SignAndSendRawMiddlewareBuilder.build(list(accounts.values())), layer=0)
+    w3.middleware_onion.inject(
+        SignAndSendRawMiddlewareBuilder.build(list(accounts.values())), layer=0
+    )
     if anvil is not None:
         for acct in accounts.values():
             w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**24)])  # type: ignore[arg-type]
@@ -103,8 +114,12 @@ def _build(kind: str, w3: Web3, tester: Any, anvil: AnvilNode | None) -> Chain:
         chain.contracts[name] = w3.eth.contract(address=address, abi=load_artifact(name)["abi"])
     token_art = load_artifact("BlendsmTestToken")
     factory = w3.eth.contract(abi=token_art["abi"], bytecode=token_art["bytecode"])
-    receipt = w3.eth.wait_for_transaction_receipt(factory.constructor().transact({"from": chain.addr("oracle")}))
-    chain.contracts["Token"] = w3.eth.contract(address=receipt["contractAddress"], abi=token_art["abi"])
+    receipt = w3.eth.wait_for_transaction_receipt(
+        factory.constructor().transact({"from": chain.addr("oracle")})
+    )
+    chain.contracts["Token"] = w3.eth.contract(
+        address=receipt["contractAddress"], abi=token_art["abi"]
+    )
     return chain
 
 
@@ -119,7 +134,9 @@ def embedded_chain() -> Chain:
 def anvil_chain() -> Iterator[Chain]:
     node = AnvilNode().start()
     try:
-        yield _build("anvil", Web3(Web3.HTTPProvider(node.url, request_kwargs={"timeout": 30})), None, node)
+        yield _build(
+            "anvil", Web3(Web3.HTTPProvider(node.url, request_kwargs={"timeout": 30})), None, node
+        )
     finally:
         node.stop()
 

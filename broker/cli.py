@@ -1,0 +1,162 @@
+"""The ``blendsm`` command line.
+
+Subcommands grow with the product; each prints human output by default and one JSON
+object with ``--json``. Errors from our tree become one clear line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from blendsm import __version__
+from blendsm.errors import BlendsmError, ConfigError
+
+__all__ = ["main"]
+
+
+def _load_account(args: argparse.Namespace) -> Any:
+    from blendsm.device_sdk import account_from_env, account_from_keystore
+
+    if args.keystore:
+        return account_from_keystore(args.keystore, args.password_env)
+    if args.key_env:
+        return account_from_env(args.key_env)
+    return None
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from blendsm.contracts._connect import EMBEDDED, connect
+    from blendsm.contracts._deploy import deploy_suite
+    from blendsm.contracts._devchain import new_embedded_chain, test_account
+
+    account = _load_account(args)
+    if args.chain == EMBEDDED:
+        if account is None:
+            account = test_account("deployer")  # TEST ONLY: the embedded chain holds no value
+        w3 = connect(EMBEDDED, ethereum_tester=new_embedded_chain(fund=[account.address]))
+    else:
+        w3 = connect(args.chain)
+        if account is None:
+            raise ConfigError("deploying to a JSON-RPC endpoint needs --key-env or --keystore")
+    deployment = asyncio.run(deploy_suite(w3, account, challenge_period=args.challenge_period))
+    if args.out:
+        deployment.save(args.out)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(deployment), sort_keys=True))
+    else:
+        where = (
+            "the embedded chain (in-process, gone when this command exits)"
+            if args.chain == EMBEDDED
+            else args.chain
+        )
+        print(f"Deployed the BlendSM suite to {where}")
+        print(
+            f"  chain id  {deployment.chain_id}   block {deployment.block}   oracle {deployment.deployer}"
+        )
+        for name, address in deployment.addresses.items():
+            print(f"  {name:<16}{address}")
+        if args.out:
+            print(f"Deployment written to {args.out}")
+    return 0
+
+
+def _cmd_contracts_compile(args: argparse.Namespace) -> int:
+    from blendsm.contracts._compile import compile_contracts
+
+    manifest = compile_contracts()
+    print(
+        f"compiled with solc {manifest['compilerVersion']} ({len(manifest['artifacts'])} artifacts)"
+    )
+    for warning in manifest["warnings"]:
+        print(warning, file=sys.stderr)
+    return 0
+
+
+def _cmd_contracts_check(args: argparse.Namespace) -> int:
+    from blendsm.contracts._artifacts import verify_manifest
+    from blendsm.contracts._compile import repository_root
+
+    node_modules = repository_root() / "node_modules"
+    problems = verify_manifest(node_modules if node_modules.is_dir() else None)
+    for problem in problems:
+        print(f"stale: {problem}", file=sys.stderr)
+    if problems:
+        print("run `blendsm contracts compile` and commit the artifacts", file=sys.stderr)
+        return 1
+    print("artifacts match their sources and compiler settings")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blendsm",
+        description="BlendSM: a decentralized IoT data marketplace on MQTT with on-chain payments.",
+    )
+    parser.add_argument("--version", action="version", version=f"blendsm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    deploy = sub.add_parser(
+        "deploy", help="deploy the marketplace contracts and print their addresses"
+    )
+    deploy.add_argument(
+        "--chain",
+        default="embedded",
+        help="'embedded' (in-process EVM, default) or a JSON-RPC URL (http://, ws://)",
+    )
+    deploy.add_argument(
+        "--key-env", metavar="VAR", help="environment variable holding the deployer's private key"
+    )
+    deploy.add_argument(
+        "--keystore", metavar="FILE", type=Path, help="encrypted keystore file of the deployer"
+    )
+    deploy.add_argument(
+        "--password-env",
+        metavar="VAR",
+        default="BLENDSM_KEYSTORE_PASSWORD",
+        help="environment variable holding the keystore password (default: %(default)s)",
+    )
+    deploy.add_argument(
+        "--challenge-period",
+        type=int,
+        default=24 * 3600,
+        metavar="SECONDS",
+        help="seconds a payee has to claim after a close request (default: %(default)s)",
+    )
+    deploy.add_argument("--out", type=Path, metavar="FILE", help="write the deployment file here")
+    deploy.add_argument("--json", action="store_true", help="print one JSON object")
+    deploy.set_defaults(func=_cmd_deploy)
+
+    contracts = sub.add_parser("contracts", help="development tools for the Solidity sources")
+    csub = contracts.add_subparsers(dest="contracts_command", metavar="ACTION", required=True)
+    compile_ = csub.add_parser(
+        "compile", help="recompile contracts/src into the committed artifacts (needs `npm ci`)"
+    )
+    compile_.set_defaults(func=_cmd_contracts_compile)
+    check = csub.add_parser(
+        "check", help="fail if the artifacts are stale against sources or settings"
+    )
+    check.set_defaults(func=_cmd_contracts_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except BlendsmError as exc:
+        print(f"blendsm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
