@@ -14,6 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from eth_account import Account
+from eth_account.messages import SignableMessage, encode_typed_data
+
 from blendsm.device_sdk import (
     KECCAK_BACKEND,
     ChannelState,
@@ -24,8 +27,6 @@ from blendsm.device_sdk import (
     recover_voucher_signer,
     sign_voucher,
 )
-from eth_account import Account
-from eth_account.messages import SignableMessage, encode_typed_data
 
 POOL = 256
 ROUNDS = 5

@@ -1,1 +1,154 @@
-"""blendsm.contracts."""
+"""blendsm.contracts: the on-chain half of BlendSM.
+
+Solidity sources and their committed artifacts, deployment, connection, typed async bindings
+of the five marketplace contracts, the event follower, and development chains (TEST keys only).
+Importing this package imports web3; the device SDK never does.
+"""
+
+from __future__ import annotations
+
+from blendsm.contracts._artifacts import (
+    ARTIFACTS_DIR,
+    COMPILER_SETTINGS,
+    CONTRACT_NAMES,
+    EVM_VERSION,
+    MANIFEST_NAME,
+    SOURCES_DIR,
+    SUITE_CONTRACTS,
+    load_artifact,
+    load_manifest,
+    source_hashes,
+    verify_manifest,
+)
+from blendsm.contracts._bindings import (
+    ORACLE_ROLE,
+    ZERO_ADDRESS,
+    AnchorInfo,
+    ChannelInfo,
+    ChannelOpening,
+    ClaimReceipt,
+    CloseRequest,
+    DataAnchors,
+    DomainInfo,
+    Erc20,
+    Market,
+    Marketplace,
+    Participant,
+    PaymentChannels,
+    Policy,
+    RatingInfo,
+    Ratings,
+    Registry,
+    Role,
+    Settlement,
+    Status,
+    TopicCreation,
+    TopicInfo,
+    TxResult,
+)
+from blendsm.contracts._compile import (
+    compile_contracts,
+    repository_root,
+    solc_version,
+)
+from blendsm.contracts._connect import (
+    EMBEDDED,
+    connect,
+    disconnect,
+)
+from blendsm.contracts._deploy import (
+    DEFAULT_CHALLENGE_PERIOD,
+    Deployment,
+    contract_at,
+    deploy_contract,
+    deploy_suite,
+)
+from blendsm.contracts._devchain import (
+    AnvilNode,
+    find_anvil,
+    free_port,
+    new_embedded_chain,
+    test_account,
+)
+from blendsm.contracts._events import (
+    CallbackCursorStore,
+    ChainEvent,
+    Cursor,
+    CursorStore,
+    EventDecoder,
+    EventFollower,
+    FileCursorStore,
+    MemoryCursorStore,
+)
+from blendsm.contracts._revert import (
+    chain_errors,
+    decode_revert,
+)
+from blendsm.contracts._transactor import (
+    Transactor,
+)
+
+__all__ = [
+    "ARTIFACTS_DIR",
+    "COMPILER_SETTINGS",
+    "CONTRACT_NAMES",
+    "DEFAULT_CHALLENGE_PERIOD",
+    "EMBEDDED",
+    "EVM_VERSION",
+    "MANIFEST_NAME",
+    "ORACLE_ROLE",
+    "SOURCES_DIR",
+    "SUITE_CONTRACTS",
+    "ZERO_ADDRESS",
+    "AnchorInfo",
+    "AnvilNode",
+    "CallbackCursorStore",
+    "ChainEvent",
+    "ChannelInfo",
+    "ChannelOpening",
+    "ClaimReceipt",
+    "CloseRequest",
+    "Cursor",
+    "CursorStore",
+    "DataAnchors",
+    "Deployment",
+    "DomainInfo",
+    "Erc20",
+    "EventDecoder",
+    "EventFollower",
+    "FileCursorStore",
+    "Market",
+    "Marketplace",
+    "MemoryCursorStore",
+    "Participant",
+    "PaymentChannels",
+    "Policy",
+    "RatingInfo",
+    "Ratings",
+    "Registry",
+    "Role",
+    "Settlement",
+    "Status",
+    "TopicCreation",
+    "TopicInfo",
+    "Transactor",
+    "TxResult",
+    "chain_errors",
+    "compile_contracts",
+    "connect",
+    "contract_at",
+    "decode_revert",
+    "deploy_contract",
+    "deploy_suite",
+    "disconnect",
+    "find_anvil",
+    "free_port",
+    "load_artifact",
+    "load_manifest",
+    "new_embedded_chain",
+    "repository_root",
+    "solc_version",
+    "source_hashes",
+    "test_account",
+    "verify_manifest",
+]

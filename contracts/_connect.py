@@ -10,7 +10,7 @@ from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
 from blendsm.errors import ConfigError
 
-__all__ = ["EMBEDDED", "connect"]
+__all__ = ["EMBEDDED", "connect", "disconnect"]
 
 #: The endpoint name of the in-process EVM (eth-tester with py-evm).
 EMBEDDED = "embedded"
@@ -37,3 +37,13 @@ def connect(
     raise ConfigError(
         f"chain endpoint must be 'embedded', http(s):// or ws(s)://, not {endpoint!r}"
     )
+
+
+async def disconnect(w3: AsyncWeb3[Any]) -> None:
+    """Close the HTTP sessions or WebSocket of ``w3``; nothing to do for the embedded chain
+    (whose provider raises NotImplementedError on ``disconnect``)."""
+    provider = w3.provider
+    if isinstance(provider, WebSocketProvider) and not await provider.is_connected():
+        return
+    if isinstance(provider, AsyncHTTPProvider | WebSocketProvider):
+        await provider.disconnect()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from eth_utils import to_checksum_address
 from web3 import AsyncWeb3
 from web3.contract import AsyncContract
 
+from blendsm._files import atomic_write_text
 from blendsm.contracts._artifacts import SUITE_CONTRACTS, load_artifact, load_manifest
 from blendsm.contracts._transactor import Transactor
 from blendsm.errors import ConfigError, TransactionFailedError
@@ -78,19 +78,8 @@ class Deployment:
         return dep
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temp file, fsync, rename), so a crash never leaves half a file."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.to_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write atomically, so a crash never leaves half a file."""
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Deployment:
@@ -130,7 +119,7 @@ async def deploy_suite(
     tx = Transactor(w3, deployer, confirmations=confirmations)
     registry = await deploy_contract(tx, "Registry", deployer.address)
     channels = await deploy_contract(tx, "PaymentChannels", challenge_period)
-    ratings = await deploy_contract(tx, "Ratings", channels.address)
+    ratings = await deploy_contract(tx, "Ratings", channels.address, registry.address)
     market = await deploy_contract(tx, "Market", registry.address, ratings.address)
     anchors = await deploy_contract(tx, "DataAnchors", registry.address)
     block = await w3.eth.block_number

@@ -33,6 +33,10 @@ def test_account(label: str) -> LocalAccount:
     return key
 
 
+# Not a test, despite its name: pytest would collect it from any test module importing it.
+test_account.__test__ = False  # type: ignore[attr-defined]
+
+
 def new_embedded_chain(fund: list[str] | None = None, amount: int = 10**23) -> Any:
     """A fresh in-process EVM (eth-tester + py-evm) with ``fund`` addresses given ``amount`` wei."""
     from eth_tester import EthereumTester, PyEVMBackend

@@ -15,13 +15,20 @@ from typing import Any
 
 import aiohttp
 from eth_abi import decode
-from eth_utils import function_signature_to_4byte_selector
+from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 from web3.exceptions import (
     ContractLogicError,
     ProviderConnectionError,
     TimeExhausted,
     Web3Exception,
 )
+
+try:  # the embedded chain's provider raises eth-tester's own revert error
+    from eth_tester.exceptions import TransactionFailed as _TesterTransactionFailed
+
+    _TESTER_REVERTS: tuple[type[BaseException], ...] = (_TesterTransactionFailed,)
+except ImportError:  # pragma: no cover - eth-tester comes with web3 in the broker extra
+    _TESTER_REVERTS = ()
 
 from blendsm.contracts._artifacts import CONTRACT_NAMES, load_artifact
 from blendsm.errors import (
@@ -71,7 +78,8 @@ def _as_bytes(data: Any) -> bytes | None:
 
 
 def decode_revert(data: bytes) -> ContractRevertError:
-    """Decode revert data into a named error; unknown data keeps its hex."""
+    """Decode revert data into a named error (addresses in checksum form, as the bindings
+    return them); unknown data keeps its hex."""
     selector, body = data[:4], data[4:]
     try:
         if selector == _ERROR_STRING:
@@ -81,11 +89,31 @@ def decode_revert(data: bytes) -> ContractRevertError:
         known = _error_table().get(selector)
         if known is not None:
             name, names, types = known
-            values = decode(types, body)
+            values = [
+                to_checksum_address(v) if t == "address" else v
+                for t, v in zip(types, decode(types, body), strict=True)
+            ]
             return ContractRevertError(name, dict(zip(names, values, strict=True)))
     except Exception:  # malformed revert data: report it raw below
         pass
     return ContractRevertError("UnknownRevert", {"data": "0x" + data.hex()})
+
+
+def _tester_revert_data(exc: BaseException) -> bytes | None:
+    """Raw revert data of an eth-tester revert: web3's provider re-raises it as text, so look
+    down the exception chain for the original, which carries the bytes."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _TESTER_REVERTS) and current.args:
+            first = current.args[0]
+            if isinstance(first, Exception) and first.args:
+                first = first.args[0]
+            if isinstance(first, bytes | bytearray):
+                return bytes(first)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextmanager
@@ -97,6 +125,11 @@ def chain_errors(action: str) -> Iterator[None]:
         raise
     except ContractLogicError as exc:
         raw = _as_bytes(exc.data)
+        if raw:
+            raise decode_revert(raw) from exc
+        raise ContractRevertError("Revert", {"message": str(exc)}) from exc
+    except _TESTER_REVERTS as exc:
+        raw = _tester_revert_data(exc)
         if raw:
             raise decode_revert(raw) from exc
         raise ContractRevertError("Revert", {"message": str(exc)}) from exc

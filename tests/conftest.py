@@ -21,7 +21,7 @@ from web3.middleware import SignAndSendRawMiddlewareBuilder
 from web3.providers.eth_tester import EthereumTesterProvider
 
 from blendsm.contracts._artifacts import load_artifact
-from blendsm.contracts._connect import EMBEDDED, connect
+from blendsm.contracts._connect import EMBEDDED, connect, disconnect
 from blendsm.contracts._deploy import Deployment, deploy_suite
 from blendsm.contracts._devchain import AnvilNode, new_embedded_chain, test_account
 
@@ -107,9 +107,15 @@ def _build(kind: str, w3: Web3, tester: Any, anvil: AnvilNode | None) -> Chain:
         for acct in accounts.values():
             w3.provider.make_request("anvil_setBalance", [acct.address, hex(10**24)])  # type: ignore[arg-type]
     chain = Chain(kind=kind, w3=w3, deployment=None, accounts=accounts, tester=tester, anvil=anvil)  # type: ignore[arg-type]
-    chain.deployment = asyncio.run(
-        deploy_suite(chain.async_w3(), accounts["oracle"], challenge_period=CHALLENGE_PERIOD)
-    )
+
+    async def deploy() -> Deployment:
+        w3a = chain.async_w3()
+        try:
+            return await deploy_suite(w3a, accounts["oracle"], challenge_period=CHALLENGE_PERIOD)
+        finally:
+            await disconnect(w3a)
+
+    chain.deployment = asyncio.run(deploy())
     for name, address in chain.deployment.addresses.items():
         chain.contracts[name] = w3.eth.contract(address=address, abi=load_artifact(name)["abi"])
     token_art = load_artifact("BlendsmTestToken")

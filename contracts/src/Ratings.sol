@@ -2,14 +2,18 @@
 pragma solidity 0.8.28;
 
 import {PaymentChannels} from "./PaymentChannels.sol";
+import {Registry} from "./Registry.sol";
 
 /// @title BlendSM Ratings: buyers and sellers rate each other after doing business.
 /// @notice Once a channel has paid a claim or was settled, its payer and its payee may each
-/// rate the other once for that channel, from 1 to 5. Running totals give an average per
-/// address, which Market's minimum-rating policy reads.
+/// rate the other once for that channel, from 1 to 5, while the rater is an active member of
+/// the Registry (so every rating comes from an account the oracle admitted and can revoke).
+/// Running totals give an average per address, which Market's minimum-rating policy reads.
 contract Ratings {
     /// @notice The channels whose history entitles a rating.
     PaymentChannels public immutable channels;
+    /// @notice The membership registry: only active participants may rate.
+    Registry public immutable registry;
 
     struct Score {
         uint64 count;
@@ -23,7 +27,9 @@ contract Ratings {
     error RatingsInvalidScore(uint8 score);
     /// @notice The caller is neither the payer nor the payee of the channel.
     error RatingsNotParty(bytes32 channelId, address caller);
-    /// @notice The channel has had no claim and is not settled (or does not exist).
+    /// @notice The rater is not an active participant of the Registry.
+    error RatingsRaterNotActive(address rater);
+    /// @notice The channel has had no claim and is not settled.
     error RatingsChannelNotEligible(bytes32 channelId);
     /// @notice The caller already rated for this channel.
     error RatingsAlreadyRated(bytes32 channelId, address rater);
@@ -32,11 +38,14 @@ contract Ratings {
     event Rated(bytes32 indexed channelId, address indexed rater, address indexed ratee, uint8 score);
 
     /// @param channels_ The PaymentChannels contract.
-    constructor(PaymentChannels channels_) {
+    /// @param registry_ The Registry contract.
+    constructor(PaymentChannels channels_, Registry registry_) {
         channels = channels_;
+        registry = registry_;
     }
 
-    /// @notice Rate the other party of `channelId` with `score` (1..5), once per channel.
+    /// @notice Rate the other party of `channelId` with `score` (1..5), once per channel
+    /// (active Registry participants only).
     /// @param channelId A channel that has paid a claim or was settled.
     /// @param score 1 (worst) to 5 (best).
     function rate(bytes32 channelId, uint8 score) external {
@@ -51,6 +60,7 @@ contract Ratings {
             revert RatingsNotParty(channelId, msg.sender);
         }
         if (c.claimed == 0 && !c.settled) revert RatingsChannelNotEligible(channelId);
+        if (!registry.isActive(msg.sender)) revert RatingsRaterNotActive(msg.sender);
         if (_rated[channelId][msg.sender]) revert RatingsAlreadyRated(channelId, msg.sender);
         _rated[channelId][msg.sender] = true;
         Score storage s = _scores[ratee];

@@ -106,11 +106,13 @@ contract Registry is AccessControl {
         emit Rejected(account, msg.sender);
     }
 
-    /// @notice Revoke an active participant (oracle only). Final: the account cannot apply again.
+    /// @notice Ban an account that ever applied (oracle only), whatever its status now, so
+    /// leaving first does not dodge a revocation. Final: the account cannot apply again.
     /// A revoked seller's devices stop acting for it at once.
     /// @param account The participant.
     function revoke(address account) external onlyRole(ORACLE_ROLE) {
-        Participant storage p = _requireStatus(account, Status.Active);
+        Participant storage p = _participants[account];
+        if (p.status == Status.None || p.status == Status.Revoked) revert RegistryWrongStatus(account, p.status);
         p.status = Status.Revoked;
         emit Revoked(account, msg.sender);
     }
@@ -178,10 +180,12 @@ contract Registry is AccessControl {
         return _deviceCount[seller];
     }
 
-    /// @notice The seller `device` acts for if that seller is active, else address(0).
+    /// @notice The seller `device` acts for while that owner is active in the Seller role,
+    /// else address(0) (an owner that left and came back in another role has no devices).
     function activeSellerOf(address device) external view returns (address) {
         address seller = _deviceOwner[device];
-        if (seller == address(0) || _participants[seller].status != Status.Active) return address(0);
+        Participant storage p = _participants[seller];
+        if (seller == address(0) || p.status != Status.Active || p.role != Role.Seller) return address(0);
         return seller;
     }
 
