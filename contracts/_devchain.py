@@ -3,7 +3,7 @@
 Both hold only TEST keys: :func:`test_account` derives well-known keys from a label, so
 never send value to them on a real network. The embedded chain is what ``blendsm demo``
 and most tests run on; :class:`AnvilNode` starts the anvil binary shipped by the npm
-package ``@foundry-rs/anvil`` (``npm ci``) as a real JSON-RPC node.
+package ``@foundry-rs/anvil-linux-amd64`` (``npm ci``) as a real JSON-RPC node.
 """
 
 from __future__ import annotations
