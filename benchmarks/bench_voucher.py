@@ -12,7 +12,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
@@ -26,6 +25,7 @@ from blendsm.device_sdk import (
     keccak256_backends,
     recover_voucher_signer,
     sign_voucher,
+    voucher_typed_data,
 )
 
 POOL = 256
@@ -33,6 +33,7 @@ ROUNDS = 5
 ROUND_SECONDS = 0.4
 CHAIN_ID = 31337
 CONTRACT = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+# TEST ONLY: anvil's publicly known first dev key; it guards nothing.
 KEY = bytes.fromhex("ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80")
 
 
@@ -65,31 +66,6 @@ def measure(fn: Callable[[int], object]) -> float:
     return statistics.median(rates)
 
 
-def typed_data(channel_id: bytes, amount: int) -> dict[str, Any]:
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "Voucher": [
-                {"name": "channelId", "type": "bytes32"},
-                {"name": "cumulativeAmount", "type": "uint256"},
-            ],
-        },
-        "primaryType": "Voucher",
-        "domain": {
-            "name": "BlendSM PaymentChannels",
-            "version": "1",
-            "chainId": CHAIN_ID,
-            "verifyingContract": CONTRACT,
-        },
-        "message": {"channelId": channel_id, "cumulativeAmount": amount},
-    }
-
-
 def row(label: str, rate: float, base: float | None = None) -> None:
     ratio = f"{rate / base:6.2f}x" if base else ""
     print(f"  {label:<52} {rate:>10,.0f} ops/s {1e6 / rate:>8.1f} us  {ratio}")
@@ -106,7 +82,7 @@ def main() -> None:
     amounts = [10**18 + i for i in range(POOL)]
     channel_ids = [i.to_bytes(32, "big") for i in range(POOL)]
     vouchers = [signer.sign(c, a) for c, a in zip(channel_ids, amounts, strict=True)]
-    messages = [typed_data(c, a) for c, a in zip(channel_ids, amounts, strict=True)]
+    messages = [voucher_typed_data(domain, c, a) for c, a in zip(channel_ids, amounts, strict=True)]
     encoded: list[SignableMessage] = [encode_typed_data(full_message=m) for m in messages]
     signatures = [v.signature for v in vouchers]
     assert Account.recover_message(encoded[0], signature=signatures[0]) == signer.address

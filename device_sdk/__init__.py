@@ -35,6 +35,7 @@ from ._voucher import (
     recover_voucher_signer,
     sign_voucher,
     voucher_digest,
+    voucher_typed_data,
 )
 
 __all__ = [
@@ -65,4 +66,5 @@ __all__ = [
     "sign_voucher",
     "verify_proof",
     "voucher_digest",
+    "voucher_typed_data",
 ]

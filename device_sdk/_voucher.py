@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from coincurve import PrivateKey, PublicKey
 
@@ -50,6 +51,7 @@ __all__ = [
     "recover_voucher_signer",
     "sign_voucher",
     "voucher_digest",
+    "voucher_typed_data",
 ]
 
 VOUCHER_DOMAIN_NAME = "BlendSM PaymentChannels"
@@ -149,6 +151,36 @@ class VoucherDomain:
             VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big")
         )
         return keccak256(self._prefix + struct_hash)
+
+
+def voucher_typed_data(
+    domain: VoucherDomain, channel_id: bytes, cumulative_amount: int
+) -> dict[str, Any]:
+    """The voucher as EIP-712 JSON (``eth_signTypedData_v4``), for wallets that sign typed data
+    themselves (hardware wallets, eth_account's ``sign_typed_data``); same digest as ours."""
+    _check_fields(channel_id, cumulative_amount)
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "Voucher": [
+                {"name": "channelId", "type": "bytes32"},
+                {"name": "cumulativeAmount", "type": "uint256"},
+            ],
+        },
+        "primaryType": "Voucher",
+        "domain": {
+            "name": VOUCHER_DOMAIN_NAME,
+            "version": VOUCHER_DOMAIN_VERSION,
+            "chainId": domain.chain_id,
+            "verifyingContract": domain.verifying_contract,
+        },
+        "message": {"channelId": channel_id, "cumulativeAmount": cumulative_amount},
+    }
 
 
 def voucher_digest(domain: VoucherDomain, channel_id: bytes, cumulative_amount: int) -> bytes:

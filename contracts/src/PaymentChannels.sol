@@ -4,6 +4,7 @@ pragma solidity 0.8.28;
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {Address} from "@openzeppelin/contracts/utils/Address.sol";
+import {Math} from "@openzeppelin/contracts/utils/math/Math.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
@@ -195,8 +196,8 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
     /// @notice Close at once with the payee's consent (payee only): claim the final voucher if
     /// it pays anything new, then settle and refund the rest to the payer.
     /// @param channelId The channel.
-    /// @param cumulativeAmount The final voucher's amount; at or below `claimed` nothing is paid
-    /// and `signature` is not read.
+    /// @param cumulativeAmount The final voucher's amount; when it pays nothing new (its amount,
+    /// capped by the deposit, is at or below `claimed`) nothing is paid and `signature` is not read.
     /// @param signature The payer's signature of the final voucher.
     function cooperativeClose(bytes32 channelId, uint256 cumulativeAmount, bytes calldata signature)
         external
@@ -207,7 +208,7 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
         _requireClaimable(c);
         uint256 payout;
         uint256 fee;
-        if (cumulativeAmount > c.claimed) {
+        if (Math.min(cumulativeAmount, c.deposit) > c.claimed) {
             (payout, fee) = _settleVoucher(channelId, c, cumulativeAmount, signature);
         }
         uint256 refund = c.deposit - c.claimed;
@@ -255,10 +256,10 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
         if (err != ECDSA.RecoverError.NoError) revert PaymentChannelsInvalidSignature();
         if (signer != c.payer) revert PaymentChannelsInvalidSigner(signer);
         uint256 claimed = c.claimed;
-        uint256 payable_ = cumulativeAmount < c.deposit ? cumulativeAmount : c.deposit;
+        uint256 payable_ = Math.min(cumulativeAmount, c.deposit);
         if (payable_ <= claimed) revert PaymentChannelsNothingToClaim(cumulativeAmount, claimed);
         payout = payable_ - claimed;
-        fee = (payout * c.feeBps) / _BPS;
+        fee = Math.mulDiv(payout, c.feeBps, _BPS); // no overflow, whatever the deposit
         c.claimed = payable_;
         emit ChannelClaimed(channelId, cumulativeAmount, payout, fee, payable_);
     }

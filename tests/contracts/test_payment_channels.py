@@ -20,9 +20,7 @@ from typing import Any
 
 import pytest
 from eth_abi import encode
-from eth_tester.exceptions import TransactionFailed
 from eth_utils import function_signature_to_4byte_selector, keccak
-from web3.exceptions import ContractLogicError
 
 from blendsm.contracts._artifacts import load_artifact
 from blendsm.device_sdk import VoucherDomain
@@ -214,7 +212,9 @@ def opened(chain: Any, money: Money, events: Callable[..., list[Any]]) -> Callab
     ) -> bytes:
         money.fund(payer, amount)
         op = chain.addr(operator) if operator else ZERO
-        fn = chain.PaymentChannels.functions.open(chain.addr(payee), op, money.address, amount, fee_bps)
+        fn = chain.PaymentChannels.functions.open(
+            chain.addr(payee), op, money.address, amount, fee_bps
+        )
         (ev,) = events(money.send(fn, payer, money.value(amount)), "ChannelOpened")
         return bytes(ev["channelId"])
 
@@ -246,7 +246,9 @@ def _domain_separator(chain_id: int, contract: str) -> bytes:
         encode(
             ["bytes32", "bytes32", "bytes32", "uint256", "address"],
             [
-                keccak(text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"),
+                keccak(
+                    text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+                ),
                 keccak(text="BlendSM PaymentChannels"),
                 keccak(text="1"),
                 chain_id,
@@ -262,7 +264,13 @@ def test_domain_separator_matches_python(chain: Any, pc: Any) -> None:
     assert VoucherDomain(chain.w3.eth.chain_id, pc.address).separator == expected
     fields, name, version, chain_id, contract, salt, extensions = pc.functions.eip712Domain().call()
     assert (fields, name, version, chain_id, contract, bytes(salt), list(extensions)) == (
-        b"\x0f", "BlendSM PaymentChannels", "1", chain.w3.eth.chain_id, pc.address, bytes(32), []
+        b"\x0f",
+        "BlendSM PaymentChannels",
+        "1",
+        chain.w3.eth.chain_id,
+        pc.address,
+        bytes(32),
+        [],
     )
 
 
@@ -273,7 +281,11 @@ def test_voucher_digest_matches_python(chain: Any, pc: Any, amount: int) -> None
     struct_hash = keccak(
         encode(
             ["bytes32", "bytes32", "uint256"],
-            [keccak(text="Voucher(bytes32 channelId,uint256 cumulativeAmount)"), channel_id, amount],
+            [
+                keccak(text="Voucher(bytes32 channelId,uint256 cumulativeAmount)"),
+                channel_id,
+                amount,
+            ],
         )
     )
     expected = keccak(b"\x19\x01" + separator + struct_hash)
@@ -283,8 +295,15 @@ def test_voucher_digest_matches_python(chain: Any, pc: Any, amount: int) -> None
 
 def test_channel_view_of_unknown_id_is_empty(chain: Any) -> None:
     assert state(chain, keccak(text="nothing here")) == {
-        "payer": ZERO, "feeBps": 0, "closesAt": 0, "settled": False, "payee": ZERO,
-        "operator": ZERO, "token": ZERO, "deposit": 0, "claimed": 0,
+        "payer": ZERO,
+        "feeBps": 0,
+        "closesAt": 0,
+        "settled": False,
+        "payee": ZERO,
+        "operator": ZERO,
+        "token": ZERO,
+        "deposit": 0,
+        "claimed": 0,
     }
 
 
@@ -295,7 +314,9 @@ def test_channel_view_of_unknown_id_is_empty(chain: Any) -> None:
         pytest.param(lambda f, cid: (f.claim(cid, 1, b"\x00" * 65), "stranger", 0), id="claim"),
         pytest.param(lambda f, cid: (f.requestClose(cid), "buyer", 0), id="requestClose"),
         pytest.param(lambda f, cid: (f.withdraw(cid), "buyer", 0), id="withdraw"),
-        pytest.param(lambda f, cid: (f.cooperativeClose(cid, 0, b""), "seller", 0), id="cooperativeClose"),
+        pytest.param(
+            lambda f, cid: (f.cooperativeClose(cid, 0, b""), "seller", 0), id="cooperativeClose"
+        ),
     ],
 )
 def test_unknown_channel_refused(chain: Any, pc: Any, reverts: Any, call: Any) -> None:
@@ -310,7 +331,10 @@ def test_unknown_channel_refused(chain: Any, pc: Any, reverts: Any, call: Any) -
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fee_bps", "operator"), [(0, None), (0, "operator"), (250, "operator"), (MAX_FEE_BPS, "operator")])
+@pytest.mark.parametrize(
+    ("fee_bps", "operator"),
+    [(0, None), (0, "operator"), (250, "operator"), (MAX_FEE_BPS, "operator")],
+)
 def test_open_locks_deposit_and_records_channel(
     chain: Any, pc: Any, money: Money, events: Any, fee_bps: int, operator: str | None
 ) -> None:
@@ -320,21 +344,34 @@ def test_open_locks_deposit_and_records_channel(
     expected_id = channel_id_of(chain, chain.addr("buyer"), chain.addr("seller"), money.address, 0)
     fn = pc.functions.open(chain.addr("seller"), op, money.address, amount, fee_bps)
     # the return value is the id too
-    assert bytes(fn.call({"from": chain.addr("buyer"), "value": money.value(amount)})) == expected_id
+    assert (
+        bytes(fn.call({"from": chain.addr("buyer"), "value": money.value(amount)})) == expected_id
+    )
 
     money.watch(*PARTIES)
     receipt = money.send(fn, "buyer", money.value(amount))
     assert events(receipt, "ChannelOpened") == [
         {
-            "channelId": expected_id, "payer": chain.addr("buyer"), "payee": chain.addr("seller"),
-            "operator": op, "token": money.address, "deposit": amount, "feeBps": fee_bps,
+            "channelId": expected_id,
+            "payer": chain.addr("buyer"),
+            "payee": chain.addr("seller"),
+            "operator": op,
+            "token": money.address,
+            "deposit": amount,
+            "feeBps": fee_bps,
         }
     ]
     money.assert_moved(buyer=-amount, contract=amount)
     assert state(chain, expected_id) == {
-        "payer": chain.addr("buyer"), "feeBps": fee_bps, "closesAt": 0, "settled": False,
-        "payee": chain.addr("seller"), "operator": op, "token": money.address,
-        "deposit": amount, "claimed": 0,
+        "payer": chain.addr("buyer"),
+        "feeBps": fee_bps,
+        "closesAt": 0,
+        "settled": False,
+        "payee": chain.addr("seller"),
+        "operator": op,
+        "token": money.address,
+        "deposit": amount,
+        "claimed": 0,
     }
     assert pc.functions.nonces(chain.addr("buyer")).call() == 1
 
@@ -343,7 +380,9 @@ def test_channel_id_formula_and_nonces(chain: Any, pc: Any, events: Any) -> None
     """Nonces count per payer; the id covers chain, contract, payer, payee, token, nonce."""
     token = chain.Token.address
     chain.w3.eth.wait_for_transaction_receipt(
-        chain.Token.functions.mint(chain.addr("buyer"), 10**6).transact({"from": chain.addr("oracle")})
+        chain.Token.functions.mint(chain.addr("buyer"), 10**6).transact(
+            {"from": chain.addr("oracle")}
+        )
     )
     chain.w3.eth.wait_for_transaction_receipt(
         chain.Token.functions.approve(pc.address, 10**6).transact({"from": chain.addr("buyer")})
@@ -375,13 +414,17 @@ def test_channel_id_formula_and_nonces(chain: Any, pc: Any, events: Any) -> None
     assert pc.functions.nonces(chain.addr("seller")).call() == 0
 
 
-def test_ids_never_reused_after_settle(chain: Any, pc: Any, money: Money, opened: Any, events: Any) -> None:
+def test_ids_never_reused_after_settle(
+    chain: Any, pc: Any, money: Money, opened: Any, events: Any
+) -> None:
     first = opened(1000)
     money.send(pc.functions.cooperativeClose(first, 0, b""), "seller")
     assert state(chain, first)["settled"] is True
     second = opened(1000)
     assert second != first
-    assert second == channel_id_of(chain, chain.addr("buyer"), chain.addr("seller"), money.address, 1)
+    assert second == channel_id_of(
+        chain, chain.addr("buyer"), chain.addr("seller"), money.address, 1
+    )
     # the settled channel stays settled and untouched; the new one is fresh
     assert state(chain, first)["settled"] is True
     assert state(chain, second)["settled"] is False
@@ -389,7 +432,9 @@ def test_ids_never_reused_after_settle(chain: Any, pc: Any, money: Money, opened
 
 
 @pytest.mark.parametrize("payee", ["zero", "self"])
-def test_open_rejects_invalid_payee(chain: Any, pc: Any, money: Money, reverts: Any, payee: str) -> None:
+def test_open_rejects_invalid_payee(
+    chain: Any, pc: Any, money: Money, reverts: Any, payee: str
+) -> None:
     money.fund("buyer", 10)
     address = ZERO if payee == "zero" else chain.addr("buyer")
     with reverts("PaymentChannelsInvalidPayee", address):
@@ -416,7 +461,9 @@ def test_open_rejects_invalid_fee(
 
 def test_open_rejects_zero_amount(chain: Any, pc: Any, money: Money, reverts: Any) -> None:
     with reverts("PaymentChannelsZeroAmount"):
-        pc.functions.open(chain.addr("seller"), ZERO, money.address, 0, 0).transact({"from": chain.addr("buyer")})
+        pc.functions.open(chain.addr("seller"), ZERO, money.address, 0, 0).transact(
+            {"from": chain.addr("buyer")}
+        )
 
 
 @pytest.mark.parametrize("sent", [0, 999, 1001, 2000])
@@ -450,30 +497,38 @@ def test_open_token_needs_approval_and_balance(chain: Any, pc: Any, reverts: Any
         fn.transact({"from": buyer})
     money._tx(token.functions.approve(pc.address, 5000), "buyer")
     with reverts("ERC20InsufficientBalance", buyer, 1000, 2000):
-        pc.functions.open(chain.addr("seller"), ZERO, token.address, 2000, 0).transact({"from": buyer})
+        pc.functions.open(chain.addr("seller"), ZERO, token.address, 2000, 0).transact(
+            {"from": buyer}
+        )
     assert pc.functions.nonces(buyer).call() == 0
     assert token.functions.balanceOf(pc.address).call() == 0
 
 
-def test_open_with_a_token_that_is_no_contract_fails(chain: Any, pc: Any) -> None:
-    # balanceOf on an address without code returns nothing: an empty revert
-    with pytest.raises((ContractLogicError, TransactionFailed)):
+def test_open_with_a_token_that_is_no_contract_fails(chain: Any, pc: Any, reverts: Any) -> None:
+    # balanceOf on an address without code returns nothing to decode: a revert without data
+    with reverts(""):
         pc.functions.open(chain.addr("seller"), ZERO, chain.addr("stranger"), 1000, 0).transact(
             {"from": chain.addr("buyer")}
         )
     assert pc.functions.nonces(chain.addr("buyer")).call() == 0
 
 
-def test_open_refuses_a_token_that_moves_a_different_amount(chain: Any, pc: Any, reverts: Any) -> None:
+def test_open_refuses_a_token_that_moves_a_different_amount(
+    chain: Any, pc: Any, reverts: Any
+) -> None:
     """A token whose transfer lands more than asked (here: it pushes extra tokens of its own
     to the contract during transferFrom) is refused, like a fee-on-transfer token."""
     tok = deploy(chain, "ReentrantToken")
     money = Money(chain, tok)
     money.fund("buyer", 1000)
     money._tx(tok.functions.mint(tok.address, 7), "oracle")
-    money._tx(tok.functions.arm(tok.address, tok.encode_abi("transfer", args=[pc.address, 7])), "stranger")
+    money._tx(
+        tok.functions.arm(tok.address, tok.encode_abi("transfer", args=[pc.address, 7])), "stranger"
+    )
     with reverts("PaymentChannelsTokenTransferMismatch", 1000, 1007):
-        pc.functions.open(chain.addr("seller"), ZERO, tok.address, 1000, 0).transact({"from": chain.addr("buyer")})
+        pc.functions.open(chain.addr("seller"), ZERO, tok.address, 1000, 0).transact(
+            {"from": chain.addr("buyer")}
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,25 +536,33 @@ def test_open_refuses_a_token_that_moves_a_different_amount(chain: Any, pc: Any,
 # --------------------------------------------------------------------------------------------
 
 
-def test_top_up_adds_to_deposit(chain: Any, pc: Any, money: Money, opened: Any, events: Any) -> None:
+def test_top_up_adds_to_deposit(
+    chain: Any, pc: Any, money: Money, opened: Any, events: Any
+) -> None:
     cid = opened(1000)
     money.fund("buyer", 555)
     money.watch(*PARTIES)
     receipt = money.send(pc.functions.topUp(cid, 555), "buyer", money.value(555))
-    assert events(receipt, "ChannelToppedUp") == [{"channelId": cid, "amount": 555, "deposit": 1555}]
+    assert events(receipt, "ChannelToppedUp") == [
+        {"channelId": cid, "amount": 555, "deposit": 1555}
+    ]
     money.assert_moved(buyer=-555, contract=555)
     assert state(chain, cid)["deposit"] == 1555
 
 
 @pytest.mark.parametrize("sender", ["seller", "operator", "stranger"])
-def test_top_up_payer_only(chain: Any, pc: Any, money: Money, opened: Any, reverts: Any, sender: str) -> None:
+def test_top_up_payer_only(
+    chain: Any, pc: Any, money: Money, opened: Any, reverts: Any, sender: str
+) -> None:
     cid = opened(1000)
     money.fund(sender, 5)
     with reverts("PaymentChannelsNotPayer", chain.addr(sender)):
         pc.functions.topUp(cid, 5).transact({"from": chain.addr(sender), "value": money.value(5)})
 
 
-def test_top_up_refusals(chain: Any, pc: Any, money: Money, opened: Any, reverts: Any, events: Any) -> None:
+def test_top_up_refusals(
+    chain: Any, pc: Any, money: Money, opened: Any, reverts: Any, events: Any
+) -> None:
     cid = opened(1000)
     money.fund("buyer", 10)
     buyer = {"from": chain.addr("buyer")}
@@ -538,7 +601,14 @@ def test_top_up_overflow_panics(chain: Any, pc: Any, reverts: Any, events: Any) 
 @pytest.mark.parametrize("fee_bps", [0, 1, 333, MAX_FEE_BPS])
 @pytest.mark.parametrize("submitter", ["stranger", "seller", "operator", "buyer"])
 def test_claim_pays_delta_minus_fee_exactly(
-    chain: Any, pc: Any, money: Money, opened: Any, voucher: Any, events: Any, fee_bps: int, submitter: str
+    chain: Any,
+    pc: Any,
+    money: Money,
+    opened: Any,
+    voucher: Any,
+    events: Any,
+    fee_bps: int,
+    submitter: str,
 ) -> None:
     cid = opened(1_000_003, fee_bps)
     amount = 123_457  # fee rounds down for every fee_bps above
@@ -547,31 +617,54 @@ def test_claim_pays_delta_minus_fee_exactly(
     fee = {0: 0, 1: 12, 333: 4111, MAX_FEE_BPS: 12_345}[fee_bps]  # floor(123457 * bps / 10_000)
     to_payee = amount - fee
     assert events(receipt, "ChannelClaimed") == [
-        {"channelId": cid, "cumulativeAmount": amount, "payout": amount, "fee": fee, "claimed": amount}
+        {
+            "channelId": cid,
+            "cumulativeAmount": amount,
+            "payout": amount,
+            "fee": fee,
+            "claimed": amount,
+        }
     ]
     money.assert_moved(seller=to_payee, operator=fee, contract=-amount)
     s = state(chain, cid)
-    assert (s["claimed"], s["deposit"], s["settled"], s["closesAt"]) == (amount, 1_000_003, False, 0)
+    assert (s["claimed"], s["deposit"], s["settled"], s["closesAt"]) == (
+        amount,
+        1_000_003,
+        False,
+        0,
+    )
 
 
-def test_claim_with_no_operator(chain: Any, pc: Any, money: Money, opened: Any, voucher: Any) -> None:
+def test_claim_with_no_operator(
+    chain: Any, pc: Any, money: Money, opened: Any, voucher: Any
+) -> None:
     cid = opened(1000, 0, operator=None)
     money.watch(*PARTIES)
     money.send(pc.functions.claim(cid, 999, voucher("buyer", cid, 999)), "stranger")
     money.assert_moved(seller=999, contract=-999)
 
 
-def test_partial_claims_pay_each_delta(chain: Any, pc: Any, money: Money, opened: Any, voucher: Any, events: Any) -> None:
+def test_partial_claims_pay_each_delta(
+    chain: Any, pc: Any, money: Money, opened: Any, voucher: Any, events: Any
+) -> None:
     fee_bps = 250
     cid = opened(10_000, fee_bps)
     claimed = 0
     for cumulative in (1, 999, 1000, 4321, 9999, 10_000):
         money.watch(*PARTIES)
-        receipt = money.send(pc.functions.claim(cid, cumulative, voucher("buyer", cid, cumulative)), "seller")
+        receipt = money.send(
+            pc.functions.claim(cid, cumulative, voucher("buyer", cid, cumulative)), "seller"
+        )
         payout = cumulative - claimed
         to_payee, fee = split(payout, fee_bps)
         (ev,) = events(receipt, "ChannelClaimed")
-        assert ev == {"channelId": cid, "cumulativeAmount": cumulative, "payout": payout, "fee": fee, "claimed": cumulative}
+        assert ev == {
+            "channelId": cid,
+            "cumulativeAmount": cumulative,
+            "payout": payout,
+            "fee": fee,
+            "claimed": cumulative,
+        }
         money.assert_moved(seller=to_payee, operator=fee, contract=-payout)
         claimed = cumulative
         assert state(chain, cid)["claimed"] == claimed
@@ -612,7 +705,9 @@ def test_claim_refuses_lower_and_equal_cumulative(
 ) -> None:
     cid = opened(1000)
     with reverts("PaymentChannelsNothingToClaim", 0, 0):
-        pc.functions.claim(cid, 0, voucher("buyer", cid, 0)).transact({"from": chain.addr("seller")})
+        pc.functions.claim(cid, 0, voucher("buyer", cid, 0)).transact(
+            {"from": chain.addr("seller")}
+        )
     money.send(pc.functions.claim(cid, 600, voucher("buyer", cid, 600)), "seller")
     money.watch(*PARTIES)
     for cumulative in (0, 1, 599, 600):
@@ -630,7 +725,9 @@ def test_claim_refuses_other_signers(
 ) -> None:
     cid = opened(1000)
     with reverts("PaymentChannelsInvalidSigner", chain.addr(signer)):
-        pc.functions.claim(cid, 500, voucher(signer, cid, 500)).transact({"from": chain.addr("seller")})
+        pc.functions.claim(cid, 500, voucher(signer, cid, 500)).transact(
+            {"from": chain.addr("seller")}
+        )
 
 
 def test_claim_refuses_a_voucher_for_another_channel_or_amount(
@@ -639,10 +736,14 @@ def test_claim_refuses_a_voucher_for_another_channel_or_amount(
     cid = opened(1000)
     other = opened(1000)
     with reverts("PaymentChannelsInvalidSigner", ...) as r:
-        pc.functions.claim(cid, 500, voucher("buyer", other, 500)).transact({"from": chain.addr("seller")})
+        pc.functions.claim(cid, 500, voucher("buyer", other, 500)).transact(
+            {"from": chain.addr("seller")}
+        )
     assert r.args[0] != chain.addr("buyer")
     with reverts("PaymentChannelsInvalidSigner", ...) as r:
-        pc.functions.claim(cid, 501, voucher("buyer", cid, 500)).transact({"from": chain.addr("seller")})
+        pc.functions.claim(cid, 501, voucher("buyer", cid, 500)).transact(
+            {"from": chain.addr("seller")}
+        )
     assert r.args[0] != chain.addr("buyer")
 
 
@@ -676,7 +777,9 @@ def test_claim_refuses_malformed_signatures(
         assert name
     # the flipped-v sibling is well formed but recovers someone else
     with reverts("PaymentChannelsInvalidSigner", ...) as r:
-        pc.functions.claim(cid, 500, good[:64] + bytes([55 - good[64]])).transact({"from": chain.addr("seller")})
+        pc.functions.claim(cid, 500, good[:64] + bytes([55 - good[64]])).transact(
+            {"from": chain.addr("seller")}
+        )
     assert r.args[0] != chain.addr("buyer")
     money.assert_moved()
     money.send(pc.functions.claim(cid, 500, good), "seller")  # the good one still works
@@ -696,7 +799,9 @@ def test_claim_during_challenge_period_then_refused(
     money.assert_moved(seller=95, operator=5, contract=-100)
     # last second of the challenge period: still claimable
     money.watch(*PARTIES)
-    money.send_at(closes_at - 1, pc.functions.claim(cid, 300, voucher("buyer", cid, 300)), "stranger")
+    money.send_at(
+        closes_at - 1, pc.functions.claim(cid, 300, voucher("buyer", cid, 300)), "stranger"
+    )
     money.assert_moved(seller=190, operator=10, contract=-200)
     # at closesAt it is over, for claims and for cooperative closes
     late = voucher("buyer", cid, 400)
@@ -730,19 +835,25 @@ def test_claim_on_settled_channel_refused(
 
 
 @pytest.mark.parametrize("sender", ["seller", "operator", "stranger"])
-def test_request_close_payer_only(chain: Any, pc: Any, opened: Any, reverts: Any, sender: str) -> None:
+def test_request_close_payer_only(
+    chain: Any, pc: Any, opened: Any, reverts: Any, sender: str
+) -> None:
     cid = opened(1000)
     with reverts("PaymentChannelsNotPayer", chain.addr(sender)):
         pc.functions.requestClose(cid).transact({"from": chain.addr(sender)})
     assert state(chain, cid)["closesAt"] == 0
 
 
-def test_request_close_once(chain: Any, pc: Any, money: Money, opened: Any, events: Any, reverts: Any) -> None:
+def test_request_close_once(
+    chain: Any, pc: Any, money: Money, opened: Any, events: Any, reverts: Any
+) -> None:
     cid = opened(1000)
     t = free_time(chain, 17)
     money.watch(*PARTIES)
     receipt = money.send_at(t, pc.functions.requestClose(cid), "buyer")
-    assert events(receipt, "CloseRequested") == [{"channelId": cid, "closesAt": t + CHALLENGE_PERIOD}]
+    assert events(receipt, "CloseRequested") == [
+        {"channelId": cid, "closesAt": t + CHALLENGE_PERIOD}
+    ]
     money.assert_moved()
     assert state(chain, cid)["closesAt"] == t + CHALLENGE_PERIOD
     with reverts("PaymentChannelsClosing", cid, t + CHALLENGE_PERIOD):
@@ -753,7 +864,9 @@ def test_request_close_once(chain: Any, pc: Any, money: Money, opened: Any, even
 
 
 @pytest.mark.parametrize("sender", ["seller", "operator", "stranger"])
-def test_withdraw_payer_only(chain: Any, pc: Any, money: Money, opened: Any, events: Any, reverts: Any, sender: str) -> None:
+def test_withdraw_payer_only(
+    chain: Any, pc: Any, money: Money, opened: Any, events: Any, reverts: Any, sender: str
+) -> None:
     cid = opened(1000)
     close_requested(chain, money, events, cid)
     chain.time_travel(CHALLENGE_PERIOD + 1)
@@ -763,8 +876,15 @@ def test_withdraw_payer_only(chain: Any, pc: Any, money: Money, opened: Any, eve
 
 @pytest.mark.parametrize(("fee_bps", "claimed"), [(0, 0), (300, 401), (MAX_FEE_BPS, 1000)])
 def test_withdraw_after_challenge_period_refunds_exactly(
-    chain: Any, pc: Any, money: Money, opened: Any, voucher: Any, events: Any, reverts: Any,
-    fee_bps: int, claimed: int,
+    chain: Any,
+    pc: Any,
+    money: Money,
+    opened: Any,
+    voucher: Any,
+    events: Any,
+    reverts: Any,
+    fee_bps: int,
+    claimed: int,
 ) -> None:
     cid = opened(1000, fee_bps)
     with reverts("PaymentChannelsNotClosing", cid):
@@ -792,7 +912,9 @@ def test_withdraw_after_challenge_period_refunds_exactly(
     with reverts("PaymentChannelsChannelSettled", cid):
         pc.functions.topUp(cid, 1).transact({"from": chain.addr("buyer"), "value": money.value(1)})
     with reverts("PaymentChannelsChannelSettled", cid):
-        pc.functions.claim(cid, 1000, voucher("buyer", cid, 1000)).transact({"from": chain.addr("seller")})
+        pc.functions.claim(cid, 1000, voucher("buyer", cid, 1000)).transact(
+            {"from": chain.addr("seller")}
+        )
     with reverts("PaymentChannelsChannelSettled", cid):
         pc.functions.cooperativeClose(cid, 0, b"").transact({"from": chain.addr("seller")})
 
@@ -820,22 +942,38 @@ def test_withdraw_leaves_other_channels_alone(
 
 
 @pytest.mark.parametrize("sender", ["buyer", "operator", "stranger"])
-def test_cooperative_close_payee_only(chain: Any, pc: Any, opened: Any, voucher: Any, reverts: Any, sender: str) -> None:
+def test_cooperative_close_payee_only(
+    chain: Any, pc: Any, opened: Any, voucher: Any, reverts: Any, sender: str
+) -> None:
     cid = opened(1000)
     with reverts("PaymentChannelsNotPayee", chain.addr(sender)):
-        pc.functions.cooperativeClose(cid, 500, voucher("buyer", cid, 500)).transact({"from": chain.addr(sender)})
+        pc.functions.cooperativeClose(cid, 500, voucher("buyer", cid, 500)).transact(
+            {"from": chain.addr(sender)}
+        )
 
 
 @pytest.mark.parametrize("closing", [False, True])
-@pytest.mark.parametrize(("fee_bps", "before", "final", "payout"), [
-    (0, 0, 600, 600),
-    (777, 0, 1000, 1000),
-    (777, 123, 999, 876),
-    (MAX_FEE_BPS, 300, 5000, 700),  # over the deposit: capped, nothing refunded
-])
+@pytest.mark.parametrize(
+    ("fee_bps", "before", "final", "payout"),
+    [
+        (0, 0, 600, 600),
+        (777, 0, 1000, 1000),
+        (777, 123, 999, 876),
+        (MAX_FEE_BPS, 300, 5000, 700),  # over the deposit: capped, nothing refunded
+    ],
+)
 def test_cooperative_close_pays_delta_then_refunds(
-    chain: Any, pc: Any, money: Money, opened: Any, voucher: Any, events: Any,
-    fee_bps: int, before: int, final: int, payout: int, closing: bool,
+    chain: Any,
+    pc: Any,
+    money: Money,
+    opened: Any,
+    voucher: Any,
+    events: Any,
+    fee_bps: int,
+    before: int,
+    final: int,
+    payout: int,
+    closing: bool,
 ) -> None:
     cid = opened(1000, fee_bps)
     if before:
@@ -844,13 +982,21 @@ def test_cooperative_close_pays_delta_then_refunds(
         close_requested(chain, money, events, cid)
         chain.time_travel(CHALLENGE_PERIOD - 100)
     money.watch(*PARTIES)
-    receipt = money.send(pc.functions.cooperativeClose(cid, final, voucher("buyer", cid, final)), "seller")
+    receipt = money.send(
+        pc.functions.cooperativeClose(cid, final, voucher("buyer", cid, final)), "seller"
+    )
     to_payee, fee = split(payout, fee_bps)
     refund = 1000 - before - payout
     names = [name for name, _ in events(receipt) if name.startswith("PaymentChannels.")]
     assert names == ["PaymentChannels.ChannelClaimed", "PaymentChannels.ChannelSettled"]
     assert events(receipt, "ChannelClaimed") == [
-        {"channelId": cid, "cumulativeAmount": final, "payout": payout, "fee": fee, "claimed": before + payout}
+        {
+            "channelId": cid,
+            "cumulativeAmount": final,
+            "payout": payout,
+            "fee": fee,
+            "claimed": before + payout,
+        }
     ]
     assert events(receipt, "ChannelSettled") == [{"channelId": cid, "refund": refund}]
     money.assert_moved(seller=to_payee, operator=fee, buyer=refund, contract=-(payout + refund))
@@ -861,7 +1007,14 @@ def test_cooperative_close_pays_delta_then_refunds(
 @pytest.mark.parametrize("final", [0, 1, 400])
 @pytest.mark.parametrize("signature", [b"", b"\xff" * 65, b"junk"])
 def test_cooperative_close_without_new_voucher_ignores_signature(
-    chain: Any, pc: Any, money: Money, opened: Any, voucher: Any, events: Any, final: int, signature: bytes
+    chain: Any,
+    pc: Any,
+    money: Money,
+    opened: Any,
+    voucher: Any,
+    events: Any,
+    final: int,
+    signature: bytes,
 ) -> None:
     cid = opened(1000, 500)
     money.send(pc.functions.claim(cid, 400, voucher("buyer", cid, 400)), "stranger")
@@ -880,23 +1033,23 @@ def test_cooperative_close_checks_a_new_voucher(
     with reverts("PaymentChannelsInvalidSignature"):
         pc.functions.cooperativeClose(cid, 1, b"").transact({"from": chain.addr("seller")})
     with reverts("PaymentChannelsInvalidSigner", chain.addr("seller")):
-        pc.functions.cooperativeClose(cid, 500, voucher("seller", cid, 500)).transact({"from": chain.addr("seller")})
+        pc.functions.cooperativeClose(cid, 500, voucher("seller", cid, 500)).transact(
+            {"from": chain.addr("seller")}
+        )
     assert state(chain, cid)["settled"] is False
 
 
 def test_cooperative_close_with_deposit_fully_claimed(
-    chain: Any, pc: Any, money: Money, opened: Any, voucher: Any, reverts: Any, events: Any
+    chain: Any, pc: Any, money: Money, opened: Any, voucher: Any, events: Any
 ) -> None:
-    """Documents a sharp edge: once the whole deposit was claimed, closing with the payer's
-    newest voucher (cumulative above the deposit) reverts NothingToClaim; the payee must pass
-    a cumulative at or below ``claimed`` (e.g. 0) to close."""
+    """Once the whole deposit was claimed, the payee can still close with the payer's newest
+    voucher (cumulative above the deposit): it pays nothing new, so it is not read."""
     cid = opened(1000)
     sig = voucher("buyer", cid, 1500)
     money.send(pc.functions.claim(cid, 1500, sig), "seller")
-    with reverts("PaymentChannelsNothingToClaim", 1500, 1000):
-        pc.functions.cooperativeClose(cid, 1500, sig).transact({"from": chain.addr("seller")})
     money.watch(*PARTIES)
-    receipt = money.send(pc.functions.cooperativeClose(cid, 0, b""), "seller")
+    receipt = money.send(pc.functions.cooperativeClose(cid, 1500, sig), "seller")
+    assert events(receipt, "ChannelClaimed") == []
     assert events(receipt, "ChannelSettled") == [{"channelId": cid, "refund": 0}]
     money.assert_moved()
 
@@ -923,7 +1076,10 @@ def evil(chain: Any, events: Any, voucher: Any) -> dict[str, Any]:
         ids.append(bytes(ev["channelId"]))
     a, b = ids
     return {
-        "token": tok, "money": money, "a": a, "b": b,
+        "token": tok,
+        "money": money,
+        "a": a,
+        "b": b,
         "claim_b": pc.encode_abi("claim", args=[b, 600, voucher("buyer", b, 600)]),
         "claim_a": pc.encode_abi("claim", args=[a, 900, voucher("buyer", a, 900)]),
         "withdraw_a": pc.encode_abi("withdraw", args=[a]),
@@ -957,13 +1113,23 @@ def test_reentrancy_is_refused_and_funds_stay_exact(
     money.watch(*PARTIES)
     attempts = tok.functions.attempts().call()
     fns = {
-        "claim": (pc.functions.claim(a, 400, evil["sig_a"]), "stranger", dict(seller=380, operator=20, contract=-400)),
+        "claim": (
+            pc.functions.claim(a, 400, evil["sig_a"]),
+            "stranger",
+            dict(seller=380, operator=20, contract=-400),
+        ),
         "withdraw": (pc.functions.withdraw(a), "buyer", dict(buyer=1000, contract=-1000)),
-        "cooperativeClose": (pc.functions.cooperativeClose(a, 400, evil["sig_a"]), "seller",
-                             dict(seller=380, operator=20, buyer=600, contract=-1000)),
+        "cooperativeClose": (
+            pc.functions.cooperativeClose(a, 400, evil["sig_a"]),
+            "seller",
+            dict(seller=380, operator=20, buyer=600, contract=-1000),
+        ),
         "topUp": (pc.functions.topUp(a, 300), "buyer", dict(buyer=-300, contract=300)),
-        "open": (pc.functions.open(chain.addr("seller"), ZERO, tok.address, 300, 0), "buyer",
-                 dict(buyer=-300, contract=300)),
+        "open": (
+            pc.functions.open(chain.addr("seller"), ZERO, tok.address, 300, 0),
+            "buyer",
+            dict(buyer=-300, contract=300),
+        ),
     }
     fn, sender, moved = fns[outer]
     money.send(fn, sender)
@@ -999,32 +1165,29 @@ def test_operator_that_cannot_receive_native_blocks_claims(
     (ev,) = events(money.send(fn, "buyer", 1000), "ChannelOpened")
     cid = bytes(ev["channelId"])
     with reverts("FailedCall"):
-        pc.functions.claim(cid, 1000, voucher("buyer", cid, 1000)).transact({"from": chain.addr("seller")})
+        pc.functions.claim(cid, 1000, voucher("buyer", cid, 1000)).transact(
+            {"from": chain.addr("seller")}
+        )
     # with a payout small enough for the fee to round to zero the operator is skipped
     money.watch(*PARTIES)
     money.send(pc.functions.claim(cid, 99, voucher("buyer", cid, 99)), "seller")
     money.assert_moved(seller=99, contract=-99)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ContractLogicError, TransactionFailed),
-    reason="CONTRACT BUG (low severity): fee = payout * feeBps / 10_000 overflows for payouts "
-    "above (2**256-1)/feeBps, so a channel with such a deposit and a non-zero fee can never pay "
-    "out its full voucher (Panic 0x11); the payer then recovers the deposit after the challenge "
-    "period. Math.mulDiv (or a deposit cap) would fix it.",
-)
-def test_huge_token_deposit_with_fee_is_claimable(chain: Any, pc: Any, voucher: Any, events: Any) -> None:
+def test_huge_token_deposit_with_fee_is_claimable(
+    chain: Any, pc: Any, voucher: Any, events: Any
+) -> None:
     money = Money(chain, chain.Token)
     deposit = 2**255
     money.fund("buyer", deposit)
-    fn = pc.functions.open(chain.addr("seller"), chain.addr("operator"), money.address, deposit, MAX_FEE_BPS)
+    fn = pc.functions.open(
+        chain.addr("seller"), chain.addr("operator"), money.address, deposit, MAX_FEE_BPS
+    )
     (ev,) = events(money.send(fn, "buyer"), "ChannelOpened")
     cid = bytes(ev["channelId"])
     claim = pc.functions.claim(cid, deposit, voucher("buyer", cid, deposit))
-    claim.call({"from": chain.addr("seller")})  # today: Panic(0x11)
+    # payout * feeBps would overflow uint256: the contract must use mulDiv
     money.watch(*PARTIES)
     money.send(claim, "seller")
     to_payee, fee = split(deposit, MAX_FEE_BPS)
     money.assert_moved(seller=to_payee, operator=fee, contract=-deposit)
-

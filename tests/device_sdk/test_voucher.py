@@ -37,6 +37,7 @@ from blendsm.device_sdk import (
     recover_voucher_signer,
     sign_voucher,
     voucher_digest,
+    voucher_typed_data,
 )
 from blendsm.errors import (
     ConfigError,
@@ -50,6 +51,7 @@ from blendsm.errors import (
 CONTRACT = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
 OTHER_CONTRACT = "0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512"
 CHAIN_ID = 31337
+# TEST ONLY: anvil's publicly known first dev key.
 KEY = bytes.fromhex("ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80")
 PAYER = Account.from_key(KEY).address  # anvil's first account
 OTHER_KEY = bytes.fromhex("59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d")
@@ -549,3 +551,15 @@ def test_device_sdk_imports_without_web3_or_amqtt() -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+@given(st.integers(0, 2**64), bytes32s, uint256s)
+def test_typed_data_json_is_the_same_voucher(chain_id: int, channel_id: bytes, amount: int) -> None:
+    # Wallets that sign EIP-712 JSON themselves must produce the digest the contract checks.
+    domain = VoucherDomain(chain_id, CONTRACT)
+    ours = encode_typed_data(full_message=voucher_typed_data(domain, channel_id, amount))
+    reference = typed_data(chain_id, domain.verifying_contract, channel_id, amount)
+    assert (ours.header, ours.body) == (reference.header, reference.body)
+    assert keccak256(b"\x19\x01" + ours.header + ours.body) == voucher_digest(
+        domain, channel_id, amount
+    )
