@@ -4,6 +4,20 @@ Imports only paho-mqtt, eth-account/coincurve, orjson, pycryptodome and the stdl
 web3 or amqtt), so it runs on a gateway and the broker can reuse it on its hot path.
 """
 
+from ._connect_token import (
+    CONNECT_DOMAIN_NAME,
+    CONNECT_DOMAIN_TYPEHASH,
+    CONNECT_DOMAIN_VERSION,
+    CONNECT_TOKEN_MAX_LENGTH,
+    CONNECT_TOKEN_PREFIX,
+    CONNECT_TYPEHASH,
+    ConnectToken,
+    ConnectTokenSigner,
+    ConnectTokenVerifier,
+    connect_digest,
+    connect_typed_data,
+    parse_connect_token,
+)
 from ._keccak import (
     KECCAK_BACKEND,
     checksum_address,
@@ -39,6 +53,12 @@ from ._voucher import (
 )
 
 __all__ = [
+    "CONNECT_DOMAIN_NAME",
+    "CONNECT_DOMAIN_TYPEHASH",
+    "CONNECT_DOMAIN_VERSION",
+    "CONNECT_TOKEN_MAX_LENGTH",
+    "CONNECT_TOKEN_PREFIX",
+    "CONNECT_TYPEHASH",
     "EIP712_DOMAIN_TYPEHASH",
     "KECCAK_BACKEND",
     "SECP256K1_HALF_N",
@@ -48,6 +68,9 @@ __all__ = [
     "VOUCHER_DOMAIN_VERSION",
     "VOUCHER_TYPEHASH",
     "ChannelState",
+    "ConnectToken",
+    "ConnectTokenSigner",
+    "ConnectTokenVerifier",
     "MerkleTree",
     "Voucher",
     "VoucherDomain",
@@ -56,11 +79,14 @@ __all__ = [
     "account_from_env",
     "account_from_keystore",
     "checksum_address",
+    "connect_digest",
+    "connect_typed_data",
     "hash_pair",
     "high_s_twin",
     "keccak256",
     "keccak256_backends",
     "leaf_hash",
+    "parse_connect_token",
     "process_proof",
     "recover_voucher_signer",
     "sign_voucher",

@@ -8,11 +8,13 @@ visible::
     BlendsmError
     ├── ConfigError(BlendsmError, ValueError)        bad settings, named by field
     ├── WireError(BlendsmError, ValueError)          malformed wire data (vouchers, tokens, proofs)
-    │   └── VoucherError                             a voucher the contract would refuse
-    │       ├── VoucherSignatureError                malformed, high-s, bad v, not the payer
-    │       ├── VoucherNotNewerError                 cumulative amount not above what was claimed
-    │       └── VoucherChannelError                  channel unknown, closed or past its challenge period
+    │   ├── VoucherError                             a voucher the contract would refuse
+    │   │   ├── VoucherSignatureError                malformed, high-s, bad v, not the payer
+    │   │   ├── VoucherNotNewerError                 cumulative amount not above what was claimed
+    │   │   └── VoucherChannelError                  channel unknown, closed or past its challenge period
+    │   └── ConnectTokenError                        MQTT CONNECT password token malformed, forged, stale or replayed
     ├── ArtifactError(BlendsmError, RuntimeError)    compiled contracts missing or stale
+    ├── StoreError(BlendsmError, RuntimeError)       voucher store unreadable, foreign, newer or misused
     └── ChainError(BlendsmError, RuntimeError)       the chain could not answer or refused
         ├── ChainUnavailableError(ChainError, ConnectionError)
         ├── TransactionFailedError                   mined but reverted, or never mined
@@ -29,7 +31,9 @@ __all__ = [
     "ChainError",
     "ChainUnavailableError",
     "ConfigError",
+    "ConnectTokenError",
     "ContractRevertError",
+    "StoreError",
     "TransactionFailedError",
     "VoucherChannelError",
     "VoucherError",
@@ -67,8 +71,25 @@ class VoucherChannelError(VoucherError):
     """The channel is unknown, already settled, or past its challenge period."""
 
 
+class ConnectTokenError(WireError):
+    """An MQTT CONNECT password token the broker refuses.
+
+    Malformed text, a bad or foreign signature (other broker, chain, client id or
+    address), an ``issuedAt`` outside the accepted window, a replayed nonce, or a full
+    replay cache (refused rather than risk forgetting a nonce still valid).
+    """
+
+
 class ArtifactError(BlendsmError, RuntimeError):
     """Compiled contract artifacts are missing, unreadable or do not match their sources."""
+
+
+class StoreError(BlendsmError, RuntimeError):
+    """The broker's voucher store cannot be trusted or was misused.
+
+    The file is not SQLite, belongs to another application, has a newer schema, or a
+    claim was moved through an impossible state; refusing beats losing money silently.
+    """
 
 
 class ChainError(BlendsmError, RuntimeError):

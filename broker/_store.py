@@ -1,0 +1,447 @@
+"""The broker's durable voucher and claim store (one SQLite file).
+
+Money rules this module enforces:
+
+* A voucher counts only once :meth:`VoucherStore.accept` has returned: the row is
+  committed with ``journal_mode=WAL`` and ``synchronous=FULL``, so the WAL is fsynced
+  before the call returns and the voucher survives a crash of the broker or the host.
+* Per channel only the newest voucher is kept, and only if its cumulative amount is
+  strictly higher (vouchers are cumulative, a newer one supersedes every older one).
+* Amounts are uint256, beyond SQLite's 64-bit INTEGER, so they are stored as 32-byte
+  big-endian BLOBs: ``memcmp`` order equals numeric order, so SQL can compare them.
+* Each voucher is claimed on chain exactly once, via an intent row written *before*
+  the transaction is broadcast (write-ahead), moved through
+  ``intent -> sent -> confirmed | failed``.
+
+Reconciliation after a restart (:meth:`VoucherStore.pending_claims`): for every open
+intent (``intent`` or ``sent``; an ``intent`` row may have been broadcast just before
+the crash), read the transaction receipt if ``tx_hash`` is known, and the channel's
+on-chain ``claimed``. If on-chain ``claimed >= intent.amount`` the claim is done: call
+:meth:`~VoucherStore.claim_confirmed`. Otherwise, once the transaction is known to be
+reverted or dropped, call :meth:`~VoucherStore.claim_failed`; only then may
+:meth:`~VoucherStore.begin_claim` open a new intent. Never submit a second claim for an
+amount already covered on chain; :meth:`~VoucherStore.begin_claim` refuses to (it also
+refuses while an intent is open, so one channel has at most one claim in flight).
+Even a duplicate broadcast could not pay twice (the contract pays only the delta over
+``claimed``), but it would burn gas and double count in our books.
+
+:class:`AsyncVoucherStore` is the facade for the asyncio broker: every blocking SQLite
+call (fsync included) runs on one dedicated worker thread, never on the event loop, and
+that thread owns the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from blendsm.device_sdk._voucher import Voucher
+from blendsm.errors import StoreError
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "AsyncVoucherStore",
+    "ClaimIntent",
+    "ClaimState",
+    "VoucherStore",
+]
+
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of the schema below; a newer file is refused, not guessed at."""
+
+APPLICATION_ID = 0x424C534D
+"""``PRAGMA application_id`` ("BLSM"), so a foreign SQLite file is told apart from ours."""
+
+ClaimState = Literal["intent", "sent", "confirmed", "failed"]
+
+_OPEN_STATES = ("intent", "sent")
+
+_SCHEMA_V1 = """
+CREATE TABLE channels (
+    channel_id      BLOB PRIMARY KEY CHECK (length(channel_id) = 32),
+    amount          BLOB NOT NULL CHECK (length(amount) = 32),   -- latest cumulative, uint256 BE
+    signature       BLOB NOT NULL,
+    delta_hint      BLOB CHECK (delta_hint IS NULL OR length(delta_hint) = 32),
+    accepted_at     REAL NOT NULL,
+    claimed_onchain BLOB NOT NULL DEFAULT (zeroblob(32)) CHECK (length(claimed_onchain) = 32)
+) WITHOUT ROWID;
+
+CREATE TABLE claims (
+    intent_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id      BLOB NOT NULL REFERENCES channels (channel_id),
+    amount          BLOB NOT NULL CHECK (length(amount) = 32),
+    signature       BLOB NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('intent', 'sent', 'confirmed', 'failed')),
+    tx_hash         BLOB,
+    error           TEXT,
+    retry_at        REAL,
+    claimed_onchain BLOB CHECK (claimed_onchain IS NULL OR length(claimed_onchain) = 32),
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL
+);
+
+CREATE INDEX claims_by_channel ON claims (channel_id, intent_id);
+CREATE INDEX claims_open ON claims (state) WHERE state IN ('intent', 'sent');
+"""
+
+_T = TypeVar("_T")
+
+
+def _u256(value: int) -> bytes:
+    """32-byte big-endian form of a uint256, whose byte order is its numeric order."""
+    if not 0 <= value < 2**256:
+        raise ValueError(f"amount {value} is not a uint256")
+    return value.to_bytes(32, "big")
+
+
+def _int(blob: bytes) -> int:
+    return int.from_bytes(blob, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimIntent:
+    """One attempt to claim ``amount`` on ``channel_id`` with the voucher that signs it."""
+
+    intent_id: int
+    channel_id: bytes
+    amount: int
+    signature: bytes
+    state: ClaimState
+    tx_hash: bytes | None
+    created_at: float
+
+    @property
+    def voucher(self) -> Voucher:
+        """The voucher to submit to ``claim``."""
+        return Voucher(self.channel_id, self.amount, self.signature)
+
+
+class VoucherStore:
+    """Blocking store; use it from one thread (the async facade guarantees that)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so every
+            # read-check-write runs under the write lock.
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"voucher store {self.path}: cannot open: {exc}") from exc
+        try:
+            self._configure()
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- opening -------------------------------------------------------------
+
+    def _configure(self) -> None:
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"voucher store {self.path}: not a readable SQLite database ({exc});"
+                " refusing to touch it"
+            ) from exc
+        if str(mode).lower() != "wal":
+            raise StoreError(f"voucher store {self.path}: journal_mode is {mode!r}, need 'wal'")
+
+    def _migrate(self) -> None:
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+            tables = self._db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"voucher store {self.path}: unreadable: {exc}") from exc
+        if version == 0 and app_id == 0 and tables == 0:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                # Not executescript: it would COMMIT; one by one keeps it one transaction.
+                for statement in filter(None, (s.strip() for s in _SCHEMA_V1.split(";"))):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return
+        if app_id != APPLICATION_ID:
+            raise StoreError(
+                f"voucher store {self.path}: not a BlendSM voucher store"
+                f" (application_id {app_id:#x}, expected {APPLICATION_ID:#x}); refusing to touch it"
+            )
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"voucher store {self.path}: schema version {version} is newer than this"
+                f" broker supports ({SCHEMA_VERSION}); upgrade the broker, do not downgrade"
+            )
+        if version < 1:
+            raise StoreError(f"voucher store {self.path}: schema version {version} is invalid")
+
+    def close(self) -> None:
+        """Close the connection (a checkpoint folds the WAL back into the file)."""
+        self._db.close()
+
+    def __enter__(self) -> VoucherStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, body: Callable[[], _T]) -> _T:
+        """Run ``body`` in one BEGIN IMMEDIATE transaction; committed (fsynced) on return."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = body()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return result
+
+    # -- vouchers ------------------------------------------------------------
+
+    def accept(self, voucher: Voucher, payout_delta_hint: int | None = None) -> bool:
+        """Store ``voucher`` if it is strictly newer than the channel's; True if stored.
+
+        The caller has verified the signature. Once this returns True the voucher is on
+        disk and may count. ``payout_delta_hint`` (what the metering expected this voucher
+        to add) is kept for audit only and never decides acceptance.
+        """
+        amount = _u256(voucher.cumulative_amount)
+        hint = None if payout_delta_hint is None else _u256(payout_delta_hint)
+
+        def body() -> bool:
+            cur = self._db.execute(
+                "INSERT INTO channels (channel_id, amount, signature, delta_hint, accepted_at)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (channel_id) DO UPDATE SET amount = excluded.amount,"
+                "  signature = excluded.signature, delta_hint = excluded.delta_hint,"
+                "  accepted_at = excluded.accepted_at"
+                " WHERE excluded.amount > channels.amount",
+                (voucher.channel_id, amount, voucher.signature, hint, time.time()),
+            )
+            return cur.rowcount == 1
+
+        return self._write(body)
+
+    def latest(self, channel_id: bytes) -> Voucher | None:
+        """The newest accepted voucher of the channel, or None."""
+        row = self._db.execute(
+            "SELECT amount, signature FROM channels WHERE channel_id = ?", (channel_id,)
+        ).fetchone()
+        return None if row is None else Voucher(channel_id, _int(row[0]), row[1])
+
+    def channels(self) -> list[bytes]:
+        """Every channel with an accepted voucher, in id order."""
+        return [r[0] for r in self._db.execute("SELECT channel_id FROM channels ORDER BY 1")]
+
+    def claimed_onchain(self, channel_id: bytes) -> int:
+        """The highest on-chain ``claimed`` we have confirmed for the channel (0 if none)."""
+        row = self._db.execute(
+            "SELECT claimed_onchain FROM channels WHERE channel_id = ?", (channel_id,)
+        ).fetchone()
+        return 0 if row is None else _int(row[0])
+
+    # -- claims --------------------------------------------------------------
+
+    def begin_claim(self, channel_id: bytes, now: float | None = None) -> ClaimIntent | None:
+        """Record an intent to claim the channel's latest voucher, or None if nothing to do.
+
+        None when: no voucher; its amount is already covered on chain; an intent is still
+        open (reconcile it first); this exact voucher amount was already confirmed once
+        (a deposit-capped claim waits for a newer voucher); or the last failure's
+        ``retry_at`` is still ahead. The intent is committed before it is returned, so
+        it is durable before any transaction is broadcast.
+        """
+        at = time.time() if now is None else now
+
+        def body() -> ClaimIntent | None:
+            row = self._db.execute(
+                "SELECT amount, signature, claimed_onchain FROM channels WHERE channel_id = ?",
+                (channel_id,),
+            ).fetchone()
+            if row is None or row[0] <= row[2]:
+                return None
+            amount, signature = row[0], row[1]
+            last = self._db.execute(
+                "SELECT state, retry_at FROM claims WHERE channel_id = ?"
+                " ORDER BY intent_id DESC LIMIT 1",
+                (channel_id,),
+            ).fetchone()
+            if last is not None and (
+                last[0] in _OPEN_STATES
+                or (last[0] == "failed" and last[1] is not None and last[1] > at)
+            ):
+                return None
+            done = self._db.execute(
+                "SELECT 1 FROM claims WHERE channel_id = ? AND amount = ? AND state = 'confirmed'",
+                (channel_id, amount),
+            ).fetchone()
+            if done is not None:
+                return None
+            cur = self._db.execute(
+                "INSERT INTO claims (channel_id, amount, signature, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'intent', ?, ?)",
+                (channel_id, amount, signature, at, at),
+            )
+            assert cur.lastrowid is not None
+            return ClaimIntent(
+                cur.lastrowid, channel_id, _int(amount), signature, "intent", None, at
+            )
+
+        return self._write(body)
+
+    def _move(
+        self,
+        intent_id: int,
+        allowed: tuple[str, ...],
+        target: ClaimState,
+        assignments: str,
+        params: tuple[object, ...],
+    ) -> None:
+        row = self._db.execute(
+            "SELECT state FROM claims WHERE intent_id = ?", (intent_id,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"claim intent {intent_id} does not exist")
+        if row[0] not in allowed:
+            raise StoreError(f"claim intent {intent_id} is {row[0]!r}, cannot become {target!r}")
+        self._db.execute(
+            f"UPDATE claims SET state = ?, updated_at = ?, {assignments} WHERE intent_id = ?",
+            (target, time.time(), *params, intent_id),
+        )
+
+    def claim_sent(self, intent_id: int, tx_hash: bytes) -> None:
+        """The claim transaction was broadcast as ``tx_hash`` (repeat with the same hash is a no-op)."""
+
+        def body() -> None:
+            row = self._db.execute(
+                "SELECT state, tx_hash FROM claims WHERE intent_id = ?", (intent_id,)
+            ).fetchone()
+            if row is not None and row[0] == "sent" and row[1] == tx_hash:
+                return
+            self._move(intent_id, ("intent",), "sent", "tx_hash = ?", (tx_hash,))
+
+        self._write(body)
+
+    def claim_confirmed(self, intent_id: int, claimed_onchain: int) -> None:
+        """The channel's on-chain ``claimed`` is now ``claimed_onchain``; the intent is done.
+
+        Valid from ``intent`` too (reconciliation may find a claim broadcast just before
+        a crash). The channel's recorded on-chain amount only ever rises.
+        """
+        claimed = _u256(claimed_onchain)
+
+        def body() -> None:
+            self._move(
+                intent_id,
+                (*_OPEN_STATES, "confirmed"),
+                "confirmed",
+                "claimed_onchain = ?",
+                (claimed,),
+            )
+            self._db.execute(
+                "UPDATE channels SET claimed_onchain = ?"
+                " WHERE channel_id = (SELECT channel_id FROM claims WHERE intent_id = ?)"
+                " AND claimed_onchain < ?",
+                (claimed, intent_id, claimed),
+            )
+
+        self._write(body)
+
+    def claim_failed(self, intent_id: int, error: str, retry_at: float) -> None:
+        """The claim reverted or was dropped; a new intent may start at ``retry_at``."""
+        self._write(
+            lambda: self._move(
+                intent_id, _OPEN_STATES, "failed", "error = ?, retry_at = ?", (error, retry_at)
+            )
+        )
+
+    def pending_claims(self) -> list[ClaimIntent]:
+        """Open intents (``intent`` or ``sent``) to reconcile after a restart, oldest first."""
+        rows = self._db.execute(
+            "SELECT intent_id, channel_id, amount, signature, state, tx_hash, created_at"
+            " FROM claims WHERE state IN ('intent', 'sent') ORDER BY intent_id"
+        ).fetchall()
+        return [ClaimIntent(r[0], r[1], _int(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+
+
+class AsyncVoucherStore:
+    """Asyncio facade: every call runs on one dedicated thread that owns the connection.
+
+    Open with ``await AsyncVoucherStore.open(path)``; the single-thread executor also
+    serialises calls, so concurrent ``accept`` calls keep the maximum.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, store: VoucherStore) -> None:
+        self._executor = executor
+        self._store = store
+
+    @classmethod
+    async def open(cls, path: str | Path) -> AsyncVoucherStore:
+        """Open (or create) the store on a fresh worker thread."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blendsm-store")
+        try:
+            store = await asyncio.get_running_loop().run_in_executor(executor, VoucherStore, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(executor, store)
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def accept(self, voucher: Voucher, payout_delta_hint: int | None = None) -> bool:
+        """See :meth:`VoucherStore.accept`."""
+        return await self._run(self._store.accept, voucher, payout_delta_hint)
+
+    async def latest(self, channel_id: bytes) -> Voucher | None:
+        """See :meth:`VoucherStore.latest`."""
+        return await self._run(self._store.latest, channel_id)
+
+    async def channels(self) -> list[bytes]:
+        """See :meth:`VoucherStore.channels`."""
+        return await self._run(self._store.channels)
+
+    async def claimed_onchain(self, channel_id: bytes) -> int:
+        """See :meth:`VoucherStore.claimed_onchain`."""
+        return await self._run(self._store.claimed_onchain, channel_id)
+
+    async def begin_claim(self, channel_id: bytes) -> ClaimIntent | None:
+        """See :meth:`VoucherStore.begin_claim`."""
+        return await self._run(self._store.begin_claim, channel_id)
+
+    async def claim_sent(self, intent_id: int, tx_hash: bytes) -> None:
+        """See :meth:`VoucherStore.claim_sent`."""
+        await self._run(self._store.claim_sent, intent_id, tx_hash)
+
+    async def claim_confirmed(self, intent_id: int, claimed_onchain: int) -> None:
+        """See :meth:`VoucherStore.claim_confirmed`."""
+        await self._run(self._store.claim_confirmed, intent_id, claimed_onchain)
+
+    async def claim_failed(self, intent_id: int, error: str, retry_at: float) -> None:
+        """See :meth:`VoucherStore.claim_failed`."""
+        await self._run(self._store.claim_failed, intent_id, error, retry_at)
+
+    async def pending_claims(self) -> list[ClaimIntent]:
+        """See :meth:`VoucherStore.pending_claims`."""
+        return await self._run(self._store.pending_claims)
+
+    async def close(self) -> None:
+        """Close the connection on its own thread, then stop the thread."""
+        try:
+            await self._run(self._store.close)
+        finally:
+            self._executor.shutdown(wait=True)
