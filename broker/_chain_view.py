@@ -1,0 +1,437 @@
+"""The broker's in-memory view of chain state, read synchronously by the delivery hot path.
+
+Why: a chain read costs milliseconds and may hang on a sick node, so the hot path never
+awaits the chain. :class:`ChainView` rebuilds registry, market, channel and rating state by
+replaying the suite's events from the deployment block (:meth:`ChainView.sync`) and then
+applies each new event as it arrives (:meth:`ChainView.run`), through one handler, so the
+replayed and the live state cannot diverge.
+
+Fail closed: a cache miss answers "no" (False/None), and while the view is not synced, was
+stopped, or has not been caught up with the chain for longer than ``max_staleness`` seconds,
+:attr:`ChainView.healthy` is False and every market decision answers "no". The reason is
+logged once per change. Public (non-market) topics are not this module's concern.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from web3 import AsyncWeb3
+
+from blendsm.contracts._bindings import ChannelInfo, Policy, Role, Status, TopicInfo
+from blendsm.contracts._deploy import Deployment
+from blendsm.contracts._events import ChainEvent, EventFollower
+from blendsm.errors import ConfigError
+
+__all__ = ["EVENTS", "ChainView", "ChangeListener"]
+
+_log = logging.getLogger("blendsm.broker.chain_view")
+
+#: Every event the view mirrors, as ``Contract.Event`` (the follower's selection).
+EVENTS: Final = (
+    "Market.AccessListUpdated",
+    "Market.PolicyChanged",
+    "Market.PriceChanged",
+    "Market.TopicCreated",
+    "Market.TopicPaused",
+    "Market.TopicResumed",
+    "PaymentChannels.ChannelClaimed",
+    "PaymentChannels.ChannelOpened",
+    "PaymentChannels.ChannelSettled",
+    "PaymentChannels.ChannelToppedUp",
+    "PaymentChannels.CloseRequested",
+    "Ratings.Rated",
+    "Registry.Applied",
+    "Registry.Approved",
+    "Registry.DeviceAdded",
+    "Registry.DeviceRemoved",
+    "Registry.Left",
+    "Registry.Rejected",
+    "Registry.Revoked",
+)
+
+#: Called with each live event after the view applied it (plain or async).
+ChangeListener = Callable[[ChainEvent], Awaitable[None] | None]
+
+
+class ChainView:
+    """Registry, Market, PaymentChannels and Ratings state mirrored from contract events.
+
+    Lookups are plain dict reads keyed by lower-case address (callers may pass any case) and
+    never touch the chain. ``confirmations`` is the event depth (0 only on instantly final
+    chains); ``max_staleness`` is how long the view may go without being caught up with
+    ``head - confirmations`` before it turns unhealthy.
+    """
+
+    def __init__(
+        self,
+        w3: AsyncWeb3[Any],
+        deployment: Deployment,
+        *,
+        confirmations: int = 2,
+        poll_interval: float = 0.5,
+        max_staleness: float = 10.0,
+        max_range: int = 1_000,
+        backoff_max: float = 15.0,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_staleness <= poll_interval:
+            raise ConfigError("max_staleness must exceed poll_interval")
+        self.w3 = w3
+        self.confirmations = confirmations
+        self.poll_interval = poll_interval
+        self.max_staleness = max_staleness
+        self.backoff_max = backoff_max
+        self.log = logger or _log
+        self._clock = clock
+        self.follower = EventFollower(
+            w3,
+            deployment,
+            select=EVENTS,
+            confirmations=confirmations,
+            poll_interval=poll_interval,
+            max_range=max_range,
+            logger=self.log,
+        )
+        # participant (lower) -> (role, status); device (lower) -> seller (checksum)
+        self._participants: dict[str, tuple[Role, Status]] = {}
+        self._devices: dict[str, str] = {}
+        self._topics: dict[bytes, TopicInfo] = {}
+        self._by_name: dict[str, TopicInfo] = {}
+        self._listed: dict[bytes, set[str]] = {}
+        self._ratings: dict[str, tuple[int, int]] = {}  # ratee (lower) -> (count, total)
+        self._channels: dict[bytes, ChannelInfo] = {}
+        self._listeners: list[ChangeListener] = []
+        self._synced = False
+        self._running = False
+        self._broken: str | None = None  # set when applying an event failed: state unknown
+        self._caught_up_at = float("-inf")
+        self._stopping = asyncio.Event()
+        self._last_reason: str | None = "not synced"
+
+    # --- health ------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """Whether decisions may be trusted: synced, following, caught up recently."""
+        reason = self.unhealthy_reason
+        if reason != self._last_reason:
+            if reason is None:
+                self.log.info("chain view: healthy again")
+            else:
+                self.log.warning(
+                    "chain view: unhealthy, answering no to market decisions: %s", reason
+                )
+            self._last_reason = reason
+        return reason is None
+
+    @property
+    def unhealthy_reason(self) -> str | None:
+        """Why the view is unhealthy, None when it is healthy."""
+        if self._broken is not None:
+            return self._broken
+        if not self._synced:
+            return "not synced"
+        lag = self._clock() - self._caught_up_at
+        if lag > self.max_staleness:
+            state = "following" if self._running else "not following"
+            return (
+                f"{state}, last caught up with the chain {lag:.1f}s ago (> {self.max_staleness}s)"
+            )
+        return None
+
+    @property
+    def synced(self) -> bool:
+        return self._synced
+
+    # --- hot-path lookups (synchronous, never touch the chain) --------------------------
+
+    def topic_for_name(self, name: str) -> TopicInfo | None:
+        """The market topic with this exact MQTT name; None if unknown or unhealthy."""
+        if not self.healthy:
+            return None
+        return self._by_name.get(name)
+
+    def topic(self, topic_id: bytes) -> TopicInfo | None:
+        """The market topic with this id; None if unknown or unhealthy."""
+        if not self.healthy:
+            return None
+        return self._topics.get(topic_id)
+
+    def is_active(self, address: str) -> bool:
+        if not self.healthy:
+            return False
+        found = self._participants.get(address.lower())
+        return found is not None and found[1] is Status.ACTIVE
+
+    def role_of(self, address: str) -> Role | None:
+        """The role ``address`` holds while active; None otherwise."""
+        if not self.healthy:
+            return None
+        found = self._participants.get(address.lower())
+        return found[0] if found is not None and found[1] is Status.ACTIVE else None
+
+    def seller_of_device(self, address: str) -> str | None:
+        """The seller ``address`` publishes for, only while that seller is an active Seller
+        (``Registry.activeSellerOf``)."""
+        if not self.healthy:
+            return None
+        return self._active_seller_of(address.lower())
+
+    def can_publish(self, device: str, topic_id: bytes) -> bool:
+        """``Market.canPublish``: the topic runs and ``device`` acts for its seller."""
+        if not self.healthy:
+            return False
+        t = self._topics.get(topic_id)
+        if t is None or t.paused:
+            return False
+        return self._active_seller_of(device.lower()) == t.seller
+
+    def can_subscribe(self, buyer: str, topic_id: bytes) -> bool:
+        """``Market.canSubscribe``: topic runs, seller and buyer active in their roles, and
+        the policy (Open/Allowlist/Denylist/MinRating) admits the buyer."""
+        if not self.healthy:
+            return False
+        t = self._topics.get(topic_id)
+        if t is None or t.paused:
+            return False
+        if not self._has_active_role(t.seller.lower(), Role.SELLER):
+            return False
+        key = buyer.lower()
+        if not self._has_active_role(key, Role.BUYER):
+            return False
+        policy = t.policy
+        if policy is Policy.OPEN:
+            return True
+        listed = key in self._listed.get(topic_id, ())
+        if policy is Policy.ALLOWLIST:
+            return listed
+        if policy is Policy.DENYLIST:
+            return not listed
+        return self._average_x100(key) >= t.min_rating_x100
+
+    def channel(self, channel_id: bytes) -> ChannelInfo | None:
+        """The channel's state as of the last applied event; None if unknown or unhealthy."""
+        if not self.healthy:
+            return None
+        return self._channels.get(channel_id)
+
+    def average_x100(self, address: str) -> int:
+        """``Ratings.averageX100`` as learnt from Rated events (0 if unrated)."""
+        return self._average_x100(address.lower())
+
+    def _has_active_role(self, key: str, role: Role) -> bool:
+        found = self._participants.get(key)
+        return found is not None and found[1] is Status.ACTIVE and found[0] is role
+
+    def _active_seller_of(self, key: str) -> str | None:
+        seller = self._devices.get(key)
+        if seller is None or not self._has_active_role(seller.lower(), Role.SELLER):
+            return None
+        return seller
+
+    def _average_x100(self, key: str) -> int:
+        count, total = self._ratings.get(key, (0, 0))
+        return total * 100 // count if count else 0
+
+    # --- listeners ---------------------------------------------------------------------
+
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
+        """Call ``callback`` with every live event once applied (e.g. Revoked -> disconnect).
+        Replayed events during :meth:`sync` are not reported. Returns an unsubscribe function."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
+
+    async def _notify(self, event: ChainEvent) -> None:
+        for callback in list(self._listeners):
+            try:
+                result = callback(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # a listener's bug must not stop the view
+                self.log.exception(
+                    "chain view: listener failed on %s.%s", event.contract, event.event
+                )
+
+    # --- following ---------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Replay every event from the deployment block up to ``head - confirmations``
+        (chain errors propagate: the view stays unhealthy)."""
+        while not await self._step(notify=False):
+            pass
+        self._synced = True
+        self.log.info(
+            "chain view: synced to block %d (%d topics, %d participants, %d devices, %d channels)",
+            self.follower.cursor,
+            len(self._topics),
+            len(self._participants),
+            len(self._devices),
+            len(self._channels),
+        )
+
+    async def run(self) -> None:
+        """Sync if needed, then follow new events until :meth:`stop`. Node failures are
+        logged and retried with backoff; the view turns unhealthy once stale."""
+        self._stopping.clear()
+        self._running = True
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if not self._synced:
+                        await self.sync()
+                        continue
+                    caught_up = await self._step(notify=True)
+                except Exception as exc:
+                    failures += 1
+                    delay = min(self.backoff_max, self.poll_interval * 2 ** min(failures, 20))
+                    self.log.warning(
+                        "chain view: chain poll failed (%d in a row), retrying in %.2fs: %s",
+                        failures,
+                        delay,
+                        exc,
+                    )
+                    await self._sleep(delay)
+                    continue
+                failures = 0
+                if caught_up:
+                    await self._sleep(self.poll_interval)
+        finally:
+            self._running = False
+
+    def stop(self) -> None:
+        """End :meth:`run`; the view then turns unhealthy (at once: it no longer follows)."""
+        self._stopping.set()
+        self._synced = False
+        self.log.info("chain view: stopped")
+
+    async def _step(self, *, notify: bool) -> bool:
+        """Apply the next confirmed range; True once caught up with ``head - confirmations``."""
+        events = await self.follower.poll()
+        for event in events:
+            try:
+                self.apply(event)
+            except Exception as exc:  # our bug or an ABI drift: the state is now unknown
+                self._broken = f"cannot apply {event.contract}.{event.event}: {exc!r}"
+                self.log.exception("chain view: %s", self._broken)
+                raise
+            if notify:
+                await self._notify(event)
+        head = int(await self.w3.eth.block_number)
+        caught_up = self.follower.cursor >= head - self.confirmations
+        if caught_up:
+            self._caught_up_at = self._clock()
+        return caught_up
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    # --- the one handler ---------------------------------------------------------------
+
+    def apply(self, event: ChainEvent) -> None:
+        """Fold one event into the state (the same for replayed and live events)."""
+        a = event.args
+        name = event.event
+        if event.contract == "Registry":
+            if name == "DeviceAdded":
+                self._devices[a["device"].lower()] = a["seller"]
+            elif name == "DeviceRemoved":
+                self._devices.pop(a["device"].lower(), None)
+            else:
+                key = a["account"].lower()
+                role = self._participants.get(key, (Role.NONE, Status.NONE))[0]
+                if name == "Applied":
+                    self._participants[key] = (Role(a["role"]), Status.PENDING)
+                elif name == "Approved":
+                    self._participants[key] = (Role(a["role"]), Status.ACTIVE)
+                elif name == "Rejected":
+                    self._participants[key] = (role, Status.REJECTED)
+                elif name == "Revoked":
+                    self._participants[key] = (role, Status.REVOKED)
+                elif name == "Left":
+                    self._participants[key] = (role, Status.LEFT)
+        elif event.contract == "Market":
+            topic_id = bytes(a["topicId"])
+            if name == "TopicCreated":
+                token = a["token"]
+                self._put_topic(
+                    TopicInfo(
+                        topic_id=topic_id,
+                        name=a["name"],
+                        seller=a["seller"],
+                        token=None if int(token, 16) == 0 else token,
+                        price=int(a["price"]),
+                        policy=Policy(a["policy"]),
+                        min_rating_x100=int(a["minRatingX100"]),
+                        paused=False,
+                    )
+                )
+                return
+            t = self._topics.get(topic_id)
+            if t is None:
+                raise ValueError(f"{name} for unknown topic 0x{topic_id.hex()}")
+            if name == "PriceChanged":
+                self._put_topic(dataclasses.replace(t, price=int(a["newPrice"])))
+            elif name == "PolicyChanged":
+                self._put_topic(
+                    dataclasses.replace(
+                        t, policy=Policy(a["policy"]), min_rating_x100=int(a["minRatingX100"])
+                    )
+                )
+            elif name == "AccessListUpdated":
+                listed = self._listed.setdefault(topic_id, set())
+                if a["listed"]:
+                    listed.add(a["account"].lower())
+                else:
+                    listed.discard(a["account"].lower())
+            elif name == "TopicPaused":
+                self._put_topic(dataclasses.replace(t, paused=True))
+            elif name == "TopicResumed":
+                self._put_topic(dataclasses.replace(t, paused=False))
+        elif event.contract == "PaymentChannels":
+            channel_id = bytes(a["channelId"])
+            if name == "ChannelOpened":
+                operator, token = a["operator"], a["token"]
+                self._channels[channel_id] = ChannelInfo(
+                    channel_id=channel_id,
+                    payer=a["payer"],
+                    payee=a["payee"],
+                    operator=None if int(operator, 16) == 0 else operator,
+                    token=None if int(token, 16) == 0 else token,
+                    deposit=int(a["deposit"]),
+                    claimed=0,
+                    fee_bps=int(a["feeBps"]),
+                    closes_at=None,
+                    settled=False,
+                )
+                return
+            c = self._channels.get(channel_id)
+            if c is None:
+                raise ValueError(f"{name} for unknown channel 0x{channel_id.hex()}")
+            if name == "ChannelToppedUp":
+                c = dataclasses.replace(c, deposit=int(a["deposit"]))
+            elif name == "ChannelClaimed":
+                c = dataclasses.replace(c, claimed=int(a["claimed"]))
+            elif name == "CloseRequested":
+                c = dataclasses.replace(c, closes_at=int(a["closesAt"]) or None)
+            elif name == "ChannelSettled":
+                c = dataclasses.replace(c, settled=True)
+            self._channels[channel_id] = c
+        elif event.contract == "Ratings" and name == "Rated":
+            key = a["ratee"].lower()
+            count, total = self._ratings.get(key, (0, 0))
+            self._ratings[key] = (count + 1, total + int(a["score"]))
+
+    def _put_topic(self, topic: TopicInfo) -> None:
+        self._topics[topic.topic_id] = topic
+        self._by_name[topic.name] = topic
