@@ -1,0 +1,391 @@
+"""The broker config loader: defaults, validation with dotted paths, no inline keys,
+and the documented example in docs/broker-config.md always parses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from eth_account import Account
+
+from blendsm.broker._config import (
+    BrokerConfig,
+    ChainConfig,
+    ListenConfig,
+    OperatorKeyConfig,
+    PaymentsConfig,
+    SettlementConfig,
+    load_config,
+    parse_config,
+    resolve_operator_account,
+)
+from blendsm.device_sdk._voucher import UINT256_MAX
+from blendsm.errors import ConfigError
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "broker-config.md"
+KEY = "4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
+NODE = {"endpoint": "http://127.0.0.1:8545", "deployment": "deployment.json"}
+
+
+def _yaml_blocks() -> list[str]:
+    return re.findall(r"```yaml\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broker.yaml"
+    path.write_text(text)
+    return path
+
+
+def _error(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_empty_mapping_gives_all_defaults() -> None:
+    config = parse_config({})
+    assert config == BrokerConfig()
+    assert config.listen == ListenConfig("127.0.0.1", 1883)
+    assert config.chain.endpoint == "embedded"
+    assert config.chain.confirmations == 2
+    assert config.operator_key is None
+    assert config.payments.credit_messages == 5
+    assert config.public_topics is False
+    assert config.data_dir == Path("blendsm-data")
+    assert config.log_level == "INFO"
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.log_level = "DEBUG"  # type: ignore[misc]
+
+
+def test_empty_file_and_empty_sections_give_defaults(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, "# nothing\n"))
+    assert config.listen == ListenConfig()
+    assert config.data_dir == tmp_path / "blendsm-data"
+    config = load_config(_write(tmp_path, "listen:\npayments:\n  settlement:\n"))
+    assert config.payments == PaymentsConfig()
+
+
+# --------------------------------------------------------------------------- the doc
+
+
+def test_documented_example_parses_and_covers_every_field(tmp_path: Path) -> None:
+    example = _yaml_blocks()[0]
+    config = load_config(_write(tmp_path, example))
+    assert config.chain == ChainConfig(
+        endpoint="http://127.0.0.1:8545",
+        deployment=tmp_path / "deployment.json",
+        confirmations=2,
+        poll_interval=2.0,
+    )
+    assert config.operator_key == OperatorKeyConfig(env="BLENDSM_OPERATOR_KEY")
+    # Every value the example writes (outside chain/operator_key) is the code's default.
+    assert config.listen == ListenConfig()
+    assert config.payments == PaymentsConfig()
+    assert config.data_dir == tmp_path / "blendsm-data"
+    assert (config.public_topics, config.log_level) == (False, "INFO")
+    # Every field of the tree appears in the example, live or commented out.
+    for cls in (BrokerConfig, ListenConfig, ChainConfig, OperatorKeyConfig, PaymentsConfig):
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^\s*#?\s*{f.name}:", example, flags=re.M), f.name
+    for f in dataclasses.fields(SettlementConfig):
+        assert f"{f.name}:" in example
+
+
+def test_documented_small_examples_parse(tmp_path: Path) -> None:
+    for block in _yaml_blocks()[1:]:
+        load_config(_write(tmp_path, block))
+
+
+# --------------------------------------------------------------------------- full config
+
+
+def test_full_config_parses_with_paths_resolved(tmp_path: Path) -> None:
+    text = f"""
+listen: {{host: 0.0.0.0, port: 0}}
+chain:
+  endpoint: wss://node.example.org/ws
+  deployment: sub/deployment.json
+  confirmations: 0
+  poll_interval: 1
+operator_key:
+  keystore: /abs/operator.json
+  password_env: OP_PASS
+payments:
+  credit_messages: 1
+  settlement:
+    threshold: "{UINT256_MAX}"
+    interval_seconds: 0.5
+    before_close_margin_seconds: 0
+    min_gas_balance_wei: 1_000
+data_dir: ~/state
+public_topics: true
+log_level: debug
+"""
+    config = load_config(_write(tmp_path, text))
+    assert config.listen == ListenConfig("0.0.0.0", 0)
+    assert config.chain.deployment == tmp_path / "sub" / "deployment.json"
+    assert config.chain.confirmations == 0
+    assert config.chain.poll_interval == 1.0
+    assert config.operator_key == OperatorKeyConfig(
+        keystore=Path("/abs/operator.json"), password_env="OP_PASS"
+    )
+    assert config.payments.settlement == SettlementConfig(UINT256_MAX, 0.5, 0.0, 1000)
+    assert config.data_dir == Path("~/state").expanduser()
+    assert config.public_topics is True
+    assert config.log_level == "DEBUG"
+
+
+def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
+    config = parse_config({"chain": NODE, "operator_key": {"env": "K"}, "data_dir": "d"})
+    assert config.chain.deployment == Path("deployment.json")
+    assert config.data_dir == Path("d")
+    config = parse_config({"data_dir": "d"}, base_dir="/etc/blendsm")
+    assert config.data_dir == Path("/etc/blendsm/d")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"payments": {"settlement": {"interval_seconds": -1}}},
+            "payments.settlement.interval_seconds: must be > 0, got -1",
+        ),
+        ({"payments": {"settlement": {"interval_seconds": 0}}}, "interval_seconds: must be > 0"),
+        ({"payments": {"credit_messages": 0}}, "payments.credit_messages: must be >= 1, got 0"),
+        ({"payments": {"credit_messages": "5"}}, "payments.credit_messages: must be int"),
+        ({"payments": {"credit_messages": True}}, "payments.credit_messages: must be int"),
+        ({"listen": {"port": 70000}}, "listen.port: must be <= 65535, got 70000"),
+        ({"listen": {"port": -1}}, "listen.port: must be >= 0"),
+        ({"listen": {"host": ""}}, "listen.host: must not be empty"),
+        ({"listen": {"host": 5}}, "listen.host: must be str"),
+        ({"listen": [1]}, "listen: must be a mapping, got list"),
+        ({"chain": {"confirmations": -1}}, "chain.confirmations: must be >= 0, got -1"),
+        ({"chain": {"confirmations": 1.5}}, "chain.confirmations: must be int"),
+        ({"chain": {"poll_interval": 0}}, "chain.poll_interval: must be > 0"),
+        ({"chain": {"poll_interval": float("nan")}}, "chain.poll_interval: must be finite"),
+        ({"chain": {"poll_interval": "2"}}, "chain.poll_interval: must be a number of seconds"),
+        ({"chain": {"endpoint": "ftp://x"}}, "chain.endpoint: must be 'embedded' or an http(s)"),
+        ({"chain": {"endpoint": "http://"}}, "chain.endpoint:"),
+        ({"chain": {"endpoint": "http://n:8545"}}, "chain.deployment: required"),
+        ({"chain": {"deployment": "d.json"}}, "chain.deployment: not used with the embedded"),
+        ({"chain": {"deployment": ""}}, "chain.deployment: must be a non-empty path"),
+        ({"chain": NODE}, "operator_key: required when chain.endpoint is not embedded"),
+        (
+            {"payments": {"settlement": {"before_close_margin_seconds": -5}}},
+            "payments.settlement.before_close_margin_seconds: must be >= 0, got -5",
+        ),
+        ({"public_topics": "yes"}, "public_topics: must be bool"),
+        ({"public_topics": 1}, "public_topics: must be bool"),
+        ({"log_level": "LOUD"}, "log_level: must be one of"),
+        ({"data_dir": 3}, "data_dir: must be a non-empty path"),
+    ],
+)
+def test_invalid_values_name_the_dotted_path(data: dict[str, Any], expected: str) -> None:
+    assert expected in _error(data)
+
+
+def test_root_must_be_a_mapping() -> None:
+    with pytest.raises(ConfigError, match="config: must be a mapping"):
+        parse_config([])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"listn": {}}, "listn: unknown key; did you mean 'listen'?"),
+        (
+            {"payments": {"credit_message": 3}},
+            "payments.credit_message: unknown key; did you mean 'credit_messages'?",
+        ),
+        (
+            {"payments": {"settlement": {"interval": 5}}},
+            "payments.settlement.interval: unknown key; did you mean 'interval_seconds'?",
+        ),
+        (
+            {"chain": {"confirmation": 1}},
+            "chain.confirmation: unknown key; did you mean 'confirmations'?",
+        ),
+        ({"listen": {"zzz": 1}}, "listen.zzz: unknown key; known keys: host, port"),
+        ({"public-topics": True}, "public-topics: unknown key; did you mean 'public_topics'?"),
+    ],
+)
+def test_unknown_keys_are_named_with_a_suggestion(data: dict[str, Any], expected: str) -> None:
+    assert expected in _error(data)
+
+
+@pytest.mark.parametrize("value", [0, "0", 10**18, "1000000000000000000", " 42 ", UINT256_MAX])
+def test_amounts_accept_ints_and_decimal_strings(value: int | str) -> None:
+    config = parse_config({"payments": {"settlement": {"threshold": value}}})
+    assert config.payments.settlement.threshold == int(str(value).strip())
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1.5, "floats lose precision"),
+        (1e18, "floats lose precision"),
+        (-1, "must be >= 0, got -1"),
+        ("-1", "digits only"),
+        ("1e18", "digits only"),
+        ("0x10", "digits only"),
+        ("1.0", "digits only"),
+        ("", "digits only"),
+        (UINT256_MAX + 1, "must fit in uint256"),
+        (str(UINT256_MAX + 1), "must fit in uint256"),
+        (True, "must be an integer or a decimal string"),
+        ([1], "must be an integer or a decimal string"),
+    ],
+)
+def test_amounts_refuse_floats_and_junk(value: object, expected: str) -> None:
+    message = _error({"payments": {"settlement": {"min_gas_balance_wei": value}}})
+    assert message.startswith("payments.settlement.min_gas_balance_wei: ")
+    assert expected in message
+
+
+def test_float_amount_from_yaml_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, "payments:\n  settlement:\n    threshold: 1.0e+18\n")
+    with pytest.raises(ConfigError, match=r"payments\.settlement\.threshold: floats lose"):
+        load_config(path)
+
+
+# --------------------------------------------------------------------------- operator key
+
+
+@pytest.mark.parametrize(
+    ("operator_key", "expected"),
+    [
+        ({}, "operator_key: give exactly one of env"),
+        ({"env": "A", "keystore": "k.json", "password_env": "P"}, "give exactly one of env"),
+        ({"keystore": "k.json"}, "operator_key.password_env: required with"),
+        ({"env": "A", "password_env": "P"}, "operator_key.password_env: only used with"),
+        ({"env": "not a name"}, "operator_key.env: must be an environment variable name"),
+        ({"env": 5}, "operator_key.env: must be an environment variable name"),
+        ({"key": "x"}, "operator_key.key: unknown key"),
+        ("BLENDSM_KEY", "keys go in environment variables or keystores"),
+    ],
+)
+def test_operator_key_shapes(operator_key: object, expected: str) -> None:
+    assert expected in _error({"chain": NODE, "operator_key": operator_key})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"operator_key": {"env": KEY}},
+        {"operator_key": {"env": "0x" + KEY}},
+        {"operator_key": {"private_key": KEY}},
+        {"chain": {"endpoint": "http://n/" + KEY}},
+        {"notes": ["fine", {"deep": "0X" + KEY.upper()}]},
+        {KEY: 1},
+    ],
+)
+def test_inline_private_keys_are_refused_anywhere(data: dict[str, Any]) -> None:
+    message = _error(data)
+    assert "private key" in message
+    assert "environment variable" in message
+    assert "keystore" in message
+    assert KEY not in message.lower()
+
+
+def test_inline_private_key_in_file_refused_with_line(tmp_path: Path) -> None:
+    # Unquoted 0x... would become an int in YAML; comments count too.
+    for text in (
+        f"chain:\n  confirmations: 2\noperator_key:\n  env: 0x{KEY}\n",
+        f"# old key: {KEY}\n",
+        f"log_level: '{KEY}'\n",
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(_write(tmp_path, text))
+        assert "private key" in str(info.value)
+        assert KEY not in str(info.value)
+    with pytest.raises(ConfigError, match=r"broker\.yaml:4: "):
+        load_config(
+            _write(tmp_path, f"chain:\n  confirmations: 2\noperator_key:\n  env: 0x{KEY}\n")
+        )
+
+
+def test_shorter_or_longer_hex_is_not_a_key() -> None:
+    address = "0x" + KEY[:40]
+    config = parse_config({"listen": {"host": address}})
+    assert config.listen.host == address
+    parse_config({"payments": {"settlement": {"threshold": str(UINT256_MAX)}}})  # 78 digits
+
+
+def test_resolve_operator_account_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_config({"chain": NODE, "operator_key": {"env": "BLENDSM_TEST_OP_KEY"}})
+    monkeypatch.delenv("BLENDSM_TEST_OP_KEY", raising=False)
+    with pytest.raises(ConfigError, match="BLENDSM_TEST_OP_KEY is not set"):
+        resolve_operator_account(config)
+    monkeypatch.setenv("BLENDSM_TEST_OP_KEY", "0x" + KEY)
+    account = resolve_operator_account(config)
+    assert account is not None
+    assert account.address == Account.from_key(KEY).address
+
+
+def test_resolve_operator_account_from_keystore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keystore = Account.encrypt(KEY, "pw", kdf="pbkdf2", iterations=2)
+    (tmp_path / "op.json").write_text(json.dumps(keystore))
+    text = (
+        "chain:\n  endpoint: http://n:8545\n  deployment: d.json\n"
+        "operator_key:\n  keystore: op.json\n  password_env: BLENDSM_TEST_OP_PW\n"
+    )
+    config = load_config(_write(tmp_path, text))
+    monkeypatch.setenv("BLENDSM_TEST_OP_PW", "pw")
+    account = resolve_operator_account(config)
+    assert account is not None
+    assert account.address == Account.from_key(KEY).address
+
+
+def test_resolve_operator_account_none_on_embedded() -> None:
+    assert resolve_operator_account(parse_config({})) is None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "listen:\n  host: a\n  port: [1, 2\nlog_level: INFO\n")
+    with pytest.raises(ConfigError, match=r"broker\.yaml:\d+:\d+: invalid YAML") as info:
+        load_config(path)
+    line = int(str(info.value).split("broker.yaml:")[1].split(":")[0])
+    assert line in (3, 4)
+    with pytest.raises(yaml.YAMLError):  # the same text really is invalid
+        yaml.safe_load(path.read_text())
+
+
+def test_duplicate_keys_refused_with_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "listen:\n  port: 1\n  port: 2\n")
+    with pytest.raises(
+        ConfigError, match=r"broker\.yaml:3:\d+: invalid YAML: duplicate key 'port'"
+    ):
+        load_config(path)
+
+
+def test_non_mapping_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config: must be a mapping, got list"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
