@@ -9,7 +9,7 @@ derived from a label and funded at session start.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from web3.contract import Contract
 from web3.middleware import SignAndSendRawMiddlewareBuilder
 from web3.providers.eth_tester import EthereumTesterProvider
 
+from blendsm.contracts import Marketplace
 from blendsm.contracts._artifacts import load_artifact
 from blendsm.contracts._connect import EMBEDDED, connect, disconnect
 from blendsm.contracts._deploy import Deployment, deploy_suite
@@ -166,3 +167,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("chain") == "anvil":
             item.add_marker(pytest.mark.anvil)
+
+
+@pytest.fixture
+async def w3(chain: Chain) -> AsyncIterator[Any]:
+    """An AsyncWeb3 on the test chain (for tests of our async bindings and broker parts)."""
+    w3 = chain.async_w3()
+    yield w3
+    await disconnect(w3)
+
+
+@pytest.fixture
+def mp(chain: Chain, w3: Any) -> Callable[[str], Marketplace]:
+    """A Marketplace signing as the account with this label (one Transactor per label)."""
+    made: dict[str, Marketplace] = {}
+
+    def make(label: str) -> Marketplace:
+        if label not in made:
+            made[label] = Marketplace(w3, chain.deployment, chain.accounts[label])
+        return made[label]
+
+    return make

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from blendsm.broker._chain_view import ChainView
-from blendsm.contracts import ChainEvent, Market, Marketplace, Policy, Role, disconnect
+from blendsm.contracts import ChainEvent, Market, Marketplace, Policy, Role
 from blendsm.device_sdk import sign_voucher
 from blendsm.errors import ContractRevertError
 
@@ -21,28 +21,6 @@ MakeMp = Callable[[str], Marketplace]
 PRICE = 10**12
 DEPOSIT = 10**18
 ACCOUNTS = ("seller", "buyer", "buyer2", "stranger", "operator", "device", "device2")
-
-
-# --- fixtures copied from tests/chain/conftest.py (conftest scoping is per folder) --------
-
-
-@pytest.fixture
-async def w3(chain: Any) -> AsyncIterator[Any]:
-    w3 = chain.async_w3()
-    yield w3
-    await disconnect(w3)
-
-
-@pytest.fixture
-def mp(chain: Any, w3: Any) -> MakeMp:
-    made: dict[str, Marketplace] = {}
-
-    def make(label: str) -> Marketplace:
-        if label not in made:
-            made[label] = Marketplace(w3, chain.deployment, chain.accounts[label])
-        return made[label]
-
-    return make
 
 
 # --- helpers ------------------------------------------------------------------------------
