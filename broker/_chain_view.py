@@ -109,6 +109,7 @@ class ChainView:
         self._listed: dict[bytes, set[str]] = {}
         self._ratings: dict[str, tuple[int, int]] = {}  # ratee (lower) -> (count, total)
         self._channels: dict[bytes, ChannelInfo] = {}
+        self._by_payer: dict[str, list[bytes]] = {}  # payer (lower) -> channel ids, oldest first
         self._listeners: list[ChangeListener] = []
         self._synced = False
         self._running = False
@@ -223,6 +224,24 @@ class ChainView:
         if not self.healthy:
             return None
         return self._channels.get(channel_id)
+
+    def channel_record(self, channel_id: bytes) -> ChannelInfo | None:
+        """The channel as last seen, healthy or not: bookkeeping only, never a decision."""
+        return self._channels.get(channel_id)
+
+    def channels_of(self, payer: str) -> list[ChannelInfo]:
+        """Every channel ``payer`` opened, oldest first; empty if unknown or unhealthy."""
+        if not self.healthy:
+            return []
+        channels = self._channels
+        return [channels[c] for c in self._by_payer.get(payer.lower(), ())]
+
+    def is_market_topic(self, name: str) -> bool:
+        """Whether ``name`` is a market topic as far as the view has seen, healthy or not.
+
+        Classification, not a decision: while the chain is unreachable the broker must still
+        tell paid topics (answer no) from public ones (keep working)."""
+        return name in self._by_name
 
     def average_x100(self, address: str) -> int:
         """``Ratings.averageX100`` as learnt from Rated events (0 if unrated)."""
@@ -414,6 +433,7 @@ class ChainView:
                     closes_at=None,
                     settled=False,
                 )
+                self._by_payer.setdefault(a["payer"].lower(), []).append(channel_id)
                 return
             c = self._channels.get(channel_id)
             if c is None:

@@ -67,6 +67,47 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_broker(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from blendsm.broker._config import load_config
+    from blendsm.broker._runner import start_broker
+
+    config = load_config(args.config)
+    if args.port is not None:
+        config = dataclasses.replace(
+            config, listen=dataclasses.replace(config.listen, port=args.port)
+        )
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("amqtt").setLevel(
+        max(logging.WARNING, logging.getLevelName(config.log_level))
+    )
+
+    async def serve() -> None:
+        running = await start_broker(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(
+            f"blendsm broker listening on {running.host}:{running.port}"
+            f" (operator {running.chain.operator.address}, chain id"
+            f" {running.chain.deployment.chain_id})",
+            flush=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            print("blendsm broker stopping", flush=True)
+            await running.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
 def _cmd_contracts_compile(args: argparse.Namespace) -> int:
     from blendsm.contracts._compile import compile_contracts
 
@@ -132,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--out", type=Path, metavar="FILE", help="write the deployment file here")
     deploy.add_argument("--json", action="store_true", help="print one JSON object")
     deploy.set_defaults(func=_cmd_deploy)
+
+    broker = sub.add_parser(
+        "broker", help="run the MQTT broker with the marketplace plugins (until SIGINT/SIGTERM)"
+    )
+    broker.add_argument(
+        "-c", "--config", type=Path, required=True, metavar="FILE", help="broker YAML (see docs)"
+    )
+    broker.add_argument("--port", type=int, metavar="N", help="override listen.port")
+    broker.set_defaults(func=_cmd_broker)
 
     contracts = sub.add_parser("contracts", help="development tools for the Solidity sources")
     csub = contracts.add_subparsers(dest="contracts_command", metavar="ACTION", required=True)

@@ -9,6 +9,7 @@ of the inclusion block when asked, since PoA chains need not be final at once.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
@@ -58,6 +59,23 @@ class Transactor:
         Raises ContractRevertError when the call would revert or did, and
         TransactionFailedError when it was not mined in time.
         """
+        return await self.wait(await self.submit(call, value=value, gas=gas), call)
+
+    async def submit(
+        self,
+        call: Any,
+        *,
+        value: int = 0,
+        gas: int | None = None,
+        before_send: Callable[[bytes], Awaitable[None]] | None = None,
+    ) -> HexBytes:
+        """Sign and broadcast ``call``; return its hash without waiting (then :meth:`wait`).
+
+        ``before_send`` gets the hash of the signed transaction before it is broadcast, so a
+        caller can make it durable first (write-ahead): after a crash the hash is known even
+        if the broadcast went out. If ``before_send`` raises, nothing is broadcast. Raises
+        ContractRevertError when gas estimation reverts (nothing was signed then).
+        """
         params: TxParams = {"from": self.address, "value": Wei(value)}
         async with self._lock:
             with chain_errors("build transaction"):
@@ -70,6 +88,8 @@ class Transactor:
                 params["gas"] = gas
                 tx = await call.build_transaction(params)
                 signed = self.account.sign_transaction(tx)
+            if before_send is not None:
+                await before_send(bytes(signed.hash))
             try:
                 with chain_errors("send transaction"):
                     tx_hash = await self.w3.eth.send_raw_transaction(signed.raw_transaction)
@@ -77,7 +97,7 @@ class Transactor:
                 self._nonce = None  # re-read from the node next time
                 raise
             self._nonce += 1
-        return await self.wait(tx_hash, call)
+        return tx_hash
 
     async def wait(self, tx_hash: Hash32 | HexBytes, call: Any = None) -> TxReceipt:
         """Wait for inclusion plus ``confirmations``; decode the revert if it failed."""

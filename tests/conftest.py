@@ -9,6 +9,7 @@ derived from a label and funded at session start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,3 +189,62 @@ def mp(chain: Chain, w3: Any) -> Callable[[str], Marketplace]:
         return made[label]
 
     return make
+
+
+class TcpProxy:
+    """A TCP relay to a local port that can be taken down (listener and every link closed)
+    and brought back on the same port: a chain node going away without losing its state."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for link in list(self._links):
+            link.close()
+        self._links.clear()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._links |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._links -= {writer, up_writer}
+
+
+@pytest.fixture
+async def tcp_proxy() -> AsyncIterator[Callable[[int], TcpProxy]]:
+    """``tcp_proxy(port)``: a started-on-demand relay to ``port``, stopped after the test."""
+    made: list[TcpProxy] = []
+
+    def make(target_port: int) -> TcpProxy:
+        made.append(TcpProxy(target_port))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        await proxy.stop()

@@ -15,6 +15,9 @@ visible::
     │   └── ConnectTokenError                        MQTT CONNECT password token malformed, forged, stale or replayed
     ├── ArtifactError(BlendsmError, RuntimeError)    compiled contracts missing or stale
     ├── StoreError(BlendsmError, RuntimeError)       voucher store unreadable, foreign, newer or misused
+    ├── BrokerConnectionError(BlendsmError, ConnectionError)   MQTT broker unreachable, silent or gone
+    │   └── BrokerRefusedError                       CONNACK refused (bad token, not a member), with its code
+    ├── SubscriptionRefusedError(BlendsmError, PermissionError)  SUBACK 0x80 for a topic filter
     └── ChainError(BlendsmError, RuntimeError)       the chain could not answer or refused
         ├── ChainUnavailableError(ChainError, ConnectionError)
         ├── TransactionFailedError                   mined but reverted, or never mined
@@ -28,12 +31,15 @@ from typing import Any
 __all__ = [
     "ArtifactError",
     "BlendsmError",
+    "BrokerConnectionError",
+    "BrokerRefusedError",
     "ChainError",
     "ChainUnavailableError",
     "ConfigError",
     "ConnectTokenError",
     "ContractRevertError",
     "StoreError",
+    "SubscriptionRefusedError",
     "TransactionFailedError",
     "VoucherChannelError",
     "VoucherError",
@@ -90,6 +96,35 @@ class StoreError(BlendsmError, RuntimeError):
     The file is not SQLite, belongs to another application, has a newer schema, or a
     claim was moved through an impossible state; refusing beats losing money silently.
     """
+
+
+class BrokerConnectionError(BlendsmError, ConnectionError):
+    """The MQTT broker cannot be reached, did not answer in time, or the connection is gone."""
+
+
+class BrokerRefusedError(BrokerConnectionError):
+    """The broker answered CONNECT with a refusal.
+
+    ``return_code`` is the MQTT 3.1.1 CONNACK code (1 protocol version, 2 client id,
+    3 server unavailable, 4 bad user name or password, 5 not authorised); ``reason`` its name.
+    A BlendSM broker answers 4 or 5 to a stale, replayed or foreign token and to non-members.
+    """
+
+    def __init__(self, return_code: int, reason: str) -> None:
+        self.return_code = return_code
+        self.reason = reason
+        super().__init__(f"broker refused the connection: {reason} (CONNACK code {return_code})")
+
+
+class SubscriptionRefusedError(BlendsmError, PermissionError):
+    """The broker answered SUBSCRIBE with 0x80 (no access, unpaid topic, invalid filter).
+
+    The client stays connected; ``topic_filter`` is the refused filter.
+    """
+
+    def __init__(self, topic_filter: str) -> None:
+        self.topic_filter = topic_filter
+        super().__init__(f"broker refused the subscription to {topic_filter!r} (SUBACK 0x80)")
 
 
 class ChainError(BlendsmError, RuntimeError):

@@ -352,3 +352,121 @@ def test_accept_latency(store: VoucherStore) -> None:
     per_ms = (time.perf_counter() - start) / n * 1000
     print(f"accept() latency: {per_ms:.2f} ms (synchronous=FULL, WAL)")
     assert per_ms < 500
+
+
+# -- group commit ----------------------------------------------------------------------
+
+
+def test_accept_many_one_transaction(store: VoucherStore) -> None:
+    assert store.accept(v(1, 10))
+    before = store.commits
+    batch = [
+        (v(1, 5), None),  # below the stored 10
+        (v(1, 12), 2),
+        (v(2, 7), None),
+        (v(1, 11), None),  # below 12, earlier in this batch
+        (v(1, 12, b"\x03" * 65), None),  # equal to 12: refused, first kept
+        (v(2, 9), 2),
+        (v(1, 20), None),
+    ]
+    assert store.accept_many(batch) == [False, True, True, False, False, True, True]
+    assert store.commits == before + 1
+    assert store.latest(cid(1)) == v(1, 20)
+    assert store.latest(cid(2)) == v(2, 9)
+    assert store.accept_many([]) == []
+    assert store.commits == before + 1
+
+
+def test_accept_many_is_all_or_nothing(store: VoucherStore) -> None:
+    with pytest.raises(ValueError, match="uint256"):
+        store.accept_many([(v(1, 5), None), (v(2, 5), -1)])  # bad hint: nothing stored
+    assert store.channels() == []
+
+
+def test_balances(store: VoucherStore) -> None:
+    for ch, amount in ((1, 100), (2, 50), (3, 70)):
+        store.accept(v(ch, amount))
+    intent = store.begin_claim(cid(2))
+    assert intent is not None
+    store.claim_confirmed(intent.intent_id, 50)
+    assert [(b.channel_id, b.amount, b.claimed_onchain) for b in store.balances()] == [
+        (cid(1), 100, 0),
+        (cid(2), 50, 50),
+        (cid(3), 70, 0),
+    ]
+    assert [b.channel_id for b in store.balances(unclaimed_only=True)] == [cid(1), cid(3)]
+    picked = store.balances([cid(3), cid(9), cid(2)])
+    assert [(b.channel_id, b.unclaimed) for b in picked] == [(cid(2), 0), (cid(3), 70)]
+    assert store.balances([]) == []
+    many = [cid(n) for n in range(1200)]  # more ids than one IN (...) chunk
+    assert len(store.balances(many)) == 3
+
+
+async def test_async_group_commit(db: Path) -> None:
+    """200 concurrent accepts over 5 channels: right maxima, right per-caller results, and
+    far fewer fsyncs than vouchers."""
+    store = await AsyncVoucherStore.open(db)
+    try:
+        rng = random.Random(11)
+        calls = [(ch, rng.randrange(1, 60)) for ch in range(5) for _ in range(40)]
+        rng.shuffle(calls)
+        before = store.commits
+        results = await asyncio.gather(*(store.accept(v(ch, a), a) for ch, a in calls))
+        commits = store.commits - before
+        # Calls are queued in gather's order, so each is newer iff above all before it.
+        best: dict[int, int] = {}
+        expected = []
+        for ch, a in calls:
+            expected.append(a > best.get(ch, 0))
+            best[ch] = max(best.get(ch, 0), a)
+        assert results == expected
+        for ch in range(5):
+            assert await store.latest(cid(ch)) == v(ch, best[ch])
+        assert 1 <= commits <= 10, commits
+    finally:
+        await store.close()
+
+
+async def test_async_group_commit_failure_reaches_every_caller(db: Path) -> None:
+    store = await AsyncVoucherStore.open(db)
+    try:
+        calls = 0
+
+        def broken(vouchers: object) -> list[bool]:
+            nonlocal calls
+            calls += 1
+            raise StoreError("disk on fire")
+
+        store._store.accept_many = broken  # type: ignore[method-assign]
+        outcomes = await asyncio.gather(
+            *(store.accept(v(ch, 1)) for ch in range(10)), return_exceptions=True
+        )
+        assert calls == 1
+        assert all(isinstance(o, StoreError) for o in outcomes)
+        del store._store.accept_many  # the class's method again
+        assert await store.accept(v(1, 1))  # the queue recovers
+    finally:
+        await store.close()
+
+
+async def test_async_accept_bad_input_fails_alone(db: Path) -> None:
+    store = await AsyncVoucherStore.open(db)
+    try:
+        good, bad = await asyncio.gather(
+            store.accept(v(1, 1)), store.accept(v(2, 1), -5), return_exceptions=True
+        )
+        assert good is True
+        assert isinstance(bad, ValueError)
+        assert await store.channels() == [cid(1)]
+    finally:
+        await store.close()
+
+
+async def test_async_close_waits_for_queued_accepts(db: Path) -> None:
+    store = await AsyncVoucherStore.open(db)
+    tasks = [asyncio.create_task(store.accept(v(1, a))) for a in range(1, 31)]
+    await asyncio.sleep(0)
+    await store.close()
+    assert all(t.done() for t in tasks)
+    with VoucherStore(db) as s:
+        assert s.latest(cid(1)) == v(1, 30)

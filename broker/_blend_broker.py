@@ -1,0 +1,472 @@
+"""``BlendBroker``: amqtt 0.12.1's Broker with every delivery path gated and metered.
+
+Why a subclass and not only plugins (docs/design/amqtt-integration.md): amqtt sends a PUBLISH
+to a subscriber on five paths, and only the live broadcast consults topic plugins, through one
+asyncio Task per plugin per delivery. Here every path goes through
+:meth:`MeteredHandler.mqtt_publish` (the gate, synchronous) and the charge is committed in
+:meth:`MeteredHandler._send_packet` right after the PUBLISH bytes were written, so a subscriber
+is charged for exactly what was sent. The subclass also fixes three amqtt behaviours that
+would leak data or let a stranger disturb a session:
+
+* CONNECT is authenticated *before* amqtt takes over or deletes a session with that client
+  id, and a client id bound to one address cannot be resumed by another;
+* retained messages go out only on a SUBSCRIBE, to the subscribing session, at its granted
+  QoS (amqtt sends them to every filter of every client on each CONNECT);
+* messages queued for an offline session are replayed through the gate with retain=False,
+  and pause (stay queued) when the credit runs out, resuming when a voucher arrives.
+
+We depend on private names of amqtt 0.12.1; :func:`check_amqtt_compatibility` verifies them
+at import so an upgrade fails loudly instead of silently bypassing the meter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, Final
+
+import amqtt
+from amqtt.broker import Action, Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import OutgoingApplicationMessage, Session
+
+from blendsm.broker._meter import Charge
+from blendsm.broker._service import MAX_OFFLINE_PAID, Identity, MarketplaceService, Verdict
+from blendsm.device_sdk._control import CONTROL_ROOT
+from blendsm.errors import ConfigError
+
+__all__ = ["AMQTT_VERSION", "BlendBroker", "MeteredHandler", "check_amqtt_compatibility"]
+
+AMQTT_VERSION: Final = "0.12.1"
+"""The amqtt release whose private methods this module overrides."""
+
+_log = logging.getLogger("blendsm.broker")
+
+#: The reservation of the delivery being written by the current task (one per mqtt_publish).
+_CHARGE: contextvars.ContextVar[Charge | None] = contextvars.ContextVar(
+    "blendsm_charge", default=None
+)
+
+_EXPECTED: Final = {
+    (Broker, "_initialize_client_session"): [
+        "self",
+        "reader",
+        "writer",
+        "remote_address",
+        "remote_port",
+    ],
+    (Broker, "_authenticate"): ["self", "session", "_"],
+    (Broker, "_topic_filtering"): ["self", "session", "topic", "action"],
+    (Broker, "_handle_message_delivery"): ["self", "client_session", "handler", "wait_deliver"],
+    (Broker, "_handle_subscription"): ["self", "client_session", "handler", "subscribe_waiter"],
+    (Broker, "_publish_retained_messages_for_subscription"): ["self", "subscription", "session"],
+    (Broker, "_publish_session_retained_messages"): ["self", "session"],
+    (Broker, "_retain_broadcast_message"): ["self", "broadcast", "qos", "target_session"],
+    (Broker, "_delete_session"): ["self", "client_id"],
+    (Broker, "create_offline_session"): ["self", "client_id"],
+    (BrokerProtocolHandler, "mqtt_publish"): [
+        "self",
+        "topic",
+        "data",
+        "qos",
+        "retain",
+        "ack_timeout",
+    ],
+    (BrokerProtocolHandler, "_send_packet"): ["self", "packet"],
+    (BrokerProtocolHandler, "init_from_connect"): ["reader", "writer", "plugins_manager", "loop"],
+}
+
+
+def check_amqtt_compatibility() -> None:
+    """Raise ConfigError unless amqtt is the release whose internals we override."""
+    if amqtt.__version__ != AMQTT_VERSION:
+        raise ConfigError(
+            f"amqtt {amqtt.__version__} is installed; BlendSM's metering needs exactly"
+            f" {AMQTT_VERSION} (pin it): its private delivery paths may have changed"
+        )
+    for (cls, name), params in _EXPECTED.items():
+        found = list(inspect.signature(getattr(cls, name)).parameters)
+        if found != params:
+            raise ConfigError(f"amqtt {cls.__name__}.{name}{found} changed; expected {params}")
+
+
+check_amqtt_compatibility()
+
+
+class MeteredHandler(BrokerProtocolHandler):
+    """A connection's protocol handler whose PUBLISHes to the client are gated and metered.
+
+    Installed by swapping ``__class__`` (amqtt constructs the handler itself); the service
+    is set as ``_blendsm`` right after."""
+
+    _blendsm: MarketplaceService
+
+    async def mqtt_publish(
+        self,
+        topic: str,
+        data: bytes | bytearray,
+        qos: int | None,
+        retain: bool,
+        ack_timeout: int | None = None,
+    ) -> OutgoingApplicationMessage:
+        sent = await self.publish_gated(topic, data, qos, retain, ack_timeout)
+        return sent  # None when not sent; amqtt ignores it
+
+    async def publish_gated(
+        self,
+        topic: str,
+        data: bytes | bytearray,
+        qos: int | None,
+        retain: bool,
+        ack_timeout: int | None = None,
+    ) -> OutgoingApplicationMessage | Verdict | None:
+        """Send through the gate: the message, or the Verdict that stopped it."""
+        service = self._blendsm
+        session = self.session
+        if session is None:
+            return Verdict.DENY
+        verdict = service.admit(session, topic)
+        if verdict is Verdict.FREE:
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        if not isinstance(verdict, Charge):
+            if verdict is Verdict.NO_CREDIT:
+                request = service.payment_request_for(session)
+                if request is not None:
+                    await service.send_notice(self, session.blendsm, request)
+            return verdict
+        charge = verdict
+        token = None
+        try:
+            quote = service.quote_for(session, charge)
+            if quote is not None:
+                await service.send_notice(self, session.blendsm, quote)
+            token = _CHARGE.set(charge)
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        finally:
+            if token is not None:
+                _CHARGE.reset(token)
+            if not charge.done:
+                service.meter.release(charge)
+
+    async def _send_packet(self, packet: Any) -> None:
+        charge = _CHARGE.get()
+        if charge is None or charge.done or type(packet) is not PublishPacket or packet.dup_flag:
+            await super()._send_packet(packet)
+            return
+        # The PUBLISH of a reserved delivery: it counts only if its bytes reach the transport.
+        meter = self._blendsm.meter
+        writer = self.writer
+        if writer is None or getattr(writer, "is_closed", False):
+            meter.release(charge)
+            await super()._send_packet(packet)
+            return
+        try:
+            async with self._write_lock:
+                await packet.to_stream(writer)
+        except (ConnectionResetError, BrokenPipeError):
+            meter.release(charge)
+            await self.handle_connection_closed()
+            return
+        except BaseException:
+            meter.release(charge)
+            raise
+        if getattr(writer, "is_closed", False):
+            meter.release(charge)  # the adapter dropped the bytes silently
+        else:
+            meter.commit(charge)
+        keepalive: Any = getattr(self, "_keepalive_task", None)
+        if keepalive:
+            keepalive.cancel()
+            if self.keepalive_timeout is not None:
+                self._keepalive_task = self._loop.call_later(
+                    self.keepalive_timeout, self.handle_write_timeout
+                )
+        from amqtt.events import MQTTEvents
+
+        await self.plugins_manager.fire_event(
+            MQTTEvents.PACKET_SENT, packet=packet, session=self.session
+        )
+
+
+class BlendBroker(Broker):
+    """The amqtt Broker serving a :class:`MarketplaceService` (see the module docstring).
+
+    Built by ``blendsm broker``; a plain amqtt Broker is turned into one by
+    :class:`blendsm.plugins.MarketplacePlugin` (class swap), so both share this code."""
+
+    _blendsm: MarketplaceService | None = None
+    _other_topic_plugins: bool | None = None
+    _other_auth_plugins: bool | None = None
+
+    def __init__(
+        self,
+        config: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        plugin_namespace: str | None = None,
+        *,
+        service: MarketplaceService | None = None,
+    ) -> None:
+        self._blendsm = service
+        if service is not None:
+            service.broker = self
+        super().__init__(config, loop, plugin_namespace)
+
+    def attach_service(self, service: MarketplaceService) -> None:
+        """Serve ``service`` (used by the plugin after a class swap)."""
+        self._blendsm = service
+        service.broker = self
+
+    @property
+    def service(self) -> MarketplaceService:
+        if self._blendsm is None:
+            raise ConfigError("BlendBroker has no marketplace service attached")
+        return self._blendsm
+
+    def _install(self, handler: BrokerProtocolHandler) -> BrokerProtocolHandler:
+        handler.__class__ = MeteredHandler
+        handler._blendsm = self.service
+        return handler
+
+    def _has_other(self, kind: str) -> bool:
+        from blendsm.plugins._marketplace import MarketplacePlugin
+
+        plugins = getattr(self.plugins_manager, kind, [])
+        return any(not isinstance(p, MarketplacePlugin) for p in plugins)
+
+    # --- CONNECT: authenticate before touching any existing session -------------------
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except AMQTTError as exc:
+            self.logger.warning(
+                "%s:%s: first packet is not a CONNECT: %s", remote_address, remote_port, exc
+            )
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            self.logger.warning("%s:%s: invalid CONNECT: %s", remote_address, remote_port, exc)
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            self.logger.warning("%s:%s: no data: %s", remote_address, remote_port, exc)
+            raise AMQTTError(exc) from exc
+        # Our decision first: a refused CONNECT must not take over or delete anything.
+        accepted = self.service.authenticate(session)
+        if accepted and self._has_other("_auth_plugins"):
+            accepted = await super()._authenticate(session, None)
+        return_code = NOT_AUTHORIZED
+        if accepted and session.client_id in self._sessions and not session.clean_session:
+            existing = self._sessions[session.client_id][0]
+            mine: Identity | None = getattr(existing, "blendsm", None)
+            new: Identity = session.blendsm
+            if mine is not None and mine.key != new.key:
+                self.logger.warning(
+                    "CONNECT refused: client id %r belongs to another identity", session.client_id
+                )
+                accepted = False
+                return_code = IDENTIFIER_REJECTED
+        if not accepted:
+            await self._refuse(writer, return_code)
+            raise AMQTTError(f"CONNECT from {remote_address}:{remote_port} refused")
+        self._install(handler)
+        session.blendsm_authenticated = True
+        if session.clean_session:
+            if session.client_id:
+                existing_pair = self._sessions.get(session.client_id)
+                if existing_pair is not None:
+                    other: Identity | None = getattr(existing_pair[0], "blendsm", None)
+                    if other is not None and other.key != session.blendsm.key:
+                        self.logger.warning(
+                            "CONNECT refused: client id %r belongs to another identity",
+                            session.client_id,
+                        )
+                        await self._refuse(writer, IDENTIFIER_REJECTED)
+                        raise AMQTTError("client id taken by another identity")
+                await self._delete_session(session.client_id)
+            else:
+                from amqtt.broker import gen_client_id
+
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing_session, _ = self._sessions[session.client_id]
+            for name in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "keep_alive",
+                "username",
+                "password",
+            ):
+                setattr(existing_session, name, getattr(session, name))
+            existing_session.blendsm = session.blendsm
+            existing_session.is_anonymous = session.is_anonymous
+            existing_session.blendsm_authenticated = True
+            session = existing_session
+            session.parent = 1
+        else:
+            session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
+
+    async def _refuse(self, writer: Any, return_code: int) -> None:
+        try:
+            await ConnackPacket.build(0, return_code).to_stream(writer)
+        except Exception as exc:  # the client may already be gone
+            self.logger.debug("CONNACK refusal not sent: %s", exc)
+        await writer.close()
+
+    async def _authenticate(self, session: Session, _: Any) -> bool:
+        # Decided in _initialize_client_session, before any session take-over.
+        return bool(getattr(session, "blendsm_authenticated", False))
+
+    def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
+        handler, session = super().create_offline_session(client_id)
+        return self._install(handler), session
+
+    # --- decisions --------------------------------------------------------------------
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        service = self.service
+        if action is Action.RECEIVE:
+            allowed = service.allow_receive(session, topic)
+        elif action is Action.SUBSCRIBE:
+            allowed = service.allow_subscribe(session, topic)
+        else:
+            allowed = service.allow_publish(session, topic)
+        if not allowed:
+            return False
+        if self._other_topic_plugins is None:
+            self._other_topic_plugins = self._has_other("_topic_plugins")
+        if self._other_topic_plugins:
+            return bool(await super()._topic_filtering(session, topic, action))
+        return True
+
+    async def _handle_message_delivery(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[Any],
+    ) -> bool:
+        message = wait_deliver.result()
+        topic = getattr(message, "topic", None)
+        if topic and topic.startswith(CONTROL_ROOT):
+            self.service.on_control_publish(client_session, handler, topic, message.data)
+            return True
+        return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
+
+    # --- retained messages: only on SUBSCRIBE, to the subscriber, at its QoS -------------
+
+    async def _handle_subscription(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        subscribe_waiter: asyncio.Future[Any],
+    ) -> None:
+        ident: Identity | None = getattr(client_session, "blendsm", None)
+        if ident is not None:
+            ident.subscribing = True
+        try:
+            await super()._handle_subscription(client_session, handler, subscribe_waiter)
+        finally:
+            if ident is not None:
+                ident.subscribing = False
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        ident: Identity | None = getattr(session, "blendsm", None)
+        if ident is None or not ident.subscribing:
+            return  # amqtt also calls this on every CONNECT, for every filter of every client
+        topic_filter = subscription[0]
+        granted = next(
+            (
+                q
+                for s, q in self._subscriptions.get(topic_filter, ())
+                if s.client_id == session.client_id
+            ),
+            None,
+        )
+        if granted is None:
+            return
+        await super()._publish_retained_messages_for_subscription((topic_filter, granted), session)
+
+    # --- offline queue: bounded on entry, gated and resumable on replay -------------------
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        topic = broadcast.get("topic") or ""
+        if (
+            self.service.view.is_market_topic(topic)
+            and target_session.retained_messages.qsize() >= MAX_OFFLINE_PAID
+        ):
+            self.service.stats.offline_dropped += 1
+            self.logger.warning(
+                "offline queue of %r full (%d paid messages): dropping a message on %r, not charged",
+                target_session.client_id,
+                MAX_OFFLINE_PAID,
+                topic,
+            )
+            return
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        handler = self._get_handler(session)
+        if not isinstance(handler, MeteredHandler):
+            return
+        queue = session.retained_messages
+        while not queue.empty():
+            if session.transitions.state != "connected":
+                return
+            message = queue.get_nowait()
+            outcome = await handler.publish_gated(message.topic, message.data, message.qos, False)
+            if outcome is Verdict.NO_CREDIT:
+                # Keep it first in line; a voucher on this account resumes the replay.
+                queue._queue.appendleft(message)
+                ident: Identity | None = getattr(session, "blendsm", None)
+                account = ident.owing if ident is not None else None
+                if account is not None and session not in account.waiters:
+                    account.waiters.append(session)
+                return
+
+    def resume_offline_replay(self, session: object) -> None:
+        """A voucher arrived for an account this session's replay waits on."""
+        if isinstance(session, Session) and session.transitions.state == "connected":
+            asyncio.get_running_loop().create_task(self._publish_session_retained_messages(session))
+
+    # --- revocation ------------------------------------------------------------------
+
+    async def disconnect_matching(self, match: Callable[[Identity], bool], reason: str) -> int:
+        """Close and forget every session whose identity matches (revocation)."""
+        count = 0
+        for client_id, (session, handler) in list(self._sessions.items()):
+            ident: Identity | None = getattr(session, "blendsm", None)
+            if ident is None or not match(ident):
+                continue
+            count += 1
+            session.will_flag = False  # a revoked client's Will must not go out
+            self.logger.warning(
+                "disconnecting %s (client %r): %s", ident.address, client_id, reason
+            )
+            writer = getattr(handler, "writer", None)
+            if writer is not None:
+                try:
+                    await writer.close()
+                except Exception as exc:
+                    self.logger.debug("close of %r failed: %s", client_id, exc)
+            await self._delete_session(client_id)
+        return count

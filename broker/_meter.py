@@ -1,0 +1,211 @@
+"""Per-channel accounting of paid deliveries: the credit gate and the meter.
+
+Why in memory and synchronous: the gate runs once per paid delivery on the broker's event
+loop, so it must be a few dict reads and integer additions, never I/O. The money rules:
+
+* A delivery is *reserved* before its PUBLISH is written and *committed* (charged) only
+  after the write succeeded; a failed or skipped write *releases* the reservation. Nobody
+  is charged for a message that was not sent.
+* A reservation is granted only while ``charged + reserved + price - paid <= credit`` and
+  ``charged + reserved + price <= deposit`` (a voucher can never pay beyond the deposit).
+* ``paid`` is the latest voucher amount that is already durable in the voucher store.
+
+After a restart the charged counters start at the durable ``paid`` amount: the broker may
+under-bill by at most one credit window, never over-bill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from blendsm.contracts._bindings import ChannelInfo, TopicInfo
+
+__all__ = ["Account", "ChannelSource", "Charge", "Meter", "Reservation"]
+
+
+class ChannelSource(Protocol):
+    """Where channels come from (the chain view)."""
+
+    def channels_of(self, payer: str) -> list[ChannelInfo]: ...
+
+
+@dataclass(slots=True, eq=False)
+class Account:
+    """The broker's books for one channel it meters."""
+
+    channel_id: bytes
+    payer: str
+    """Checksum address of the subscriber paying on this channel."""
+    seller: str
+    token: str | None
+    deposit: int
+    usable: bool
+    """Open, not closing, not settled: deliveries may be charged to it."""
+    charged: int = 0
+    reserved: int = 0
+    paid: int = 0
+    delivered: int = 0
+    requested: bool = False
+    """A payment request went out and no voucher has arrived since."""
+    waiters: list[object] = field(default_factory=list)
+    """Sessions whose offline replay paused on this account's credit."""
+
+    @property
+    def unpaid(self) -> int:
+        return self.charged - self.paid
+
+
+@dataclass(slots=True, eq=False)
+class Charge:
+    """One reserved delivery, settled exactly once (commit or release)."""
+
+    account: Account
+    price: int
+    topic: str
+    done: bool = False
+
+
+class Reservation:
+    """Why a reservation was refused (the gate's non-charge outcomes)."""
+
+    NO_CHANNEL: Final = "no usable channel"
+    NO_CREDIT: Final = "credit used up"
+    NO_DEPOSIT: Final = "deposit used up"
+
+
+class Meter:
+    """Accounts by channel, chosen per (subscriber, seller, token) from the chain view.
+
+    ``operator`` is this broker's operator: only channels naming it are metered here (the
+    contract pays the operator fee to whoever the channel names). ``credit_messages`` is the
+    credit in messages of the topic being delivered.
+    """
+
+    def __init__(self, operator: str, credit_messages: int) -> None:
+        self.operator = operator.lower()
+        self.credit_messages = credit_messages
+        self.accounts: dict[bytes, Account] = {}
+        self._choice: dict[tuple[str, str, str | None], Account | None] = {}
+        self._durable_paid: dict[bytes, int] = {}
+        self.delivered = 0
+        self.denied_no_credit = 0
+
+    # --- chain state ---------------------------------------------------------------
+
+    def load_paid(self, paid: Iterable[tuple[bytes, int]]) -> None:
+        """Seed the durable voucher amounts read from the store at start-up."""
+        for channel_id, amount in paid:
+            self._durable_paid[channel_id] = amount
+            account = self.accounts.get(channel_id)
+            if account is not None:
+                account.paid = max(account.paid, amount)
+                account.charged = max(account.charged, account.paid)
+
+    def select(self, payer_key: str, topic: TopicInfo, view: ChannelSource) -> Account | None:
+        """The account a delivery of ``topic`` to ``payer_key`` is charged to (cached).
+
+        The newest usable channel from the payer to the topic's seller, naming this operator,
+        in the topic's token; ``view.channels_of`` is read only on a cache miss."""
+        key = (payer_key, topic.seller, topic.token)
+        try:
+            return self._choice[key]
+        except KeyError:
+            pass
+        chosen: Account | None = None
+        for info in reversed(view.channels_of(payer_key)):
+            if (
+                info.payee == topic.seller
+                and info.token == topic.token
+                and info.operator is not None
+                and info.operator.lower() == self.operator
+                and not info.settled
+                and info.closes_at is None
+            ):
+                chosen = self._account(info)
+                break
+        self._choice[key] = chosen
+        return chosen
+
+    def _account(self, info: ChannelInfo) -> Account:
+        account = self.accounts.get(info.channel_id)
+        if account is None:
+            paid = self._durable_paid.get(info.channel_id, 0)
+            account = Account(
+                channel_id=info.channel_id,
+                payer=info.payer,
+                seller=info.payee,
+                token=info.token,
+                deposit=info.deposit,
+                usable=not info.settled and info.closes_at is None,
+                charged=paid,
+                paid=paid,
+            )
+            self.accounts[info.channel_id] = account
+        return account
+
+    def channel_changed(self, info: ChannelInfo) -> None:
+        """A channel event arrived: refresh deposit/usability and forget cached choices."""
+        account = self.accounts.get(info.channel_id)
+        if account is not None:
+            account.deposit = info.deposit
+            account.usable = not info.settled and info.closes_at is None
+        payer = info.payer.lower()
+        for key in [k for k in self._choice if k[0] == payer]:
+            del self._choice[key]
+
+    def forget_choices(self) -> None:
+        """Drop every cached channel choice (e.g. after a topic's token or seller changed)."""
+        self._choice.clear()
+
+    # --- hot path --------------------------------------------------------------------
+
+    def reserve(self, account: Account, price: int, topic: str) -> Charge | str:
+        """A :class:`Charge` if the delivery fits credit and deposit, else the reason."""
+        if not account.usable:
+            return Reservation.NO_CHANNEL
+        owed = account.charged + account.reserved + price
+        if owed > account.deposit:
+            return Reservation.NO_DEPOSIT
+        if owed - account.paid > self.credit_messages * price:
+            self.denied_no_credit += 1
+            return Reservation.NO_CREDIT
+        account.reserved += price
+        return Charge(account, price, topic)
+
+    def commit(self, charge: Charge) -> None:
+        """The PUBLISH was written: charge it."""
+        if charge.done:
+            return
+        charge.done = True
+        account = charge.account
+        account.reserved -= charge.price
+        account.charged += charge.price
+        account.delivered += 1
+        self.delivered += 1
+
+    def release(self, charge: Charge) -> None:
+        """The PUBLISH was not written: forget the reservation."""
+        if charge.done:
+            return
+        charge.done = True
+        charge.account.reserved -= charge.price
+
+    def credit_of(self, price: int) -> int:
+        return self.credit_messages * price
+
+    # --- vouchers --------------------------------------------------------------------
+
+    def paid_up_to(self, channel_id: bytes, amount: int) -> Account | None:
+        """A durable voucher for ``amount`` was stored: raise ``paid`` (monotonic)."""
+        if amount > self._durable_paid.get(channel_id, 0):
+            self._durable_paid[channel_id] = amount
+        account = self.accounts.get(channel_id)
+        if account is not None and amount > account.paid:
+            account.paid = amount
+            account.requested = False
+        return account
+
+    def paid_of(self, channel_id: bytes) -> int:
+        return self._durable_paid.get(channel_id, 0)

@@ -1,0 +1,140 @@
+"""Run a BlendSM broker: chain connection, marketplace service and ``BlendBroker`` together.
+
+``start_broker(config)`` is what ``blendsm broker -c broker.yaml`` runs, and what tests and the
+demo use. With ``chain.endpoint: embedded`` it starts an in-process EVM, deploys the suite and
+uses TEST-ONLY accounts (the embedded chain holds no value); with a node URL it loads the
+deployment file and the operator key from its environment variable or keystore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from web3 import AsyncWeb3
+
+from blendsm.broker._blend_broker import BlendBroker
+from blendsm.broker._chain_view import ChainView
+from blendsm.broker._config import EMBEDDED, BrokerConfig, resolve_operator_account
+from blendsm.broker._service import MarketplaceService
+from blendsm.contracts._deploy import Deployment
+from blendsm.errors import ConfigError
+
+__all__ = ["ChainConnection", "RunningBroker", "amqtt_config", "connect_chain", "start_broker"]
+
+_log = logging.getLogger("blendsm.broker")
+
+PLUGIN_PATH = "blendsm.plugins.MarketplacePlugin"
+
+
+@dataclass
+class ChainConnection:
+    """The chain a broker talks to; ``tester`` is the in-process EVM when embedded."""
+
+    w3: AsyncWeb3[Any]
+    deployment: Deployment
+    operator: LocalAccount
+    tester: Any = None
+    owned: bool = True
+
+    async def close(self) -> None:
+        from blendsm.contracts._connect import disconnect
+
+        if self.owned:
+            await disconnect(self.w3)
+
+
+async def connect_chain(config: BrokerConfig) -> ChainConnection:
+    """Connect to the configured chain (deploying the suite when embedded)."""
+    from blendsm.contracts._connect import connect
+    from blendsm.contracts._deploy import deploy_suite
+    from blendsm.contracts._devchain import new_embedded_chain, test_account
+
+    if config.chain.endpoint == EMBEDDED:
+        operator = resolve_operator_account(config) or test_account("operator")  # TEST ONLY
+        deployer = test_account("deployer")  # TEST ONLY: the embedded chain holds no value
+        tester = new_embedded_chain(fund=[operator.address, deployer.address])
+        w3 = connect(EMBEDDED, ethereum_tester=tester)
+        deployment = await deploy_suite(w3, deployer)
+        return ChainConnection(w3, deployment, operator, tester)
+    account = resolve_operator_account(config)
+    if account is None or config.chain.deployment is None:
+        raise ConfigError("operator_key and chain.deployment are required for a node endpoint")
+    try:
+        deployment = Deployment.load(config.chain.deployment)
+    except OSError as exc:
+        raise ConfigError(
+            f"chain.deployment: cannot read {config.chain.deployment}: {exc}"
+        ) from exc
+    w3 = connect(config.chain.endpoint)
+    return ChainConnection(w3, deployment, account)
+
+
+def amqtt_config(
+    config: BrokerConfig, plugin_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The amqtt broker config dict: one TCP listener and our plugin, nothing else (each
+    default plugin costs asyncio Tasks per packet)."""
+    return {
+        "listeners": {
+            "default": {"type": "tcp", "bind": f"{config.listen.host}:{config.listen.port}"}
+        },
+        "plugins": {PLUGIN_PATH: plugin_options or {}},
+    }
+
+
+@dataclass
+class RunningBroker:
+    """A started broker; ``await stop()`` shuts it down and closes what it opened."""
+
+    broker: BlendBroker
+    service: MarketplaceService
+    chain: ChainConnection
+    host: str
+    port: int
+
+    async def stop(self) -> None:
+        try:
+            await self.broker.shutdown()
+        finally:
+            await self.service.stop()
+            await self.chain.close()
+
+
+async def start_broker(
+    config: BrokerConfig,
+    *,
+    chain: ChainConnection | None = None,
+    sync_timeout: float = 30.0,
+    view: ChainView | None = None,
+    settler_options: dict[str, Any] | None = None,
+) -> RunningBroker:
+    """Start the marketplace service and the broker; returns once it accepts connections.
+
+    ``view`` and ``settler_options`` override the chain view and settlement tuning (tests)."""
+    if chain is None:
+        chain = await connect_chain(config)
+    service = MarketplaceService(
+        config=config,
+        w3=chain.w3,
+        deployment=chain.deployment,
+        operator=chain.operator,
+        view=view,
+        settler_options=settler_options,
+    )
+    await service.start(sync_timeout=sync_timeout)
+    try:
+        broker = BlendBroker(amqtt_config(config), service=service)
+        await broker.start()
+    except BaseException:
+        await service.stop()
+        raise
+    port = config.listen.port
+    server = broker._servers.get("default")
+    if server is not None and isinstance(server.instance, asyncio.Server):
+        port = int(server.instance.sockets[0].getsockname()[1])
+    _log.info("BlendSM broker listening on %s:%d", config.listen.host, port)
+    return RunningBroker(broker, service, chain, config.listen.host, port)

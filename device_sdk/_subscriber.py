@@ -1,0 +1,549 @@
+"""The paying subscriber: receives market data and pays for exactly what it received.
+
+Payment follows the control-topic protocol (:mod:`._control`). The broker sends a
+:class:`Quote` (price and channel of a market topic) before the first paid message of that
+topic to this session, and again when price or channel change. For every message on a quoted
+topic the channel's *received value* grows by the price; once ``pay_every`` messages' worth is
+unpaid, the subscriber signs a voucher for ``cumulative = received value`` and publishes it on
+``blendsm/ctl/<address>/voucher``. So a buyer never signs for more than it received, and never
+for more than its ``budget`` in total; past the budget it stops paying (and the broker stops
+delivering once its credit runs out). A :class:`PaymentRequest` is answered with
+``min(charged, received value)``; :class:`Receipt` notices record what the broker confirmed.
+
+All payment state is guarded by one lock: paho callbacks run on its loop thread, the
+introspection methods are called from others. Only the loop thread signs and publishes
+vouchers, under that lock, so cumulative amounts leave in increasing order per channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import paho.mqtt.client as mqtt
+from eth_account.signers.local import LocalAccount
+
+from blendsm.errors import BlendsmError, ConfigError, SubscriptionRefusedError, WireError
+
+from ._control import (
+    NOTICE,
+    VOUCHER,
+    Notice,
+    PaymentRequest,
+    Quote,
+    Receipt,
+    control_topic,
+    decode_notice,
+    encode_voucher,
+    is_control_topic,
+)
+from ._mqtt import Disconnection, _MqttClient
+from ._voucher import Voucher, VoucherDomain, VoucherSigner
+
+if TYPE_CHECKING:
+    from blendsm.contracts import Marketplace
+    from blendsm.contracts._bindings import CloseRequest, Settlement, TxResult
+
+__all__ = [
+    "PaymentEvent",
+    "PaymentEventKind",
+    "ReceivedMessage",
+    "Subscriber",
+    "SubscriberCallbackAPI",
+    "SubscriberStats",
+]
+
+_log = logging.getLogger("blendsm.device_sdk")
+
+_SUBACK_FAILURE: Final = 0x80
+
+
+class SubscriberCallbackAPI(enum.IntEnum):
+    """Signatures of the Subscriber's callbacks, versioned like paho's CallbackAPIVersion
+    so they can change later without breaking existing code.
+
+    VERSION1::
+
+        on_message(subscriber, message: ReceivedMessage)
+        on_payment(subscriber, event: PaymentEvent)
+        on_disconnect(subscriber, disconnection: Disconnection)
+        on_error(subscriber, error: BlendsmError)
+    """
+
+    VERSION1 = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """A market message as delivered; ``paid`` with the quoted ``price`` and ``channel_id``
+    when the topic was quoted, else free (price 0, no channel)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    paid: bool
+    price: int
+    channel_id: bytes | None
+
+
+class PaymentEventKind(enum.StrEnum):
+    """What an :class:`PaymentEvent` reports."""
+
+    VOUCHER_SENT = "voucher_sent"
+    """A voucher for ``amount`` (cumulative) on ``channel_id`` was published."""
+    RECEIPT = "receipt"
+    """The broker stored a voucher: ``amount`` is paid on ``channel_id``."""
+    REFUSAL = "refusal"
+    """The broker refused a voucher; ``notice`` is the :class:`Refusal`, ``detail`` why."""
+    PAYMENT_REQUEST = "payment_request"
+    """Delivery paused for lack of credit; ``amount`` is what the subscriber paid in answer
+    (cumulative), None if it paid nothing more."""
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    """Paying ``amount`` (cumulative) on ``channel_id`` would exceed the budget: payment stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentEvent:
+    """A payment happening reported to ``on_payment``."""
+
+    kind: PaymentEventKind
+    channel_id: bytes | None
+    amount: int | None
+    notice: Notice | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberStats:
+    """Counters since the Subscriber was made."""
+
+    messages: int
+    paid_messages: int
+    vouchers_sent: int
+    receipts: int
+    refusals: int
+    payment_requests: int
+    bad_notices: int
+
+
+@dataclass(slots=True)
+class _Book:
+    """Per-channel amounts, all cumulative in base units."""
+
+    received: int = 0
+    vouchered: int = 0
+    confirmed: int = 0
+    baseline: int = 0  # paid before this Subscriber (resume_channel); not counted in budget
+    last: Voucher | None = None
+
+
+MessageCallback = Callable[["Subscriber", ReceivedMessage], None]
+PaymentCallback = Callable[["Subscriber", PaymentEvent], None]
+DisconnectCallback = Callable[["Subscriber", Disconnection], None]
+ErrorCallback = Callable[["Subscriber", BlendsmError], None]
+
+
+class Subscriber(_MqttClient):
+    """An MQTT subscriber that pays per delivered message with vouchers.
+
+    ``broker`` is the broker operator's address (CONNECT tokens are bound to it, and channels
+    opened here name it as operator); ``chain_id`` and ``channels_contract`` (the PaymentChannels
+    address) form the voucher domain. ``budget`` caps the sum of all vouchers this Subscriber
+    signs (None: no cap); ``pay_every`` is how many paid messages may stay unpaid before a
+    voucher is sent (keep it within the broker's credit, or delivery pauses until paid).
+
+    Set the callbacks as attributes (``sub.on_message = fn``); see
+    :class:`SubscriberCallbackAPI` for their signatures. They run on paho's network thread:
+    keep them short, and do not call ``connect``/``subscribe``/``disconnect`` from them.
+    """
+
+    def __init__(
+        self,
+        account: LocalAccount | bytes,
+        *,
+        host: str,
+        port: int,
+        broker: str | bytes,
+        chain_id: int,
+        channels_contract: str | bytes,
+        budget: int | None = None,
+        pay_every: int = 1,
+        callback_api_version: SubscriberCallbackAPI = SubscriberCallbackAPI.VERSION1,
+        client_id: str | None = None,
+        clean_session: bool = True,
+        keepalive: int = 60,
+    ) -> None:
+        if callback_api_version is not SubscriberCallbackAPI.VERSION1:
+            raise ConfigError(
+                f"callback_api_version: unsupported {callback_api_version!r} (VERSION1 only)"
+            )
+        if budget is not None and (
+            not isinstance(budget, int) or isinstance(budget, bool) or budget < 0
+        ):
+            raise ConfigError(f"budget: must be None or a non-negative int, got {budget!r}")
+        if not isinstance(pay_every, int) or isinstance(pay_every, bool) or pay_every < 1:
+            raise ConfigError(f"pay_every: must be an int >= 1, got {pay_every!r}")
+        super().__init__(
+            account,
+            host=host,
+            port=port,
+            broker=broker,
+            chain_id=chain_id,
+            client_id=client_id,
+            clean_session=clean_session,
+            keepalive=keepalive,
+        )
+        self.callback_api_version = callback_api_version
+        self.domain = VoucherDomain(chain_id, channels_contract)
+        self._signer = VoucherSigner(self._key, self.domain)
+        self.budget = budget
+        self.pay_every = pay_every
+        self.notice_topic = control_topic(self.address, NOTICE)
+        self.voucher_topic = control_topic(self.address, VOUCHER)
+
+        self.on_message: MessageCallback | None = None
+        self.on_payment: PaymentCallback | None = None
+        self.on_disconnect: DisconnectCallback | None = None
+        self.on_error: ErrorCallback | None = None
+
+        self._lock = threading.Condition()
+        self._quotes: dict[str, Quote] = {}
+        self._books: dict[bytes, _Book] = {}
+        self._spent = 0  # sum over channels of (vouchered - baseline): what the budget caps
+        self._exhausted = False
+        self._filters: dict[str, int] = {}
+        self._messages = 0
+        self._paid_messages = 0
+        self._vouchers_sent = 0
+        self._receipts = 0
+        self._refusals = 0
+        self._payment_requests = 0
+        self._bad_notices = 0
+
+    # --- subscriptions -----------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, qos: int = 0, timeout: float = 10.0) -> int:
+        """Subscribe and wait for the SUBACK; the granted QoS.
+
+        Raises :class:`SubscriptionRefusedError` on 0x80 (the client stays connected).
+        The filter is renewed after a reconnect that lost the session.
+        """
+        if is_control_topic(topic_filter):
+            raise ConfigError(
+                f"topic_filter: {topic_filter!r} is in the reserved control tree;"
+                " notices are subscribed to automatically"
+            )
+        granted = self._subscribe(topic_filter, qos, timeout)
+        with self._lock:
+            self._filters[topic_filter] = qos
+        return granted
+
+    def _after_connect(self, timeout: float) -> None:
+        self._subscribe(self.notice_topic, 1, timeout)
+
+    def _on_reconnected(self, session_present: bool) -> None:
+        if session_present:
+            return
+        with self._lock:
+            filters = [(self.notice_topic, 1), *self._filters.items()]
+        for topic_filter, qos in filters:
+            self._subscribe(topic_filter, qos, None)
+
+    def _on_suback_untracked(self, topic_filter: str, codes: list[int]) -> None:
+        # A filter renewed after a reconnect was refused (access revoked meanwhile?).
+        if not codes or codes[0] >= _SUBACK_FAILURE:
+            with self._lock:
+                self._filters.pop(topic_filter, None)
+            self._report_error(SubscriptionRefusedError(topic_filter))
+
+    def _on_lost(self, disconnection: Disconnection) -> None:
+        callback = self.on_disconnect
+        if callback is not None:
+            callback(self, disconnection)
+
+    # --- introspection -----------------------------------------------------------------
+
+    def received_value(self, channel_id: bytes) -> int:
+        """Value received on ``channel_id`` (cumulative, including a resumed baseline)."""
+        with self._lock:
+            book = self._books.get(channel_id)
+            return 0 if book is None else book.received
+
+    def vouchered(self, channel_id: bytes) -> int:
+        """Cumulative amount of the latest voucher signed for ``channel_id``."""
+        with self._lock:
+            book = self._books.get(channel_id)
+            return 0 if book is None else book.vouchered
+
+    def confirmed(self, channel_id: bytes) -> int:
+        """Largest amount the broker confirmed with a Receipt on ``channel_id``."""
+        with self._lock:
+            book = self._books.get(channel_id)
+            return 0 if book is None else book.confirmed
+
+    def wait_confirmed(self, channel_id: bytes, amount: int, timeout: float) -> bool:
+        """Wait until the broker confirmed at least ``amount`` on ``channel_id``."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: (b := self._books.get(channel_id)) is not None and b.confirmed >= amount,
+                timeout,
+            )
+
+    def quote(self, topic: str) -> Quote | None:
+        """The latest quote for ``topic`` (a topic name), None if it is free so far."""
+        with self._lock:
+            return self._quotes.get(topic)
+
+    @property
+    def spent(self) -> int:
+        """Total newly vouchered across channels (what ``budget`` caps)."""
+        with self._lock:
+            return self._spent
+
+    @property
+    def budget_exhausted(self) -> bool:
+        with self._lock:
+            return self._exhausted
+
+    @property
+    def stats(self) -> SubscriberStats:
+        with self._lock:
+            return SubscriberStats(
+                messages=self._messages,
+                paid_messages=self._paid_messages,
+                vouchers_sent=self._vouchers_sent,
+                receipts=self._receipts,
+                refusals=self._refusals,
+                payment_requests=self._payment_requests,
+                bad_notices=self._bad_notices,
+            )
+
+    def pay_outstanding(self, channel_id: bytes | None = None) -> int:
+        """Voucher everything received but not yet paid (on one channel, or all): the last
+        messages of a stream stay below ``pay_every`` otherwise. Within the budget; returns
+        the number of vouchers sent."""
+        events: list[PaymentEvent] = []
+        with self._lock:
+            for cid, book in list(self._books.items()):
+                if (channel_id is None or cid == channel_id) and book.received > book.vouchered:
+                    self._pay(cid, book, book.received, events)
+        self._report(events)
+        return sum(1 for e in events if e.kind is PaymentEventKind.VOUCHER_SENT)
+
+    def resume_channel(self, channel_id: bytes, paid: int) -> None:
+        """Continue a channel this account already paid ``paid`` on (cumulative), e.g. after a
+        restart: later vouchers build on it. Call before messages arrive on that channel;
+        ``paid`` does not count against ``budget``."""
+        if not isinstance(channel_id, bytes) or len(channel_id) != 32:
+            raise ConfigError("channel_id: must be 32 bytes")
+        if not isinstance(paid, int) or isinstance(paid, bool) or paid < 0:
+            raise ConfigError(f"paid: must be a non-negative int, got {paid!r}")
+        with self._lock:
+            book = self._books.setdefault(channel_id, _Book())
+            if book.vouchered > book.baseline or book.received > book.baseline:
+                raise ConfigError("resume_channel: the channel is already in use here")
+            book.received = book.vouchered = book.baseline = paid
+
+    # --- messages and notices (paho's thread) ------------------------------------------
+
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        topic = message.topic
+        payload = bytes(message.payload)  # already bytes from the socket: no copy
+        if topic == self.notice_topic:
+            self._on_notice(payload)
+            return
+        events: list[PaymentEvent] = []
+        with self._lock:
+            self._messages += 1
+            quote = self._quotes.get(topic)
+            if quote is None or quote.price == 0:
+                received = ReceivedMessage(
+                    topic, payload, message.qos, bool(message.retain), False, 0, None
+                )
+            else:
+                self._paid_messages += 1
+                book = self._books.setdefault(quote.channel_id, _Book())
+                book.received += quote.price
+                if book.received - book.vouchered >= self.pay_every * quote.price:
+                    self._pay(quote.channel_id, book, book.received, events)
+                received = ReceivedMessage(
+                    topic,
+                    payload,
+                    message.qos,
+                    bool(message.retain),
+                    True,
+                    quote.price,
+                    quote.channel_id,
+                )
+        self._deliver(received)
+        self._report(events)
+
+    def _on_notice(self, payload: bytes) -> None:
+        try:
+            notice = decode_notice(payload)
+        except WireError as exc:
+            with self._lock:
+                self._bad_notices += 1
+            self._report_error(exc)
+            return
+        events: list[PaymentEvent] = []
+        with self._lock:
+            if isinstance(notice, Quote):
+                # No resend on a quote even if its ``paid`` lags: a voucher may be in flight,
+                # and the broker asks with a PaymentRequest when it really lacks one.
+                self._quotes[notice.topic] = notice
+                self._books.setdefault(notice.channel_id, _Book())
+            elif isinstance(notice, PaymentRequest):
+                self._payment_requests += 1
+                book = self._books.setdefault(notice.channel_id, _Book())
+                before = book.vouchered
+                target = min(notice.charged, book.received)
+                if target > book.vouchered:
+                    self._pay(notice.channel_id, book, target, events)
+                else:
+                    self._resend_if_behind(book, notice.paid)
+                paid = book.vouchered if book.vouchered > before else None
+                events.append(
+                    PaymentEvent(
+                        PaymentEventKind.PAYMENT_REQUEST,
+                        notice.channel_id,
+                        paid,
+                        notice,
+                        f"broker charged {notice.charged}, received value {book.received}",
+                    )
+                )
+            elif isinstance(notice, Receipt):
+                self._receipts += 1
+                book = self._books.setdefault(notice.channel_id, _Book())
+                book.confirmed = max(book.confirmed, notice.amount)
+                self._lock.notify_all()
+                events.append(
+                    PaymentEvent(PaymentEventKind.RECEIPT, notice.channel_id, notice.amount, notice)
+                )
+            else:
+                self._refusals += 1
+                events.append(
+                    PaymentEvent(
+                        PaymentEventKind.REFUSAL,
+                        notice.channel_id,
+                        notice.amount,
+                        notice,
+                        f"{notice.code}: {notice.detail}",
+                    )
+                )
+        self._report(events)
+
+    def _pay(self, channel_id: bytes, book: _Book, target: int, events: list[PaymentEvent]) -> None:
+        """Sign and publish a voucher for ``target`` (cumulative) if the budget allows.
+        Caller holds the lock; ``target`` never exceeds the received value."""
+        if target <= book.vouchered or self._exhausted:
+            return
+        increase = target - book.vouchered
+        if self.budget is not None and self._spent + increase > self.budget:
+            self._exhausted = True
+            events.append(
+                PaymentEvent(
+                    PaymentEventKind.BUDGET_EXHAUSTED,
+                    channel_id,
+                    target,
+                    detail=f"spent {self._spent} of budget {self.budget}; {increase} more refused",
+                )
+            )
+            return
+        voucher = self._signer.sign(channel_id, target)
+        book.vouchered = target
+        book.last = voucher
+        self._spent += increase
+        self._send(voucher)
+        events.append(PaymentEvent(PaymentEventKind.VOUCHER_SENT, channel_id, target))
+
+    def _resend_if_behind(self, book: _Book, broker_paid: int) -> None:
+        """The broker asks while knowing less than we signed (a voucher lost with a
+        connection): send the latest again. It costs nothing new, so no budget check. Caller holds the lock."""
+        if book.last is not None and broker_paid < book.vouchered:
+            self._send(book.last)
+
+    def _send(self, voucher: Voucher) -> None:
+        info = self._mqtt.publish(self.voucher_topic, encode_voucher(voucher), qos=0)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._vouchers_sent += 1
+        else:  # lost with the connection; the broker's PaymentRequest will get it resent
+            _log.info("%s: voucher not sent (%s)", self.client_id, mqtt.error_string(info.rc))
+
+    # --- user callbacks ----------------------------------------------------------------
+
+    def _deliver(self, message: ReceivedMessage) -> None:
+        callback = self.on_message
+        if callback is not None:
+            self._guard(callback, self, message)
+
+    def _report(self, events: list[PaymentEvent]) -> None:
+        callback = self.on_payment
+        if callback is not None:
+            for event in events:
+                self._guard(callback, self, event)
+
+    def _report_error(self, error: BlendsmError) -> None:
+        _log.warning("%s: %s", self.client_id, error)
+        callback = self.on_error
+        if callback is not None:
+            self._guard(callback, self, error)
+
+    # --- chain helpers (need blendsm[broker], i.e. web3) -------------------------------
+
+    def _check_marketplace(self, marketplace: Marketplace) -> None:
+        if marketplace.address is None or marketplace.address.lower() != self.address.lower():
+            raise ConfigError(
+                f"marketplace: signs as {marketplace.address}, not as this subscriber {self.address}"
+            )
+        if marketplace.channels.address.lower() != self.domain.verifying_contract.lower():
+            raise ConfigError(
+                f"marketplace: PaymentChannels at {marketplace.channels.address}, but vouchers"
+                f" are signed for {self.domain.verifying_contract}"
+            )
+
+    async def open_channel(
+        self,
+        marketplace: Marketplace,
+        seller: str,
+        deposit: int,
+        *,
+        token: str | None = None,
+        fee_bps: int = 0,
+    ) -> bytes:
+        """Open a channel to ``seller`` metered by this subscriber's broker operator (the
+        broker meters only channels naming it); ``token`` None is the native coin, an ERC-20
+        is approved first. ``marketplace`` must sign as this subscriber. The channel id."""
+        self._check_marketplace(marketplace)
+        opened = await marketplace.channels.open(
+            seller, self.broker, token, deposit, fee_bps, approve=token is not None
+        )
+        return opened.channel_id
+
+    async def top_up(self, marketplace: Marketplace, channel_id: bytes, amount: int) -> TxResult:
+        """Add ``amount`` to the channel's deposit (an ERC-20 is approved first)."""
+        self._check_marketplace(marketplace)
+        return await marketplace.channels.top_up(channel_id, amount, approve=True)
+
+    async def close_channel(
+        self, marketplace: Marketplace, channel_id: bytes, *, settle_timeout: float = 5.0
+    ) -> CloseRequest:
+        """Pay what is outstanding on the channel (waiting up to ``settle_timeout`` for the
+        broker's receipt while connected), then request close: the challenge period starts
+        (the broker can still claim); then :meth:`withdraw` refunds the rest."""
+        self._check_marketplace(marketplace)
+        if self.connected and self.pay_outstanding(channel_id):
+            target = self.vouchered(channel_id)
+            await asyncio.to_thread(self.wait_confirmed, channel_id, target, settle_timeout)
+        return await marketplace.channels.request_close(channel_id)
+
+    async def withdraw(self, marketplace: Marketplace, channel_id: bytes) -> Settlement:
+        """Take back the unclaimed deposit once the challenge period is over."""
+        self._check_marketplace(marketplace)
+        return await marketplace.channels.withdraw(channel_id)

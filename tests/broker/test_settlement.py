@@ -1,0 +1,415 @@
+"""The Settler against the real contracts (embedded py-evm and anvil): it claims by
+threshold, interval and close deadline, claims every voucher exactly once across a crash,
+backs off on reverts, warns on low gas, and rides out a node that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blendsm.broker._chain_view import ChainView
+from blendsm.broker._config import SettlementConfig
+from blendsm.broker._settlement import Settler
+from blendsm.broker._store import AsyncVoucherStore
+from blendsm.contracts import Marketplace
+from blendsm.contracts._connect import connect, disconnect
+from blendsm.device_sdk import sign_voucher
+from blendsm.device_sdk._voucher import Voucher
+
+BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
+ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+
+MakeMp = Callable[[str], Marketplace]
+DEPOSIT = 10**18
+FEE_BPS = 250
+NEVER = 10**6  # an interval no test reaches
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[AsyncVoucherStore]:
+    s = await AsyncVoucherStore.open(tmp_path / "vouchers.sqlite3")
+    yield s
+    await s.close()
+
+
+def config(**kwargs: Any) -> SettlementConfig:
+    kwargs.setdefault("interval_seconds", NEVER)
+    kwargs.setdefault("before_close_margin_seconds", 0)
+    kwargs.setdefault("min_gas_balance_wei", 0)
+    return SettlementConfig(**kwargs)
+
+
+def settler(
+    store: AsyncVoucherStore, mp: MakeMp, view: ChainView | None = None, **kw: Any
+) -> Settler:
+    options = {k: kw.pop(k) for k in list(kw) if k not in SettlementConfig.__dataclass_fields__}
+    options.setdefault("tick", 0.02)
+    options.setdefault("backoff_base", 0.05)
+    options.setdefault("backoff_max", 0.2)
+    return Settler(store, mp("operator"), view, config(**kw), **options)
+
+
+async def open_channel(chain: Any, mp: MakeMp, deposit: int = DEPOSIT) -> bytes:
+    opened = await mp("buyer").channels.open(
+        chain.addr("seller"), chain.addr("operator"), None, deposit, FEE_BPS
+    )
+    return opened.channel_id
+
+
+async def signed(chain: Any, mp: MakeMp, channel_id: bytes, amount: int) -> Voucher:
+    domain = (await mp("buyer").channels.domain()).voucher_domain()
+    return sign_voucher(bytes(chain.accounts["buyer"].key), domain, channel_id, amount)
+
+
+async def accept(
+    store: AsyncVoucherStore, s: Settler | None, chain: Any, mp: MakeMp, cid: bytes, amount: int
+) -> None:
+    """What the broker does with a verified voucher: store it, then hint the settler."""
+    assert await store.accept(await signed(chain, mp, cid, amount))
+    if s is not None:
+        s.notify_voucher(cid, amount)
+
+
+def claimed_onchain(chain: Any, cid: bytes) -> int:
+    return int(chain.PaymentChannels.functions.channel(cid).call()[8])
+
+
+def claim_events(chain: Any, cid: bytes) -> int:
+    logs = chain.PaymentChannels.events.ChannelClaimed().get_logs(from_block=0)
+    return sum(bytes(log["args"]["channelId"]) == cid for log in logs)
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 4.0) -> None:
+    """Poll ``predicate`` (a counter of the settler) until true, bounded."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - plain counters, no event to wait on
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(s: Settler) -> AsyncIterator[Settler]:
+    task = asyncio.create_task(s.run())
+    try:
+        yield s
+    finally:
+        s.stop()
+        await asyncio.wait_for(task, 5)
+
+
+# --- rules --------------------------------------------------------------------------------
+
+
+@BOTH
+async def test_threshold_claim(chain: Any, mp: MakeMp, store: AsyncVoucherStore) -> None:
+    cid = await open_channel(chain, mp)
+    s = settler(store, mp, threshold=1000)
+    async with running(s):
+        await accept(store, s, chain, mp, cid, 400)
+        await asyncio.sleep(0.2)
+        assert claimed_onchain(chain, cid) == 0  # below the threshold: nothing yet
+        await accept(store, s, chain, mp, cid, 1200)
+        await eventually(lambda: s.claims_confirmed == 1)
+    assert claimed_onchain(chain, cid) == 1200
+    assert await store.claimed_onchain(cid) == 1200
+    assert s.amount_claimed == 1200
+    assert s.gas_used > 0
+    assert s.failures == 0
+
+
+@BOTH
+async def test_interval_claim(chain: Any, mp: MakeMp, store: AsyncVoucherStore) -> None:
+    cids = [await open_channel(chain, mp) for _ in range(2)]
+    s = settler(store, mp, threshold=0, interval_seconds=0.3)
+    await accept(store, s, chain, mp, cids[0], 5)
+    await accept(store, s, chain, mp, cids[1], 7)
+    async with running(s):
+        await asyncio.sleep(0.1)
+        assert s.claims_confirmed == 0  # threshold 0: only the interval claims
+        await eventually(lambda: s.claims_confirmed == 2)
+    assert [claimed_onchain(chain, c) for c in cids] == [5, 7]
+
+
+@BOTH
+async def test_claim_before_close_deadline(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    closing, quiet = await open_channel(chain, mp), await open_channel(chain, mp)
+    s = settler(store, mp, before_close_margin_seconds=600, clock=chain.now)
+    await accept(store, s, chain, mp, closing, 30)
+    await accept(store, s, chain, mp, quiet, 40)
+    request = await mp("buyer").channels.request_close(closing)
+    async with running(s):
+        await asyncio.sleep(0.2)
+        assert s.claims_confirmed == 0  # an hour left: not yet
+        chain.time_travel(request.closes_at - chain.now() - 500)
+        await eventually(lambda: s.claims_confirmed == 1)
+        await asyncio.sleep(0.1)
+    assert claimed_onchain(chain, closing) == 30
+    assert claimed_onchain(chain, quiet) == 0  # not closing: waits for threshold/interval
+
+
+async def test_close_deadline_from_view(
+    chain: Any, w3: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    cid = await open_channel(chain, mp)
+    view = ChainView(w3, chain.deployment, confirmations=0, poll_interval=0.02, max_staleness=5.0)
+    await view.sync()
+    view_task = asyncio.create_task(view.run())
+    try:
+        s = settler(
+            store,
+            mp,
+            view,
+            before_close_margin_seconds=10_000,
+            clock=chain.now,
+            close_poll_seconds=NEVER,
+        )
+        await accept(store, s, chain, mp, cid, 30)
+        async with running(s):
+            await asyncio.sleep(0.2)
+            assert s.claims_confirmed == 0
+            await mp("buyer").channels.request_close(cid)
+            await eventually(lambda: s.claims_confirmed == 1)
+    finally:
+        view.stop()
+        await asyncio.wait_for(view_task, 5)
+    assert claimed_onchain(chain, cid) == 30
+
+
+# --- exactly once -------------------------------------------------------------------------
+
+
+@BOTH
+async def test_exactly_once_across_crash(chain: Any, mp: MakeMp, tmp_path: Path) -> None:
+    """Crash after the hash was recorded and the claim broadcast: the next settler finds
+    the receipt and confirms it; nothing is claimed twice."""
+    path = tmp_path / "vouchers.sqlite3"
+    cid = await open_channel(chain, mp)
+    store = await AsyncVoucherStore.open(path)
+    await accept(store, None, chain, mp, cid, 77)
+    intent = await store.begin_claim(cid)
+    assert intent is not None
+    call = mp("operator").channels.contract.functions.claim(cid, 77, intent.signature)
+
+    async def record(tx_hash: bytes) -> None:
+        await store.claim_sent(intent.intent_id, tx_hash)
+
+    transactor = mp("operator").transactor
+    assert transactor is not None
+    await transactor.submit(call, before_send=record)
+    await store.close()  # crash: the receipt was never read
+
+    store = await AsyncVoucherStore.open(path)
+    try:
+        s = settler(store, mp)
+        results = await s.reconcile()
+        assert [(r.status, r.claimed) for r in results] == [("confirmed", 77)]
+        assert await store.pending_claims() == []
+        assert await s.settle_now() == []  # covered: no second claim
+        async with running(s):
+            s.notify_voucher(cid, 77)
+            await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+    assert claimed_onchain(chain, cid) == 77
+    assert claim_events(chain, cid) == 1
+    assert s.claims_confirmed == 1
+
+
+@BOTH
+async def test_reconcile_intent_without_hash(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    """An intent whose fate the store cannot tell: covered on chain -> confirmed; not on
+    chain (crash before the broadcast) -> failed and claimed again, once."""
+    covered, lost = await open_channel(chain, mp), await open_channel(chain, mp)
+    await accept(store, None, chain, mp, covered, 50)
+    await accept(store, None, chain, mp, lost, 60)
+    first = await store.begin_claim(covered)
+    second = await store.begin_claim(lost)
+    assert first is not None
+    assert second is not None
+    await mp("seller").channels.claim(covered, 50, first.signature)  # went out somehow
+    await store.claim_sent(second.intent_id, b"\x42" * 32)  # hash recorded, never broadcast
+
+    s = settler(store, mp)
+    results = await s.reconcile()
+    assert {r.channel_id: r.status for r in results} == {covered: "confirmed", lost: "failed"}
+    again = await s.settle_now()
+    assert [(r.channel_id, r.status, r.claimed) for r in again] == [(lost, "confirmed", 60)]
+    assert await s.settle_now() == []
+    assert claim_events(chain, covered) == claim_events(chain, lost) == 1
+    assert (claimed_onchain(chain, covered), claimed_onchain(chain, lost)) == (50, 60)
+
+
+@BOTH
+async def test_deposit_capped_claim_not_resubmitted(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    cid = await open_channel(chain, mp, deposit=100)
+    s = settler(store, mp)
+    await accept(store, s, chain, mp, cid, 150)
+    (result,) = await s.settle_now()
+    assert (result.status, result.claimed, result.payout) == ("confirmed", 100, 100)
+    assert result.fee == 100 * FEE_BPS // 10_000
+    assert await s.settle_now() == []  # the same voucher again would pay nothing
+    assert claim_events(chain, cid) == 1
+
+
+@BOTH
+async def test_confirmations_wait_for_depth(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    cid = await open_channel(chain, mp)
+    s = settler(store, mp, confirmations=1)
+    await accept(store, s, chain, mp, cid, 33)
+    (result,) = await s.settle_now()
+    assert result.status == "pending"  # mined, but no block on top yet
+    assert claimed_onchain(chain, cid) == 33
+    assert s.claims_confirmed == 0
+    chain.time_travel(1)  # one more block
+    assert await s.settle_now() == []  # reconciled first, nothing new to claim
+    assert s.claims_confirmed == 1
+    assert await store.claimed_onchain(cid) == 33
+    assert claim_events(chain, cid) == 1
+
+
+# --- failures -----------------------------------------------------------------------------
+
+
+@BOTH
+async def test_reverted_claim_backs_off(chain: Any, mp: MakeMp, store: AsyncVoucherStore) -> None:
+    cid = await open_channel(chain, mp)
+    forged = Voucher(cid, 500, b"\x11" * 32 + b"\x22" * 32 + b"\x1b")  # the store trusts its caller
+    assert await store.accept(forged)
+    s = settler(store, mp, threshold=1, backoff_base=0.1, backoff_max=0.4)
+    (result,) = await s.settle_now()
+    assert result.status == "failed"
+    assert result.error is not None
+    assert "PaymentChannels" in result.error
+    async with running(s):
+        await asyncio.sleep(0.6)
+        # 0.1 + 0.2 + 0.4 (capped): a few retries, not one per tick
+        assert 2 <= s.failures <= 5, s.failures
+        await accept(store, s, chain, mp, cid, 600)  # a genuine, newer voucher
+        await eventually(lambda: s.claims_confirmed == 1)
+    assert claimed_onchain(chain, cid) == 600
+    assert claim_events(chain, cid) == 1
+
+
+@BOTH
+async def test_payee_claimed_first_and_deadline_passed(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    """Someone else claimed the voucher: confirmed, not retried. Past the challenge period:
+    failed once, then never tried again (no endless reverts)."""
+    claimed_by_payee, expired = await open_channel(chain, mp), await open_channel(chain, mp)
+    s = settler(store, mp)
+    await accept(store, s, chain, mp, claimed_by_payee, 20)
+    await accept(store, s, chain, mp, expired, 30)
+    v = await signed(chain, mp, claimed_by_payee, 20)
+    await mp("seller").channels.claim(claimed_by_payee, 20, v.signature)
+    request = await mp("buyer").channels.request_close(expired)
+    chain.time_travel(request.closes_at - chain.now() + 1)
+    results = {r.channel_id: r for r in await s.settle_now()}
+    assert results[claimed_by_payee].status == "confirmed"
+    assert results[expired].status == "failed"
+    assert "ChallengePeriodOver" in str(results[expired].error)
+    await asyncio.sleep(0.3)  # past any backoff
+    assert await s.settle_now() == []
+    assert s.failures == 1
+    assert claim_events(chain, claimed_by_payee) == 1
+    assert claim_events(chain, expired) == 0
+
+
+@BOTH
+async def test_low_gas_warning(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = settler(store, mp, min_gas_balance_wei=2**200)
+    with caplog.at_level(logging.WARNING, logger="blendsm.broker.settlement"):
+        async with running(s):
+            await eventually(lambda: s.low_gas)
+            await asyncio.sleep(0.1)
+    assert s.low_gas_warnings == 1  # warned once, not every check
+    assert any("min_gas_balance_wei" in r.getMessage() for r in caplog.records)
+    ok = settler(store, mp, min_gas_balance_wei=1)
+    await ok.settle_now()
+    assert not ok.low_gas
+    assert ok.operator_balance is not None
+    assert ok.operator_balance > 1
+
+
+@ANVIL
+async def test_claim_mined_late_is_reconciled(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    """The receipt does not come in time: the claim stays open (no second broadcast while
+    the node still holds it) and is confirmed once it is mined."""
+    cid = await open_channel(chain, mp)
+    transactor = mp("operator").transactor
+    assert transactor is not None
+    transactor.timeout = 0.3
+    s = settler(store, mp)
+    await accept(store, s, chain, mp, cid, 90)
+    chain.w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        (result,) = await s.settle_now()
+        assert result.status == "pending"
+        assert result.tx_hash is not None
+        assert await s.settle_now() == []  # in the mempool: not claimed again
+        assert len(await store.pending_claims()) == 1
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+    chain.w3.provider.make_request("evm_mine", [])
+    async with running(s):
+        await eventually(lambda: s.claims_confirmed == 1)
+    assert await store.pending_claims() == []
+    assert claimed_onchain(chain, cid) == 90
+    assert claim_events(chain, cid) == 1
+
+
+@ANVIL
+async def test_node_down_then_back(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore, tcp_proxy: Any
+) -> None:
+    cid = await open_channel(chain, mp)
+    assert chain.anvil is not None
+    proxy = tcp_proxy(chain.anvil.port)
+    await proxy.start()
+    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=2.0)
+    w3.provider.exception_retry_configuration = None  # fail fast: the settler retries
+    try:
+        operator = Marketplace(w3, chain.deployment, chain.accounts["operator"])
+        s = Settler(
+            store,
+            operator,
+            None,
+            config(threshold=10),
+            tick=0.02,
+            backoff_base=0.05,
+            backoff_max=0.2,
+        )
+        await proxy.stop()  # the node goes away
+        async with running(s):
+            await accept(store, s, chain, mp, cid, 25)
+            await eventually(lambda: s.failures >= 2)
+            assert s.claims_confirmed == 0
+            await proxy.start()  # same port: the node is back
+            await eventually(lambda: s.claims_confirmed == 1)
+        assert claimed_onchain(chain, cid) == 25
+        assert claim_events(chain, cid) == 1
+        assert await store.pending_claims() == []
+    finally:
+        with contextlib.suppress(Exception):
+            await proxy.stop()
+        await disconnect(w3)

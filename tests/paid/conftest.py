@@ -1,0 +1,253 @@
+"""Fixtures for paid-delivery tests: a real BlendSM broker on 127.0.0.1 (free port) in front of
+the test chain (embedded py-evm, or anvil by indirect parametrisation), participants enrolled
+through the contracts, and real paho MQTT clients authenticated with CONNECT tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from blendsm.broker._config import parse_config
+from blendsm.broker._runner import ChainConnection, RunningBroker, start_broker
+from blendsm.contracts import Marketplace
+from blendsm.contracts._bindings import Policy, Role
+from blendsm.device_sdk import ConnectTokenSigner
+
+PRICE = 1_000
+"""Price of one message on the default paid topic, in wei."""
+
+
+# paho VERSION2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back.
+_CONNACK_V3 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
+@dataclass
+class Received:
+    """What one raw paho client got: messages, notices, SUBACKs, disconnects."""
+
+    messages: queue.Queue[mqtt.MQTTMessage] = field(default_factory=queue.Queue)
+    subacks: queue.Queue[list[int]] = field(default_factory=queue.Queue)
+    connack: queue.Queue[int] = field(default_factory=queue.Queue)
+    disconnected: threading.Event = field(default_factory=threading.Event)
+    disconnected_at: float | None = None
+
+    def _drain(self, within: float, until: int | None) -> list[mqtt.MQTTMessage]:
+        got: list[mqtt.MQTTMessage] = []
+        while until is None or len(got) < until:
+            try:
+                got.append(self.messages.get(timeout=within))
+            except queue.Empty:
+                break
+        return got
+
+    async def drain(
+        self, within: float = 0.5, *, until: int | None = None
+    ) -> list[mqtt.MQTTMessage]:
+        """Messages received until ``within`` seconds pass with none new (or ``until`` reached);
+        waits on a thread so the broker, on this event loop, keeps running."""
+        return await asyncio.to_thread(self._drain, within, until)
+
+
+class Client:
+    """A raw paho client (VERSION2 callbacks, TCP_NODELAY) for tests of the wire protocol."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        account: Any = None,
+        signer: ConnectTokenSigner | None = None,
+        client_id: str | None = None,
+        clean_session: bool = True,
+        password: str | None = None,
+        username: str | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.account = account
+        self.client_id = client_id or f"t-{uuid.uuid4().hex[:10]}"
+        self.got = Received()
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=clean_session
+        )
+        if account is not None and signer is not None:
+            c.username_pw_set(account.address, password or signer.token(self.client_id))
+        elif username is not None or password is not None:
+            c.username_pw_set(username, password)
+        c.on_message = lambda _c, _u, m: self.got.messages.put(m)
+        c.on_subscribe = lambda _c, _u, _m, codes, _p: self.got.subacks.put(
+            [int(getattr(x, "value", x)) for x in codes]
+        )
+        c.on_connect = lambda _c, _u, _f, rc, _p: self.got.connack.put(
+            _CONNACK_V3.get(int(getattr(rc, "value", rc)), -2)
+        )
+
+        def on_disconnect(*_a: Any) -> None:
+            self.got.disconnected_at = time.monotonic()
+            self.got.disconnected.set()
+
+        c.on_disconnect = on_disconnect
+        c.on_socket_open = lambda _c, _u, sock: sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+        )
+        self.mqtt = c
+
+    async def connect(self, within: float = 5.0) -> int:
+        """CONNECT and return the CONNACK code (0 accepted, 5 not authorised, -1 none)."""
+        await asyncio.to_thread(self.mqtt.connect, self.host, self.port, 30)
+        self.mqtt.loop_start()
+        try:
+            return await asyncio.to_thread(self.got.connack.get, True, within)
+        except queue.Empty:
+            return -1
+
+    async def subscribe(self, topic: str, qos: int = 0, within: float = 5.0) -> list[int]:
+        self.mqtt.subscribe(topic, qos)
+        return await asyncio.to_thread(self.got.subacks.get, True, within)
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        info = self.mqtt.publish(topic, payload, qos=qos, retain=retain)
+        if qos:
+            await asyncio.to_thread(info.wait_for_publish, 5)
+
+    async def wait_disconnected(self, within: float = 10.0) -> bool:
+        return await asyncio.to_thread(self.got.disconnected.wait, within)
+
+    def close(self) -> None:
+        self.mqtt.disconnect()
+        self.mqtt.loop_stop()
+
+
+@dataclass
+class Market:
+    """An enrolled marketplace behind a running broker."""
+
+    chain: Any
+    mp: Callable[[str], Marketplace]
+    running: RunningBroker
+    topic: str
+    topic_id: bytes
+    clients: list[Client] = field(default_factory=list)
+    price: int = PRICE
+
+    @property
+    def host(self) -> str:
+        return self.running.host
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def service(self) -> Any:
+        return self.running.service
+
+    def signer(self, label: str) -> ConnectTokenSigner:
+        return ConnectTokenSigner(
+            bytes(self.chain.accounts[label].key),
+            self.chain.deployment.chain_id,
+            self.chain.accounts["operator"].address,
+        )
+
+    def client(self, label: str | None, **kwargs: Any) -> Client:
+        """A raw client for the TEST-ONLY account ``label`` (None: anonymous)."""
+        account = None if label is None else self.chain.accounts[label]
+        signer = None if label is None else self.signer(label)
+        made = Client(self.host, self.port, account=account, signer=signer, **kwargs)
+        self.clients.append(made)
+        return made
+
+    async def open_channel(self, buyer: str, deposit: int = 10**15, fee_bps: int = 0) -> bytes:
+        opened = await self.mp(buyer).channels.open(
+            self.chain.addr("seller"), self.chain.addr("operator"), None, deposit, fee_bps
+        )
+        return opened.channel_id
+
+    async def wait_view(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        """Wait until the broker's chain view reflects a change (it polls the chain)."""
+        deadline = time.monotonic() + within
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("broker chain view did not catch up in time")
+            await asyncio.sleep(0.02)
+
+    async def wait_channel(self, channel_id: bytes) -> None:
+        await self.wait_view(lambda: self.service.view.channel(channel_id) is not None)
+
+
+async def enrol(mp: Callable[[str], Marketplace], label: str, role: Role) -> None:
+    await mp(label).registry.apply_for_role(role)
+    await mp("oracle").registry.approve(mp(label).address or "")
+
+
+def broker_config(data_dir: Path, **overrides: Any) -> Any:
+    config = parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "chain": {"endpoint": "embedded", "confirmations": 0, "poll_interval": 0.05},
+            "payments": {"credit_messages": 5, "settlement": {"interval_seconds": 3600}},
+            "data_dir": str(data_dir),
+            "public_topics": True,
+        }
+    )
+    return replace(config, **overrides) if overrides else config
+
+
+@pytest.fixture
+async def market(
+    chain: Any, w3: Any, mp: Callable[[str], Marketplace], tmp_path: Path
+) -> AsyncIterator[Market]:
+    """Seller with one device, two buyers, a paid open topic, and a running broker."""
+    await enrol(mp, "seller", Role.SELLER)
+    await enrol(mp, "buyer", Role.BUYER)
+    await enrol(mp, "buyer2", Role.BUYER)
+    await enrol(mp, "operator", Role.OPERATOR)
+    await mp("seller").registry.add_device(chain.addr("device"))
+    created = await mp("seller").market.create_topic("paid/temp", PRICE, None, Policy.OPEN)
+    running = await start_broker(
+        broker_config(tmp_path / "data"),
+        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
+    )
+    m = Market(chain, mp, running, "paid/temp", created.topic_id)
+    try:
+        yield m
+    finally:
+        for c in m.clients:
+            with contextlib.suppress(Exception):
+                c.close()
+        await running.stop()
+
+
+async def _until(predicate: Callable[[], bool], within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+@pytest.fixture
+def until() -> Callable[..., Any]:
+    """``await until(predicate, within)``: poll without blocking the broker's event loop."""
+    return _until
+
+
+@pytest.fixture
+def mqtt_client() -> type[Client]:
+    """The raw test client class, for tests that run their own broker."""
+    return Client

@@ -1,0 +1,242 @@
+"""Metering through a real broker: the credit gate, payment requests, retained and offline
+messages charged when (and only when) sent, voucher intake and its refusals, revocation."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from blendsm.contracts._bindings import Role
+from blendsm.device_sdk import (
+    PaymentRequest,
+    Quote,
+    Receipt,
+    Refusal,
+    VoucherDomain,
+    decode_notice,
+    encode_voucher,
+    sign_voucher,
+)
+
+Market = Any
+
+
+def _split(messages: list[Any], topic: str) -> tuple[list[bytes], list[Any]]:
+    data = [m.payload for m in messages if m.topic == topic]
+    notices = [decode_notice(m.payload) for m in messages if m.topic.endswith("/notice")]
+    return data, notices
+
+
+class Payer:
+    """Signs vouchers for a TEST-ONLY account and publishes them on its voucher topic."""
+
+    def __init__(self, market: Market, label: str, client: Any) -> None:
+        chain = market.chain
+        self.key = bytes(chain.accounts[label].key)
+        self.domain = VoucherDomain(
+            chain.deployment.chain_id, chain.deployment.address("PaymentChannels")
+        )
+        self.topic = f"blendsm/ctl/{chain.addr(label).lower()}/voucher"
+        self.client = client
+
+    async def pay(
+        self,
+        channel: bytes,
+        amount: int,
+        *,
+        domain: VoucherDomain | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        voucher = sign_voucher(key or self.key, domain or self.domain, channel, amount)
+        await self.client.publish(self.topic, encode_voucher(voucher), qos=1)
+
+    async def raw(self, payload: bytes) -> None:
+        await self.client.publish(self.topic, payload, qos=1)
+
+
+async def _subscriber(market: Market, label: str, **kwargs: Any) -> tuple[Any, bytes]:
+    channel = await market.open_channel(label)
+    await market.wait_channel(channel)
+    client = market.client(label, **kwargs)
+    assert await client.connect() == 0
+    own = f"blendsm/ctl/{market.chain.addr(label).lower()}/notice"
+    assert await client.subscribe(own) == [0]
+    return client, channel
+
+
+async def _device(market: Market) -> Any:
+    device = market.client("device")
+    assert await device.connect() == 0
+    return device
+
+
+@pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
+async def test_credit_exhaustion_pauses_delivery_and_a_voucher_resumes_it(market: Market) -> None:
+    buyer, channel = await _subscriber(market, "buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await _device(market)
+    for i in range(10):
+        await device.publish(market.topic, b"m%d" % i)
+    data, notices = _split(await buyer.got.drain(within=1.0), market.topic)
+    assert data == [b"m%d" % i for i in range(5)]  # credit_messages = 5, then paused
+    assert isinstance(notices[0], Quote)
+    assert notices[0].price == market.price
+    assert notices[0].channel_id == channel
+    requests = [n for n in notices if isinstance(n, PaymentRequest)]
+    assert len(requests) == 1
+    assert requests[0].charged == 5 * market.price
+    account = market.service.meter.accounts[channel]
+    assert (account.charged, account.paid, account.reserved) == (5 * market.price, 0, 0)
+
+    await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
+    _, notices = _split(await buyer.got.drain(within=1.0, until=1), market.topic)
+    assert notices == [Receipt(channel, 5 * market.price)]
+    for i in range(10, 13):
+        await device.publish(market.topic, b"m%d" % i)
+    data, _ = _split(await buyer.got.drain(within=1.0), market.topic)
+    assert data == [b"m10", b"m11", b"m12"]
+    assert (account.charged, account.paid) == (8 * market.price, 5 * market.price)
+
+
+async def test_retained_paid_message_is_charged_on_subscribe_and_not_leaked_on_connect(
+    market: Market,
+) -> None:
+    device = await _device(market)
+    await device.publish(market.topic, b"retained reading", qos=1, retain=True)
+    # A member with a channel but no subscription gets nothing on CONNECT (amqtt would).
+    bystander, bystander_channel = await _subscriber(market, "buyer2")
+    buyer, channel = await _subscriber(market, "buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    data, _ = _split(await buyer.got.drain(within=1.0), market.topic)
+    assert data == [b"retained reading"]
+    assert market.service.meter.accounts[channel].charged == market.price
+    leaked, _ = _split(await bystander.got.drain(within=0.5), market.topic)
+    assert leaked == []
+    assert market.service.meter.accounts.get(bystander_channel) is None or (
+        market.service.meter.accounts[bystander_channel].charged == 0
+    )
+
+
+async def test_offline_queue_is_charged_on_replay_and_pauses_on_credit(market: Market) -> None:
+    buyer, channel = await _subscriber(
+        market, "buyer", client_id="buyer-persistent", clean_session=False
+    )
+    assert await buyer.subscribe(market.topic, qos=1) == [1]
+    buyer.close()
+    device = await _device(market)
+    for i in range(8):
+        await device.publish(market.topic, b"q%d" % i, qos=1)
+    await market.wait_view(lambda: True)
+    account = market.service.meter.select(
+        market.chain.addr("buyer").lower(),
+        market.service.view.topic_for_name(market.topic),
+        market.service.view,
+    )
+    assert account.charged == 0  # queued, not sent: not charged
+
+    again = market.client("buyer", client_id="buyer-persistent", clean_session=False)
+    assert await again.connect() == 0
+    data, notices = _split(await again.got.drain(within=1.0), market.topic)
+    assert data == [b"q%d" % i for i in range(5)]  # credit 5, the rest stays queued
+    assert account.charged == 5 * market.price
+    assert any(isinstance(n, PaymentRequest) for n in notices)
+    await Payer(market, "buyer", again).pay(channel, 5 * market.price)
+    data, _ = _split(await again.got.drain(within=1.0), market.topic)
+    assert data == [b"q5", b"q6", b"q7"]
+    assert account.charged == 8 * market.price
+
+
+@pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
+async def test_bad_vouchers_are_refused_and_honest_clients_are_undisturbed(
+    market: Market, until: Callable[..., Any]
+) -> None:
+    honest, honest_channel = await _subscriber(market, "buyer2")
+    assert await honest.subscribe(market.topic) == [0]
+    attacker, channel = await _subscriber(market, "buyer")
+    payer = Payer(market, "buyer", attacker)
+    chain = market.chain
+    other_domain = VoucherDomain(
+        chain.deployment.chain_id + 1, chain.deployment.address("PaymentChannels")
+    )
+    deposit = 10**15
+
+    await payer.pay(channel, 1000, key=bytes(chain.accounts["buyer2"].key))  # forged
+    await payer.pay(channel, 1000, domain=other_domain)  # wrong domain
+    await payer.pay(channel, deposit + 1)  # over the deposit
+    await payer.pay(honest_channel, 1000)  # someone else's channel
+    await payer.pay(os.urandom(32), 1000)  # unknown channel
+    await payer.pay(channel, 2000)  # honest: accepted
+    await payer.pay(channel, 2000)  # replayed
+    await payer.pay(channel, 1500)  # lower
+    await payer.raw(os.urandom(300))  # random bytes
+    await payer.raw(b"{" + b" " * 10_000 + b"}")  # huge
+    await payer.raw(orjson.dumps({"v": 1, "channel": 5, "amount": [1], "signature": None}))
+    await payer.raw(
+        orjson.dumps({"v": 1, "channel": "0x" + channel.hex(), "amount": "-5", "signature": "0x00"})
+    )
+    await payer.raw(b"[1, 2, 3]")
+
+    _, notices = _split(await attacker.got.drain(within=1.0, until=13), market.topic)
+    codes = [n.code if isinstance(n, Refusal) else "receipt" for n in notices]
+    assert sorted(codes) == sorted(
+        [
+            "bad_signature",
+            "bad_signature",
+            "over_deposit",
+            "not_payer",
+            "unknown_channel",
+            "receipt",
+            "not_newer",
+            "not_newer",
+            "malformed",
+            "malformed",
+            "malformed",
+            "malformed",
+            "malformed",
+        ]
+    )
+    assert market.service.meter.paid_of(channel) == 2000
+    latest = await market.service.store.latest(channel)
+    assert latest is not None
+    assert latest.cumulative_amount == 2000
+
+    device = await _device(market)
+    await device.publish(market.topic, b"for the honest one")
+    data, _ = _split(await honest.got.drain(within=1.0), market.topic)
+    assert data == [b"for the honest one"]
+    await Payer(market, "buyer2", honest).pay(honest_channel, market.price)
+    assert await until(lambda: market.service.meter.paid_of(honest_channel) == market.price)
+    assert not honest.got.disconnected.is_set()
+    assert not attacker.got.disconnected.is_set()
+
+
+@pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
+async def test_revocation_disconnects_live_sessions(
+    market: Market, until: Callable[..., Any]
+) -> None:
+    buyer = market.client("buyer")
+    device = market.client("device")
+    assert await buyer.connect() == 0
+    assert await device.connect() == 0
+    started = time.monotonic()
+    await market.mp("oracle").registry.revoke(market.chain.addr("buyer"))
+    assert await buyer.wait_disconnected(10)
+    delay = buyer.got.disconnected_at - started
+    print(f"\nrevocation -> disconnect delay: {delay * 1000:.0f} ms (poll interval 50 ms)")
+    assert await until(lambda: market.service.stats.disconnects_revoked == 1)
+    # a revoked participant cannot come back
+    assert await market.client("buyer").connect() == 5
+    # revoking a seller disconnects its devices
+    await market.mp("oracle").registry.revoke(market.chain.addr("seller"))
+    assert await device.wait_disconnected(10)
+    assert await market.client("device").connect() == 5
+    # an approved newcomer still connects
+    await market.mp("validator").registry.apply_for_role(Role.VALIDATOR)
+    await market.mp("oracle").registry.approve(market.chain.addr("validator"))
+    await market.wait_view(lambda: market.service.view.is_active(market.chain.addr("validator")))
+    assert await market.client("validator").connect() == 0

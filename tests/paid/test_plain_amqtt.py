@@ -1,0 +1,111 @@
+"""The same plugin loaded from a plain amqtt broker config (``plugins:`` with a dotted path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from amqtt.broker import Broker
+
+from blendsm.broker._blend_broker import BlendBroker
+from blendsm.contracts._bindings import Policy, Role
+from blendsm.contracts._devchain import free_port
+from blendsm.errors import ConfigError
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_plain_amqtt_config_runs_the_marketplace(
+    chain: Any,
+    mp: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    until: Any,
+    mqtt_client: Any,
+) -> None:
+    Client = mqtt_client  # noqa: N806
+    for label, role in (("seller", Role.SELLER), ("buyer", Role.BUYER)):
+        await mp(label).registry.apply_for_role(role)
+        await mp("oracle").registry.approve(chain.addr(label))
+    await mp("seller").registry.add_device(chain.addr("device"))
+    await mp("seller").market.create_topic("paid/plain", 1_000, None, Policy.OPEN)
+    channel = (
+        await mp("buyer").channels.open(chain.addr("seller"), chain.addr("operator"), None, 10**15)
+    ).channel_id
+
+    chain.deployment.save(tmp_path / "deployment.json")
+    monkeypatch.setenv(
+        "BLENDSM_TEST_OPERATOR_KEY", chain.accounts["operator"].key.hex()
+    )  # TEST ONLY
+    (tmp_path / "blendsm.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "chain": {
+                    "endpoint": chain.anvil.url,
+                    "deployment": "deployment.json",
+                    "confirmations": 0,
+                    "poll_interval": 0.05,
+                },
+                "operator_key": {"env": "BLENDSM_TEST_OPERATOR_KEY"},
+                "data_dir": "data",
+            }
+        )
+    )
+    port = free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "blendsm.plugins.MarketplacePlugin": {"config": str(tmp_path / "blendsm.yaml")}
+            },
+        }
+    )
+    assert isinstance(broker, BlendBroker)  # upgraded in place by the plugin
+    await broker.start()
+    clients: list[Any] = []
+    try:
+        service = broker.service
+        await until(lambda: service.view.channel(channel) is not None, 10)
+        signer = _signer(chain, "buyer")
+        buyer = Client("127.0.0.1", port, account=chain.accounts["buyer"], signer=signer)
+        device = Client(
+            "127.0.0.1", port, account=chain.accounts["device"], signer=_signer(chain, "device")
+        )
+        anon = Client("127.0.0.1", port)
+        clients += [buyer, device, anon]
+        assert await anon.connect() == 5  # public topics are off by default
+        assert await buyer.connect() == 0
+        assert await device.connect() == 0
+        assert await buyer.subscribe("paid/plain") == [0]
+        await device.publish("paid/plain", b"hello", qos=1)
+        got = [m.payload for m in await buyer.got.drain(within=1.0) if m.topic == "paid/plain"]
+        assert got == [b"hello"]
+        assert service.meter.accounts[channel].charged == 1_000
+    finally:
+        for c in clients:
+            c.close()
+        await broker.shutdown()
+
+
+async def test_plain_amqtt_config_without_the_blendsm_file_fails_clearly() -> None:
+    from amqtt.errors import PluginInitError
+
+    with pytest.raises(PluginInitError) as caught:
+        Broker(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
+                "plugins": {"blendsm.plugins.MarketplacePlugin": {}},
+            }
+        )
+    cause = caught.value.__cause__
+    assert isinstance(cause, ConfigError)
+    assert "config: <path to the BlendSM broker YAML>" in str(cause)
+
+
+def _signer(chain: Any, label: str) -> Any:
+    from blendsm.device_sdk import ConnectTokenSigner
+
+    return ConnectTokenSigner(
+        bytes(chain.accounts[label].key), chain.deployment.chain_id, chain.addr("operator")
+    )
