@@ -240,3 +240,59 @@ async def test_revocation_disconnects_live_sessions(
     await market.mp("oracle").registry.approve(market.chain.addr("validator"))
     await market.wait_view(lambda: market.service.view.is_active(market.chain.addr("validator")))
     assert await market.client("validator").connect() == 0
+
+
+async def test_wildcard_subscription_delivers_only_what_is_paid_for(market: Market) -> None:
+    created = await market.mp("seller").market.create_topic("paid/other", market.price)
+    await market.wait_view(lambda: market.service.view.topic(created.topic_id) is not None)
+    channel_holder, channel = await _subscriber(market, "buyer")
+    no_channel = market.client("buyer2")  # a member with no channel
+    anon = market.client(None)
+    for c in (no_channel, anon):
+        assert await c.connect() == 0
+    for c in (channel_holder, no_channel, anon):
+        assert await c.subscribe("paid/#") == [0]
+    device = await _device(market)
+    await device.publish(market.topic, b"paid one", qos=1)
+    await device.publish("paid/other", b"paid two", qos=1)
+    await anon.publish("paid/free-for-all", b"public", qos=1)
+
+    def payloads(messages: list[Any]) -> list[bytes]:
+        return sorted(m.payload for m in messages if m.topic.startswith("paid/"))
+
+    assert payloads(await channel_holder.got.drain(within=1.0)) == [
+        b"paid one",
+        b"paid two",
+        b"public",
+    ]
+    assert payloads(await no_channel.got.drain(within=0.3)) == [b"public"]
+    assert payloads(await anon.got.drain(within=0.3)) == [b"public"]
+    assert market.service.meter.accounts[channel].charged == 2 * market.price
+
+
+async def test_a_closing_channel_stops_paid_delivery(market: Market) -> None:
+    buyer, channel = await _subscriber(market, "buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await _device(market)
+    await device.publish(market.topic, b"open", qos=1)
+    data, _ = _split(await buyer.got.drain(within=1.0), market.topic)
+    assert data == [b"open"]
+    await market.mp("buyer").channels.request_close(channel)
+    await market.wait_view(lambda: market.service.view.channel(channel).closes_at is not None)
+    await device.publish(market.topic, b"after close request", qos=1)
+    data, _ = _split(await buyer.got.drain(within=0.5), market.topic)
+    assert data == []
+    assert market.service.meter.accounts[channel].charged == market.price
+    assert await buyer.subscribe(market.topic) == [0x80]  # no usable channel any more
+
+
+async def test_the_amqtt_guard_refuses_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    import amqtt
+
+    from blendsm.broker._blend_broker import check_amqtt_compatibility
+    from blendsm.errors import ConfigError
+
+    check_amqtt_compatibility()
+    monkeypatch.setattr(amqtt, "__version__", "0.13.0")
+    with pytest.raises(ConfigError, match=r"needs exactly 0\.12\.1"):
+        check_amqtt_compatibility()
