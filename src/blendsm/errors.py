@@ -12,7 +12,8 @@ visible::
     │   │   ├── VoucherSignatureError                malformed, high-s, bad v, not the payer
     │   │   ├── VoucherNotNewerError                 cumulative amount not above what was claimed
     │   │   └── VoucherChannelError                  channel unknown, closed or past its challenge period
-    │   └── ConnectTokenError                        MQTT CONNECT password token malformed, forged, stale or replayed
+    │   ├── ConnectTokenError                        MQTT CONNECT password token malformed, forged, stale or replayed
+    │   └── EnvelopeError                            signed message envelope malformed, or not signed by its device
     ├── ArtifactError(BlendsmError, RuntimeError)    compiled contracts missing or stale
     ├── StoreError(BlendsmError, RuntimeError)       voucher store unreadable, foreign, newer or misused
     ├── BrokerConnectionError(BlendsmError, ConnectionError)   MQTT broker unreachable, silent or gone
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "ConnectTokenError",
     "ContractRevertError",
+    "EnvelopeError",
     "StoreError",
     "SubscriptionRefusedError",
     "TransactionFailedError",
@@ -84,6 +86,11 @@ class ConnectTokenError(WireError):
     address), an ``issuedAt`` outside the accepted window, a replayed nonce, or a full
     replay cache (refused rather than risk forgetting a nonce still valid).
     """
+
+
+class EnvelopeError(WireError):
+    """A signed message envelope is malformed, or its signature is not its device's for
+    that topic (tampered payload, topic, sequence or timestamp, or another key)."""
 
 
 class ArtifactError(BlendsmError, RuntimeError):
