@@ -1,0 +1,581 @@
+"""Paid delivery throughput: the BlendSM broker next to stock amqtt, same clients, same run.
+
+Run as ``python benchmarks/bench_paid_delivery.py [messages] [rounds]`` (defaults 3000
+messages, 3 rounds; about 50 s on a 2-core machine; every wait is clamped so the whole run
+ends within about 110 s even if something hangs, and rounds that would not fit are skipped
+and said so).
+
+Each configuration starts its broker in its own process on 127.0.0.1, connects 10 subscribers
+(two processes, five clients each) to ``bench/t`` at QoS 0, then one publisher in the driver
+process sends ``messages`` 64-byte QoS 0 PUBLISHes as fast as it can. Reported per
+configuration: deliveries/s (data messages received by all subscribers / time from the first
+publish to the last receipt), messages dropped (published x 10 - received), broker CPU per
+delivery (``resource.getrusage`` of the broker process, every thread included, from just
+before the first publish to the last receipt), the subscribers' and publisher's CPU per
+delivery the same way, and the ratios to (a).
+
+Configurations:
+  a  stock amqtt 0.12.1 ``Broker`` with a minimal config: one TCP listener and
+     ``AnonymousAuthPlugin`` (allow_anonymous) only. amqtt refuses every CONNECT without an
+     auth plugin, so this is "no plugins": no topic plugin, no event logger, no $SYS. Plain
+     paho subscribers and publisher, anonymous.
+  b  the BlendSM broker (``start_broker``: ``BlendBroker`` + ``MarketplacePlugin``, the
+     embedded chain, public_topics true) on a public (non-market) topic, with the same plain
+     paho clients as (a), anonymous: the cost of our CONNECT identity, access decisions and
+     delivery gate on free traffic.
+  c  the BlendSM broker on a paid market topic (``bench/t`` created on chain by the seller,
+     price 1000 wei per message): 10 SDK ``Subscriber``s, each its own funded TEST-ONLY key and
+     an open channel to the seller naming the broker operator, paying a voucher every
+     ``PAY_EVERY`` messages as they arrive; the broker lets a channel owe
+     ``CREDIT_MESSAGES`` messages. The publisher is the SDK ``Publisher`` of a registered
+     device of the seller. Every voucher is verified (ECDSA recover), stored durably
+     (SQLite WAL, synchronous=FULL, group commit) and answered with a Receipt notice.
+
+The in-process EVM cannot be shared across processes, so the broker process of (c) builds its
+own chain: deploys the suite, enrols seller, device and buyers (the deployer is the oracle),
+creates the topic and opens the 10 channels before starting the broker; the SDK Subscriber
+learns its channel from the broker's Quote. All keys are TEST-ONLY (``test_account``), on a
+chain that holds no value.
+
+Subscribers count only data messages on ``bench/t`` (never control notices) and stop once they
+have everything, or 2 s after the last message arrived (QoS 0 messages the gate refused for
+lack of credit never come), or at the run's deadline. Every wait has a deadline and child
+processes are always terminated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+N_SUBSCRIBERS = 10
+SUB_PROCS = 2
+PAYLOAD = b"x" * 64
+TOPIC = "bench/t"
+PRICE = 1_000  # wei per message on the paid topic
+DEPOSIT = 10**18  # per channel: far more than a run can spend
+CREDIT_MESSAGES = 50  # broker: unpaid messages a channel may owe before delivery pauses
+PAY_EVERY = 10  # SDK Subscriber: a voucher every 10 paid messages
+IDLE_STOP_S = 2.0  # a subscriber stops this long after its last message
+RUN_DEADLINE_S = 20.0  # per configuration, from subscriber start
+START_TIMEOUT_S = 40.0  # broker start-up (chain set-up included)
+TOTAL_BUDGET_S = 100.0  # every wait is clamped to end by then; cleanup adds at most ~10 s
+EST_RUN_S = {"a": 10.0, "b": 14.0, "c": 28.0}  # worst case per configuration, for the budget
+
+
+# --------------------------------------------------------------------------- broker process
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process so far, all threads, microsecond resolution."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _run_child(conn: Any, run: Any) -> None:
+    """Run the broker process's coroutine; a failure is reported to the driver at once."""
+    try:
+        asyncio.run(run())
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            conn.send(("error", repr(exc)))
+        raise
+    finally:
+        # amqtt leaves client transports to the garbage collector; collect them while the
+        # warning filters still hold, not at interpreter teardown (ResourceWarning noise).
+        gc.collect()
+
+
+async def _serve(conn: Any, stats: Any, stop: Any) -> None:
+    """Answer the driver's commands until "stop": "cpu" -> process CPU seconds so far,
+    "stats" -> the broker's counters."""
+    _quiet()  # again: eth_tester's backend set-up resets the warning filters
+    loop = asyncio.get_running_loop()
+    while True:
+        ready = await loop.run_in_executor(None, conn.poll, 60)
+        if not ready:
+            break  # the driver is gone
+        cmd = conn.recv()
+        if cmd == "cpu":
+            conn.send(_cpu())
+        elif cmd == "stats":
+            conn.send(stats())
+        elif cmd == "stop":
+            break
+    try:
+        await asyncio.wait_for(stop(), 8)
+    except Exception as exc:  # a slow shutdown must not hang the benchmark
+        conn.send(("stopped", repr(exc)))
+        return
+    conn.send(("stopped", None))
+
+
+def _stock_main(conn: Any) -> None:
+    _quiet()
+    from amqtt.broker import Broker
+
+    async def run() -> None:
+        port = _free_port()
+        broker = Broker(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                "plugins": {
+                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+                },
+            }
+        )
+        await broker.start()
+        conn.send(("ready", {"port": port}))
+        await _serve(conn, lambda: {}, broker.shutdown)
+
+    _run_child(conn, run)
+
+
+def _blendsm_config(data_dir: str) -> Any:
+    from blendsm.broker._config import parse_config
+
+    return parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "chain": {"endpoint": "embedded", "confirmations": 0, "poll_interval": 2.0},
+            "payments": {
+                "credit_messages": CREDIT_MESSAGES,
+                "settlement": {"interval_seconds": 3600},  # no claims during the run
+            },
+            "data_dir": data_dir,
+            "public_topics": True,
+            "log_level": "WARNING",
+        }
+    )
+
+
+def _blendsm_stats(running: Any) -> dict[str, int]:
+    service = running.service
+    return {
+        "metered": service.meter.delivered,
+        "denied_no_credit": service.meter.denied_no_credit,
+        "vouchers_accepted": service.stats.vouchers_accepted,
+        "vouchers_refused": service.stats.vouchers_refused,
+        "payment_requests": service.stats.payment_requests,
+        "quotes": service.stats.quotes,
+    }
+
+
+def _public_main(conn: Any, data_dir: str) -> None:
+    """(b): ``start_broker`` with the embedded chain it creates itself; no market topics."""
+    _quiet()
+    from blendsm.broker._runner import start_broker
+
+    async def run() -> None:
+        running = await start_broker(_blendsm_config(data_dir))
+        conn.send(("ready", {"port": running.port}))
+        await _serve(conn, lambda: _blendsm_stats(running), running.stop)
+
+    _run_child(conn, run)
+
+
+def _market_main(conn: Any, data_dir: str, n_buyers: int) -> None:
+    """(c): build the chain and the market here (the in-process EVM cannot cross processes),
+    then start the broker on it."""
+    _quiet()
+    from blendsm.broker._runner import ChainConnection, start_broker
+    from blendsm.contracts import Marketplace
+    from blendsm.contracts._bindings import Policy, Role
+    from blendsm.contracts._connect import EMBEDDED, connect
+    from blendsm.contracts._deploy import deploy_suite
+    from blendsm.contracts._devchain import new_embedded_chain, test_account
+
+    async def run() -> None:
+        t_setup = time.time()
+        # TEST-ONLY keys on a chain that holds no value.
+        deployer = test_account("bench-deployer")  # becomes the Registry's oracle
+        operator = test_account("bench-operator")
+        seller = test_account("bench-seller")
+        device = test_account("bench-device")
+        buyers = [test_account(f"bench-buyer-{i}") for i in range(n_buyers)]
+        tester = new_embedded_chain(
+            fund=[a.address for a in (deployer, operator, seller, device, *buyers)],
+            amount=10**21,
+        )
+        w3 = connect(EMBEDDED, ethereum_tester=tester)
+        deployment = await deploy_suite(w3, deployer)
+        oracle = Marketplace(w3, deployment, deployer)
+        for account, role in [
+            (seller, Role.SELLER),
+            (operator, Role.OPERATOR),
+            *[(b, Role.BUYER) for b in buyers],
+        ]:
+            await Marketplace(w3, deployment, account).registry.apply_for_role(role)
+            await oracle.registry.approve(account.address)
+        as_seller = Marketplace(w3, deployment, seller)
+        await as_seller.registry.add_device(device.address)
+        await as_seller.market.create_topic(TOPIC, PRICE, None, Policy.OPEN)
+        for buyer in buyers:
+            await Marketplace(w3, deployment, buyer).channels.open(
+                seller.address, operator.address, None, DEPOSIT
+            )
+        setup_s = time.time() - t_setup
+        running = await start_broker(
+            _blendsm_config(data_dir),
+            chain=ChainConnection(w3, deployment, operator, tester, owned=False),
+        )
+        conn.send(
+            (
+                "ready",
+                {
+                    "port": running.port,
+                    "chain_id": deployment.chain_id,
+                    "channels": deployment.address("PaymentChannels"),
+                    "operator": operator.address,
+                    "setup_s": setup_s,
+                },
+            )
+        )
+        await _serve(conn, lambda: _blendsm_stats(running), running.stop)
+
+    _run_child(conn, run)
+
+
+# --------------------------------------------------------------------------- subscriber process
+def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
+    # The SDK sets TCP_NODELAY (paho does not); set it here too so (a)/(b) use the same socket
+    # options as (c).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _subscriber_main(
+    kind: str,
+    port: int,
+    first_index: int,
+    n_clients: int,
+    info: dict[str, Any],
+    expected: int,
+    ready: Any,
+    results: Any,
+    deadline: float,
+) -> None:
+    _quiet()
+    counts = [0] * n_clients
+    last = [0.0] * n_clients
+    stop_clients: list[Any] = []
+    subs: list[Any] = []
+    extra: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def count(i: int) -> None:
+        counts[i] += 1
+        last[i] = time.time()
+
+    ok = True
+    try:
+        if kind == "c":
+            from blendsm.contracts._devchain import test_account
+            from blendsm.device_sdk import Subscriber
+            from blendsm.device_sdk._subscriber import PaymentEventKind
+
+            def on_payment(_s: Any, event: Any) -> None:
+                if event.kind is PaymentEventKind.REFUSAL:
+                    key = f"refused:{getattr(event.notice, 'code', '?')}"
+                    with lock:
+                        extra[key] = extra.get(key, 0) + 1
+
+            for j in range(n_clients):
+                sub = Subscriber(
+                    test_account(f"bench-buyer-{first_index + j}"),  # TEST-ONLY key
+                    host="127.0.0.1",
+                    port=port,
+                    broker=info["operator"],
+                    chain_id=info["chain_id"],
+                    channels_contract=info["channels"],
+                    pay_every=PAY_EVERY,
+                )
+
+                def on_message(_s: Any, m: Any, i: int = j) -> None:
+                    if m.topic == TOPIC:  # data only; notices never reach on_message anyway
+                        count(i)
+
+                sub.on_message = on_message
+                sub.on_payment = on_payment
+                sub.connect(timeout=max(0.5, deadline - time.time()))
+                sub.subscribe(TOPIC, 0, timeout=max(0.5, deadline - time.time()))
+                subs.append(sub)
+                stop_clients.append(sub.disconnect)
+        else:
+            import paho.mqtt.client as mqtt
+            from paho.mqtt.enums import CallbackAPIVersion
+
+            subscribed = [False] * n_clients
+            for j in range(n_clients):
+                c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{os.getpid()}-{j}")
+
+                def on_msg(_c: Any, _u: Any, m: Any, i: int = j) -> None:
+                    if m.topic == TOPIC:
+                        count(i)
+
+                def on_subscribe(*_a: Any, i: int = j) -> None:
+                    subscribed[i] = True
+
+                c.on_message = on_msg
+                c.on_subscribe = on_subscribe
+                c.on_socket_open = _nodelay
+                c.connect("127.0.0.1", port)
+                c.loop_start()
+                c.subscribe(TOPIC, 0)
+                stop_clients.append(lambda c=c: (c.disconnect(), c.loop_stop()))
+            while not all(subscribed) and time.time() < deadline:
+                time.sleep(0.01)
+            ok = all(subscribed)
+    except Exception as exc:
+        print(f"subscriber process: {exc!r}", file=sys.stderr, flush=True)
+        ok = False
+    ready.put(ok)
+    cpu0 = _cpu()
+    while ok and time.time() < deadline:
+        total = sum(counts)
+        if total >= expected * n_clients:
+            break
+        newest = max(last)
+        if total and time.time() - newest > IDLE_STOP_S:
+            break
+        time.sleep(0.01)
+    extra["cpu_us"] = int((_cpu() - cpu0) * 1e6)
+    for sub in subs:
+        s = sub.stats
+        for name in ("vouchers_sent", "receipts", "refusals", "payment_requests"):
+            extra[name] = extra.get(name, 0) + getattr(s, name)
+    for stop in stop_clients:
+        with contextlib.suppress(Exception):
+            stop()
+    results.put((sum(counts), max(last) if any(counts) else 0.0, extra))
+
+
+# --------------------------------------------------------------------------- driver
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
+    """A connected publisher and its publish function: plain paho for (a)/(b), the SDK
+    Publisher of the seller's registered device for (c)."""
+    if kind == "c":
+        from blendsm.contracts._devchain import test_account
+        from blendsm.device_sdk import Publisher
+
+        pub = Publisher(
+            test_account("bench-device"),  # TEST-ONLY key
+            host="127.0.0.1",
+            port=port,
+            broker=info["operator"],
+            chain_id=info["chain_id"],
+        )
+        pub.connect(timeout=10)
+        return pub.publish, pub.disconnect
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub")
+    c.on_socket_open = _nodelay
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+
+    def close() -> None:
+        c.disconnect()
+        c.loop_stop()
+
+    def publish(topic: str, payload: bytes) -> Any:
+        return c.publish(topic, payload, qos=0)
+
+    return publish, close
+
+
+def _ask(conn: Any, cmd: str, timeout: float = 10.0) -> Any:
+    conn.send(cmd)
+    if not conn.poll(timeout):
+        raise RuntimeError(f"broker did not answer {cmd!r}")
+    return conn.recv()
+
+
+def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[str, Any]:
+    """One configuration; every wait ends by ``hard_end`` (time.time()) at the latest."""
+
+    def left(wanted: float) -> float:
+        return max(0.5, min(wanted, hard_end - time.time()))
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    data_dir = tempfile.mkdtemp(prefix="bench-paid-")
+    target: Any = {"a": _stock_main, "b": _public_main, "c": _market_main}[kind]
+    args: tuple[Any, ...] = {
+        "a": (child,),
+        "b": (child, data_dir),
+        "c": (child, data_dir, N_SUBSCRIBERS),
+    }[kind]
+    broker = ctx.Process(target=target, args=args, daemon=True)
+    broker.start()
+    subs: list[Any] = []
+    close_pub: Any = None
+    try:
+        if not parent.poll(left(START_TIMEOUT_S)):
+            raise RuntimeError("broker did not start in time")
+        tag, info = parent.recv()
+        if tag != "ready":
+            raise RuntimeError(f"broker failed to start: {info}")
+        port = int(info["port"])
+        deadline = time.time() + left(RUN_DEADLINE_S)
+        ready, results = ctx.Queue(), ctx.Queue()
+        per = N_SUBSCRIBERS // SUB_PROCS
+        for p_index in range(SUB_PROCS):
+            p = ctx.Process(
+                target=_subscriber_main,
+                args=(kind, port, p_index * per, per, info, messages, ready, results, deadline),
+                daemon=True,
+            )
+            p.start()
+            subs.append(p)
+        if not all(ready.get(timeout=max(1.0, deadline - time.time())) for _ in subs):
+            raise RuntimeError("subscribers not ready")
+        publish, close_pub = _publisher(kind, port, info)
+        time.sleep(0.2)
+        cpu0 = _ask(parent, "cpu", left(10))
+        pub_cpu0 = _cpu()
+        t0 = time.time()
+        for _ in range(messages):
+            publish(TOPIC, PAYLOAD)
+        t_pub = time.time() - t0
+        got, t_last = 0, t0
+        extra: dict[str, int] = {}
+        for _ in subs:
+            n, tl, ex = results.get(timeout=left(max(1.0, deadline - time.time() + 5)))
+            got += n
+            t_last = max(t_last, tl)
+            for k, v in ex.items():
+                extra[k] = extra.get(k, 0) + v
+        pub_cpu = _cpu() - pub_cpu0
+        cpu1 = _ask(parent, "cpu", left(10))
+        stats = _ask(parent, "stats", left(10))
+        elapsed = max(t_last - t0, 1e-9)
+        return {
+            "deliveries": got,
+            "expected": messages * N_SUBSCRIBERS,
+            "dropped": messages * N_SUBSCRIBERS - got,
+            "rate": got / elapsed,
+            "cpu_us": (cpu1 - cpu0) / max(got, 1) * 1e6,
+            "sub_cpu_us": extra.pop("cpu_us", 0) / max(got, 1),
+            "pub_cpu_us": pub_cpu / max(got, 1) * 1e6,
+            "publish_s": t_pub,
+            "elapsed_s": elapsed,
+            "setup_s": float(info.get("setup_s", 0.0)),
+            **stats,
+            **{f"sub_{k}": v for k, v in extra.items()},  # SDK counters (c)
+        }
+    finally:
+        if close_pub is not None:
+            with contextlib.suppress(Exception):
+                close_pub()
+        try:
+            parent.send("stop")
+            if parent.poll(min(10.0, max(1.0, hard_end + 5 - time.time()))):
+                parent.recv()
+        except (OSError, EOFError):
+            pass
+        for p in [*subs, broker]:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+LABELS = {
+    "a": "stock amqtt, AnonymousAuth only, paho",
+    "b": "BlendSM, public topic, paho",
+    "c": "BlendSM, paid topic, SDK (vouchers)",
+}
+
+
+def main() -> None:
+    messages = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    start = time.time()
+    res: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
+    print(
+        f"1 pub -> {N_SUBSCRIBERS} subs, QoS 0, {len(PAYLOAD)} B, {messages} messages,"
+        f" {rounds} round(s); paid topic: credit_messages {CREDIT_MESSAGES},"
+        f" pay_every {PAY_EVERY}, price {PRICE} wei",
+        flush=True,
+    )
+    for r in range(rounds):
+        for k in LABELS:
+            if time.time() - start + EST_RUN_S[k] > TOTAL_BUDGET_S:
+                print(f"  time budget reached, skipping {k} round {r + 1}", flush=True)
+                continue
+            try:
+                out = run_one(k, messages, start + TOTAL_BUDGET_S)
+            except Exception as exc:
+                print(f"  round {r + 1} {k}: FAILED {exc!r}", flush=True)
+                continue
+            res[k].append(out)
+            line = (
+                f"  round {r + 1} {k}: {out['rate']:8.0f} deliveries/s"
+                f"  CPU/delivery: broker {out['cpu_us']:5.1f} us, subscribers"
+                f" {out['sub_cpu_us']:5.1f} us, publisher {out['pub_cpu_us']:4.1f} us"
+                f"\n           received {out['deliveries']}/{out['expected']} (dropped {out['dropped']})"
+                f"  publish {out['publish_s']:.2f} s, last receipt {out['elapsed_s']:.2f} s"
+            )
+            if k == "c":
+                line += (
+                    f"\n           metered {out['metered']}, denied_no_credit"
+                    f" {out['denied_no_credit']}, vouchers sent {out.get('sub_vouchers_sent', 0)}"
+                    f" / accepted {out['vouchers_accepted']} / refused {out['vouchers_refused']},"
+                    f" receipts seen {out.get('sub_receipts', 0)}, payment requests"
+                    f" {out['payment_requests']}, chain set-up {out['setup_s']:.1f} s"
+                    + "".join(
+                        f", {name[4:]} {n}"
+                        for name, n in out.items()
+                        if name.startswith("sub_refused:")
+                    )
+                )
+            print(line, flush=True)
+    print("median:")
+    base = statistics.median(x["rate"] for x in res["a"]) if res["a"] else float("nan")
+    base_cpu = statistics.median(x["cpu_us"] for x in res["a"]) if res["a"] else float("nan")
+    for k, label in LABELS.items():
+        if not res[k]:
+            continue
+        rate = statistics.median(x["rate"] for x in res[k])
+        cpu = statistics.median(x["cpu_us"] for x in res[k])
+        dropped = statistics.median(x["dropped"] for x in res[k])
+        sub_cpu = statistics.median(x["sub_cpu_us"] for x in res[k])
+        print(
+            f"  {k} {label:38s} {rate:7.0f} deliveries/s  broker {cpu:5.1f} us/delivery"
+            f" (subscribers {sub_cpu:5.1f})  dropped {dropped:5.0f}"
+            f"  rate {k}/a {rate / base:4.2f}  broker CPU {k}/a {cpu / base_cpu:4.2f}"
+        )
+    print(f"total {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
