@@ -245,6 +245,7 @@ def _market_main(conn: Any, data_dir: str, n_buyers: int) -> None:
                     "chain_id": deployment.chain_id,
                     "channels": deployment.address("PaymentChannels"),
                     "operator": operator.address,
+                    "registry": deployment.address("Registry"),
                     "setup_s": setup_s,
                 },
             )
@@ -378,18 +379,31 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
     """A connected publisher and its publish function: plain paho for (a)/(b), the SDK
     Publisher of the seller's registered device for (c)."""
     if kind == "c":
+        import tempfile
+
         from blendsm.contracts._devchain import test_account
         from blendsm.device_sdk import Publisher
 
+        state = tempfile.mkdtemp(prefix="bench-device-")
         pub = Publisher(
             test_account("bench-device"),  # TEST-ONLY key
             host="127.0.0.1",
             port=port,
             broker=info["operator"],
             chain_id=info["chain_id"],
+            registry=info["registry"],
+            state_dir=state,
         )
         pub.connect(timeout=10)
-        return pub.publish, pub.disconnect
+
+        def publish_signed(topic: str, payload: bytes) -> Any:
+            return pub.publish(topic, payload, qos=0)  # a signed envelope, 103 B header
+
+        def close_signed() -> None:
+            pub.close()
+            shutil.rmtree(state, ignore_errors=True)
+
+        return publish_signed, close_signed
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 

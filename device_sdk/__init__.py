@@ -80,7 +80,8 @@ from ._merkle import (
     verify_proof,
 )
 from ._mqtt import Disconnection
-from ._publisher import Publisher
+from ._outbox import OutboxFullError
+from ._publisher import Encryptor, Publisher
 from ._subscriber import (
     PaymentEvent,
     PaymentEventKind,
@@ -145,11 +146,13 @@ __all__ = [
     "ConnectTokenSigner",
     "ConnectTokenVerifier",
     "Disconnection",
+    "Encryptor",
     "Envelope",
     "EnvelopeSigner",
     "MerkleTree",
     "MessageDomain",
     "Notice",
+    "OutboxFullError",
     "PaymentEvent",
     "PaymentEventKind",
     "PaymentRequest",

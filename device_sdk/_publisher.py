@@ -1,26 +1,114 @@
-"""The device-side publisher: connects as a registered device and publishes market data.
+"""The device-side publisher: signs every reading at the edge and delivers it at least once.
 
-For now it publishes payloads as given. Edge signing (topic, sequence, timestamp and payload
-hash signed by the device key) will wrap the payload in :meth:`Publisher.encode_payload`,
-the one seam every publish goes through.
+Every message is wrapped in a signed :class:`~blendsm.device_sdk.Envelope` (EIP-712
+``Message`` over topic, device, sequence, timestamp, payload hash and flags, in the
+deployment's :class:`MessageDomain`), so subscribers can verify it whatever the broker did.
+
+Delivery (QoS 1 and 2) is store-and-forward through an on-disk outbox in ``state_dir``:
+
+- :meth:`Publisher.publish` assigns the next sequence number of the topic, signs once, and
+  inserts the final envelope into the outbox (SQLite WAL, fsync) before it returns; the
+  broker need not be reachable;
+- a sender thread hands queued envelopes to paho, oldest first, at most ``max_inflight``
+  at a time, while connected; a message leaves the outbox only after its PUBACK (QoS 1) or
+  PUBCOMP (QoS 2). paho resends what was in flight after a reconnect; after a restart of
+  the device the sender resends whatever is still queued, byte for byte;
+- so nothing is lost across a broker or device crash, and a message may arrive twice:
+  subscribers dedupe by (device, topic, sequence), which the signature covers;
+- the outbox is bounded (``max_pending`` messages, ``max_pending_bytes`` bytes); a full
+  outbox refuses new messages with :class:`OutboxFullError` and never drops queued ones.
+
+QoS 0 is fire-and-forget and bypasses the outbox: sent at once if connected, otherwise
+:class:`BrokerConnectionError` (never a silent drop). It uses the same per-topic sequence,
+so it can overtake QoS 1 messages still queued.
+
+Reconnects: after a drop paho retries every second, and each retry first waits a random
+time in ``[0, min(reconnect_max_delay, 0.5 s * 2**(attempt-1))]`` (exponential backoff with
+full jitter), so a fleet of devices does not reconnect in lockstep after a broker restart.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Final, Self
+
 import paho.mqtt.client as mqtt
 from eth_account.signers.local import LocalAccount
+from paho.mqtt.enums import MQTTErrorCode
 
-from blendsm.errors import BrokerConnectionError, ConfigError
+from blendsm.errors import BrokerConnectionError, ConfigError, StoreError
 
 from ._control import is_control_topic
-from ._mqtt import _MqttClient
+from ._envelope import FLAG_ENCRYPTED, Envelope, EnvelopeSigner, MessageDomain
+from ._keys import account_from_env, account_from_keystore
+from ._mqtt import _MqttClient, _reason_value
+from ._outbox import SqliteOutbox
+from ._sequence import SEQUENCE_BLOCK, SequenceAllocator
 
-__all__ = ["Publisher"]
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = ["Encryptor", "Publisher"]
+
+_log = logging.getLogger("blendsm.device_sdk")
+
+Encryptor = Callable[[str, bytes], bytes]
+"""``(topic, plaintext) -> ciphertext``: applied before signing; sets ``FLAG_ENCRYPTED``."""
+
+SEQUENCE_FILE: Final = "sequences.json"
+OUTBOX_FILE: Final = "outbox.sqlite3"
+LOCK_FILE: Final = "lock"
+_MAX_TOPIC_BYTES: Final = 65535
+
+
+def _check_topic(topic: Any) -> str:
+    """Refuse at enqueue time what paho or the broker would refuse later (a bad topic in
+    the outbox would block it)."""
+    if not isinstance(topic, str) or not topic:
+        raise ConfigError(f"topic: must be a non-empty str, got {topic!r}")
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        raise ConfigError(f"topic: {topic!r} has a wildcard or NUL (not allowed in PUBLISH)")
+    if len(topic.encode()) > _MAX_TOPIC_BYTES:
+        raise ConfigError("topic: longer than 65535 bytes")
+    if is_control_topic(topic):
+        raise ConfigError(f"topic: {topic!r} is in the reserved control tree")
+    return topic
+
+
+def _lock_state_dir(state_dir: Path) -> IO[str] | None:
+    """An exclusive lock on ``state_dir`` for this Publisher's life: two publishers sharing
+    one sequence file would hand out the same numbers. Released by the OS on a crash."""
+    if sys.platform == "win32":  # pragma: no cover - gateways run Linux
+        return None
+    fh = (state_dir / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ConfigError(
+            f"state_dir: {state_dir} is in use by another Publisher (one per device and dir)"
+        ) from None
+    return fh
 
 
 class Publisher(_MqttClient):
-    """An MQTT publisher authenticated with CONNECT tokens bound to ``broker`` (the broker
-    operator's address) on ``chain_id``."""
+    """A registered device: signs each message for the deployment ``(chain_id, registry)``
+    and publishes it through the durable outbox in ``state_dir``; authenticates with CONNECT
+    tokens bound to ``broker`` (the broker operator's address).
+
+    ``state_dir`` holds the sequence state, the outbox and a lock file; it belongs to one
+    device and one Publisher at a time (ConfigError otherwise). Use as a context manager
+    (connect ... close) or call :meth:`connect`/:meth:`start` and :meth:`close`.
+    """
 
     def __init__(
         self,
@@ -30,9 +118,17 @@ class Publisher(_MqttClient):
         port: int,
         broker: str | bytes,
         chain_id: int,
+        registry: str | bytes,
+        state_dir: str | os.PathLike[str],
         client_id: str | None = None,
         clean_session: bool = True,
         keepalive: int = 60,
+        encryptor: Encryptor | None = None,
+        max_pending: int = 10_000,
+        max_pending_bytes: int = 16 * 1024 * 1024,
+        max_inflight: int = 20,
+        sequence_block: int = SEQUENCE_BLOCK,
+        reconnect_max_delay: float = 30.0,
     ) -> None:
         super().__init__(
             account,
@@ -44,47 +140,275 @@ class Publisher(_MqttClient):
             clean_session=clean_session,
             keepalive=keepalive,
         )
+        if encryptor is not None and not callable(encryptor):
+            raise ConfigError("encryptor: must be a callable (topic, plaintext) -> ciphertext")
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+            raise ConfigError(f"max_inflight: must be a positive int, got {max_inflight!r}")
+        if not isinstance(reconnect_max_delay, int | float) or reconnect_max_delay < 0:
+            raise ConfigError(f"reconnect_max_delay: must be >= 0, got {reconnect_max_delay!r}")
+        self.domain: MessageDomain = MessageDomain(chain_id, registry)
+        """The EIP-712 domain every message is signed in."""
+        self._signer = EnvelopeSigner(self._key, self.domain)
+        self.encryptor = encryptor
+        self.max_inflight = max_inflight
+        self.reconnect_max_delay = float(reconnect_max_delay)
+        self.state_dir = Path(state_dir)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir: cannot create {self.state_dir}: {exc}") from exc
+        self._lockfile = _lock_state_dir(self.state_dir)
+        try:
+            self._sequences = SequenceAllocator(
+                self.state_dir / SEQUENCE_FILE, self.address, block=sequence_block
+            )
+            self._outbox = SqliteOutbox(
+                self.state_dir / OUTBOX_FILE,
+                self.address,
+                max_messages=max_pending,
+                max_bytes=max_pending_bytes,
+            )
+        except BaseException:
+            self._release_lock()
+            raise
+
+        self._publish_lock = threading.Lock()  # sequence order == outbox order
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()  # PUBACKed mids (paho thread)
+        self._wake = threading.Event()  # something for the sender to do
+        self._halt = threading.Event()  # disconnect requested: cut reconnect waits short
+        self._drained = threading.Condition()  # notified when messages leave the outbox
+        self._handed: dict[int, int] = {}  # paho mid -> outbox row id (sender thread only)
+        self._cursor = 0  # highest row id handed to paho in this process (sender only)
+        self._attempt = 0  # connection attempts since connect()/start() (0: the first)
+        self._closed = False
+
+        self._mqtt.max_inflight_messages_set(max_inflight)
+        self._mqtt.reconnect_delay_set(1, 1)  # the growing, jittered part is ours
+        self._mqtt.on_publish = self._on_paho_publish
+        self._sender = threading.Thread(
+            target=self._sender_main, name=f"blendsm-outbox-{self.client_id}", daemon=True
+        )
+        self._sender.start()
+
+    # --- construction from a key source ------------------------------------------------
+
+    @classmethod
+    def from_env(cls, variable: str, **kwargs: Any) -> Self:
+        """A Publisher whose device key is the hex private key in ``$variable``."""
+        return cls(account_from_env(variable), **kwargs)
+
+    @classmethod
+    def from_keystore(
+        cls, path: str | os.PathLike[str], password_variable: str, **kwargs: Any
+    ) -> Self:
+        """A Publisher whose device key is in the encrypted keystore ``path`` (Web3 Secret
+        Storage v3), decrypted with the password in ``$password_variable``."""
+        return cls(account_from_keystore(path, password_variable), **kwargs)
+
+    # --- signing -------------------------------------------------------------------------
+
+    def seal(self, topic: str, payload: bytes) -> Envelope:
+        """The signed envelope of the next message on ``topic`` (consumes a sequence number;
+        encrypts first when an ``encryptor`` is set). :meth:`publish` calls this."""
+        flags = 0
+        if self.encryptor is not None:
+            payload = bytes(self.encryptor(topic, payload))
+            flags = FLAG_ENCRYPTED
+        sequence = self._sequences.next(topic)
+        return self._signer.sign(topic, payload, sequence, time.time_ns() // 1_000_000, flags)
 
     def encode_payload(self, topic: str, payload: bytes) -> bytes:
-        """What goes on the wire for ``payload``: the payload itself for now; edge signing
-        will return a signed envelope here."""
-        return payload
+        """What goes on the wire for ``payload``: its signed envelope (see :meth:`seal`)."""
+        return self.seal(topic, payload).encode()
 
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int = 0,
-        retain: bool = False,
-        *,
-        wait: bool = False,
-        timeout: float = 10.0,
-    ) -> mqtt.MQTTMessageInfo:
-        """Publish ``payload`` on ``topic``; paho's MessageInfo.
+    # --- publishing ----------------------------------------------------------------------
 
-        With ``wait`` (QoS 1/2), block until the broker acknowledged it, raising
-        :class:`BrokerConnectionError` after ``timeout`` seconds. QoS 0 while disconnected
-        raises too (paho would drop it); QoS 1/2 is queued and sent on reconnect.
+    @property
+    def pending(self) -> int:
+        """Messages in the outbox: queued or in flight, not yet acknowledged by the broker."""
+        return self._outbox.count
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._outbox.size
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Sign ``payload`` for ``topic`` and publish it; its sequence number.
+
+        QoS 1/2: queued durably in the outbox before returning (broker reachable or not),
+        sent in order, removed after the broker's acknowledgement; :class:`OutboxFullError`
+        when the outbox is at its bound. QoS 0: sent at once, or
+        :class:`BrokerConnectionError` when not connected (fire-and-forget, no outbox).
         """
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise ConfigError(f"payload: must be bytes, got {type(payload).__name__}")
-        if is_control_topic(topic):
-            raise ConfigError(f"topic: {topic!r} is in the reserved control tree")
-        if qos not in (0, 1, 2):
+        _check_topic(topic)
+        if qos not in (0, 1, 2) or isinstance(qos, bool):
             raise ConfigError(f"qos: must be 0, 1 or 2, got {qos!r}")
-        try:
-            info = self._publish(topic, self.encode_payload(topic, bytes(payload)), qos, retain)
-        except ValueError as exc:  # paho: wildcards or empty topic
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"topic: {exc}") from exc
-        if wait and qos > 0:
+        if self._closed:
+            raise StoreError("publisher is closed")
+        data = bytes(payload)
+        with self._publish_lock:
+            if qos == 0:
+                if not self._mqtt.is_connected():
+                    raise BrokerConnectionError(
+                        f"not connected: QoS 0 message to {topic!r} dropped"
+                    )
+                envelope = self.seal(topic, data)
+                self._publish(topic, envelope.encode(), 0, retain)
+                return envelope.sequence
+            envelope = self.seal(topic, data)
+            self._outbox.put(topic, envelope.encode(), qos, retain, envelope.sequence)
+        self._wake.set()
+        return envelope.sequence
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the outbox is empty (every queued message acknowledged);
+        :class:`BrokerConnectionError` if messages remain after ``timeout`` seconds."""
+        with self._drained:
+            done = self._drained.wait_for(
+                lambda: self._outbox.count == 0 or self._closed, max(timeout, 0)
+            )
+        if not done or self._outbox.count:
+            raise BrokerConnectionError(
+                f"{self.pending} messages still in the outbox after {timeout:g} s"
+                f" ({'connected' if self.connected else 'not connected'})"
+            )
+
+    # --- connection ----------------------------------------------------------------------
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect and wait for the CONNACK (errors as :meth:`_MqttClient.connect`); then
+        paho reconnects by itself after drops, with jittered backoff."""
+        self._halt.clear()
+        self._attempt = 0
+        super().connect(timeout)
+
+    def start(self) -> None:
+        """Connect in the background and return at once: retries (with jittered backoff)
+        until the broker answers, then reconnects after every drop. For a device that must
+        queue readings while the broker is down at boot. A refusal (bad token, not a
+        member) stops the retries; see the log."""
+        if self._mqtt.is_connected():
+            return
+        self._halt.clear()
+        self._attempt = 0
+        with self._cond:
+            self._connack = None
+            self._closing = None
+            self._dropped = False
+        self._mqtt.loop_stop()
+        self._mqtt.connect_async(self.host, self.port, self.keepalive)
+        self._mqtt.loop_start()
+
+    def disconnect(self) -> None:
+        """Send DISCONNECT and stop the network thread; queued messages stay in the outbox."""
+        self._halt.set()
+        super().disconnect()
+
+    def close(self) -> None:
+        """Disconnect, stop the sender, persist exact sequence counters, close the outbox
+        and release ``state_dir`` (idempotent). Unacknowledged messages stay queued on disk
+        and are sent by the next Publisher on this ``state_dir``."""
+        if self._closed:
+            return
+        self.disconnect()
+        self._closed = True
+        self._wake.set()
+        self._sender.join(10)
+        self._sequences.close()
+        self._outbox.close()
+        self._release_lock()
+        with self._drained:
+            self._drained.notify_all()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _release_lock(self) -> None:
+        fh = getattr(self, "_lockfile", None)
+        if fh is not None:
+            fh.close()  # closing the descriptor drops the flock
+            self._lockfile = None
+
+    # --- sender thread -------------------------------------------------------------------
+
+    def _sender_main(self) -> None:
+        while True:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            closing = self._closed
             try:
-                info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError) as exc:  # paho: lost with the connection
-                raise BrokerConnectionError(f"publish to {topic!r} failed: {exc}") from exc
-            if not info.is_published():
-                raise BrokerConnectionError(
-                    f"publish to {topic!r} not acknowledged within {timeout:g} s"
+                self._send_round(hand=not closing)
+            except Exception:
+                _log.exception("%s: outbox sender error", self.client_id)
+                self._halt.wait(0.5)
+            if closing:
+                return
+
+    def _send_round(self, *, hand: bool) -> None:
+        acked: list[int] = []
+        while True:
+            try:
+                mid = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            row = self._handed.pop(mid, None)
+            if row is not None:  # else a QoS 0 message's mid
+                acked.append(row)
+        if acked:
+            self._outbox.delete(acked)
+            with self._drained:
+                self._drained.notify_all()
+        if not hand or not self._mqtt.is_connected():
+            return
+        room = self.max_inflight - len(self._handed)
+        if room <= 0:
+            return
+        for message in self._outbox.after(self._cursor, room):
+            info = self._mqtt.publish(
+                message.topic, message.data, qos=message.qos, retain=message.retain
+            )
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                _log.warning(
+                    "%s: cannot hand message %d to paho: %s",
+                    self.client_id,
+                    message.sequence,
+                    mqtt.error_string(info.rc),
                 )
-        return info
+                self._halt.wait(0.5)
+                self._wake.set()
+                return
+            # With NO_CONN paho keeps a QoS>0 message and sends it on reconnect.
+            self._handed[info.mid] = message.id
+            self._cursor = message.id
+
+    # --- paho callbacks (loop thread) ----------------------------------------------------
+
+    def _on_paho_publish(
+        self, _client: mqtt.Client, _userdata: Any, mid: int, _reason: Any, _props: Any
+    ) -> None:
+        # Never touch the disk or our locks here: paho holds its message lock.
+        self._acks.put(mid)
+        self._wake.set()
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        attempt = self._attempt
+        self._attempt = attempt + 1
+        if attempt:  # an automatic retry: exponential backoff with full jitter
+            cap = min(self.reconnect_max_delay, 0.5 * 2 ** min(attempt - 1, 20))
+            self._halt.wait(random.uniform(0, cap))
+        super()._on_pre_connect(client, userdata)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        super()._on_connect(client, userdata, flags, reason, props)
+        if _reason_value(reason) == 0:
+            self._attempt = 1  # any further CONNECT is an automatic retry
+            self._wake.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ PAY_EVERY = 5  # ... and the SDK pays every 5, so vouchers in flight never stall
     ("chain", "target"), [("embedded", 10_000), ("anvil", 2_000)], indirect=["chain"]
 )
 async def test_delivered_times_price_equals_vouchers_claims_and_payouts(
-    market: Any, until: Any, target: int
+    market: Any, until: Any, target: int, tmp_path: Path
 ) -> None:
     chain, mp, service = market.chain, market.mp, market.service
     price = market.price
@@ -77,6 +78,8 @@ async def test_delivered_times_price_equals_vouchers_claims_and_payouts(
         port=market.port,
         broker=operator,
         chain_id=chain.deployment.chain_id,
+        registry=chain.deployment.address("Registry"),
+        state_dir=tmp_path / "device",
     )
     await asyncio.to_thread(device.connect)
     stop = threading.Event()
@@ -85,7 +88,7 @@ async def test_delivered_times_price_equals_vouchers_claims_and_payouts(
     def publish() -> None:
         nonlocal published
         while not stop.is_set():
-            device.publish(market.topic, b"%063d" % published)
+            device.publish(market.topic, b"%063d" % published, qos=0)
             published += 1
             time.sleep(0.0005)
 
@@ -157,7 +160,7 @@ async def test_delivered_times_price_equals_vouchers_claims_and_payouts(
     assert payouts + fees + refunds == DEPOSIT * len(BUYERS)
     for sub in subscribers.values():
         sub.disconnect()
-    device.disconnect()
+    device.close()
     print(
         f"\n[{chain.kind}] {delivered} paid deliveries to {len(BUYERS)} subscribers in"
         f" {elapsed:.1f}s ({delivered / elapsed:.0f}/s), published {published},"
