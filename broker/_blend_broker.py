@@ -154,6 +154,25 @@ class MeteredHandler(BrokerProtocolHandler):
             if not charge.done:
                 service.meter.release(charge)
 
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        """A client's PUBLISH: on a market topic the signed envelope is checked and its leaf
+        stored before amqtt acknowledges it (durably for QoS 1/2, queued for QoS 0); an
+        invalid one is marked so the broker drops it instead of broadcasting it."""
+        topic = publish_packet.topic_name
+        session = self.session
+        service = self._blendsm
+        if topic and session is not None and service.view.is_market_topic(topic):
+            checked = service.inspect_publish(session, topic, publish_packet.data or b"")
+            if checked is False:
+                publish_packet.blendsm_rejected = True
+            elif checked is not None and service.anchorer is not None:
+                envelope, leaf = checked
+                if publish_packet.qos:
+                    await service.anchorer.add(topic, envelope, leaf)
+                else:
+                    service.anchorer.add_nowait(topic, envelope, leaf)
+        await super().handle_publish(publish_packet)
+
     async def _send_packet(self, packet: Any) -> None:
         charge = _CHARGE.get()
         if charge is None or charge.done or type(packet) is not PublishPacket or packet.dup_flag:
@@ -366,6 +385,8 @@ class BlendBroker(Broker):
         if topic and topic.startswith(CONTROL_ROOT):
             self.service.on_control_publish(client_session, handler, topic, message.data)
             return True
+        if getattr(getattr(message, "publish_packet", None), "blendsm_rejected", False):
+            return True  # not a valid envelope of the publishing device: never broadcast
         return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
 
     # --- retained messages: only on SUBSCRIBE, to the subscriber, at its QoS -------------

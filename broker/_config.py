@@ -36,6 +36,7 @@ from blendsm.errors import ConfigError
 __all__ = [
     "EMBEDDED",
     "LOG_LEVELS",
+    "AnchoringConfig",
     "BrokerConfig",
     "ChainConfig",
     "ListenConfig",
@@ -124,6 +125,16 @@ class PaymentsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AnchoringConfig:
+    """When the leaves of market messages are anchored on chain (one transaction per batch)."""
+
+    batch_seconds: float = 60.0
+    """Anchor at most this long after the oldest pending leaf arrived (> 0)."""
+    batch_max_leaves: int = 1000
+    """Anchor as soon as this many leaves are pending (1 to 1048576)."""
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The whole broker configuration (``blendsm broker -c broker.yaml``)."""
 
@@ -135,6 +146,8 @@ class BrokerConfig:
     """Operator key reference; required unless the chain is embedded."""
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     """Metering credit and settlement policy."""
+    anchoring: AnchoringConfig = field(default_factory=AnchoringConfig)
+    """Batching of message leaves into on-chain anchors."""
     data_dir: Path = Path("blendsm-data")
     """Folder for the broker's durable state (voucher store, anchor leaves)."""
     public_topics: bool = False
@@ -215,6 +228,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
         chain=chain,
         operator_key=operator_key,
         payments=_parse_payments(_section(root, "payments")),
+        anchoring=_parse_anchoring(_section(root, "anchoring")),
         data_dir=_path(root, "data_dir", "", base) or _resolve(Path("blendsm-data"), base),
         public_topics=_typed(root, "public_topics", "", bool, False),
         log_level=log_level,
@@ -298,6 +312,14 @@ def _parse_operator_key(value: Any, base: Path | None) -> OperatorKeyConfig | No
     if env is not None and password_env is not None:
         raise ConfigError("operator_key.password_env: only used with operator_key.keystore")
     return OperatorKeyConfig(env=env, keystore=keystore, password_env=password_env)
+
+
+def _parse_anchoring(data: Mapping[str, Any]) -> AnchoringConfig:
+    _check_keys(data, AnchoringConfig, "anchoring")
+    return AnchoringConfig(
+        batch_seconds=_seconds(data, "batch_seconds", "anchoring", 60.0, allow_zero=False),
+        batch_max_leaves=_int(data, "batch_max_leaves", "anchoring", 1000, low=1, high=2**20),
+    )
 
 
 def _parse_payments(data: Mapping[str, Any]) -> PaymentsConfig:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from eth_account.signers.local import LocalAccount
 from web3 import AsyncWeb3
 
+from blendsm.broker._anchors import AnchorConfig, Anchorer, AnchorRecord, AsyncLeafStore
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import BrokerConfig
 from blendsm.broker._meter import Account, Charge, Meter, Reservation
@@ -32,9 +33,12 @@ from blendsm.contracts._deploy import Deployment
 from blendsm.contracts._events import ChainEvent
 from blendsm.device_sdk._connect_token import ConnectTokenVerifier
 from blendsm.device_sdk._control import (
+    ANCHORS_TOPIC,
     CONTROL_ROOT,
     NOTICE,
+    PROOF,
     VOUCHER,
+    AnyNotice,
     Notice,
     PaymentRequest,
     Quote,
@@ -42,14 +46,24 @@ from blendsm.device_sdk._control import (
     Refusal,
     RefusalCode,
     control_topic,
+    decode_proof_request,
     decode_voucher,
+    encode_anchor_notice,
     encode_notice,
     is_control_topic,
     parse_control_topic,
 )
+from blendsm.device_sdk._envelope import (
+    Envelope,
+    MessageDomain,
+    decode_envelope,
+    message_leaf,
+    verify_envelope,
+)
 from blendsm.device_sdk._voucher import ChannelState, VoucherDomain, VoucherVerifier
 from blendsm.errors import (
     ConnectTokenError,
+    EnvelopeError,
     VoucherChannelError,
     VoucherNotNewerError,
     VoucherSignatureError,
@@ -114,6 +128,9 @@ class ServiceStats:
     quotes: int = 0
     disconnects_revoked: int = 0
     offline_dropped: int = 0
+    envelopes_refused: int = 0
+    proofs_served: int = 0
+    anchor_notices: int = 0
 
 
 class MarketplaceService:
@@ -152,12 +169,15 @@ class MarketplaceService:
         self.vouchers = VoucherVerifier(
             VoucherDomain(deployment.chain_id, deployment.address("PaymentChannels"))
         )
+        self.messages = MessageDomain(deployment.chain_id, deployment.address("Registry"))
         self.marketplace = Marketplace(
             w3, deployment, operator, confirmations=config.chain.confirmations
         )
         self.stats = ServiceStats()
         self.store: AsyncVoucherStore | None = None
         self.settler: Settler | None = None
+        self.anchorer: Anchorer | None = None
+        self._anchor_task: asyncio.Task[None] | None = None
         self.broker: Any = None  # the BlendBroker serving this service
         self._tasks: set[asyncio.Task[Any]] = set()
         self._view_task: asyncio.Task[None] | None = None
@@ -205,6 +225,22 @@ class MarketplaceService:
             **self._settler_options,
         )
         self._settler_task = asyncio.create_task(self.settler.run(), name="blendsm-settlement")
+        leaves = await AsyncLeafStore.open(
+            data_dir / "leaves.sqlite3", self.log.getChild("anchors")
+        )
+        anchoring = self.config.anchoring
+        self.anchorer = Anchorer(
+            leaves,
+            self.marketplace,
+            AnchorConfig(
+                batch_seconds=anchoring.batch_seconds,
+                batch_max_leaves=anchoring.batch_max_leaves,
+                confirmations=self.config.chain.confirmations,
+            ),
+            logger=self.log.getChild("anchors"),
+            on_anchored=self._on_anchored,
+        )
+        self._anchor_task = asyncio.create_task(self.anchorer.run(), name="blendsm-anchors")
         self.log.info(
             "marketplace service started: operator %s, chain id %d, public topics %s",
             self.operator.address,
@@ -216,8 +252,10 @@ class MarketplaceService:
         """Stop settling and following; wait for in-flight voucher writes; close the store."""
         if self.settler is not None:
             self.settler.stop()
+        if self.anchorer is not None:
+            self.anchorer.stop()
         self.view.stop()
-        for task in (self._settler_task, self._view_task):
+        for task in (self._settler_task, self._anchor_task, self._view_task):
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(task, timeout=10)
@@ -228,6 +266,9 @@ class MarketplaceService:
         if self.store is not None:
             await self.store.close()
             self.store = None
+        if self.anchorer is not None:
+            await self.anchorer.store.close()
+            self.anchorer = None
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -316,6 +357,8 @@ class MarketplaceService:
         ident = self.identity(session)
         if ident is None:
             return False
+        if topic_filter == ANCHORS_TOPIC:
+            return True  # anchor notices are public: anyone may check them on chain
         if topic_filter.startswith(CONTROL_ROOT):
             own = f"{CONTROL_ROOT}/{ident.key}/"
             allowed = bool(ident.key) and topic_filter.startswith(own)
@@ -361,7 +404,7 @@ class MarketplaceService:
     def allow_publish(self, session: Session, topic_name: str) -> bool:
         """PUBLISH: market topics only from the seller's registered devices."""
         ident = self.identity(session)
-        if ident is None or is_control_topic(topic_name):
+        if ident is None or is_control_topic(topic_name) or topic_name == ANCHORS_TOPIC:
             return False
         view = self.view
         topic = view.topic_for_name(topic_name)
@@ -386,6 +429,8 @@ class MarketplaceService:
         ident = self.identity(session)
         if ident is None or is_control_topic(topic_name):
             return False
+        if topic_name == ANCHORS_TOPIC:
+            return True
         view = self.view
         topic = view.topic_for_name(topic_name)
         if topic is None:
@@ -402,6 +447,8 @@ class MarketplaceService:
         view = self.view
         topic = view.topic_for_name(topic_name)
         if topic is None:
+            if topic_name == ANCHORS_TOPIC:
+                return Verdict.FREE
             if is_control_topic(topic_name) or view.is_market_topic(topic_name):
                 return Verdict.DENY
             return Verdict.FREE if self.public_topics else Verdict.DENY
@@ -474,6 +521,9 @@ class MarketplaceService:
         Never broadcast; processing runs in its own task, off the client's read loop."""
         ident = self.identity(session)
         parsed = parse_control_topic(topic)
+        if ident is not None and ident.key and parsed == (ident.key, PROOF):
+            self._spawn(self._answer_proof(handler, ident, bytes(data)), "blendsm-proof")
+            return
         if ident is None or not ident.key or parsed is None or parsed != (ident.key, VOUCHER):
             self.stats.vouchers_refused += 1
             who = ident.address if ident is not None else None
@@ -572,8 +622,81 @@ class MarketplaceService:
                     self.broker.resume_offline_replay(session)
         return Receipt(voucher.channel_id, voucher.cumulative_amount)
 
+    async def _answer_proof(
+        self, handler: BrokerProtocolHandler, ident: Identity, payload: bytes
+    ) -> None:
+        try:
+            request = decode_proof_request(payload)
+        except WireError as exc:
+            await self.send_notice(handler, ident, Refusal("malformed", str(exc)[:300]))
+            return
+        anchorer = self.anchorer
+        if anchorer is None:
+            answer: AnyNotice = Refusal(
+                "proof_unavailable", "broker is shutting down", request_id=request.request_id
+            )
+        else:
+            try:
+                answer = await anchorer.answer(request)
+            except Exception as exc:
+                self.log.exception("proof request from %s failed", ident.address)
+                answer = Refusal(
+                    "proof_unavailable",
+                    f"internal error: {type(exc).__name__}",
+                    request_id=request.request_id,
+                )
+        if not isinstance(answer, Refusal):
+            self.stats.proofs_served += 1
+        await self.send_notice(handler, ident, answer)
+
+    # --- market messages: signed envelopes, leaves, anchors ------------------------------
+
+    def inspect_publish(
+        self, session: Session, topic: str, data: bytes | bytearray
+    ) -> tuple[Envelope, bytes] | Literal[False] | None:
+        """For a PUBLISH on a market topic by an allowed device: the verified envelope and its
+        leaf; False if it is not a valid envelope signed by that device (the message is then
+        dropped); None when it is not ours to check (not a market topic, or not allowed:
+        amqtt's PUBLISH decision refuses it later)."""
+        ident = self.identity(session)
+        view = self.view
+        topic_info = view.topic_for_name(topic)
+        if ident is None or not ident.key or topic_info is None:
+            return None
+        if not view.can_publish(ident.key, topic_info.topic_id):
+            return None
+        try:
+            envelope = decode_envelope(data)
+            signer = verify_envelope(self.messages, topic, envelope)
+        except EnvelopeError as exc:
+            self.stats.envelopes_refused += 1
+            self.log.warning("PUBLISH on %r from %s dropped: %s", topic, ident.address, exc)
+            return False
+        if signer.lower() != ident.key:
+            self.stats.envelopes_refused += 1
+            self.log.warning(
+                "PUBLISH on %r from %s dropped: signed by %s, not by the publishing device",
+                topic,
+                ident.address,
+                signer,
+            )
+            return False
+        return envelope, message_leaf(self.messages, topic, envelope)
+
+    def _on_anchored(self, record: AnchorRecord) -> None:
+        broker = self.broker
+        if broker is None:
+            return
+        self.stats.anchor_notices += 1
+        self._spawn(
+            broker.internal_message_broadcast(
+                ANCHORS_TOPIC, encode_anchor_notice(record.notice()), 0
+            ),
+            "blendsm-anchor-notice",
+        )
+
     async def send_notice(
-        self, handler: BrokerProtocolHandler, ident: Identity, notice: Notice
+        self, handler: BrokerProtocolHandler, ident: Identity, notice: AnyNotice
     ) -> None:
         """Send a notice straight to this session (never broadcast), QoS 0."""
         from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler

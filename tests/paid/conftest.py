@@ -25,7 +25,13 @@ from blendsm.broker._config import parse_config
 from blendsm.broker._runner import ChainConnection, RunningBroker, start_broker
 from blendsm.contracts import Marketplace
 from blendsm.contracts._bindings import Policy, Role
-from blendsm.device_sdk import ConnectTokenSigner
+from blendsm.device_sdk import (
+    ConnectTokenSigner,
+    EnvelopeSigner,
+    MessageDomain,
+    decode_envelope,
+)
+from blendsm.errors import EnvelopeError
 
 PRICE = 1_000
 """Price of one message on the default paid topic, in wei."""
@@ -49,7 +55,7 @@ class Received:
         got: list[mqtt.MQTTMessage] = []
         while until is None or len(got) < until:
             try:
-                got.append(self.messages.get(timeout=within))
+                got.append(_unwrap(self.messages.get(timeout=within)))
             except queue.Empty:
                 break
         return got
@@ -62,8 +68,18 @@ class Received:
         return await asyncio.to_thread(self._drain, within, until)
 
 
+def _unwrap(message: mqtt.MQTTMessage) -> mqtt.MQTTMessage:
+    """Replace a signed envelope's bytes by its payload, so tests compare readings."""
+    if message.topic.startswith("blendsm/"):
+        return message
+    with contextlib.suppress(EnvelopeError):
+        message.payload = decode_envelope(message.payload).payload
+    return message
+
+
 class Client:
-    """A raw paho client (VERSION2 callbacks, TCP_NODELAY) for tests of the wire protocol."""
+    """A raw paho client (VERSION2 callbacks, TCP_NODELAY) for tests of the wire protocol.
+    With ``envelope_signer`` (a device), payloads on market topics are signed envelopes."""
 
     def __init__(
         self,
@@ -76,8 +92,11 @@ class Client:
         clean_session: bool = True,
         password: str | None = None,
         username: str | None = None,
+        envelope_signer: EnvelopeSigner | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.envelope_signer = envelope_signer
+        self.sequence = 0
         self.account = account
         self.client_id = client_id or f"t-{uuid.uuid4().hex[:10]}"
         self.got = Received()
@@ -119,7 +138,23 @@ class Client:
         self.mqtt.subscribe(topic, qos)
         return await asyncio.to_thread(self.got.subacks.get, True, within)
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        sign: bool | None = None,
+    ) -> None:
+        """Publish; a device signs it unless the topic is public (``public/...``) or control."""
+        signer = self.envelope_signer
+        if sign is None:
+            sign = signer is not None and not topic.startswith(("public/", "blendsm/"))
+        if sign:
+            assert signer is not None
+            self.sequence += 1
+            payload = signer.sign(topic, payload, self.sequence, int(time.time() * 1000)).encode()
         info = self.mqtt.publish(topic, payload, qos=qos, retain=retain)
         if qos:
             await asyncio.to_thread(info.wait_for_publish, 5)
@@ -163,10 +198,20 @@ class Market:
             self.chain.accounts["operator"].address,
         )
 
+    def envelope_signer(self, label: str) -> EnvelopeSigner:
+        deployment = self.chain.deployment
+        return EnvelopeSigner(
+            bytes(self.chain.accounts[label].key),
+            MessageDomain(deployment.chain_id, deployment.address("Registry")),
+        )
+
     def client(self, label: str | None, **kwargs: Any) -> Client:
-        """A raw client for the TEST-ONLY account ``label`` (None: anonymous)."""
+        """A raw client for the TEST-ONLY account ``label`` (None: anonymous); every account
+        signs its market PUBLISHes as a device would (only devices are accepted there)."""
         account = None if label is None else self.chain.accounts[label]
         signer = None if label is None else self.signer(label)
+        if label is not None:
+            kwargs.setdefault("envelope_signer", self.envelope_signer(label))
         made = Client(self.host, self.port, account=account, signer=signer, **kwargs)
         self.clients.append(made)
         return made

@@ -103,11 +103,9 @@ async def test_delivered_times_price_equals_vouchers_claims_and_payouts(
     elapsed = time.monotonic() - started
 
     # Everything in flight lands: each subscriber pays the tail below pay_every ...
-    await asyncio.sleep(0.5)
-    for sub in subscribers.values():
-        sub.pay_outstanding()
-
     def settled_off_chain() -> bool:
+        for sub in subscribers.values():
+            sub.pay_outstanding()  # no-op unless a message arrived since the last voucher
         return all(
             service.meter.accounts[channels[label]].paid
             == service.meter.accounts[channels[label]].charged
@@ -115,7 +113,15 @@ async def test_delivered_times_price_equals_vouchers_claims_and_payouts(
             for label, sub in subscribers.items()
         )
 
-    assert await until(settled_off_chain, 30)
+    assert await until(settled_off_chain, 30), [
+        (
+            service.meter.accounts[channels[label]].paid,
+            service.meter.accounts[channels[label]].charged,
+            sub.vouchered(channels[label]),
+            sub.stats,
+        )
+        for label, sub in subscribers.items()
+    ]
     sampling = False
     await sampler
     assert worst <= credit

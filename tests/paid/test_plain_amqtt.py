@@ -70,7 +70,11 @@ async def test_plain_amqtt_config_runs_the_marketplace(
         signer = _signer(chain, "buyer")
         buyer = Client("127.0.0.1", port, account=chain.accounts["buyer"], signer=signer)
         device = Client(
-            "127.0.0.1", port, account=chain.accounts["device"], signer=_signer(chain, "device")
+            "127.0.0.1",
+            port,
+            account=chain.accounts["device"],
+            signer=_signer(chain, "device"),
+            envelope_signer=_envelope_signer(chain, "device"),
         )
         anon = Client("127.0.0.1", port)
         clients += [buyer, device, anon]
@@ -108,4 +112,14 @@ def _signer(chain: Any, label: str) -> Any:
 
     return ConnectTokenSigner(
         bytes(chain.accounts[label].key), chain.deployment.chain_id, chain.addr("operator")
+    )
+
+
+def _envelope_signer(chain: Any, label: str) -> Any:
+    from blendsm.device_sdk import EnvelopeSigner, MessageDomain
+
+    deployment = chain.deployment
+    return EnvelopeSigner(
+        bytes(chain.accounts[label].key),
+        MessageDomain(deployment.chain_id, deployment.address("Registry")),
     )

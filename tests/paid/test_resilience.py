@@ -24,6 +24,8 @@ from blendsm.contracts._connect import connect, disconnect
 from blendsm.contracts._devchain import free_port
 from blendsm.device_sdk import (
     ConnectTokenSigner,
+    EnvelopeSigner,
+    MessageDomain,
     Receipt,
     VoucherDomain,
     decode_notice,
@@ -101,12 +103,19 @@ async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later
     def client(label: str | None) -> Any:
         signer = None
         account = None
+        envelopes = None
         if label is not None:
             account = chain.accounts[label]
             signer = ConnectTokenSigner(
                 bytes(account.key), chain.deployment.chain_id, chain.addr("operator")
             )
-        made = mqtt_client(running.host, running.port, account=account, signer=signer)
+            envelopes = EnvelopeSigner(
+                bytes(account.key),
+                MessageDomain(chain.deployment.chain_id, chain.deployment.address("Registry")),
+            )
+        made = mqtt_client(
+            running.host, running.port, account=account, signer=signer, envelope_signer=envelopes
+        )
         clients.append(made)
         return made
 
