@@ -35,6 +35,7 @@ from blendsm.device_sdk._connect_token import ConnectTokenVerifier
 from blendsm.device_sdk._control import (
     ANCHORS_TOPIC,
     CONTROL_ROOT,
+    KEYS_ROOT,
     NOTICE,
     PROOF,
     VOUCHER,
@@ -52,6 +53,7 @@ from blendsm.device_sdk._control import (
     encode_notice,
     is_control_topic,
     parse_control_topic,
+    parse_key_topic,
 )
 from blendsm.device_sdk._envelope import (
     Envelope,
@@ -359,6 +361,9 @@ class MarketplaceService:
             return False
         if topic_filter == ANCHORS_TOPIC:
             return True  # anchor notices are public: anyone may check them on chain
+        if topic_filter.startswith(KEYS_ROOT):
+            parsed = parse_key_topic(topic_filter)
+            return parsed is not None and bool(ident.key) and parsed[1] == ident.key
         if topic_filter.startswith(CONTROL_ROOT):
             own = f"{CONTROL_ROOT}/{ident.key}/"
             allowed = bool(ident.key) and topic_filter.startswith(own)
@@ -406,6 +411,8 @@ class MarketplaceService:
         ident = self.identity(session)
         if ident is None or is_control_topic(topic_name) or topic_name == ANCHORS_TOPIC:
             return False
+        if topic_name.startswith(KEYS_ROOT):
+            return self._is_key_publisher(ident, topic_name)
         view = self.view
         topic = view.topic_for_name(topic_name)
         if topic is None:
@@ -431,6 +438,8 @@ class MarketplaceService:
             return False
         if topic_name == ANCHORS_TOPIC:
             return True
+        if topic_name.startswith(KEYS_ROOT):
+            return self._is_key_owner(ident, topic_name)
         view = self.view
         topic = view.topic_for_name(topic_name)
         if topic is None:
@@ -449,6 +458,8 @@ class MarketplaceService:
         if topic is None:
             if topic_name == ANCHORS_TOPIC:
                 return Verdict.FREE
+            if topic_name.startswith(KEYS_ROOT):
+                return Verdict.FREE if self._is_key_owner(ident, topic_name) else Verdict.DENY
             if is_control_topic(topic_name) or view.is_market_topic(topic_name):
                 return Verdict.DENY
             return Verdict.FREE if self.public_topics else Verdict.DENY
@@ -471,6 +482,25 @@ class MarketplaceService:
             ident.owing_topic = topic_name
             return Verdict.NO_CREDIT
         return Verdict.DENY
+
+    @staticmethod
+    def _is_key_owner(ident: Identity, topic_name: str) -> bool:
+        """Only the addressed participant receives a wrapped topic key."""
+        parsed = parse_key_topic(topic_name)
+        return parsed is not None and bool(ident.key) and parsed[1] == ident.key
+
+    def _is_key_publisher(self, ident: Identity, topic_name: str) -> bool:
+        """Only the topic's seller publishes its wrapped keys."""
+        parsed = parse_key_topic(topic_name)
+        if parsed is None or not ident.key:
+            return False
+        topic = self.view.topic(parsed[0])
+        allowed = topic is not None and topic.seller.lower() == ident.key
+        if not allowed:
+            self.log.info(
+                "PUBLISH %r refused for %s: not the topic's seller", topic_name, ident.address
+            )
+        return allowed
 
     def quote_for(self, session: Session, charge: Charge) -> Quote | None:
         """The Quote to send before this delivery, if the session has not seen this price

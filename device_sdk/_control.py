@@ -36,6 +36,7 @@ from ._voucher import UINT256_MAX, Voucher
 __all__ = [
     "ANCHORS_TOPIC",
     "CONTROL_ROOT",
+    "KEYS_ROOT",
     "MAX_CONTROL_PAYLOAD",
     "MAX_PROOF_DEPTH",
     "MAX_PROOF_PAYLOAD",
@@ -63,7 +64,9 @@ __all__ = [
     "encode_proof_request",
     "encode_voucher",
     "is_control_topic",
+    "key_topic",
     "parse_control_topic",
+    "parse_key_topic",
 ]
 
 CONTROL_ROOT: Final = "blendsm/ctl"
@@ -110,6 +113,27 @@ RefusalCode = Literal[
 def control_topic(address: str, leaf: str) -> str:
     """``blendsm/ctl/<address lower>/<leaf>``."""
     return f"{CONTROL_ROOT}/{address.lower()}/{leaf}"
+
+
+KEYS_ROOT: Final = "blendsm/keys"
+"""Root of the topic-key tree: ``blendsm/keys/<topic id hex>/<address>`` carries the topic
+key wrapped (ECIES) to that address's public key. Only the topic's seller publishes there
+(retained), and only ``<address>`` may subscribe to it."""
+
+
+def key_topic(topic_id: bytes, address: str) -> str:
+    """``blendsm/keys/<topic id, 64 hex>/<address lower>``."""
+    return f"{KEYS_ROOT}/{topic_id.hex()}/{address.lower()}"
+
+
+def parse_key_topic(topic: str) -> tuple[bytes, str] | None:
+    """``(topic id, address lower)`` for a well-formed key topic name, else None."""
+    parts = topic.split("/")
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != KEYS_ROOT:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{64}", parts[2]) or not _ADDRESS.fullmatch(parts[3]):
+        return None
+    return bytes.fromhex(parts[2]), parts[3]
 
 
 def is_control_topic(topic: str) -> bool:

@@ -178,3 +178,22 @@ async def test_min_rating_policy_admits_only_well_rated_buyers(market: Market) -
         client = market.client(label)
         assert await client.connect() == 0
         assert await client.subscribe("paid/rated") == expected, label
+
+
+async def test_wrapped_topic_keys_go_only_to_their_addressee_from_the_seller(
+    market: Market,
+) -> None:
+    from blendsm.device_sdk._control import key_topic
+
+    mine = key_topic(market.topic_id, market.chain.addr("buyer"))
+    buyer, spy, seller = market.client("buyer"), market.client("buyer2"), market.client("seller")
+    for c in (buyer, spy, seller):
+        assert await c.connect() == 0
+    assert await spy.subscribe(mine) == [0x80]
+    assert await spy.subscribe("#") == [0]
+    await seller.publish(mine, b"wrapped key, epoch 1", qos=1, retain=True, sign=False)
+    await buyer.publish(mine, b"not the seller", qos=1, retain=True, sign=False)
+    assert await buyer.subscribe(mine) == [0]
+    got = [m.payload for m in await buyer.got.drain(within=1.0) if m.topic == mine]
+    assert got == [b"wrapped key, epoch 1"]
+    assert [m for m in await spy.got.drain(within=0.3) if m.topic.startswith("blendsm/keys")] == []
