@@ -44,6 +44,7 @@ so a broker cannot hand a device a key of its own making. An empty payload clear
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -552,6 +553,29 @@ class TopicKeyService(_MqttClient):
                 await self._send_key(state, device, public_key)
             out[name] = state.epoch
         return out
+
+    async def watch(self, interval: float = 5.0) -> None:
+        """Run :meth:`sync` every ``interval`` seconds until :meth:`stop_watching` (or the task
+        is cancelled): a right that ends on chain (revoked, denylisted, channel closing) makes
+        the key rotate within one interval. Chain or MQTT errors are logged and retried."""
+        if not interval > 0:
+            raise ConfigError(f"interval: must be > 0, got {interval!r}")
+        self._watching = asyncio.Event()
+        while not self._watching.is_set():
+            try:
+                rotated = await self.sync()
+                if rotated:
+                    _log.info("topic keys rotated: %s", rotated)
+            except Exception as exc:  # the chain or the broker is away: try again later
+                _log.warning("topic key sync failed, retrying in %.1fs: %s", interval, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._watching.wait(), timeout=interval)
+
+    def stop_watching(self) -> None:
+        """End :meth:`watch`."""
+        watching = getattr(self, "_watching", None)
+        if watching is not None:
+            watching.set()
 
     async def sync(self, *, republish: bool = False) -> dict[str, int]:
         """Re-check every granted subscriber against the chain and rotate each topic where

@@ -47,7 +47,7 @@ async def _collect(
 
 @pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
 async def test_encrypted_topic_keys_reach_only_entitled_subscribers_and_rotate(
-    market: Market, tmp_path: Path
+    market: Market, tmp_path: Path, until: Any
 ) -> None:
     chain, topic = market.chain, market.topic
     deployment = chain.deployment
@@ -118,10 +118,14 @@ async def test_encrypted_topic_keys_reach_only_entitled_subscribers_and_rotate(
             assert not any(r in data for data in got for r in readings)
             assert [keyrings[label].decrypt(topic, e.payload) for e in envelopes] == readings
 
-        # buyer2's right ends: the seller denylists it. The service sees it and rotates.
+        # buyer2's right ends: the seller denylists it. The watching service sees it on chain
+        # and rotates by itself.
+        watcher = asyncio.create_task(service.watch(interval=0.1))
         await market.mp("seller").market.set_policy(market.topic_id, Policy.DENYLIST)
         await market.mp("seller").market.set_access(market.topic_id, [chain.addr("buyer2")])
-        assert await service.sync() == {topic: 2}
+        assert await until(lambda: service.epoch(topic) == 2, 10)
+        service.stop_watching()
+        await watcher
         assert service.subscribers(topic) == [chain.addr("buyer")]
         assert await asyncio.to_thread(keyrings["buyer"].wait_for_epoch, topic, 2)
         assert await asyncio.to_thread(keyrings["device"].wait_for_epoch, topic, 2)
