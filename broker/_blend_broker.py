@@ -361,7 +361,11 @@ class BlendBroker(Broker):
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         service = self.service
         if action is Action.RECEIVE:
-            allowed = service.allow_receive(session, topic)
+            # A connected session is decided by the delivery gate (entitlement and credit),
+            # so RECEIVE only screens messages about to be queued for an offline session.
+            allowed = session.transitions.state == "connected" or service.allow_receive(
+                session, topic
+            )
         elif action is Action.SUBSCRIBE:
             allowed = service.allow_subscribe(session, topic)
         else:

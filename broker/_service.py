@@ -59,8 +59,7 @@ from blendsm.device_sdk._envelope import (
     Envelope,
     MessageDomain,
     decode_envelope,
-    message_leaf,
-    verify_envelope,
+    verify_envelope_leaf,
 )
 from blendsm.device_sdk._voucher import ChannelState, VoucherDomain, VoucherVerifier
 from blendsm.errors import (
@@ -697,7 +696,7 @@ class MarketplaceService:
             return None
         try:
             envelope = decode_envelope(data)
-            signer = verify_envelope(self.messages, topic, envelope)
+            signer, leaf = verify_envelope_leaf(self.messages, topic, envelope)
         except EnvelopeError as exc:
             self.stats.envelopes_refused += 1
             self.log.warning("PUBLISH on %r from %s dropped: %s", topic, ident.address, exc)
@@ -711,7 +710,7 @@ class MarketplaceService:
                 signer,
             )
             return False
-        return envelope, message_leaf(self.messages, topic, envelope)
+        return envelope, leaf
 
     def _on_anchored(self, record: AnchorRecord) -> None:
         broker = self.broker

@@ -56,6 +56,7 @@ __all__ = [
     "message_leaf",
     "message_typed_data",
     "verify_envelope",
+    "verify_envelope_leaf",
 ]
 
 MESSAGE_DOMAIN_NAME: Final = "BlendSM Message"
@@ -207,6 +208,23 @@ def verify_envelope(domain: MessageDomain, topic: str, envelope: Envelope) -> st
             " (altered payload, topic, sequence or timestamp, or another key)"
         )
     return envelope.device_address
+
+
+def verify_envelope_leaf(
+    domain: MessageDomain, topic: str, envelope: Envelope
+) -> tuple[str, bytes]:
+    """:func:`verify_envelope` and :func:`message_leaf` with one digest (the broker's path)."""
+    digest = _digest(domain, topic, envelope)
+    try:
+        signer = _recover(digest, envelope.signature)
+    except VoucherSignatureError as exc:
+        raise EnvelopeError(f"bad message signature: {exc}") from None
+    if signer != envelope.device:
+        raise EnvelopeError(
+            f"message not signed by device {envelope.device_address} for topic {topic!r}"
+            " (altered payload, topic, sequence or timestamp, or another key)"
+        )
+    return envelope.device_address, leaf_hash(digest + envelope.signature)
 
 
 def message_leaf(domain: MessageDomain, topic: str, envelope: Envelope) -> bytes:

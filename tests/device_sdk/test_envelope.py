@@ -90,3 +90,15 @@ def test_leaf_binds_the_signature() -> None:
         env, signature=env.signature[:-1] + bytes((55 - env.signature[-1],))
     )
     assert message_leaf(DOMAIN, "a/b", env) != message_leaf(DOMAIN, "a/b", other)
+
+
+def test_verify_with_leaf_matches_the_separate_calls() -> None:
+    from blendsm.device_sdk._envelope import verify_envelope_leaf
+
+    env = EnvelopeSigner(KEY, DOMAIN).sign("a/b", b"p", 1, 2)
+    assert verify_envelope_leaf(DOMAIN, "a/b", env) == (
+        verify_envelope(DOMAIN, "a/b", env),
+        message_leaf(DOMAIN, "a/b", env),
+    )
+    with pytest.raises(EnvelopeError):
+        verify_envelope_leaf(DOMAIN, "a/c", env)
