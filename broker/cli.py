@@ -1,7 +1,8 @@
 """The ``blendsm`` command line.
 
 Subcommands grow with the product; each prints human output by default and one JSON
-object with ``--json``. Errors from our tree become one clear line on stderr and exit 2.
+object with ``--json`` (``verify``: one per message). Errors from our tree become one clear
+line on stderr and exit 2; ``verify`` exits 1 when a message fails its checks.
 """
 
 from __future__ import annotations
@@ -135,6 +136,59 @@ def _cmd_contracts_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from blendsm.device_sdk import (
+        MessageDomain,
+        MessageVerifier,
+        RecordVerdict,
+        Web3ChainReader,
+        read_record,
+        verify_record,
+    )
+    from blendsm.device_sdk._keccak import checksum_address
+
+    try:
+        raw = bytes.fromhex(args.broker.removeprefix("0x"))
+    except ValueError:
+        raw = b""
+    if len(raw) != 20:
+        raise ConfigError(f"--broker: not an address: {args.broker!r}")
+    broker = checksum_address(raw)
+    if not args.file.is_file():
+        raise ConfigError(f"record file {args.file} does not exist")
+    reader = Web3ChainReader(args.chain, args.deployment)
+    verifier = MessageVerifier(MessageDomain(reader.chain_id, reader.registry), reader)
+    verdicts = verify_record(read_record(args.file), verifier, broker)
+
+    def human(v: RecordVerdict) -> str:
+        who = f"{v.topic} seq {v.sequence} from {v.device}" if v.device else f"{v.topic}"
+        checks = []
+        if v.verified is True:
+            checks.append("signature ok, device of the topic's seller")
+        elif v.verified is None:
+            checks.append(f"unchecked ({v.unchecked or 'chain unavailable'})")
+        if v.proof is not None:
+            checks.append(f"{v.proof.kind}: {v.proof.detail}")
+        else:
+            checks.append("no proof recorded")
+        checks.extend(f"{e.kind}: {e.detail}" for e in v.events)
+        return f"{'OK  ' if v.ok else 'FAIL'} line {v.line}: {who}: " + "; ".join(checks)
+
+    for verdict in verdicts:
+        if args.json:
+            print(json.dumps(verdict.to_json(), sort_keys=True))
+        else:
+            print(human(verdict))
+    failed = sum(1 for v in verdicts if not v.ok)
+    proven = sum(1 for v in verdicts if v.proof is not None and v.proof.ok)
+    if not args.json:
+        print(
+            f"{len(verdicts)} messages: {len(verdicts) - failed} ok, {failed} failed;"
+            f" {proven} proven against the on-chain root of broker {broker}"
+        )
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blendsm",
@@ -182,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broker.add_argument("--port", type=int, metavar="N", help="override listen.port")
     broker.set_defaults(func=_cmd_broker)
+
+    verify = sub.add_parser(
+        "verify",
+        help="check a subscriber's record file against the chain: signatures, devices,"
+        " sequences and inclusion proofs",
+    )
+    verify.add_argument("file", type=Path, metavar="FILE", help="the Subscriber's record_path")
+    verify.add_argument("--chain", required=True, metavar="URL", help="JSON-RPC URL (http://)")
+    verify.add_argument(
+        "--deployment", required=True, type=Path, metavar="FILE", help="the deployment file"
+    )
+    verify.add_argument(
+        "--broker",
+        required=True,
+        metavar="OPERATOR",
+        help="address of the broker operator whose anchors the proofs are checked against",
+    )
+    verify.add_argument("--json", action="store_true", help="one JSON object per message")
+    verify.set_defaults(func=_cmd_verify)
 
     contracts = sub.add_parser("contracts", help="development tools for the Solidity sources")
     csub = contracts.add_subparsers(dest="contracts_command", metavar="ACTION", required=True)

@@ -4,6 +4,7 @@ Imports only paho-mqtt, eth-account/coincurve, orjson, pycryptodome and the stdl
 web3 or amqtt), so it runs on a gateway and the broker can reuse it on its hot path.
 """
 
+from ._chain_reader import ChainReader, Web3ChainReader
 from ._connect_token import (
     CONNECT_DOMAIN_NAME,
     CONNECT_DOMAIN_TYPEHASH,
@@ -64,6 +65,17 @@ from ._envelope import (
     message_leaf,
     message_typed_data,
     verify_envelope,
+)
+from ._integrity import (
+    IntegrityEvent,
+    IntegrityKind,
+    MessageVerifier,
+    RecordVerdict,
+    SequenceTracker,
+    Verification,
+    check_proof,
+    read_record,
+    verify_record,
 )
 from ._keccak import (
     KECCAK_BACKEND,
@@ -141,6 +153,7 @@ __all__ = [
     "VOUCHER_TYPEHASH",
     "AnchorNotice",
     "AnyNotice",
+    "ChainReader",
     "ChannelState",
     "ConnectToken",
     "ConnectTokenSigner",
@@ -149,8 +162,11 @@ __all__ = [
     "Encryptor",
     "Envelope",
     "EnvelopeSigner",
+    "IntegrityEvent",
+    "IntegrityKind",
     "MerkleTree",
     "MessageDomain",
+    "MessageVerifier",
     "Notice",
     "OutboxFullError",
     "PaymentEvent",
@@ -162,17 +178,22 @@ __all__ = [
     "Quote",
     "Receipt",
     "ReceivedMessage",
+    "RecordVerdict",
     "Refusal",
     "RefusalCode",
+    "SequenceTracker",
     "Subscriber",
     "SubscriberCallbackAPI",
     "SubscriberStats",
+    "Verification",
     "Voucher",
     "VoucherDomain",
     "VoucherSigner",
     "VoucherVerifier",
+    "Web3ChainReader",
     "account_from_env",
     "account_from_keystore",
+    "check_proof",
     "checksum_address",
     "connect_digest",
     "connect_typed_data",
@@ -198,10 +219,12 @@ __all__ = [
     "parse_connect_token",
     "parse_control_topic",
     "process_proof",
+    "read_record",
     "recover_voucher_signer",
     "sign_voucher",
     "verify_envelope",
     "verify_proof",
+    "verify_record",
     "voucher_digest",
     "voucher_typed_data",
 ]

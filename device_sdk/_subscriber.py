@@ -13,35 +13,66 @@ delivering once its credit runs out). A :class:`PaymentRequest` is answered with
 All payment state is guarded by one lock: paho callbacks run on its loop thread, the
 introspection methods are called from others. Only the loop thread signs and publishes
 vouchers, under that lock, so cumulative amounts leave in increasing order per channel.
+
+Integrity (optional: give ``registry`` and a ``chain_reader``, or a ``verifier``): every
+message is checked by a :class:`~blendsm.device_sdk.MessageVerifier` on one worker thread,
+in arrival order, so chain reads never stall paho's loop (payment stays on the loop thread:
+the broker delivered the message, whatever it holds). ``on_message`` then gets the
+envelope's payload with ``device``, ``sequence`` and ``verified``; findings go to
+``on_integrity``. With ``proof_sampling`` > 0 the subscriber listens to anchor notices and,
+after each, asks the broker for the proofs of a sampled fraction of pending messages, then
+checks them against the root read from the chain (:meth:`Subscriber.request_proof` asks for
+one on demand). ``record_path`` keeps every market message (and proofs obtained) as JSON
+lines, for ``blendsm verify``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import logging
+import os
+import queue
+import random
+import secrets
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
+import orjson
 import paho.mqtt.client as mqtt
 from eth_account.signers.local import LocalAccount
 
 from blendsm.errors import BlendsmError, ConfigError, SubscriptionRefusedError, WireError
 
+from ._chain_reader import ChainReader
 from ._control import (
+    ANCHORS_TOPIC,
     NOTICE,
+    PROOF,
     VOUCHER,
+    AnchorNotice,
     Notice,
     PaymentRequest,
+    Proof,
+    ProofRequest,
     Quote,
     Receipt,
+    Refusal,
     control_topic,
-    decode_notice,
+    decode_anchor_notice,
+    decode_any_notice,
+    encode_proof_request,
     encode_voucher,
     is_control_topic,
 )
+from ._envelope import Envelope, MessageDomain
+from ._integrity import IntegrityEvent, IntegrityKind, MessageVerifier, Verification
+from ._keccak import checksum_address
 from ._mqtt import Disconnection, _MqttClient
 from ._voucher import Voucher, VoucherDomain, VoucherSigner
 
@@ -73,6 +104,7 @@ class SubscriberCallbackAPI(enum.IntEnum):
         on_payment(subscriber, event: PaymentEvent)
         on_disconnect(subscriber, disconnection: Disconnection)
         on_error(subscriber, error: BlendsmError)
+        on_integrity(subscriber, event: IntegrityEvent)
     """
 
     VERSION1 = 1
@@ -81,7 +113,14 @@ class SubscriberCallbackAPI(enum.IntEnum):
 @dataclass(frozen=True, slots=True)
 class ReceivedMessage:
     """A market message as delivered; ``paid`` with the quoted ``price`` and ``channel_id``
-    when the topic was quoted, else free (price 0, no channel)."""
+    when the topic was quoted, else free (price 0, no channel).
+
+    With verification on, ``payload`` is the envelope's payload (the data without the
+    signed header) and ``device``, ``sequence``, ``timestamp_ms`` come from the envelope;
+    ``verified`` is True when the device signed it and is an active device of the topic's
+    seller on chain, False when a check failed (see ``on_integrity``), None when not checked
+    (no verification, not a market topic, or the chain could not be read). Without
+    verification, ``payload`` is the data as received."""
 
     topic: str
     payload: bytes
@@ -90,6 +129,10 @@ class ReceivedMessage:
     paid: bool
     price: int
     channel_id: bytes | None
+    device: str | None = None
+    sequence: int | None = None
+    timestamp_ms: int | None = None
+    verified: bool | None = None
 
 
 class PaymentEventKind(enum.StrEnum):
@@ -130,6 +173,10 @@ class SubscriberStats:
     refusals: int
     payment_requests: int
     bad_notices: int
+    verified_messages: int = 0
+    """Messages whose signature and device checked out (verification on)."""
+    integrity_events: int = 0
+    """Integrity findings reported (proof verdicts included)."""
 
 
 @dataclass(slots=True)
@@ -147,6 +194,28 @@ MessageCallback = Callable[["Subscriber", ReceivedMessage], None]
 PaymentCallback = Callable[["Subscriber", PaymentEvent], None]
 DisconnectCallback = Callable[["Subscriber", Disconnection], None]
 ErrorCallback = Callable[["Subscriber", BlendsmError], None]
+IntegrityCallback = Callable[["Subscriber", IntegrityEvent], None]
+
+_MAX_PENDING_PROOFS: Final = 10_000
+_MAX_KNOWN_MESSAGES: Final = 65_536
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A received message whose proof is wanted (sampled, or asked for on demand)."""
+
+    topic: str
+    envelope: Envelope
+    notices_seen: int = 0
+    request_id: str | None = None
+
+
+@dataclass(slots=True)
+class _ProofWait:
+    key: tuple[str, str, int]
+    topic: str
+    envelope: Envelope
+    future: concurrent.futures.Future[IntegrityEvent] | None  # None: an automatic sample
 
 
 class Subscriber(_MqttClient):
@@ -158,9 +227,19 @@ class Subscriber(_MqttClient):
     signs (None: no cap); ``pay_every`` is how many paid messages may stay unpaid before a
     voucher is sent (keep it within the broker's credit, or delivery pauses until paid).
 
+    Integrity checks (see the module docstring) need the deployment's ``registry`` address
+    (the message signature domain) and a ``chain_reader`` (e.g. a
+    :class:`~blendsm.device_sdk.Web3ChainReader`), or a ready ``verifier``.
+    ``proof_sampling`` is the fraction (0.0 to 1.0) of messages whose inclusion proof is
+    checked after the next anchor notices; a message still unproven after
+    ``proof_attempts`` notices is reported ``PROOF_UNAVAILABLE``. ``record_path`` names a
+    JSON-lines file every market message (and proof obtained) is appended to.
+
     Set the callbacks as attributes (``sub.on_message = fn``); see
-    :class:`SubscriberCallbackAPI` for their signatures. They run on paho's network thread:
-    keep them short, and do not call ``connect``/``subscribe``/``disconnect`` from them.
+    :class:`SubscriberCallbackAPI` for their signatures. They run on paho's network thread,
+    or with verification on, on the verification worker (``on_message``, ``on_integrity``):
+    keep them short, and do not call ``connect``/``subscribe``/``disconnect`` or
+    :meth:`request_proof` from them.
     """
 
     def __init__(
@@ -178,6 +257,12 @@ class Subscriber(_MqttClient):
         client_id: str | None = None,
         clean_session: bool = True,
         keepalive: int = 60,
+        registry: str | bytes | None = None,
+        chain_reader: ChainReader | None = None,
+        verifier: MessageVerifier | None = None,
+        proof_sampling: float = 0.0,
+        proof_attempts: int = 5,
+        record_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if callback_api_version is not SubscriberCallbackAPI.VERSION1:
             raise ConfigError(
@@ -211,6 +296,48 @@ class Subscriber(_MqttClient):
         self.on_payment: PaymentCallback | None = None
         self.on_disconnect: DisconnectCallback | None = None
         self.on_error: ErrorCallback | None = None
+        self.on_integrity: IntegrityCallback | None = None
+
+        if verifier is None and (registry is not None or chain_reader is not None):
+            if registry is None or chain_reader is None:
+                raise ConfigError("verification needs both registry and chain_reader")
+            verifier = MessageVerifier(MessageDomain(chain_id, registry), chain_reader)
+        if verifier is not None and verifier.domain.chain_id != chain_id:
+            raise ConfigError(
+                f"verifier: its message domain is for chain id {verifier.domain.chain_id},"
+                f" not {chain_id}"
+            )
+        if (
+            isinstance(proof_sampling, bool)
+            or not isinstance(proof_sampling, int | float)
+            or not 0.0 <= proof_sampling <= 1.0
+        ):
+            raise ConfigError(f"proof_sampling: must be in [0, 1], got {proof_sampling!r}")
+        if (
+            not isinstance(proof_attempts, int)
+            or isinstance(proof_attempts, bool)
+            or proof_attempts < 1
+        ):
+            raise ConfigError(f"proof_attempts: must be an int >= 1, got {proof_attempts!r}")
+        if verifier is None and (proof_sampling > 0 or record_path is not None):
+            raise ConfigError(
+                "proof_sampling and record_path need verification (registry and chain_reader)"
+            )
+        self.verifier = verifier
+        self.proof_sampling = float(proof_sampling)
+        self.proof_attempts = proof_attempts
+        self.record_path = None if record_path is None else os.fspath(record_path)
+        self.proof_topic = control_topic(self.address, PROOF)
+        self._random = random.Random()
+        self._ilock = threading.Lock()  # integrity state below, shared with request_proof
+        self._pending: OrderedDict[tuple[str, str, int], _Pending] = OrderedDict()
+        self._known: OrderedDict[tuple[str, str, int], tuple[str, Envelope]] = OrderedDict()
+        self._requests: dict[str, _ProofWait] = {}
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._record: IO[bytes] | None = None
+        self._verified_messages = 0
+        self._integrity_events = 0
 
         self._lock = threading.Condition()
         self._quotes: dict[str, Quote] = {}
@@ -246,12 +373,16 @@ class Subscriber(_MqttClient):
 
     def _after_connect(self, timeout: float) -> None:
         self._subscribe(self.notice_topic, 1, timeout)
+        if self.proof_sampling > 0:
+            self._subscribe(ANCHORS_TOPIC, 1, timeout)
 
     def _on_reconnected(self, session_present: bool) -> None:
         if session_present:
             return
         with self._lock:
             filters = [(self.notice_topic, 1), *self._filters.items()]
+        if self.proof_sampling > 0:
+            filters.append((ANCHORS_TOPIC, 1))
         for topic_filter, qos in filters:
             self._subscribe(topic_filter, qos, None)
 
@@ -322,6 +453,8 @@ class Subscriber(_MqttClient):
                 refusals=self._refusals,
                 payment_requests=self._payment_requests,
                 bad_notices=self._bad_notices,
+                verified_messages=self._verified_messages,
+                integrity_events=self._integrity_events,
             )
 
     def pay_outstanding(self, channel_id: bytes | None = None) -> int:
@@ -358,6 +491,9 @@ class Subscriber(_MqttClient):
         if topic == self.notice_topic:
             self._on_notice(payload)
             return
+        if topic == ANCHORS_TOPIC and self.verifier is not None:
+            self._on_anchor_notice(payload)
+            return
         events: list[PaymentEvent] = []
         with self._lock:
             self._messages += 1
@@ -381,16 +517,33 @@ class Subscriber(_MqttClient):
                     quote.price,
                     quote.channel_id,
                 )
-        self._deliver(received)
-        self._report(events)
+        if self.verifier is None:
+            self._deliver(received)
+            self._report(events)
+        else:
+            self._report(events)
+            received_at = time.time()
+            self._submit(lambda: self._verify_message(received, received_at))
 
     def _on_notice(self, payload: bytes) -> None:
         try:
-            notice = decode_notice(payload)
+            notice = decode_any_notice(payload)
         except WireError as exc:
             with self._lock:
                 self._bad_notices += 1
             self._report_error(exc)
+            return
+        if isinstance(notice, Proof):
+            if self.verifier is not None:
+                self._submit(lambda: self._on_proof(notice.request_id, notice))
+            return
+        if (
+            isinstance(notice, Refusal)
+            and notice.request_id is not None
+            and self.verifier is not None
+        ):
+            request_id = notice.request_id
+            self._submit(lambda: self._on_proof(request_id, notice))
             return
         events: list[PaymentEvent] = []
         with self._lock:
@@ -475,6 +628,275 @@ class Subscriber(_MqttClient):
             self._vouchers_sent += 1
         else:  # lost with the connection; the broker's PaymentRequest will get it resent
             _log.info("%s: voucher not sent (%s)", self.client_id, mqtt.error_string(info.rc))
+
+    # --- integrity (the verification worker) -------------------------------------------
+
+    def disconnect(self) -> None:
+        """Send DISCONNECT, stop the network thread, then let the verification worker finish
+        what was received (idempotent)."""
+        super().disconnect()
+        self._stop_worker()
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        with self._ilock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(
+                    target=self._work, name=f"blendsm-verify-{self.client_id}", daemon=True
+                )
+                self._worker.start()
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._guard(job)
+
+    def _stop_worker(self, timeout: float = 30.0) -> None:
+        with self._ilock:
+            worker, self._worker = self._worker, None
+        if worker is not None and worker is not threading.current_thread():
+            self._jobs.put(None)
+            worker.join(timeout)
+        with self._ilock:
+            record, self._record = self._record, None
+        if record is not None:
+            record.close()
+
+    def _write_record(self, line: dict[str, Any]) -> None:
+        """Append one JSON line to the record file (worker thread)."""
+        if self.record_path is None:
+            return
+        with self._ilock:
+            if self._record is None:
+                self._record = open(self.record_path, "ab")  # noqa: SIM115 - kept open
+            self._record.write(orjson.dumps(line) + b"\n")
+            self._record.flush()
+
+    def _verify_message(self, message: ReceivedMessage, received_at: float) -> None:
+        assert self.verifier is not None
+        checked: Verification = self.verifier.check(message.topic, message.payload)
+        if checked.market is not False:
+            self._write_record(
+                {
+                    "type": "message",
+                    "topic": message.topic,
+                    "envelope": "0x" + message.payload.hex(),
+                    "received_at": received_at,
+                    "qos": message.qos,
+                    "retain": message.retain,
+                    "verified": checked.verified,
+                }
+            )
+        envelope = checked.envelope
+        if envelope is not None and checked.leaf is not None and checked.device is not None:
+            key = (message.topic, checked.device, envelope.sequence)
+            with self._ilock:
+                self._known[key] = (message.topic, envelope)
+                self._known.move_to_end(key)
+                while len(self._known) > _MAX_KNOWN_MESSAGES:
+                    self._known.popitem(last=False)
+                if self.proof_sampling > 0 and self._random.random() < self.proof_sampling:
+                    self._pending[key] = _Pending(message.topic, envelope)
+                    while len(self._pending) > _MAX_PENDING_PROOFS:
+                        self._pending.popitem(last=False)
+        with self._lock:
+            if checked.verified:
+                self._verified_messages += 1
+        received = ReceivedMessage(
+            message.topic,
+            checked.payload,
+            message.qos,
+            message.retain,
+            message.paid,
+            message.price,
+            message.channel_id,
+            checked.device,
+            checked.sequence,
+            None if envelope is None else envelope.timestamp_ms,
+            checked.verified,
+        )
+        self._deliver(received)
+        self._report_integrity(checked.events)
+        if checked.error is not None:
+            self._report_error(checked.error)
+
+    def _on_anchor_notice(self, payload: bytes) -> None:
+        try:
+            notice = decode_anchor_notice(payload)
+        except WireError as exc:
+            with self._lock:
+                self._bad_notices += 1
+            self._report_error(exc)
+            return
+        self._submit(lambda: self._request_samples(notice))
+
+    def _request_samples(self, notice: AnchorNotice) -> None:
+        """After an anchor notice: ask for the proof of every pending sampled message; the
+        ones asked ``proof_attempts`` times in vain are reported unavailable (worker)."""
+        expired: list[IntegrityEvent] = []
+        requests: list[ProofRequest] = []
+        with self._ilock:
+            for key, pending in list(self._pending.items()):
+                if pending.notices_seen >= self.proof_attempts:
+                    del self._pending[key]
+                    if pending.request_id is not None:
+                        self._requests.pop(pending.request_id, None)
+                    expired.append(
+                        IntegrityEvent(
+                            IntegrityKind.PROOF_UNAVAILABLE,
+                            pending.topic,
+                            key[1],
+                            key[2],
+                            f"no proof after {pending.notices_seen} anchor notices"
+                            f" (latest batch {notice.batch_id})",
+                        )
+                    )
+                    continue
+                pending.notices_seen += 1
+                if pending.request_id is not None:
+                    self._requests.pop(pending.request_id, None)
+                request_id = secrets.token_hex(8)
+                pending.request_id = request_id
+                self._requests[request_id] = _ProofWait(key, pending.topic, pending.envelope, None)
+                requests.append(ProofRequest(request_id, pending.topic, key[2], key[1]))
+        for request in requests:
+            self._send_proof_request(request)
+        self._report_integrity(expired)
+
+    def _send_proof_request(self, request: ProofRequest) -> bool:
+        info = self._mqtt.publish(self.proof_topic, encode_proof_request(request), qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            _log.info("%s: proof request not sent (%s)", self.client_id, mqtt.error_string(info.rc))
+            return False
+        return True
+
+    def _on_proof(self, request_id: str, answer: Proof | Refusal) -> None:
+        """A proof or a ``proof_unavailable`` refusal arrived (worker)."""
+        with self._ilock:
+            wait = self._requests.pop(request_id, None)
+        if wait is None:  # an answer to an expired or foreign request
+            return
+        assert self.verifier is not None
+        if isinstance(answer, Proof):
+            event = self.verifier.check_proof(self.broker, wait.topic, wait.envelope, answer)
+            if event.kind is not IntegrityKind.PROOF_UNAVAILABLE:
+                self._write_record(
+                    {
+                        "type": "proof",
+                        "topic": wait.topic,
+                        "device": wait.key[1],
+                        "sequence": wait.key[2],
+                        "broker": self.broker,
+                        "batch": answer.batch_id,
+                        "index": answer.index,
+                        "leaf": "0x" + answer.leaf.hex(),
+                        "root": "0x" + answer.root.hex(),
+                        "proof": ["0x" + p.hex() for p in answer.proof],
+                        "tx": None if answer.tx_hash is None else "0x" + answer.tx_hash.hex(),
+                        "verdict": str(event.kind),
+                    }
+                )
+        else:
+            event = IntegrityEvent(
+                IntegrityKind.PROOF_UNAVAILABLE,
+                wait.topic,
+                wait.key[1],
+                wait.key[2],
+                f"{answer.code}: {answer.detail}",
+            )
+        with self._ilock:
+            pending = self._pending.get(wait.key)
+            if pending is not None and pending.request_id == request_id:
+                pending.request_id = None
+                if event.kind is not IntegrityKind.PROOF_UNAVAILABLE:
+                    del self._pending[wait.key]
+            elif event.kind is not IntegrityKind.PROOF_UNAVAILABLE:
+                self._pending.pop(wait.key, None)
+        if wait.future is not None:
+            wait.future.set_result(event)
+        elif event.kind is IntegrityKind.PROOF_UNAVAILABLE:
+            return  # still pending: asked again after the next anchor notice
+        self._report_integrity([event])
+
+    def request_proof(
+        self, topic: str, device: str, sequence: int, timeout: float = 10.0
+    ) -> IntegrityEvent:
+        """Ask the broker for the proof of a message this subscriber received and check it
+        against the on-chain root: PROOF_VERIFIED, PROOF_FAILED or PROOF_UNAVAILABLE (not
+        anchored yet, not received here, no answer within ``timeout``). Blocks: never call
+        it from a callback."""
+        if self.verifier is None:
+            raise ConfigError("request_proof needs verification (registry and chain_reader)")
+        with self._ilock:
+            worker = self._worker
+        if threading.current_thread() in (worker, getattr(self._mqtt, "_thread", None)):
+            raise ConfigError("request_proof blocks: do not call it from a callback")
+        try:
+            raw = bytes.fromhex(device.removeprefix("0x"))
+        except ValueError:
+            raw = b""
+        if len(raw) != 20:
+            raise ConfigError(f"device: not an address: {device!r}")
+        with self._ilock:
+            known = self._known.get((topic, checksum_address(raw), sequence))
+        if known is None:
+            return IntegrityEvent(
+                IntegrityKind.PROOF_UNAVAILABLE,
+                topic,
+                device,
+                sequence,
+                "message not received by this subscriber (or forgotten): no leaf to check",
+            )
+        envelope = known[1]
+        full_key = (topic, envelope.device_address, sequence)
+        future: concurrent.futures.Future[IntegrityEvent] = concurrent.futures.Future()
+        request_id = secrets.token_hex(8)
+        with self._ilock:
+            self._requests[request_id] = _ProofWait(full_key, topic, envelope, future)
+        request = ProofRequest(request_id, topic, sequence, envelope.device_address)
+        if not self._send_proof_request(request):
+            with self._ilock:
+                self._requests.pop(request_id, None)
+            return IntegrityEvent(
+                IntegrityKind.PROOF_UNAVAILABLE, topic, device, sequence, "request not sent"
+            )
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            with self._ilock:
+                self._requests.pop(request_id, None)
+            return IntegrityEvent(
+                IntegrityKind.PROOF_UNAVAILABLE,
+                topic,
+                envelope.device_address,
+                sequence,
+                f"no answer from the broker within {timeout:g} s",
+            )
+
+    def pending_proofs(self) -> int:
+        """Sampled messages whose proof has not been checked yet."""
+        with self._ilock:
+            return len(self._pending)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until the verification worker has handled everything queued so far."""
+        if self.verifier is None:
+            return True
+        done = threading.Event()
+        self._submit(done.set)
+        return done.wait(timeout)
+
+    def _report_integrity(self, events: list[IntegrityEvent] | tuple[IntegrityEvent, ...]) -> None:
+        if not events:
+            return
+        with self._lock:
+            self._integrity_events += len(events)
+        for event in events:
+            if not event.ok:
+                _log.info("%s: integrity: %s %s", self.client_id, event.kind, event.detail)
+        callback = self.on_integrity
+        if callback is not None:
+            for event in events:
+                self._guard(callback, self, event)
 
     # --- user callbacks ----------------------------------------------------------------
 
