@@ -47,7 +47,13 @@ import orjson
 import paho.mqtt.client as mqtt
 from eth_account.signers.local import LocalAccount
 
-from blendsm.errors import BlendsmError, ConfigError, SubscriptionRefusedError, WireError
+from blendsm.errors import (
+    BlendsmError,
+    ConfigError,
+    EnvelopeError,
+    SubscriptionRefusedError,
+    WireError,
+)
 
 from ._chain_reader import ChainReader
 from ._control import (
@@ -70,7 +76,7 @@ from ._control import (
     encode_voucher,
     is_control_topic,
 )
-from ._envelope import Envelope, MessageDomain
+from ._envelope import Envelope, MessageDomain, decode_envelope, verify_envelope
 from ._integrity import IntegrityEvent, IntegrityKind, MessageVerifier, Verification
 from ._keccak import checksum_address
 from ._mqtt import Disconnection, _MqttClient
@@ -177,6 +183,8 @@ class SubscriberStats:
     """Messages whose signature and device checked out (verification on)."""
     integrity_events: int = 0
     """Integrity findings reported (proof verdicts included)."""
+    unpaid_invalid: int = 0
+    """Quoted paid messages not paid for because their envelope was not validly signed."""
 
 
 @dataclass(slots=True)
@@ -352,6 +360,7 @@ class Subscriber(_MqttClient):
         self._refusals = 0
         self._payment_requests = 0
         self._bad_notices = 0
+        self._unpaid_invalid = 0
 
     # --- subscriptions -----------------------------------------------------------------
 
@@ -453,6 +462,7 @@ class Subscriber(_MqttClient):
                 refusals=self._refusals,
                 payment_requests=self._payment_requests,
                 bad_notices=self._bad_notices,
+                unpaid_invalid=self._unpaid_invalid,
                 verified_messages=self._verified_messages,
                 integrity_events=self._integrity_events,
             )
@@ -502,6 +512,14 @@ class Subscriber(_MqttClient):
                 received = ReceivedMessage(
                     topic, payload, message.qos, bool(message.retain), False, 0, None
                 )
+            elif not self._authentic(topic, payload):
+                # A paid message whose envelope is not validly signed is never paid for: the
+                # broker (which checks every envelope) delivered something it should not have.
+                # The worker reports BAD_SIGNATURE; the dispute is capped by the broker's credit.
+                self._unpaid_invalid += 1
+                received = ReceivedMessage(
+                    topic, payload, message.qos, bool(message.retain), False, 0, None
+                )
             else:
                 self._paid_messages += 1
                 book = self._books.setdefault(quote.channel_id, _Book())
@@ -524,6 +542,19 @@ class Subscriber(_MqttClient):
             self._report(events)
             received_at = time.time()
             self._submit(lambda: self._verify_message(received, received_at))
+
+    def _authentic(self, topic: str, payload: bytes) -> bool:
+        """With verification on: is this a well-formed envelope signed by its device for this
+        topic? (~100 us, on paho's thread, before paying; the chain checks follow on the
+        worker.) Always True without a verifier."""
+        verifier = self.verifier
+        if verifier is None:
+            return True
+        try:
+            verify_envelope(verifier.domain, topic, decode_envelope(payload))
+        except EnvelopeError:
+            return False
+        return True
 
     def _on_notice(self, payload: bytes) -> None:
         try:

@@ -721,3 +721,25 @@ def test_request_proof_times_out_without_an_answer(make_sub: Any, fake: FakeChai
     finally:
         publisher.disconnect()
         publisher.loop_stop()
+
+
+def test_a_paid_message_with_a_broken_signature_is_not_paid_for(
+    make_sub: Any, operator: FakeOperator
+) -> None:
+    from blendsm.device_sdk import Quote, encode_notice
+
+    sub, seen = make_sub(pay_every=1)
+    channel = bytes(range(32))
+    quote = Quote(TOPIC, DEVICE.address, channel, 1_000, 5_000, 0, 0)
+    notice_topic = control_topic(BUYER.address, "notice")
+    operator.mqtt.publish(notice_topic, encode_notice(quote), qos=1).wait_for_publish(5)
+    wait_until(lambda: sub.quote(TOPIC) is not None)
+    forged = bytearray(signed(2))
+    forged[-1] ^= 0x01
+    for data in (signed(1), bytes(forged), signed(3)):
+        operator.data(TOPIC, data, leaf=False)
+    got = seen.take(3)
+    assert [m.verified for m in got] == [True, False, True]
+    assert [m.paid for m in got] == [True, False, True]
+    assert sub.vouchered(channel) == 2_000  # the two authentic messages, not the forged one
+    assert sub.stats.unpaid_invalid == 1
