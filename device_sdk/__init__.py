@@ -95,6 +95,7 @@ from ._mqtt import Disconnection
 from ._outbox import OutboxFullError
 from ._publisher import Encryptor, Publisher
 from ._subscriber import (
+    Decryptor,
     PaymentEvent,
     PaymentEventKind,
     ReceivedMessage,
@@ -102,6 +103,7 @@ from ._subscriber import (
     SubscriberCallbackAPI,
     SubscriberStats,
 )
+from ._topic_keys import NoTopicKeyError, TopicKeyring, TopicKeyService
 from ._voucher import (
     EIP712_DOMAIN_TYPEHASH,
     SECP256K1_HALF_N,
@@ -158,6 +160,7 @@ __all__ = [
     "ConnectToken",
     "ConnectTokenSigner",
     "ConnectTokenVerifier",
+    "Decryptor",
     "Disconnection",
     "Encryptor",
     "Envelope",
@@ -167,6 +170,7 @@ __all__ = [
     "MerkleTree",
     "MessageDomain",
     "MessageVerifier",
+    "NoTopicKeyError",
     "Notice",
     "OutboxFullError",
     "PaymentEvent",
@@ -185,6 +189,8 @@ __all__ = [
     "Subscriber",
     "SubscriberCallbackAPI",
     "SubscriberStats",
+    "TopicKeyService",
+    "TopicKeyring",
     "Verification",
     "Voucher",
     "VoucherDomain",

@@ -37,7 +37,7 @@ from ecies import decrypt as _ecies_decrypt
 from ecies import encrypt as _ecies_encrypt
 from ecies.config import Config as _EciesConfig
 
-from blendsm.errors import ConfigError, WireError
+from blendsm.errors import ConfigError, DecryptionError
 
 from ._keccak import checksum_address, keccak256
 
@@ -78,11 +78,6 @@ _ECIES: Final = _EciesConfig(
 
 KeyLookup = Callable[[int], bytes | None]
 """``epoch -> key`` (None when the epoch is unknown), e.g. a keyring's lookup for one topic."""
-
-
-class DecryptionError(WireError):
-    """An encrypted payload or a wrapped key cannot be opened: unknown epoch, wrong key,
-    altered bytes, or bound to another topic, epoch or recipient."""
 
 
 def new_topic_key() -> bytes:

@@ -26,27 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from blendsm.errors import BlendsmError, ConfigError, StoreError
+from blendsm.errors import ConfigError, OutboxFullError, StoreError
 
 __all__ = ["OutboxFullError", "OutboxMessage", "SqliteOutbox"]
 
 _SCHEMA_VERSION: Final = 1
 _APPLICATION_ID: Final = 0x42534D4F  # "BSMO"
-
-
-class OutboxFullError(BlendsmError, RuntimeError):
-    """The publisher's outbox is at its bound (messages or bytes): the message was refused,
-    nothing queued was dropped. Wait for the broker (``flush``) or raise the bound."""
-
-    def __init__(self, pending: int, pending_bytes: int, max_messages: int, max_bytes: int) -> None:
-        self.pending = pending
-        self.pending_bytes = pending_bytes
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        super().__init__(
-            f"outbox full: {pending} messages / {pending_bytes} bytes queued"
-            f" (bounds {max_messages} messages, {max_bytes} bytes); message refused"
-        )
 
 
 @dataclass(frozen=True, slots=True)

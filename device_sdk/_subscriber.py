@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -139,6 +139,17 @@ class ReceivedMessage:
     sequence: int | None = None
     timestamp_ms: int | None = None
     verified: bool | None = None
+    encrypted: bool = False
+    """The device encrypted the payload with the topic key (envelope flag)."""
+    decrypted: bool | None = None
+    """With a ``keyring``: True if ``payload`` is the plaintext, False if it could not be
+    decrypted (``payload`` stays the ciphertext; the reason goes to ``on_error``)."""
+
+
+class Decryptor(Protocol):
+    """Turns an encrypted envelope payload of a topic into plaintext (``TopicKeyring``)."""
+
+    def decrypt(self, topic: str, payload: bytes) -> bytes: ...
 
 
 class PaymentEventKind(enum.StrEnum):
@@ -271,6 +282,7 @@ class Subscriber(_MqttClient):
         proof_sampling: float = 0.0,
         proof_attempts: int = 5,
         record_path: str | os.PathLike[str] | None = None,
+        keyring: Decryptor | None = None,
     ) -> None:
         if callback_api_version is not SubscriberCallbackAPI.VERSION1:
             raise ConfigError(
@@ -327,11 +339,15 @@ class Subscriber(_MqttClient):
             or proof_attempts < 1
         ):
             raise ConfigError(f"proof_attempts: must be an int >= 1, got {proof_attempts!r}")
-        if verifier is None and (proof_sampling > 0 or record_path is not None):
+        if verifier is None and (
+            proof_sampling > 0 or record_path is not None or keyring is not None
+        ):
             raise ConfigError(
-                "proof_sampling and record_path need verification (registry and chain_reader)"
+                "proof_sampling, record_path and keyring need verification"
+                " (registry and chain_reader)"
             )
         self.verifier = verifier
+        self.keyring = keyring
         self.proof_sampling = float(proof_sampling)
         self.proof_attempts = proof_attempts
         self.record_path = None if record_path is None else os.fspath(record_path)
@@ -732,9 +748,18 @@ class Subscriber(_MqttClient):
         with self._lock:
             if checked.verified:
                 self._verified_messages += 1
+        payload = checked.payload
+        decrypted: bool | None = None
+        if envelope is not None and envelope.encrypted and self.keyring is not None:
+            try:
+                payload = self.keyring.decrypt(message.topic, envelope.payload)
+                decrypted = True
+            except BlendsmError as exc:  # no key for that epoch (right ended), or bad bytes
+                decrypted = False
+                self._report_error(exc)
         received = ReceivedMessage(
             message.topic,
-            checked.payload,
+            payload,
             message.qos,
             message.retain,
             message.paid,
@@ -744,6 +769,8 @@ class Subscriber(_MqttClient):
             checked.sequence,
             None if envelope is None else envelope.timestamp_ms,
             checked.verified,
+            envelope is not None and envelope.encrypted,
+            decrypted,
         )
         self._deliver(received)
         self._report_integrity(checked.events)

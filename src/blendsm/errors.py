@@ -13,9 +13,11 @@ visible::
     │   │   ├── VoucherNotNewerError                 cumulative amount not above what was claimed
     │   │   └── VoucherChannelError                  channel unknown, closed or past its challenge period
     │   ├── ConnectTokenError                        MQTT CONNECT password token malformed, forged, stale or replayed
-    │   └── EnvelopeError                            signed message envelope malformed, or not signed by its device
+    │   ├── EnvelopeError                            signed message envelope malformed, or not signed by its device
+    │   └── DecryptionError                          encrypted payload or wrapped topic key cannot be opened
     ├── ArtifactError(BlendsmError, RuntimeError)    compiled contracts missing or stale
     ├── StoreError(BlendsmError, RuntimeError)       voucher store unreadable, foreign, newer or misused
+    ├── OutboxFullError(BlendsmError, RuntimeError)  a device's durable outbox is at its bound; message refused
     ├── BrokerConnectionError(BlendsmError, ConnectionError)   MQTT broker unreachable, silent or gone
     │   └── BrokerRefusedError                       CONNACK refused (bad token, not a member), with its code
     ├── SubscriptionRefusedError(BlendsmError, PermissionError)  SUBACK 0x80 for a topic filter
@@ -39,7 +41,9 @@ __all__ = [
     "ConfigError",
     "ConnectTokenError",
     "ContractRevertError",
+    "DecryptionError",
     "EnvelopeError",
+    "OutboxFullError",
     "StoreError",
     "SubscriptionRefusedError",
     "TransactionFailedError",
@@ -91,6 +95,26 @@ class ConnectTokenError(WireError):
 class EnvelopeError(WireError):
     """A signed message envelope is malformed, or its signature is not its device's for
     that topic (tampered payload, topic, sequence or timestamp, or another key)."""
+
+
+class DecryptionError(WireError):
+    """An encrypted payload or a wrapped key cannot be opened: unknown epoch, wrong key,
+    altered bytes, or bound to another topic, epoch or recipient."""
+
+
+class OutboxFullError(BlendsmError, RuntimeError):
+    """The publisher's outbox is at its bound (messages or bytes): the message was refused,
+    nothing queued was dropped. Wait for the broker (``flush``) or raise the bound."""
+
+    def __init__(self, pending: int, pending_bytes: int, max_messages: int, max_bytes: int) -> None:
+        self.pending = pending
+        self.pending_bytes = pending_bytes
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        super().__init__(
+            f"outbox full: {pending} messages / {pending_bytes} bytes queued"
+            f" (bounds {max_messages} messages, {max_bytes} bytes); message refused"
+        )
 
 
 class ArtifactError(BlendsmError, RuntimeError):

@@ -743,3 +743,37 @@ def test_a_paid_message_with_a_broken_signature_is_not_paid_for(
     assert [m.paid for m in got] == [True, False, True]
     assert sub.vouchered(channel) == 2_000  # the two authentic messages, not the forged one
     assert sub.stats.unpaid_invalid == 1
+
+
+def test_a_keyring_decrypts_encrypted_envelopes_and_reports_missing_epochs(
+    make_sub: Any, operator: FakeOperator
+) -> None:
+    from blendsm.device_sdk import FLAG_ENCRYPTED
+    from blendsm.device_sdk._crypto import new_topic_key, open_sealed, seal
+
+    keys = {1: new_topic_key(), 2: new_topic_key()}
+    held = {1: keys[1]}  # this subscriber never got epoch 2 (its right ended)
+
+    class Keyring:
+        def decrypt(self, topic: str, payload: bytes) -> bytes:
+            return open_sealed(held.get, topic, payload)
+
+    errors: list[Exception] = []
+    sub, seen = make_sub(keyring=Keyring())
+    sub.on_error = lambda _s, exc: errors.append(exc)
+
+    def encrypted(seq: int, epoch: int, text: bytes) -> bytes:
+        sealed = seal(keys[epoch], epoch, TOPIC, text)
+        return DEVICE.sign(TOPIC, sealed, seq, 1_700_000_000_000 + seq, FLAG_ENCRYPTED).encode()
+
+    operator.data(TOPIC, encrypted(1, 1, b"secret one"), leaf=False)
+    operator.data(TOPIC, encrypted(2, 2, b"secret two"), leaf=False)
+    got = seen.take(2)
+    assert [(m.encrypted, m.decrypted, m.verified) for m in got] == [
+        (True, True, True),
+        (True, False, True),
+    ]
+    assert got[0].payload == b"secret one"
+    assert b"secret two" not in got[1].payload
+    assert len(errors) == 1
+    assert "epoch 2" in str(errors[0])
