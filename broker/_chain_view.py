@@ -40,6 +40,7 @@ EVENTS: Final = (
     "Market.PolicyChanged",
     "Market.PriceChanged",
     "Market.TopicCreated",
+    "Market.TopicEncryptionChanged",
     "Market.TopicPaused",
     "Market.TopicResumed",
     "PaymentChannels.ChannelClaimed",
@@ -417,6 +418,8 @@ class ChainView:
                 self._put_topic(dataclasses.replace(t, paused=True))
             elif name == "TopicResumed":
                 self._put_topic(dataclasses.replace(t, paused=False))
+            elif name == "TopicEncryptionChanged":
+                self._put_topic(dataclasses.replace(t, encrypted=bool(a["encrypted"])))
         elif event.contract == "PaymentChannels":
             channel_id = bytes(a["channelId"])
             if name == "ChannelOpened":

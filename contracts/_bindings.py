@@ -204,7 +204,8 @@ class Participant:
 
 @dataclass(frozen=True, slots=True)
 class TopicInfo:
-    """``Market.topic``: a data product; ``token`` None means the native coin."""
+    """``Market.topic``: a data product; ``token`` None means the native coin; ``encrypted``
+    is ``Market.isEncrypted`` (the seller marked the topic end-to-end encrypted)."""
 
     topic_id: bytes
     name: str
@@ -214,6 +215,7 @@ class TopicInfo:
     policy: Policy
     min_rating_x100: int
     paused: bool
+    encrypted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,6 +495,15 @@ class Market(_Binding):
     async def resume(self, topic_id: bytes) -> TxResult:
         return await self._simple("resume", _b32(topic_id, "topic_id"))
 
+    async def set_encrypted(self, topic_id: bytes, encrypted: bool = True) -> TxResult:
+        """Mark the topic end-to-end encrypted (or, ``encrypted=False``, in clear); the topic's
+        seller only; reverts (MarketEncryptionUnchanged) if it is in that state already."""
+        return await self._simple("setEncrypted", _b32(topic_id, "topic_id"), bool(encrypted))
+
+    async def is_encrypted(self, topic_id: bytes) -> bool:
+        """Whether the topic's seller marked it encrypted (False for an unknown topic)."""
+        return bool(await self._read("isEncrypted", _b32(topic_id, "topic_id")))
+
     async def can_subscribe(self, buyer: str, topic_id: bytes) -> bool:
         return bool(await self._read("canSubscribe", _addr(buyer), _b32(topic_id, "topic_id")))
 
@@ -503,12 +514,13 @@ class Market(_Binding):
         return bool(await self._read("isListed", _b32(topic_id, "topic_id"), _addr(account)))
 
     async def topic(self, topic_id: bytes) -> TopicInfo | None:
-        """The topic's record, None if no topic has this id."""
+        """The topic's record (with ``isEncrypted``), None if no topic has this id."""
         seller, paused, policy, min_rating, token, price, name = await self._read(
             "topic", _b32(topic_id, "topic_id")
         )
         if int(seller, 16) == 0:
             return None
+        encrypted = await self.is_encrypted(topic_id)
         return TopicInfo(
             topic_id=bytes(topic_id),
             name=name,
@@ -518,6 +530,7 @@ class Market(_Binding):
             policy=Policy(policy),
             min_rating_x100=int(min_rating),
             paused=bool(paused),
+            encrypted=encrypted,
         )
 
     async def topic_count(self) -> int:

@@ -3,7 +3,8 @@
 Who does what:
 
 - :class:`TopicKeyService` runs at the seller. It holds, for each encrypted topic (listed in
-  its configuration: there is no on-chain "encrypted" flag yet), the current ``(epoch, key)``
+  its configuration, and served only while the seller marked it encrypted on chain with
+  ``Market.setEncrypted``: the mark is what buyers and brokers see), the current ``(epoch, key)``
   persisted in ``state_dir`` (mode 0600), and hands the key, ECIES-wrapped to each recipient's
   public key and signed by the seller, as a RETAINED message on
   ``blendsm/keys/<topic id>/<address>`` (the broker lets only the topic's seller publish
@@ -320,6 +321,9 @@ class TopicKeyService(_MqttClient):
 
     ``marketplace`` reads the chain (read-only is enough); ``topics`` are the seller's
     encrypted topics; ``devices`` maps each device address to its public key (checked).
+    No key of a topic goes out (grant, devices, republish) unless ``Market.isEncrypted`` says
+    the seller marked it encrypted on chain, so the configuration cannot disagree with what
+    buyers and brokers read there.
     """
 
     def __init__(
@@ -457,6 +461,20 @@ class TopicKeyService(_MqttClient):
                 usable.append((channel_id, bytes(entry["transactionHash"])))
         return usable
 
+    async def marked_encrypted(self, topic: str) -> bool:
+        """Whether ``Market.isEncrypted`` holds for ``topic`` (one of this service's topics)."""
+        return await self.marketplace.market.is_encrypted(self._state(topic).topic_id)
+
+    async def _servable(self, topic: str) -> bool:
+        if await self.marked_encrypted(topic):
+            return True
+        _log.warning(
+            "%s: %r is not marked encrypted on chain (Market.setEncrypted): no key is sent",
+            self.address,
+            topic,
+        )
+        return False
+
     async def entitled(self, subscriber: str, topic: str) -> bool:
         """Whether the chain entitles ``subscriber`` to ``topic``: ``Market.canSubscribe``
         and an open, not-closing channel from the subscriber to this seller."""
@@ -494,12 +512,15 @@ class TopicKeyService(_MqttClient):
         topics: Iterable[str] | None = None,
     ) -> list[str]:
         """Publish the current key of each topic (all encrypted topics by default) to
-        ``subscriber`` if the chain entitles it; the topics granted. ``public_key`` defaults
-        to the one recovered from its channel-opening transaction; it must match the address."""
+        ``subscriber`` if the chain marks the topic encrypted and entitles the subscriber; the
+        topics granted. ``public_key`` defaults to the one recovered from its channel-opening
+        transaction; it must match the address."""
         address = _address(subscriber, "subscriber")
         granted: list[str] = []
         for name in list(topics) if topics is not None else list(self._topics):
             state = self._state(name)
+            if not await self._servable(name):
+                continue
             if not await self.entitled(address, name):
                 _log.info("%s: %s is not entitled to %r: no key", self.address, address, name)
                 continue
@@ -511,12 +532,18 @@ class TopicKeyService(_MqttClient):
             granted.append(name)
         return granted
 
-    async def grant_devices(self, topics: Iterable[str] | None = None) -> None:
-        """Publish the current key of each topic to every configured device."""
+    async def grant_devices(self, topics: Iterable[str] | None = None) -> list[str]:
+        """Publish the current key of each topic (all by default) that the chain marks
+        encrypted to every configured device; the topics served."""
+        served: list[str] = []
         for name in list(topics) if topics is not None else list(self._topics):
             state = self._state(name)
+            if not await self._servable(name):
+                continue
             for device, public_key in self.devices.items():
                 await self._send_key(state, device, public_key)
+            served.append(name)
+        return served
 
     async def rotate(self, reason: str, *, topics: Iterable[str] | None = None) -> dict[str, int]:
         """Start a new epoch with a fresh key for each topic (all by default): persisted
@@ -587,7 +614,7 @@ class TopicKeyService(_MqttClient):
             lost = [a for a in state.subscribers if not await self.entitled(a, name)]
             if lost:
                 rotated.update(await self.rotate(f"right ended: {', '.join(lost)}", topics=[name]))
-            elif republish:
+            elif republish and await self._servable(name):
                 for address, public_key in state.subscribers.items():
                     await self._send_key(state, address, public_key)
                 await self.grant_devices([name])

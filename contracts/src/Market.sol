@@ -9,6 +9,9 @@ import {Registry} from "./Registry.sol";
 /// with a price per message, a payment token (ERC-20, or address(0) for the native coin) and
 /// an access policy. Brokers read `canSubscribe` and `canPublish` (and follow the events to
 /// keep their caches fresh). A price change applies to deliveries after the broker sees it.
+/// A seller may mark a topic encrypted (`setEncrypted`): its devices seal payloads end to end
+/// and the seller's key service hands topic keys only to entitled buyers. The mark is a public
+/// statement for buyers and brokers; the contract cannot see payloads and does not enforce it.
 contract Market {
     /// @notice Who may subscribe: every active buyer, only listed buyers, every active buyer
     /// but the listed ones, or buyers whose average rating reaches a minimum.
@@ -37,6 +40,8 @@ contract Market {
     mapping(bytes32 topicId => Topic) private _topics;
     mapping(bytes32 topicId => mapping(address account => bool)) private _listed;
     bytes32[] private _topicIds;
+    // Kept apart from `Topic` so that the `topic()` view and its ABI stay unchanged.
+    mapping(bytes32 topicId => bool) private _encrypted;
 
     /// @notice The caller is not an active seller.
     error MarketNotActiveSeller(address caller);
@@ -52,6 +57,8 @@ contract Market {
     error MarketInvalidMinRating(uint16 minRatingX100);
     /// @notice The topic is already in the asked pause state.
     error MarketPauseUnchanged(bytes32 topicId, bool paused);
+    /// @notice The topic is already in the asked encryption state.
+    error MarketEncryptionUnchanged(bytes32 topicId, bool encrypted);
 
     /// @notice Emitted when a seller registered a topic.
     event TopicCreated(
@@ -73,6 +80,8 @@ contract Market {
     event TopicPaused(bytes32 indexed topicId);
     /// @notice Emitted when a paused topic was resumed.
     event TopicResumed(bytes32 indexed topicId);
+    /// @notice Emitted when a topic was marked encrypted (`encrypted` true) or in clear.
+    event TopicEncryptionChanged(bytes32 indexed topicId, bool encrypted);
 
     /// @param registry_ The Registry contract.
     /// @param ratings_ The Ratings contract.
@@ -154,6 +163,17 @@ contract Market {
         emit TopicResumed(topicId);
     }
 
+    /// @notice Mark the topic encrypted end to end (`encrypted` true) or in clear (topic's
+    /// seller only). New topics are in clear. Reverts if the topic is already in that state.
+    /// @param topicId The topic.
+    /// @param encrypted Whether payloads of the topic are encrypted from now on.
+    function setEncrypted(bytes32 topicId, bool encrypted) external {
+        _ownTopic(topicId);
+        if (_encrypted[topicId] == encrypted) revert MarketEncryptionUnchanged(topicId, encrypted);
+        _encrypted[topicId] = encrypted;
+        emit TopicEncryptionChanged(topicId, encrypted);
+    }
+
     /// @notice Whether `buyer` may subscribe to `topicId` now: the topic exists and runs, its
     /// seller and the buyer are active in their roles, and the policy admits the buyer.
     function canSubscribe(address buyer, bytes32 topicId) external view returns (bool) {
@@ -179,6 +199,11 @@ contract Market {
     /// @notice The topic's record (seller address(0) if unknown).
     function topic(bytes32 topicId) external view returns (Topic memory) {
         return _topics[topicId];
+    }
+
+    /// @notice Whether the topic's seller marked it encrypted (false if the topic is unknown).
+    function isEncrypted(bytes32 topicId) external view returns (bool) {
+        return _encrypted[topicId];
     }
 
     /// @notice Whether `account` is on the topic's list.

@@ -128,6 +128,9 @@ async def test_sync_mirrors_every_policy(chain: Any, w3: Any, mp: MakeMp) -> Non
     await m.set_access(ids[1], [buyer])
     await m.set_access(ids[2], [buyer])
     await m.pause(ids[4])
+    await m.set_encrypted(ids[1])
+    await m.set_encrypted(ids[2])
+    await m.set_encrypted(ids[2], False)
     channel_id = await rated_channel(chain, mp, buyer, seller, 4)
 
     view = make_view(chain, w3)
@@ -144,6 +147,12 @@ async def test_sync_mirrors_every_policy(chain: Any, w3: Any, mp: MakeMp) -> Non
     topic = view.topic_for_name("s/rating")
     assert topic is not None
     assert topic.token == chain.Token.address
+    # The encrypted mark is mirrored (and read back by the binding's topic()).
+    assert [view.topic(t).encrypted for t in ids] == [False, True, False, False, False]  # type: ignore[union-attr]
+    allow = view.topic_for_name("s/allow")
+    assert allow is not None
+    assert allow.encrypted
+    assert await m.is_encrypted(ids[1])
 
 
 async def test_live_changes_are_followed(chain: Any, mp: MakeMp, running: ChainView) -> None:
@@ -172,6 +181,15 @@ async def test_live_changes_are_followed(chain: Any, mp: MakeMp, running: ChainV
     assert not view.can_subscribe(buyer, tid)
     assert not view.can_publish(device, tid)
     await m.resume(tid)
+    assert not view.topic_for_name("live/t").encrypted  # type: ignore[union-attr]
+    await m.set_encrypted(tid, True)
+    await caught_up(view, chain)
+    assert view.topic_for_name("live/t").encrypted  # type: ignore[union-attr]
+    assert view.can_subscribe(buyer, tid)  # the mark changes no access decision
+    await m.set_encrypted(tid, False)
+    await caught_up(view, chain)
+    assert not view.topic_for_name("live/t").encrypted  # type: ignore[union-attr]
+    await m.set_encrypted(tid, True)
     await mp("seller").registry.remove_device(device)
     await caught_up(view, chain)
     assert view.can_subscribe(buyer, tid)
@@ -339,6 +357,7 @@ async def test_differential_random_actions(
                 "access",
                 "pause",
                 "resume",
+                "encrypt",
             ]
         )
         who = rng.choice(people)
@@ -380,6 +399,8 @@ async def test_differential_random_actions(
             await seller_m.pause(tid)
         elif kind == "resume":
             await seller_m.resume(tid)
+        elif kind == "encrypt":
+            await seller_m.set_encrypted(tid, rng.random() < 0.6)
         kinds_done.add(kind)
 
     # give the sellers a head start so topics get created
@@ -397,7 +418,16 @@ async def test_differential_random_actions(
             existing = [t for t in topic_ids if await mp("oracle").market.topic(t) is not None]
             await assert_agrees(running, chain, mp, existing)
     assert applied >= 30
-    assert {"apply", "approve", "revoke", "create", "policy", "access", "pause"} <= kinds_done
+    assert {
+        "apply",
+        "approve",
+        "revoke",
+        "create",
+        "policy",
+        "access",
+        "pause",
+        "encrypt",
+    } <= kinds_done
     assert {"device", "undevice"} <= kinds_done
     existing = [t for t in topic_ids if await mp("oracle").market.topic(t) is not None]
     assert existing

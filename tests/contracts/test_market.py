@@ -1,5 +1,6 @@
 """Market: topic registration and validation, prices, access policies (with real ratings
-for MinRating), pause/resume, and the brokers' canSubscribe/canPublish checks.
+for MinRating), pause/resume, the encrypted mark, and the brokers' canSubscribe/canPublish
+checks.
 
 Every test runs on the embedded chain and on anvil.
 """
@@ -282,6 +283,41 @@ def test_pause_and_resume(chain, mkt, tx, events, reverts, topic):
     assert mkt.topic(topic).call()[1] is False
 
 
+def test_set_encrypted_toggles_and_emits(chain, mkt, tx, events, reverts, topic):
+    seller = {"from": chain.addr("seller")}
+    before = tuple(mkt.topic(topic).call())
+    assert mkt.isEncrypted(topic).call() is False  # new topics are in clear
+    with reverts("MarketEncryptionUnchanged", topic, False):
+        mkt.setEncrypted(topic, False).transact(seller)
+    for flag in (True, False, True):
+        assert events(tx(mkt.setEncrypted(topic, flag), "seller")) == [
+            ("Market.TopicEncryptionChanged", {"topicId": topic, "encrypted": flag})
+        ]
+        assert mkt.isEncrypted(topic).call() is flag
+    with reverts("MarketEncryptionUnchanged", topic, True):
+        mkt.setEncrypted(topic, True).transact(seller)
+    # The topic record (and its ABI) is untouched; so are the brokers' answers.
+    assert tuple(mkt.topic(topic).call()) == before
+    assert can_sub(chain, "buyer", topic)
+    assert can_pub(chain, "device", topic)
+
+
+def test_encrypted_mark_is_per_topic_and_false_when_unknown(chain, mkt, tx, topic):
+    tx(mkt.createTopic("other/topic", PRICE, ZERO, Policy.OPEN, 0), "seller")
+    tx(mkt.setEncrypted(topic, True), "seller")
+    assert mkt.isEncrypted(topic).call() is True
+    assert mkt.isEncrypted(tid("other/topic")).call() is False
+    assert mkt.isEncrypted(tid("no/such/topic")).call() is False
+
+
+def test_encrypted_mark_survives_pause_and_policy_changes(chain, mkt, tx, topic):
+    tx(mkt.setEncrypted(topic, True), "seller")
+    tx(mkt.pause(topic), "seller")
+    tx(mkt.setPolicy(topic, Policy.DENYLIST, 0), "seller")
+    tx(mkt.resume(topic), "seller")
+    assert mkt.isEncrypted(topic).call() is True
+
+
 def owner_only_calls(mkt, topic_id, buyer):
     return {
         "setPrice": mkt.setPrice(topic_id, 5),
@@ -289,10 +325,13 @@ def owner_only_calls(mkt, topic_id, buyer):
         "setAccess": mkt.setAccess(topic_id, [buyer], True),
         "pause": mkt.pause(topic_id),
         "resume": mkt.resume(topic_id),
+        "setEncrypted": mkt.setEncrypted(topic_id, True),
     }
 
 
-@pytest.mark.parametrize("fn", ["setPrice", "setPolicy", "setAccess", "pause", "resume"])
+@pytest.mark.parametrize(
+    "fn", ["setPrice", "setPolicy", "setAccess", "pause", "resume", "setEncrypted"]
+)
 def test_setters_are_owner_only(chain, mkt, tx, reverts, topic, fn):
     if fn == "resume":
         tx(mkt.pause(topic), "seller")
@@ -310,6 +349,7 @@ def test_setters_are_owner_only(chain, mkt, tx, reverts, topic, fn):
             )
     assert tuple(mkt.topic(topic).call()) == before
     assert not mkt.isListed(topic, chain.addr("buyer")).call()
+    assert not mkt.isEncrypted(topic).call()
 
 
 # ---------------------------------------------------------------- canSubscribe

@@ -1,6 +1,7 @@
 """End-to-end encryption of a paid topic against a real BlendSM broker and chain: the device
 seals with the topic key, the broker forwards ciphertext, the seller's TopicKeyService grants
-keys only to entitled subscribers and rotates when a subscriber's right ends."""
+keys only to entitled subscribers of a topic the chain marks encrypted and rotates when a
+subscriber's right ends."""
 
 from __future__ import annotations
 
@@ -88,9 +89,19 @@ async def test_encrypted_topic_keys_reach_only_entitled_subscribers_and_rotate(
             await asyncio.to_thread(keyring.connect)
         await asyncio.to_thread(publisher.connect)
 
+        # No key goes out while the chain does not mark the topic encrypted, whatever the
+        # service's configuration says.
+        assert not await service.marked_encrypted(topic)
+        assert await service.grant_devices() == []
+        assert await service.grant(chain.addr("buyer")) == []
+        assert service.subscribers(topic) == []
+        await market.mp("seller").market.set_encrypted(market.topic_id, True)
+        assert await service.marked_encrypted(topic)
+        assert await market.mp("buyer").market.is_encrypted(market.topic_id)
+
         # Keys: the device gets one from config, buyers once the chain entitles them; the
         # public keys are recovered from the buyers' own channel-opening transactions.
-        await service.grant_devices()
+        assert await service.grant_devices() == [topic]
         assert await service.grant(chain.addr("buyer")) == [topic]
         assert await service.grant(chain.addr("buyer2")) == [topic]
         assert await service.grant(chain.addr("seller")) == []  # no channel: not entitled
