@@ -701,6 +701,15 @@ class MarketplaceService:
             self.stats.envelopes_refused += 1
             self.log.warning("PUBLISH on %r from %s dropped: %s", topic, ident.address, exc)
             return False
+        if topic_info.encrypted and not envelope.encrypted:
+            self.stats.envelopes_refused += 1
+            self.log.warning(
+                "PUBLISH on %r from %s dropped: the topic is marked encrypted on chain and"
+                " the payload is not",
+                topic,
+                ident.address,
+            )
+            return False
         if signer.lower() != ident.key:
             self.stats.envelopes_refused += 1
             self.log.warning(

@@ -226,3 +226,22 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
         f"\nSIGKILL at message 101 of {len(sequences)}: {len(set(sequences))} sequences anchored"
         f" in {len(batch_ids)} batches, none twice; details {orjson.dumps(batch_ids).decode()}"
     )
+
+
+async def test_a_topic_marked_encrypted_on_chain_refuses_plaintext(market: Market) -> None:
+    from blendsm.device_sdk import FLAG_ENCRYPTED
+
+    created = await market.mp("seller").market.create_topic("data/sealed", 0, None, Policy.OPEN)
+    await market.mp("seller").market.set_encrypted(created.topic_id, True)
+    view = market.service.view
+    await market.wait_view(lambda: (t := view.topic(created.topic_id)) is not None and t.encrypted)
+    buyer, device = market.client("buyer"), market.client("device")
+    for c in (buyer, device):
+        assert await c.connect() == 0
+    assert await buyer.subscribe("data/sealed") == [0]
+    await device.publish("data/sealed", b"plaintext reading", qos=1)
+    sealed = device.envelope_signer.sign("data/sealed", b"<ciphertext>", 99, 0, FLAG_ENCRYPTED)
+    await device.publish("data/sealed", sealed.encode(), qos=1, sign=False)
+    got = [m.payload for m in await buyer.got.drain(within=1.0) if m.topic == "data/sealed"]
+    assert got == [b"<ciphertext>"]
+    assert market.service.stats.envelopes_refused == 1
