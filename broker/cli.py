@@ -109,6 +109,25 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from blendsm.broker._demo import format_summary, run_demo
+
+    if not args.duration > 0:
+        raise ConfigError(f"--duration: must be > 0 seconds, got {args.duration:g}")
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    report = asyncio.run(run_demo(args.duration, quiet=False))
+    if args.json:
+        print(json.dumps(report.to_json(), sort_keys=True), flush=True)
+    else:
+        print(format_summary(report), flush=True)
+    if not report.ok:
+        print("blendsm demo: invariants broken: " + "; ".join(report.problems), file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_contracts_compile(args: argparse.Namespace) -> int:
     from blendsm.contracts._compile import compile_contracts
 
@@ -236,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broker.add_argument("--port", type=int, metavar="N", help="override listen.port")
     broker.set_defaults(func=_cmd_broker)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole marketplace embedded (chain, broker, devices, buyers) and check"
+        " that every wei and every message is accounted for",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds the devices stream readings (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="print one JSON object with the figures (wei)"
+    )
+    demo.set_defaults(func=_cmd_demo)
 
     verify = sub.add_parser(
         "verify",
