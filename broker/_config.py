@@ -40,6 +40,7 @@ __all__ = [
     "BrokerConfig",
     "ChainConfig",
     "ListenConfig",
+    "MetricsConfig",
     "OperatorKeyConfig",
     "PaymentsConfig",
     "SettlementConfig",
@@ -135,6 +136,16 @@ class AnchoringConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus metrics endpoint (``GET /metrics``); off unless a port is given."""
+
+    host: str = "127.0.0.1"
+    """Interface address of the metrics endpoint; keep it local unless a firewall guards it."""
+    port: int | None = None
+    """TCP port, 0-65535 (0: let the OS pick one, for tests); ``None``: no endpoint."""
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The whole broker configuration (``blendsm broker -c broker.yaml``)."""
 
@@ -148,6 +159,8 @@ class BrokerConfig:
     """Metering credit and settlement policy."""
     anchoring: AnchoringConfig = field(default_factory=AnchoringConfig)
     """Batching of message leaves into on-chain anchors."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Prometheus endpoint (disabled by default)."""
     data_dir: Path = Path("blendsm-data")
     """Folder for the broker's durable state (voucher store, anchor leaves)."""
     public_topics: bool = False
@@ -229,6 +242,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
         operator_key=operator_key,
         payments=_parse_payments(_section(root, "payments")),
         anchoring=_parse_anchoring(_section(root, "anchoring")),
+        metrics=_parse_metrics(_section(root, "metrics")),
         data_dir=_path(root, "data_dir", "", base) or _resolve(Path("blendsm-data"), base),
         public_topics=_typed(root, "public_topics", "", bool, False),
         log_level=log_level,
@@ -320,6 +334,15 @@ def _parse_anchoring(data: Mapping[str, Any]) -> AnchoringConfig:
         batch_seconds=_seconds(data, "batch_seconds", "anchoring", 60.0, allow_zero=False),
         batch_max_leaves=_int(data, "batch_max_leaves", "anchoring", 1000, low=1, high=2**20),
     )
+
+
+def _parse_metrics(data: Mapping[str, Any]) -> MetricsConfig:
+    _check_keys(data, MetricsConfig, "metrics")
+    host = _typed(data, "host", "metrics", str, "127.0.0.1")
+    if not host.strip():
+        raise ConfigError("metrics.host: must not be empty")
+    port = None if data.get("port") is None else _int(data, "port", "metrics", 0, low=0, high=65535)
+    return MetricsConfig(host=host, port=port)
 
 
 def _parse_payments(data: Mapping[str, Any]) -> PaymentsConfig:

@@ -19,6 +19,7 @@ from web3 import AsyncWeb3
 from blendsm.broker._blend_broker import BlendBroker
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import EMBEDDED, BrokerConfig, resolve_operator_account
+from blendsm.broker._metrics import MetricsServer
 from blendsm.broker._service import MarketplaceService
 from blendsm.contracts._deploy import Deployment
 from blendsm.errors import ConfigError
@@ -106,8 +107,17 @@ class RunningBroker:
     chain: ChainConnection
     host: str
     port: int
+    metrics: MetricsServer | None = None
+    """The Prometheus endpoint, when ``metrics.port`` is set (``metrics.port`` is its port)."""
 
     async def stop(self) -> None:
+        try:
+            if self.metrics is not None:
+                await self.metrics.stop()
+        finally:
+            await self._stop_broker()
+
+    async def _stop_broker(self) -> None:
         try:
             await self.broker.shutdown()
         finally:
@@ -148,4 +158,17 @@ async def start_broker(
     if server is not None and isinstance(server.instance, asyncio.Server):
         port = int(server.instance.sockets[0].getsockname()[1])
     _log.info("BlendSM broker listening on %s:%d", config.listen.host, port)
-    return RunningBroker(broker, service, chain, config.listen.host, port)
+    running = RunningBroker(broker, service, chain, config.listen.host, port)
+    if config.metrics.port is not None:
+        metrics = MetricsServer(service, config.metrics.host, config.metrics.port)
+        try:
+            await metrics.start()
+        except BaseException as exc:
+            await running.stop()
+            if isinstance(exc, OSError):
+                raise ConfigError(
+                    f"metrics: cannot listen on {config.metrics.host}:{config.metrics.port}: {exc}"
+                ) from exc
+            raise
+        running.metrics = metrics
+    return running

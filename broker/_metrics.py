@@ -1,0 +1,235 @@
+"""Prometheus metrics for a running broker: ``GET /metrics`` in the text exposition format.
+
+Nothing is counted for metrics on the delivery path. :class:`BrokerCollector` is a
+``prometheus_client`` collector that reads the counters the service, meter, settler and
+anchorer already keep, and the broker's sessions, when Prometheus scrapes. The
+:class:`MetricsServer` is a small asyncio HTTP server on the broker's event loop, so a scrape
+reads that state from the thread that changes it (no locks, no torn reads). It has its own
+:class:`~prometheus_client.CollectorRegistry`: several brokers in one process (tests) do not
+clash, and the process-wide default metrics are not mixed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from blendsm.broker._service import MarketplaceService
+
+__all__ = ["BrokerCollector", "MetricsServer"]
+
+_log = logging.getLogger("blendsm.broker.metrics")
+
+_READ_TIMEOUT = 5.0
+"""Seconds a client may take to send its request head before the connection is dropped."""
+_MAX_HEAD = 16 * 1024
+"""Largest request head accepted (bytes)."""
+
+
+class BrokerCollector(Collector):
+    """Reads a :class:`MarketplaceService`'s live counters at scrape time (names ``blendsm_*``)."""
+
+    def __init__(self, service: MarketplaceService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterable[Metric]:
+        service = self.service
+        stats = service.stats
+        meter = service.meter
+        settler = service.settler
+        anchorer = service.anchorer
+
+        def counter(name: str, documentation: str, value: float) -> Metric:
+            return CounterMetricFamily(f"blendsm_{name}", documentation, value=value)
+
+        def gauge(name: str, documentation: str, value: float) -> Metric:
+            return GaugeMetricFamily(f"blendsm_{name}", documentation, value=value)
+
+        # --- access and delivery
+        yield counter("connects_accepted", "CONNECTs accepted.", stats.connects_accepted)
+        yield counter("connects_refused", "CONNECTs refused.", stats.connects_refused)
+        yield counter(
+            "paid_deliveries",
+            "Paid messages delivered and charged to a payment channel.",
+            meter.delivered,
+        )
+        yield counter(
+            "deliveries_denied",
+            "Market-topic deliveries refused (no subscription right, no channel or no credit).",
+            stats.deliveries_denied,
+        )
+        yield counter(
+            "deliveries_denied_no_credit",
+            "Paid deliveries paused because the channel's credit ran out.",
+            meter.denied_no_credit,
+        )
+        yield counter(
+            "offline_dropped",
+            "Paid messages dropped (not charged) because an offline session's queue was full.",
+            stats.offline_dropped,
+        )
+        yield counter(
+            "envelopes_refused",
+            "Device publishes refused for a bad or missing signed envelope.",
+            stats.envelopes_refused,
+        )
+        yield counter(
+            "revocation_disconnects",
+            "Sessions closed because their participant or device was revoked on chain.",
+            stats.disconnects_revoked,
+        )
+        # --- payments
+        yield counter("quotes", "Price quotes sent to subscribers.", stats.quotes)
+        yield counter(
+            "payment_requests", "Payment requests sent (credit ran out).", stats.payment_requests
+        )
+        yield counter("vouchers_accepted", "Vouchers accepted.", stats.vouchers_accepted)
+        yield counter("vouchers_refused", "Vouchers refused.", stats.vouchers_refused)
+        yield counter("proofs_served", "Inclusion proofs served.", stats.proofs_served)
+        # --- settlement
+        yield counter(
+            "claims_confirmed",
+            "Voucher claims confirmed on chain by this broker process.",
+            settler.claims_confirmed if settler else 0,
+        )
+        yield counter(
+            "claim_gas",
+            "Gas used by this broker process's confirmed claims.",
+            settler.gas_used if settler else 0,
+        )
+        yield counter(
+            "claim_failures",
+            "Claim attempts that failed (reverted, refused, node unreachable): chain errors.",
+            settler.failures if settler else 0,
+        )
+        yield gauge(
+            "operator_low_gas",
+            "1 while the operator's native balance is below min_gas_balance_wei, else 0.",
+            1 if settler is not None and settler.low_gas else 0,
+        )
+        # --- anchoring
+        yield counter(
+            "anchor_batches",
+            "Batches of message leaves anchored on chain.",
+            anchorer.batches_anchored if anchorer else 0,
+        )
+        yield counter(
+            "anchor_gas",
+            "Gas used by anchor transactions.",
+            anchorer.gas_used if anchorer else 0,
+        )
+        yield counter(
+            "anchor_leaves",
+            "Message leaves made durable for anchoring.",
+            anchorer.leaves if anchorer else 0,
+        )
+        yield counter(
+            "anchor_failures",
+            "Anchor attempts that failed (node unreachable, reverted, ...): chain errors.",
+            anchorer.failures if anchorer else 0,
+        )
+        yield counter(
+            "anchor_notices",
+            "Anchor notices published to subscribers.",
+            stats.anchor_notices,
+        )
+        # --- state
+        yield gauge(
+            "chain_view_healthy",
+            "1 while the chain view is synced and caught up (market decisions trusted), else 0.",
+            1 if service.view.unhealthy_reason is None else 0,
+        )
+        yield gauge("connected_sessions", "MQTT sessions currently connected.", self._connected())
+        yield gauge(
+            "metered_channels",
+            "Payment channels the meter holds accounts for.",
+            len(meter.accounts),
+        )
+        yield gauge(
+            "meter_channel_choice_cache_entries",
+            "Entries in the meter's (payer, seller, token) -> channel choice cache.",
+            len(meter._choice),
+        )
+
+    def _connected(self) -> int:
+        broker: Any = self.service.broker
+        sessions = getattr(broker, "_sessions", None) or {}
+        return sum(
+            1
+            for session, _handler in list(sessions.values())
+            if getattr(getattr(session, "transitions", None), "state", None) == "connected"
+        )
+
+
+class MetricsServer:
+    """``GET /metrics`` over HTTP/1.0 on the running event loop; ``await stop()`` closes it."""
+
+    def __init__(self, service: MarketplaceService, host: str, port: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(BrokerCollector(service))
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Listen; ``port`` becomes the bound port (useful with 0)."""
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        _log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._clients):
+            task.cancel()
+        if self._clients:
+            await asyncio.gather(*self._clients, return_exceptions=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), timeout=5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
+        try:
+            try:
+                async with asyncio.timeout(_READ_TIMEOUT):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                return
+            if len(head) > _MAX_HEAD:
+                return
+            parts = head.split(b"\r\n", 1)[0].split()
+            method = parts[0] if parts else b""
+            path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+            if method not in (b"GET", b"HEAD"):
+                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
+            elif path not in (b"/metrics", b"/"):
+                status, body, ctype = "404 Not Found", b"try /metrics\n", "text/plain"
+            else:
+                status, body, ctype = "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
+            header = (
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode("ascii")
+            writer.write(header if method == b"HEAD" else header + body)
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if task is not None:
+                self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
