@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from typing import Any, Literal, TypeVar
 from hexbytes import HexBytes
 from web3.exceptions import TransactionNotFound
 
+from blendsm.broker._sqlite import open_durable
 from blendsm.contracts._bindings import AnchorInfo, Marketplace
 from blendsm.contracts._revert import chain_errors
 from blendsm.contracts._transactor import Transactor
@@ -259,61 +259,13 @@ class LeafStore:
         """Write transactions committed so far (each one fsync); for tests and metrics."""
         self._trees: OrderedDict[int, MerkleTree] = OrderedDict()
         self._tree_cache = tree_cache
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-        except sqlite3.Error as exc:
-            raise StoreError(f"leaf store {self.path}: cannot open: {exc}") from exc
-        try:
-            self._configure()
-            self._migrate()
-        except BaseException:
-            self._db.close()
-            raise
-
-    def _configure(self) -> None:
-        try:
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"leaf store {self.path}: not a readable SQLite database ({exc});"
-                " refusing to touch it"
-            ) from exc
-        if str(mode).lower() != "wal":
-            raise StoreError(f"leaf store {self.path}: journal_mode is {mode!r}, need 'wal'")
-
-    def _migrate(self) -> None:
-        try:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
-            tables = self._db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"leaf store {self.path}: unreadable: {exc}") from exc
-        if version == 0 and app_id == 0 and tables == 0:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in filter(None, (s.strip() for s in _SCHEMA_V1.split(";"))):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return
-        if app_id != APPLICATION_ID:
-            raise StoreError(
-                f"leaf store {self.path}: not a BlendSM leaf store"
-                f" (application_id {app_id:#x}, expected {APPLICATION_ID:#x}); refusing to touch it"
-            )
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"leaf store {self.path}: schema version {version} is newer than this"
-                f" broker supports ({SCHEMA_VERSION}); upgrade the broker, do not downgrade"
-            )
-        if version < 1:
-            raise StoreError(f"leaf store {self.path}: schema version {version} is invalid")
+        self._db = open_durable(
+            self.path,
+            kind="leaf store",
+            application_id=APPLICATION_ID,
+            schema_version=SCHEMA_VERSION,
+            schema=_SCHEMA_V1,
+        )
 
     def close(self) -> None:
         self._db.close()

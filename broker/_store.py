@@ -36,7 +36,6 @@ each caller still returns only once its own voucher is durable.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from blendsm.broker._sqlite import open_durable
 from blendsm.device_sdk._voucher import Voucher
 from blendsm.errors import StoreError
 
@@ -150,66 +150,15 @@ class VoucherStore:
         self.path = Path(path)
         self.commits = 0
         """Write transactions committed so far (each one fsync); for tests and metrics."""
-        try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so every
-            # read-check-write runs under the write lock.
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-        except sqlite3.Error as exc:
-            raise StoreError(f"voucher store {self.path}: cannot open: {exc}") from exc
-        try:
-            self._configure()
-            self._migrate()
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = open_durable(
+            self.path,
+            kind="voucher store",
+            application_id=APPLICATION_ID,
+            schema_version=SCHEMA_VERSION,
+            schema=_SCHEMA_V1,
+        )
 
-    # -- opening -------------------------------------------------------------
-
-    def _configure(self) -> None:
-        try:
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"voucher store {self.path}: not a readable SQLite database ({exc});"
-                " refusing to touch it"
-            ) from exc
-        if str(mode).lower() != "wal":
-            raise StoreError(f"voucher store {self.path}: journal_mode is {mode!r}, need 'wal'")
-
-    def _migrate(self) -> None:
-        try:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
-            tables = self._db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"voucher store {self.path}: unreadable: {exc}") from exc
-        if version == 0 and app_id == 0 and tables == 0:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                # Not executescript: it would COMMIT; one by one keeps it one transaction.
-                for statement in filter(None, (s.strip() for s in _SCHEMA_V1.split(";"))):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return
-        if app_id != APPLICATION_ID:
-            raise StoreError(
-                f"voucher store {self.path}: not a BlendSM voucher store"
-                f" (application_id {app_id:#x}, expected {APPLICATION_ID:#x}); refusing to touch it"
-            )
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"voucher store {self.path}: schema version {version} is newer than this"
-                f" broker supports ({SCHEMA_VERSION}); upgrade the broker, do not downgrade"
-            )
-        if version < 1:
-            raise StoreError(f"voucher store {self.path}: schema version {version} is invalid")
+    # -- lifetime ------------------------------------------------------------
 
     def close(self) -> None:
         """Close the connection (a checkpoint folds the WAL back into the file)."""

@@ -1,0 +1,92 @@
+"""Opening the broker's durable SQLite files: WAL, fsync on every commit, a tagged schema.
+
+The voucher store and the leaf store hold money and evidence, so both open their file the
+same strict way: ``journal_mode=WAL`` and ``synchronous=FULL`` (a commit is on disk when it
+returns), an ``application_id`` so a foreign file is refused rather than written into, and a
+``user_version`` so a file from a newer broker is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from blendsm.errors import StoreError
+
+__all__ = ["open_durable"]
+
+
+def open_durable(
+    path: Path, *, kind: str, application_id: int, schema_version: int, schema: str
+) -> sqlite3.Connection:
+    """Open (creating it with ``schema`` in one transaction when empty) the ``kind`` store at
+    ``path``; StoreError, naming ``kind`` and the path, if it is not ours or unreadable.
+
+    The connection has ``isolation_level=None``: callers issue ``BEGIN IMMEDIATE`` themselves
+    so every read-check-write runs under the write lock."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{kind} {path}: cannot open: {exc}") from exc
+    try:
+        _configure(db, f"{kind} {path}")
+        _migrate(db, kind, path, application_id, schema_version, schema)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _configure(db: sqlite3.Connection, where: str) -> None:
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"{where}: not a readable SQLite database ({exc}); refusing to touch it"
+        ) from exc
+    if str(mode).lower() != "wal":
+        raise StoreError(f"{where}: journal_mode is {mode!r}, need 'wal'")
+
+
+def _migrate(
+    db: sqlite3.Connection,
+    kind: str,
+    path: Path,
+    application_id: int,
+    schema_version: int,
+    schema: str,
+) -> None:
+    where = f"{kind} {path}"
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{where}: unreadable: {exc}") from exc
+    if version == 0 and app_id == 0 and tables == 0:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Not executescript: it would COMMIT; one by one keeps it one transaction.
+            for statement in filter(None, (s.strip() for s in schema.split(";"))):
+                db.execute(statement)
+            db.execute(f"PRAGMA application_id={application_id}")
+            db.execute(f"PRAGMA user_version={schema_version}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return
+    if app_id != application_id:
+        raise StoreError(
+            f"{where}: not a BlendSM {kind}"
+            f" (application_id {app_id:#x}, expected {application_id:#x}); refusing to touch it"
+        )
+    if version > schema_version:
+        raise StoreError(
+            f"{where}: schema version {version} is newer than this"
+            f" broker supports ({schema_version}); upgrade the broker, do not downgrade"
+        )
+    if version < 1:
+        raise StoreError(f"{where}: schema version {version} is invalid")
