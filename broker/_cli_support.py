@@ -1,0 +1,257 @@
+"""Plumbing shared by the chain commands of ``blendsm`` (registry, market, channel, anchors,
+rate): where the chain and deployment are, whose key signs, how values are parsed and how
+results are printed.
+
+Every command takes ``--chain URL`` and ``--deployment FILE`` (defaults from
+``$BLENDSM_CHAIN`` / ``$BLENDSM_DEPLOYMENT``, else ``http://127.0.0.1:8545`` and
+``./deployment.json``, which is what ``blendsm node`` serves and writes), and ``--json`` for one
+JSON object on stdout. Commands that send transactions sign with the key in ``$BLENDSM_KEY``
+(or ``--key-env VAR``) or in ``--keystore FILE``; keys never come from arguments. Bad input
+raises :class:`~blendsm.errors.ConfigError`, which ``main`` turns into one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextlib import asynccontextmanager
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from blendsm.errors import ConfigError
+
+if TYPE_CHECKING:  # importing web3 at CLI start would slow every command down
+    from blendsm.contracts import Deployment, Marketplace, TxResult
+
+__all__ = [
+    "CHAIN_ENV",
+    "DEFAULT_CHAIN",
+    "DEFAULT_DEPLOYMENT",
+    "DEFAULT_KEY_ENV",
+    "DEPLOYMENT_ENV",
+    "add_chain_arguments",
+    "emit",
+    "format_wei",
+    "open_marketplace",
+    "parse_address",
+    "parse_bytes32",
+    "parse_topic",
+    "parse_wei",
+    "run_async",
+    "signing_account",
+    "tx_json",
+]
+
+DEFAULT_CHAIN = "http://127.0.0.1:8545"
+DEFAULT_DEPLOYMENT = "deployment.json"
+DEFAULT_KEY_ENV = "BLENDSM_KEY"
+CHAIN_ENV = "BLENDSM_CHAIN"
+DEPLOYMENT_ENV = "BLENDSM_DEPLOYMENT"
+
+_UNITS = {"wei": 0, "kwei": 3, "mwei": 6, "gwei": 9, "szabo": 12, "finney": 15, "ether": 18}
+_UNITS["eth"] = 18
+
+T = TypeVar("T")
+
+
+def add_chain_arguments(parser: argparse.ArgumentParser, *, signing: bool) -> None:
+    """Add ``--chain``, ``--deployment`` and ``--json``; with ``signing``, also the key options
+    and ``--confirmations``."""
+    parser.add_argument(
+        "--chain",
+        default=os.environ.get(CHAIN_ENV, DEFAULT_CHAIN),
+        metavar="URL",
+        help=f"JSON-RPC endpoint, http(s):// or ws(s):// (default: ${CHAIN_ENV} or %(default)s)",
+    )
+    parser.add_argument(
+        "--deployment",
+        type=Path,
+        default=Path(os.environ.get(DEPLOYMENT_ENV, DEFAULT_DEPLOYMENT)),
+        metavar="FILE",
+        help=f"deployment file written by `blendsm deploy` or `blendsm node`"
+        f" (default: ${DEPLOYMENT_ENV} or %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    if not signing:
+        return
+    parser.add_argument(
+        "--key-env",
+        metavar="VAR",
+        default=DEFAULT_KEY_ENV,
+        help="environment variable holding the signer's private key (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keystore",
+        type=Path,
+        metavar="FILE",
+        help="encrypted keystore of the signer (overrides --key-env)",
+    )
+    parser.add_argument(
+        "--password-env",
+        metavar="VAR",
+        default="BLENDSM_KEYSTORE_PASSWORD",
+        help="environment variable holding the keystore password (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--confirmations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="blocks to wait on top of each transaction's block (default: %(default)s)",
+    )
+
+
+def signing_account(args: argparse.Namespace) -> Any:
+    """The LocalAccount that signs: ``--keystore`` if given, else the key in ``--key-env``."""
+    from blendsm.device_sdk import account_from_env, account_from_keystore
+
+    keystore = getattr(args, "keystore", None)
+    if keystore is not None:
+        return account_from_keystore(keystore, args.password_env)
+    return account_from_env(getattr(args, "key_env", None) or DEFAULT_KEY_ENV)
+
+
+@asynccontextmanager
+async def open_marketplace(
+    args: argparse.Namespace, *, signing: bool
+) -> AsyncIterator[Marketplace]:
+    """A :class:`~blendsm.contracts.Marketplace` on the deployment, checked against the
+    endpoint (chain id, contract code), signing as :func:`signing_account` when ``signing``."""
+    from blendsm.contracts import EMBEDDED, Marketplace
+    from blendsm.contracts._connect import connect, disconnect
+
+    if args.chain == EMBEDDED:
+        raise ConfigError(
+            "--chain embedded lives inside one process and is gone when it exits; start"
+            " `blendsm node` (the embedded chain over JSON-RPC) and use its URL"
+        )
+    account = signing_account(args) if signing else None
+    deployment = _load_deployment(Path(args.deployment))
+    w3 = connect(args.chain)
+    try:
+        market = Marketplace(
+            w3, deployment, account, confirmations=getattr(args, "confirmations", 0)
+        )
+        await market.check()
+        yield market
+    finally:
+        await disconnect(w3)
+
+
+def _load_deployment(path: Path) -> Deployment:
+    from blendsm.contracts import Deployment
+
+    if not path.is_file():
+        raise ConfigError(
+            f"deployment file {path} does not exist (give --deployment FILE, or"
+            f" ${DEPLOYMENT_ENV}; `blendsm node` and `blendsm deploy --out` write one)"
+        )
+    return Deployment.load(path)
+
+
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run one command's coroutine to completion on a fresh event loop."""
+    return asyncio.run(factory())
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def parse_wei(text: str, what: str = "amount") -> int:
+    """``"1000"`` (wei), ``"1.5ether"``, ``"2 gwei"``, ``"10wei"`` -> wei; never negative,
+    never a fraction of a wei."""
+    raw = text.strip().lower().replace("_", "")
+    number, unit = raw, "wei"
+    for name in sorted(_UNITS, key=len, reverse=True):
+        if raw.endswith(name):
+            number, unit = raw[: -len(name)].strip(), name
+            break
+    try:
+        value = Decimal(number) * (Decimal(10) ** _UNITS[unit])
+    except InvalidOperation:
+        raise ConfigError(
+            f"{what}: {text!r} is not an amount (use wei, or a unit: 1.5ether, 2gwei)"
+        ) from None
+    if value != value.to_integral_value():
+        raise ConfigError(f"{what}: {text!r} is not a whole number of wei")
+    if value < 0:
+        raise ConfigError(f"{what}: must not be negative, got {text!r}")
+    return int(value)
+
+
+def format_wei(value: int) -> str:
+    """``10**16`` -> ``"0.01 ETH (10000000000000000 wei)"``; small amounts stay in wei."""
+    if abs(value) < 10**12:
+        return f"{value} wei"
+    ether = (Decimal(value) / Decimal(10**18)).normalize()
+    return f"{ether:f} ETH ({value} wei)"
+
+
+def parse_address(text: str, what: str = "address") -> str:
+    """A 0x-prefixed 20-byte hex address -> its checksummed form."""
+    from blendsm.device_sdk._keccak import checksum_address
+
+    try:
+        raw = bytes.fromhex(text.removeprefix("0x").removeprefix("0X"))
+    except ValueError:
+        raw = b""
+    if len(raw) != 20:
+        raise ConfigError(f"{what}: not an address: {text!r}")
+    return checksum_address(raw)
+
+
+def parse_bytes32(text: str, what: str) -> bytes:
+    """A 0x-prefixed 32-byte hex value (channel ids, topic ids, roots)."""
+    try:
+        raw = bytes.fromhex(text.removeprefix("0x").removeprefix("0X"))
+    except ValueError:
+        raw = b""
+    if len(raw) != 32 or not text.lower().startswith("0x"):
+        raise ConfigError(f"{what}: expected 0x and 64 hex digits, got {text!r}")
+    return raw
+
+
+def parse_topic(text: str) -> bytes:
+    """A topic id: 0x + 64 hex digits as is, anything else is a topic name (its keccak256)."""
+    from blendsm.device_sdk._keccak import keccak256
+
+    if text.lower().startswith("0x") and len(text) == 66:
+        return parse_bytes32(text, "topic")
+    if not text:
+        raise ConfigError("topic: empty name")
+    return keccak256(text.encode())
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def tx_json(result: TxResult) -> dict[str, Any]:
+    """The common fields of a mined transaction, for ``--json`` output."""
+    return {
+        "tx": "0x" + result.tx_hash.hex(),
+        "block": result.block_number,
+        "gas_used": result.gas_used,
+    }
+
+
+def emit(args: argparse.Namespace, data: dict[str, Any], human: str | Iterable[str]) -> None:
+    """Print ``data`` as one JSON line with ``--json``, else the human lines."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, sort_keys=True, default=_json_default), flush=True)
+        return
+    lines = [human] if isinstance(human, str) else list(human)
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
