@@ -17,8 +17,10 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +29,7 @@ from blendsm.errors import ConfigError
 
 if TYPE_CHECKING:  # importing web3 at CLI start would slow every command down
     from blendsm.contracts import Deployment, Marketplace, TxResult
+    from blendsm.contracts._events import ChainEvent
 
 __all__ = [
     "CHAIN_ENV",
@@ -35,7 +38,12 @@ __all__ = [
     "DEFAULT_KEY_ENV",
     "DEPLOYMENT_ENV",
     "add_chain_arguments",
+    "address_topic",
+    "chain_now",
     "emit",
+    "fetch_events",
+    "format_duration",
+    "format_time",
     "format_wei",
     "open_marketplace",
     "parse_address",
@@ -45,6 +53,7 @@ __all__ = [
     "run_async",
     "signing_account",
     "tx_json",
+    "tx_line",
 ]
 
 DEFAULT_CHAIN = "http://127.0.0.1:8545"
@@ -55,6 +64,8 @@ DEPLOYMENT_ENV = "BLENDSM_DEPLOYMENT"
 
 _UNITS = {"wei": 0, "kwei": 3, "mwei": 6, "gwei": 9, "szabo": 12, "finney": 15, "ether": 18}
 _UNITS["eth"] = 18
+#: Blocks per eth_getLogs call: public nodes refuse wide ranges, and 10k stays well inside.
+_LOG_SPAN = 10_000
 
 T = TypeVar("T")
 
@@ -255,3 +266,74 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def tx_line(result: TxResult) -> str:
+    """The human line of a mined transaction: hash, block, gas."""
+    return f"  tx 0x{result.tx_hash.hex()}  block {result.block_number}  gas {result.gas_used}"
+
+
+def format_time(timestamp: int) -> str:
+    """Unix seconds -> ``2026-11-24 21:15:17 UTC``."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def format_duration(seconds: int) -> str:
+    """``3725`` -> ``1h 2m 5s``; ``0`` -> ``0s``."""
+    seconds = max(0, seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if hours or days:
+        parts.append(f"{hours}h")
+    if minutes or hours or days:
+        parts.append(f"{minutes}m")
+    parts.append(f"{secs}s")
+    return " ".join(parts)
+
+
+# --- chain reads ---------------------------------------------------------------------------
+
+
+async def chain_now(mp: Marketplace) -> int:
+    """The timestamp the next block will at least carry: the latest block's, or the wall
+    clock when a node mining on demand has not made a block for a while."""
+    from blendsm.contracts._revert import chain_errors
+
+    with chain_errors("latest block"):
+        block = await mp.w3.eth.get_block("latest")
+    return max(int(block["timestamp"]), int(time.time()))
+
+
+def address_topic(address: str) -> str:
+    """An address as an indexed-argument topic (a 32-byte word)."""
+    return "0x" + "00" * 12 + address[2:].lower()
+
+
+async def fetch_events(
+    mp: Marketplace, select: Iterable[str], topics: Iterable[str | None] = ()
+) -> list[ChainEvent]:
+    """Decoded ``Contract.Event`` logs of ``select`` from the deployment block to the head, in
+    chain order, fetched in bounded block ranges; ``topics`` filters the indexed arguments
+    (0x-hex word or None for any). The contracts cannot enumerate applicants, devices or
+    channels, so these commands replay events and confirm each candidate against state."""
+    from blendsm.contracts._events import EventDecoder
+    from blendsm.contracts._revert import chain_errors
+
+    decoder = EventDecoder(mp.deployment, list(select))
+    wanted = list(topics)
+    with chain_errors("read events: block number"):
+        head = int(await mp.w3.eth.block_number)
+    found: list[ChainEvent] = []
+    for start in range(mp.deployment.block, head + 1, _LOG_SPAN):
+        params = decoder.filter(start, min(head, start + _LOG_SPAN - 1))
+        params["topics"] = [*params["topics"], *wanted]
+        with chain_errors("read events: get logs"):
+            logs = await mp.w3.eth.get_logs(params)
+        for log in logs:
+            decoded = decoder.decode(log)
+            if decoded is not None and not log.get("removed"):
+                found.append(decoded)
+    found.sort(key=lambda e: e.position)
+    return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -20,6 +21,15 @@ from blendsm import __version__
 from blendsm.errors import BlendsmError, ConfigError
 
 __all__ = ["main"]
+
+#: Modules under blendsm.broker whose ``register(subparsers)`` adds a command group.
+_COMMAND_GROUPS: tuple[str, ...] = (
+    "_node",
+    "_cli_registry",
+    "_cli_market",
+    "_cli_channel",
+    "_cli_anchors",
+)
 
 
 def _load_account(args: argparse.Namespace) -> Any:
@@ -302,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="fail if the artifacts are stale against sources or settings"
     )
     check.set_defaults(func=_cmd_contracts_check)
+
+    # Chain command groups: each module's register(sub) adds its subcommands.
+    for module in _COMMAND_GROUPS:
+        importlib.import_module(f"blendsm.broker.{module}").register(sub)
     return parser
 
 

@@ -1,0 +1,513 @@
+"""``blendsm channel ...`` (a buyer's payment channels) and ``blendsm rate``.
+
+A buyer opens a channel to a seller naming the broker operator that meters it; the broker
+claims the buyer's vouchers, so the buyer only ever opens, tops up, watches and leaves
+(request a close, then withdraw the rest once the challenge period is over). ``rate`` lets
+either party of a channel that did business rate the other. Times are shown against the
+chain's clock (the latest block, or the wall clock when that is later, as the next block's
+timestamp will be), because that is the clock the contract checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from blendsm.broker._cli_support import (
+    add_chain_arguments,
+    address_topic,
+    chain_now,
+    emit,
+    fetch_events,
+    format_duration,
+    format_time,
+    format_wei,
+    open_marketplace,
+    parse_address,
+    parse_bytes32,
+    parse_wei,
+    run_async,
+    signing_account,
+    tx_json,
+)
+from blendsm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from blendsm.contracts import ChannelInfo, Marketplace
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``channel`` (open, top-up, status, list, request-close, withdraw) and ``rate``."""
+    channel = sub.add_parser(
+        "channel",
+        help="payment channels: open, top up, status, list, request close, withdraw",
+        description="A buyer's payment channels to sellers. The broker operator named at"
+        " opening claims the buyer's vouchers; the buyer leaves with `request-close` and,"
+        " after the challenge period, `withdraw`.",
+    )
+    csub = channel.add_subparsers(dest="channel_command", metavar="ACTION", required=True)
+
+    p = csub.add_parser(
+        "open",
+        help="open a channel to a seller with a deposit (prints the channel id)",
+        description="Open a channel from the signer to --payee, metered by the broker"
+        " --operator. For an ERC-20 --token the contract is approved for the deposit first"
+        " (unless the allowance already covers it).",
+    )
+    p.add_argument("--payee", required=True, metavar="SELLER", help="the seller's address")
+    p.add_argument(
+        "--operator",
+        required=True,
+        metavar="BROKER_OPERATOR",
+        help="address of the broker operator that meters the channel and earns the fee",
+    )
+    p.add_argument(
+        "--deposit", required=True, metavar="AMOUNT", help="deposit: wei, or 1.5ether, 2gwei"
+    )
+    p.add_argument(
+        "--fee-bps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the operator's share of each payout in basis points, at most the contract's"
+        " MAX_FEE_BPS (1000 = 10 %%; default: %(default)s)",
+    )
+    p.add_argument(
+        "--token", metavar="ADDRESS", help="ERC-20 token of the deposit (default: native coin)"
+    )
+    add_chain_arguments(p, signing=True)
+    p.set_defaults(func=_cmd_open)
+
+    p = csub.add_parser("top-up", help="add to a channel's deposit (payer only, not closing)")
+    p.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
+    p.add_argument("amount", metavar="AMOUNT", help="amount to add: wei, or 1.5ether, 2gwei")
+    add_chain_arguments(p, signing=True)
+    p.set_defaults(func=_cmd_top_up)
+
+    p = csub.add_parser("status", help="a channel's parties, funds and closing state")
+    p.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
+    add_chain_arguments(p, signing=False)
+    p.set_defaults(func=_cmd_status)
+
+    p = csub.add_parser(
+        "list",
+        help="channels from the ChannelOpened events, each with its current status",
+        description="Channels opened since the deployment block, each with its current"
+        " status. Without a filter: the channels where --address, or else the signer"
+        " (--key-env / --keystore; nothing is signed), is payer, payee or operator.",
+    )
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--payer", metavar="ADDR", help="channels this address pays from")
+    who.add_argument("--payee", metavar="ADDR", help="channels paying this address")
+    who.add_argument("--operator", metavar="ADDR", help="channels this broker operator meters")
+    who.add_argument("--address", metavar="ADDR", help="channels where this address is a party")
+    add_chain_arguments(p, signing=True)
+    p.set_defaults(func=_cmd_list)
+
+    p = csub.add_parser(
+        "request-close",
+        help="start leaving a channel (payer only); withdraw after the challenge period",
+    )
+    p.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
+    add_chain_arguments(p, signing=True)
+    p.set_defaults(func=_cmd_request_close)
+
+    p = csub.add_parser(
+        "withdraw",
+        help="after the challenge period, settle and refund what was not claimed (payer only)",
+        description="Settle a closing channel and refund the unclaimed deposit to the payer."
+        " Refused before any transaction is sent while the challenge period runs.",
+    )
+    p.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
+    add_chain_arguments(p, signing=True)
+    p.set_defaults(func=_cmd_withdraw)
+
+    rate = sub.add_parser(
+        "rate",
+        help="rate the other party of a channel that did business (1 to 5, once per channel)",
+        description="Rate the other party of CHANNEL: its payer rates the payee and its payee"
+        " rates the payer, once each per channel, after the channel paid a claim or was"
+        " settled, while the signer is an active participant of the Registry.",
+    )
+    rate.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
+    rate.add_argument("score", metavar="SCORE", help="1 (worst) to 5 (best)")
+    add_chain_arguments(rate, signing=True)
+    rate.set_defaults(func=_cmd_rate)
+
+
+# --- shared helpers (also used by `blendsm anchors`) -------------------------------------
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def _amount(value: int, token: str | None) -> str:
+    return format_wei(value) if token is None else f"{value} (token units)"
+
+
+def _channel_id(text: str) -> bytes:
+    return parse_bytes32(text, "channel")
+
+
+def _state(info: ChannelInfo, now: int) -> str:
+    if info.settled:
+        return "settled"
+    if info.closes_at is None:
+        return "open"
+    return "closing" if now < info.closes_at else "withdrawable"
+
+
+def _channel_json(info: ChannelInfo, now: int) -> dict[str, Any]:
+    state = _state(info, now)
+    return {
+        "channel": info.channel_id,
+        "payer": info.payer,
+        "payee": info.payee,
+        "operator": info.operator,
+        "token": info.token,
+        "deposit": info.deposit,
+        "claimed": info.claimed,
+        "remaining": info.remaining,
+        "fee_bps": info.fee_bps,
+        "closes_at": info.closes_at,
+        "seconds_left": (
+            max(0, info.closes_at - now)
+            if info.closes_at is not None and not info.settled
+            else None
+        ),
+        "closing": info.closing,
+        "withdrawable": state == "withdrawable",
+        "settled": info.settled,
+        "state": state,
+    }
+
+
+def _state_line(info: ChannelInfo, now: int) -> str:
+    state = _state(info, now)
+    if state == "settled":
+        return "settled (funds paid out; the channel is over)"
+    if state == "open" or info.closes_at is None:
+        return "open"
+    when = format_time(info.closes_at)
+    if state == "closing":
+        return (
+            f"closing: the payee may claim until {when} ({format_duration(info.closes_at - now)}"
+            " left), then the payer can withdraw"
+        )
+    return f"closed at {when}: the payer can withdraw the remaining deposit now"
+
+
+def _status_lines(info: ChannelInfo, now: int) -> list[str]:
+    fee = f" (fee {info.fee_bps} bps = {info.fee_bps / 100:g} %)" if info.operator else ""
+    return [
+        f"channel    0x{info.channel_id.hex()}",
+        f"state      {_state_line(info, now)}",
+        f"payer      {info.payer}",
+        f"payee      {info.payee}",
+        f"operator   {info.operator or 'none'}{fee}",
+        f"token      {info.token or 'native coin'}",
+        f"deposit    {_amount(info.deposit, info.token)}",
+        f"claimed    {_amount(info.claimed, info.token)}",
+        f"remaining  {_amount(info.remaining, info.token)}",
+    ]
+
+
+def _tx_line(data: dict[str, Any]) -> str:
+    return f"  tx {data['tx']}  block {data['block']}  gas {data['gas_used']}"
+
+
+async def _existing(mp: Marketplace, channel_id: bytes) -> ChannelInfo:
+    info = await mp.channels.channel(channel_id)
+    if info is None:
+        raise ConfigError(
+            f"no channel 0x{channel_id.hex()} on PaymentChannels {mp.channels.address}"
+        )
+    return info
+
+
+def _command(
+    args: argparse.Namespace, signing: bool, body: Callable[[Marketplace], Awaitable[None]]
+) -> int:
+    async def run() -> int:
+        async with open_marketplace(args, signing=signing) as mp:
+            await body(mp)
+        return 0
+
+    return run_async(run)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _cmd_open(args: argparse.Namespace) -> int:
+    payee = parse_address(args.payee, "--payee")
+    operator = parse_address(args.operator, "--operator")
+    token = None if args.token is None else parse_address(args.token, "--token")
+    deposit = parse_wei(args.deposit, "--deposit")
+    if deposit == 0:
+        raise ConfigError("--deposit: must be positive")
+    if not 0 <= args.fee_bps <= 0xFFFF:
+        raise ConfigError(f"--fee-bps: must be 0 to the contract's maximum, got {args.fee_bps}")
+
+    async def body(mp: Marketplace) -> None:
+        maximum = await mp.channels.max_fee_bps()
+        if args.fee_bps > maximum:
+            raise ConfigError(
+                f"--fee-bps: at most {maximum} ({maximum / 100:g} %), got {args.fee_bps}"
+            )
+        opened = await mp.channels.open(
+            payee, operator, token, deposit, args.fee_bps, approve=token is not None
+        )
+        data = {
+            **tx_json(opened),
+            "channel": opened.channel_id,
+            "payer": mp.address,
+            "payee": payee,
+            "operator": operator,
+            "token": token,
+            "deposit": deposit,
+            "fee_bps": args.fee_bps,
+            "approval": None if opened.approval is None else tx_json(opened.approval),
+        }
+        lines = [
+            f"Opened channel 0x{opened.channel_id.hex()}",
+            f"  payer     {mp.address}",
+            f"  payee     {payee}",
+            f"  operator  {operator} (fee {args.fee_bps} bps)",
+            f"  token     {token or 'native coin'}",
+            f"  deposit   {_amount(deposit, token)}",
+        ]
+        if opened.approval is not None:
+            lines.append(f"  approved the token first: {_tx_line(tx_json(opened.approval))[2:]}")
+        emit(args, data, [*lines, _tx_line(data)])
+
+    return _command(args, True, body)
+
+
+def _cmd_top_up(args: argparse.Namespace) -> int:
+    channel_id = _channel_id(args.channel)
+    amount = parse_wei(args.amount, "amount")
+    if amount == 0:
+        raise ConfigError("amount: must be positive")
+
+    async def body(mp: Marketplace) -> None:
+        before = await _existing(mp, channel_id)
+        result = await mp.channels.top_up(channel_id, amount, approve=before.token is not None)
+        after = await _existing(mp, channel_id)
+        data = {
+            **tx_json(result),
+            "channel": channel_id,
+            "amount": amount,
+            "deposit": after.deposit,
+            "remaining": after.remaining,
+        }
+        emit(
+            args,
+            data,
+            [
+                f"Topped up channel 0x{channel_id.hex()} by {_amount(amount, after.token)}",
+                f"  deposit now {_amount(after.deposit, after.token)},"
+                f" remaining {_amount(after.remaining, after.token)}",
+                _tx_line(data),
+            ],
+        )
+
+    return _command(args, True, body)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    channel_id = _channel_id(args.channel)
+
+    async def body(mp: Marketplace) -> None:
+        info = await _existing(mp, channel_id)
+        now = await chain_now(mp)
+        emit(args, {**_channel_json(info, now), "now": now}, _status_lines(info, now))
+
+    return _command(args, False, body)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    role, who = "party", None
+    for name in ("payer", "payee", "operator", "address"):
+        value = getattr(args, name)
+        if value is not None:
+            role, who = ("party" if name == "address" else name), parse_address(value, f"--{name}")
+    if who is None:
+        try:
+            who = str(signing_account(args).address)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"channel list: give --payer, --payee, --operator or --address, or a key"
+                f" to list the signer's channels ({exc})"
+            ) from None
+
+    async def body(mp: Marketplace) -> None:
+        assert who is not None
+        topics: list[str | None] = []
+        if role == "payer":
+            topics = [None, address_topic(who)]
+        elif role == "payee":
+            topics = [None, None, address_topic(who)]
+        events = await fetch_events(mp, ["PaymentChannels.ChannelOpened"], topics)
+        now = await chain_now(mp)
+        rows: list[dict[str, Any]] = []
+        lines: list[str] = []
+        for event in events:
+            a = event.args
+            parties = {a["payer"], a["payee"], a["operator"]}
+            if role == "operator" and a["operator"] != who:
+                continue
+            if role == "party" and who not in parties:
+                continue
+            info = await _existing(mp, bytes(a["channelId"]))
+            row = {
+                **_channel_json(info, now),
+                "opened_block": event.block_number,
+                "opened_tx": event.tx_hash,
+            }
+            rows.append(row)
+            lines += [
+                f"0x{info.channel_id.hex()}  {row['state']}"
+                + (
+                    f" ({format_duration(row['seconds_left'])} left)"
+                    if row["state"] == "closing"
+                    else ""
+                ),
+                f"  payer {info.payer} -> payee {info.payee}",
+                f"  deposit {_amount(info.deposit, info.token)}, claimed"
+                f" {_amount(info.claimed, info.token)}; opened in block {event.block_number}",
+            ]
+        where = {
+            "party": "is payer, payee or operator",
+            "payer": "pays",
+            "payee": "is paid",
+            "operator": "meters",
+        }[role]
+        head = f"{len(rows)} channel{'s' if len(rows) != 1 else ''} {who} {where}" + (
+            ":" if rows else ""
+        )
+        emit(
+            args,
+            {"address": who, "role": role, "count": len(rows), "channels": rows, "now": now},
+            [head, *lines],
+        )
+
+    return _command(args, False, body)
+
+
+def _cmd_request_close(args: argparse.Namespace) -> int:
+    channel_id = _channel_id(args.channel)
+
+    async def body(mp: Marketplace) -> None:
+        info = await _existing(mp, channel_id)
+        if info.settled:
+            raise ConfigError(f"channel 0x{channel_id.hex()} is settled already")
+        if info.closes_at is not None:
+            raise ConfigError(
+                f"channel 0x{channel_id.hex()} is closing already; withdraw after"
+                f" {format_time(info.closes_at)}"
+            )
+        result = await mp.channels.request_close(channel_id)
+        data = {**tx_json(result), "channel": channel_id, "closes_at": result.closes_at}
+        emit(
+            args,
+            data,
+            [
+                f"Requested the close of channel 0x{channel_id.hex()}",
+                f"  the payee may claim until {format_time(result.closes_at)};"
+                f" withdraw after that (`blendsm channel withdraw 0x{channel_id.hex()}`)",
+                _tx_line(data),
+            ],
+        )
+
+    return _command(args, True, body)
+
+
+def _cmd_withdraw(args: argparse.Namespace) -> int:
+    channel_id = _channel_id(args.channel)
+
+    async def body(mp: Marketplace) -> None:
+        info = await _existing(mp, channel_id)
+        cid = f"0x{channel_id.hex()}"
+        if info.settled:
+            raise ConfigError(f"channel {cid} is settled already; nothing to withdraw")
+        if info.closes_at is None:
+            raise ConfigError(
+                f"channel {cid} is not closing: run `blendsm channel request-close {cid}`"
+                " first, then withdraw after the challenge period"
+            )
+        now = await chain_now(mp)
+        if now < info.closes_at:
+            raise ConfigError(
+                f"channel {cid}: the challenge period runs until {format_time(info.closes_at)};"
+                f" withdraw in {format_duration(info.closes_at - now)} (no transaction sent)"
+            )
+        result = await mp.channels.withdraw(channel_id)
+        data = {**tx_json(result), "channel": channel_id, "refund": result.refund}
+        emit(
+            args,
+            data,
+            [
+                f"Withdrew from channel {cid}: refunded {_amount(result.refund, info.token)}"
+                f" to {info.payer} (claimed {_amount(info.claimed, info.token)})",
+                _tx_line(data),
+            ],
+        )
+
+    return _command(args, True, body)
+
+
+def _cmd_rate(args: argparse.Namespace) -> int:
+    channel_id = _channel_id(args.channel)
+    try:
+        score = int(args.score)
+    except ValueError:
+        score = 0
+    if not 1 <= score <= 5:
+        raise ConfigError(f"score: must be a whole number from 1 to 5, got {args.score!r}")
+
+    async def body(mp: Marketplace) -> None:
+        info = await _existing(mp, channel_id)
+        cid = f"0x{channel_id.hex()}"
+        rater = mp.address
+        if rater == info.payer:
+            ratee, as_ = info.payee, "payer"
+        elif rater == info.payee:
+            ratee, as_ = info.payer, "payee"
+        else:
+            raise ConfigError(
+                f"{rater} is neither the payer ({info.payer}) nor the payee ({info.payee})"
+                f" of channel {cid}; only they may rate each other"
+            )
+        if info.claimed == 0 and not info.settled:
+            raise ConfigError(
+                f"channel {cid} has paid no claim and is not settled: nothing to rate yet"
+            )
+        if await mp.ratings.has_rated(channel_id, rater):
+            raise ConfigError(f"{rater} already rated for channel {cid} (once per channel)")
+        result = await mp.ratings.rate(channel_id, score)
+        rating = await mp.ratings.rating_of(ratee)
+        data = {
+            **tx_json(result),
+            "channel": channel_id,
+            "rater": rater,
+            "ratee": ratee,
+            "score": score,
+            "ratee_count": rating.count,
+            "ratee_average_x100": rating.average_x100,
+        }
+        emit(
+            args,
+            data,
+            [
+                f"Rated {ratee} {score}/5 for channel {cid} (as its {as_})",
+                f"  their average is now {rating.average_x100 / 100:.2f} from"
+                f" {rating.count} rating{'s' if rating.count != 1 else ''}",
+                _tx_line(data),
+            ],
+        )
+
+    return _command(args, True, body)
