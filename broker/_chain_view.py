@@ -10,6 +10,13 @@ Fail closed: a cache miss answers "no" (False/None), and while the view is not s
 stopped, or has not been caught up with the chain for longer than ``max_staleness`` seconds,
 :attr:`ChainView.healthy` is False and every market decision answers "no". The reason is
 logged once per change. Public (non-market) topics are not this module's concern.
+
+Cache accounting (for metrics, one integer increment per decision lookup): a lookup is a
+*hit* when the view is healthy and holds the record the decision is keyed on (the topic, the
+participant or device, the channel), whatever the answer; a *miss* when it cannot decide
+from its state and answers "no" without asking the chain: ``misses_unknown`` (healthy, no
+such record) or ``misses_unhealthy`` (stale, not synced or stopped). A topic name the view
+does not know is classified as public, not counted.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from web3 import AsyncWeb3
 
@@ -57,6 +64,8 @@ EVENTS: Final = (
     "Registry.Rejected",
     "Registry.Revoked",
 )
+
+_R = TypeVar("_R")
 
 #: Called with each live event after the view applied it (plain or async).
 ChangeListener = Callable[[ChainEvent], Awaitable[None] | None]
@@ -118,6 +127,12 @@ class ChainView:
         self._caught_up_at = float("-inf")
         self._stopping = asyncio.Event()
         self._last_reason: str | None = "not synced"
+        self.hits = 0
+        """Decision lookups answered from a healthy view's records."""
+        self.misses_unknown = 0
+        """Decision lookups answered no because the healthy view holds no such record."""
+        self.misses_unhealthy = 0
+        """Decision lookups answered no because the view is unhealthy (fail closed)."""
 
     # --- health ------------------------------------------------------------------------
 
@@ -159,40 +174,70 @@ class ChainView:
     def topic_for_name(self, name: str) -> TopicInfo | None:
         """The market topic with this exact MQTT name; None if unknown or unhealthy."""
         if not self.healthy:
+            if name in self._by_name:
+                self.misses_unhealthy += 1
             return None
-        return self._by_name.get(name)
+        topic = self._by_name.get(name)
+        if topic is not None:
+            self.hits += 1
+        return topic
 
     def topic(self, topic_id: bytes) -> TopicInfo | None:
         """The market topic with this id; None if unknown or unhealthy."""
         if not self.healthy:
+            self.misses_unhealthy += 1
             return None
-        return self._topics.get(topic_id)
+        return self._count(self._topics.get(topic_id))
 
     def is_active(self, address: str) -> bool:
         if not self.healthy:
+            self.misses_unhealthy += 1
             return False
-        found = self._participants.get(address.lower())
+        found = self._count(self._participants.get(address.lower()))
         return found is not None and found[1] is Status.ACTIVE
 
     def role_of(self, address: str) -> Role | None:
         """The role ``address`` holds while active; None otherwise."""
         if not self.healthy:
+            self.misses_unhealthy += 1
             return None
-        found = self._participants.get(address.lower())
+        found = self._count(self._participants.get(address.lower()))
         return found[0] if found is not None and found[1] is Status.ACTIVE else None
 
     def seller_of_device(self, address: str) -> str | None:
         """The seller ``address`` publishes for, only while that seller is an active Seller
         (``Registry.activeSellerOf``)."""
         if not self.healthy:
+            self.misses_unhealthy += 1
             return None
-        return self._active_seller_of(address.lower())
+        key = address.lower()
+        self._count(self._devices.get(key))
+        return self._active_seller_of(key)
+
+    def identify(self, address: str) -> tuple[Role, str | None] | None:
+        """CONNECT in one counted lookup: ``(role, None)`` for an active participant,
+        ``(Role.NONE, seller)`` for a device of an active seller, else None."""
+        if not self.healthy:
+            self.misses_unhealthy += 1
+            return None
+        key = address.lower()
+        found = self._participants.get(key)
+        device_of = self._devices.get(key)
+        if found is None and device_of is None:
+            self.misses_unknown += 1
+            return None
+        self.hits += 1
+        if found is not None and found[1] is Status.ACTIVE:
+            return found[0], None
+        seller = self._active_seller_of(key)
+        return None if seller is None else (Role.NONE, seller)
 
     def can_publish(self, device: str, topic_id: bytes) -> bool:
         """``Market.canPublish``: the topic runs and ``device`` acts for its seller."""
         if not self.healthy:
+            self.misses_unhealthy += 1
             return False
-        t = self._topics.get(topic_id)
+        t = self._count(self._topics.get(topic_id))
         if t is None or t.paused:
             return False
         return self._active_seller_of(device.lower()) == t.seller
@@ -201,8 +246,9 @@ class ChainView:
         """``Market.canSubscribe``: topic runs, seller and buyer active in their roles, and
         the policy (Open/Allowlist/Denylist/MinRating) admits the buyer."""
         if not self.healthy:
+            self.misses_unhealthy += 1
             return False
-        t = self._topics.get(topic_id)
+        t = self._count(self._topics.get(topic_id))
         if t is None or t.paused:
             return False
         if not self._has_active_role(t.seller.lower(), Role.SELLER):
@@ -223,8 +269,9 @@ class ChainView:
     def channel(self, channel_id: bytes) -> ChannelInfo | None:
         """The channel's state as of the last applied event; None if unknown or unhealthy."""
         if not self.healthy:
+            self.misses_unhealthy += 1
             return None
-        return self._channels.get(channel_id)
+        return self._count(self._channels.get(channel_id))
 
     def channel_record(self, channel_id: bytes) -> ChannelInfo | None:
         """The channel as last seen, healthy or not: bookkeeping only, never a decision."""
@@ -233,9 +280,11 @@ class ChainView:
     def channels_of(self, payer: str) -> list[ChannelInfo]:
         """Every channel ``payer`` opened, oldest first; empty if unknown or unhealthy."""
         if not self.healthy:
+            self.misses_unhealthy += 1
             return []
         channels = self._channels
-        return [channels[c] for c in self._by_payer.get(payer.lower(), ())]
+        ids = self._count(self._by_payer.get(payer.lower()))
+        return [channels[c] for c in ids] if ids else []
 
     def is_market_topic(self, name: str) -> bool:
         """Whether ``name`` is a market topic as far as the view has seen, healthy or not.
@@ -247,6 +296,14 @@ class ChainView:
     def average_x100(self, address: str) -> int:
         """``Ratings.averageX100`` as learnt from Rated events (0 if unrated)."""
         return self._average_x100(address.lower())
+
+    def _count(self, record: _R | None) -> _R | None:
+        """Count a healthy lookup as a hit (record found) or an unknown-record miss."""
+        if record is None:
+            self.misses_unknown += 1
+        else:
+            self.hits += 1
+        return record
 
     def _has_active_role(self, key: str, role: Role) -> bool:
         found = self._participants.get(key)
@@ -458,3 +515,18 @@ class ChainView:
     def _put_topic(self, topic: TopicInfo) -> None:
         self._topics[topic.topic_id] = topic
         self._by_name[topic.name] = topic
+
+    # HTTP API
+    def all_topics(self) -> list[TopicInfo]:
+        """Every market topic as last seen, healthy or not (read-only listings, not decisions)."""
+        return list(self._topics.values())
+
+    # HTTP API
+    def all_channels(self) -> list[ChannelInfo]:
+        """Every channel as last seen, oldest first, healthy or not (read-only listings)."""
+        return list(self._channels.values())
+
+    # HTTP API
+    def rating_of(self, address: str) -> tuple[int, int]:
+        """``Ratings.ratingOf`` as learnt from Rated events: (count, total), (0, 0) if unrated."""
+        return self._ratings.get(address.lower(), (0, 0))

@@ -1,8 +1,8 @@
 """Prometheus metrics for a running broker: ``GET /metrics`` in the text exposition format.
 
-Nothing is counted for metrics on the delivery path. :class:`BrokerCollector` is a
-``prometheus_client`` collector that reads the counters the service, meter, settler and
-anchorer already keep, and the broker's sessions, when Prometheus scrapes. The
+Nothing is counted for metrics alone beyond plain integer increments: :class:`BrokerCollector`
+is a ``prometheus_client`` collector that reads the counters the service, chain view, meter,
+settler and anchorer keep, and the broker's sessions, when Prometheus scrapes. The
 :class:`MetricsServer` is a small asyncio HTTP server on the broker's event loop, so a scrape
 reads that state from the thread that changes it (no locks, no torn reads). It has its own
 :class:`~prometheus_client.CollectorRegistry`: several brokers in one process (tests) do not
@@ -60,6 +60,16 @@ class BrokerCollector(Collector):
             "paid_deliveries",
             "Paid messages delivered and charged to a payment channel.",
             meter.delivered,
+        )
+        yield counter(
+            "public_deliveries",
+            "Free deliveries on public (non-market) topics admitted by the delivery gate.",
+            stats.public_deliveries,
+        )
+        yield counter(
+            "free_market_deliveries",
+            "Deliveries on market topics priced 0 admitted by the delivery gate (not charged).",
+            stats.free_market_deliveries,
         )
         yield counter(
             "deliveries_denied",
@@ -141,6 +151,31 @@ class BrokerCollector(Collector):
             "Anchor notices published to subscribers.",
             stats.anchor_notices,
         )
+        # --- chain
+        errors = CounterMetricFamily(
+            "blendsm_chain_errors",
+            "Failed chain requests (node unreachable, timeout, JSON-RPC error such as a revert)"
+            " made by the broker's background work, by source.",
+            labels=["source"],
+        )
+        for source, count in service.chain_errors.by_source.items():
+            errors.add_metric([source], count)
+        yield errors
+        view = service.view
+        yield counter(
+            "chain_view_hits",
+            "Access and channel lookups answered from the chain view's records.",
+            view.hits,
+        )
+        misses = CounterMetricFamily(
+            "blendsm_chain_view_misses",
+            "Lookups the chain view could not answer from its state, answered no (fail closed):"
+            " no such record, or the view unhealthy.",
+            labels=["reason"],
+        )
+        misses.add_metric(["unknown"], view.misses_unknown)
+        misses.add_metric(["unhealthy"], view.misses_unhealthy)
+        yield misses
         # --- state
         yield gauge(
             "chain_view_healthy",

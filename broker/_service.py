@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import time
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from eth_account.signers.local import LocalAccount
 from web3 import AsyncWeb3
+from web3.middleware import Web3Middleware
+from web3.types import RPCEndpoint, RPCResponse
 
 from blendsm.broker._anchors import AnchorConfig, Anchorer, AnchorRecord, AsyncLeafStore
 from blendsm.broker._chain_view import ChainView
@@ -74,15 +77,81 @@ from blendsm.errors import (
 if TYPE_CHECKING:
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
     from amqtt.session import Session
+    from web3.types import AsyncMakeRequestFn
 
     from blendsm.broker._settlement import Settler
 
-__all__ = ["Identity", "MarketplaceService", "ServiceStats", "Verdict"]
+__all__ = [
+    "CHAIN_ERROR_SOURCES",
+    "ChainErrors",
+    "Identity",
+    "MarketplaceService",
+    "ServiceStats",
+    "Verdict",
+]
 
 _log = logging.getLogger("blendsm.broker")
 
 MAX_OFFLINE_PAID: Final = 1000
 """Paid messages queued per disconnected persistent session; newer ones are dropped (logged)."""
+
+
+CHAIN_ERROR_SOURCES: Final = ("chain_view", "settlement", "gas_balance", "anchors")
+"""Where a broker's failed chain requests come from (the ``source`` label of the metric):
+event polling of the chain view, claims and the reads around them, the operator's balance
+check, anchor transactions and their receipts."""
+
+
+class ChainErrors:
+    """Failed JSON-RPC requests of one broker's background work, by source.
+
+    Why at the request level: every chain interaction of the chain view, the settler and the
+    anchorer goes through the service's ``AsyncWeb3``, and each of them catches and logs its
+    own failures in its own way. A web3 middleware sees them all, and a context variable set
+    on each background task says whose request it was, so requests made by anything else
+    (the CLI, tests sharing the connection, another broker in the same process) are not
+    counted here."""
+
+    __slots__ = ("by_source",)
+
+    def __init__(self) -> None:
+        self.by_source: dict[str, int] = dict.fromkeys(CHAIN_ERROR_SOURCES, 0)
+
+    def count(self, source: str, method: str) -> None:
+        if source == "settlement" and method == "eth_getBalance":
+            source = "gas_balance"
+        self.by_source[source] = self.by_source.get(source, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_source.values())
+
+
+_CHAIN_SOURCE: contextvars.ContextVar[tuple[ChainErrors, str] | None] = contextvars.ContextVar(
+    "blendsm_chain_source", default=None
+)
+_COUNTER_NAME: Final = "blendsm_chain_errors"
+
+
+class _ChainErrorCounter(Web3Middleware):
+    """Counts a request that raised (node unreachable, timeout) or came back with a JSON-RPC
+    error (e.g. a revert) into the :class:`ChainErrors` of the task that made it."""
+
+    async def async_wrap_make_request(self, make_request: AsyncMakeRequestFn) -> AsyncMakeRequestFn:
+        async def middleware(method: RPCEndpoint, params: Any) -> RPCResponse:
+            tag = _CHAIN_SOURCE.get()
+            if tag is None:
+                return await make_request(method, params)
+            try:
+                response = await make_request(method, params)
+            except Exception:
+                tag[0].count(tag[1], str(method))
+                raise
+            if isinstance(response, dict) and response.get("error") is not None:
+                tag[0].count(tag[1], str(method))
+            return response
+
+        return middleware
 
 
 class Verdict(enum.Enum):
@@ -132,6 +201,10 @@ class ServiceStats:
     envelopes_refused: int = 0
     proofs_served: int = 0
     anchor_notices: int = 0
+    public_deliveries: int = 0
+    """Deliveries on public (non-market) topics admitted by the gate: free, never metered."""
+    free_market_deliveries: int = 0
+    """Deliveries on market topics priced 0 admitted by the gate (entitled, not charged)."""
 
 
 class MarketplaceService:
@@ -175,6 +248,7 @@ class MarketplaceService:
             w3, deployment, operator, confirmations=config.chain.confirmations
         )
         self.stats = ServiceStats()
+        self.chain_errors = ChainErrors()
         self.store: AsyncVoucherStore | None = None
         self.settler: Settler | None = None
         self.anchorer: Anchorer | None = None
@@ -205,7 +279,10 @@ class MarketplaceService:
                 paid.append((channel_id, latest.cumulative_amount))
         self.meter.load_paid(paid)
         self._unlisten = self.view.on_change(self._on_chain_event)
-        self._view_task = asyncio.create_task(self.view.run(), name="blendsm-chain-view")
+        self._count_chain_errors()
+        self._view_task = asyncio.create_task(
+            self.view.run(), name="blendsm-chain-view", context=self._chain_source("chain_view")
+        )
         deadline = time.monotonic() + sync_timeout
         while not self.view.synced and time.monotonic() < deadline:
             if self._view_task.done():
@@ -225,7 +302,9 @@ class MarketplaceService:
             confirmations=self.config.chain.confirmations,
             **self._settler_options,
         )
-        self._settler_task = asyncio.create_task(self.settler.run(), name="blendsm-settlement")
+        self._settler_task = asyncio.create_task(
+            self.settler.run(), name="blendsm-settlement", context=self._chain_source("settlement")
+        )
         leaves = await AsyncLeafStore.open(
             data_dir / "leaves.sqlite3", self.log.getChild("anchors")
         )
@@ -241,7 +320,9 @@ class MarketplaceService:
             logger=self.log.getChild("anchors"),
             on_anchored=self._on_anchored,
         )
-        self._anchor_task = asyncio.create_task(self.anchorer.run(), name="blendsm-anchors")
+        self._anchor_task = asyncio.create_task(
+            self.anchorer.run(), name="blendsm-anchors", context=self._chain_source("anchors")
+        )
         self.log.info(
             "marketplace service started: operator %s, chain id %d, public topics %s",
             self.operator.address,
@@ -270,6 +351,18 @@ class MarketplaceService:
         if self.anchorer is not None:
             await self.anchorer.store.close()
             self.anchorer = None
+
+    def _count_chain_errors(self) -> None:
+        """Install the chain error counter on the connection (once per ``AsyncWeb3``)."""
+        onion: Any = self.w3.middleware_onion
+        if _COUNTER_NAME not in onion:
+            onion.add(_ChainErrorCounter, name=_COUNTER_NAME)
+
+    def _chain_source(self, source: str) -> contextvars.Context:
+        """A context whose chain requests count as this broker's ``source``."""
+        context = contextvars.copy_context()
+        context.run(_CHAIN_SOURCE.set, (self.chain_errors, source))
+        return context
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -328,10 +421,11 @@ class MarketplaceService:
             )
             return None
         key = address.lower()
-        if view.is_active(address):
-            return Identity("participant", address, key)
-        seller = view.seller_of_device(address)
-        if seller is not None:
+        found = view.identify(address)
+        if found is not None:
+            _role, seller = found
+            if seller is None:
+                return Identity("participant", address, key)
             return Identity("device", address, key, seller.lower())
         self.log.info(
             "CONNECT refused for %s (client %r): not an active participant or device of an"
@@ -459,14 +553,21 @@ class MarketplaceService:
                 return Verdict.FREE
             if topic_name.startswith(KEYS_ROOT):
                 return Verdict.FREE if self._is_key_owner(ident, topic_name) else Verdict.DENY
-            if is_control_topic(topic_name) or view.is_market_topic(topic_name):
+            if is_control_topic(topic_name):
                 return Verdict.DENY
-            return Verdict.FREE if self.public_topics else Verdict.DENY
+            if view.is_market_topic(topic_name):  # the view cannot decide: fail closed
+                self.stats.deliveries_denied += 1
+                return Verdict.DENY
+            if self.public_topics:
+                self.stats.public_deliveries += 1
+                return Verdict.FREE
+            return Verdict.DENY
         key = ident.key
         if not key or not view.can_subscribe(key, topic.topic_id):
             self.stats.deliveries_denied += 1
             return Verdict.DENY
         if not topic.price:
+            self.stats.free_market_deliveries += 1
             return Verdict.FREE
         account = self.meter.select(key, topic, view)
         if account is None:

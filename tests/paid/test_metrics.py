@@ -1,25 +1,29 @@
 """The Prometheus endpoint of a real broker: enabled by ``metrics.port``, scraped over HTTP,
-its values moving with real connects, paid deliveries, a voucher and a denied delivery, and
-closed with the broker."""
+its values moving with real connects, paid, free and public deliveries, a voucher, a denied
+delivery, chain-view lookups and a chain node that goes away, and closed with the broker."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import MetricsConfig, parse_config
 from blendsm.broker._runner import ChainConnection, start_broker
 from blendsm.contracts import Marketplace
 from blendsm.contracts._bindings import Policy, Role
+from blendsm.contracts._connect import connect, disconnect
 from blendsm.device_sdk import VoucherDomain, encode_voucher, sign_voucher
 from blendsm.errors import ConfigError
 
@@ -45,7 +49,12 @@ EXPECTED = {
     "blendsm_chain_view_healthy",
     "blendsm_operator_low_gas",
     "blendsm_meter_channel_choice_cache_entries",
+    "blendsm_public_deliveries_total",
+    "blendsm_free_market_deliveries_total",
+    "blendsm_chain_view_hits_total",
 }
+CHAIN_ERRORS = "blendsm_chain_errors_total"
+MISSES = "blendsm_chain_view_misses_total"
 
 
 @pytest.fixture
@@ -82,15 +91,25 @@ def _get(url: str) -> str:
 
 
 async def _scrape(market: Market) -> dict[str, float]:
+    """Unlabelled samples by name; labelled ones as ``name{label=value}``."""
     metrics = market.running.metrics
     assert metrics is not None
     text = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics.port}/metrics")
     return {
-        sample.name: sample.value
+        sample.name
+        + "".join(f"{{{k}={v}}}" for k, v in sorted(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if not sample.labels
     }
+
+
+def _data(messages: list[Any]) -> list[bytes]:
+    """Payloads of data messages (not the broker's control notices)."""
+    return [m.payload for m in messages if not m.topic.startswith("blendsm/")]
+
+
+def _moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
 
 
 async def test_metrics_endpoint_follows_the_broker(
@@ -121,7 +140,9 @@ async def test_metrics_endpoint_follows_the_broker(
     voucher_topic = f"blendsm/ctl/{market.chain.addr('buyer').lower()}/voucher"
     await buyer.publish(voucher_topic, encode_voucher(voucher), qos=1)
     await buyer.publish(voucher_topic, b"not a voucher", qos=1)
-    assert await until(lambda: market.service.stats.vouchers_refused >= 1)
+    # The refusal needs no fsync and may come first: wait for both answers.
+    stats = market.service.stats
+    assert await until(lambda: stats.vouchers_refused >= 1 and stats.vouchers_accepted >= 1)
 
     after = await _scrape(market)
     assert after["blendsm_connected_sessions"] == 2
@@ -179,3 +200,180 @@ def test_metrics_config_is_validated() -> None:
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_config({"metrics": data})
+
+
+async def test_chain_view_hits_and_free_deliveries_are_counted_apart_from_paid(
+    metered: Market, until: Callable[..., Any]
+) -> None:
+    market = metered
+    start = await _scrape(market)
+    for source in ("chain_view", "settlement", "gas_balance", "anchors"):
+        assert start[f"{CHAIN_ERRORS}{{source={source}}}"] == 0
+    assert start[f"{MISSES}{{reason=unhealthy}}"] == 0
+    free = await market.mp("seller").market.create_topic("free/metrics", 0, None, Policy.OPEN)
+    channel = await market.open_channel("buyer")
+    await market.wait_channel(channel)
+    await market.wait_view(lambda: market.service.view.topic(free.topic_id) is not None)
+    buyer, device, anon = market.client("buyer"), market.client("device"), market.client(None)
+    for c in (buyer, device, anon):
+        assert await c.connect() == 0
+    assert await buyer.subscribe(market.topic) == [0]
+    assert await buyer.subscribe("free/metrics") == [0]
+    assert await anon.subscribe("public/metrics") == [0]
+
+    # one paid delivery: decided from the view's records (hits), charged, nothing missed
+    before = await _scrape(market)
+    await device.publish(market.topic, b"paid", qos=1)
+    assert _data(await buyer.got.drain(within=0.5)) == [b"paid"]
+    moved = _moved(before, await _scrape(market))
+    assert moved["blendsm_paid_deliveries_total"] == 1
+    assert moved["blendsm_chain_view_hits_total"] >= 2  # RECEIVE and the gate, at least
+    assert not any(k.startswith(MISSES) for k in moved)
+    assert "blendsm_public_deliveries_total" not in moved
+    assert "blendsm_free_market_deliveries_total" not in moved
+
+    # a market topic priced 0: entitled and counted as free, not paid
+    before = await _scrape(market)
+    await device.publish("free/metrics", b"gratis", qos=1)
+    assert _data(await buyer.got.drain(within=0.5)) == [b"gratis"]
+    moved = _moved(before, await _scrape(market))
+    assert moved["blendsm_free_market_deliveries_total"] == 1
+    assert moved["blendsm_chain_view_hits_total"] >= 2
+    assert "blendsm_paid_deliveries_total" not in moved
+
+    # a public topic: no chain-view lookup at all, counted as public
+    before = await _scrape(market)
+    await anon.publish("public/metrics", b"hello", qos=1)
+    await anon.publish("public/metrics", b"again", qos=1)
+    assert [m.payload for m in await anon.got.drain(within=0.5)] == [b"hello", b"again"]
+    moved = _moved(before, await _scrape(market))
+    assert moved == {"blendsm_public_deliveries_total": 2}
+
+    # a CONNECT from an address the Registry has never seen: an unknown-record miss
+    before = await _scrape(market)
+    assert await market.client("stranger").connect() == 5
+    moved = _moved(before, await _scrape(market))
+    assert moved[f"{MISSES}{{reason=unknown}}"] == 1
+    assert moved["blendsm_connects_refused_total"] == 1
+    assert "blendsm_chain_view_hits_total" not in moved
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_chain_node_going_away_counts_chain_errors_and_unhealthy_misses(
+    chain: Any,
+    mp: Callable[[str], Marketplace],
+    tmp_path: Path,
+    tcp_proxy: Any,
+    until: Callable[..., Any],
+) -> None:
+    await enrol(mp, "seller", Role.SELLER)
+    await enrol(mp, "buyer", Role.BUYER)
+    await enrol(mp, "operator", Role.OPERATOR)
+    await mp("seller").registry.add_device(chain.addr("device"))
+    created = await mp("seller").market.create_topic("paid/cut", PRICE, None, Policy.OPEN)
+    channel = (
+        await mp("buyer").channels.open(chain.addr("seller"), chain.addr("operator"), None, 10**15)
+    ).channel_id
+    assert chain.anvil is not None
+    proxy = tcp_proxy(chain.anvil.port)
+    await proxy.start()
+    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=1.0)
+    base = broker_config(tmp_path / "data", metrics=MetricsConfig(port=0))
+    config = replace(
+        base,
+        anchoring=replace(base.anchoring, batch_seconds=1.0),
+        payments=replace(
+            base.payments, settlement=replace(base.payments.settlement, threshold=PRICE)
+        ),
+    )
+    view = ChainView(
+        w3,
+        chain.deployment,
+        confirmations=0,
+        poll_interval=0.05,
+        max_staleness=1.0,
+        backoff_max=0.5,
+    )
+    running = await start_broker(
+        config,
+        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
+        view=view,
+        settler_options={"tick": 0.1, "gas_check_seconds": 0.2},
+    )
+    market = Market(chain, mp, running, "paid/cut", created.topic_id)
+    try:
+        await market.wait_channel(channel)
+        buyer, device, anon = market.client("buyer"), market.client("device"), market.client(None)
+        for c in (buyer, device, anon):
+            assert await c.connect() == 0
+        assert await buyer.subscribe("paid/cut") == [0]
+        assert await anon.subscribe("public/cut") == [0]
+        # a real claim and a real anchor while the node is up: no chain error counted
+        await device.publish("paid/cut", b"first", qos=1)
+        assert _data(await buyer.got.drain(within=0.5)) == [b"first"]
+        await buyer.publish(
+            f"blendsm/ctl/{chain.addr('buyer').lower()}/voucher",
+            encode_voucher(
+                sign_voucher(
+                    bytes(chain.accounts["buyer"].key),
+                    VoucherDomain(
+                        chain.deployment.chain_id, chain.deployment.address("PaymentChannels")
+                    ),
+                    channel,
+                    PRICE,
+                )
+            ),
+            qos=1,
+        )
+        service = market.service
+        assert await until(
+            lambda: (
+                service.settler.claims_confirmed >= 1 and service.anchorer.batches_anchored >= 1
+            ),
+            15,
+        )
+        healthy = await _scrape(market)
+        assert healthy["blendsm_chain_view_healthy"] == 1
+        assert healthy["blendsm_claims_confirmed_total"] == 1
+        assert healthy["blendsm_anchor_batches_total"] >= 1
+        for source in ("chain_view", "settlement", "gas_balance", "anchors"):
+            assert healthy[f"{CHAIN_ERRORS}{{source={source}}}"] == 0, source
+
+        await device.publish("paid/cut", b"last", qos=1)  # a leaf to anchor in 1 s
+        await proxy.stop()  # the node goes away
+        assert await until(lambda: not view.healthy, 10)
+        await device.publish("paid/cut", b"during", qos=1)  # refused: the view cannot decide
+        assert await buyer.subscribe("paid/cut") == [0x80]
+        await anon.publish("public/cut", b"still here", qos=1)
+        assert b"still here" in [m.payload for m in await anon.got.drain(within=0.5)]
+        deadline = time.monotonic() + 10
+        down = await _scrape(market)
+        while time.monotonic() < deadline and not (
+            down[f"{CHAIN_ERRORS}{{source=anchors}}"]
+            and down[f"{CHAIN_ERRORS}{{source=gas_balance}}"]
+        ):
+            await asyncio.sleep(0.2)
+            down = await _scrape(market)
+        moved = _moved(healthy, down)
+        print(f"\nmoved while the node was down: {moved}")
+        assert down["blendsm_chain_view_healthy"] == 0
+        assert moved[f"{CHAIN_ERRORS}{{source=chain_view}}"] >= 1
+        assert moved[f"{CHAIN_ERRORS}{{source=gas_balance}}"] >= 1
+        assert moved[f"{CHAIN_ERRORS}{{source=anchors}}"] >= 1
+        assert moved[f"{MISSES}{{reason=unhealthy}}"] >= 2  # the PUBLISH and the SUBSCRIBE
+        assert moved["blendsm_public_deliveries_total"] >= 1
+        assert moved["blendsm_paid_deliveries_total"] == 1  # "last", before the cut
+        got = [m.payload for m in await buyer.got.drain(within=0.3) if m.topic == "paid/cut"]
+        assert got == [b"last"]  # and never "during"
+
+        await proxy.start()  # back: healthy again, no new errors once caught up
+        assert await until(lambda: view.healthy, 15)
+        back = await _scrape(market)
+        assert back["blendsm_chain_view_healthy"] == 1
+        assert await buyer.subscribe("paid/cut") == [0]
+    finally:
+        for c in market.clients:
+            with contextlib.suppress(Exception):
+                c.close()
+        await running.stop()
+        await disconnect(w3)
