@@ -39,6 +39,7 @@ __all__ = [
     "AnchoringConfig",
     "BrokerConfig",
     "ChainConfig",
+    "HttpConfig",
     "ListenConfig",
     "MetricsConfig",
     "OperatorKeyConfig",
@@ -146,6 +147,17 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The read-only HTTP API and web dashboard (``GET /api/...``, ``GET /``); off unless a
+    port is given."""
+
+    host: str = "127.0.0.1"
+    """Interface address of the HTTP API; keep it local unless a firewall or proxy guards it."""
+    port: int | None = None
+    """TCP port, 0-65535 (0: let the OS pick one, for tests); ``None``: no HTTP service."""
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The whole broker configuration (``blendsm broker -c broker.yaml``)."""
 
@@ -161,6 +173,8 @@ class BrokerConfig:
     """Batching of message leaves into on-chain anchors."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Prometheus endpoint (disabled by default)."""
+    http: HttpConfig = field(default_factory=HttpConfig)
+    """HTTP API and dashboard (disabled by default)."""
     data_dir: Path = Path("blendsm-data")
     """Folder for the broker's durable state (voucher store, anchor leaves)."""
     public_topics: bool = False
@@ -243,6 +257,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
         payments=_parse_payments(_section(root, "payments")),
         anchoring=_parse_anchoring(_section(root, "anchoring")),
         metrics=_parse_metrics(_section(root, "metrics")),
+        http=_parse_http(_section(root, "http")),
         data_dir=_path(root, "data_dir", "", base) or _resolve(Path("blendsm-data"), base),
         public_topics=_typed(root, "public_topics", "", bool, False),
         log_level=log_level,
@@ -343,6 +358,15 @@ def _parse_metrics(data: Mapping[str, Any]) -> MetricsConfig:
         raise ConfigError("metrics.host: must not be empty")
     port = None if data.get("port") is None else _int(data, "port", "metrics", 0, low=0, high=65535)
     return MetricsConfig(host=host, port=port)
+
+
+def _parse_http(data: Mapping[str, Any]) -> HttpConfig:
+    _check_keys(data, HttpConfig, "http")
+    host = _typed(data, "host", "http", str, "127.0.0.1")
+    if not host.strip():
+        raise ConfigError("http.host: must not be empty")
+    port = None if data.get("port") is None else _int(data, "port", "http", 0, low=0, high=65535)
+    return HttpConfig(host=host, port=port)
 
 
 def _parse_payments(data: Mapping[str, Any]) -> PaymentsConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eth_account.signers.local import LocalAccount
 from web3 import AsyncWeb3
@@ -23,6 +23,9 @@ from blendsm.broker._metrics import MetricsServer
 from blendsm.broker._service import MarketplaceService
 from blendsm.contracts._deploy import Deployment
 from blendsm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from blendsm.broker._http import HttpServer
 
 __all__ = ["ChainConnection", "RunningBroker", "amqtt_config", "connect_chain", "start_broker"]
 
@@ -109,13 +112,19 @@ class RunningBroker:
     port: int
     metrics: MetricsServer | None = None
     """The Prometheus endpoint, when ``metrics.port`` is set (``metrics.port`` is its port)."""
+    http: HttpServer | None = None
+    """The HTTP API and dashboard, when ``http.port`` is set (``http.port`` is its port)."""
 
     async def stop(self) -> None:
         try:
-            if self.metrics is not None:
-                await self.metrics.stop()
+            if self.http is not None:
+                await self.http.stop()
         finally:
-            await self._stop_broker()
+            try:
+                if self.metrics is not None:
+                    await self.metrics.stop()
+            finally:
+                await self._stop_broker()
 
     async def _stop_broker(self) -> None:
         try:
@@ -171,4 +180,21 @@ async def start_broker(
                 ) from exc
             raise
         running.metrics = metrics
+    if config.http.port is not None:
+        from blendsm.broker._http import HttpServer  # aiohttp.web only when the API is on
+
+        http = HttpServer(service, config.http.host, config.http.port)
+        try:
+            await http.start()
+        except BaseException as exc:
+            try:
+                await http.stop()
+            finally:
+                await running.stop()
+            if isinstance(exc, OSError):
+                raise ConfigError(
+                    f"http: cannot listen on {config.http.host}:{config.http.port}: {exc}"
+                ) from exc
+            raise
+        running.http = http
     return running
