@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -296,3 +299,32 @@ def until() -> Callable[..., Any]:
 def mqtt_client() -> type[Client]:
     """The raw test client class, for tests that run their own broker."""
     return Client
+
+
+def _start_broker_process(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blendsm.broker.cli", "broker", "-c", str(config)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "listening on" in line:
+            return proc
+    proc.kill()
+    raise AssertionError("broker did not start:\n" + "".join(lines))
+
+
+@pytest.fixture
+def broker_process() -> Callable[[Path, dict[str, str]], subprocess.Popen[str]]:
+    """``broker_process(config, env)``: a real ``blendsm broker -c config`` process (``env`` on
+    top of this one's), returned once it listens; for crash tests that SIGKILL it."""
+    return _start_broker_process

@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -130,7 +129,11 @@ async def test_a_qos1_leaf_is_durable_before_the_puback(market: Market) -> None:
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_twice(
-    chain: Any, mp: Any, tmp_path: Path, until: Any
+    chain: Any,
+    mp: Any,
+    tmp_path: Path,
+    until: Any,
+    broker_process: Any,
 ) -> None:
     import asyncio
 
@@ -164,20 +167,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
         "BLENDSM_TEST_OPERATOR_KEY": chain.accounts["operator"].key.hex(),
     }  # TEST ONLY
 
-    def start() -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "blendsm.broker.cli", "broker", "-c", str(config)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        return proc
-
-    proc = start()
+    proc = broker_process(config, env)
     device = Publisher(
         chain.accounts["device"],
         host="127.0.0.1",
@@ -196,7 +186,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
             if i == 100:
                 proc.send_signal(signal.SIGKILL)  # QoS 1 messages in flight and queued
                 proc.wait(10)
-                proc = start()
+                proc = broker_process(config, env)
             await asyncio.sleep(0.002)
         await asyncio.to_thread(device.flush, 60)
         db = tmp_path / "data" / "leaves.sqlite3"

@@ -9,7 +9,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -181,28 +180,6 @@ async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later
         await disconnect(w3)
 
 
-def _start_process(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blendsm.broker.cli", "broker", "-c", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "listening on" in line:
-            return proc
-    proc.kill()
-    raise AssertionError("broker did not start:\n" + "".join(lines))
-
-
 def _stored(db: Path, channel: bytes) -> int:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
         row = con.execute("SELECT amount FROM channels WHERE channel_id = ?", (channel,)).fetchone()
@@ -211,7 +188,12 @@ def _stored(db: Path, channel: bytes) -> int:
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once(
-    chain: Any, mp: Any, tmp_path: Path, mqtt_client: Any, until: Any
+    chain: Any,
+    mp: Any,
+    tmp_path: Path,
+    mqtt_client: Any,
+    until: Any,
+    broker_process: Any,
 ) -> None:
     _, channel = await _enrol(mp, chain)
     chain.deployment.save(tmp_path / "deployment.json")
@@ -256,7 +238,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
             assert time.monotonic() < deadline, "buyer could not connect (channel not seen yet?)"
             await asyncio.sleep(0.2)
 
-    proc = _start_process(config, env)
+    proc = broker_process(config, env)
     receipts: list[int] = []
     try:
         buyer = await connected()
@@ -279,7 +261,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
         assert _stored(db, channel) >= max(receipts)
         before_restart = _stored(db, channel)
 
-        proc = _start_process(config, env)
+        proc = broker_process(config, env)
         buyer = await connected()
         start = before_restart // PRICE + 1
         for i in range(start, 301):
