@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blendsm.broker._cli_support import (
-    add_chain_arguments,
+    Output,
+    add_chain_command,
+    add_command_group,
     address_topic,
+    arg,
     emit,
     fetch_events,
     format_time,
@@ -24,6 +27,7 @@ from blendsm.broker._cli_support import (
     parse_address,
     parse_bytes32,
     run_async,
+    run_chain_command,
 )
 from blendsm.errors import ConfigError
 
@@ -49,50 +53,55 @@ The leaf is taken as given: to check that it is the leaf of a message you receiv
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``anchors list`` and ``anchors verify``."""
-    anchors = sub.add_parser(
-        "anchors", help="Merkle roots anchored by broker operators: list, verify proofs"
+    asub = add_command_group(
+        sub, "anchors", help="Merkle roots anchored by broker operators: list, verify proofs"
     )
-    asub = anchors.add_subparsers(dest="anchors_command", metavar="ACTION", required=True)
 
-    p = asub.add_parser(
+    add_chain_command(
+        asub,
         "list",
+        _cmd_list,
+        signing=False,
         help="a broker's anchored batches, most recent first",
         description="A broker operator's anchored batches (from the Anchored events since"
         " the deployment block), most recent first: batch id, root, leaf count, time, block.",
+        arguments=[
+            arg(
+                "--broker", required=True, metavar="OPERATOR", help="address of the broker operator"
+            ),
+            arg(
+                "--limit",
+                type=int,
+                default=20,
+                metavar="N",
+                help="show at most N batches, 0 for all (default: %(default)s)",
+            ),
+        ],
     )
-    p.add_argument(
-        "--broker", required=True, metavar="OPERATOR", help="address of the broker operator"
-    )
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=20,
-        metavar="N",
-        help="show at most N batches, 0 for all (default: %(default)s)",
-    )
-    add_chain_arguments(p, signing=False)
-    p.set_defaults(func=_cmd_list)
-
-    p = asub.add_parser(
+    add_chain_command(
+        asub,
         "verify",
+        _cmd_verify,
+        signing=False,
         help="check that a leaf is in an anchored batch (exit 1 if the proof does not hold)",
         description="Check an inclusion proof against a broker's anchored batch root, on chain"
         " (DataAnchors.verify) and off chain (the root recomputed from leaf and proof must be"
         " the anchored one). Exit 0 when every proof holds, 1 when one does not.",
         epilog=_PROOF_FILE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        arguments=[
+            arg("--broker", metavar="OPERATOR", help="address of the broker operator"),
+            arg("--batch", type=int, metavar="N", help="the batch id"),
+            arg("--leaf", metavar="0x..", help="the leaf hash (32 bytes)"),
+            arg(
+                "--proof",
+                metavar="0x..,0x..",
+                help="sibling hashes from the leaf up, comma-separated (empty: a batch of one"
+                " leaf)",
+            ),
+            arg("--proof-file", type=Path, metavar="FILE", help="a proof in JSON (see below)"),
+        ],
     )
-    p.add_argument("--broker", metavar="OPERATOR", help="address of the broker operator")
-    p.add_argument("--batch", type=int, metavar="N", help="the batch id")
-    p.add_argument("--leaf", metavar="0x..", help="the leaf hash (32 bytes)")
-    p.add_argument(
-        "--proof",
-        metavar="0x..,0x..",
-        help="sibling hashes from the leaf up, comma-separated (empty: a batch of one leaf)",
-    )
-    p.add_argument("--proof-file", type=Path, metavar="FILE", help="a proof in JSON (see below)")
-    add_chain_arguments(p, signing=False)
-    p.set_defaults(func=_cmd_verify)
 
 
 # --- list ----------------------------------------------------------------------------------
@@ -103,28 +112,27 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise ConfigError(f"--limit: must be 0 (all) or more, got {args.limit}")
 
-    async def run() -> int:
-        async with open_marketplace(args, signing=False) as mp:
-            latest = await mp.anchors.latest_batch_id(broker)
-            events = await fetch_events(mp, ["DataAnchors.Anchored"], [address_topic(broker)])
-            newest = sorted(events, key=lambda e: int(e.args["batchId"]), reverse=True)
-            shown = newest[: args.limit] if args.limit else newest
-            rows: list[dict[str, Any]] = []
-            for event in shown:
-                batch_id = int(event.args["batchId"])
-                info = await mp.anchors.anchor_of(broker, batch_id)
-                if info is None:  # an event of a reorged-away block: trust the state
-                    continue
-                rows.append(
-                    {
-                        "batch": batch_id,
-                        "root": info.root,
-                        "leaf_count": info.leaf_count,
-                        "anchored_at": info.anchored_at,
-                        "block": info.block_number,
-                        "tx": event.tx_hash,
-                    }
-                )
+    async def body(mp: Marketplace) -> Output:
+        latest = await mp.anchors.latest_batch_id(broker)
+        events = await fetch_events(mp, ["DataAnchors.Anchored"], [address_topic(broker)])
+        newest = sorted(events, key=lambda e: int(e.args["batchId"]), reverse=True)
+        shown = newest[: args.limit] if args.limit else newest
+        rows: list[dict[str, Any]] = []
+        for event in shown:
+            batch_id = int(event.args["batchId"])
+            info = await mp.anchors.anchor_of(broker, batch_id)
+            if info is None:  # an event of a reorged-away block: trust the state
+                continue
+            rows.append(
+                {
+                    "batch": batch_id,
+                    "root": info.root,
+                    "leaf_count": info.leaf_count,
+                    "anchored_at": info.anchored_at,
+                    "block": info.block_number,
+                    "tx": event.tx_hash,
+                }
+            )
         head = (
             f"broker {broker}: {len(events)} anchored batch{'es' if len(events) != 1 else ''}"
             f" (latest batch id {latest})"
@@ -138,10 +146,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
             for r in rows
         ]
         data = {"broker": broker, "latest_batch_id": latest, "total": len(events), "batches": rows}
-        emit(args, data, lines)
-        return 0
+        return data, lines
 
-    return run_async(run)
+    return run_chain_command(args, body, signing=False)
 
 
 # --- verify --------------------------------------------------------------------------------

@@ -15,21 +15,24 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from blendsm.broker._cli_support import (
-    add_chain_arguments,
+    Output,
+    add_chain_command,
+    add_command_group,
     address_topic,
+    arg,
     chain_now,
-    emit,
     fetch_events,
     format_duration,
     format_time,
     format_wei,
-    open_marketplace,
     parse_address,
     parse_bytes32,
     parse_wei,
-    run_async,
+    run_chain_command,
     signing_account,
     tx_json,
+    tx_line,
+    tx_output,
 )
 from blendsm.errors import ConfigError
 
@@ -39,106 +42,122 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 
+_CHANNEL_ARG = arg("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``channel`` (open, top-up, status, list, request-close, withdraw) and ``rate``."""
-    channel = sub.add_parser(
+    csub = add_command_group(
+        sub,
         "channel",
         help="payment channels: open, top up, status, list, request close, withdraw",
         description="A buyer's payment channels to sellers. The broker operator named at"
         " opening claims the buyer's vouchers; the buyer leaves with `request-close` and,"
         " after the challenge period, `withdraw`.",
     )
-    csub = channel.add_subparsers(dest="channel_command", metavar="ACTION", required=True)
 
-    p = csub.add_parser(
+    add_chain_command(
+        csub,
         "open",
+        _cmd_open,
+        signing=True,
         help="open a channel to a seller with a deposit (prints the channel id)",
         description="Open a channel from the signer to --payee, metered by the broker"
         " --operator. For an ERC-20 --token the contract is approved for the deposit first"
         " (unless the allowance already covers it).",
+        arguments=[
+            arg("--payee", required=True, metavar="SELLER", help="the seller's address"),
+            arg(
+                "--operator",
+                required=True,
+                metavar="BROKER_OPERATOR",
+                help="address of the broker operator that meters the channel and earns the fee",
+            ),
+            arg(
+                "--deposit",
+                required=True,
+                metavar="AMOUNT",
+                help="deposit: wei, or 1.5ether, 2gwei",
+            ),
+            arg(
+                "--fee-bps",
+                type=int,
+                default=0,
+                metavar="N",
+                help="the operator's share of each payout in basis points, at most the"
+                " contract's MAX_FEE_BPS (1000 = 10 %%; default: %(default)s)",
+            ),
+            arg(
+                "--token",
+                metavar="ADDRESS",
+                help="ERC-20 token of the deposit (default: native coin)",
+            ),
+        ],
     )
-    p.add_argument("--payee", required=True, metavar="SELLER", help="the seller's address")
-    p.add_argument(
-        "--operator",
-        required=True,
-        metavar="BROKER_OPERATOR",
-        help="address of the broker operator that meters the channel and earns the fee",
+    add_chain_command(
+        csub,
+        "top-up",
+        _cmd_top_up,
+        signing=True,
+        help="add to a channel's deposit (payer only, not closing)",
+        arguments=[
+            _CHANNEL_ARG,
+            arg("amount", metavar="AMOUNT", help="amount to add: wei, or 1.5ether, 2gwei"),
+        ],
     )
-    p.add_argument(
-        "--deposit", required=True, metavar="AMOUNT", help="deposit: wei, or 1.5ether, 2gwei"
+    add_chain_command(
+        csub,
+        "status",
+        _cmd_status,
+        signing=False,
+        help="a channel's parties, funds and closing state",
+        arguments=[_CHANNEL_ARG],
     )
-    p.add_argument(
-        "--fee-bps",
-        type=int,
-        default=0,
-        metavar="N",
-        help="the operator's share of each payout in basis points, at most the contract's"
-        " MAX_FEE_BPS (1000 = 10 %%; default: %(default)s)",
-    )
-    p.add_argument(
-        "--token", metavar="ADDRESS", help="ERC-20 token of the deposit (default: native coin)"
-    )
-    add_chain_arguments(p, signing=True)
-    p.set_defaults(func=_cmd_open)
-
-    p = csub.add_parser("top-up", help="add to a channel's deposit (payer only, not closing)")
-    p.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
-    p.add_argument("amount", metavar="AMOUNT", help="amount to add: wei, or 1.5ether, 2gwei")
-    add_chain_arguments(p, signing=True)
-    p.set_defaults(func=_cmd_top_up)
-
-    p = csub.add_parser("status", help="a channel's parties, funds and closing state")
-    p.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
-    add_chain_arguments(p, signing=False)
-    p.set_defaults(func=_cmd_status)
-
-    p = csub.add_parser(
+    add_chain_command(
+        csub,
         "list",
+        _cmd_list,
+        signing=True,
         help="channels from the ChannelOpened events, each with its current status",
         description="Channels opened since the deployment block, each with its current"
         " status. Without a filter: the channels where --address, or else the signer"
         " (--key-env / --keystore; nothing is signed), is payer, payee or operator.",
+        one_of=[
+            arg("--payer", metavar="ADDR", help="channels this address pays from"),
+            arg("--payee", metavar="ADDR", help="channels paying this address"),
+            arg("--operator", metavar="ADDR", help="channels this broker operator meters"),
+            arg("--address", metavar="ADDR", help="channels where this address is a party"),
+        ],
     )
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--payer", metavar="ADDR", help="channels this address pays from")
-    who.add_argument("--payee", metavar="ADDR", help="channels paying this address")
-    who.add_argument("--operator", metavar="ADDR", help="channels this broker operator meters")
-    who.add_argument("--address", metavar="ADDR", help="channels where this address is a party")
-    add_chain_arguments(p, signing=True)
-    p.set_defaults(func=_cmd_list)
-
-    p = csub.add_parser(
+    add_chain_command(
+        csub,
         "request-close",
+        _cmd_request_close,
+        signing=True,
         help="start leaving a channel (payer only); withdraw after the challenge period",
+        arguments=[_CHANNEL_ARG],
     )
-    p.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
-    add_chain_arguments(p, signing=True)
-    p.set_defaults(func=_cmd_request_close)
-
-    p = csub.add_parser(
+    add_chain_command(
+        csub,
         "withdraw",
+        _cmd_withdraw,
+        signing=True,
         help="after the challenge period, settle and refund what was not claimed (payer only)",
         description="Settle a closing channel and refund the unclaimed deposit to the payer."
         " Refused before any transaction is sent while the challenge period runs.",
+        arguments=[_CHANNEL_ARG],
     )
-    p.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
-    add_chain_arguments(p, signing=True)
-    p.set_defaults(func=_cmd_withdraw)
-
-    rate = sub.add_parser(
+    add_chain_command(
+        sub,
         "rate",
+        _cmd_rate,
+        signing=True,
         help="rate the other party of a channel that did business (1 to 5, once per channel)",
         description="Rate the other party of CHANNEL: its payer rates the payee and its payee"
         " rates the payer, once each per channel, after the channel paid a claim or was"
         " settled, while the signer is an active participant of the Registry.",
+        arguments=[_CHANNEL_ARG, arg("score", metavar="SCORE", help="1 (worst) to 5 (best)")],
     )
-    rate.add_argument("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
-    rate.add_argument("score", metavar="SCORE", help="1 (worst) to 5 (best)")
-    add_chain_arguments(rate, signing=True)
-    rate.set_defaults(func=_cmd_rate)
-
-
-# --- shared helpers (also used by `blendsm anchors`) -------------------------------------
 
 
 # --- formatting ----------------------------------------------------------------------------
@@ -215,10 +234,6 @@ def _status_lines(info: ChannelInfo, now: int) -> list[str]:
     ]
 
 
-def _tx_line(data: dict[str, Any]) -> str:
-    return f"  tx {data['tx']}  block {data['block']}  gas {data['gas_used']}"
-
-
 async def _existing(mp: Marketplace, channel_id: bytes) -> ChannelInfo:
     info = await mp.channels.channel(channel_id)
     if info is None:
@@ -228,15 +243,20 @@ async def _existing(mp: Marketplace, channel_id: bytes) -> ChannelInfo:
     return info
 
 
-def _command(
-    args: argparse.Namespace, signing: bool, body: Callable[[Marketplace], Awaitable[None]]
+def _on_channel(
+    args: argparse.Namespace,
+    channel_id: bytes,
+    body: Callable[[Marketplace, ChannelInfo], Awaitable[Output]],
+    *,
+    signing: bool = True,
 ) -> int:
-    async def run() -> int:
-        async with open_marketplace(args, signing=signing) as mp:
-            await body(mp)
-        return 0
+    """:func:`run_chain_command` with ``body`` given the channel as it is before it runs
+    (a clear error when there is no channel ``channel_id``)."""
 
-    return run_async(run)
+    async def run(mp: Marketplace) -> Output:
+        return await body(mp, await _existing(mp, channel_id))
+
+    return run_chain_command(args, run, signing=signing)
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -252,7 +272,7 @@ def _cmd_open(args: argparse.Namespace) -> int:
     if not 0 <= args.fee_bps <= 0xFFFF:
         raise ConfigError(f"--fee-bps: must be 0 to the contract's maximum, got {args.fee_bps}")
 
-    async def body(mp: Marketplace) -> None:
+    async def body(mp: Marketplace) -> Output:
         maximum = await mp.channels.max_fee_bps()
         if args.fee_bps > maximum:
             raise ConfigError(
@@ -262,7 +282,6 @@ def _cmd_open(args: argparse.Namespace) -> int:
             payee, operator, token, deposit, args.fee_bps, approve=token is not None
         )
         data = {
-            **tx_json(opened),
             "channel": opened.channel_id,
             "payer": mp.address,
             "payee": payee,
@@ -281,10 +300,10 @@ def _cmd_open(args: argparse.Namespace) -> int:
             f"  deposit   {_amount(deposit, token)}",
         ]
         if opened.approval is not None:
-            lines.append(f"  approved the token first: {_tx_line(tx_json(opened.approval))[2:]}")
-        emit(args, data, [*lines, _tx_line(data)])
+            lines.append(f"  approved the token first: {tx_line(opened.approval)[2:]}")
+        return tx_output(opened, data, *lines)
 
-    return _command(args, True, body)
+    return run_chain_command(args, body, signing=True)
 
 
 def _cmd_top_up(args: argparse.Namespace) -> int:
@@ -293,40 +312,32 @@ def _cmd_top_up(args: argparse.Namespace) -> int:
     if amount == 0:
         raise ConfigError("amount: must be positive")
 
-    async def body(mp: Marketplace) -> None:
-        before = await _existing(mp, channel_id)
+    async def body(mp: Marketplace, before: ChannelInfo) -> Output:
         result = await mp.channels.top_up(channel_id, amount, approve=before.token is not None)
         after = await _existing(mp, channel_id)
         data = {
-            **tx_json(result),
             "channel": channel_id,
             "amount": amount,
             "deposit": after.deposit,
             "remaining": after.remaining,
         }
-        emit(
-            args,
+        return tx_output(
+            result,
             data,
-            [
-                f"Topped up channel 0x{channel_id.hex()} by {_amount(amount, after.token)}",
-                f"  deposit now {_amount(after.deposit, after.token)},"
-                f" remaining {_amount(after.remaining, after.token)}",
-                _tx_line(data),
-            ],
+            f"Topped up channel 0x{channel_id.hex()} by {_amount(amount, after.token)}",
+            f"  deposit now {_amount(after.deposit, after.token)},"
+            f" remaining {_amount(after.remaining, after.token)}",
         )
 
-    return _command(args, True, body)
+    return _on_channel(args, channel_id, body)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    channel_id = _channel_id(args.channel)
-
-    async def body(mp: Marketplace) -> None:
-        info = await _existing(mp, channel_id)
+    async def body(mp: Marketplace, info: ChannelInfo) -> Output:
         now = await chain_now(mp)
-        emit(args, {**_channel_json(info, now), "now": now}, _status_lines(info, now))
+        return {**_channel_json(info, now), "now": now}, _status_lines(info, now)
 
-    return _command(args, False, body)
+    return _on_channel(args, _channel_id(args.channel), body, signing=False)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -344,7 +355,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 f" to list the signer's channels ({exc})"
             ) from None
 
-    async def body(mp: Marketplace) -> None:
+    async def body(mp: Marketplace) -> Output:
         assert who is not None
         topics: list[str | None] = []
         if role == "payer":
@@ -389,20 +400,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
         head = f"{len(rows)} channel{'s' if len(rows) != 1 else ''} {who} {where}" + (
             ":" if rows else ""
         )
-        emit(
-            args,
-            {"address": who, "role": role, "count": len(rows), "channels": rows, "now": now},
-            [head, *lines],
-        )
+        data = {"address": who, "role": role, "count": len(rows), "channels": rows, "now": now}
+        return data, [head, *lines]
 
-    return _command(args, False, body)
+    return run_chain_command(args, body, signing=False)
 
 
 def _cmd_request_close(args: argparse.Namespace) -> int:
     channel_id = _channel_id(args.channel)
 
-    async def body(mp: Marketplace) -> None:
-        info = await _existing(mp, channel_id)
+    async def body(mp: Marketplace, info: ChannelInfo) -> Output:
         if info.settled:
             raise ConfigError(f"channel 0x{channel_id.hex()} is settled already")
         if info.closes_at is not None:
@@ -411,26 +418,21 @@ def _cmd_request_close(args: argparse.Namespace) -> int:
                 f" {format_time(info.closes_at)}"
             )
         result = await mp.channels.request_close(channel_id)
-        data = {**tx_json(result), "channel": channel_id, "closes_at": result.closes_at}
-        emit(
-            args,
-            data,
-            [
-                f"Requested the close of channel 0x{channel_id.hex()}",
-                f"  the payee may claim until {format_time(result.closes_at)};"
-                f" withdraw after that (`blendsm channel withdraw 0x{channel_id.hex()}`)",
-                _tx_line(data),
-            ],
+        return tx_output(
+            result,
+            {"channel": channel_id, "closes_at": result.closes_at},
+            f"Requested the close of channel 0x{channel_id.hex()}",
+            f"  the payee may claim until {format_time(result.closes_at)};"
+            f" withdraw after that (`blendsm channel withdraw 0x{channel_id.hex()}`)",
         )
 
-    return _command(args, True, body)
+    return _on_channel(args, channel_id, body)
 
 
 def _cmd_withdraw(args: argparse.Namespace) -> int:
     channel_id = _channel_id(args.channel)
 
-    async def body(mp: Marketplace) -> None:
-        info = await _existing(mp, channel_id)
+    async def body(mp: Marketplace, info: ChannelInfo) -> Output:
         cid = f"0x{channel_id.hex()}"
         if info.settled:
             raise ConfigError(f"channel {cid} is settled already; nothing to withdraw")
@@ -446,18 +448,14 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
                 f" withdraw in {format_duration(info.closes_at - now)} (no transaction sent)"
             )
         result = await mp.channels.withdraw(channel_id)
-        data = {**tx_json(result), "channel": channel_id, "refund": result.refund}
-        emit(
-            args,
-            data,
-            [
-                f"Withdrew from channel {cid}: refunded {_amount(result.refund, info.token)}"
-                f" to {info.payer} (claimed {_amount(info.claimed, info.token)})",
-                _tx_line(data),
-            ],
+        return tx_output(
+            result,
+            {"channel": channel_id, "refund": result.refund},
+            f"Withdrew from channel {cid}: refunded {_amount(result.refund, info.token)}"
+            f" to {info.payer} (claimed {_amount(info.claimed, info.token)})",
         )
 
-    return _command(args, True, body)
+    return _on_channel(args, channel_id, body)
 
 
 def _cmd_rate(args: argparse.Namespace) -> int:
@@ -469,8 +467,7 @@ def _cmd_rate(args: argparse.Namespace) -> int:
     if not 1 <= score <= 5:
         raise ConfigError(f"score: must be a whole number from 1 to 5, got {args.score!r}")
 
-    async def body(mp: Marketplace) -> None:
-        info = await _existing(mp, channel_id)
+    async def body(mp: Marketplace, info: ChannelInfo) -> Output:
         cid = f"0x{channel_id.hex()}"
         rater = mp.address
         if rater == info.payer:
@@ -491,7 +488,6 @@ def _cmd_rate(args: argparse.Namespace) -> int:
         result = await mp.ratings.rate(channel_id, score)
         rating = await mp.ratings.rating_of(ratee)
         data = {
-            **tx_json(result),
             "channel": channel_id,
             "rater": rater,
             "ratee": ratee,
@@ -499,15 +495,12 @@ def _cmd_rate(args: argparse.Namespace) -> int:
             "ratee_count": rating.count,
             "ratee_average_x100": rating.average_x100,
         }
-        emit(
-            args,
+        return tx_output(
+            result,
             data,
-            [
-                f"Rated {ratee} {score}/5 for channel {cid} (as its {as_})",
-                f"  their average is now {rating.average_x100 / 100:.2f} from"
-                f" {rating.count} rating{'s' if rating.count != 1 else ''}",
-                _tx_line(data),
-            ],
+            f"Rated {ratee} {score}/5 for channel {cid} (as its {as_})",
+            f"  their average is now {rating.average_x100 / 100:.2f} from"
+            f" {rating.count} rating{'s' if rating.count != 1 else ''}",
         )
 
-    return _command(args, True, body)
+    return _on_channel(args, channel_id, body)

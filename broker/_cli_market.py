@@ -14,17 +14,19 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 from blendsm.broker._cli_support import (
-    add_chain_arguments,
-    emit,
+    Output,
+    add_chain_command,
+    add_command_group,
+    arg,
     fetch_events,
     format_wei,
-    open_marketplace,
     parse_address,
     parse_topic,
     parse_wei,
-    run_async,
+    run_chain_command,
     tx_json,
     tx_line,
+    tx_output,
 )
 from blendsm.errors import ConfigError
 
@@ -34,89 +36,114 @@ if TYPE_CHECKING:
 __all__ = ["format_rating", "parse_rating", "register"]
 
 _POLICIES = ("open", "allowlist", "denylist", "min-rating")
+_TOPIC_ARG = arg("topic", metavar="TOPIC", help="topic name, or its 0x id")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``market`` and its actions to the ``blendsm`` parser."""
-    market = sub.add_parser("market", help="topics: list, show, create, update, pause, access")
-    actions = market.add_subparsers(dest="market_command", metavar="ACTION", required=True)
+    actions = add_command_group(
+        sub, "market", help="topics: list, show, create, update, pause, access"
+    )
 
-    listing = actions.add_parser(
-        "list", help="every topic with price, policy, state and the seller's rating"
+    add_chain_command(
+        actions,
+        "list",
+        _cmd_list,
+        signing=False,
+        help="every topic with price, policy, state and the seller's rating",
     )
-    add_chain_arguments(listing, signing=False)
-    listing.set_defaults(func=_cmd_list)
-
-    show = actions.add_parser("show", help="one topic, with its allow/deny list")
-    show.add_argument("topic", metavar="TOPIC", help="topic name, or its 0x id")
-    add_chain_arguments(show, signing=False)
-    show.set_defaults(func=_cmd_show)
-
-    create = actions.add_parser("create", help="offer a new topic as the signing seller")
-    create.add_argument("name", metavar="NAME", help="the exact MQTT topic name")
-    create.add_argument(
-        "--price",
-        required=True,
-        metavar="AMOUNT",
-        help="price per delivered message: wei (1000), or 1.5gwei, 0.001ether;"
-        " for a token, in its smallest unit",
+    add_chain_command(
+        actions,
+        "show",
+        _cmd_show,
+        signing=False,
+        help="one topic, with its allow/deny list",
+        arguments=[_TOPIC_ARG],
     )
-    create.add_argument(
-        "--token", metavar="ADDRESS", help="ERC-20 the topic is priced in (default: native coin)"
+    add_chain_command(
+        actions,
+        "create",
+        _cmd_create,
+        signing=True,
+        help="offer a new topic as the signing seller",
+        arguments=[
+            arg("name", metavar="NAME", help="the exact MQTT topic name"),
+            arg(
+                "--price",
+                required=True,
+                metavar="AMOUNT",
+                help="price per delivered message: wei (1000), or 1.5gwei, 0.001ether;"
+                " for a token, in its smallest unit",
+            ),
+            arg(
+                "--token",
+                metavar="ADDRESS",
+                help="ERC-20 the topic is priced in (default: native coin)",
+            ),
+            arg(
+                "--policy",
+                choices=_POLICIES,
+                help="who may subscribe (default: open, or min-rating with --min-rating)",
+            ),
+            arg(
+                "--min-rating",
+                metavar="RATING",
+                help="lowest average buyer rating admitted, 1..5 (e.g. 4.5); implies --policy"
+                " min-rating",
+            ),
+            arg(
+                "--encrypted",
+                action="store_true",
+                help="mark the topic end-to-end encrypted (a second transaction)",
+            ),
+        ],
     )
-    create.add_argument(
-        "--policy",
-        choices=_POLICIES,
-        help="who may subscribe (default: open, or min-rating with --min-rating)",
+    add_chain_command(
+        actions,
+        "update",
+        _cmd_update,
+        signing=True,
+        help="change a topic's price, policy or encryption (only what is given)",
+        arguments=[
+            _TOPIC_ARG,
+            arg("--price", metavar="AMOUNT", help="new price per message"),
+            arg("--policy", choices=_POLICIES, help="new access policy"),
+            arg(
+                "--min-rating",
+                metavar="RATING",
+                help="new lowest average rating, 1..5; implies --policy min-rating",
+            ),
+            arg(
+                "--encrypted",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="mark the topic encrypted (--encrypted) or in clear (--no-encrypted)",
+            ),
+        ],
     )
-    create.add_argument(
-        "--min-rating",
-        metavar="RATING",
-        help="lowest average buyer rating admitted, 1..5 (e.g. 4.5); implies --policy min-rating",
-    )
-    create.add_argument(
-        "--encrypted",
-        action="store_true",
-        help="mark the topic end-to-end encrypted (a second transaction)",
-    )
-    add_chain_arguments(create, signing=True)
-    create.set_defaults(func=_cmd_create)
-
-    update = actions.add_parser(
-        "update", help="change a topic's price, policy or encryption (only what is given)"
-    )
-    update.add_argument("topic", metavar="TOPIC", help="topic name, or its 0x id")
-    update.add_argument("--price", metavar="AMOUNT", help="new price per message")
-    update.add_argument("--policy", choices=_POLICIES, help="new access policy")
-    update.add_argument(
-        "--min-rating",
-        metavar="RATING",
-        help="new lowest average rating, 1..5; implies --policy min-rating",
-    )
-    update.add_argument(
-        "--encrypted",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mark the topic encrypted (--encrypted) or in clear (--no-encrypted)",
-    )
-    add_chain_arguments(update, signing=True)
-    update.set_defaults(func=_cmd_update)
-
     for name, what in (("pause", "stop subscriptions and publishing"), ("resume", "undo pause")):
-        action = actions.add_parser(name, help=f"{what} (the topic's seller)")
-        action.add_argument("topic", metavar="TOPIC", help="topic name, or its 0x id")
-        add_chain_arguments(action, signing=True)
-        action.set_defaults(func=_cmd_pause, pausing=name == "pause")
-
-    access = actions.add_parser(
-        "access", help="put accounts on or off the topic's allow/deny list (the topic's seller)"
+        add_chain_command(
+            actions,
+            name,
+            _cmd_pause,
+            signing=True,
+            help=f"{what} (the topic's seller)",
+            arguments=[_TOPIC_ARG],
+            defaults={"pausing": name == "pause"},
+        )
+    add_chain_command(
+        actions,
+        "access",
+        _cmd_access,
+        signing=True,
+        help="put accounts on or off the topic's allow/deny list (the topic's seller)",
+        arguments=[_TOPIC_ARG],
+        one_of=[
+            arg("--add", nargs="+", metavar="ADDR", help="accounts to put on the list"),
+            arg("--remove", nargs="+", metavar="ADDR", help="accounts to take off the list"),
+        ],
+        one_of_required=True,
     )
-    access.add_argument("topic", metavar="TOPIC", help="topic name, or its 0x id")
-    change = access.add_mutually_exclusive_group(required=True)
-    change.add_argument("--add", nargs="+", metavar="ADDR", help="accounts to put on the list")
-    change.add_argument("--remove", nargs="+", metavar="ADDR", help="accounts to take off the list")
-    add_chain_arguments(access, signing=True)
-    access.set_defaults(func=_cmd_access)
 
 
 # --- values ------------------------------------------------------------------------------
@@ -245,37 +272,32 @@ def _step_json(change: str, result: TxResult) -> dict[str, Any]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    async def run() -> None:
-        async with open_marketplace(args, signing=False) as mp:
-            shown: list[tuple[TopicInfo, RatingInfo]] = []
-            ratings: dict[str, RatingInfo] = {}
-            for topic_id in await mp.market.topic_ids():
-                topic = await mp.market.topic(topic_id)
-                if topic is None:  # pragma: no cover - listed ids always exist
-                    continue
-                if topic.seller not in ratings:
-                    ratings[topic.seller] = await mp.ratings.rating_of(topic.seller)
-                shown.append((topic, ratings[topic.seller]))
+    async def body(mp: Marketplace) -> Output:
+        shown: list[tuple[TopicInfo, RatingInfo]] = []
+        ratings: dict[str, RatingInfo] = {}
+        for topic_id in await mp.market.topic_ids():
+            topic = await mp.market.topic(topic_id)
+            if topic is None:  # pragma: no cover - listed ids always exist
+                continue
+            if topic.seller not in ratings:
+                ratings[topic.seller] = await mp.ratings.rating_of(topic.seller)
+            shown.append((topic, ratings[topic.seller]))
         lines = [f"{len(shown)} topic{'' if len(shown) == 1 else 's'}"]
         for topic, rating in shown:
             lines.extend(_topic_lines(topic, rating))
-        emit(args, {"topics": [_topic_json(t, r) for t, r in shown]}, lines)
+        return {"topics": [_topic_json(t, r) for t, r in shown]}, lines
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=False)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    async def run() -> None:
-        async with open_marketplace(args, signing=False) as mp:
-            topic = await _topic(mp, args.topic)
-            rating = await mp.ratings.rating_of(topic.seller)
-            seller = await mp.registry.participant(topic.seller)
-            events = await fetch_events(
-                mp, ["Market.AccessListUpdated"], ["0x" + topic.topic_id.hex()]
-            )
-            candidates = list(dict.fromkeys(e.args["account"] for e in events))
-            listed = [a for a in candidates if await mp.market.is_listed(topic.topic_id, a)]
+    async def body(mp: Marketplace) -> Output:
+        topic = await _topic(mp, args.topic)
+        rating = await mp.ratings.rating_of(topic.seller)
+        seller = await mp.registry.participant(topic.seller)
+        events = await fetch_events(mp, ["Market.AccessListUpdated"], ["0x" + topic.topic_id.hex()])
+        candidates = list(dict.fromkeys(e.args["account"] for e in events))
+        listed = [a for a in candidates if await mp.market.is_listed(topic.topic_id, a)]
         data = _topic_json(topic, rating)
         data["seller_status"] = seller.status.name.lower()
         data["listed"] = listed
@@ -283,10 +305,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
         lines.append(f"  seller is {seller.status.name.lower()} ({seller.role.name.lower()})")
         kind = {"allowlist": "allowlist", "denylist": "denylist"}.get(data["policy"], "list")
         lines.append(f"  {kind:<9} " + (", ".join(listed) if listed else "(empty)"))
-        emit(args, data, lines)
+        return data, lines
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=False)
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
@@ -296,16 +317,15 @@ def _cmd_create(args: argparse.Namespace) -> int:
     if not args.name:
         raise ConfigError("NAME: a topic needs a name")
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=True) as mp:
-            created = await mp.market.create_topic(
-                args.name, price, token=token, policy=policy, min_rating_x100=min_rating
-            )
-            encrypted = (
-                await mp.market.set_encrypted(created.topic_id, True) if args.encrypted else None
-            )
-            topic = await _topic(mp, "0x" + created.topic_id.hex())
-            rating = await mp.ratings.rating_of(topic.seller)
+    async def body(mp: Marketplace) -> Output:
+        created = await mp.market.create_topic(
+            args.name, price, token=token, policy=policy, min_rating_x100=min_rating
+        )
+        encrypted = (
+            await mp.market.set_encrypted(created.topic_id, True) if args.encrypted else None
+        )
+        topic = await _topic(mp, "0x" + created.topic_id.hex())
+        rating = await mp.ratings.rating_of(topic.seller)
         data = {
             "action": "create",
             **tx_json(created),
@@ -316,10 +336,9 @@ def _cmd_create(args: argparse.Namespace) -> int:
         if encrypted is not None:
             lines += ["marked it encrypted", tx_line(encrypted)]
         lines += _topic_lines(topic, rating)[1:]
-        emit(args, data, lines)
+        return data, lines
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=True)
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
@@ -333,73 +352,63 @@ def _cmd_update(args: argparse.Namespace) -> int:
     if args.min_rating is not None:
         parse_rating(args.min_rating)  # bad input fails before the chain is even asked
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=True) as mp:
-            topic = await _topic(mp, args.topic)
-            policy = None
-            if args.policy is not None or args.min_rating is not None:
-                policy = _min_rating_for(args, topic)
-            if args.encrypted is not None and args.encrypted == topic.encrypted:
-                state = "encrypted" if topic.encrypted else "in clear"
-                raise ConfigError(f"topic {topic.name} is already {state}; nothing sent")
-            steps: list[tuple[str, TxResult]] = []
-            if price is not None:
-                steps.append(("price", await mp.market.set_price(topic.topic_id, price)))
-            if policy is not None:
-                result = await mp.market.set_policy(topic.topic_id, *policy)
-                steps.append(("policy", result))
-            if args.encrypted is not None:
-                result = await mp.market.set_encrypted(topic.topic_id, args.encrypted)
-                steps.append(("encryption", result))
-            after = await _topic(mp, "0x" + topic.topic_id.hex())
-            rating = await mp.ratings.rating_of(after.seller)
+    async def body(mp: Marketplace) -> Output:
+        topic = await _topic(mp, args.topic)
+        policy = None
+        if args.policy is not None or args.min_rating is not None:
+            policy = _min_rating_for(args, topic)
+        if args.encrypted is not None and args.encrypted == topic.encrypted:
+            state = "encrypted" if topic.encrypted else "in clear"
+            raise ConfigError(f"topic {topic.name} is already {state}; nothing sent")
+        steps: list[tuple[str, TxResult]] = []
+        if price is not None:
+            steps.append(("price", await mp.market.set_price(topic.topic_id, price)))
+        if policy is not None:
+            result = await mp.market.set_policy(topic.topic_id, *policy)
+            steps.append(("policy", result))
+        if args.encrypted is not None:
+            result = await mp.market.set_encrypted(topic.topic_id, args.encrypted)
+            steps.append(("encryption", result))
+        after = await _topic(mp, "0x" + topic.topic_id.hex())
+        rating = await mp.ratings.rating_of(after.seller)
         lines = [f"updated topic {after.name}: {', '.join(change for change, _ in steps)}"]
         for change, result in steps:
             lines.append(f"{change}:{tx_line(result)[1:]}")
         lines += _topic_lines(after, rating)[1:]
-        emit(
-            args,
-            {
-                "action": "update",
-                "transactions": [_step_json(change, result) for change, result in steps],
-                "topic": _topic_json(after, rating),
-            },
-            lines,
-        )
+        data = {
+            "action": "update",
+            "transactions": [_step_json(change, result) for change, result in steps],
+            "topic": _topic_json(after, rating),
+        }
+        return data, lines
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=True)
 
 
 def _cmd_pause(args: argparse.Namespace) -> int:
     pausing: bool = args.pausing
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=True) as mp:
-            topic = await _topic(mp, args.topic)
-            if pausing:
-                result = await mp.market.pause(topic.topic_id)
-            else:
-                result = await mp.market.resume(topic.topic_id)
-            after = await _topic(mp, "0x" + topic.topic_id.hex())
-        emit(
-            args,
-            {
-                "action": "pause" if pausing else "resume",
-                "topic_id": topic.topic_id,
-                "name": topic.name,
-                "paused": after.paused,
-                **tx_json(result),
-            },
-            [
-                f"topic {topic.name} {'paused' if pausing else 'resumed'}"
-                f" ({'nobody may subscribe or publish' if after.paused else 'running'})",
-                tx_line(result),
-            ],
+    async def body(mp: Marketplace) -> Output:
+        topic = await _topic(mp, args.topic)
+        if pausing:
+            result = await mp.market.pause(topic.topic_id)
+        else:
+            result = await mp.market.resume(topic.topic_id)
+        after = await _topic(mp, "0x" + topic.topic_id.hex())
+        data = {
+            "action": "pause" if pausing else "resume",
+            "topic_id": topic.topic_id,
+            "name": topic.name,
+            "paused": after.paused,
+        }
+        return tx_output(
+            result,
+            data,
+            f"topic {topic.name} {'paused' if pausing else 'resumed'}"
+            f" ({'nobody may subscribe or publish' if after.paused else 'running'})",
         )
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=True)
 
 
 def _cmd_access(args: argparse.Namespace) -> int:
@@ -407,10 +416,9 @@ def _cmd_access(args: argparse.Namespace) -> int:
     raw: list[str] = args.add if listed else args.remove
     accounts = list(dict.fromkeys(parse_address(a, "ADDR") for a in raw))
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=True) as mp:
-            topic = await _topic(mp, args.topic)
-            result = await mp.market.set_access(topic.topic_id, accounts, listed)
+    async def body(mp: Marketplace) -> Output:
+        topic = await _topic(mp, args.topic)
+        result = await mp.market.set_access(topic.topic_id, accounts, listed)
         policy = _policy_name(topic.policy)
         kind = policy if policy in ("allowlist", "denylist") else None
         lines = [
@@ -421,20 +429,14 @@ def _cmd_access(args: argparse.Namespace) -> int:
         lines += [f"  {a}" for a in accounts]
         if kind is None:
             lines.append(f"  (the list has no effect while the policy is {policy})")
-        lines.append(tx_line(result))
-        emit(
-            args,
-            {
-                "action": "access",
-                "topic_id": topic.topic_id,
-                "name": topic.name,
-                "accounts": accounts,
-                "listed": listed,
-                "policy": policy,
-                **tx_json(result),
-            },
-            lines,
-        )
+        data = {
+            "action": "access",
+            "topic_id": topic.topic_id,
+            "name": topic.name,
+            "accounts": accounts,
+            "listed": listed,
+            "policy": policy,
+        }
+        return tx_output(result, data, *lines)
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=True)

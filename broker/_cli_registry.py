@@ -14,84 +14,98 @@ from typing import TYPE_CHECKING, Any
 
 from blendsm.broker._cli_support import (
     DEFAULT_KEY_ENV,
-    add_chain_arguments,
+    Output,
+    add_chain_command,
+    add_command_group,
     address_topic,
-    emit,
+    arg,
     fetch_events,
-    open_marketplace,
     parse_address,
-    run_async,
+    run_chain_command,
     signing_account,
-    tx_json,
-    tx_line,
+    tx_output,
 )
 from blendsm.errors import ChainError, ConfigError, ContractRevertError
 
 if TYPE_CHECKING:
+    from blendsm.contracts import Marketplace, Participant, TxResult
     from blendsm.contracts._events import ChainEvent
 
 __all__ = ["register"]
 
 _ROLES = ("seller", "buyer", "operator", "validator")
+_DEVICE_ARG = arg("device", metavar="DEVICE", help="the device's address")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``registry`` and its actions to the ``blendsm`` parser."""
-    registry = sub.add_parser(
-        "registry", help="marketplace membership (apply, approve, revoke, ...) and devices"
+    actions = add_command_group(
+        sub, "registry", help="marketplace membership (apply, approve, revoke, ...) and devices"
     )
-    actions = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
 
-    apply = actions.add_parser("apply", help="apply for a role as the signer")
-    apply.add_argument("--role", required=True, choices=_ROLES, help="the role asked for")
-    add_chain_arguments(apply, signing=True)
-    apply.set_defaults(func=_cmd_apply)
-
+    add_chain_command(
+        actions,
+        "apply",
+        _cmd_apply,
+        signing=True,
+        help="apply for a role as the signer",
+        arguments=[arg("--role", required=True, choices=_ROLES, help="the role asked for")],
+    )
     for name, verb in (
         ("approve", "admit a pending applicant"),
         ("reject", "reject a pending applicant"),
         ("revoke", "ban a participant for good (leaving does not dodge it)"),
     ):
-        action = actions.add_parser(name, help=f"{verb} (oracle only)")
-        action.add_argument("address", metavar="ADDRESS", help="the participant")
-        add_chain_arguments(action, signing=True)
-        action.set_defaults(func=_cmd_oracle, oracle_action=name)
-
-    leave = actions.add_parser("leave", help="leave the marketplace as the signer")
-    add_chain_arguments(leave, signing=True)
-    leave.set_defaults(func=_cmd_leave)
-
-    status = actions.add_parser(
-        "status", help="role and status of an account (default: the signer's)"
+        add_chain_command(
+            actions,
+            name,
+            _cmd_oracle,
+            signing=True,
+            help=f"{verb} (oracle only)",
+            arguments=[arg("address", metavar="ADDRESS", help="the participant")],
+            defaults={"oracle_action": name},
+        )
+    add_chain_command(
+        actions, "leave", _cmd_leave, signing=True, help="leave the marketplace as the signer"
     )
-    status.add_argument(
-        "address", nargs="?", metavar="ADDRESS", help="the account (default: the signer)"
+    add_chain_command(
+        actions,
+        "status",
+        _cmd_status,
+        signing=True,
+        help="role and status of an account (default: the signer's)",
+        arguments=[
+            arg("address", nargs="?", metavar="ADDRESS", help="the account (default: the signer)")
+        ],
     )
-    add_chain_arguments(status, signing=True)
-    status.set_defaults(func=_cmd_status)
+    add_chain_command(
+        actions, "pending", _cmd_pending, signing=False, help="applicants waiting for an oracle"
+    )
 
-    pending = actions.add_parser("pending", help="applicants waiting for an oracle")
-    add_chain_arguments(pending, signing=False)
-    pending.set_defaults(func=_cmd_pending)
-
-    devices = actions.add_parser("devices", help="a seller's devices")
-    dsub = devices.add_subparsers(dest="devices_command", metavar="ACTION", required=True)
-    add = dsub.add_parser("add", help="register a device to the signing seller")
-    add.add_argument("device", metavar="DEVICE", help="the device's address")
-    add_chain_arguments(add, signing=True)
-    add.set_defaults(func=_cmd_device_change, adding=True)
-    remove = dsub.add_parser("remove", help="release one of the signing seller's devices")
-    remove.add_argument("device", metavar="DEVICE", help="the device's address")
-    add_chain_arguments(remove, signing=True)
-    remove.set_defaults(func=_cmd_device_change, adding=False)
-    listing = dsub.add_parser(
-        "list", help="devices registered to a seller now (default: the signer)"
+    dsub = add_command_group(actions, "devices", help="a seller's devices")
+    for name, adding, text in (
+        ("add", True, "register a device to the signing seller"),
+        ("remove", False, "release one of the signing seller's devices"),
+    ):
+        add_chain_command(
+            dsub,
+            name,
+            _cmd_device_change,
+            signing=True,
+            help=text,
+            arguments=[_DEVICE_ARG],
+            defaults={"adding": adding},
+        )
+    add_chain_command(
+        dsub,
+        "list",
+        _cmd_device_list,
+        signing=True,
+        help="devices registered to a seller now (default: the signer)",
+        arguments=[
+            arg("seller", nargs="?", metavar="SELLER", help="the seller (default: the signer)")
+        ],
     )
-    listing.add_argument(
-        "seller", nargs="?", metavar="SELLER", help="the seller (default: the signer)"
-    )
-    add_chain_arguments(listing, signing=True)
-    listing.set_defaults(func=_cmd_device_list)
 
 
 def _signer_or(args: argparse.Namespace, given: str | None, what: str) -> str:
@@ -108,6 +122,20 @@ def _signer_or(args: argparse.Namespace, given: str | None, what: str) -> str:
         ) from None
 
 
+def _membership(
+    result: TxResult, action: str, account: str, now: Participant, line: str, **more: Any
+) -> Output:
+    """The output of the membership change ``result`` of ``account``, ``now`` its state after."""
+    data = {
+        "action": action,
+        "account": account,
+        **more,
+        "role": now.role.name.lower(),
+        "status": now.status.name.lower(),
+    }
+    return tx_output(result, data, line)
+
+
 # --- commands ----------------------------------------------------------------------------
 
 
@@ -116,29 +144,20 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     role = Role[args.role.upper()]
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=True) as mp:
-            result = await mp.registry.apply_for_role(role)
-            assert mp.address is not None
-            now = await mp.registry.participant(mp.address)
-        emit(
-            args,
-            {
-                "action": "apply",
-                "account": mp.address,
-                "role": now.role.name.lower(),
-                "status": now.status.name.lower(),
-                **tx_json(result),
-            },
-            [
-                f"{mp.address} applied as {now.role.name.lower()}: {now.status.name.lower()},"
-                " waiting for an oracle",
-                tx_line(result),
-            ],
+    async def body(mp: Marketplace) -> Output:
+        result = await mp.registry.apply_for_role(role)
+        assert mp.address is not None
+        now = await mp.registry.participant(mp.address)
+        return _membership(
+            result,
+            "apply",
+            mp.address,
+            now,
+            f"{mp.address} applied as {now.role.name.lower()}: {now.status.name.lower()},"
+            " waiting for an oracle",
         )
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=True)
 
 
 def _cmd_oracle(args: argparse.Namespace) -> int:
@@ -146,71 +165,47 @@ def _cmd_oracle(args: argparse.Namespace) -> int:
     action: str = args.oracle_action
     past = {"approve": "approved", "reject": "rejected", "revoke": "revoked"}[action]
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=True) as mp:
-            send = {
-                "approve": mp.registry.approve,
-                "reject": mp.registry.reject,
-                "revoke": mp.registry.revoke,
-            }[action]
-            try:
-                result = await send(account)
-            except ContractRevertError as exc:
-                if exc.error_name != "AccessControlUnauthorizedAccount":
-                    raise
-                raise ContractRevertError(
-                    exc.error_name, {"account": exc.error_args.get("account"), "needs": "oracle"}
-                ) from exc
-            now = await mp.registry.participant(account)
+    async def body(mp: Marketplace) -> Output:
+        send = {
+            "approve": mp.registry.approve,
+            "reject": mp.registry.reject,
+            "revoke": mp.registry.revoke,
+        }[action]
+        try:
+            result = await send(account)
+        except ContractRevertError as exc:
+            if exc.error_name != "AccessControlUnauthorizedAccount":
+                raise
+            raise ContractRevertError(
+                exc.error_name, {"account": exc.error_args.get("account"), "needs": "oracle"}
+            ) from exc
+        now = await mp.registry.participant(account)
         role, status = now.role.name.lower(), now.status.name.lower()
-        emit(
-            args,
-            {
-                "action": action,
-                "account": account,
-                "oracle": mp.address,
-                "role": role,
-                "status": status,
-                **tx_json(result),
-            },
-            [f"{account} {past} ({role}): now {status}", tx_line(result)],
-        )
+        line = f"{account} {past} ({role}): now {status}"
+        return _membership(result, action, account, now, line, oracle=mp.address)
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=True)
 
 
 def _cmd_leave(args: argparse.Namespace) -> int:
-    async def run() -> None:
-        async with open_marketplace(args, signing=True) as mp:
-            result = await mp.registry.leave()
-            assert mp.address is not None
-            now = await mp.registry.participant(mp.address)
-        emit(
-            args,
-            {
-                "action": "leave",
-                "account": mp.address,
-                "role": now.role.name.lower(),
-                "status": now.status.name.lower(),
-                **tx_json(result),
-            },
-            [f"{mp.address} left the marketplace (may apply again)", tx_line(result)],
-        )
+    async def body(mp: Marketplace) -> Output:
+        result = await mp.registry.leave()
+        assert mp.address is not None
+        now = await mp.registry.participant(mp.address)
+        line = f"{mp.address} left the marketplace (may apply again)"
+        return _membership(result, "leave", mp.address, now, line)
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=True)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     account = _signer_or(args, args.address, "address")
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=False) as mp:
-            who = await mp.registry.participant(account)
-            oracle = await mp.registry.is_oracle(account)
-            devices = await mp.registry.device_count(account)
-            owner = await mp.registry.device_owner(account)
+    async def body(mp: Marketplace) -> Output:
+        who = await mp.registry.participant(account)
+        oracle = await mp.registry.is_oracle(account)
+        devices = await mp.registry.device_count(account)
+        owner = await mp.registry.device_owner(account)
         data: dict[str, Any] = {
             "account": account,
             "role": who.role.name.lower(),
@@ -230,87 +225,75 @@ def _cmd_status(args: argparse.Namespace) -> int:
             lines.append(f"devices       {devices}")
         if owner is not None:
             lines.append(f"device of     {owner}")
-        emit(args, data, lines)
+        return data, lines
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=False)
 
 
 def _cmd_pending(args: argparse.Namespace) -> int:
-    async def run() -> None:
-        async with open_marketplace(args, signing=False) as mp:
-            applied = await fetch_events(mp, ["Registry.Applied"])
-            latest: dict[str, ChainEvent] = {e.args["account"]: e for e in applied}
-            pending = []
-            for account, event in latest.items():
-                now = await mp.registry.participant(account)
-                if now.status.name == "PENDING":
-                    pending.append((account, now.role.name.lower(), event.block_number))
-        emit(
-            args,
+    async def body(mp: Marketplace) -> Output:
+        applied = await fetch_events(mp, ["Registry.Applied"])
+        latest: dict[str, ChainEvent] = {e.args["account"]: e for e in applied}
+        pending = []
+        for account, event in latest.items():
+            now = await mp.registry.participant(account)
+            if now.status.name == "PENDING":
+                pending.append((account, now.role.name.lower(), event.block_number))
+        return (
             {"pending": [{"account": a, "role": r, "applied_block": b} for a, r, b in pending]},
             [f"{a}  {r:<9}  applied in block {b}" for a, r, b in pending]
             or ["no pending applications"],
         )
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=False)
 
 
 def _cmd_device_change(args: argparse.Namespace) -> int:
     device = parse_address(args.device, "DEVICE")
     adding: bool = args.adding
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=True) as mp:
-            if adding:
-                result = await mp.registry.add_device(device)
-            else:
-                result = await mp.registry.remove_device(device)
-            assert mp.address is not None
-            count = await mp.registry.device_count(mp.address)
-        emit(
-            args,
-            {
-                "action": "add_device" if adding else "remove_device",
-                "device": device,
-                "seller": mp.address,
-                "device_count": count,
-                **tx_json(result),
-            },
-            [
-                f"device {device} {'registered to' if adding else 'released by'} {mp.address}"
-                f" ({count} device{'' if count == 1 else 's'} now)",
-                tx_line(result),
-            ],
+    async def body(mp: Marketplace) -> Output:
+        if adding:
+            result = await mp.registry.add_device(device)
+        else:
+            result = await mp.registry.remove_device(device)
+        assert mp.address is not None
+        count = await mp.registry.device_count(mp.address)
+        data = {
+            "action": "add_device" if adding else "remove_device",
+            "device": device,
+            "seller": mp.address,
+            "device_count": count,
+        }
+        return tx_output(
+            result,
+            data,
+            f"device {device} {'registered to' if adding else 'released by'} {mp.address}"
+            f" ({count} device{'' if count == 1 else 's'} now)",
         )
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=True)
 
 
 def _cmd_device_list(args: argparse.Namespace) -> int:
     seller = _signer_or(args, args.seller, "seller")
 
-    async def run() -> None:
-        async with open_marketplace(args, signing=False) as mp:
-            events = await fetch_events(
-                mp, ["Registry.DeviceAdded", "Registry.DeviceRemoved"], [address_topic(seller)]
-            )
-            candidates = list(dict.fromkeys(e.args["device"] for e in events))
-            devices = [d for d in candidates if await mp.registry.device_owner(d) == seller]
-            count = await mp.registry.device_count(seller)
+    async def body(mp: Marketplace) -> Output:
+        events = await fetch_events(
+            mp, ["Registry.DeviceAdded", "Registry.DeviceRemoved"], [address_topic(seller)]
+        )
+        candidates = list(dict.fromkeys(e.args["device"] for e in events))
+        devices = [d for d in candidates if await mp.registry.device_owner(d) == seller]
+        count = await mp.registry.device_count(seller)
         if count != len(devices):  # the events and the state disagree: a node pruned logs?
             raise ChainError(
                 f"Registry.deviceCount({seller}) is {count} but the events show {len(devices)}"
                 " devices; does the endpoint serve every log since the deployment block?"
             )
-        emit(
-            args,
+        return (
             {"seller": seller, "devices": devices, "device_count": count},
             [f"{len(devices)} device{'' if count == 1 else 's'} of {seller}"]
             + [f"  {d}" for d in devices],
         )
 
-    run_async(run)
-    return 0
+    return run_chain_command(args, body, signing=False)

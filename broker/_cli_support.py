@@ -1,6 +1,7 @@
 """Plumbing shared by the chain commands of ``blendsm`` (registry, market, channel, anchors,
-rate): where the chain and deployment are, whose key signs, how values are parsed and how
-results are printed.
+rate): where the chain and deployment are, whose key signs, how values are parsed, how
+results are printed, and how a command is declared (:func:`add_chain_command`) and run
+(:func:`run_chain_command`).
 
 Every command takes ``--chain URL`` and ``--deployment FILE`` (defaults from
 ``$BLENDSM_CHAIN`` / ``$BLENDSM_DEPLOYMENT``, else ``http://127.0.0.1:8545`` and
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -37,8 +38,13 @@ __all__ = [
     "DEFAULT_DEPLOYMENT",
     "DEFAULT_KEY_ENV",
     "DEPLOYMENT_ENV",
+    "Arg",
+    "Output",
     "add_chain_arguments",
+    "add_chain_command",
+    "add_command_group",
     "address_topic",
+    "arg",
     "chain_now",
     "emit",
     "fetch_events",
@@ -51,9 +57,11 @@ __all__ = [
     "parse_topic",
     "parse_wei",
     "run_async",
+    "run_chain_command",
     "signing_account",
     "tx_json",
     "tx_line",
+    "tx_output",
 ]
 
 DEFAULT_CHAIN = "http://127.0.0.1:8545"
@@ -337,3 +345,78 @@ async def fetch_events(
                 found.append(decoded)
     found.sort(key=lambda e: e.position)
     return found
+
+
+# --- command plumbing ----------------------------------------------------------------------
+
+#: One argument of a command: the names/flags and the keywords of ``add_argument``.
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+#: What a command prints: the ``--json`` object and the human lines (see :func:`emit`).
+Output = tuple[dict[str, Any], str | Iterable[str]]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    """An argument for :func:`add_chain_command`, written as to ``add_argument``."""
+    return flags, options
+
+
+def add_command_group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, **parser_options: Any
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """Add the command group ``name`` (``parser_options``: help, description, ...) and return
+    its required ``ACTION`` subparsers, whose choice lands in ``args.<name>_command``."""
+    group = sub.add_parser(name, **parser_options)
+    return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+
+
+def add_chain_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    signing: bool,
+    arguments: Iterable[Arg] = (),
+    one_of: Iterable[Arg] = (),
+    one_of_required: bool = False,
+    defaults: dict[str, Any] | None = None,
+    **parser_options: Any,
+) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` (``parser_options``: help, description, ...) running
+    ``func``: its ``arguments``, then the mutually exclusive ``one_of`` (if any), then
+    :func:`add_chain_arguments`; ``defaults`` are further ``set_defaults`` values."""
+    parser = sub.add_parser(name, **parser_options)
+    for flags, options in arguments:
+        parser.add_argument(*flags, **options)
+    exclusive = list(one_of)
+    if exclusive:
+        group = parser.add_mutually_exclusive_group(required=one_of_required)
+        for flags, options in exclusive:
+            group.add_argument(*flags, **options)
+    add_chain_arguments(parser, signing=signing)
+    parser.set_defaults(func=func, **(defaults or {}))
+    return parser
+
+
+def run_chain_command(
+    args: argparse.Namespace,
+    body: Callable[[Marketplace], Awaitable[Output]],
+    *,
+    signing: bool,
+) -> int:
+    """Run one command: ``body`` on the marketplace of ``args`` (:func:`open_marketplace`),
+    then, the connection closed, :func:`emit` the ``(data, human)`` it returned; exit 0.
+    Errors propagate, so nothing is printed when ``body`` fails."""
+
+    async def run() -> int:
+        async with open_marketplace(args, signing=signing) as mp:
+            data, human = await body(mp)
+        emit(args, data, human)
+        return 0
+
+    return run_async(run)
+
+
+def tx_output(result: TxResult, data: dict[str, Any], *lines: str) -> Output:
+    """The output of a command that sent ``result``: ``data`` with the :func:`tx_json` fields,
+    and the human ``lines`` followed by the :func:`tx_line`."""
+    return {**data, **tx_json(result)}, [*lines, tx_line(result)]

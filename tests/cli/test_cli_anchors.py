@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from blendsm.broker.cli import main
 from blendsm.contracts import Marketplace
 from blendsm.contracts._connect import disconnect
 from blendsm.device_sdk import MerkleTree, Proof, encode_notice, leaf_hash
@@ -22,6 +20,9 @@ from blendsm.device_sdk import MerkleTree, Proof, encode_notice, leaf_hash
 pytestmark = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 
 OPERATOR_ROLE = 3
+
+Cli = Any  # the conftest's runner: cli(*argv) -> (code, out, err); cli.json(out)
+Process = Callable[..., subprocess.CompletedProcess[str]]  # the conftest's blendsm_process
 
 
 class Anchored:
@@ -44,16 +45,8 @@ class Anchored:
 
 
 @pytest.fixture
-def anchored(chain: Any) -> Anchored:
-    for tx in (
-        chain.Registry.functions.applyForRole(OPERATOR_ROLE).transact(
-            {"from": chain.addr("operator")}
-        ),
-        chain.Registry.functions.approve(chain.addr("operator")).transact(
-            {"from": chain.addr("oracle")}
-        ),
-    ):
-        assert chain.w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+def anchored(chain: Any, enrol: Callable[[str, int], None]) -> Anchored:
+    enrol("operator", OPERATOR_ROLE)
     batches = Anchored(chain)
 
     async def anchor() -> None:
@@ -70,38 +63,14 @@ def anchored(chain: Any) -> Anchored:
     return batches
 
 
-@pytest.fixture
-def cli(chain: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
-    """``cli("anchors", "list", ...)`` -> (exit code, stdout, stderr); no key needed."""
-    path = tmp_path / "deployment.json"
-    chain.deployment.save(path)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main([*argv, "--chain", chain.anvil.url, "--deployment", str(path)])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    run.deployment = path  # type: ignore[attr-defined]
-    return run
-
-
-def _json(out: str) -> dict[str, Any]:
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
-    data = json.loads(lines[0])
-    assert isinstance(data, dict)
-    return data
-
-
 def _hexes(items: list[bytes]) -> str:
     return ",".join("0x" + p.hex() for p in items)
 
 
-def test_list(chain: Any, cli: Any, anchored: Anchored) -> None:
+def test_list(chain: Any, cli: Cli, anchored: Anchored) -> None:
     code, out, err = cli("anchors", "list", "--broker", anchored.broker, "--json")
     assert code == 0, err
-    data = _json(out)
+    data = cli.json(out)
     assert data["broker"] == anchored.broker
     assert data["latest_batch_id"] == 5
     assert (
@@ -134,7 +103,7 @@ def test_list(chain: Any, cli: Any, anchored: Anchored) -> None:
 
     code, out, err = cli("anchors", "list", "--broker", chain.addr("stranger"), "--json")
     assert code == 0, err
-    assert _json(out) == {
+    assert cli.json(out) == {
         "broker": chain.addr("stranger"),
         "latest_batch_id": 0,
         "total": 0,
@@ -145,7 +114,7 @@ def test_list(chain: Any, cli: Any, anchored: Anchored) -> None:
     assert "--broker: not an address" in err
 
 
-def test_verify_inline(chain: Any, cli: Any, anchored: Anchored) -> None:
+def test_verify_inline(chain: Any, cli: Cli, anchored: Anchored) -> None:
     leaf, proof = anchored.leaf(5, 3), anchored.proof(5, 3)
     assert chain.DataAnchors.functions.verify(anchored.broker, 5, leaf, proof).call() is True
     base = ("anchors", "verify", "--broker", anchored.broker)
@@ -161,7 +130,7 @@ def test_verify_inline(chain: Any, cli: Any, anchored: Anchored) -> None:
         *base, "--batch", "5", "--leaf", "0x" + leaf.hex(), "--proof", _hexes(proof), "--json"
     )
     assert code == 0, err
-    data = _json(out)
+    data = cli.json(out)
     assert data["ok"] is True
     assert data["failed"] == 0
     (result,) = data["proofs"]
@@ -180,7 +149,7 @@ def test_verify_inline(chain: Any, cli: Any, anchored: Anchored) -> None:
         *base, "--batch", "5", "--leaf", "0x" + wrong_leaf.hex(), "--proof", _hexes(proof), "--json"
     )
     assert code == 1, err
-    (result,) = _json(out)["proofs"]
+    (result,) = cli.json(out)["proofs"]
     assert result["ok"] is False
     assert result["chain_verify"] is False
     assert result["recomputed_ok"] is False
@@ -251,7 +220,7 @@ def _record_proof(
     }
 
 
-def test_verify_proof_files(chain: Any, cli: Any, anchored: Anchored, tmp_path: Path) -> None:
+def test_verify_proof_files(chain: Any, cli: Cli, anchored: Anchored, tmp_path: Path) -> None:
     mqtt = tmp_path / "notice.json"
     mqtt.write_bytes(_notice(anchored, 1, 4))  # the odd last leaf of 5
     code, out, err = cli("anchors", "verify", "--proof-file", str(mqtt))
@@ -269,7 +238,7 @@ def test_verify_proof_files(chain: Any, cli: Any, anchored: Anchored, tmp_path: 
         "anchors", "verify", "--proof-file", str(bad), "--broker", anchored.broker, "--json"
     )
     assert code == 1
-    assert _json(out)["ok"] is False
+    assert cli.json(out)["ok"] is False
 
     # A record file: message lines skipped, every proof line checked.
     record = tmp_path / "record.jsonl"
@@ -282,7 +251,7 @@ def test_verify_proof_files(chain: Any, cli: Any, anchored: Anchored, tmp_path: 
     record.write_text("".join(json.dumps(line) + "\n" for line in lines))
     code, out, err = cli("anchors", "verify", "--proof-file", str(record), "--json")
     assert code == 0, err
-    data = _json(out)
+    data = cli.json(out)
     assert data["checked"] == 3
     assert data["failed"] == 0
     assert [p["batch"] for p in data["proofs"]] == [5, 5, 1]
@@ -316,48 +285,22 @@ def test_verify_proof_files(chain: Any, cli: Any, anchored: Anchored, tmp_path: 
     assert "not both" in err
 
 
-def test_verify_subprocess_exit_codes(chain: Any, cli: Any, anchored: Anchored) -> None:
-    common = ["--chain", chain.anvil.url, "--deployment", str(cli.deployment)]
-    argv = [
-        sys.executable,
-        "-m",
-        "blendsm.broker.cli",
-        "anchors",
-        "verify",
-        "--broker",
-        anchored.broker,
-    ]
-    good = [
-        *argv,
-        "--batch",
-        "5",
-        "--leaf",
-        "0x" + anchored.leaf(5, 6).hex(),
-        "--proof",
-        _hexes(anchored.proof(5, 6)),
-    ]
-    done = subprocess.run(
-        [*good, *common], capture_output=True, text=True, timeout=60, check=False, env=os.environ
-    )
+def test_verify_subprocess_exit_codes(
+    chain: Any, anchored: Anchored, cli: Cli, deployment_file: Path, blendsm_process: Process
+) -> None:
+    def verify(leaf_index: int, *extra: str) -> subprocess.CompletedProcess[str]:
+        """Batch 5's leaf ``leaf_index`` against the proof of leaf 6."""
+        return blendsm_process(
+            "anchors", "verify", "--broker", anchored.broker, "--batch", "5",
+            "--leaf", "0x" + anchored.leaf(5, leaf_index).hex(),
+            "--proof", _hexes(anchored.proof(5, 6)),
+            "--chain", chain.anvil.url, "--deployment", str(deployment_file), *extra,
+        )  # fmt: skip
+
+    done = verify(6)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("OK    batch 5")
-    bad = [
-        *argv,
-        "--batch",
-        "5",
-        "--leaf",
-        "0x" + anchored.leaf(5, 5).hex(),
-        "--proof",
-        _hexes(anchored.proof(5, 6)),
-    ]
-    done = subprocess.run(
-        [*bad, *common, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=os.environ,
-    )
+    done = verify(5, "--json")
     assert done.returncode == 1, done.stderr
-    assert _json(done.stdout)["ok"] is False
+    assert cli.json(done.stdout)["ok"] is False
     assert done.stderr == ""

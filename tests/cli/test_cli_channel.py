@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from blendsm.broker.cli import main
 from blendsm.contracts._devchain import free_port
 from blendsm.device_sdk import VoucherDomain, sign_voucher
 
@@ -24,80 +22,40 @@ pytestmark = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 ETHER = 10**18
 CHALLENGE_PERIOD = 3600
 BUYER_ROLE = 2
+SELLER_ROLE = 1
 
-Cli = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def deployment_file(chain: Any, tmp_path: Path) -> Path:
-    path = tmp_path / "deployment.json"
-    chain.deployment.save(path)
-    return path
+Cli = Any  # the conftest's runner: cli(*argv, key=label) -> (code, out, err); cli.json(out)
+Process = Callable[..., subprocess.CompletedProcess[str]]  # the conftest's blendsm_process
 
 
 @pytest.fixture
-def cli(
-    chain: Any,
-    deployment_file: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Cli:
-    """``cli("channel", "status", ..., as_="buyer")`` -> (exit code, stdout, stderr)."""
-    assert chain.anvil is not None
-
-    def run(
-        *argv: str,
-        as_: str | None = "buyer",
-        chain_url: str | None = None,
-        deployment: str | None = None,
-    ) -> tuple[int, str, str]:
-        if as_ is None:
-            monkeypatch.delenv("BLENDSM_KEY", raising=False)
-        else:
-            monkeypatch.setenv("BLENDSM_KEY", "0x" + chain.accounts[as_].key.hex())
-        capsys.readouterr()
-        code = main(
-            [
-                *argv,
-                "--chain",
-                chain_url or chain.anvil.url,
-                "--deployment",
-                deployment or str(deployment_file),
-            ]
-        )
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+def cli(cli: Cli) -> Cli:
+    """The shared runner, signing as "buyer" unless a call names another ``key``."""
+    cli.signer = "buyer"
+    return cli
 
 
-def _json(out: str) -> dict[str, Any]:
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
-    data = json.loads(lines[0])
-    assert isinstance(data, dict)
-    return data
+def _open_argv(chain: Any, deposit: str, *extra: str, payee: str | None = None) -> list[str]:
+    """``channel open`` to "seller" (or ``payee``), run by "operator", with ``extra`` words."""
+    return [
+        "channel",
+        "open",
+        "--payee",
+        payee or chain.addr("seller"),
+        "--operator",
+        chain.addr("operator"),
+        "--deposit",
+        deposit,
+        *extra,
+    ]
 
 
 def _open(
     cli: Cli, chain: Any, payer: str = "buyer", deposit: str = "1ether", fee: int = 50
 ) -> bytes:
-    code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        chain.addr("seller"),
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        deposit,
-        "--fee-bps",
-        str(fee),
-        "--json",
-        as_=payer,
-    )
+    code, out, err = cli(*_open_argv(chain, deposit, "--fee-bps", str(fee), "--json"), key=payer)
     assert code == 0, err
-    return bytes.fromhex(_json(out)["channel"][2:])
+    return bytes.fromhex(cli.json(out)["channel"][2:])
 
 
 def _onchain(chain: Any, channel_id: bytes) -> dict[str, Any]:
@@ -136,20 +94,12 @@ def test_channel_lifecycle_open_top_up_close_withdraw(chain: Any, cli: Cli) -> N
     start = chain.w3.eth.get_balance(buyer)
 
     code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        chain.addr("seller").lower(),
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        "1ether",
-        "--fee-bps",
-        "50",
-        "--json",
+        *_open_argv(
+            chain, "1ether", "--fee-bps", "50", "--json", payee=chain.addr("seller").lower()
+        )
     )
     assert code == 0, err
-    opened = _json(out)
+    opened = cli.json(out)
     channel_id = bytes.fromhex(opened["channel"][2:])
     state = _onchain(chain, channel_id)
     assert state["payer"] == buyer
@@ -164,7 +114,7 @@ def test_channel_lifecycle_open_top_up_close_withdraw(chain: Any, cli: Cli) -> N
     open_cost = _gas_cost(chain, opened["tx"])
     assert chain.w3.eth.get_balance(buyer) == start - ETHER - open_cost
 
-    code, out, err = cli("channel", "status", "0x" + channel_id.hex(), as_=None)
+    code, out, err = cli("channel", "status", "0x" + channel_id.hex(), key=None)
     assert code == 0, err
     assert "state      open" in out
     assert f"payee      {chain.addr('seller')}" in out
@@ -179,7 +129,7 @@ def test_channel_lifecycle_open_top_up_close_withdraw(chain: Any, cli: Cli) -> N
 
     code, out, err = cli("channel", "request-close", "0x" + channel_id.hex(), "--json")
     assert code == 0, err
-    closing = _json(out)
+    closing = cli.json(out)
     closes_at = _onchain(chain, channel_id)["closes_at"]
     assert closing["closes_at"] == closes_at == chain.now() + CHALLENGE_PERIOD
 
@@ -196,9 +146,9 @@ def test_channel_lifecycle_open_top_up_close_withdraw(chain: Any, cli: Cli) -> N
     assert chain.w3.eth.get_transaction_count(buyer) == nonce
     assert chain.w3.eth.get_balance(buyer) == balance
 
-    code, out, err = cli("channel", "status", "0x" + channel_id.hex(), "--json", as_=None)
+    code, out, err = cli("channel", "status", "0x" + channel_id.hex(), "--json", key=None)
     assert code == 0, err
-    status = _json(out)
+    status = cli.json(out)
     assert status["state"] == "closing"
     assert status["closing"] is True
     assert status["closes_at"] == closes_at
@@ -207,21 +157,21 @@ def test_channel_lifecycle_open_top_up_close_withdraw(chain: Any, cli: Cli) -> N
     assert status["remaining"] == 3 * ETHER // 2
 
     chain.time_travel(CHALLENGE_PERIOD + 1)
-    code, out, err = cli("channel", "status", "0x" + channel_id.hex(), as_=None)
+    code, out, err = cli("channel", "status", "0x" + channel_id.hex(), key=None)
     assert "can withdraw the remaining deposit now" in out
 
     code, out, err = cli("channel", "withdraw", "0x" + channel_id.hex(), "--json")
     assert code == 0, err
-    settled = _json(out)
+    settled = cli.json(out)
     assert settled["refund"] == 3 * ETHER // 2
     assert _onchain(chain, channel_id)["settled"] is True
     assert chain.w3.eth.get_balance(buyer) == balance + 3 * ETHER // 2 - _gas_cost(
         chain, settled["tx"]
     )
 
-    code, out, err = cli("channel", "status", "0x" + channel_id.hex(), "--json", as_=None)
-    assert _json(out)["state"] == "settled"
-    assert _json(out)["remaining"] == 0
+    code, out, err = cli("channel", "status", "0x" + channel_id.hex(), "--json", key=None)
+    assert cli.json(out)["state"] == "settled"
+    assert cli.json(out)["remaining"] == 0
     code, out, err = cli("channel", "withdraw", "0x" + channel_id.hex())
     assert code == 2
     assert "settled already" in err
@@ -232,18 +182,7 @@ def test_channel_open_human_and_in_token(chain: Any, cli: Cli) -> None:
     buyer = chain.addr("buyer")
     tx = token.functions.mint(buyer, 1000).transact({"from": chain.addr("oracle")})
     chain.w3.eth.wait_for_transaction_receipt(tx)
-    code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        chain.addr("seller"),
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        "600",
-        "--token",
-        token.address,
-    )
+    code, out, err = cli(*_open_argv(chain, "600", "--token", token.address))
     assert code == 0, err
     first = out.splitlines()[0]
     assert first.startswith("Opened channel 0x")
@@ -258,7 +197,7 @@ def test_channel_open_human_and_in_token(chain: Any, cli: Cli) -> None:
 
     code, out, err = cli("channel", "top-up", "0x" + channel_id.hex(), "100", "--json")
     assert code == 0, err
-    assert _json(out)["deposit"] == 700 == _onchain(chain, channel_id)["deposit"]
+    assert cli.json(out)["deposit"] == 700 == _onchain(chain, channel_id)["deposit"]
     assert token.functions.balanceOf(buyer).call() == 300
 
 
@@ -270,33 +209,33 @@ def test_channel_list(chain: Any, cli: Cli) -> None:
 
     code, out, err = cli("channel", "list", "--json")  # default: the signer's channels
     assert code == 0, err
-    data = _json(out)
+    data = cli.json(out)
     assert data["address"] == chain.addr("buyer")
     assert data["role"] == "party"
     assert [c["channel"] for c in data["channels"]] == ["0x" + mine.hex()]
     assert data["channels"][0]["state"] == "closing"
 
-    code, out, err = cli("channel", "list", "--payee", chain.addr("seller"), "--json", as_=None)
-    ids = [c["channel"] for c in _json(out)["channels"]]
+    code, out, err = cli("channel", "list", "--payee", chain.addr("seller"), "--json", key=None)
+    ids = [c["channel"] for c in cli.json(out)["channels"]]
     assert ids == ["0x" + mine.hex(), "0x" + theirs.hex()]
-    listed = {c["channel"]: c for c in _json(out)["channels"]}
+    listed = {c["channel"]: c for c in cli.json(out)["channels"]}
     assert listed["0x" + theirs.hex()]["deposit"] == _onchain(chain, theirs)["deposit"] == 2 * ETHER
 
-    code, out, err = cli("channel", "list", "--payer", chain.addr("buyer2"), "--json", as_=None)
-    assert [c["channel"] for c in _json(out)["channels"]] == ["0x" + theirs.hex()]
-    code, out, err = cli("channel", "list", "--operator", chain.addr("operator"), as_=None)
+    code, out, err = cli("channel", "list", "--payer", chain.addr("buyer2"), "--json", key=None)
+    assert [c["channel"] for c in cli.json(out)["channels"]] == ["0x" + theirs.hex()]
+    code, out, err = cli("channel", "list", "--operator", chain.addr("operator"), key=None)
     assert code == 0
     assert out.startswith("2 channels")
     assert "0x" + theirs.hex() + "  open" in out
-    code, out, err = cli("channel", "list", as_="stranger")
+    code, out, err = cli("channel", "list", key="stranger")
     assert code == 0
     assert out.startswith("0 channels")
-    code, out, err = cli("channel", "list", as_=None)
+    code, out, err = cli("channel", "list", key=None)
     assert code == 2
     assert "give --payer, --payee, --operator or --address" in err
 
 
-def test_rate_after_a_claim(chain: Any, cli: Cli) -> None:
+def test_rate_after_a_claim(chain: Any, cli: Cli, enrol: Callable[[str, int], None]) -> None:
     channel_id = _open(cli, chain, "buyer")
     cid = "0x" + channel_id.hex()
 
@@ -311,25 +250,19 @@ def test_rate_after_a_claim(chain: Any, cli: Cli) -> None:
     assert "RatingsRaterNotActive" in err
     assert err.startswith("blendsm: error: ")
 
-    for tx in (
-        chain.Registry.functions.applyForRole(BUYER_ROLE).transact({"from": chain.addr("buyer")}),
-        chain.Registry.functions.approve(chain.addr("buyer")).transact(
-            {"from": chain.addr("oracle")}
-        ),
-    ):
-        assert chain.w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+    enrol("buyer", BUYER_ROLE)
 
     for bad in ("0", "6", "x"):
         code, out, err = cli("rate", cid, bad)
         assert code == 2
         assert "from 1 to 5" in err
-    code, out, err = cli("rate", cid, "4", as_="stranger")
+    code, out, err = cli("rate", cid, "4", key="stranger")
     assert code == 2
     assert "neither the payer" in err
 
     code, out, err = cli("rate", cid, "4", "--json")
     assert code == 0, err
-    rated = _json(out)
+    rated = cli.json(out)
     assert rated["ratee"] == chain.addr("seller")
     assert rated["rater"] == chain.addr("buyer")
     assert rated["score"] == 4
@@ -343,17 +276,11 @@ def test_rate_after_a_claim(chain: Any, cli: Cli) -> None:
     assert chain.Ratings.functions.ratingOf(chain.addr("seller")).call() == [1, 4]
 
 
-def test_rate_human_as_payee(chain: Any, cli: Cli) -> None:
+def test_rate_human_as_payee(chain: Any, cli: Cli, enrol: Callable[[str, int], None]) -> None:
     channel_id = _open(cli, chain, "buyer")
     _claim(chain, channel_id, ETHER // 10)
-    for tx in (
-        chain.Registry.functions.applyForRole(1).transact({"from": chain.addr("seller")}),
-        chain.Registry.functions.approve(chain.addr("seller")).transact(
-            {"from": chain.addr("oracle")}
-        ),
-    ):
-        assert chain.w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
-    code, out, err = cli("rate", "0x" + channel_id.hex(), "2", as_="seller")
+    enrol("seller", SELLER_ROLE)
+    code, out, err = cli("rate", "0x" + channel_id.hex(), "2", key="seller")
     assert code == 0, err
     assert out.startswith(
         f"Rated {chain.addr('buyer')} 2/5 for channel 0x{channel_id.hex()} (as its payee)"
@@ -382,83 +309,39 @@ def test_errors(chain: Any, cli: Cli, tmp_path: Path, monkeypatch: pytest.Monkey
     code, out, err = cli("channel", "status", "0x1234")
     assert code == 2
     assert "channel: expected 0x and 64 hex digits" in err
-    code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        "0xnope",
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        "1",
-    )
-    assert code == 2
-    assert "--payee: not an address" in err
-    code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        chain.addr("seller"),
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        "lots",
-    )
-    assert code == 2
-    assert "--deposit: 'lots' is not an amount" in err
-    code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        chain.addr("seller"),
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        "1",
-        "--fee-bps",
-        "2000",
-    )
-    assert code == 2
-    assert "--fee-bps: at most 1000" in err
-    # A revert the CLI does not pre-check: the custom error's name reaches the user.
-    code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        chain.addr("buyer"),
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        "1",
-    )
-    assert code == 2
-    assert "PaymentChannelsInvalidPayee" in err
-    code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        chain.addr("seller"),
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        "1",
-        as_=None,
-    )
-    assert code == 2
-    assert "BLENDSM_KEY" in err
+    for argv, key, message in (
+        (_open_argv(chain, "1", payee="0xnope"), "buyer", "--payee: not an address"),
+        (_open_argv(chain, "lots"), "buyer", "--deposit: 'lots' is not an amount"),
+        (_open_argv(chain, "1", "--fee-bps", "2000"), "buyer", "--fee-bps: at most 1000"),
+        # A revert the CLI does not pre-check: the custom error's name reaches the user.
+        (
+            _open_argv(chain, "1", payee=chain.addr("buyer")),
+            "buyer",
+            "PaymentChannelsInvalidPayee",
+        ),
+        (_open_argv(chain, "1"), None, "BLENDSM_KEY"),
+    ):
+        code, out, err = cli(*argv, key=key)
+        assert code == 2, argv
+        assert message in err, (argv, err)
 
     channel_id = _open(cli, chain, "buyer")
     code, out, err = cli("channel", "withdraw", "0x" + channel_id.hex())
     assert code == 2
     assert "is not closing" in err
     assert "request-close" in err
-    code, out, err = cli("channel", "request-close", "0x" + channel_id.hex(), as_="seller")
+    code, out, err = cli("channel", "request-close", "0x" + channel_id.hex(), key="seller")
     assert code == 2
     assert "PaymentChannelsNotPayer" in err
 
     port = free_port()
     code, out, err = cli(
-        "channel", "status", "0x" + channel_id.hex(), chain_url=f"http://127.0.0.1:{port}", as_=None
+        "channel",
+        "status",
+        "0x" + channel_id.hex(),
+        "--chain",
+        f"http://127.0.0.1:{port}",
+        key=None,
     )
     assert code == 2
     assert err.startswith("blendsm: error: ")
@@ -469,15 +352,16 @@ def test_errors(chain: Any, cli: Cli, tmp_path: Path, monkeypatch: pytest.Monkey
         "channel",
         "status",
         "0x" + channel_id.hex(),
-        deployment=str(tmp_path / "nope.json"),
-        as_=None,
+        "--deployment",
+        str(tmp_path / "nope.json"),
+        key=None,
     )
     assert code == 2
     assert "does not exist" in err
     other = tmp_path / "other-chain.json"
     dataclasses.replace(chain.deployment, chain_id=chain.deployment.chain_id + 1).save(other)
     code, out, err = cli(
-        "channel", "status", "0x" + channel_id.hex(), deployment=str(other), as_=None
+        "channel", "status", "0x" + channel_id.hex(), "--deployment", str(other), key=None
     )
     assert code == 2
     assert f"deployment is for chain id {chain.deployment.chain_id + 1}" in err
@@ -488,50 +372,27 @@ def test_keystore(chain: Any, cli: Cli, tmp_path: Path, monkeypatch: pytest.Monk
     keystore.write_text(json.dumps(Account.encrypt(chain.accounts["buyer2"].key, "s3cret")))
     monkeypatch.setenv("BLENDSM_KEYSTORE_PASSWORD", "s3cret")
     code, out, err = cli(
-        "channel",
-        "open",
-        "--payee",
-        chain.addr("seller"),
-        "--operator",
-        chain.addr("operator"),
-        "--deposit",
-        "3gwei",
-        "--keystore",
-        str(keystore),
-        "--json",
-        as_=None,
+        *_open_argv(chain, "3gwei", "--keystore", str(keystore), "--json"), key=None
     )
     assert code == 0, err
-    channel_id = bytes.fromhex(_json(out)["channel"][2:])
+    channel_id = bytes.fromhex(cli.json(out)["channel"][2:])
     state = _onchain(chain, channel_id)
     assert state["payer"] == chain.addr("buyer2")
     assert state["deposit"] == 3 * 10**9
 
 
-def test_subprocess_exit_codes(chain: Any, cli: Cli, deployment_file: Path) -> None:
+def test_subprocess_exit_codes(
+    chain: Any, cli: Cli, deployment_file: Path, blendsm_process: Process
+) -> None:
     channel_id = _open(cli, chain, "buyer")
     cid = "0x" + channel_id.hex()
     assert cli("channel", "request-close", cid)[0] == 0
     env = {**os.environ, "BLENDSM_KEY": "0x" + chain.accounts["buyer"].key.hex()}
     common = ["--chain", chain.anvil.url, "--deployment", str(deployment_file)]
-    done = subprocess.run(
-        [sys.executable, "-m", "blendsm.broker.cli", "channel", "status", cid, "--json", *common],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    done = blendsm_process("channel", "status", cid, "--json", *common, env=env)
     assert done.returncode == 0, done.stderr
-    assert _json(done.stdout)["closes_at"] == _onchain(chain, channel_id)["closes_at"]
-    done = subprocess.run(
-        [sys.executable, "-m", "blendsm.broker.cli", "channel", "withdraw", cid, *common],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    assert cli.json(done.stdout)["closes_at"] == _onchain(chain, channel_id)["closes_at"]
+    done = blendsm_process("channel", "withdraw", cid, *common, env=env)
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.startswith("blendsm: error: channel ")

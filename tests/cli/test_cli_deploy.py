@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ from blendsm.broker.cli import main
 from blendsm.contracts import SUITE_CONTRACTS, Deployment
 
 ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+
+Process = Callable[..., subprocess.CompletedProcess[str]]  # the conftest's blendsm_process
 
 
 def test_deploy_to_the_embedded_chain_prints_every_address(
@@ -54,23 +56,15 @@ def test_deploy_to_a_node_with_a_key_from_the_environment_writes_a_working_file(
     assert registry.functions.hasRole(role, deployer.address).call()
 
 
-def _blendsm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "blendsm.broker.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @ANVIL
-def test_deploy_with_a_keystore_in_a_subprocess(chain: Any, tmp_path: Path) -> None:
+def test_deploy_with_a_keystore_in_a_subprocess(
+    chain: Any, tmp_path: Path, blendsm_process: Process
+) -> None:
     deployer = chain.accounts["validator"]  # TEST ONLY
     keystore = tmp_path / "deployer.json"
     keystore.write_text(json.dumps(Account.encrypt(deployer.key, "test-only-password")))
     env = {**os.environ, "BLENDSM_KEYSTORE_PASSWORD": "test-only-password"}
-    proc = _blendsm(
+    proc = blendsm_process(
         "deploy",
         "--chain",
         chain.anvil.url,
@@ -80,6 +74,7 @@ def test_deploy_with_a_keystore_in_a_subprocess(chain: Any, tmp_path: Path) -> N
         "120",
         "--json",
         env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -91,7 +86,9 @@ def test_deploy_with_a_keystore_in_a_subprocess(chain: Any, tmp_path: Path) -> N
     assert channels.functions.challengePeriod().call() == 120
 
     env["BLENDSM_KEYSTORE_PASSWORD"] = "wrong"
-    proc = _blendsm("deploy", "--chain", chain.anvil.url, "--keystore", str(keystore), env=env)
+    proc = blendsm_process(
+        "deploy", "--chain", chain.anvil.url, "--keystore", str(keystore), env=env, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "wrong password or corrupt file" in proc.stderr

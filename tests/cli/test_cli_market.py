@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 from eth_utils import keccak
 
-from blendsm.broker.cli import main
-
 pytestmark = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 
 SELLER, BUYER = 1, 2
@@ -26,55 +24,19 @@ TOPIC = "sensors/berlin/temp"
 TID = keccak(text=TOPIC)
 
 Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(
-    chain: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Run:
-    """``cli(*args, key=label)``: run ``blendsm`` in-process on the test chain, signing as
-    ``label`` (None: no key in the environment); returns (exit code, stdout, stderr)."""
-    deployment = tmp_path / "deployment.json"
-    chain.deployment.save(deployment)
-    capsys.readouterr()
-
-    def run(*args: str, key: str | None = None) -> tuple[int, str, str]:
-        if key is None:
-            monkeypatch.delenv("BLENDSM_KEY", raising=False)
-        else:
-            monkeypatch.setenv("BLENDSM_KEY", "0x" + chain.accounts[key].key.hex())
-        code = main([*args, "--chain", chain.anvil.url, "--deployment", str(deployment)])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
-@pytest.fixture
-def send(chain: Any) -> Callable[..., Any]:
-    """Transact a contract call from a label through plain web3; the successful receipt."""
-
-    def transact(call: Any, label: str, value: int = 0) -> Any:
-        tx_hash = call.transact({"from": chain.addr(label), "value": value})
-        receipt = chain.w3.eth.wait_for_transaction_receipt(tx_hash)
-        assert receipt["status"] == 1
-        return receipt
-
-    return transact
+Process = Callable[..., subprocess.CompletedProcess[str]]  # the conftest's blendsm_process
 
 
 @pytest.fixture(autouse=True)
-def members(chain: Any, send: Callable[..., Any]) -> None:
+def members(enrol: Callable[[str, int], None]) -> None:
     """The seller, a second seller ("operator" here) and two buyers are active."""
-    reg = chain.Registry.functions
     for label, role in (
         ("seller", SELLER),
         ("operator", SELLER),
         ("buyer", BUYER),
         ("buyer2", BUYER),
     ):
-        send(reg.applyForRole(role), label)
-        send(reg.approve(chain.addr(label)), "oracle")
+        enrol(label, role)
 
 
 def rate(chain: Any, send: Callable[..., Any], buyer: str, seller: str, score: int) -> None:
@@ -402,20 +364,21 @@ def test_access_add_and_remove(chain: Any, cli: Run) -> None:
     assert "MarketNotSeller" in err
 
 
-def test_subprocess_list_and_a_revert(chain: Any, cli: Run, tmp_path: Path) -> None:
+def test_subprocess_list_and_a_revert(
+    chain: Any, cli: Run, deployment_file: Path, blendsm_process: Process
+) -> None:
     assert cli("market", "create", TOPIC, "--price", "3", key="seller")[0] == 0
-    deployment = tmp_path / "deployment.json"
-    env = {**os.environ, "BLENDSM_CHAIN": chain.anvil.url, "BLENDSM_DEPLOYMENT": str(deployment)}
-    blendsm = [str(Path(sys.executable).parent / "blendsm")]
-    done = subprocess.run(
-        [*blendsm, "market", "list", "--json"], capture_output=True, text=True, env=env, timeout=60
-    )
+    env = {
+        **os.environ,
+        "BLENDSM_CHAIN": chain.anvil.url,
+        "BLENDSM_DEPLOYMENT": str(deployment_file),
+    }
+    blendsm = [str(Path(sys.executable).parent / "blendsm")]  # the installed console script
+    done = blendsm_process("market", "list", "--json", env=env, program=blendsm)
     assert done.returncode == 0, done.stderr
     assert [t["name"] for t in json.loads(done.stdout)["topics"]] == [TOPIC]
     env["BLENDSM_KEY"] = "0x" + chain.accounts["buyer"].key.hex()
-    done = subprocess.run(
-        [*blendsm, "market", "pause", TOPIC], capture_output=True, text=True, env=env, timeout=60
-    )
+    done = blendsm_process("market", "pause", TOPIC, env=env, program=blendsm)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.startswith("blendsm: error: MarketNotSeller(")
     assert on_chain(chain)["paused"] is False

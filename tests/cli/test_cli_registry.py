@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from blendsm.broker.cli import main
 from blendsm.contracts._devchain import free_port
 
 pytestmark = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -25,51 +23,7 @@ SELLER, BUYER, OPERATOR, VALIDATOR = 1, 2, 3, 4
 PENDING, ACTIVE, REJECTED, REVOKED, LEFT = 1, 2, 3, 4, 5
 
 Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(
-    chain: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Run:
-    """``cli(*args, key=label)``: run ``blendsm`` in-process on the test chain, signing as
-    ``label`` (None: no key in the environment); returns (exit code, stdout, stderr)."""
-    deployment = tmp_path / "deployment.json"
-    chain.deployment.save(deployment)
-    capsys.readouterr()
-
-    def run(*args: str, key: str | None = None) -> tuple[int, str, str]:
-        if key is None:
-            monkeypatch.delenv("BLENDSM_KEY", raising=False)
-        else:
-            monkeypatch.setenv("BLENDSM_KEY", "0x" + chain.accounts[key].key.hex())
-        words = [*args]
-        if "--chain" not in words:
-            words += ["--chain", chain.anvil.url]
-        if "--deployment" not in words:
-            words += ["--deployment", str(deployment)]
-        code = main(words)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
-@pytest.fixture
-def enrol(chain: Any) -> Callable[[str, int], None]:
-    """Apply with ``role`` and have the oracle approve, through plain web3."""
-
-    def make(label: str, role: int) -> None:
-        reg = chain.Registry.functions
-        for call, sender in (
-            (reg.applyForRole(role), label),
-            (reg.approve(chain.addr(label)), "oracle"),
-        ):
-            receipt = chain.w3.eth.wait_for_transaction_receipt(
-                call.transact({"from": chain.addr(sender)})
-            )
-            assert receipt["status"] == 1
-
-    return make
+Process = Callable[..., subprocess.CompletedProcess[str]]  # the conftest's blendsm_process
 
 
 def participant(chain: Any, label: str) -> tuple[int, int]:
@@ -368,23 +322,16 @@ def test_keystore_signs(
     assert participant(chain, "validator") == (VALIDATOR, PENDING)
 
 
-def test_subprocess_exit_codes_and_stdout(chain: Any, tmp_path: Path) -> None:
-    deployment = tmp_path / "deployment.json"
-    chain.deployment.save(deployment)
+def test_subprocess_exit_codes_and_stdout(
+    chain: Any, deployment_file: Path, blendsm_process: Process
+) -> None:
     env = {**os.environ, "BLENDSM_KEY": "0x" + chain.accounts["buyer"].key.hex()}
-    env["BLENDSM_CHAIN"], env["BLENDSM_DEPLOYMENT"] = chain.anvil.url, str(deployment)
-    blendsm = [sys.executable, "-m", "blendsm.broker.cli"]
-    done = subprocess.run(
-        [*blendsm, "registry", "apply", "--role", "buyer", "--json"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+    env["BLENDSM_CHAIN"], env["BLENDSM_DEPLOYMENT"] = chain.anvil.url, str(deployment_file)
+    done = blendsm_process("registry", "apply", "--role", "buyer", "--json", env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "pending"
     assert participant(chain, "buyer") == (BUYER, PENDING)
-    done = subprocess.run(
-        [*blendsm, "registry", "approve", chain.addr("buyer")],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+    done = blendsm_process("registry", "approve", chain.addr("buyer"), env=env)
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.startswith("blendsm: error: AccessControlUnauthorizedAccount(")

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import parse_config
 from blendsm.broker._runner import ChainConnection, RunningBroker, start_broker
 from blendsm.contracts import Marketplace
 from blendsm.contracts._bindings import Policy, Role
+from blendsm.contracts._connect import connect, disconnect
 from blendsm.device_sdk import (
     ConnectTokenSigner,
     EnvelopeSigner,
@@ -236,6 +238,11 @@ class Market:
     async def wait_channel(self, channel_id: bytes) -> None:
         await self.wait_view(lambda: self.service.view.channel(channel_id) is not None)
 
+    def close_clients(self) -> None:
+        for c in self.clients:
+            with contextlib.suppress(Exception):
+                c.close()
+
 
 async def enrol(mp: Callable[[str], Marketplace], label: str, role: Role) -> None:
     await mp(label).registry.apply_for_role(role)
@@ -255,29 +262,118 @@ def broker_config(data_dir: Path, **overrides: Any) -> Any:
     return replace(config, **overrides) if overrides else config
 
 
-@pytest.fixture
-async def market(
-    chain: Any, w3: Any, mp: Callable[[str], Marketplace], tmp_path: Path
-) -> AsyncIterator[Market]:
-    """Seller with one device, two buyers, a paid open topic, and a running broker."""
+async def enrol_market(
+    mp: Callable[[str], Marketplace],
+    chain: Any,
+    topic: str,
+    *,
+    price: int = PRICE,
+    buyers: Sequence[str] = ("buyer", "buyer2"),
+) -> bytes:
+    """Enrol the seller, ``buyers`` and the operator, add the seller's device and create the
+    paid open ``topic``; returns its topic id."""
     await enrol(mp, "seller", Role.SELLER)
-    await enrol(mp, "buyer", Role.BUYER)
-    await enrol(mp, "buyer2", Role.BUYER)
+    for buyer in buyers:
+        await enrol(mp, buyer, Role.BUYER)
     await enrol(mp, "operator", Role.OPERATOR)
     await mp("seller").registry.add_device(chain.addr("device"))
-    created = await mp("seller").market.create_topic("paid/temp", PRICE, None, Policy.OPEN)
-    running = await start_broker(
-        broker_config(tmp_path / "data"),
-        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
-    )
-    m = Market(chain, mp, running, "paid/temp", created.topic_id)
+    created = await mp("seller").market.create_topic(topic, price, None, Policy.OPEN)
+    return created.topic_id
+
+
+StartMarket = Callable[..., Awaitable[Market]]
+
+
+@pytest.fixture
+async def start_market(
+    chain: Any, w3: Any, mp: Callable[[str], Marketplace], tmp_path: Path
+) -> AsyncIterator[StartMarket]:
+    """``await start_market(topic="paid/temp", *, buyers=("buyer", "buyer2"), **config)``: the
+    marketplace of ``enrol_market`` behind a running broker (``broker_config`` with ``config``
+    overrides, e.g. ``http=HttpConfig(port=0)``); clients closed and broker stopped after."""
+    started: list[Market] = []
+
+    async def start(
+        topic: str = "paid/temp",
+        *,
+        buyers: Sequence[str] = ("buyer", "buyer2"),
+        **overrides: Any,
+    ) -> Market:
+        topic_id = await enrol_market(mp, chain, topic, buyers=buyers)
+        running = await start_broker(
+            broker_config(tmp_path / "data", **overrides),
+            chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
+        )
+        started.append(Market(chain, mp, running, topic, topic_id))
+        return started[-1]
+
     try:
-        yield m
+        yield start
     finally:
-        for c in m.clients:
-            with contextlib.suppress(Exception):
-                c.close()
-        await running.stop()
+        for m in reversed(started):
+            m.close_clients()
+            await m.running.stop()
+
+
+@pytest.fixture
+async def market(start_market: StartMarket) -> Market:
+    """Seller with one device, two buyers, a paid open topic, and a running broker."""
+    return await start_market()
+
+
+@dataclass
+class ProxiedBroker:
+    """A broker talking to anvil through a TCP proxy that the test can cut (the chain node
+    going away), with a chain view that calls the chain unavailable one second after the
+    node stops answering."""
+
+    running: RunningBroker
+    proxy: Any
+    view: ChainView
+    w3: Any
+
+
+StartProxiedBroker = Callable[..., Awaitable[ProxiedBroker]]
+
+
+@pytest.fixture
+async def proxied_broker(chain: Any, tcp_proxy: Any) -> AsyncIterator[StartProxiedBroker]:
+    """``await proxied_broker(config, **start_broker_options)`` on the anvil chain: the broker
+    is handed the proxied connection (``config``'s chain endpoint is not dialled); it is
+    stopped and the connection closed after the test."""
+    connections: list[Any] = []
+    started: list[RunningBroker] = []
+
+    async def start(config: Any, **options: Any) -> ProxiedBroker:
+        assert chain.anvil is not None
+        proxy = tcp_proxy(chain.anvil.port)
+        await proxy.start()
+        w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=1.0)
+        connections.append(w3)
+        view = ChainView(
+            w3,
+            chain.deployment,
+            confirmations=0,
+            poll_interval=0.05,
+            max_staleness=1.0,
+            backoff_max=0.5,
+        )
+        running = await start_broker(
+            config,
+            chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
+            view=view,
+            **options,
+        )
+        started.append(running)
+        return ProxiedBroker(running, proxy, view, w3)
+
+    try:
+        yield start
+    finally:
+        for running in reversed(started):
+            await running.stop()
+        for w3 in connections:
+            await disconnect(w3)
 
 
 async def _until(predicate: Callable[[], bool], within: float = 5.0) -> bool:
@@ -324,7 +420,20 @@ def _start_broker_process(config: Path, env: dict[str, str]) -> subprocess.Popen
 
 
 @pytest.fixture
-def broker_process() -> Callable[[Path, dict[str, str]], subprocess.Popen[str]]:
+def broker_process() -> Iterator[Callable[[Path, dict[str, str]], subprocess.Popen[str]]]:
     """``broker_process(config, env)``: a real ``blendsm broker -c config`` process (``env`` on
-    top of this one's), returned once it listens; for crash tests that SIGKILL it."""
-    return _start_broker_process
+    top of this one's), returned once it listens; for crash tests that SIGKILL it. Every
+    process started is killed (if still running) and its pipe closed after the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+        started.append(_start_broker_process(config, env))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import io
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import parse_config
-from blendsm.broker._runner import ChainConnection, RunningBroker, start_broker
-from blendsm.contracts._bindings import Policy, Role
-from blendsm.contracts._connect import connect, disconnect
+from blendsm.broker._runner import RunningBroker
 from blendsm.device_sdk import (
     ConnectTokenSigner,
     EnvelopeSigner,
@@ -36,6 +33,8 @@ from blendsm.device_sdk import (
     message_leaf,
     sign_voucher,
 )
+
+from .conftest import StartProxiedBroker, enrol_market
 
 PRICE = 2_500
 """Price of one message on the topic, in wei: distinctive, so the page must show this one."""
@@ -156,22 +155,10 @@ class Dashboard:
 
 @pytest.fixture
 async def dashboard(
-    chain: Any, mp: Any, tmp_path: Path, tcp_proxy: Any
-) -> AsyncIterator[Dashboard]:
-    for label, role in (
-        ("seller", Role.SELLER),
-        ("buyer", Role.BUYER),
-        ("operator", Role.OPERATOR),
-    ):
-        await mp(label).registry.apply_for_role(role)
-        await mp("oracle").registry.approve(chain.addr(label))
-    await mp("seller").registry.add_device(chain.addr("device"))
-    created = await mp("seller").market.create_topic(TOPIC, PRICE, None, Policy.OPEN)
-    assert chain.anvil is not None
-    proxy = tcp_proxy(chain.anvil.port)
-    await proxy.start()
-    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=1.0)
-    # the endpoint is not dialled: start_broker is handed the proxied connection below
+    chain: Any, mp: Any, tmp_path: Path, proxied_broker: StartProxiedBroker
+) -> Dashboard:
+    topic_id = await enrol_market(mp, chain, TOPIC, price=PRICE, buyers=("buyer",))
+    # the endpoint is not dialled: the broker is handed the proxied connection
     config = parse_config(
         {
             "listen": {"host": "127.0.0.1", "port": 0},
@@ -181,25 +168,8 @@ async def dashboard(
             "http": {"host": "127.0.0.1", "port": 0},
         }
     )
-    # a view that calls the chain unavailable one second after the node stops answering
-    view = ChainView(
-        w3,
-        chain.deployment,
-        confirmations=0,
-        poll_interval=0.05,
-        max_staleness=1.0,
-        backoff_max=0.5,
-    )
-    running = await start_broker(
-        config,
-        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
-        view=view,
-    )
-    try:
-        yield Dashboard(running, proxy, created.topic_id)
-    finally:
-        await running.stop()
-        await disconnect(w3)
+    proxied = await proxied_broker(config)
+    return Dashboard(proxied.running, proxied.proxy, topic_id)
 
 
 def _check_screenshot(png: bytes) -> Image.Image:

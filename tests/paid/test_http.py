@@ -6,7 +6,6 @@ answers (404, 400, 405, 500), the dashboard's static files (no path traversal) a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -26,8 +25,7 @@ from yarl import URL
 from blendsm.broker._config import BrokerConfig, HttpConfig, load_config, parse_config
 from blendsm.broker._http import ANCHORS_MAX, dumps
 from blendsm.broker._runner import ChainConnection, start_broker
-from blendsm.contracts import Marketplace
-from blendsm.contracts._bindings import Policy, Role
+from blendsm.contracts._bindings import Policy
 from blendsm.device_sdk import (
     MessageDomain,
     VoucherDomain,
@@ -39,7 +37,7 @@ from blendsm.device_sdk import (
 from blendsm.device_sdk._envelope import verify_envelope_leaf
 from blendsm.errors import ConfigError
 
-from .conftest import PRICE, Client, Market, broker_config, enrol
+from .conftest import PRICE, Client, Market, StartMarket, broker_config
 
 BIG_DEPOSIT = 20 * 10**18
 """Above 2**64 wei: the JSON must still carry it as an exact number."""
@@ -68,32 +66,14 @@ class Api:
 
 
 @pytest.fixture
-async def api(
-    chain: Any, w3: Any, mp: Callable[[str], Marketplace], tmp_path: Path
-) -> AsyncIterator[Api]:
+async def api(start_market: StartMarket) -> AsyncIterator[Api]:
     """The ``market`` fixture's marketplace, behind a broker with the HTTP API on a free port."""
-    await enrol(mp, "seller", Role.SELLER)
-    await enrol(mp, "buyer", Role.BUYER)
-    await enrol(mp, "buyer2", Role.BUYER)
-    await enrol(mp, "operator", Role.OPERATOR)
-    await mp("seller").registry.add_device(chain.addr("device"))
-    created = await mp("seller").market.create_topic("paid/temp", PRICE, None, Policy.OPEN)
-    config = broker_config(tmp_path / "data", http=HttpConfig(port=0))
-    running = await start_broker(
-        config,
-        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
-    )
-    market = Market(chain, mp, running, "paid/temp", created.topic_id)
-    try:
-        assert running.http is not None
-        assert running.http.port > 0
-        async with aiohttp.ClientSession() as session:
-            yield Api(market, session, f"http://127.0.0.1:{running.http.port}")
-    finally:
-        for c in market.clients:
-            with contextlib.suppress(Exception):
-                c.close()
-        await running.stop()
+    market = await start_market(http=HttpConfig(port=0))
+    running = market.running
+    assert running.http is not None
+    assert running.http.port > 0
+    async with aiohttp.ClientSession() as session:
+        yield Api(market, session, f"http://127.0.0.1:{running.http.port}")
 
 
 def _hex(value: bytes | None) -> str | None:

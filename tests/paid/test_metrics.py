@@ -5,12 +5,11 @@ delivery, chain-view lookups and a chain node that goes away, and closed with th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,20 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import MetricsConfig, parse_config
-from blendsm.broker._runner import ChainConnection, start_broker
 from blendsm.contracts import Marketplace
-from blendsm.contracts._bindings import Policy, Role
-from blendsm.contracts._connect import connect, disconnect
+from blendsm.contracts._bindings import Policy
 from blendsm.device_sdk import VoucherDomain, encode_voucher, sign_voucher
 from blendsm.errors import ConfigError
 
-from .conftest import PRICE, Market, broker_config, enrol
+from .conftest import (
+    PRICE,
+    Market,
+    StartMarket,
+    StartProxiedBroker,
+    broker_config,
+    enrol_market,
+)
 
 EXPECTED = {
     "blendsm_connects_accepted_total",
@@ -58,28 +61,9 @@ MISSES = "blendsm_chain_view_misses_total"
 
 
 @pytest.fixture
-async def metered(
-    chain: Any, w3: Any, mp: Callable[[str], Marketplace], tmp_path: Path
-) -> AsyncIterator[Market]:
+async def metered(start_market: StartMarket) -> Market:
     """The ``market`` fixture's marketplace, behind a broker with metrics on a free port."""
-    await enrol(mp, "seller", Role.SELLER)
-    await enrol(mp, "buyer", Role.BUYER)
-    await enrol(mp, "operator", Role.OPERATOR)
-    await mp("seller").registry.add_device(chain.addr("device"))
-    created = await mp("seller").market.create_topic("paid/metrics", PRICE, None, Policy.OPEN)
-    config = broker_config(tmp_path / "data", metrics=MetricsConfig(port=0))
-    running = await start_broker(
-        config,
-        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
-    )
-    m = Market(chain, mp, running, "paid/metrics", created.topic_id)
-    try:
-        yield m
-    finally:
-        for c in m.clients:
-            with contextlib.suppress(Exception):
-                c.close()
-        await running.stop()
+    return await start_market("paid/metrics", buyers=("buyer",), metrics=MetricsConfig(port=0))
 
 
 def _get(url: str) -> str:
@@ -263,21 +247,13 @@ async def test_chain_node_going_away_counts_chain_errors_and_unhealthy_misses(
     chain: Any,
     mp: Callable[[str], Marketplace],
     tmp_path: Path,
-    tcp_proxy: Any,
+    proxied_broker: StartProxiedBroker,
     until: Callable[..., Any],
 ) -> None:
-    await enrol(mp, "seller", Role.SELLER)
-    await enrol(mp, "buyer", Role.BUYER)
-    await enrol(mp, "operator", Role.OPERATOR)
-    await mp("seller").registry.add_device(chain.addr("device"))
-    created = await mp("seller").market.create_topic("paid/cut", PRICE, None, Policy.OPEN)
+    topic_id = await enrol_market(mp, chain, "paid/cut", buyers=("buyer",))
     channel = (
         await mp("buyer").channels.open(chain.addr("seller"), chain.addr("operator"), None, 10**15)
     ).channel_id
-    assert chain.anvil is not None
-    proxy = tcp_proxy(chain.anvil.port)
-    await proxy.start()
-    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=1.0)
     base = broker_config(tmp_path / "data", metrics=MetricsConfig(port=0))
     config = replace(
         base,
@@ -286,21 +262,9 @@ async def test_chain_node_going_away_counts_chain_errors_and_unhealthy_misses(
             base.payments, settlement=replace(base.payments.settlement, threshold=PRICE)
         ),
     )
-    view = ChainView(
-        w3,
-        chain.deployment,
-        confirmations=0,
-        poll_interval=0.05,
-        max_staleness=1.0,
-        backoff_max=0.5,
-    )
-    running = await start_broker(
-        config,
-        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
-        view=view,
-        settler_options={"tick": 0.1, "gas_check_seconds": 0.2},
-    )
-    market = Market(chain, mp, running, "paid/cut", created.topic_id)
+    proxied = await proxied_broker(config, settler_options={"tick": 0.1, "gas_check_seconds": 0.2})
+    proxy, view = proxied.proxy, proxied.view
+    market = Market(chain, mp, proxied.running, "paid/cut", topic_id)
     try:
         await market.wait_channel(channel)
         buyer, device, anon = market.client("buyer"), market.client("device"), market.client(None)
@@ -372,8 +336,4 @@ async def test_chain_node_going_away_counts_chain_errors_and_unhealthy_misses(
         assert back["blendsm_chain_view_healthy"] == 1
         assert await buyer.subscribe("paid/cut") == [0]
     finally:
-        for c in market.clients:
-            with contextlib.suppress(Exception):
-                c.close()
-        await running.stop()
-        await disconnect(w3)
+        market.close_clients()

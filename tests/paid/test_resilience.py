@@ -16,10 +16,6 @@ from typing import Any
 import pytest
 import yaml
 
-from blendsm.broker._chain_view import ChainView
-from blendsm.broker._runner import ChainConnection, start_broker
-from blendsm.contracts._bindings import Policy, Role
-from blendsm.contracts._connect import connect, disconnect
 from blendsm.contracts._devchain import free_port
 from blendsm.device_sdk import (
     ConnectTokenSigner,
@@ -32,23 +28,17 @@ from blendsm.device_sdk import (
     sign_voucher,
 )
 
+from .conftest import StartProxiedBroker, enrol_market
+
 PRICE = 1_000
 
 
 async def _enrol(mp: Any, chain: Any) -> tuple[bytes, bytes]:
-    for label, role in (
-        ("seller", Role.SELLER),
-        ("buyer", Role.BUYER),
-        ("operator", Role.OPERATOR),
-    ):
-        await mp(label).registry.apply_for_role(role)
-        await mp("oracle").registry.approve(chain.addr(label))
-    await mp("seller").registry.add_device(chain.addr("device"))
-    topic = await mp("seller").market.create_topic("paid/r", PRICE, None, Policy.OPEN)
+    topic_id = await enrol_market(mp, chain, "paid/r", price=PRICE, buyers=("buyer",))
     opened = await mp("buyer").channels.open(
         chain.addr("seller"), chain.addr("operator"), None, 10**15
     )
-    return topic.topic_id, opened.channel_id
+    return topic_id, opened.channel_id
 
 
 def _voucher_payload(chain: Any, channel: bytes, amount: int) -> bytes:
@@ -58,15 +48,17 @@ def _voucher_payload(chain: Any, channel: bytes, amount: int) -> bytes:
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later(
-    chain: Any, mp: Any, tmp_path: Path, mqtt_client: Any, until: Any, tcp_proxy: Any
+    chain: Any,
+    mp: Any,
+    tmp_path: Path,
+    mqtt_client: Any,
+    until: Any,
+    proxied_broker: StartProxiedBroker,
 ) -> None:
     from blendsm.broker._config import parse_config
 
     _, channel = await _enrol(mp, chain)
     assert chain.anvil is not None
-    proxy = tcp_proxy(chain.anvil.port)
-    await proxy.start()
-    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=1.0)
     config = parse_config(
         {
             "listen": {"port": 0},
@@ -82,20 +74,10 @@ async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later
             "public_topics": True,
         }
     )
-    view = ChainView(
-        w3,
-        chain.deployment,
-        confirmations=0,
-        poll_interval=0.05,
-        max_staleness=1.0,
-        backoff_max=0.5,
+    proxied = await proxied_broker(
+        config, settler_options={"backoff_base": 0.5, "backoff_max": 1.0, "tick": 0.1}
     )
-    running = await start_broker(
-        config,
-        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
-        view=view,
-        settler_options={"backoff_base": 0.5, "backoff_max": 1.0, "tick": 0.1},
-    )
+    running, proxy, view = proxied.running, proxied.proxy, proxied.view
     service = running.service
     clients: list[Any] = []
 
@@ -176,8 +158,6 @@ async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later
     finally:
         for c in clients:
             c.close()
-        await running.stop()
-        await disconnect(w3)
 
 
 def _stored(db: Path, channel: bytes) -> int:
