@@ -52,16 +52,41 @@ def _abi_type(item: dict[str, Any]) -> str:
 
 
 @cache
-def _error_table() -> dict[bytes, tuple[str, list[str], list[str]]]:
-    table: dict[bytes, tuple[str, list[str], list[str]]] = {}
+def _error_table() -> dict[bytes, tuple[str, list[str], list[str], list[str]]]:
+    """Selector -> (error name, argument names, ABI types, Solidity internal types)."""
+    table: dict[bytes, tuple[str, list[str], list[str], list[str]]] = {}
     for name in CONTRACT_NAMES:
         for item in load_artifact(name)["abi"]:
             if item["type"] != "error":
                 continue
             types = [_abi_type(i) for i in item["inputs"]]
             selector = function_signature_to_4byte_selector(f"{item['name']}({','.join(types)})")
-            table[selector] = (item["name"], [i["name"] for i in item["inputs"]], types)
+            table[selector] = (
+                item["name"],
+                [i["name"] for i in item["inputs"]],
+                types,
+                [str(i.get("internalType", "")) for i in item["inputs"]],
+            )
     return table
+
+
+def _typed(abi_type: str, internal_type: str, value: Any) -> Any:
+    """Checksum addresses; Solidity enums become their IntEnum (``Status.REVOKED`` reads
+    better than ``4`` and still compares equal to it)."""
+    if abi_type == "address":
+        return to_checksum_address(value)
+    if internal_type.startswith("enum "):
+        from blendsm.contracts._bindings import Policy, Role, Status
+
+        enum = {"Registry.Status": Status, "Registry.Role": Role, "Market.Policy": Policy}.get(
+            internal_type[5:]
+        )
+        if enum is not None:
+            try:
+                return enum(value)
+            except ValueError:
+                return value
+    return value
 
 
 def _as_bytes(data: Any) -> bytes | None:
@@ -88,10 +113,10 @@ def decode_revert(data: bytes) -> ContractRevertError:
             return ContractRevertError("Panic", {"code": decode(["uint256"], body)[0]})
         known = _error_table().get(selector)
         if known is not None:
-            name, names, types = known
+            name, names, types, internal = known
             values = [
-                to_checksum_address(v) if t == "address" else v
-                for t, v in zip(types, decode(types, body), strict=True)
+                _typed(t, i, v)
+                for t, i, v in zip(types, internal, decode(types, body), strict=True)
             ]
             return ContractRevertError(name, dict(zip(names, values, strict=True)))
     except Exception:  # malformed revert data: report it raw below

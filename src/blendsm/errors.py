@@ -29,6 +29,7 @@ visible::
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 __all__ = [
@@ -180,5 +181,12 @@ class ContractRevertError(ChainError):
     def __init__(self, error_name: str, error_args: dict[str, Any] | None = None) -> None:
         self.error_name = error_name
         self.error_args = dict(error_args or {})
-        detail = ", ".join(f"{k}={v!r}" for k, v in self.error_args.items())
+        detail = ", ".join(f"{k}={_shown(v)}" for k, v in self.error_args.items())
         super().__init__(f"{error_name}({detail})")
+
+
+def _shown(value: Any) -> str:
+    """An error argument as people read it: ``Status.REVOKED`` for an enum, else its repr."""
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    return repr(value)

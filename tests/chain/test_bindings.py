@@ -463,3 +463,24 @@ async def test_money_path_on_anvil(chain: Any, mp: MakeMp) -> None:
     assert info.claimed == 3 * PRICE
     with pytest.raises(ContractRevertError, match="PaymentChannelsChannelSettled"):
         await channels.withdraw(opened.channel_id)
+
+
+def test_revert_enums_decode_to_their_names() -> None:
+    from eth_abi import encode
+    from eth_utils import keccak
+
+    from blendsm.contracts import Status
+    from blendsm.contracts._revert import decode_revert
+
+    who = "0x" + "ab" * 20
+    data = keccak(text="RegistryWrongStatus(address,uint8)")[:4] + encode(
+        ["address", "uint8"], [who, 4]
+    )
+    err = decode_revert(data)
+    assert err.error_name == "RegistryWrongStatus"
+    assert err.error_args["status"] is Status.REVOKED
+    assert err.error_args["status"] == 4
+    assert str(err).endswith("status=Status.REVOKED)")
+    # A value outside the enum stays a plain number rather than failing the decode.
+    data = data[:-32] + encode(["uint8"], [9])
+    assert decode_revert(data).error_args["status"] == 9

@@ -97,7 +97,7 @@ def test_reject_and_revoke(chain: Any, cli: Run, enrol: Callable[[str, int], Non
     assert code == 2
     assert out == ""
     assert err.startswith("blendsm: error: RegistryWrongStatus(")
-    assert "status=4" in err
+    assert "status=Status.REVOKED" in err
 
 
 def test_approve_by_a_non_oracle_fails_naming_the_revert(
