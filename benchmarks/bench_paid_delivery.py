@@ -1,9 +1,10 @@
 """Paid delivery throughput: the BlendSM broker next to stock amqtt, same clients, same run.
 
 Run as ``python benchmarks/bench_paid_delivery.py [messages] [rounds]`` (defaults 3000
-messages, 3 rounds; about 50 s on a 2-core machine; every wait is clamped so the whole run
-ends within about 110 s even if something hangs, and rounds that would not fit are skipped
-and said so).
+messages, 3 rounds; about 80 s on a 2-core machine; every wait is clamped so the whole run
+ends within about 160 s even if something hangs, and rounds that would not fit are skipped
+and said so). The budget was 100 s (+ cleanup) before configuration (d) was added; it is now
+150 s (+ cleanup) because (d) costs as much as (c).
 
 Each configuration starts its broker in its own process on 127.0.0.1, connects 10 subscribers
 (two processes, five clients each) to ``bench/t`` at QoS 0, then one publisher in the driver
@@ -12,7 +13,8 @@ configuration: deliveries/s (data messages received by all subscribers / time fr
 publish to the last receipt), messages dropped (published x 10 - received), broker CPU per
 delivery (``resource.getrusage`` of the broker process, every thread included, from just
 before the first publish to the last receipt), the subscribers' and publisher's CPU per
-delivery the same way, and the ratios to (a).
+delivery the same way, and the ratios to (a); for (d) also the HTTP poller's answers/s and
+failures, and the ratios d/c.
 
 Configurations:
   a  stock amqtt 0.12.1 ``Broker`` with a minimal config: one TCP listener and
@@ -30,12 +32,19 @@ Configurations:
      ``CREDIT_MESSAGES`` messages. The publisher is the SDK ``Publisher`` of a registered
      device of the seller. Every voucher is verified (ECDSA recover), stored durably
      (SQLite WAL, synchronous=FULL, group commit) and answered with a Receipt notice.
+  d  exactly (c), broker and clients alike, but with the broker's HTTP API and dashboard on
+     (``http: {host: 127.0.0.1, port: 0}``; it runs on the broker's event loop) and, from just
+     before the first publish until the broker's CPU is read after the last receipt, a poller
+     thread in the driver (blocking ``http.client`` on one keep-alive connection, so no event
+     loop shared with the publisher) GETting /api/status, /api/topics, /api/channels and
+     /api/anchors every 100 ms: 10x the dashboard's 1 s poll. Its thread CPU is left out of
+     the publisher's CPU figure. The cost of the API is (d) against (c).
 
-The in-process EVM cannot be shared across processes, so the broker process of (c) builds its
-own chain: deploys the suite, enrols seller, device and buyers (the deployer is the oracle),
-creates the topic and opens the 10 channels before starting the broker; the SDK Subscriber
-learns its channel from the broker's Quote. All keys are TEST-ONLY (``test_account``), on a
-chain that holds no value.
+The in-process EVM cannot be shared across processes, so the broker process of (c) and (d)
+builds its own chain: deploys the suite, enrols seller, device and buyers (the deployer is the
+oracle), creates the topic and opens the 10 channels before starting the broker; the SDK
+Subscriber learns its channel from the broker's Quote. All keys are TEST-ONLY
+(``test_account``), on a chain that holds no value.
 
 Subscribers count only data messages on ``bench/t`` (never control notices) and stop once they
 have everything, or 2 s after the last message arrived (QoS 0 messages the gate refused for
@@ -71,8 +80,10 @@ PAY_EVERY = 10  # SDK Subscriber: a voucher every 10 paid messages
 IDLE_STOP_S = 2.0  # a subscriber stops this long after its last message
 RUN_DEADLINE_S = 20.0  # per configuration, from subscriber start
 START_TIMEOUT_S = 40.0  # broker start-up (chain set-up included)
-TOTAL_BUDGET_S = 100.0  # every wait is clamped to end by then; cleanup adds at most ~10 s
-EST_RUN_S = {"a": 10.0, "b": 14.0, "c": 28.0}  # worst case per configuration, for the budget
+TOTAL_BUDGET_S = 150.0  # every wait is clamped to end by then; cleanup adds at most ~10 s
+EST_RUN_S = {"a": 10.0, "b": 14.0, "c": 28.0, "d": 28.0}  # worst case per config, for the budget
+POLL_PATHS = ("/api/status", "/api/topics", "/api/channels", "/api/anchors")
+POLL_INTERVAL_S = 0.1  # (d): 10x the dashboard's 1 s poll
 
 
 # --------------------------------------------------------------------------- broker process
@@ -149,11 +160,13 @@ def _stock_main(conn: Any) -> None:
     _run_child(conn, run)
 
 
-def _blendsm_config(data_dir: str) -> Any:
+def _blendsm_config(data_dir: str, http: bool = False) -> Any:
     from blendsm.broker._config import parse_config
 
+    extra: dict[str, Any] = {"http": {"host": "127.0.0.1", "port": 0}} if http else {}
     return parse_config(
         {
+            **extra,
             "listen": {"host": "127.0.0.1", "port": 0},
             "chain": {"endpoint": "embedded", "confirmations": 0, "poll_interval": 2.0},
             "payments": {
@@ -192,9 +205,9 @@ def _public_main(conn: Any, data_dir: str) -> None:
     _run_child(conn, run)
 
 
-def _market_main(conn: Any, data_dir: str, n_buyers: int) -> None:
-    """(c): build the chain and the market here (the in-process EVM cannot cross processes),
-    then start the broker on it."""
+def _market_main(conn: Any, data_dir: str, n_buyers: int, http: bool = False) -> None:
+    """(c), and (d) with ``http``: build the chain and the market here (the in-process EVM
+    cannot cross processes), then start the broker on it."""
     _quiet()
     from blendsm.broker._runner import ChainConnection, start_broker
     from blendsm.contracts import Marketplace
@@ -234,7 +247,7 @@ def _market_main(conn: Any, data_dir: str, n_buyers: int) -> None:
             )
         setup_s = time.time() - t_setup
         running = await start_broker(
-            _blendsm_config(data_dir),
+            _blendsm_config(data_dir, http),
             chain=ChainConnection(w3, deployment, operator, tester, owned=False),
         )
         conn.send(
@@ -247,6 +260,7 @@ def _market_main(conn: Any, data_dir: str, n_buyers: int) -> None:
                     "operator": operator.address,
                     "registry": deployment.address("Registry"),
                     "setup_s": setup_s,
+                    "http_port": running.http.port if running.http is not None else None,
                 },
             )
         )
@@ -422,6 +436,81 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
     return publish, close
 
 
+class _Poller:
+    """(d): a thread of the driver (blocking http.client on one keep-alive connection, so it
+    shares no event loop with the publisher) that GETs ``POLL_PATHS`` in turn every
+    ``POLL_INTERVAL_S`` while ``go`` is set, counting answers (HTTP 200, body read) and failures
+    (anything else, a timeout or a broken connection, after which it reconnects). ``cpu`` is its
+    own thread CPU so far (updated every cycle), so the driver can keep it out of the
+    publisher's figure."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.answers = 0
+        self.failures = 0
+        self.errors: dict[str, int] = {}
+        self.cpu = 0.0
+        self.t_start = 0.0
+        self.t_end = 0.0
+        self.thread = threading.Thread(target=self._run, name="bench-poller", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import http.client
+
+        conn: http.client.HTTPConnection | None = None
+        cpu0 = time.thread_time()
+        while not self.go.wait(0.05):
+            if self.done.is_set():
+                return
+        self.t_start = time.time()
+        tick = self.t_start
+        try:
+            while not self.done.is_set():
+                for path in POLL_PATHS:
+                    try:
+                        if conn is None:
+                            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                        conn.request("GET", path)
+                        resp = conn.getresponse()
+                        resp.read()
+                        if resp.status == 200:
+                            self.answers += 1
+                        else:
+                            self.failures += 1
+                            key = f"{path} {resp.status}"
+                            self.errors[key] = self.errors.get(key, 0) + 1
+                    except Exception as exc:
+                        self.failures += 1
+                        key = f"{path} {type(exc).__name__}"
+                        self.errors[key] = self.errors.get(key, 0) + 1
+                        if conn is not None:
+                            conn.close()
+                        conn = None
+                self.cpu = time.thread_time() - cpu0
+                tick += POLL_INTERVAL_S
+                self.done.wait(max(0.0, tick - time.time()))
+        finally:
+            self.t_end = time.time()
+            self.cpu = time.thread_time() - cpu0
+            if conn is not None:
+                conn.close()
+
+    def stop(self) -> dict[str, Any]:
+        self.done.set()
+        self.thread.join(timeout=5)
+        span = max(self.t_end - self.t_start, 1e-9) if self.t_start else float("nan")
+        return {
+            "poll_answers": self.answers,
+            "poll_failures": self.failures,
+            "poll_rps": self.answers / span,
+            "poll_s": span,
+            "poll_errors": dict(self.errors),
+        }
+
+
 def _ask(conn: Any, cmd: str, timeout: float = 10.0) -> Any:
     conn.send(cmd)
     if not conn.poll(timeout):
@@ -438,16 +527,19 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     data_dir = tempfile.mkdtemp(prefix="bench-paid-")
-    target: Any = {"a": _stock_main, "b": _public_main, "c": _market_main}[kind]
+    target: Any = {"a": _stock_main, "b": _public_main, "c": _market_main, "d": _market_main}[kind]
     args: tuple[Any, ...] = {
         "a": (child,),
         "b": (child, data_dir),
         "c": (child, data_dir, N_SUBSCRIBERS),
+        "d": (child, data_dir, N_SUBSCRIBERS, True),
     }[kind]
+    clients = "c" if kind == "d" else kind  # (d) uses exactly the clients of (c)
     broker = ctx.Process(target=target, args=args, daemon=True)
     broker.start()
     subs: list[Any] = []
     close_pub: Any = None
+    poller: _Poller | None = None
     try:
         if not parent.poll(left(START_TIMEOUT_S)):
             raise RuntimeError("broker did not start in time")
@@ -461,17 +553,24 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
         for p_index in range(SUB_PROCS):
             p = ctx.Process(
                 target=_subscriber_main,
-                args=(kind, port, p_index * per, per, info, messages, ready, results, deadline),
+                args=(clients, port, p_index * per, per, info, messages, ready, results, deadline),
                 daemon=True,
             )
             p.start()
             subs.append(p)
         if not all(ready.get(timeout=max(1.0, deadline - time.time())) for _ in subs):
             raise RuntimeError("subscribers not ready")
-        publish, close_pub = _publisher(kind, port, info)
+        publish, close_pub = _publisher(clients, port, info)
+        if kind == "d":
+            if not info.get("http_port"):
+                raise RuntimeError("broker started without its HTTP API")
+            poller = _Poller(int(info["http_port"]))
         time.sleep(0.2)
+        if poller is not None:
+            poller.go.set()  # polling covers the whole measured window
         cpu0 = _ask(parent, "cpu", left(10))
         pub_cpu0 = _cpu()
+        poll_cpu0 = poller.cpu if poller is not None else 0.0
         t0 = time.time()
         for _ in range(messages):
             publish(TOPIC, PAYLOAD)
@@ -485,7 +584,11 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
             for k, v in ex.items():
                 extra[k] = extra.get(k, 0) + v
         pub_cpu = _cpu() - pub_cpu0
+        if poller is not None:  # the poller thread's CPU is not the publisher's
+            pub_cpu -= poller.cpu - poll_cpu0
         cpu1 = _ask(parent, "cpu", left(10))
+        polled = poller.stop() if poller is not None else {}
+        poller = None
         stats = _ask(parent, "stats", left(10))
         elapsed = max(t_last - t0, 1e-9)
         return {
@@ -500,9 +603,12 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
             "elapsed_s": elapsed,
             "setup_s": float(info.get("setup_s", 0.0)),
             **stats,
-            **{f"sub_{k}": v for k, v in extra.items()},  # SDK counters (c)
+            **polled,  # (d)
+            **{f"sub_{k}": v for k, v in extra.items()},  # SDK counters (c), (d)
         }
     finally:
+        if poller is not None:
+            poller.stop()
         if close_pub is not None:
             with contextlib.suppress(Exception):
                 close_pub()
@@ -527,6 +633,7 @@ LABELS = {
     "a": "stock amqtt, AnonymousAuth only, paho",
     "b": "BlendSM, public topic, paho",
     "c": "BlendSM, paid topic, SDK (vouchers)",
+    "d": "BlendSM, paid topic + HTTP API polled",
 }
 
 
@@ -559,7 +666,7 @@ def main() -> None:
                 f"\n           received {out['deliveries']}/{out['expected']} (dropped {out['dropped']})"
                 f"  publish {out['publish_s']:.2f} s, last receipt {out['elapsed_s']:.2f} s"
             )
-            if k == "c":
+            if k in ("c", "d"):
                 line += (
                     f"\n           metered {out['metered']}, denied_no_credit"
                     f" {out['denied_no_credit']}, vouchers sent {out.get('sub_vouchers_sent', 0)}"
@@ -571,6 +678,13 @@ def main() -> None:
                         for name, n in out.items()
                         if name.startswith("sub_refused:")
                     )
+                )
+            if k == "d":
+                line += (
+                    f"\n           HTTP poller: {out['poll_answers']} answers,"
+                    f" {out['poll_failures']} failures in {out['poll_s']:.2f} s"
+                    f" ({out['poll_rps']:.1f} requests/s)"
+                    + "".join(f", {name} x{n}" for name, n in out["poll_errors"].items())
                 )
             print(line, flush=True)
     print("median:")
@@ -587,6 +701,18 @@ def main() -> None:
             f"  {k} {label:38s} {rate:7.0f} deliveries/s  broker {cpu:5.1f} us/delivery"
             f" (subscribers {sub_cpu:5.1f})  dropped {dropped:5.0f}"
             f"  rate {k}/a {rate / base:4.2f}  broker CPU {k}/a {cpu / base_cpu:4.2f}"
+        )
+    if res["c"] and res["d"]:
+        rate_c = statistics.median(x["rate"] for x in res["c"])
+        cpu_c = statistics.median(x["cpu_us"] for x in res["c"])
+        rate_d = statistics.median(x["rate"] for x in res["d"])
+        cpu_d = statistics.median(x["cpu_us"] for x in res["d"])
+        rps = statistics.median(x["poll_rps"] for x in res["d"])
+        failures = sum(x["poll_failures"] for x in res["d"])
+        print(
+            f"  d/c (HTTP API polled vs not): rate {rate_d / rate_c:4.2f}"
+            f"  broker CPU {cpu_d / cpu_c:4.2f}  poller {rps:.1f} requests/s (median),"
+            f" {failures} failure(s) in all"
         )
     print(f"total {time.time() - start:.1f} s")
 
