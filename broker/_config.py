@@ -88,6 +88,16 @@ class ChainConfig:
     """Blocks to wait before trusting a transaction or event (>= 0; 0 only when written)."""
     poll_interval: float = 2.0
     """Seconds between polls for new blocks and events (> 0)."""
+    max_staleness: float | None = None
+    """Seconds the chain view may go without catching up with the node before every market
+    decision fails closed (> poll_interval); None: max(10, 5 x poll_interval)."""
+
+    @property
+    def staleness_limit(self) -> float:
+        """``max_staleness``, or its default for this ``poll_interval``."""
+        if self.max_staleness is not None:
+            return self.max_staleness
+        return max(10.0, 5 * self.poll_interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,11 +320,23 @@ def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
         )
     if endpoint != EMBEDDED and deployment is None:
         raise ConfigError("chain.deployment: required when chain.endpoint is not embedded")
+    poll_interval = _seconds(data, "poll_interval", "chain", 2.0, allow_zero=False)
+    max_staleness = (
+        None
+        if data.get("max_staleness") is None
+        else _seconds(data, "max_staleness", "chain", 0.0, allow_zero=False)
+    )
+    if max_staleness is not None and max_staleness <= poll_interval:
+        raise ConfigError(
+            f"chain.max_staleness: must exceed chain.poll_interval ({poll_interval:g} s),"
+            f" got {max_staleness:g}"
+        )
     return ChainConfig(
         endpoint=endpoint,
         deployment=deployment,
         confirmations=_int(data, "confirmations", "chain", 2, low=0),
-        poll_interval=_seconds(data, "poll_interval", "chain", 2.0, allow_zero=False),
+        poll_interval=poll_interval,
+        max_staleness=max_staleness,
     )
 
 

@@ -233,7 +233,7 @@ class MarketplaceService:
             deployment,
             confirmations=config.chain.confirmations,
             poll_interval=config.chain.poll_interval,
-            max_staleness=max(10.0, 5 * config.chain.poll_interval),
+            max_staleness=config.chain.staleness_limit,
             logger=self.log.getChild("chain"),
         )
         self.meter = Meter(operator.address, config.payments.credit_messages)

@@ -180,6 +180,11 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
         ({"chain": {"poll_interval": 0}}, "chain.poll_interval: must be > 0"),
         ({"chain": {"poll_interval": float("nan")}}, "chain.poll_interval: must be finite"),
         ({"chain": {"poll_interval": "2"}}, "chain.poll_interval: must be a number of seconds"),
+        ({"chain": {"max_staleness": 0}}, "chain.max_staleness: must be > 0"),
+        (
+            {"chain": {"poll_interval": 3, "max_staleness": 3}},
+            "chain.max_staleness: must exceed chain.poll_interval (3 s), got 3",
+        ),
         ({"chain": {"endpoint": "ftp://x"}}, "chain.endpoint: must be 'embedded' or an http(s)"),
         ({"chain": {"endpoint": "http://"}}, "chain.endpoint:"),
         ({"chain": {"endpoint": "http://n:8545"}}, "chain.deployment: required"),
@@ -389,3 +394,11 @@ def test_duplicate_keys_refused_with_line(tmp_path: Path) -> None:
 def test_non_mapping_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config: must be a mapping, got list"):
         load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_max_staleness_defaults_to_five_polls_and_at_least_ten_seconds() -> None:
+    assert parse_config({}).chain.staleness_limit == 10.0
+    assert parse_config({"chain": {"poll_interval": 4}}).chain.staleness_limit == 20.0
+    chain = parse_config({"chain": {"poll_interval": 4, "max_staleness": 4.5}}).chain
+    assert chain.max_staleness == 4.5
+    assert chain.staleness_limit == 4.5

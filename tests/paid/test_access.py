@@ -197,3 +197,14 @@ async def test_wrapped_topic_keys_go_only_to_their_addressee_from_the_seller(
     got = [m.payload for m in await buyer.got.drain(within=1.0) if m.topic == mine]
     assert got == [b"wrapped key, epoch 1"]
     assert [m for m in await spy.got.drain(within=0.3) if m.topic.startswith("blendsm/keys")] == []
+
+
+async def test_chain_max_staleness_from_the_config_reaches_the_chain_view(
+    start_market: Any,
+) -> None:
+    from blendsm.broker._config import ChainConfig
+
+    chain = ChainConfig(confirmations=0, poll_interval=0.05, max_staleness=7.5)
+    market = await start_market(chain=chain)
+    assert market.service.view.max_staleness == 7.5
+    assert market.service.view.healthy
