@@ -373,6 +373,7 @@ class HttpServer:
         }
         if error is not None:
             body["verify_error"] = error
+        service.stats.proofs_served += 1  # over MQTT or HTTP, one counter
         return _json(body)
 
     # --- leaf store (on this server's thread) ------------------------------------------

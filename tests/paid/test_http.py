@@ -340,7 +340,9 @@ async def test_anchors_and_proofs_match_the_chain(api: Api) -> None:
         error = await api.get(f"/api/anchors?limit={bad}", 400)
         assert error["error"].startswith("limit:"), error
 
+    served = market.service.stats.proofs_served
     proof = await api.get(f"/api/proofs/{_hex(leaves[2])}")
+    assert market.service.stats.proofs_served == served + 1
     on_chain = await market.mp("oracle").anchors.anchor_of(
         chain.addr("operator"), proof["batch_id"]
     )
