@@ -39,7 +39,14 @@ from coincurve import PrivateKey
 from blendsm.errors import ConfigError, ConnectTokenError, VoucherSignatureError
 
 from ._keccak import checksum_address, keccak256
-from ._voucher import UINT256_MAX, _address_bytes, _recover
+from ._voucher import (
+    _EIP712_DOMAIN_NO_CONTRACT_TYPEHASH,
+    _address_bytes,
+    _check_chain_id,
+    _domain_separator,
+    _recover,
+    _typed_data,
+)
 
 __all__ = [
     "CONNECT_DOMAIN_NAME",
@@ -58,7 +65,8 @@ __all__ = [
 
 CONNECT_DOMAIN_NAME = "BlendSM Broker"
 CONNECT_DOMAIN_VERSION = "1"
-CONNECT_DOMAIN_TYPEHASH = keccak256(b"EIP712Domain(string name,string version,uint256 chainId)")
+CONNECT_DOMAIN_TYPEHASH = _EIP712_DOMAIN_NO_CONTRACT_TYPEHASH
+"""``keccak256("EIP712Domain(string name,string version,uint256 chainId)")``."""
 CONNECT_TYPEHASH = keccak256(
     b"Connect(address broker,string clientId,uint64 issuedAt,bytes16 nonce)"
 )
@@ -134,16 +142,6 @@ def parse_connect_token(password: str | bytes | None) -> ConnectToken:
     return ConnectToken(issued_at, bytes.fromhex(nonce), bytes.fromhex(signature))
 
 
-def _check_chain_id(chain_id: object) -> int:
-    if (
-        isinstance(chain_id, bool)
-        or not isinstance(chain_id, int)
-        or not 0 <= chain_id <= UINT256_MAX
-    ):
-        raise ConfigError(f"chain_id: must be an int in [0, 2**256), got {chain_id!r}")
-    return chain_id
-
-
 def _client_id_bytes(client_id: object, error: type[ValueError]) -> bytes:
     """UTF-8 of a non-empty client id (an empty one is replaced by the broker, unsignable)."""
     if not isinstance(client_id, str) or not client_id:
@@ -163,12 +161,7 @@ class _Domain:
         self.chain_id = _check_chain_id(chain_id)
         self.broker_bytes = _address_bytes(broker, "broker", ConfigError)
         self.broker = checksum_address(self.broker_bytes)
-        separator = keccak256(
-            CONNECT_DOMAIN_TYPEHASH
-            + keccak256(CONNECT_DOMAIN_NAME.encode())
-            + keccak256(CONNECT_DOMAIN_VERSION.encode())
-            + chain_id.to_bytes(32, "big")
-        )
+        separator = _domain_separator(CONNECT_DOMAIN_NAME, CONNECT_DOMAIN_VERSION, self.chain_id)
         self.prefix = b"\x19\x01" + separator
         self.struct_head = CONNECT_TYPEHASH + bytes(12) + self.broker_bytes
 
@@ -213,33 +206,25 @@ def connect_typed_data(
     then build the password with ``ConnectToken(issued_at, nonce, signature).encode()``."""
     domain = _Domain(chain_id, broker)
     _client_id_bytes(client_id, ConfigError)
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-            ],
-            "Connect": [
-                {"name": "broker", "type": "address"},
-                {"name": "clientId", "type": "string"},
-                {"name": "issuedAt", "type": "uint64"},
-                {"name": "nonce", "type": "bytes16"},
-            ],
-        },
-        "primaryType": "Connect",
-        "domain": {
-            "name": CONNECT_DOMAIN_NAME,
-            "version": CONNECT_DOMAIN_VERSION,
-            "chainId": domain.chain_id,
-        },
-        "message": {
+    return _typed_data(
+        CONNECT_DOMAIN_NAME,
+        CONNECT_DOMAIN_VERSION,
+        domain.chain_id,
+        None,
+        "Connect",
+        (
+            ("broker", "address"),
+            ("clientId", "string"),
+            ("issuedAt", "uint64"),
+            ("nonce", "bytes16"),
+        ),
+        {
             "broker": domain.broker,
             "clientId": client_id,
             "issuedAt": _check_issued_at(issued_at),
             "nonce": _check_nonce(nonce),
         },
-    }
+    )
 
 
 class ConnectTokenSigner:

@@ -40,7 +40,7 @@ from blendsm.errors import ConfigError, EnvelopeError, VoucherSignatureError
 
 from ._keccak import checksum_address, keccak256
 from ._merkle import leaf_hash
-from ._voucher import EIP712_DOMAIN_TYPEHASH, UINT256_MAX, _address_bytes, _recover
+from ._voucher import _init_domain, _recover, _typed_data
 
 __all__ = [
     "ENVELOPE_HEADER_SIZE",
@@ -70,6 +70,14 @@ ENVELOPE_HEADER_SIZE: Final = 103
 FLAG_ENCRYPTED: Final = 0x01
 _KNOWN_FLAGS: Final = FLAG_ENCRYPTED
 _UINT64_MAX: Final = 2**64 - 1
+_MESSAGE_FIELDS: Final = (
+    ("topicHash", "bytes32"),
+    ("device", "address"),
+    ("sequence", "uint64"),
+    ("timestamp", "uint64"),
+    ("payloadHash", "bytes32"),
+    ("flags", "uint8"),
+)
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -82,26 +90,10 @@ class MessageDomain:
     _prefix: bytes
 
     def __init__(self, chain_id: int, registry: str | bytes) -> None:
-        if (
-            isinstance(chain_id, bool)
-            or not isinstance(chain_id, int)
-            or not 0 <= chain_id <= UINT256_MAX
-        ):
-            raise ConfigError(f"chain_id: must be an int in [0, 2**256), got {chain_id!r}")
-        raw = _address_bytes(registry, "registry", ConfigError)
-        separator = keccak256(
-            EIP712_DOMAIN_TYPEHASH
-            + keccak256(MESSAGE_DOMAIN_NAME.encode())
-            + keccak256(MESSAGE_DOMAIN_VERSION.encode())
-            + chain_id.to_bytes(32, "big")
-            + bytes(12)
-            + raw
+        raw = _init_domain(
+            self, MESSAGE_DOMAIN_NAME, MESSAGE_DOMAIN_VERSION, chain_id, registry, "registry"
         )
-        set_ = object.__setattr__
-        set_(self, "chain_id", chain_id)
-        set_(self, "registry", checksum_address(raw))
-        set_(self, "separator", separator)
-        set_(self, "_prefix", b"\x19\x01" + separator)
+        object.__setattr__(self, "registry", checksum_address(raw))
 
     def digest(
         self,
@@ -272,31 +264,14 @@ def message_typed_data(
     flags: int = 0,
 ) -> dict[str, Any]:
     """The message as EIP-712 JSON (``eth_signTypedData_v4``), for wallets and other languages."""
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "Message": [
-                {"name": "topicHash", "type": "bytes32"},
-                {"name": "device", "type": "address"},
-                {"name": "sequence", "type": "uint64"},
-                {"name": "timestamp", "type": "uint64"},
-                {"name": "payloadHash", "type": "bytes32"},
-                {"name": "flags", "type": "uint8"},
-            ],
-        },
-        "primaryType": "Message",
-        "domain": {
-            "name": MESSAGE_DOMAIN_NAME,
-            "version": MESSAGE_DOMAIN_VERSION,
-            "chainId": domain.chain_id,
-            "verifyingContract": domain.registry,
-        },
-        "message": {
+    return _typed_data(
+        MESSAGE_DOMAIN_NAME,
+        MESSAGE_DOMAIN_VERSION,
+        domain.chain_id,
+        domain.registry,
+        "Message",
+        _MESSAGE_FIELDS,
+        {
             "topicHash": "0x" + keccak256(topic.encode()).hex(),
             "device": device,
             "sequence": sequence,
@@ -304,4 +279,4 @@ def message_typed_data(
             "payloadHash": "0x" + keccak256(payload).hex(),
             "flags": flags,
         },
-    }
+    )

@@ -87,6 +87,97 @@ def _address_bytes(value: str | bytes, what: str, error: type[ValueError]) -> by
     return raw
 
 
+# EIP-712 domains, one implementation for every signed type of the SDK: vouchers (here),
+# messages (_envelope) and CONNECT tokens (_connect_token). Each domain is hashed once, when
+# it is built; the per-message digest is then keccak256(prefix || struct_hash) with
+# prefix = 0x1901 || separator, written inline in each ``digest`` (hot path, no extra call).
+
+_EIP712_DOMAIN_NO_CONTRACT_TYPEHASH = keccak256(
+    b"EIP712Domain(string name,string version,uint256 chainId)"
+)
+_EIP712_DOMAIN_FIELDS = (
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+)
+
+
+def _check_chain_id(chain_id: object) -> int:
+    """``chain_id`` if it is an int (not bool) that fits uint256, else ConfigError."""
+    if (
+        isinstance(chain_id, bool)
+        or not isinstance(chain_id, int)
+        or not 0 <= chain_id <= UINT256_MAX
+    ):
+        raise ConfigError(f"chain_id: must be an int in [0, 2**256), got {chain_id!r}")
+    return chain_id
+
+
+def _domain_separator(
+    name: str, version: str, chain_id: int, verifying_contract: bytes | None = None
+) -> bytes:
+    """``hashStruct(EIP712Domain)`` of ``{name, version, chainId[, verifyingContract]}``.
+
+    With 20 ``verifying_contract`` bytes this is OpenZeppelin's ``_domainSeparatorV4()``;
+    without, the domain has no ``verifyingContract`` field (and type) at all.
+    """
+    head = keccak256(name.encode()) + keccak256(version.encode()) + chain_id.to_bytes(32, "big")
+    if verifying_contract is None:
+        return keccak256(_EIP712_DOMAIN_NO_CONTRACT_TYPEHASH + head)
+    return keccak256(EIP712_DOMAIN_TYPEHASH + head + bytes(12) + verifying_contract)
+
+
+def _init_domain(
+    domain: object,
+    name: str,
+    version: str,
+    chain_id: object,
+    verifying_contract: str | bytes,
+    what: str,
+) -> bytes:
+    """Check and hash a contract-bound domain; fill ``chain_id``, ``separator`` and
+    ``_prefix`` (``0x1901 || separator``) of the frozen dataclass ``domain``.
+
+    Checks the chain id, then the address (``what`` names it in the ConfigError), and
+    returns the contract's 20 bytes for the caller's own address fields.
+    """
+    chain_id = _check_chain_id(chain_id)
+    raw = _address_bytes(verifying_contract, what, ConfigError)
+    separator = _domain_separator(name, version, chain_id, raw)
+    object.__setattr__(domain, "chain_id", chain_id)
+    object.__setattr__(domain, "separator", separator)
+    object.__setattr__(domain, "_prefix", b"\x19\x01" + separator)
+    return raw
+
+
+def _typed_data(
+    name: str,
+    version: str,
+    chain_id: int,
+    verifying_contract: str | None,
+    primary_type: str,
+    struct_fields: tuple[tuple[str, str], ...],
+    message: dict[str, Any],
+) -> dict[str, Any]:
+    """EIP-712 JSON (``eth_signTypedData_v4``) of ``message``, a ``primary_type`` struct with
+    ``struct_fields`` (name, type) in order, in the domain that :func:`_domain_separator`
+    hashes (no ``verifyingContract`` when it is None)."""
+    domain_fields = [dict(f) for f in _EIP712_DOMAIN_FIELDS]
+    domain: dict[str, Any] = {"name": name, "version": version, "chainId": chain_id}
+    if verifying_contract is not None:
+        domain_fields.append({"name": "verifyingContract", "type": "address"})
+        domain["verifyingContract"] = verifying_contract
+    return {
+        "types": {
+            "EIP712Domain": domain_fields,
+            primary_type: [{"name": n, "type": t} for n, t in struct_fields],
+        },
+        "primaryType": primary_type,
+        "domain": domain,
+        "message": message,
+    }
+
+
 def _check_fields(channel_id: object, cumulative_amount: object) -> None:
     """Reject what cannot be ``bytes32`` / ``uint256``, before any hashing."""
     if not isinstance(channel_id, bytes) or len(channel_id) != 32:
@@ -123,27 +214,16 @@ class VoucherDomain:
     _prefix: bytes = field(init=False, repr=False, compare=False)  # 0x1901 || separator
 
     def __init__(self, chain_id: int, verifying_contract: str | bytes) -> None:
-        if (
-            isinstance(chain_id, bool)
-            or not isinstance(chain_id, int)
-            or not 0 <= chain_id <= UINT256_MAX
-        ):
-            raise ConfigError(f"chain_id: must be an int in [0, 2**256), got {chain_id!r}")
-        raw = _address_bytes(verifying_contract, "verifying_contract", ConfigError)
-        separator = keccak256(
-            EIP712_DOMAIN_TYPEHASH
-            + keccak256(VOUCHER_DOMAIN_NAME.encode())
-            + keccak256(VOUCHER_DOMAIN_VERSION.encode())
-            + chain_id.to_bytes(32, "big")
-            + bytes(12)
-            + raw
+        raw = _init_domain(
+            self,
+            VOUCHER_DOMAIN_NAME,
+            VOUCHER_DOMAIN_VERSION,
+            chain_id,
+            verifying_contract,
+            "verifying_contract",
         )
-        set_ = object.__setattr__
-        set_(self, "chain_id", chain_id)
-        set_(self, "verifying_contract", checksum_address(raw))
-        set_(self, "verifying_contract_bytes", raw)
-        set_(self, "separator", separator)
-        set_(self, "_prefix", b"\x19\x01" + separator)
+        object.__setattr__(self, "verifying_contract", checksum_address(raw))
+        object.__setattr__(self, "verifying_contract_bytes", raw)
 
     def digest(self, channel_id: bytes, cumulative_amount: int) -> bytes:
         """The EIP-712 digest the payer signs; no input checks (see :func:`voucher_digest`)."""
@@ -159,28 +239,15 @@ def voucher_typed_data(
     """The voucher as EIP-712 JSON (``eth_signTypedData_v4``), for wallets that sign typed data
     themselves (hardware wallets, eth_account's ``sign_typed_data``); same digest as ours."""
     _check_fields(channel_id, cumulative_amount)
-    return {
-        "types": {
-            "EIP712Domain": [
-                {"name": "name", "type": "string"},
-                {"name": "version", "type": "string"},
-                {"name": "chainId", "type": "uint256"},
-                {"name": "verifyingContract", "type": "address"},
-            ],
-            "Voucher": [
-                {"name": "channelId", "type": "bytes32"},
-                {"name": "cumulativeAmount", "type": "uint256"},
-            ],
-        },
-        "primaryType": "Voucher",
-        "domain": {
-            "name": VOUCHER_DOMAIN_NAME,
-            "version": VOUCHER_DOMAIN_VERSION,
-            "chainId": domain.chain_id,
-            "verifyingContract": domain.verifying_contract,
-        },
-        "message": {"channelId": channel_id, "cumulativeAmount": cumulative_amount},
-    }
+    return _typed_data(
+        VOUCHER_DOMAIN_NAME,
+        VOUCHER_DOMAIN_VERSION,
+        domain.chain_id,
+        domain.verifying_contract,
+        "Voucher",
+        (("channelId", "bytes32"), ("cumulativeAmount", "uint256")),
+        {"channelId": channel_id, "cumulativeAmount": cumulative_amount},
+    )
 
 
 def voucher_digest(domain: VoucherDomain, channel_id: bytes, cumulative_amount: int) -> bytes:
