@@ -1,10 +1,10 @@
 """Paid delivery throughput: the BlendSM broker next to stock amqtt, same clients, same run.
 
 Run as ``python benchmarks/bench_paid_delivery.py [messages] [rounds]`` (defaults 3000
-messages, 3 rounds; about 80 s on a 2-core machine; every wait is clamped so the whole run
-ends within about 160 s even if something hangs, and rounds that would not fit are skipped
-and said so). The budget was 100 s (+ cleanup) before configuration (d) was added; it is now
-150 s (+ cleanup) because (d) costs as much as (c).
+messages, 3 rounds; about 110-120 s on a 2-core machine; every wait is clamped so the whole
+run ends within about 210 s even if something hangs, and rounds that would not fit are
+skipped and said so). The budget was 100 s (+ cleanup) before configuration (d) was added,
+150 s with (d), and is now 200 s (+ cleanup) because (e) costs as much as (c).
 
 Each configuration starts its broker in its own process on 127.0.0.1, connects 10 subscribers
 (two processes, five clients each) to ``bench/t`` at QoS 0, then one publisher in the driver
@@ -14,7 +14,9 @@ publish to the last receipt), messages dropped (published x 10 - received), brok
 delivery (``resource.getrusage`` of the broker process, every thread included, from just
 before the first publish to the last receipt), the subscribers' and publisher's CPU per
 delivery the same way, and the ratios to (a); for (d) also the HTTP poller's answers/s and
-failures, and the ratios d/c.
+failures, and the ratios d/c; for (e) also the anvil node's CPU per delivery (its own
+process, read with psutil or /proc/<pid>/stat over the same window, 10 ms clock ticks) and
+the ratios e/c.
 
 Configurations:
   a  stock amqtt 0.12.1 ``Broker`` with a minimal config: one TCP listener and
@@ -39,12 +41,23 @@ Configurations:
      loop shared with the publisher) GETting /api/status, /api/topics, /api/channels and
      /api/anchors every 100 ms: 10x the dashboard's 1 s poll. Its thread CPU is left out of
      the publisher's CPU figure. The cost of the API is (d) against (c).
+  e  exactly (c), broker and clients alike, but the broker talks to an anvil node over
+     JSON-RPC instead of running the embedded EVM in its own process. The driver starts anvil
+     (``AnvilNode``, automine, from ``npm ci``'s node_modules) before the round; the broker
+     process funds the same TEST-ONLY accounts with ``anvil_setBalance``, deploys and enrols
+     exactly as (c) over JSON-RPC, writes the deployment file and starts the broker from its
+     config alone: ``chain.endpoint`` = the anvil URL, ``chain.deployment`` = that file,
+     ``confirmations: 0``, the same poll interval, settlement and anchoring settings as (c),
+     the operator key from the environment variable ``BENCH_OPERATOR_KEY``. Anchor
+     transactions and chain polling then execute in anvil, whose CPU is reported separately;
+     the broker's CPU keeps only its own side (signing, JSON-RPC calls). The cost of the
+     embedded EVM is (c) against (e).
 
 The in-process EVM cannot be shared across processes, so the broker process of (c) and (d)
-builds its own chain: deploys the suite, enrols seller, device and buyers (the deployer is the
-oracle), creates the topic and opens the 10 channels before starting the broker; the SDK
-Subscriber learns its channel from the broker's Quote. All keys are TEST-ONLY
-(``test_account``), on a chain that holds no value.
+builds its own chain (that of (e) does the same on anvil): deploys the suite, enrols seller,
+device and buyers (the deployer is the oracle), creates the topic and opens the 10 channels
+before starting the broker; the SDK Subscriber learns its channel from the broker's Quote.
+All keys are TEST-ONLY (``test_account``), on chains that hold no value.
 
 Subscribers count only data messages on ``bench/t`` (never control notices) and stop once they
 have everything, or 2 s after the last message arrived (QoS 0 messages the gate refused for
@@ -80,8 +93,9 @@ PAY_EVERY = 10  # SDK Subscriber: a voucher every 10 paid messages
 IDLE_STOP_S = 2.0  # a subscriber stops this long after its last message
 RUN_DEADLINE_S = 20.0  # per configuration, from subscriber start
 START_TIMEOUT_S = 40.0  # broker start-up (chain set-up included)
-TOTAL_BUDGET_S = 150.0  # every wait is clamped to end by then; cleanup adds at most ~10 s
-EST_RUN_S = {"a": 10.0, "b": 14.0, "c": 28.0, "d": 28.0}  # worst case per config, for the budget
+TOTAL_BUDGET_S = 200.0  # every wait is clamped to end by then; cleanup adds at most ~10 s
+EST_RUN_S = {"a": 10.0, "b": 14.0, "c": 28.0, "d": 28.0, "e": 30.0}  # worst case, for the budget
+OPERATOR_KEY_ENV = "BENCH_OPERATOR_KEY"  # (e): the broker reads its TEST-ONLY key from here
 POLL_PATHS = ("/api/status", "/api/topics", "/api/channels", "/api/anchors")
 POLL_INTERVAL_S = 0.1  # (d): 10x the dashboard's 1 s poll
 
@@ -160,15 +174,22 @@ def _stock_main(conn: Any) -> None:
     _run_child(conn, run)
 
 
-def _blendsm_config(data_dir: str, http: bool = False) -> Any:
+def _blendsm_config(data_dir: str, http: bool = False, node: dict[str, Any] | None = None) -> Any:
+    """The broker config of (b)-(e). ``node`` (e): ``{"endpoint": url, "deployment": path,
+    "key_env": VAR}`` puts the broker on that JSON-RPC node instead of the embedded chain,
+    with the same confirmations and poll interval."""
     from blendsm.broker._config import parse_config
 
     extra: dict[str, Any] = {"http": {"host": "127.0.0.1", "port": 0}} if http else {}
+    chain: dict[str, Any] = {"endpoint": "embedded", "confirmations": 0, "poll_interval": 2.0}
+    if node is not None:
+        chain.update(endpoint=node["endpoint"], deployment=node["deployment"])
+        extra["operator_key"] = {"env": node["key_env"]}
     return parse_config(
         {
             **extra,
             "listen": {"host": "127.0.0.1", "port": 0},
-            "chain": {"endpoint": "embedded", "confirmations": 0, "poll_interval": 2.0},
+            "chain": chain,
             "payments": {
                 "credit_messages": CREDIT_MESSAGES,
                 "settlement": {"interval_seconds": 3600},  # no claims during the run
@@ -205,65 +226,117 @@ def _public_main(conn: Any, data_dir: str) -> None:
     _run_child(conn, run)
 
 
+def _market_accounts(n_buyers: int) -> tuple[Any, Any, Any, Any, list[Any]]:
+    """deployer (the Registry's oracle), operator, seller, device, buyers: TEST-ONLY keys on a
+    chain that holds no value."""
+    from blendsm.contracts._devchain import test_account
+
+    return (
+        test_account("bench-deployer"),
+        test_account("bench-operator"),
+        test_account("bench-seller"),
+        test_account("bench-device"),
+        [test_account(f"bench-buyer-{i}") for i in range(n_buyers)],
+    )
+
+
+async def _build_market(w3: Any, n_buyers: int) -> Any:
+    """Deploy the suite on ``w3`` (accounts already funded) and enrol seller, operator,
+    buyers and device, create the paid topic and open one channel per buyer; the
+    deployment."""
+    from blendsm.contracts import Marketplace
+    from blendsm.contracts._bindings import Policy, Role
+    from blendsm.contracts._deploy import deploy_suite
+
+    deployer, operator, seller, device, buyers = _market_accounts(n_buyers)
+    deployment = await deploy_suite(w3, deployer)
+    oracle = Marketplace(w3, deployment, deployer)
+    for account, role in [
+        (seller, Role.SELLER),
+        (operator, Role.OPERATOR),
+        *[(b, Role.BUYER) for b in buyers],
+    ]:
+        await Marketplace(w3, deployment, account).registry.apply_for_role(role)
+        await oracle.registry.approve(account.address)
+    as_seller = Marketplace(w3, deployment, seller)
+    await as_seller.registry.add_device(device.address)
+    await as_seller.market.create_topic(TOPIC, PRICE, None, Policy.OPEN)
+    for buyer in buyers:
+        await Marketplace(w3, deployment, buyer).channels.open(
+            seller.address, operator.address, None, DEPOSIT
+        )
+    return deployment
+
+
+def _market_ready(running: Any, deployment: Any, operator: Any, setup_s: float) -> Any:
+    return (
+        "ready",
+        {
+            "port": running.port,
+            "chain_id": deployment.chain_id,
+            "channels": deployment.address("PaymentChannels"),
+            "operator": operator.address,
+            "registry": deployment.address("Registry"),
+            "setup_s": setup_s,
+            "http_port": running.http.port if running.http is not None else None,
+        },
+    )
+
+
 def _market_main(conn: Any, data_dir: str, n_buyers: int, http: bool = False) -> None:
     """(c), and (d) with ``http``: build the chain and the market here (the in-process EVM
     cannot cross processes), then start the broker on it."""
     _quiet()
     from blendsm.broker._runner import ChainConnection, start_broker
-    from blendsm.contracts import Marketplace
-    from blendsm.contracts._bindings import Policy, Role
     from blendsm.contracts._connect import EMBEDDED, connect
-    from blendsm.contracts._deploy import deploy_suite
-    from blendsm.contracts._devchain import new_embedded_chain, test_account
+    from blendsm.contracts._devchain import new_embedded_chain
 
     async def run() -> None:
         t_setup = time.time()
-        # TEST-ONLY keys on a chain that holds no value.
-        deployer = test_account("bench-deployer")  # becomes the Registry's oracle
-        operator = test_account("bench-operator")
-        seller = test_account("bench-seller")
-        device = test_account("bench-device")
-        buyers = [test_account(f"bench-buyer-{i}") for i in range(n_buyers)]
+        deployer, operator, seller, device, buyers = _market_accounts(n_buyers)
         tester = new_embedded_chain(
             fund=[a.address for a in (deployer, operator, seller, device, *buyers)],
             amount=10**21,
         )
         w3 = connect(EMBEDDED, ethereum_tester=tester)
-        deployment = await deploy_suite(w3, deployer)
-        oracle = Marketplace(w3, deployment, deployer)
-        for account, role in [
-            (seller, Role.SELLER),
-            (operator, Role.OPERATOR),
-            *[(b, Role.BUYER) for b in buyers],
-        ]:
-            await Marketplace(w3, deployment, account).registry.apply_for_role(role)
-            await oracle.registry.approve(account.address)
-        as_seller = Marketplace(w3, deployment, seller)
-        await as_seller.registry.add_device(device.address)
-        await as_seller.market.create_topic(TOPIC, PRICE, None, Policy.OPEN)
-        for buyer in buyers:
-            await Marketplace(w3, deployment, buyer).channels.open(
-                seller.address, operator.address, None, DEPOSIT
-            )
+        deployment = await _build_market(w3, n_buyers)
         setup_s = time.time() - t_setup
         running = await start_broker(
             _blendsm_config(data_dir, http),
             chain=ChainConnection(w3, deployment, operator, tester, owned=False),
         )
-        conn.send(
-            (
-                "ready",
-                {
-                    "port": running.port,
-                    "chain_id": deployment.chain_id,
-                    "channels": deployment.address("PaymentChannels"),
-                    "operator": operator.address,
-                    "registry": deployment.address("Registry"),
-                    "setup_s": setup_s,
-                    "http_port": running.http.port if running.http is not None else None,
-                },
-            )
-        )
+        conn.send(_market_ready(running, deployment, operator, setup_s))
+        await _serve(conn, lambda: _blendsm_stats(running), running.stop)
+
+    _run_child(conn, run)
+
+
+def _anvil_market_main(conn: Any, data_dir: str, n_buyers: int, url: str) -> None:
+    """(e): the market of (c), built over JSON-RPC on the anvil node at ``url`` (started by
+    the driver): fund the accounts (anvil_setBalance), deploy and enrol exactly as (c), write
+    the deployment file, then ``start_broker`` from its config alone (``chain.endpoint`` =
+    ``url``, the operator key from an environment variable), as a production broker starts."""
+    _quiet()
+    from blendsm.broker._runner import start_broker
+    from blendsm.contracts._connect import connect, disconnect
+
+    async def run() -> None:
+        t_setup = time.time()
+        deployer, operator, seller, device, buyers = _market_accounts(n_buyers)
+        w3 = connect(url, request_timeout=30)
+        try:
+            for account in (deployer, operator, seller, device, *buyers):
+                await w3.provider.make_request("anvil_setBalance", [account.address, hex(10**21)])
+            deployment = await _build_market(w3, n_buyers)
+        finally:
+            await disconnect(w3)
+        deployment_file = os.path.join(data_dir, "bench-deployment.json")
+        deployment.save(deployment_file)
+        os.environ[OPERATOR_KEY_ENV] = operator.key.hex()  # TEST-ONLY key, this process only
+        setup_s = time.time() - t_setup
+        node = {"endpoint": url, "deployment": deployment_file, "key_env": OPERATOR_KEY_ENV}
+        running = await start_broker(_blendsm_config(data_dir, node=node))
+        conn.send(_market_ready(running, deployment, operator, setup_s))
         await _serve(conn, lambda: _blendsm_stats(running), running.stop)
 
     _run_child(conn, run)
@@ -511,6 +584,19 @@ class _Poller:
         }
 
 
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process so far (e: the anvil node), via psutil
+    when installed, else /proc/<pid>/stat; clock-tick resolution (10 ms) either way."""
+    try:
+        import psutil  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
 def _ask(conn: Any, cmd: str, timeout: float = 10.0) -> Any:
     conn.send(cmd)
     if not conn.poll(timeout):
@@ -527,16 +613,35 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     data_dir = tempfile.mkdtemp(prefix="bench-paid-")
-    target: Any = {"a": _stock_main, "b": _public_main, "c": _market_main, "d": _market_main}[kind]
+    anvil: Any = None
+    if kind == "e":
+        from blendsm.contracts._devchain import AnvilNode
+
+        t_anvil = time.time()
+        anvil = AnvilNode().start(timeout=left(20))  # automine: every transaction mined at once
+        anvil_start_s = time.time() - t_anvil
+    target: Any = {
+        "a": _stock_main,
+        "b": _public_main,
+        "c": _market_main,
+        "d": _market_main,
+        "e": _anvil_market_main,
+    }[kind]
     args: tuple[Any, ...] = {
         "a": (child,),
         "b": (child, data_dir),
         "c": (child, data_dir, N_SUBSCRIBERS),
         "d": (child, data_dir, N_SUBSCRIBERS, True),
+        "e": (child, data_dir, N_SUBSCRIBERS, anvil.url if anvil is not None else ""),
     }[kind]
-    clients = "c" if kind == "d" else kind  # (d) uses exactly the clients of (c)
+    clients = "c" if kind in ("d", "e") else kind  # (d) and (e) use exactly the clients of (c)
     broker = ctx.Process(target=target, args=args, daemon=True)
-    broker.start()
+    try:
+        broker.start()
+    except BaseException:
+        if anvil is not None:
+            anvil.stop()
+        raise
     subs: list[Any] = []
     close_pub: Any = None
     poller: _Poller | None = None
@@ -569,6 +674,7 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
         if poller is not None:
             poller.go.set()  # polling covers the whole measured window
         cpu0 = _ask(parent, "cpu", left(10))
+        anvil_cpu0 = _proc_cpu(anvil.process.pid) if anvil is not None else 0.0
         pub_cpu0 = _cpu()
         poll_cpu0 = poller.cpu if poller is not None else 0.0
         t0 = time.time()
@@ -587,6 +693,7 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
         if poller is not None:  # the poller thread's CPU is not the publisher's
             pub_cpu -= poller.cpu - poll_cpu0
         cpu1 = _ask(parent, "cpu", left(10))
+        anvil_cpu = _proc_cpu(anvil.process.pid) - anvil_cpu0 if anvil is not None else 0.0
         polled = poller.stop() if poller is not None else {}
         poller = None
         stats = _ask(parent, "stats", left(10))
@@ -604,6 +711,11 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
             "setup_s": float(info.get("setup_s", 0.0)),
             **stats,
             **polled,  # (d)
+            **(
+                {"anvil_cpu_us": anvil_cpu / max(got, 1) * 1e6, "anvil_start_s": anvil_start_s}
+                if anvil is not None
+                else {}
+            ),  # (e)
             **{f"sub_{k}": v for k, v in extra.items()},  # SDK counters (c), (d)
         }
     finally:
@@ -626,6 +738,8 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
             if p.is_alive():
                 p.kill()
                 p.join(timeout=2)
+        if anvil is not None:
+            anvil.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
@@ -634,6 +748,7 @@ LABELS = {
     "b": "BlendSM, public topic, paho",
     "c": "BlendSM, paid topic, SDK (vouchers)",
     "d": "BlendSM, paid topic + HTTP API polled",
+    "e": "BlendSM, paid topic, SDK, anvil node",
 }
 
 
@@ -666,13 +781,16 @@ def main() -> None:
                 f"\n           received {out['deliveries']}/{out['expected']} (dropped {out['dropped']})"
                 f"  publish {out['publish_s']:.2f} s, last receipt {out['elapsed_s']:.2f} s"
             )
-            if k in ("c", "d"):
+            if k == "e":
+                line += f"  anvil {out['anvil_cpu_us']:5.1f} us"
+            if k in ("c", "d", "e"):
                 line += (
                     f"\n           metered {out['metered']}, denied_no_credit"
                     f" {out['denied_no_credit']}, vouchers sent {out.get('sub_vouchers_sent', 0)}"
                     f" / accepted {out['vouchers_accepted']} / refused {out['vouchers_refused']},"
                     f" receipts seen {out.get('sub_receipts', 0)}, payment requests"
                     f" {out['payment_requests']}, chain set-up {out['setup_s']:.1f} s"
+                    + (f" (+ anvil start {out['anvil_start_s']:.1f} s)" if k == "e" else "")
                     + "".join(
                         f", {name[4:]} {n}"
                         for name, n in out.items()
@@ -714,6 +832,19 @@ def main() -> None:
             f"  broker CPU {cpu_d / cpu_c:4.2f}  poller {rps:.1f} requests/s (median),"
             f" {failures} failure(s) in all"
         )
+    if res["e"]:
+        rate_e = statistics.median(x["rate"] for x in res["e"])
+        cpu_e = statistics.median(x["cpu_us"] for x in res["e"])
+        anvil_e = statistics.median(x["anvil_cpu_us"] for x in res["e"])
+        line = (
+            f"  e (anvil): anvil {anvil_e:5.1f} us/delivery (median; its own process, not in the"
+            f" broker's figure)  e/a: rate {rate_e / base:4.2f}  broker CPU {cpu_e / base_cpu:4.2f}"
+        )
+        if res["c"]:
+            rate_c = statistics.median(x["rate"] for x in res["c"])
+            cpu_c = statistics.median(x["cpu_us"] for x in res["c"])
+            line += f"  e/c: rate {rate_e / rate_c:4.2f}  broker CPU {cpu_e / cpu_c:4.2f}"
+        print(line)
     print(f"total {time.time() - start:.1f} s")
 
 
