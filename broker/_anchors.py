@@ -48,7 +48,7 @@ from typing import Any, Literal, TypeVar
 from hexbytes import HexBytes
 from web3.exceptions import TransactionNotFound
 
-from blendsm.broker._sqlite import open_durable
+from blendsm.broker._sqlite import DurableStore
 from blendsm.contracts._bindings import AnchorInfo, Marketplace
 from blendsm.contracts._revert import chain_errors
 from blendsm.contracts._transactor import Transactor
@@ -249,44 +249,20 @@ class AnchorConfig:
 # --------------------------------------------------------------------------- blocking store
 
 
-class LeafStore:
+class LeafStore(DurableStore):
     """Blocking leaf and batch store (one SQLite file); use it from one thread (the async
     facade guarantees that)."""
 
     def __init__(self, path: str | Path, *, tree_cache: int = 8) -> None:
-        self.path = Path(path)
-        self.commits = 0
-        """Write transactions committed so far (each one fsync); for tests and metrics."""
-        self._trees: OrderedDict[int, MerkleTree] = OrderedDict()
-        self._tree_cache = tree_cache
-        self._db = open_durable(
-            self.path,
+        super().__init__(
+            path,
             kind="leaf store",
             application_id=APPLICATION_ID,
             schema_version=SCHEMA_VERSION,
             schema=_SCHEMA_V1,
         )
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> LeafStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _write(self, body: Callable[[], _T]) -> _T:
-        """Run ``body`` in one BEGIN IMMEDIATE transaction; committed (fsynced) on return."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            result = body()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        self.commits += 1
-        return result
+        self._trees: OrderedDict[int, MerkleTree] = OrderedDict()
+        self._tree_cache = tree_cache
 
     # -- leaves --------------------------------------------------------------
 

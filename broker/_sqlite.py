@@ -9,11 +9,15 @@ returns), an ``application_id`` so a foreign file is refused rather than written
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Self, TypeVar
 
 from blendsm.errors import StoreError
 
-__all__ = ["open_durable"]
+__all__ = ["DurableStore", "open_durable"]
+
+_T = TypeVar("_T")
 
 
 def open_durable(
@@ -90,3 +94,50 @@ def _migrate(
         )
     if version < 1:
         raise StoreError(f"{where}: schema version {version} is invalid")
+
+
+class DurableStore:
+    """Base of the blocking stores: one durable SQLite connection, used from one thread (their
+    async facades guarantee that), and write transactions that are on disk when they return."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        kind: str,
+        application_id: int,
+        schema_version: int,
+        schema: str,
+    ) -> None:
+        self.path = Path(path)
+        self.commits = 0
+        """Write transactions committed so far (each one fsync); for tests and metrics."""
+        self._db = open_durable(
+            self.path,
+            kind=kind,
+            application_id=application_id,
+            schema_version=schema_version,
+            schema=schema,
+        )
+
+    def close(self) -> None:
+        """Close the connection (a checkpoint folds the WAL back into the file)."""
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, body: Callable[[], _T]) -> _T:
+        """Run ``body`` in one BEGIN IMMEDIATE transaction; committed (fsynced) on return."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = body()
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self.commits += 1
+        return result

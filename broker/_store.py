@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from blendsm.broker._sqlite import open_durable
+from blendsm.broker._sqlite import DurableStore
 from blendsm.device_sdk._voucher import Voucher
 from blendsm.errors import StoreError
 
@@ -143,44 +143,17 @@ class ChannelBalance:
         return max(0, self.amount - self.claimed_onchain)
 
 
-class VoucherStore:
+class VoucherStore(DurableStore):
     """Blocking store; use it from one thread (the async facade guarantees that)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.commits = 0
-        """Write transactions committed so far (each one fsync); for tests and metrics."""
-        self._db = open_durable(
-            self.path,
+        super().__init__(
+            path,
             kind="voucher store",
             application_id=APPLICATION_ID,
             schema_version=SCHEMA_VERSION,
             schema=_SCHEMA_V1,
         )
-
-    # -- lifetime ------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the connection (a checkpoint folds the WAL back into the file)."""
-        self._db.close()
-
-    def __enter__(self) -> VoucherStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _write(self, body: Callable[[], _T]) -> _T:
-        """Run ``body`` in one BEGIN IMMEDIATE transaction; committed (fsynced) on return."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            result = body()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        self.commits += 1
-        return result
 
     # -- vouchers ------------------------------------------------------------
 
