@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from hexbytes import HexBytes
 from web3.exceptions import TransactionNotFound
@@ -500,6 +500,13 @@ class LeafStore(DurableStore):
 
 # --------------------------------------------------------------------------- async facade
 
+NOWAIT_LINGER: Final = 0.02
+"""Seconds QoS 0 leaves (``add_nowait``) may wait to share a commit: the profile in
+docs/benchmarks.md found about 1.5 leaves per fsync without it. A crash can lose that window of
+QoS 0 leaves, which ``add_nowait`` never promised to keep."""
+NOWAIT_GROUP: Final = 256
+"""Queued leaves that commit at once, lingering or not."""
+
 
 class AsyncLeafStore:
     """Asyncio facade: every call runs on one dedicated thread that owns the connection;
@@ -515,7 +522,14 @@ class AsyncLeafStore:
         self._store = store
         self.log = logger or logging.getLogger("blendsm.broker.anchors")
         self._queue: list[tuple[LeafRow, asyncio.Future[bool] | None]] = []
+        self._waiters = 0
+        """Awaited adds (QoS 1/2, a PUBACK waits on them) in ``_queue``."""
+        self._wake = asyncio.Event()
+        self._draining = 0
         self._flusher: asyncio.Task[None] | None = None
+        self.linger = NOWAIT_LINGER
+        """Seconds a group of only not-awaited (QoS 0) leaves may wait for more before its
+        commit; an awaited add or ``NOWAIT_GROUP`` queued leaves commit at once."""
         self.lost = 0
         """Not-awaited (QoS 0) leaves whose transaction failed; logged, counted here."""
         self.on_durable: Callable[[int], None] | None = None
@@ -545,6 +559,10 @@ class AsyncLeafStore:
     def _enqueue(self, row: LeafRow, done: asyncio.Future[bool] | None) -> None:
         row.check()  # bad input fails its caller alone, not a group
         self._queue.append((row, done))
+        if done is not None:
+            self._waiters += 1
+        if done is not None or len(self._queue) >= NOWAIT_GROUP:
+            self._wake.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(
                 self._flush(), name="blendsm-leaves-group-commit"
@@ -562,7 +580,19 @@ class AsyncLeafStore:
 
     async def _flush(self) -> None:
         while self._queue:
+            if (
+                not self._waiters
+                and not self._draining
+                and len(self._queue) < NOWAIT_GROUP
+                and self.linger > 0
+            ):
+                # Only QoS 0 leaves: nobody waits on them, so gather more per fsync.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.linger):
+                        await self._wake.wait()
             batch, self._queue = self._queue, []
+            self._waiters = 0
             try:
                 results = await self._run(self._store.add_many, [r for r, _ in batch])
             except Exception as exc:
@@ -586,9 +616,14 @@ class AsyncLeafStore:
                 self.on_durable(sum(results))
 
     async def drain(self) -> None:
-        """Wait until every queued add is committed (or failed)."""
-        while self._flusher is not None and not self._flusher.done():
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        """Commit every queued add now (no lingering) and wait for it (or its failure)."""
+        self._draining += 1
+        self._wake.set()
+        try:
+            while self._flusher is not None and not self._flusher.done():
+                await asyncio.gather(self._flusher, return_exceptions=True)
+        finally:
+            self._draining -= 1
 
     async def add_many(self, rows: Sequence[LeafRow]) -> list[bool]:
         return await self._run(self._store.add_many, list(rows))

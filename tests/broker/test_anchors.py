@@ -438,3 +438,34 @@ async def test_chain_down_then_back(
         with contextlib.suppress(Exception):
             await proxy.stop()
         await disconnect(w3)
+
+
+async def test_qos0_leaves_linger_to_share_a_commit(store: AsyncLeafStore) -> None:
+    async def trickle(first: int) -> int:
+        before = store.commits
+        for i in range(first, first + 10):
+            store.add_nowait(_row(i))
+            await asyncio.sleep(0.001)  # leaves arriving one by one, as QoS 0 traffic does
+        await store.drain()
+        return store.commits - before
+
+    store.linger = 0.0
+    assert await trickle(1) >= 5  # without lingering, about one commit per arrival
+    store.linger = 5.0
+    assert await trickle(100) == 1  # drain commits the lingering group at once
+    assert await store.leaf_count() == 20
+
+
+async def test_an_awaited_add_never_waits_for_the_linger(store: AsyncLeafStore) -> None:
+    store.linger = 60.0  # longer than the test may take
+    store.add_nowait(_row(1))
+    async with asyncio.timeout(10):
+        assert await store.add(_row(2)) is True  # a PUBACK waits on this: committed now
+    assert await store.leaf_count() == 2  # the lingering QoS 0 leaf went with it
+    full_group = asyncio.Event()
+    store.on_durable = lambda new: full_group.set() if new == 256 else None
+    for i in range(3, 3 + 256):  # a full group commits without waiting either
+        store.add_nowait(_row(i))
+    async with asyncio.timeout(10):
+        await full_group.wait()
+    assert await store.leaf_count() == 258
