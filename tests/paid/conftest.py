@@ -22,6 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from blendsm.broker._chain_view import ChainView
@@ -419,19 +420,58 @@ def _start_broker_process(config: Path, env: dict[str, str]) -> subprocess.Popen
     raise AssertionError("broker did not start:\n" + "".join(lines))
 
 
+@dataclass
+class BrokerProcess:
+    """A ``blendsm broker -c`` configuration on anvil (``config`` in the test's tmp_path, the
+    operator's TEST-ONLY key in the environment) that :meth:`start` runs as a real process."""
+
+    config: Path
+    port: int
+    env: dict[str, str]
+    started: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def start(self) -> subprocess.Popen[str]:
+        """Start the broker; returns once it listens (for crash tests that SIGKILL it)."""
+        self.started.append(_start_broker_process(self.config, self.env))
+        return self.started[-1]
+
+
 @pytest.fixture
-def broker_process() -> Iterator[Callable[[Path, dict[str, str]], subprocess.Popen[str]]]:
-    """``broker_process(config, env)``: a real ``blendsm broker -c config`` process (``env`` on
-    top of this one's), returned once it listens; for crash tests that SIGKILL it. Every
-    process started is killed (if still running) and its pipe closed after the test."""
-    started: list[subprocess.Popen[str]] = []
+def broker_process(chain: Any, tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
+    """``broker_process(**sections)``: a :class:`BrokerProcess` on the test's anvil chain with
+    the deployment saved beside it and ``sections`` added to the YAML (``anchoring``,
+    ``payments``...). Every process started is killed if still running, its pipe closed."""
+    made: list[BrokerProcess] = []
 
-    def start(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-        started.append(_start_broker_process(config, env))
-        return started[-1]
+    def make(**sections: Any) -> BrokerProcess:
+        from blendsm.contracts._devchain import free_port
 
-    yield start
-    for proc in started:
+        chain.deployment.save(tmp_path / "deployment.json")
+        port = free_port()
+        config = tmp_path / "broker.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": {"host": "127.0.0.1", "port": port},
+                    "chain": {
+                        "endpoint": chain.anvil.url,
+                        "deployment": "deployment.json",
+                        "confirmations": 0,
+                        "poll_interval": 0.05,
+                    },
+                    "operator_key": {"env": "BLENDSM_TEST_OPERATOR_KEY"},
+                    "data_dir": "data",
+                    "log_level": "WARNING",
+                    **sections,
+                }
+            )
+        )
+        env = {"BLENDSM_TEST_OPERATOR_KEY": chain.accounts["operator"].key.hex()}  # TEST ONLY
+        made.append(BrokerProcess(config, port, env))
+        return made[-1]
+
+    yield make
+    for proc in (p for b in made for p in b.started):
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)

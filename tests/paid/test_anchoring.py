@@ -4,7 +4,6 @@ broadcast, and proofs are served over MQTT and check against the on-chain root."
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -14,10 +13,8 @@ from typing import Any
 
 import orjson
 import pytest
-import yaml
 
 from blendsm.contracts._bindings import Policy, Role
-from blendsm.contracts._devchain import free_port
 from blendsm.device_sdk import (
     ANCHORS_TOPIC,
     AnchorNotice,
@@ -142,32 +139,10 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
         await mp("oracle").registry.approve(chain.addr(label))
     await mp("seller").registry.add_device(chain.addr("device"))
     await mp("seller").market.create_topic("data/k", 0, None, Policy.OPEN)
-    chain.deployment.save(tmp_path / "deployment.json")
-    port = free_port()
-    config = tmp_path / "broker.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": {"host": "127.0.0.1", "port": port},
-                "chain": {
-                    "endpoint": chain.anvil.url,
-                    "deployment": "deployment.json",
-                    "confirmations": 0,
-                    "poll_interval": 0.05,
-                },
-                "operator_key": {"env": "BLENDSM_TEST_OPERATOR_KEY"},
-                "anchoring": {"batch_seconds": 0.5, "batch_max_leaves": 40},
-                "data_dir": "data",
-                "log_level": "WARNING",
-            }
-        )
-    )
-    env = {
-        **os.environ,
-        "BLENDSM_TEST_OPERATOR_KEY": chain.accounts["operator"].key.hex(),
-    }  # TEST ONLY
+    broker = broker_process(anchoring={"batch_seconds": 0.5, "batch_max_leaves": 40})
+    port = broker.port
 
-    proc = broker_process(config, env)
+    proc = broker.start()
     device = Publisher(
         chain.accounts["device"],
         host="127.0.0.1",
@@ -186,7 +161,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
             if i == 100:
                 proc.send_signal(signal.SIGKILL)  # QoS 1 messages in flight and queued
                 proc.wait(10)
-                proc = broker_process(config, env)
+                proc = broker.start()
             await asyncio.sleep(0.002)
         await asyncio.to_thread(device.flush, 60)
         db = tmp_path / "data" / "leaves.sqlite3"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
@@ -14,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from blendsm.contracts._devchain import free_port
 from blendsm.device_sdk import (
     ConnectTokenSigner,
     EnvelopeSigner,
@@ -176,30 +173,10 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
     broker_process: Any,
 ) -> None:
     _, channel = await _enrol(mp, chain)
-    chain.deployment.save(tmp_path / "deployment.json")
-    port = free_port()
-    config = tmp_path / "broker.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": {"host": "127.0.0.1", "port": port},
-                "chain": {
-                    "endpoint": chain.anvil.url,
-                    "deployment": "deployment.json",
-                    "confirmations": 0,
-                    "poll_interval": 0.05,
-                },
-                "operator_key": {"env": "BLENDSM_TEST_OPERATOR_KEY"},
-                "payments": {"settlement": {"threshold": str(40 * PRICE), "interval_seconds": 1}},
-                "data_dir": "data",
-                "log_level": "WARNING",
-            }
-        )
+    broker = broker_process(
+        payments={"settlement": {"threshold": str(40 * PRICE), "interval_seconds": 1}}
     )
-    env = {
-        **os.environ,
-        "BLENDSM_TEST_OPERATOR_KEY": chain.accounts["operator"].key.hex(),
-    }  # TEST ONLY
+    port = broker.port
     signer = ConnectTokenSigner(
         bytes(chain.accounts["buyer"].key), chain.deployment.chain_id, chain.addr("operator")
     )
@@ -218,7 +195,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
             assert time.monotonic() < deadline, "buyer could not connect (channel not seen yet?)"
             await asyncio.sleep(0.2)
 
-    proc = broker_process(config, env)
+    proc = broker.start()
     receipts: list[int] = []
     try:
         buyer = await connected()
@@ -241,7 +218,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
         assert _stored(db, channel) >= max(receipts)
         before_restart = _stored(db, channel)
 
-        proc = broker_process(config, env)
+        proc = broker.start()
         buyer = await connected()
         start = before_restart // PRICE + 1
         for i in range(start, 301):
