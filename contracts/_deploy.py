@@ -18,7 +18,7 @@ from eth_utils import to_checksum_address
 from web3 import AsyncWeb3
 from web3.contract import AsyncContract
 
-from blendsm._files import atomic_write_text
+from blendsm import atomic_write_text
 from blendsm.contracts._artifacts import SUITE_CONTRACTS, load_artifact, load_manifest
 from blendsm.contracts._transactor import Transactor
 from blendsm.errors import ConfigError, TransactionFailedError

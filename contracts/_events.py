@@ -40,7 +40,7 @@ from eth_utils import event_abi_to_log_topic, to_checksum_address
 from web3 import AsyncWeb3
 from web3.types import FilterParams, LogReceipt
 
-from blendsm._files import atomic_write_text
+from blendsm import atomic_write_text
 from blendsm.contracts._artifacts import SUITE_CONTRACTS, load_artifact
 from blendsm.contracts._bindings import Policy, Role, Status
 from blendsm.contracts._deploy import Deployment

@@ -9,7 +9,7 @@ blocks*:
   below ``R``;
 - numbers are handed out from memory; when a topic's counter reaches its reservation, the
   new reservation ``counter + block`` is written first (temp file, fsync, atomic rename,
-  directory fsync: :func:`blendsm._files.atomic_write_text`), and only then is the number
+  directory fsync: :func:`blendsm.atomic_write_text`), and only then is the number
   handed out;
 - a restart, clean or not, resumes every topic at its reservation. After a crash up to
   ``block - 1`` numbers are skipped, never reused; a clean :meth:`SequenceAllocator.close`
@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Final
 
-from blendsm._files import atomic_write_text
+from blendsm import atomic_write_text
 from blendsm.errors import ConfigError, StoreError
 
 __all__ = ["FIRST_SEQUENCE", "SEQUENCE_BLOCK", "SequenceAllocator"]

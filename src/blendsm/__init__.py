@@ -8,8 +8,10 @@ Subpackages: :mod:`blendsm.device_sdk` (edge SDK and wire protocol, light),
 
 from __future__ import annotations
 
+from blendsm._backoff import Jitter, backoff_delay
+from blendsm._files import atomic_write_text
 from blendsm.errors import BlendsmError
 
-__all__ = ["BlendsmError", "__version__"]
+__all__ = ["BlendsmError", "Jitter", "__version__", "atomic_write_text", "backoff_delay"]
 
 __version__ = "0.1.0"
