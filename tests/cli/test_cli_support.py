@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blendsm.broker._cli_support import (
+from blendsm.cli._support import (
     emit,
     format_wei,
     parse_address,

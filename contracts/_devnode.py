@@ -581,7 +581,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from blendsm.broker._cli_support import run_async
+    from blendsm.cli._support import run_async
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: 0-65535, got {args.port}")
@@ -594,7 +594,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``blendsm node``."""
-    from blendsm.broker._cli_support import DEFAULT_DEPLOYMENT
+    from blendsm.cli._support import DEFAULT_DEPLOYMENT
     from blendsm.contracts._deploy import DEFAULT_CHALLENGE_PERIOD
 
     node = sub.add_parser(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from blendsm.broker._cli_support import (
+from blendsm.cli._support import (
     DEFAULT_KEY_ENV,
     Output,
     add_chain_command,

@@ -22,13 +22,13 @@ from blendsm.errors import BlendsmError, ConfigError
 
 __all__ = ["main"]
 
-#: Modules under blendsm.broker whose ``register(subparsers)`` adds a command group.
+#: Modules whose ``register(subparsers)`` adds a command group.
 _COMMAND_GROUPS: tuple[str, ...] = (
-    "_node",
-    "_cli_registry",
-    "_cli_market",
-    "_cli_channel",
-    "_cli_anchors",
+    "blendsm.contracts._devnode",
+    "blendsm.cli._registry",
+    "blendsm.cli._market",
+    "blendsm.cli._channel",
+    "blendsm.cli._anchors",
 )
 
 
@@ -122,7 +122,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import logging
 
-    from blendsm.broker._demo import format_summary, run_demo
+    from blendsm.cli._demo import format_summary, run_demo
 
     if not args.duration > 0:
         raise ConfigError(f"--duration: must be > 0 seconds, got {args.duration:g}")
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Chain command groups: each module's register(sub) adds its subcommands.
     for module in _COMMAND_GROUPS:
-        importlib.import_module(f"blendsm.broker.{module}").register(sub)
+        importlib.import_module(module).register(sub)
     return parser
 
 
