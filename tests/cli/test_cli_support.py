@@ -16,7 +16,7 @@ from blendsm.cli._support import (
     parse_topic,
     parse_wei,
 )
-from blendsm.device_sdk._keccak import keccak256
+from blendsm.device_sdk import keccak256
 from blendsm.errors import ConfigError
 
 

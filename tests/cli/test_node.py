@@ -34,11 +34,17 @@ from web3.exceptions import ContractCustomError
 from web3.providers import HTTPProvider
 
 from blendsm.cli import main
-from blendsm.contracts import Deployment, Marketplace
-from blendsm.contracts._artifacts import load_artifact
-from blendsm.contracts._bindings import Role, Status
-from blendsm.contracts._connect import connect, disconnect
-from blendsm.contracts._devchain import free_port, test_account
+from blendsm.contracts import (
+    Deployment,
+    Marketplace,
+    Role,
+    Status,
+    connect,
+    disconnect,
+    free_port,
+    load_artifact,
+    test_account,
+)
 from blendsm.device_sdk import ConnectTokenSigner
 from blendsm.errors import ContractRevertError
 

@@ -3,7 +3,7 @@ and inclusion proofs checked against them.
 
 ``verify`` trusts neither the broker nor the node alone: a proof holds only when
 ``DataAnchors.verify`` says so on chain AND the root recomputed here from the leaf and the
-proof (:mod:`blendsm.device_sdk._merkle`) equals the root read from ``anchorOf``. It exits
+proof (:func:`blendsm.device_sdk.process_proof`) equals the root read from ``anchorOf``. It exits
 1 when a proof does not hold, like ``blendsm verify``.
 """
 
@@ -248,7 +248,7 @@ def _proofs_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 async def _check(mp: Marketplace, proof: dict[str, Any]) -> dict[str, Any]:
-    from blendsm.device_sdk._merkle import process_proof
+    from blendsm.device_sdk import process_proof
 
     broker, batch_id, leaf = proof["broker"], proof["batch"], proof["leaf"]
     siblings: list[bytes] = proof["proof"]

@@ -28,8 +28,7 @@ from blendsm.cli._support import (
 from blendsm.errors import ChainError, ConfigError, ContractRevertError
 
 if TYPE_CHECKING:
-    from blendsm.contracts import Marketplace, Participant, TxResult
-    from blendsm.contracts._events import ChainEvent
+    from blendsm.contracts import ChainEvent, Marketplace, Participant, TxResult
 
 __all__ = ["register"]
 
