@@ -29,7 +29,7 @@ from blendsm.cli._support import (
     run_async,
     run_chain_command,
 )
-from blendsm.errors import ConfigError
+from blendsm.errors import ConfigError, WireError
 
 if TYPE_CHECKING:
     from blendsm.contracts import Marketplace
@@ -210,19 +210,16 @@ def _read_proof_file(path: Path, broker: str | None) -> list[dict[str, Any]]:
         whole = None
     if isinstance(whole, dict):
         return [_proof_from(whole, str(path), broker)]
+    # A record file: the SDK's own reader, so whatever `blendsm verify` reads, this reads.
+    from blendsm.device_sdk import read_record
+
     proofs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not JSON: {exc.msg}") from None
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: not a JSON object")
-        if item.get("type", "proof") == "proof":
-            proofs.append(_proof_from(item, where, broker))
+    try:
+        for number, item in read_record(path):
+            if item.get("type", "proof") == "proof":
+                proofs.append(_proof_from(item, f"{path}:{number}", broker))
+    except WireError as exc:  # a line that is not a JSON object
+        raise ConfigError(str(exc)) from None
     if not proofs:
         raise ConfigError(f"--proof-file: {path} holds no proof")
     return proofs

@@ -2,9 +2,11 @@
 
 A buyer opens a channel to a seller naming the broker operator that meters it; the broker
 claims the buyer's vouchers, so the buyer only ever opens, tops up, watches and leaves
-(request a close, then withdraw the rest once the challenge period is over). Times are shown against the
-chain's clock (the latest block, or the wall clock when that is later, as the next block's
-timestamp will be), because that is the clock the contract checks.
+(request a close, then withdraw the rest once the challenge period is over). Times are
+shown against the chain's clock (the latest block, or the wall clock when that is later, as
+the next block's timestamp will be), because that is the clock the contract checks.
+``CHANNEL_ARG``, :func:`parse_channel_id` and :func:`run_on_channel` serve ``blendsm rate``
+too.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ def _amount(value: int, token: str | None) -> str:
 
 
 def parse_channel_id(text: str) -> bytes:
+    """CHANNEL: a channel id, 0x and 64 hex digits."""
     return parse_bytes32(text, "channel")
 
 

@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
+from blendsm.cli._support import signing_account
 from blendsm.errors import ConfigError
 
 __all__ = ["register"]
@@ -53,23 +53,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     deploy.set_defaults(func=_cmd_deploy)
 
 
-def _deployer(args: argparse.Namespace) -> Any:
-    """The deployer's LocalAccount from ``--keystore`` or ``--key-env``; None when neither is
-    given (unlike the chain commands, ``deploy`` has no default key variable: on the embedded
-    chain a TEST account deploys)."""
-    from blendsm.device_sdk import account_from_env, account_from_keystore
-
-    if args.keystore:
-        return account_from_keystore(args.keystore, args.password_env)
-    if args.key_env:
-        return account_from_env(args.key_env)
-    return None
-
-
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from blendsm.contracts import EMBEDDED, connect, deploy_suite, new_embedded_chain, test_account
 
-    account = _deployer(args)
+    account = signing_account(args, required=False)
     if args.chain == EMBEDDED:
         if account is None:
             account = test_account("deployer")  # TEST ONLY: the embedded chain holds no value

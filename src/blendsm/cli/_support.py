@@ -124,14 +124,19 @@ def add_chain_arguments(parser: argparse.ArgumentParser, *, signing: bool) -> No
     )
 
 
-def signing_account(args: argparse.Namespace) -> Any:
-    """The LocalAccount that signs: ``--keystore`` if given, else the key in ``--key-env``."""
+def signing_account(args: argparse.Namespace, *, required: bool = True) -> Any:
+    """The LocalAccount that signs: ``--keystore`` if given, else the key in ``--key-env``
+    (``$BLENDSM_KEY`` when the command gives the option no value). Not ``required``: None
+    when neither option names a key (``deploy``, whose embedded chain has a TEST deployer)."""
     from blendsm.device_sdk import account_from_env, account_from_keystore
 
     keystore = getattr(args, "keystore", None)
     if keystore is not None:
         return account_from_keystore(keystore, args.password_env)
-    return account_from_env(getattr(args, "key_env", None) or DEFAULT_KEY_ENV)
+    key_env = getattr(args, "key_env", None)
+    if not key_env and not required:
+        return None
+    return account_from_env(key_env or DEFAULT_KEY_ENV)
 
 
 @asynccontextmanager
