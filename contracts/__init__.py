@@ -1,7 +1,8 @@
 """blendsm.contracts: the on-chain half of BlendSM.
 
 Solidity sources and their committed artifacts, deployment, connection, typed async bindings
-of the five marketplace contracts, the event follower, and development chains (TEST keys only).
+of the five marketplace contracts, the event follower, and development chains (TEST keys only),
+in process or served over JSON-RPC (:func:`start_dev_node`, what ``blendsm node`` runs).
 Importing this package imports web3; the device SDK never does.
 """
 
@@ -70,6 +71,13 @@ from blendsm.contracts._devchain import (
     new_embedded_chain,
     test_account,
 )
+from blendsm.contracts._devnode import (
+    DEV_ACCOUNT_LABELS,
+    DevChainRpc,
+    DevNode,
+    enrol_operator,
+    start_dev_node,
+)
 from blendsm.contracts._events import (
     CallbackCursorStore,
     ChainEvent,
@@ -93,6 +101,7 @@ __all__ = [
     "COMPILER_SETTINGS",
     "CONTRACT_NAMES",
     "DEFAULT_CHALLENGE_PERIOD",
+    "DEV_ACCOUNT_LABELS",
     "EMBEDDED",
     "EVM_VERSION",
     "MANIFEST_NAME",
@@ -112,6 +121,8 @@ __all__ = [
     "CursorStore",
     "DataAnchors",
     "Deployment",
+    "DevChainRpc",
+    "DevNode",
     "DomainInfo",
     "Erc20",
     "EventDecoder",
@@ -141,6 +152,7 @@ __all__ = [
     "deploy_contract",
     "deploy_suite",
     "disconnect",
+    "enrol_operator",
     "find_anvil",
     "free_port",
     "load_artifact",
@@ -149,6 +161,7 @@ __all__ = [
     "repository_root",
     "solc_version",
     "source_hashes",
+    "start_dev_node",
     "test_account",
     "verify_manifest",
 ]

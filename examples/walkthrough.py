@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
             say(f"starting the broker on 127.0.0.1:{port} (operator {addr['operator']})")
             broker = subprocess.Popen(
-                [sys.executable, "-m", "blendsm.broker.cli", "broker", "-c", str(config)],
+                [sys.executable, "-m", "blendsm.cli", "broker", "-c", str(config)],
                 env={**base_env, "BLENDSM_OPERATOR_KEY": accounts["operator"].key.hex()},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -2,8 +2,8 @@
 
 Subpackages: :mod:`blendsm.device_sdk` (edge SDK and wire protocol, light),
 :mod:`blendsm.contracts` (Solidity artifacts, deploy and chain bindings),
-:mod:`blendsm.broker` (runner, CLI, chain client) and :mod:`blendsm.plugins`
-(amqtt plugins).
+:mod:`blendsm.broker` (runner, chain client), :mod:`blendsm.plugins`
+(amqtt plugins) and :mod:`blendsm.cli` (the ``blendsm`` command line).
 """
 
 from __future__ import annotations

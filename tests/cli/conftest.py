@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from blendsm.broker.cli import main
+from blendsm.cli import main
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def cli(
 
 @pytest.fixture
 def blendsm_process() -> Callable[..., subprocess.CompletedProcess[str]]:
-    """``blendsm_process(*args, env=..., timeout=60)``: ``python -m blendsm.broker.cli *args``
+    """``blendsm_process(*args, env=..., timeout=60)``: ``python -m blendsm.cli *args``
     in a child process, its output captured as text; ``program`` runs another command
     (such as the installed ``blendsm`` script) instead."""
 
@@ -94,7 +94,7 @@ def blendsm_process() -> Callable[..., subprocess.CompletedProcess[str]]:
         timeout: float = 60,
         program: list[str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        command = program or [sys.executable, "-m", "blendsm.broker.cli"]
+        command = program or [sys.executable, "-m", "blendsm.cli"]
         return subprocess.run(
             [*command, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
         )

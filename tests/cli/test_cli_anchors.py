@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from blendsm.contracts import Marketplace
-from blendsm.contracts._connect import disconnect
+from blendsm.contracts import Marketplace, disconnect
 from blendsm.device_sdk import MerkleTree, Proof, encode_notice, leaf_hash
 
 pytestmark = pytest.mark.parametrize("chain", ["anvil"], indirect=True)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from blendsm.contracts._devchain import free_port
+from blendsm.contracts import free_port
 from blendsm.device_sdk import VoucherDomain, sign_voucher
 
 pytestmark = pytest.mark.parametrize("chain", ["anvil"], indirect=True)

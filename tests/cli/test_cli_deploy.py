@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from blendsm.broker.cli import main
+from blendsm.cli import main
 from blendsm.contracts import SUITE_CONTRACTS, Deployment
 
 ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)

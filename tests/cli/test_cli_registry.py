@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from blendsm.contracts._devchain import free_port
+from blendsm.contracts import free_port
 
 pytestmark = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 

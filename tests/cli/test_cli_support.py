@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blendsm.broker._cli_support import (
+from blendsm.cli._support import (
     emit,
     format_wei,
     parse_address,
@@ -16,7 +16,7 @@ from blendsm.broker._cli_support import (
     parse_topic,
     parse_wei,
 )
-from blendsm.device_sdk._keccak import keccak256
+from blendsm.device_sdk import keccak256
 from blendsm.errors import ConfigError
 
 

@@ -33,12 +33,18 @@ from web3 import Web3
 from web3.exceptions import ContractCustomError
 from web3.providers import HTTPProvider
 
-from blendsm.broker.cli import main
-from blendsm.contracts import Deployment, Marketplace
-from blendsm.contracts._artifacts import load_artifact
-from blendsm.contracts._bindings import Role, Status
-from blendsm.contracts._connect import connect, disconnect
-from blendsm.contracts._devchain import free_port, test_account
+from blendsm.cli import main
+from blendsm.contracts import (
+    Deployment,
+    Marketplace,
+    Role,
+    Status,
+    connect,
+    disconnect,
+    free_port,
+    load_artifact,
+    test_account,
+)
 from blendsm.device_sdk import ConnectTokenSigner
 from blendsm.errors import ContractRevertError
 
@@ -90,7 +96,7 @@ class _Lines:
 
 def _spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "blendsm.broker.cli", *args],
+        [sys.executable, "-m", "blendsm.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -447,7 +453,7 @@ def test_deploy_command_against_the_node(node: Node, tmp_path: Path, snapshot: N
         [
             sys.executable,
             "-m",
-            "blendsm.broker.cli",
+            "blendsm.cli",
             "deploy",
             "--chain",
             node.url,
@@ -482,7 +488,7 @@ def test_registry_command_with_the_printed_environment(node: Node, snapshot: Non
         "BLENDSM_KEY": node.key("device"),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "blendsm.broker.cli", "registry", "apply", "--role", "buyer"],
+        [sys.executable, "-m", "blendsm.cli", "registry", "apply", "--role", "buyer"],
         capture_output=True,
         text=True,
         timeout=120,

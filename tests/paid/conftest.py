@@ -400,7 +400,7 @@ def mqtt_client() -> type[Client]:
 
 def _start_broker_process(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "blendsm.broker.cli", "broker", "-c", str(config)],
+        [sys.executable, "-m", "blendsm.cli", "broker", "-c", str(config)],
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _blendsm(*args: str) -> list[str]:
-    return [sys.executable, "-m", "blendsm.broker.cli", *args]
+    return [sys.executable, "-m", "blendsm.cli", *args]
 
 
 def test_broker_runs_on_the_embedded_chain_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from blendsm.broker.cli import main
+from blendsm.cli import main
 from blendsm.device_sdk import (
     IntegrityEvent,
     IntegrityKind,

@@ -13,7 +13,7 @@ import argparse
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-from blendsm.broker._cli_support import (
+from blendsm.cli._support import (
     Output,
     add_chain_command,
     add_command_group,

@@ -1,11 +1,11 @@
-"""``blendsm node``: the embedded chain (eth-tester + py-evm) served over JSON-RPC.
+"""A development chain served over JSON-RPC: the embedded EVM (eth-tester + py-evm) as a
+node that other processes (the CLI, ``blendsm broker``, web3, ethers) can talk to.
 
-``blendsm deploy --chain embedded`` deploys to an EVM that vanishes with the command, so a
-developer without anvil has no chain for the multi-step commands (registry, market, channel...)
-or ``blendsm broker``. This command keeps one embedded chain alive on 127.0.0.1, funds
-TEST-ONLY accounts (:func:`~blendsm.contracts._devchain.test_account`), deploys the suite with
-the first account as oracle, enrols the ``operator`` account as an active Operator and writes
-the deployment file, then answers JSON-RPC 2.0 until SIGINT or SIGTERM.
+The embedded chain of :func:`~blendsm.contracts.new_embedded_chain` vanishes with the process
+that made it, so a developer without anvil has no chain for multi-step work across processes.
+:func:`start_dev_node` (what ``blendsm node`` runs) keeps one alive: it funds TEST-ONLY
+accounts (:func:`~blendsm.contracts.test_account`), deploys the suite with the first account
+as oracle, enrols the ``operator`` account as an active Operator, and answers JSON-RPC 2.0.
 
 Requests are answered by web3's ``EthereumTesterProvider.make_request`` with the request and
 result formatters web3 itself applies in-process, so a client over HTTP sees what an
@@ -17,32 +17,30 @@ the event loop, one at a time.
 
 from __future__ import annotations
 
-import argparse
 import ast
-import asyncio
 import json
 import logging
-import signal
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blendsm.contracts._deploy import DEFAULT_CHALLENGE_PERIOD
 from blendsm.errors import ConfigError
 
 if TYPE_CHECKING:
     from aiohttp import web
     from eth_account.signers.local import LocalAccount
+    from web3 import AsyncWeb3
 
-    from blendsm.contracts import Deployment
+    from blendsm.contracts._deploy import Deployment
 
-__all__ = ["DEFAULT_LABELS", "DevChainRpc", "register"]
+__all__ = ["DEV_ACCOUNT_LABELS", "DevChainRpc", "DevNode", "enrol_operator", "start_dev_node"]
 
 _log = logging.getLogger("blendsm.node")
 
 #: TEST-ONLY accounts funded at start; the first one deploys the suite and is the oracle.
-DEFAULT_LABELS = ("oracle", "operator", "seller", "device", "buyer", "buyer2")
+DEV_ACCOUNT_LABELS = ("oracle", "operator", "seller", "device", "buyer", "buyer2")
 #: The label enrolled as an active Operator at start (the broker's account).
 OPERATOR_LABEL = "operator"
 #: Wei given to each account: plenty for development, nothing of value.
@@ -435,202 +433,99 @@ def build_app(rpc: DevChainRpc, chain_id: int) -> web.Application:
 
 
 @dataclass
-class _Started:
+class DevNode:
+    """A development chain served over JSON-RPC on ``url`` (see :func:`start_dev_node`);
+    ``await stop()`` closes the server, and the chain is gone with it."""
+
     url: str
     chain_id: int
     deployment: Deployment | None
-    deployment_path: Path | None
+    """The suite deployed at start, None when started with ``deploy=False``."""
     accounts: dict[str, LocalAccount]
+    """The funded TEST-ONLY accounts by label; the first one deployed the suite (the oracle)."""
     operator_enrolled: str | None
+    """The address enrolled as an active Operator, if any."""
+    rpc: DevChainRpc
+    _runner: web.AppRunner
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
 
 
-def _labels(text: str) -> list[str]:
-    labels = [label.strip() for label in text.split(",")]
-    if not labels or any(not label for label in labels):
-        raise ConfigError(f"--accounts: comma-separated labels, got {text!r}")
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"--accounts: duplicate label in {text!r}")
-    return labels
+async def enrol_operator(
+    w3: AsyncWeb3[Any], deployment: Deployment, operator: LocalAccount, oracle: LocalAccount
+) -> None:
+    """Make ``operator`` an active Operator of the Registry: it applies, the ``oracle``
+    approves (DataAnchors only takes roots from active Operators). For development chains,
+    where one process holds both keys."""
+    from blendsm.contracts._bindings import Marketplace, Role
+
+    await Marketplace(w3, deployment, operator).registry.apply_for_role(Role.OPERATOR)
+    await Marketplace(w3, deployment, oracle).registry.approve(operator.address)
 
 
 async def _prepare_chain(
-    args: argparse.Namespace, accounts: dict[str, LocalAccount]
+    accounts: dict[str, LocalAccount], *, deploy: bool, challenge_period: int
 ) -> tuple[Any, Deployment | None, str | None]:
-    """A funded chain, with the suite deployed and the operator enrolled unless --no-deploy."""
-    from blendsm.contracts._bindings import Marketplace, Role
+    """A funded chain, with the suite deployed and the operator enrolled when ``deploy``."""
     from blendsm.contracts._connect import EMBEDDED, connect
     from blendsm.contracts._deploy import deploy_suite
     from blendsm.contracts._devchain import new_embedded_chain
 
     tester = new_embedded_chain(fund=[a.address for a in accounts.values()], amount=FUNDING)
-    if args.no_deploy:
+    if not deploy:
         return tester, None, None
     w3 = connect(EMBEDDED, ethereum_tester=tester)
     oracle = next(iter(accounts.values()))
-    deployment = await deploy_suite(w3, oracle, challenge_period=args.challenge_period)
+    deployment = await deploy_suite(w3, oracle, challenge_period=challenge_period)
     enrolled = None
     operator = accounts.get(OPERATOR_LABEL)
     if operator is not None and operator.address != oracle.address:
-        await Marketplace(w3, deployment, operator).registry.apply_for_role(Role.OPERATOR)
-        await Marketplace(w3, deployment, oracle).registry.approve(operator.address)
+        await enrol_operator(w3, deployment, operator, oracle)
         enrolled = operator.address
     return tester, deployment, enrolled
 
 
-def _print_started(args: argparse.Namespace, started: _Started) -> None:
-    accounts = {
-        label: {"address": a.address, "private_key": "0x" + a.key.hex()}
-        for label, a in started.accounts.items()
-    }
-    warning = (
-        "TEST ONLY: these private keys are public (keccak256 of 'blendsm-test:<label>');"
-        " never send anything of value to these accounts or use them on a real network."
-    )
-    if args.json:
-        data = {
-            "url": started.url,
-            "chain_id": started.chain_id,
-            "deployment": None if started.deployment_path is None else str(started.deployment_path),
-            "oracle": None if started.deployment is None else started.deployment.deployer,
-            "operator_enrolled": started.operator_enrolled,
-            "accounts": accounts,
-            "test_only": True,
-        }
-        print(json.dumps(data, sort_keys=True), flush=True)
-        print(f"blendsm node: {warning}", file=sys.stderr, flush=True)
-        return
-    lines = [
-        f"blendsm node: the embedded chain (eth-tester + py-evm) listening on {started.url}",
-        f"  chain id     {started.chain_id}",
-    ]
-    if started.deployment is not None and started.deployment_path is not None:
-        lines += [
-            f"  deployment   {started.deployment_path}"
-            f" (challenge period {started.deployment.challenge_period} s)",
-            f"  oracle       {started.deployment.deployer} (deployed the suite)",
-        ]
-    else:
-        lines.append("  deployment   none (--no-deploy)")
-    if started.operator_enrolled:
-        lines.append(
-            f"  operator     {started.operator_enrolled} enrolled by the node as an active"
-            " Operator in the Registry (ready for `blendsm broker`)"
-        )
-    lines += [
-        "",
-        "!" * 78,
-        f"!! {warning}",
-        "!" * 78,
-    ]
-    for label, account in accounts.items():
-        lines.append(f"# {label}: {account['address']}")
-        lines.append(f"export BLENDSM_KEY={account['private_key']}")
-        if account["address"] == started.operator_enrolled:
-            lines.append(f"export BLENDSM_OPERATOR_KEY={account['private_key']}  # blendsm broker")
-    lines += [
-        "",
-        f"export BLENDSM_CHAIN={started.url}",
-    ]
-    if started.deployment_path is not None:
-        lines.append(f"export BLENDSM_DEPLOYMENT={started.deployment_path}")
-    lines.append("Serving until Ctrl-C (SIGINT) or SIGTERM.")
-    sys.stdout.write("".join(line + "\n" for line in lines))
-    sys.stdout.flush()
-
-
-async def _serve(args: argparse.Namespace) -> None:
+async def start_dev_node(
+    host: str = "127.0.0.1",
+    port: int = 8545,
+    *,
+    labels: Sequence[str] = DEV_ACCOUNT_LABELS,
+    deploy: bool = True,
+    challenge_period: int = DEFAULT_CHALLENGE_PERIOD,
+    deployment_path: Path | None = None,
+) -> DevNode:
+    """Start an embedded chain with the TEST-ONLY accounts of ``labels`` funded (keys from
+    :func:`~blendsm.contracts.test_account`) and serve it over JSON-RPC on ``host:port``
+    (0: a free port). With ``deploy``, the first account deploys the suite (the oracle),
+    ``operator`` is enrolled as an active Operator, and the deployment is saved to
+    ``deployment_path`` (if given) before the server listens. A port that cannot be bound
+    is a :class:`~blendsm.errors.ConfigError`."""
     from aiohttp import web
 
     from blendsm.contracts._devchain import test_account
 
-    labels = _labels(args.accounts)
     accounts = {label: test_account(label) for label in labels}  # TEST ONLY keys
-    tester, deployment, enrolled = await _prepare_chain(args, accounts)
-    out: Path | None = None
-    if deployment is not None:
-        out = args.out
-        deployment.save(args.out)
+    tester, deployment, enrolled = await _prepare_chain(
+        accounts, deploy=deploy, challenge_period=challenge_period
+    )
+    if deployment is not None and deployment_path is not None:
+        deployment.save(deployment_path)
     rpc = DevChainRpc(tester)
     chain_id = int(rpc.call("eth_chainId", []), 16)
     runner = web.AppRunner(build_app(rpc, chain_id), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, args.host, args.port)
+        site = web.TCPSite(runner, host, port)
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
-        host, port = runner.addresses[0][:2]
-        shown = f"[{host}]" if ":" in host else host
-        _print_started(
-            args,
-            _Started(f"http://{shown}:{port}", chain_id, deployment, out, accounts, enrolled),
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-        print("blendsm node: stopping (the chain is gone with it)", file=sys.stderr, flush=True)
-    finally:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    except BaseException:
         await runner.cleanup()
-
-
-def _cmd_node(args: argparse.Namespace) -> int:
-    from blendsm.broker._cli_support import run_async
-
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port: 0-65535, got {args.port}")
-    if args.challenge_period <= 0:
-        raise ConfigError(f"--challenge-period: must be > 0 seconds, got {args.challenge_period}")
-    args.out = Path(args.out).resolve()  # printed absolute: other shells paste it as is
-    run_async(lambda: _serve(args))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``blendsm node``."""
-    from blendsm.broker._cli_support import DEFAULT_DEPLOYMENT
-    from blendsm.contracts._deploy import DEFAULT_CHALLENGE_PERIOD
-
-    node = sub.add_parser(
-        "node",
-        help="run a local development chain (the embedded EVM) over JSON-RPC, with the suite"
-        " deployed and TEST-ONLY accounts funded (until SIGINT/SIGTERM)",
+        raise
+    bound_host, bound_port = runner.addresses[0][:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return DevNode(
+        f"http://{shown}:{bound_port}", chain_id, deployment, accounts, enrolled, rpc, runner
     )
-    node.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
-    node.add_argument(
-        "--port", type=int, default=8545, help="TCP port, 0 = a free one (default: %(default)s)"
-    )
-    node.add_argument(
-        "--out",
-        type=Path,
-        default=Path(DEFAULT_DEPLOYMENT),
-        metavar="FILE",
-        help="where to write the deployment file (default: %(default)s)",
-    )
-    node.add_argument(
-        "--no-deploy", action="store_true", help="only fund the accounts, deploy nothing"
-    )
-    node.add_argument(
-        "--accounts",
-        default=",".join(DEFAULT_LABELS),
-        metavar="LABEL,...",
-        help="TEST-ONLY accounts to fund; the first deploys and is the oracle, 'operator' is"
-        " enrolled as an Operator (default: %(default)s)",
-    )
-    node.add_argument(
-        "--challenge-period",
-        type=int,
-        default=DEFAULT_CHALLENGE_PERIOD,
-        metavar="SECONDS",
-        help="PaymentChannels challenge period (default: %(default)s)",
-    )
-    node.add_argument(
-        "--json", action="store_true", help="print one JSON object (url, accounts...) when ready"
-    )
-    node.set_defaults(func=_cmd_node)

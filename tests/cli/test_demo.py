@@ -14,7 +14,7 @@ TIMEOUT = 120
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "blendsm.broker.cli", "demo", *args],
+        [sys.executable, "-m", "blendsm.cli", "demo", *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from blendsm.errors import ConfigError
 
 if TYPE_CHECKING:  # importing web3 at CLI start would slow every command down
-    from blendsm.contracts import Deployment, Marketplace, TxResult
-    from blendsm.contracts._events import ChainEvent
+    from blendsm.contracts import ChainEvent, Deployment, Marketplace, TxResult
 
 __all__ = [
     "CHAIN_ENV",
@@ -125,14 +124,19 @@ def add_chain_arguments(parser: argparse.ArgumentParser, *, signing: bool) -> No
     )
 
 
-def signing_account(args: argparse.Namespace) -> Any:
-    """The LocalAccount that signs: ``--keystore`` if given, else the key in ``--key-env``."""
+def signing_account(args: argparse.Namespace, *, required: bool = True) -> Any:
+    """The LocalAccount that signs: ``--keystore`` if given, else the key in ``--key-env``
+    (``$BLENDSM_KEY`` when the command gives the option no value). Not ``required``: None
+    when neither option names a key (``deploy``, whose embedded chain has a TEST deployer)."""
     from blendsm.device_sdk import account_from_env, account_from_keystore
 
     keystore = getattr(args, "keystore", None)
     if keystore is not None:
         return account_from_keystore(keystore, args.password_env)
-    return account_from_env(getattr(args, "key_env", None) or DEFAULT_KEY_ENV)
+    key_env = getattr(args, "key_env", None)
+    if not key_env and not required:
+        return None
+    return account_from_env(key_env or DEFAULT_KEY_ENV)
 
 
 @asynccontextmanager
@@ -141,8 +145,7 @@ async def open_marketplace(
 ) -> AsyncIterator[Marketplace]:
     """A :class:`~blendsm.contracts.Marketplace` on the deployment, checked against the
     endpoint (chain id, contract code), signing as :func:`signing_account` when ``signing``."""
-    from blendsm.contracts import EMBEDDED, Marketplace
-    from blendsm.contracts._connect import connect, disconnect
+    from blendsm.contracts import EMBEDDED, Marketplace, connect, disconnect
 
     if args.chain == EMBEDDED:
         raise ConfigError(
@@ -213,7 +216,7 @@ def format_wei(value: int) -> str:
 
 def parse_address(text: str, what: str = "address") -> str:
     """A 0x-prefixed 20-byte hex address -> its checksummed form."""
-    from blendsm.device_sdk._keccak import checksum_address
+    from blendsm.device_sdk import checksum_address
 
     try:
         raw = bytes.fromhex(text.removeprefix("0x").removeprefix("0X"))
@@ -237,7 +240,7 @@ def parse_bytes32(text: str, what: str) -> bytes:
 
 def parse_topic(text: str) -> bytes:
     """A topic id: 0x + 64 hex digits as is, anything else is a topic name (its keccak256)."""
-    from blendsm.device_sdk._keccak import keccak256
+    from blendsm.device_sdk import keccak256
 
     if text.lower().startswith("0x") and len(text) == 66:
         return parse_bytes32(text, "topic")
@@ -307,7 +310,7 @@ def format_duration(seconds: int) -> str:
 async def chain_now(mp: Marketplace) -> int:
     """The timestamp the next block will at least carry: the latest block's, or the wall
     clock when a node mining on demand has not made a block for a while."""
-    from blendsm.contracts._revert import chain_errors
+    from blendsm.contracts import chain_errors
 
     with chain_errors("latest block"):
         block = await mp.w3.eth.get_block("latest")
@@ -326,8 +329,7 @@ async def fetch_events(
     chain order, fetched in bounded block ranges; ``topics`` filters the indexed arguments
     (0x-hex word or None for any). The contracts cannot enumerate applicants, devices or
     channels, so these commands replay events and confirm each candidate against state."""
-    from blendsm.contracts._events import EventDecoder
-    from blendsm.contracts._revert import chain_errors
+    from blendsm.contracts import EventDecoder, chain_errors
 
     decoder = EventDecoder(mp.deployment, list(select))
     wanted = list(topics)

@@ -3,7 +3,7 @@ and inclusion proofs checked against them.
 
 ``verify`` trusts neither the broker nor the node alone: a proof holds only when
 ``DataAnchors.verify`` says so on chain AND the root recomputed here from the leaf and the
-proof (:mod:`blendsm.device_sdk._merkle`) equals the root read from ``anchorOf``. It exits
+proof (:func:`blendsm.device_sdk.process_proof`) equals the root read from ``anchorOf``. It exits
 1 when a proof does not hold, like ``blendsm verify``.
 """
 
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blendsm.broker._cli_support import (
+from blendsm.cli._support import (
     Output,
     add_chain_command,
     add_command_group,
@@ -29,7 +29,7 @@ from blendsm.broker._cli_support import (
     run_async,
     run_chain_command,
 )
-from blendsm.errors import ConfigError
+from blendsm.errors import ConfigError, WireError
 
 if TYPE_CHECKING:
     from blendsm.contracts import Marketplace
@@ -210,19 +210,16 @@ def _read_proof_file(path: Path, broker: str | None) -> list[dict[str, Any]]:
         whole = None
     if isinstance(whole, dict):
         return [_proof_from(whole, str(path), broker)]
+    # A record file: the SDK's own reader, so whatever `blendsm verify` reads, this reads.
+    from blendsm.device_sdk import read_record
+
     proofs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not JSON: {exc.msg}") from None
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: not a JSON object")
-        if item.get("type", "proof") == "proof":
-            proofs.append(_proof_from(item, where, broker))
+    try:
+        for number, item in read_record(path):
+            if item.get("type", "proof") == "proof":
+                proofs.append(_proof_from(item, f"{path}:{number}", broker))
+    except WireError as exc:  # a line that is not a JSON object
+        raise ConfigError(str(exc)) from None
     if not proofs:
         raise ConfigError(f"--proof-file: {path} holds no proof")
     return proofs
@@ -248,7 +245,7 @@ def _proofs_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 async def _check(mp: Marketplace, proof: dict[str, Any]) -> dict[str, Any]:
-    from blendsm.device_sdk._merkle import process_proof
+    from blendsm.device_sdk import process_proof
 
     broker, batch_id, leaf = proof["broker"], proof["batch"], proof["leaf"]
     siblings: list[bytes] = proof["proof"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from blendsm.broker._cli_support import (
+from blendsm.cli._support import (
     DEFAULT_KEY_ENV,
     Output,
     add_chain_command,
@@ -28,8 +28,7 @@ from blendsm.broker._cli_support import (
 from blendsm.errors import ChainError, ConfigError, ContractRevertError
 
 if TYPE_CHECKING:
-    from blendsm.contracts import Marketplace, Participant, TxResult
-    from blendsm.contracts._events import ChainEvent
+    from blendsm.contracts import ChainEvent, Marketplace, Participant, TxResult
 
 __all__ = ["register"]
 

@@ -1,11 +1,12 @@
-"""``blendsm channel ...`` (a buyer's payment channels) and ``blendsm rate``.
+"""``blendsm channel ...``: a buyer's payment channels.
 
 A buyer opens a channel to a seller naming the broker operator that meters it; the broker
 claims the buyer's vouchers, so the buyer only ever opens, tops up, watches and leaves
-(request a close, then withdraw the rest once the challenge period is over). ``rate`` lets
-either party of a channel that did business rate the other. Times are shown against the
-chain's clock (the latest block, or the wall clock when that is later, as the next block's
-timestamp will be), because that is the clock the contract checks.
+(request a close, then withdraw the rest once the challenge period is over). Times are
+shown against the chain's clock (the latest block, or the wall clock when that is later, as
+the next block's timestamp will be), because that is the clock the contract checks.
+``CHANNEL_ARG``, :func:`parse_channel_id` and :func:`run_on_channel` serve ``blendsm rate``
+too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from blendsm.broker._cli_support import (
+from blendsm.cli._support import (
     Output,
     add_chain_command,
     add_command_group,
@@ -39,14 +40,14 @@ from blendsm.errors import ConfigError
 if TYPE_CHECKING:
     from blendsm.contracts import ChannelInfo, Marketplace
 
-__all__ = ["register"]
+__all__ = ["CHANNEL_ARG", "parse_channel_id", "register", "run_on_channel"]
 
 
-_CHANNEL_ARG = arg("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
+CHANNEL_ARG = arg("channel", metavar="CHANNEL", help="channel id (0x + 64 hex digits)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``channel`` (open, top-up, status, list, request-close, withdraw) and ``rate``."""
+    """Add ``channel`` (open, top-up, status, list, request-close, withdraw)."""
     csub = add_command_group(
         sub,
         "channel",
@@ -101,7 +102,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         signing=True,
         help="add to a channel's deposit (payer only, not closing)",
         arguments=[
-            _CHANNEL_ARG,
+            CHANNEL_ARG,
             arg("amount", metavar="AMOUNT", help="amount to add: wei, or 1.5ether, 2gwei"),
         ],
     )
@@ -111,7 +112,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         _cmd_status,
         signing=False,
         help="a channel's parties, funds and closing state",
-        arguments=[_CHANNEL_ARG],
+        arguments=[CHANNEL_ARG],
     )
     add_chain_command(
         csub,
@@ -135,7 +136,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         _cmd_request_close,
         signing=True,
         help="start leaving a channel (payer only); withdraw after the challenge period",
-        arguments=[_CHANNEL_ARG],
+        arguments=[CHANNEL_ARG],
     )
     add_chain_command(
         csub,
@@ -145,18 +146,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="after the challenge period, settle and refund what was not claimed (payer only)",
         description="Settle a closing channel and refund the unclaimed deposit to the payer."
         " Refused before any transaction is sent while the challenge period runs.",
-        arguments=[_CHANNEL_ARG],
-    )
-    add_chain_command(
-        sub,
-        "rate",
-        _cmd_rate,
-        signing=True,
-        help="rate the other party of a channel that did business (1 to 5, once per channel)",
-        description="Rate the other party of CHANNEL: its payer rates the payee and its payee"
-        " rates the payer, once each per channel, after the channel paid a claim or was"
-        " settled, while the signer is an active participant of the Registry.",
-        arguments=[_CHANNEL_ARG, arg("score", metavar="SCORE", help="1 (worst) to 5 (best)")],
+        arguments=[CHANNEL_ARG],
     )
 
 
@@ -167,7 +157,8 @@ def _amount(value: int, token: str | None) -> str:
     return format_wei(value) if token is None else f"{value} (token units)"
 
 
-def _channel_id(text: str) -> bytes:
+def parse_channel_id(text: str) -> bytes:
+    """CHANNEL: a channel id, 0x and 64 hex digits."""
     return parse_bytes32(text, "channel")
 
 
@@ -243,7 +234,7 @@ async def _existing(mp: Marketplace, channel_id: bytes) -> ChannelInfo:
     return info
 
 
-def _on_channel(
+def run_on_channel(
     args: argparse.Namespace,
     channel_id: bytes,
     body: Callable[[Marketplace, ChannelInfo], Awaitable[Output]],
@@ -307,7 +298,7 @@ def _cmd_open(args: argparse.Namespace) -> int:
 
 
 def _cmd_top_up(args: argparse.Namespace) -> int:
-    channel_id = _channel_id(args.channel)
+    channel_id = parse_channel_id(args.channel)
     amount = parse_wei(args.amount, "amount")
     if amount == 0:
         raise ConfigError("amount: must be positive")
@@ -329,7 +320,7 @@ def _cmd_top_up(args: argparse.Namespace) -> int:
             f" remaining {_amount(after.remaining, after.token)}",
         )
 
-    return _on_channel(args, channel_id, body)
+    return run_on_channel(args, channel_id, body)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -337,7 +328,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         now = await chain_now(mp)
         return {**_channel_json(info, now), "now": now}, _status_lines(info, now)
 
-    return _on_channel(args, _channel_id(args.channel), body, signing=False)
+    return run_on_channel(args, parse_channel_id(args.channel), body, signing=False)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -407,7 +398,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_request_close(args: argparse.Namespace) -> int:
-    channel_id = _channel_id(args.channel)
+    channel_id = parse_channel_id(args.channel)
 
     async def body(mp: Marketplace, info: ChannelInfo) -> Output:
         if info.settled:
@@ -426,11 +417,11 @@ def _cmd_request_close(args: argparse.Namespace) -> int:
             f" withdraw after that (`blendsm channel withdraw 0x{channel_id.hex()}`)",
         )
 
-    return _on_channel(args, channel_id, body)
+    return run_on_channel(args, channel_id, body)
 
 
 def _cmd_withdraw(args: argparse.Namespace) -> int:
-    channel_id = _channel_id(args.channel)
+    channel_id = parse_channel_id(args.channel)
 
     async def body(mp: Marketplace, info: ChannelInfo) -> Output:
         cid = f"0x{channel_id.hex()}"
@@ -455,52 +446,4 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
             f" to {info.payer} (claimed {_amount(info.claimed, info.token)})",
         )
 
-    return _on_channel(args, channel_id, body)
-
-
-def _cmd_rate(args: argparse.Namespace) -> int:
-    channel_id = _channel_id(args.channel)
-    try:
-        score = int(args.score)
-    except ValueError:
-        score = 0
-    if not 1 <= score <= 5:
-        raise ConfigError(f"score: must be a whole number from 1 to 5, got {args.score!r}")
-
-    async def body(mp: Marketplace, info: ChannelInfo) -> Output:
-        cid = f"0x{channel_id.hex()}"
-        rater = mp.address
-        if rater == info.payer:
-            ratee, as_ = info.payee, "payer"
-        elif rater == info.payee:
-            ratee, as_ = info.payer, "payee"
-        else:
-            raise ConfigError(
-                f"{rater} is neither the payer ({info.payer}) nor the payee ({info.payee})"
-                f" of channel {cid}; only they may rate each other"
-            )
-        if info.claimed == 0 and not info.settled:
-            raise ConfigError(
-                f"channel {cid} has paid no claim and is not settled: nothing to rate yet"
-            )
-        if await mp.ratings.has_rated(channel_id, rater):
-            raise ConfigError(f"{rater} already rated for channel {cid} (once per channel)")
-        result = await mp.ratings.rate(channel_id, score)
-        rating = await mp.ratings.rating_of(ratee)
-        data = {
-            "channel": channel_id,
-            "rater": rater,
-            "ratee": ratee,
-            "score": score,
-            "ratee_count": rating.count,
-            "ratee_average_x100": rating.average_x100,
-        }
-        return tx_output(
-            result,
-            data,
-            f"Rated {ratee} {score}/5 for channel {cid} (as its {as_})",
-            f"  their average is now {rating.average_x100 / 100:.2f} from"
-            f" {rating.count} rating{'s' if rating.count != 1 else ''}",
-        )
-
-    return _on_channel(args, channel_id, body)
+    return run_on_channel(args, channel_id, body)
