@@ -26,9 +26,11 @@ from web3 import AsyncWeb3
 from web3.middleware import Web3Middleware
 from web3.types import RPCEndpoint, RPCResponse
 
-from blendsm.broker._anchors import AnchorConfig, Anchorer, AnchorRecord, AsyncLeafStore
+from blendsm.broker._anchor_records import AnchorRecord
+from blendsm.broker._anchors import AnchorConfig, Anchorer
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import BrokerConfig
+from blendsm.broker._leaf_store import AsyncLeafStore
 from blendsm.broker._meter import Account, Charge, Meter, Reservation
 from blendsm.broker._store import AsyncVoucherStore
 from blendsm.contracts._bindings import Marketplace
@@ -308,15 +310,10 @@ class MarketplaceService:
         leaves = await AsyncLeafStore.open(
             data_dir / "leaves.sqlite3", self.log.getChild("anchors")
         )
-        anchoring = self.config.anchoring
         self.anchorer = Anchorer(
             leaves,
             self.marketplace,
-            AnchorConfig(
-                batch_seconds=anchoring.batch_seconds,
-                batch_max_leaves=anchoring.batch_max_leaves,
-                confirmations=self.config.chain.confirmations,
-            ),
+            AnchorConfig.of(self.config.anchoring, self.config.chain.confirmations),
             logger=self.log.getChild("anchors"),
             on_anchored=self._on_anchored,
         )
