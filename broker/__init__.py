@@ -12,6 +12,7 @@ checks that nothing outside the package imports them).
 
 from __future__ import annotations
 
+from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._blend_broker import (
     AMQTT_VERSION,
     BlendBroker,
@@ -39,7 +40,8 @@ from blendsm.broker._runner import (
     connect_chain,
     start_broker,
 )
-from blendsm.broker._service import Identity, MarketplaceService, ServiceStats, Verdict
+from blendsm.broker._service import MarketplaceService
+from blendsm.broker._stats import ServiceStats
 
 __all__ = [
     "AMQTT_VERSION",

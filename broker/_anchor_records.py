@@ -10,8 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from blendsm.device_sdk._control import AnchorNotice, Proof
-from blendsm.device_sdk._envelope import Envelope
+from blendsm.device_sdk import AnchorNotice, Envelope, Proof
 from blendsm.errors import StoreError
 
 __all__ = [

@@ -53,11 +53,8 @@ from blendsm import backoff_delay
 from blendsm.broker._anchor_records import AnchorRecord, Batch, LeafRow, ProofRecord
 from blendsm.broker._config import AnchoringConfig
 from blendsm.broker._leaf_store import AsyncLeafStore
-from blendsm.contracts._bindings import AnchorInfo, Marketplace
-from blendsm.contracts._revert import chain_errors
-from blendsm.contracts._transactor import Transactor
-from blendsm.device_sdk._control import Proof, ProofRequest, Refusal
-from blendsm.device_sdk._envelope import Envelope
+from blendsm.contracts import AnchorInfo, Marketplace, Transactor, chain_errors
+from blendsm.device_sdk import Envelope, Proof, ProofRequest, Refusal
 from blendsm.errors import ChainError, ConfigError, ContractRevertError
 
 __all__ = ["AnchorConfig", "Anchorer"]

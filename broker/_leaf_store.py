@@ -25,11 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
-from blendsm.broker._anchor_records import UINT64_MAX, Batch, BatchState, LeafRow, ProofRecord
+from blendsm.broker._anchor_records import UINT64_MAX, Batch, LeafRow, ProofRecord
 from blendsm.broker._durable import AsyncDurableStore, GroupCommit, open_on_worker
 from blendsm.broker._sqlite import DurableStore
-from blendsm.device_sdk._keccak import checksum_address
-from blendsm.device_sdk._merkle import MerkleTree
+from blendsm.device_sdk import MerkleTree, checksum_address
 from blendsm.errors import StoreError
 
 __all__ = [
@@ -87,6 +86,10 @@ CREATE INDEX batches_open ON batches (state) WHERE state IN ('intent', 'sent');
 class LeafStore(DurableStore):
     """Blocking leaf and batch store (one SQLite file); use it from one thread (the async
     facade guarantees that)."""
+
+    _STATE_TABLE = "batches"
+    _STATE_KEY = "batch_id"
+    _STATE_NOUN = "batch"
 
     def __init__(self, path: str | Path, *, tree_cache: int = 8) -> None:
         super().__init__(
@@ -208,26 +211,6 @@ class LeafStore(DurableStore):
             return Batch(batch_id, tree.root, len(rows), "intent", None, at)
 
         return self._write(body)
-
-    def _move(
-        self,
-        batch_id: int,
-        allowed: tuple[str, ...],
-        target: BatchState,
-        assignments: str,
-        params: tuple[object, ...],
-    ) -> None:
-        row = self._db.execute(
-            "SELECT state FROM batches WHERE batch_id = ?", (batch_id,)
-        ).fetchone()
-        if row is None:
-            raise StoreError(f"batch {batch_id} does not exist")
-        if row[0] not in allowed:
-            raise StoreError(f"batch {batch_id} is {row[0]!r}, cannot become {target!r}")
-        self._db.execute(
-            f"UPDATE batches SET state = ?, updated_at = ?, {assignments} WHERE batch_id = ?",
-            (target, time.time(), *params, batch_id),
-        )
 
     def mark_sent(self, batch_id: int, tx_hash: bytes) -> None:
         """The anchor transaction is about to be broadcast as ``tx_hash`` (write-ahead).

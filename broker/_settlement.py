@@ -39,12 +39,11 @@ from web3.exceptions import TransactionNotFound
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
+from blendsm import backoff_delay
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._store import AsyncVoucherStore, ChannelBalance, ClaimIntent
-from blendsm.contracts._bindings import ChannelInfo, Marketplace
-from blendsm.contracts._revert import chain_errors
-from blendsm.contracts._transactor import Transactor
+from blendsm.contracts import ChannelInfo, Marketplace, Transactor, chain_errors
 from blendsm.errors import ChainError, ConfigError, ContractRevertError
 
 __all__ = ["ClaimResult", "Settler"]
@@ -192,7 +191,8 @@ class Settler:
                 await self._round()
             except Exception as exc:
                 errors += 1
-                delay = min(self.backoff_max, self.tick * 2 ** min(errors, 20))
+                # tick * 2**errors, capped: the first retry already waits twice the tick.
+                delay = backoff_delay(errors + 1, base=self.tick, cap=self.backoff_max)
                 self.log.warning(
                     "settlement: round failed (%d in a row), retrying in %.1fs: %s",
                     errors,
@@ -385,7 +385,7 @@ class Settler:
     def _backoff(self, channel_id: bytes) -> float:
         count = self._fail_count.get(channel_id, 0) + 1
         self._fail_count[channel_id] = count
-        return min(self.backoff_max, self.backoff_base * 2.0 ** min(count - 1, 30))
+        return backoff_delay(count, base=self.backoff_base, cap=self.backoff_max)
 
     async def _claim(self, channel_id: bytes) -> ClaimResult | None:
         """One write-ahead claim of the channel's latest voucher; None if nothing to do."""

@@ -44,8 +44,7 @@ from typing import Literal
 
 from blendsm.broker._durable import AsyncDurableStore, GroupCommit, open_on_worker
 from blendsm.broker._sqlite import DurableStore
-from blendsm.device_sdk._voucher import Voucher
-from blendsm.errors import StoreError
+from blendsm.device_sdk import Voucher
 
 __all__ = [
     "APPLICATION_ID",
@@ -143,6 +142,10 @@ class ChannelBalance:
 
 class VoucherStore(DurableStore):
     """Blocking store; use it from one thread (the async facade guarantees that)."""
+
+    _STATE_TABLE = "claims"
+    _STATE_KEY = "intent_id"
+    _STATE_NOUN = "claim intent"
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(
@@ -292,26 +295,6 @@ class VoucherStore(DurableStore):
             )
 
         return self._write(body)
-
-    def _move(
-        self,
-        intent_id: int,
-        allowed: tuple[str, ...],
-        target: ClaimState,
-        assignments: str,
-        params: tuple[object, ...],
-    ) -> None:
-        row = self._db.execute(
-            "SELECT state FROM claims WHERE intent_id = ?", (intent_id,)
-        ).fetchone()
-        if row is None:
-            raise StoreError(f"claim intent {intent_id} does not exist")
-        if row[0] not in allowed:
-            raise StoreError(f"claim intent {intent_id} is {row[0]!r}, cannot become {target!r}")
-        self._db.execute(
-            f"UPDATE claims SET state = ?, updated_at = ?, {assignments} WHERE intent_id = ?",
-            (target, time.time(), *params, intent_id),
-        )
 
     def claim_sent(self, intent_id: int, tx_hash: bytes) -> None:
         """The claim transaction was broadcast as ``tx_hash`` (repeat with the same hash is a no-op)."""

@@ -36,6 +36,8 @@ from blendsm.device_sdk import (
 )
 from blendsm.errors import ConfigError, StoreError
 
+from .conftest import running
+
 BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
 ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 
@@ -94,16 +96,6 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110 - plain counters, no event to wait on
             await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running(a: Anchorer) -> AsyncIterator[Anchorer]:
-    task = asyncio.create_task(a.run())
-    try:
-        yield a
-    finally:
-        a.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def add_all(a: Anchorer, msgs: list[tuple[str, Envelope, bytes]]) -> None:
