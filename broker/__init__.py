@@ -19,6 +19,7 @@ from blendsm.broker._blend_broker import (
     MeteredHandler,
     check_amqtt_compatibility,
 )
+from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import (
     AnchoringConfig,
     BrokerConfig,
@@ -50,6 +51,7 @@ __all__ = [
     "BrokerConfig",
     "ChainConfig",
     "ChainConnection",
+    "ChainView",
     "HttpConfig",
     "Identity",
     "ListenConfig",

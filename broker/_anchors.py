@@ -46,13 +46,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from hexbytes import HexBytes
-from web3.exceptions import TransactionNotFound
-
 from blendsm import backoff_delay
 from blendsm.broker._anchor_records import AnchorRecord, Batch, LeafRow, ProofRecord
 from blendsm.broker._config import AnchoringConfig
 from blendsm.broker._leaf_store import AsyncLeafStore
+from blendsm.broker._tx_watch import confirmations_missing, find_transaction
 from blendsm.contracts import AnchorInfo, Marketplace, Transactor, chain_errors
 from blendsm.device_sdk import Envelope, Proof, ProofRequest, Refusal
 from blendsm.errors import ChainError, ConfigError, ContractRevertError
@@ -392,14 +390,14 @@ class Anchorer:
                 f"batch id {batch.batch_id} carries another root on chain ({info.root.hex()})",
             )
             return None
-        if self.config.confirmations:
-            with chain_errors("anchors: block number"):
-                head = int(await self.marketplace.w3.eth.block_number)
-            if head < info.block_number + self.config.confirmations:
-                raise _PendingError(
-                    f"batch {batch.batch_id}: block {info.block_number} has"
-                    f" {head - info.block_number} of {self.config.confirmations} confirmations"
-                )
+        shallow = await confirmations_missing(
+            self.marketplace.w3,
+            info.block_number,
+            self.config.confirmations,
+            "anchors: block number",
+        )
+        if shallow is not None:
+            raise _PendingError(f"batch {batch.batch_id}: {shallow}")
         if tx_hash is None:
             tx_hash = batch.tx_hash if batch.state == "sent" else None
             found = await self._find_tx(batch.batch_id, info.block_number)
@@ -434,19 +432,11 @@ class Anchorer:
 
     async def _in_mempool(self, tx_hash: bytes) -> bool:
         """Whether the node still knows an unmined ``tx_hash`` (then wait, do not resend)."""
-        w3 = self.marketplace.w3
-        with chain_errors("anchors: transaction lookup"):
-            try:
-                receipt = await w3.eth.get_transaction_receipt(HexBytes(tx_hash))
-            except TransactionNotFound:
-                receipt = None
-            if receipt is not None:
-                return False  # mined (reverted, since anchorOf is empty): resend
-            try:
-                await w3.eth.get_transaction(HexBytes(tx_hash))
-            except TransactionNotFound:
-                return False
-            return True
+        # A mined one (reverted, since anchorOf is empty) or a forgotten one is sent again.
+        _, pending = await find_transaction(
+            self.marketplace.w3, tx_hash, "anchors: transaction lookup"
+        )
+        return pending
 
     async def _find_tx(self, batch_id: int, block: int) -> bytes | None:
         """The hash of the transaction that anchored ``batch_id`` (from its Anchored log)."""

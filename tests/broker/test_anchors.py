@@ -17,9 +17,7 @@ import pytest
 from blendsm.broker._anchor_records import AnchorRecord, LeafRow
 from blendsm.broker._anchors import AnchorConfig, Anchorer
 from blendsm.broker._leaf_store import AsyncLeafStore, LeafStore
-from blendsm.contracts import Marketplace, Role
-from blendsm.contracts._connect import connect, disconnect
-from blendsm.contracts._devchain import test_account
+from blendsm.contracts import Marketplace, Role, connect, disconnect, test_account
 from blendsm.device_sdk import (
     AnchorNotice,
     Envelope,

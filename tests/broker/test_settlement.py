@@ -17,10 +17,8 @@ from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._settlement import Settler
 from blendsm.broker._store import AsyncVoucherStore
-from blendsm.contracts import Marketplace
-from blendsm.contracts._connect import connect, disconnect
-from blendsm.device_sdk import sign_voucher
-from blendsm.device_sdk._voucher import Voucher
+from blendsm.contracts import Marketplace, connect, disconnect
+from blendsm.device_sdk import Voucher, sign_voucher
 
 from .conftest import running
 
