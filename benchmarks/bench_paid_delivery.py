@@ -178,7 +178,7 @@ def _blendsm_config(data_dir: str, http: bool = False, node: dict[str, Any] | No
     """The broker config of (b)-(e). ``node`` (e): ``{"endpoint": url, "deployment": path,
     "key_env": VAR}`` puts the broker on that JSON-RPC node instead of the embedded chain,
     with the same confirmations and poll interval."""
-    from blendsm.broker._config import parse_config
+    from blendsm.broker import parse_config
 
     extra: dict[str, Any] = {"http": {"host": "127.0.0.1", "port": 0}} if http else {}
     chain: dict[str, Any] = {"endpoint": "embedded", "confirmations": 0, "poll_interval": 2.0}
@@ -216,7 +216,7 @@ def _blendsm_stats(running: Any) -> dict[str, int]:
 def _public_main(conn: Any, data_dir: str) -> None:
     """(b): ``start_broker`` with the embedded chain it creates itself; no market topics."""
     _quiet()
-    from blendsm.broker._runner import start_broker
+    from blendsm.broker import start_broker
 
     async def run() -> None:
         running = await start_broker(_blendsm_config(data_dir))
@@ -229,7 +229,7 @@ def _public_main(conn: Any, data_dir: str) -> None:
 def _market_accounts(n_buyers: int) -> tuple[Any, Any, Any, Any, list[Any]]:
     """deployer (the Registry's oracle), operator, seller, device, buyers: TEST-ONLY keys on a
     chain that holds no value."""
-    from blendsm.contracts._devchain import test_account
+    from blendsm.contracts import test_account
 
     return (
         test_account("bench-deployer"),
@@ -244,9 +244,7 @@ async def _build_market(w3: Any, n_buyers: int) -> Any:
     """Deploy the suite on ``w3`` (accounts already funded) and enrol seller, operator,
     buyers and device, create the paid topic and open one channel per buyer; the
     deployment."""
-    from blendsm.contracts import Marketplace
-    from blendsm.contracts._bindings import Policy, Role
-    from blendsm.contracts._deploy import deploy_suite
+    from blendsm.contracts import Marketplace, Policy, Role, deploy_suite
 
     deployer, operator, seller, device, buyers = _market_accounts(n_buyers)
     deployment = await deploy_suite(w3, deployer)
@@ -287,9 +285,8 @@ def _market_main(conn: Any, data_dir: str, n_buyers: int, http: bool = False) ->
     """(c), and (d) with ``http``: build the chain and the market here (the in-process EVM
     cannot cross processes), then start the broker on it."""
     _quiet()
-    from blendsm.broker._runner import ChainConnection, start_broker
-    from blendsm.contracts._connect import EMBEDDED, connect
-    from blendsm.contracts._devchain import new_embedded_chain
+    from blendsm.broker import ChainConnection, start_broker
+    from blendsm.contracts import EMBEDDED, connect, new_embedded_chain
 
     async def run() -> None:
         t_setup = time.time()
@@ -317,8 +314,8 @@ def _anvil_market_main(conn: Any, data_dir: str, n_buyers: int, url: str) -> Non
     the deployment file, then ``start_broker`` from its config alone (``chain.endpoint`` =
     ``url``, the operator key from an environment variable), as a production broker starts."""
     _quiet()
-    from blendsm.broker._runner import start_broker
-    from blendsm.contracts._connect import connect, disconnect
+    from blendsm.broker import start_broker
+    from blendsm.contracts import connect, disconnect
 
     async def run() -> None:
         t_setup = time.time()
@@ -375,9 +372,8 @@ def _subscriber_main(
     ok = True
     try:
         if kind == "c":
-            from blendsm.contracts._devchain import test_account
-            from blendsm.device_sdk import Subscriber
-            from blendsm.device_sdk._subscriber import PaymentEventKind
+            from blendsm.contracts import test_account
+            from blendsm.device_sdk import PaymentEventKind, Subscriber
 
             def on_payment(_s: Any, event: Any) -> None:
                 if event.kind is PaymentEventKind.REFUSAL:
@@ -468,7 +464,7 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
     if kind == "c":
         import tempfile
 
-        from blendsm.contracts._devchain import test_account
+        from blendsm.contracts import test_account
         from blendsm.device_sdk import Publisher
 
         state = tempfile.mkdtemp(prefix="bench-device-")
@@ -615,7 +611,7 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
     data_dir = tempfile.mkdtemp(prefix="bench-paid-")
     anvil: Any = None
     if kind == "e":
-        from blendsm.contracts._devchain import AnvilNode
+        from blendsm.contracts import AnvilNode
 
         t_anvil = time.time()
         anvil = AnvilNode().start(timeout=left(20))  # automine: every transaction mined at once

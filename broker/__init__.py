@@ -12,12 +12,14 @@ checks that nothing outside the package imports them).
 
 from __future__ import annotations
 
+from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._blend_broker import (
     AMQTT_VERSION,
     BlendBroker,
     MeteredHandler,
     check_amqtt_compatibility,
 )
+from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import (
     AnchoringConfig,
     BrokerConfig,
@@ -39,7 +41,8 @@ from blendsm.broker._runner import (
     connect_chain,
     start_broker,
 )
-from blendsm.broker._service import Identity, MarketplaceService, ServiceStats, Verdict
+from blendsm.broker._service import MarketplaceService
+from blendsm.broker._stats import ServiceStats
 
 __all__ = [
     "AMQTT_VERSION",
@@ -48,6 +51,7 @@ __all__ = [
     "BrokerConfig",
     "ChainConfig",
     "ChainConnection",
+    "ChainView",
     "HttpConfig",
     "Identity",
     "ListenConfig",

@@ -36,9 +36,10 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OutgoingApplicationMessage, Session
 
+from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._meter import Charge
-from blendsm.broker._service import MAX_OFFLINE_PAID, Identity, MarketplaceService, Verdict
-from blendsm.device_sdk._control import CONTROL_ROOT
+from blendsm.broker._service import MAX_OFFLINE_PAID, MarketplaceService
+from blendsm.broker._topics import TopicClass, classify_topic
 from blendsm.errors import ConfigError
 
 __all__ = ["AMQTT_VERSION", "BlendBroker", "MeteredHandler", "check_amqtt_compatibility"]
@@ -386,7 +387,7 @@ class BlendBroker(Broker):
     ) -> bool:
         message = wait_deliver.result()
         topic = getattr(message, "topic", None)
-        if topic and topic.startswith(CONTROL_ROOT):
+        if topic and classify_topic(topic) is TopicClass.CONTROL:
             self.service.on_control_publish(client_session, handler, topic, message.data)
             return True
         if getattr(getattr(message, "publish_packet", None), "blendsm_rejected", False):

@@ -32,9 +32,18 @@ from typing import Any, Final, TypeVar
 
 from web3 import AsyncWeb3
 
-from blendsm.contracts._bindings import ChannelInfo, Policy, Role, Status, TopicInfo
-from blendsm.contracts._deploy import Deployment
-from blendsm.contracts._events import ChainEvent, EventFollower
+from blendsm import backoff_delay
+from blendsm.broker._config import ChainConfig, default_staleness
+from blendsm.contracts import (
+    ChainEvent,
+    ChannelInfo,
+    Deployment,
+    EventFollower,
+    Policy,
+    Role,
+    Status,
+    TopicInfo,
+)
 from blendsm.errors import ConfigError
 
 __all__ = ["EVENTS", "ChainView", "ChangeListener"]
@@ -67,6 +76,9 @@ EVENTS: Final = (
 
 _R = TypeVar("_R")
 
+_CHAIN_DEFAULTS: Final = ChainConfig()
+"""The chain defaults are declared once, by the broker config."""
+
 #: Called with each live event after the view applied it (plain or async).
 ChangeListener = Callable[[ChainEvent], Awaitable[None] | None]
 
@@ -77,7 +89,8 @@ class ChainView:
     Lookups are plain dict reads keyed by lower-case address (callers may pass any case) and
     never touch the chain. ``confirmations`` is the event depth (0 only on instantly final
     chains); ``max_staleness`` is how long the view may go without being caught up with
-    ``head - confirmations`` before it turns unhealthy.
+    ``head - confirmations`` before it turns unhealthy (None: the config's default for
+    this ``poll_interval``). The defaults are :class:`~blendsm.broker.ChainConfig`'s.
     """
 
     def __init__(
@@ -85,14 +98,16 @@ class ChainView:
         w3: AsyncWeb3[Any],
         deployment: Deployment,
         *,
-        confirmations: int = 2,
-        poll_interval: float = 0.5,
-        max_staleness: float = 10.0,
+        confirmations: int = _CHAIN_DEFAULTS.confirmations,
+        poll_interval: float = _CHAIN_DEFAULTS.poll_interval,
+        max_staleness: float | None = None,
         max_range: int = 1_000,
         backoff_max: float = 15.0,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if max_staleness is None:
+            max_staleness = default_staleness(poll_interval)
         if max_staleness <= poll_interval:
             raise ConfigError("max_staleness must exceed poll_interval")
         self.w3 = w3
@@ -232,24 +247,29 @@ class ChainView:
         seller = self._active_seller_of(key)
         return None if seller is None else (Role.NONE, seller)
 
-    def can_publish(self, device: str, topic_id: bytes) -> bool:
-        """``Market.canPublish``: the topic runs and ``device`` acts for its seller."""
+    def _running_topic(self, topic_id: bytes) -> TopicInfo | None:
+        """The topic of a publish or subscribe decision, counted as a hit or miss; None (the
+        answer is no) while the view is unhealthy, the topic unknown or paused."""
         if not self.healthy:
             self.misses_unhealthy += 1
-            return False
+            return None
         t = self._count(self._topics.get(topic_id))
         if t is None or t.paused:
+            return None
+        return t
+
+    def can_publish(self, device: str, topic_id: bytes) -> bool:
+        """``Market.canPublish``: the topic runs and ``device`` acts for its seller."""
+        t = self._running_topic(topic_id)
+        if t is None:
             return False
         return self._active_seller_of(device.lower()) == t.seller
 
     def can_subscribe(self, buyer: str, topic_id: bytes) -> bool:
         """``Market.canSubscribe``: topic runs, seller and buyer active in their roles, and
         the policy (Open/Allowlist/Denylist/MinRating) admits the buyer."""
-        if not self.healthy:
-            self.misses_unhealthy += 1
-            return False
-        t = self._count(self._topics.get(topic_id))
-        if t is None or t.paused:
+        t = self._running_topic(topic_id)
+        if t is None:
             return False
         if not self._has_active_role(t.seller.lower(), Role.SELLER):
             return False
@@ -370,7 +390,10 @@ class ChainView:
                     caught_up = await self._step(notify=True)
                 except Exception as exc:
                     failures += 1
-                    delay = min(self.backoff_max, self.poll_interval * 2 ** min(failures, 20))
+                    # poll_interval * 2**failures, capped: the first retry waits two polls.
+                    delay = backoff_delay(
+                        failures + 1, base=self.poll_interval, cap=self.backoff_max
+                    )
                     self.log.warning(
                         "chain view: chain poll failed (%d in a row), retrying in %.2fs: %s",
                         failures,

@@ -23,14 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import yaml  # type: ignore[import-untyped]
 from eth_account.signers.local import LocalAccount
 
-from blendsm.device_sdk._keys import account_from_env, account_from_keystore
-from blendsm.device_sdk._voucher import UINT256_MAX
+from blendsm.device_sdk import UINT256_MAX, account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 
 __all__ = [
@@ -45,6 +44,7 @@ __all__ = [
     "OperatorKeyConfig",
     "PaymentsConfig",
     "SettlementConfig",
+    "default_staleness",
     "load_config",
     "parse_config",
     "resolve_operator_account",
@@ -97,7 +97,13 @@ class ChainConfig:
         """``max_staleness``, or its default for this ``poll_interval``."""
         if self.max_staleness is not None:
             return self.max_staleness
-        return max(10.0, 5 * self.poll_interval)
+        return default_staleness(self.poll_interval)
+
+
+def default_staleness(poll_interval: float) -> float:
+    """Seconds without catching up before the chain view fails closed, when not configured:
+    long enough for a few missed polls, never under 10 s (a slow node is not a dead one)."""
+    return max(10.0, 5 * poll_interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +263,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
             "operator_key: required when chain.endpoint is not embedded "
             "(give env: VAR or keystore: path + password_env: VAR)"
         )
-    log_level = _typed(root, "log_level", "", str, "INFO").upper()
+    log_level = _typed(root, "log_level", "", str, _DEFAULTS.log_level).upper()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     return BrokerConfig(
@@ -268,8 +274,8 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
         anchoring=_parse_anchoring(_section(root, "anchoring")),
         metrics=_parse_metrics(_section(root, "metrics")),
         http=_parse_http(_section(root, "http")),
-        data_dir=_path(root, "data_dir", "", base) or _resolve(Path("blendsm-data"), base),
-        public_topics=_typed(root, "public_topics", "", bool, False),
+        data_dir=_path(root, "data_dir", "", base) or _resolve(_DEFAULTS.data_dir, base),
+        public_topics=_typed(root, "public_topics", "", bool, _DEFAULTS.public_topics),
         log_level=log_level,
     )
 
@@ -293,18 +299,36 @@ def resolve_operator_account(config: BrokerConfig) -> LocalAccount | None:
 # --------------------------------------------------------------------------- sections
 
 
+_DEFAULTS: Final = BrokerConfig()
+"""Every default is declared once, on the dataclasses above; the parsers read it here."""
+
+
 def _parse_listen(data: Mapping[str, Any]) -> ListenConfig:
     _check_keys(data, ListenConfig, "listen")
-    host = _typed(data, "host", "listen", str, "127.0.0.1")
-    if not host.strip():
-        raise ConfigError("listen.host: must not be empty")
-    port = _int(data, "port", "listen", 1883, low=0, high=65535)
+    host = _host(data, "listen", _DEFAULTS.listen.host)
+    port = _int(data, "port", "listen", _DEFAULTS.listen.port, low=0, high=65535)
     return ListenConfig(host=host, port=port)
+
+
+def _host(data: Mapping[str, Any], prefix: str, default: str) -> str:
+    host = _typed(data, "host", prefix, str, default)
+    if not host.strip():
+        raise ConfigError(f"{prefix}.host: must not be empty")
+    return host
+
+
+def _optional_endpoint(
+    data: Mapping[str, Any], prefix: str, default: str
+) -> tuple[str, int | None]:
+    """``(host, port)`` of an optional HTTP endpoint: no port means the endpoint is off."""
+    host = _host(data, prefix, default)
+    port = None if data.get("port") is None else _int(data, "port", prefix, 0, low=0, high=65535)
+    return host, port
 
 
 def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
     _check_keys(data, ChainConfig, "chain")
-    endpoint = _typed(data, "endpoint", "chain", str, EMBEDDED).strip()
+    endpoint = _typed(data, "endpoint", "chain", str, _DEFAULTS.chain.endpoint).strip()
     if endpoint != EMBEDDED:
         parts = urlsplit(endpoint)
         if parts.scheme.lower() not in _URL_SCHEMES or not parts.netloc:
@@ -320,7 +344,9 @@ def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
         )
     if endpoint != EMBEDDED and deployment is None:
         raise ConfigError("chain.deployment: required when chain.endpoint is not embedded")
-    poll_interval = _seconds(data, "poll_interval", "chain", 2.0, allow_zero=False)
+    poll_interval = _seconds(
+        data, "poll_interval", "chain", _DEFAULTS.chain.poll_interval, allow_zero=False
+    )
     max_staleness = (
         None
         if data.get("max_staleness") is None
@@ -334,7 +360,7 @@ def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
     return ChainConfig(
         endpoint=endpoint,
         deployment=deployment,
-        confirmations=_int(data, "confirmations", "chain", 2, low=0),
+        confirmations=_int(data, "confirmations", "chain", _DEFAULTS.chain.confirmations, low=0),
         poll_interval=poll_interval,
         max_staleness=max_staleness,
     )
@@ -367,27 +393,26 @@ def _parse_operator_key(value: Any, base: Path | None) -> OperatorKeyConfig | No
 
 def _parse_anchoring(data: Mapping[str, Any]) -> AnchoringConfig:
     _check_keys(data, AnchoringConfig, "anchoring")
+    default = _DEFAULTS.anchoring
     return AnchoringConfig(
-        batch_seconds=_seconds(data, "batch_seconds", "anchoring", 60.0, allow_zero=False),
-        batch_max_leaves=_int(data, "batch_max_leaves", "anchoring", 1000, low=1, high=2**20),
+        batch_seconds=_seconds(
+            data, "batch_seconds", "anchoring", default.batch_seconds, allow_zero=False
+        ),
+        batch_max_leaves=_int(
+            data, "batch_max_leaves", "anchoring", default.batch_max_leaves, low=1, high=2**20
+        ),
     )
 
 
 def _parse_metrics(data: Mapping[str, Any]) -> MetricsConfig:
     _check_keys(data, MetricsConfig, "metrics")
-    host = _typed(data, "host", "metrics", str, "127.0.0.1")
-    if not host.strip():
-        raise ConfigError("metrics.host: must not be empty")
-    port = None if data.get("port") is None else _int(data, "port", "metrics", 0, low=0, high=65535)
+    host, port = _optional_endpoint(data, "metrics", _DEFAULTS.metrics.host)
     return MetricsConfig(host=host, port=port)
 
 
 def _parse_http(data: Mapping[str, Any]) -> HttpConfig:
     _check_keys(data, HttpConfig, "http")
-    host = _typed(data, "host", "http", str, "127.0.0.1")
-    if not host.strip():
-        raise ConfigError("http.host: must not be empty")
-    port = None if data.get("port") is None else _int(data, "port", "http", 0, low=0, high=65535)
+    host, port = _optional_endpoint(data, "http", _DEFAULTS.http.host)
     return HttpConfig(host=host, port=port)
 
 
@@ -396,17 +421,26 @@ def _parse_payments(data: Mapping[str, Any]) -> PaymentsConfig:
     settlement = _section(data, "settlement", "payments")
     _check_keys(settlement, SettlementConfig, "payments.settlement")
     where = "payments.settlement"
+    default = _DEFAULTS.payments.settlement
     return PaymentsConfig(
-        credit_messages=_int(data, "credit_messages", "payments", 5, low=1),
+        credit_messages=_int(
+            data, "credit_messages", "payments", _DEFAULTS.payments.credit_messages, low=1
+        ),
         settlement=SettlementConfig(
-            threshold=_amount(settlement, "threshold", where, 0),
+            threshold=_amount(settlement, "threshold", where, default.threshold),
             interval_seconds=_seconds(
-                settlement, "interval_seconds", where, 3600.0, allow_zero=False
+                settlement, "interval_seconds", where, default.interval_seconds, allow_zero=False
             ),
             before_close_margin_seconds=_seconds(
-                settlement, "before_close_margin_seconds", where, 600.0, allow_zero=True
+                settlement,
+                "before_close_margin_seconds",
+                where,
+                default.before_close_margin_seconds,
+                allow_zero=True,
             ),
-            min_gas_balance_wei=_amount(settlement, "min_gas_balance_wei", where, 10**16),
+            min_gas_balance_wei=_amount(
+                settlement, "min_gas_balance_wei", where, default.min_gas_balance_wei
+            ),
         ),
     )
 

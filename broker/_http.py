@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
-from blendsm.contracts._bindings import ChannelInfo, TopicInfo
+from blendsm.contracts import ChannelInfo, TopicInfo
 from blendsm.errors import ChainError
 
 if TYPE_CHECKING:

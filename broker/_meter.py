@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from blendsm.contracts._bindings import ChannelInfo, TopicInfo
+from blendsm.contracts import ChannelInfo, TopicInfo
 
 __all__ = ["Account", "ChannelSource", "Charge", "Meter", "Reservation"]
 

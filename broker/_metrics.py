@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,6 +32,34 @@ _READ_TIMEOUT = 5.0
 """Seconds a client may take to send its request head before the connection is dropped."""
 _MAX_HEAD = 16 * 1024
 """Largest request head accepted (bytes)."""
+
+
+_SETTLER_COUNTERS: Final = (
+    (
+        "claims_confirmed",
+        "Voucher claims confirmed on chain by this broker process.",
+        "claims_confirmed",
+    ),
+    ("claim_gas", "Gas used by this broker process's confirmed claims.", "gas_used"),
+    (
+        "claim_failures",
+        "Claim attempts that failed (reverted, refused, node unreachable): chain errors.",
+        "failures",
+    ),
+)
+"""``(metric, documentation, Settler attribute)`` of the settlement counters."""
+
+_ANCHORER_COUNTERS: Final = (
+    ("anchor_batches", "Batches of message leaves anchored on chain.", "batches_anchored"),
+    ("anchor_gas", "Gas used by anchor transactions.", "gas_used"),
+    ("anchor_leaves", "Message leaves made durable for anchoring.", "leaves"),
+    (
+        "anchor_failures",
+        "Anchor attempts that failed (node unreachable, reverted, ...): chain errors.",
+        "failures",
+    ),
+)
+"""``(metric, documentation, Anchorer attribute)`` of the anchoring counters."""
 
 
 class BrokerCollector(Collector):
@@ -104,48 +132,16 @@ class BrokerCollector(Collector):
         yield counter("vouchers_accepted", "Vouchers accepted.", stats.vouchers_accepted)
         yield counter("vouchers_refused", "Vouchers refused.", stats.vouchers_refused)
         yield counter("proofs_served", "Inclusion proofs served.", stats.proofs_served)
-        # --- settlement
-        yield counter(
-            "claims_confirmed",
-            "Voucher claims confirmed on chain by this broker process.",
-            settler.claims_confirmed if settler else 0,
-        )
-        yield counter(
-            "claim_gas",
-            "Gas used by this broker process's confirmed claims.",
-            settler.gas_used if settler else 0,
-        )
-        yield counter(
-            "claim_failures",
-            "Claim attempts that failed (reverted, refused, node unreachable): chain errors.",
-            settler.failures if settler else 0,
-        )
+        # --- settlement and anchoring: 0 until their background task exists
+        for name, documentation, attribute in _SETTLER_COUNTERS:
+            yield counter(name, documentation, getattr(settler, attribute) if settler else 0)
         yield gauge(
             "operator_low_gas",
             "1 while the operator's native balance is below min_gas_balance_wei, else 0.",
             1 if settler is not None and settler.low_gas else 0,
         )
-        # --- anchoring
-        yield counter(
-            "anchor_batches",
-            "Batches of message leaves anchored on chain.",
-            anchorer.batches_anchored if anchorer else 0,
-        )
-        yield counter(
-            "anchor_gas",
-            "Gas used by anchor transactions.",
-            anchorer.gas_used if anchorer else 0,
-        )
-        yield counter(
-            "anchor_leaves",
-            "Message leaves made durable for anchoring.",
-            anchorer.leaves if anchorer else 0,
-        )
-        yield counter(
-            "anchor_failures",
-            "Anchor attempts that failed (node unreachable, reverted, ...): chain errors.",
-            anchorer.failures if anchorer else 0,
-        )
+        for name, documentation, attribute in _ANCHORER_COUNTERS:
+            yield counter(name, documentation, getattr(anchorer, attribute) if anchorer else 0)
         yield counter(
             "anchor_notices",
             "Anchor notices published to subscribers.",

@@ -21,7 +21,7 @@ from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import EMBEDDED, BrokerConfig, resolve_operator_account
 from blendsm.broker._metrics import MetricsServer
 from blendsm.broker._service import MarketplaceService
-from blendsm.contracts._deploy import Deployment
+from blendsm.contracts import Deployment
 from blendsm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class ChainConnection:
     owned: bool = True
 
     async def close(self) -> None:
-        from blendsm.contracts._connect import disconnect
+        from blendsm.contracts import disconnect
 
         if self.owned:
             await disconnect(self.w3)
@@ -53,9 +53,7 @@ class ChainConnection:
 
 async def connect_chain(config: BrokerConfig) -> ChainConnection:
     """Connect to the configured chain (deploying the suite when embedded)."""
-    from blendsm.contracts._connect import connect
-    from blendsm.contracts._deploy import deploy_suite
-    from blendsm.contracts._devchain import new_embedded_chain, test_account
+    from blendsm.contracts import connect, deploy_suite, new_embedded_chain, test_account
 
     if config.chain.endpoint == EMBEDDED:
         operator = resolve_operator_account(config) or test_account("operator")  # TEST ONLY
@@ -82,7 +80,7 @@ async def _enrol_operator(
     w3: AsyncWeb3[Any], deployment: Deployment, operator: LocalAccount, oracle: LocalAccount
 ) -> None:
     """Make the embedded chain's operator an active Operator (DataAnchors requires it)."""
-    from blendsm.contracts._bindings import Marketplace, Role
+    from blendsm.contracts import Marketplace, Role
 
     await Marketplace(w3, deployment, operator).registry.apply_for_role(Role.OPERATOR)
     await Marketplace(w3, deployment, oracle).registry.approve(operator.address)

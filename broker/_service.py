@@ -5,9 +5,10 @@ credit gate and the voucher intake all read the same in-memory state (the chain 
 meter), and the broker subclass and the amqtt plugin both need it. Every decision here is a
 synchronous dict lookup; only voucher storage and notices are awaited, off the delivery path.
 
-Fail closed: an unknown session, an unhealthy chain view, a missing channel or any exception
-answers "no", and the log says why. Public (non-market) topics follow ``public_topics`` and keep
-working while the chain is unreachable.
+The decisions themselves (CONNECT, SUBSCRIBE, PUBLISH, RECEIVE, the delivery gate) are
+:class:`~blendsm.broker._access.AccessDecisions`, which this service extends with the wiring:
+stores, chain view, settlement and anchoring tasks, voucher intake, notices and chain events.
+Failed chain requests of those tasks are counted by :mod:`blendsm.broker._chain_errors`.
 """
 
 from __future__ import annotations
@@ -15,58 +16,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import enum
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from eth_account.signers.local import LocalAccount
 from web3 import AsyncWeb3
-from web3.middleware import Web3Middleware
-from web3.types import RPCEndpoint, RPCResponse
 
-from blendsm.broker._anchors import AnchorConfig, Anchorer, AnchorRecord, AsyncLeafStore
+from blendsm.broker._access import AccessDecisions, Identity, Verdict
+from blendsm.broker._anchor_records import AnchorRecord
+from blendsm.broker._anchors import AnchorConfig, Anchorer
+from blendsm.broker._chain_errors import (
+    CHAIN_ERROR_SOURCES,
+    ChainErrors,
+    chain_source,
+    count_chain_errors,
+)
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import BrokerConfig
-from blendsm.broker._meter import Account, Charge, Meter, Reservation
+from blendsm.broker._leaf_store import AsyncLeafStore
+from blendsm.broker._meter import Charge, Meter
+from blendsm.broker._stats import ServiceStats
 from blendsm.broker._store import AsyncVoucherStore
-from blendsm.contracts._bindings import Marketplace
-from blendsm.contracts._deploy import Deployment
-from blendsm.contracts._events import ChainEvent
-from blendsm.device_sdk._connect_token import ConnectTokenVerifier
-from blendsm.device_sdk._control import (
+from blendsm.contracts import ChainEvent, Deployment, Marketplace
+from blendsm.device_sdk import (
     ANCHORS_TOPIC,
-    CONTROL_ROOT,
-    KEYS_ROOT,
     NOTICE,
     PROOF,
     VOUCHER,
     AnyNotice,
+    ChannelState,
+    ConnectTokenVerifier,
+    Envelope,
+    MessageDomain,
     Notice,
     PaymentRequest,
     Quote,
     Receipt,
     Refusal,
     RefusalCode,
+    VoucherDomain,
+    VoucherVerifier,
     control_topic,
+    decode_envelope,
     decode_proof_request,
     decode_voucher,
     encode_anchor_notice,
     encode_notice,
-    is_control_topic,
     parse_control_topic,
-    parse_key_topic,
-)
-from blendsm.device_sdk._envelope import (
-    Envelope,
-    MessageDomain,
-    decode_envelope,
     verify_envelope_leaf,
 )
-from blendsm.device_sdk._voucher import ChannelState, VoucherDomain, VoucherVerifier
 from blendsm.errors import (
-    ConnectTokenError,
     EnvelopeError,
     VoucherChannelError,
     VoucherNotNewerError,
@@ -77,12 +77,12 @@ from blendsm.errors import (
 if TYPE_CHECKING:
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
     from amqtt.session import Session
-    from web3.types import AsyncMakeRequestFn
 
     from blendsm.broker._settlement import Settler
 
 __all__ = [
     "CHAIN_ERROR_SOURCES",
+    "MAX_OFFLINE_PAID",
     "ChainErrors",
     "Identity",
     "MarketplaceService",
@@ -96,118 +96,7 @@ MAX_OFFLINE_PAID: Final = 1000
 """Paid messages queued per disconnected persistent session; newer ones are dropped (logged)."""
 
 
-CHAIN_ERROR_SOURCES: Final = ("chain_view", "settlement", "gas_balance", "anchors")
-"""Where a broker's failed chain requests come from (the ``source`` label of the metric):
-event polling of the chain view, claims and the reads around them, the operator's balance
-check, anchor transactions and their receipts."""
-
-
-class ChainErrors:
-    """Failed JSON-RPC requests of one broker's background work, by source.
-
-    Why at the request level: every chain interaction of the chain view, the settler and the
-    anchorer goes through the service's ``AsyncWeb3``, and each of them catches and logs its
-    own failures in its own way. A web3 middleware sees them all, and a context variable set
-    on each background task says whose request it was, so requests made by anything else
-    (the CLI, tests sharing the connection, another broker in the same process) are not
-    counted here."""
-
-    __slots__ = ("by_source",)
-
-    def __init__(self) -> None:
-        self.by_source: dict[str, int] = dict.fromkeys(CHAIN_ERROR_SOURCES, 0)
-
-    def count(self, source: str, method: str) -> None:
-        if source == "settlement" and method == "eth_getBalance":
-            source = "gas_balance"
-        self.by_source[source] = self.by_source.get(source, 0) + 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_source.values())
-
-
-_CHAIN_SOURCE: contextvars.ContextVar[tuple[ChainErrors, str] | None] = contextvars.ContextVar(
-    "blendsm_chain_source", default=None
-)
-_COUNTER_NAME: Final = "blendsm_chain_errors"
-
-
-class _ChainErrorCounter(Web3Middleware):
-    """Counts a request that raised (node unreachable, timeout) or came back with a JSON-RPC
-    error (e.g. a revert) into the :class:`ChainErrors` of the task that made it."""
-
-    async def async_wrap_make_request(self, make_request: AsyncMakeRequestFn) -> AsyncMakeRequestFn:
-        async def middleware(method: RPCEndpoint, params: Any) -> RPCResponse:
-            tag = _CHAIN_SOURCE.get()
-            if tag is None:
-                return await make_request(method, params)
-            try:
-                response = await make_request(method, params)
-            except Exception:
-                tag[0].count(tag[1], str(method))
-                raise
-            if isinstance(response, dict) and response.get("error") is not None:
-                tag[0].count(tag[1], str(method))
-            return response
-
-        return middleware
-
-
-class Verdict(enum.Enum):
-    """Non-charging outcomes of the delivery gate."""
-
-    FREE = "free"
-    """Send, nothing to charge (public topic, or a market topic priced 0)."""
-    DENY = "deny"
-    """Do not send: not entitled, no channel, chain view unhealthy, control topic."""
-    NO_CREDIT = "no credit"
-    """Do not send now: the channel's credit is used up until a voucher arrives."""
-
-
-@dataclass(slots=True, eq=False)
-class Identity:
-    """Who a session is, fixed at CONNECT (attached to the amqtt Session as ``blendsm``)."""
-
-    kind: Literal["participant", "device", "anonymous"]
-    address: str | None = None
-    """Checksum address proven by the CONNECT token; None for anonymous clients."""
-    key: str = ""
-    """Lower-case address, the key of every chain view lookup ("" for anonymous)."""
-    seller_key: str = ""
-    """For a device, its seller's lower-case address."""
-    quoted: dict[str, tuple[bytes, int]] = field(default_factory=dict)
-    """topic -> (channel id, price) last quoted to this session."""
-    subscribing: bool = False
-    """Set while amqtt handles this session's SUBSCRIBE (retained messages go out only then)."""
-    owing: Account | None = None
-    """Account whose credit ran out at the last gate refusal (payment request pending)."""
-    owing_topic: str = ""
-
-
-@dataclass(slots=True)
-class ServiceStats:
-    """Counters for logs, tests, the demo and metrics."""
-
-    connects_accepted: int = 0
-    connects_refused: int = 0
-    deliveries_denied: int = 0
-    vouchers_accepted: int = 0
-    vouchers_refused: int = 0
-    payment_requests: int = 0
-    quotes: int = 0
-    disconnects_revoked: int = 0
-    offline_dropped: int = 0
-    envelopes_refused: int = 0
-    proofs_served: int = 0
-    anchor_notices: int = 0
-    public_deliveries: int = 0
-    """Deliveries on public (non-market) topics admitted by the gate: free, never metered."""
-    free_market_deliveries: int = 0
-    """Deliveries on market topics priced 0 admitted by the gate (entitled, not charged)."""
-
-
-class MarketplaceService:
+class MarketplaceService(AccessDecisions):
     """Chain-backed identity, access control, metering and voucher intake for one broker."""
 
     def __init__(
@@ -279,7 +168,7 @@ class MarketplaceService:
                 paid.append((channel_id, latest.cumulative_amount))
         self.meter.load_paid(paid)
         self._unlisten = self.view.on_change(self._on_chain_event)
-        self._count_chain_errors()
+        count_chain_errors(self.w3)
         self._view_task = asyncio.create_task(
             self.view.run(), name="blendsm-chain-view", context=self._chain_source("chain_view")
         )
@@ -308,15 +197,10 @@ class MarketplaceService:
         leaves = await AsyncLeafStore.open(
             data_dir / "leaves.sqlite3", self.log.getChild("anchors")
         )
-        anchoring = self.config.anchoring
         self.anchorer = Anchorer(
             leaves,
             self.marketplace,
-            AnchorConfig(
-                batch_seconds=anchoring.batch_seconds,
-                batch_max_leaves=anchoring.batch_max_leaves,
-                confirmations=self.config.chain.confirmations,
-            ),
+            AnchorConfig.of(self.config.anchoring, self.config.chain.confirmations),
             logger=self.log.getChild("anchors"),
             on_anchored=self._on_anchored,
         )
@@ -352,255 +236,14 @@ class MarketplaceService:
             await self.anchorer.store.close()
             self.anchorer = None
 
-    def _count_chain_errors(self) -> None:
-        """Install the chain error counter on the connection (once per ``AsyncWeb3``)."""
-        onion: Any = self.w3.middleware_onion
-        if _COUNTER_NAME not in onion:
-            onion.add(_ChainErrorCounter, name=_COUNTER_NAME)
-
     def _chain_source(self, source: str) -> contextvars.Context:
         """A context whose chain requests count as this broker's ``source``."""
-        context = contextvars.copy_context()
-        context.run(_CHAIN_SOURCE.set, (self.chain_errors, source))
-        return context
+        return chain_source(self.chain_errors, source)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    # --- identity ----------------------------------------------------------------------
-
-    def authenticate(self, session: Session) -> bool:
-        """Decide a CONNECT; on success attach an :class:`Identity` to the session."""
-        try:
-            identity = self._identify(session)
-        except Exception:
-            self.log.exception("CONNECT refused for client %r: internal error", session.client_id)
-            identity = None
-        if identity is None:
-            self.stats.connects_refused += 1
-            return False
-        if session.will_flag and not self._will_allowed(session.will_topic):
-            self.log.warning(
-                "CONNECT refused for client %r: Will topic %r is a market or control topic, or"
-                " public topics are off",
-                session.client_id,
-                session.will_topic,
-            )
-            self.stats.connects_refused += 1
-            return False
-        session.blendsm = identity
-        session.is_anonymous = identity.kind == "anonymous"
-        self.stats.connects_accepted += 1
-        return True
-
-    def _identify(self, session: Session) -> Identity | None:
-        client = session.client_id
-        if not session.username and not session.password:
-            if self.public_topics:
-                return Identity("anonymous")
-            self.log.info(
-                "CONNECT refused for client %r: anonymous and public topics are off", client
-            )
-            return None
-        try:
-            address = self.tokens.verify(
-                session.username, client or "", session.password, time.time()
-            )
-        except ConnectTokenError as exc:
-            self.log.info("CONNECT refused for client %r: %s", client, exc)
-            return None
-        view = self.view
-        if not view.healthy:
-            self.log.warning(
-                "CONNECT refused for %s (client %r): chain view unhealthy (%s)",
-                address,
-                client,
-                view.unhealthy_reason,
-            )
-            return None
-        key = address.lower()
-        found = view.identify(address)
-        if found is not None:
-            _role, seller = found
-            if seller is None:
-                return Identity("participant", address, key)
-            return Identity("device", address, key, seller.lower())
-        self.log.info(
-            "CONNECT refused for %s (client %r): not an active participant or device of an"
-            " active seller in the Registry",
-            address,
-            client,
-        )
-        return None
-
-    def _will_allowed(self, topic: str | None) -> bool:
-        if not topic or is_control_topic(topic) or self.view.is_market_topic(topic):
-            return False
-        return self.public_topics
-
-    @staticmethod
-    def identity(session: Session) -> Identity | None:
-        return getattr(session, "blendsm", None)
-
-    # --- access decisions (SUBSCRIBE, PUBLISH, RECEIVE) ----------------------------------
-
-    def allow_subscribe(self, session: Session, topic_filter: str) -> bool:
-        """SUBSCRIBE: own control subtree; exact market topics need canSubscribe and a usable
-        channel; wildcards are granted and gated per message; public topics per config."""
-        ident = self.identity(session)
-        if ident is None:
-            return False
-        if topic_filter == ANCHORS_TOPIC:
-            return True  # anchor notices are public: anyone may check them on chain
-        if topic_filter.startswith(KEYS_ROOT):
-            parsed = parse_key_topic(topic_filter)
-            return parsed is not None and bool(ident.key) and parsed[1] == ident.key
-        if topic_filter.startswith(CONTROL_ROOT):
-            own = f"{CONTROL_ROOT}/{ident.key}/"
-            allowed = bool(ident.key) and topic_filter.startswith(own)
-            if not allowed:
-                self.log.info(
-                    "SUBSCRIBE %r refused for %s: not its control topic",
-                    topic_filter,
-                    ident.address,
-                )
-            return allowed
-        if "+" in topic_filter or "#" in topic_filter:
-            return self.public_topics or bool(ident.key)
-        view = self.view
-        topic = view.topic_for_name(topic_filter)
-        if topic is None:
-            if view.is_market_topic(topic_filter):
-                self.log.info(
-                    "SUBSCRIBE %r refused for %s: chain view unhealthy (%s)",
-                    topic_filter,
-                    ident.address,
-                    view.unhealthy_reason,
-                )
-                return False
-            return self.public_topics
-        if not ident.key or not view.can_subscribe(ident.key, topic.topic_id):
-            self.log.info(
-                "SUBSCRIBE %r refused for %s: Market.canSubscribe is false",
-                topic_filter,
-                ident.address or "anonymous",
-            )
-            return False
-        if topic.price and self.meter.select(ident.key, topic, view) is None:
-            self.log.info(
-                "SUBSCRIBE %r refused for %s: no open channel to seller %s with operator %s",
-                topic_filter,
-                ident.address,
-                topic.seller,
-                self.operator.address,
-            )
-            return False
-        return True
-
-    def allow_publish(self, session: Session, topic_name: str) -> bool:
-        """PUBLISH: market topics only from the seller's registered devices."""
-        ident = self.identity(session)
-        if ident is None or is_control_topic(topic_name) or topic_name == ANCHORS_TOPIC:
-            return False
-        if topic_name.startswith(KEYS_ROOT):
-            return self._is_key_publisher(ident, topic_name)
-        view = self.view
-        topic = view.topic_for_name(topic_name)
-        if topic is None:
-            if view.is_market_topic(topic_name):
-                self.log.info("PUBLISH %r refused: chain view unhealthy", topic_name)
-                return False
-            return self.public_topics
-        if ident.key and view.can_publish(ident.key, topic.topic_id):
-            return True
-        self.log.info(
-            "PUBLISH %r refused for %s: not a registered device of seller %s (or topic paused)",
-            topic_name,
-            ident.address or "anonymous",
-            topic.seller,
-        )
-        return False
-
-    def allow_receive(self, session: Session, topic_name: str) -> bool:
-        """RECEIVE (broadcast, also before queueing for an offline session): entitlement
-        only; credit is checked when the message is actually sent."""
-        ident = self.identity(session)
-        if ident is None or is_control_topic(topic_name):
-            return False
-        if topic_name == ANCHORS_TOPIC:
-            return True
-        if topic_name.startswith(KEYS_ROOT):
-            return self._is_key_owner(ident, topic_name)
-        view = self.view
-        topic = view.topic_for_name(topic_name)
-        if topic is None:
-            return self.public_topics and not view.is_market_topic(topic_name)
-        return bool(ident.key) and view.can_subscribe(ident.key, topic.topic_id)
-
-    # --- the delivery gate (hot path) ----------------------------------------------------
-
-    def admit(self, session: Session, topic_name: str) -> Charge | Verdict:
-        """Decide one delivery: a :class:`Charge` to commit after the write, or a Verdict."""
-        ident = getattr(session, "blendsm", None)
-        if ident is None:
-            return Verdict.DENY
-        view = self.view
-        topic = view.topic_for_name(topic_name)
-        if topic is None:
-            if topic_name == ANCHORS_TOPIC:
-                return Verdict.FREE
-            if topic_name.startswith(KEYS_ROOT):
-                return Verdict.FREE if self._is_key_owner(ident, topic_name) else Verdict.DENY
-            if is_control_topic(topic_name):
-                return Verdict.DENY
-            if view.is_market_topic(topic_name):  # the view cannot decide: fail closed
-                self.stats.deliveries_denied += 1
-                return Verdict.DENY
-            if self.public_topics:
-                self.stats.public_deliveries += 1
-                return Verdict.FREE
-            return Verdict.DENY
-        key = ident.key
-        if not key or not view.can_subscribe(key, topic.topic_id):
-            self.stats.deliveries_denied += 1
-            return Verdict.DENY
-        if not topic.price:
-            self.stats.free_market_deliveries += 1
-            return Verdict.FREE
-        account = self.meter.select(key, topic, view)
-        if account is None:
-            self.stats.deliveries_denied += 1
-            return Verdict.DENY
-        result = self.meter.reserve(account, topic.price, topic_name)
-        if type(result) is Charge:
-            return result
-        self.stats.deliveries_denied += 1
-        if result == Reservation.NO_CREDIT:
-            ident.owing = account
-            ident.owing_topic = topic_name
-            return Verdict.NO_CREDIT
-        return Verdict.DENY
-
-    @staticmethod
-    def _is_key_owner(ident: Identity, topic_name: str) -> bool:
-        """Only the addressed participant receives a wrapped topic key."""
-        parsed = parse_key_topic(topic_name)
-        return parsed is not None and bool(ident.key) and parsed[1] == ident.key
-
-    def _is_key_publisher(self, ident: Identity, topic_name: str) -> bool:
-        """Only the topic's seller publishes its wrapped keys."""
-        parsed = parse_key_topic(topic_name)
-        if parsed is None or not ident.key:
-            return False
-        topic = self.view.topic(parsed[0])
-        allowed = topic is not None and topic.seller.lower() == ident.key
-        if not allowed:
-            self.log.info(
-                "PUBLISH %r refused for %s: not the topic's seller", topic_name, ident.address
-            )
-        return allowed
 
     def quote_for(self, session: Session, charge: Charge) -> Quote | None:
         """The Quote to send before this delivery, if the session has not seen this price

@@ -34,17 +34,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from hexbytes import HexBytes
-from web3.exceptions import TransactionNotFound
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
+from blendsm import backoff_delay
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._store import AsyncVoucherStore, ChannelBalance, ClaimIntent
-from blendsm.contracts._bindings import ChannelInfo, Marketplace
-from blendsm.contracts._revert import chain_errors
-from blendsm.contracts._transactor import Transactor
+from blendsm.broker._tx_watch import confirmations_missing, find_transaction
+from blendsm.contracts import ChannelInfo, Marketplace, Transactor, chain_errors
 from blendsm.errors import ChainError, ConfigError, ContractRevertError
 
 __all__ = ["ClaimResult", "Settler"]
@@ -192,7 +190,8 @@ class Settler:
                 await self._round()
             except Exception as exc:
                 errors += 1
-                delay = min(self.backoff_max, self.tick * 2 ** min(errors, 20))
+                # tick * 2**errors, capped: the first retry already waits twice the tick.
+                delay = backoff_delay(errors + 1, base=self.tick, cap=self.backoff_max)
                 self.log.warning(
                     "settlement: round failed (%d in a row), retrying in %.1fs: %s",
                     errors,
@@ -385,7 +384,7 @@ class Settler:
     def _backoff(self, channel_id: bytes) -> float:
         count = self._fail_count.get(channel_id, 0) + 1
         self._fail_count[channel_id] = count
-        return min(self.backoff_max, self.backoff_base * 2.0 ** min(count - 1, 30))
+        return backoff_delay(count, base=self.backoff_base, cap=self.backoff_max)
 
     async def _claim(self, channel_id: bytes) -> ClaimResult | None:
         """One write-ahead claim of the channel's latest voucher; None if nothing to do."""
@@ -488,14 +487,14 @@ class Settler:
 
     async def _confirm(self, intent: ClaimIntent, receipt: TxReceipt) -> ClaimResult:
         """A successful receipt: record the claim once its block is deep enough."""
-        block = int(receipt["blockNumber"])
-        if self.confirmations:
-            with chain_errors("settlement: block number"):
-                head = int(await self.marketplace.w3.eth.block_number)
-            if head < block + self.confirmations:
-                raise _PendingError(
-                    f"block {block} has {head - block} of {self.confirmations} confirmations"
-                )
+        shallow = await confirmations_missing(
+            self.marketplace.w3,
+            int(receipt["blockNumber"]),
+            self.confirmations,
+            "settlement: block number",
+        )
+        if shallow is not None:
+            raise _PendingError(shallow)
         events = self.marketplace.channels.contract.events.ChannelClaimed().process_receipt(
             receipt, errors=DISCARD
         )
@@ -552,25 +551,13 @@ class Settler:
         transaction it stays pending; if the channel's on-chain ``claimed`` covers the
         intent (its amount, capped by the deposit) it is confirmed; else it failed.
         """
-        w3 = self.marketplace.w3
         reverted = False
         if intent.tx_hash is not None:
-            receipt: TxReceipt | None = None
-            with chain_errors("settlement: claim receipt"):
-                try:
-                    receipt = await w3.eth.get_transaction_receipt(HexBytes(intent.tx_hash))
-                except TransactionNotFound:
-                    receipt = None
-                if receipt is None:
-                    try:
-                        await w3.eth.get_transaction(HexBytes(intent.tx_hash))
-                        known = True
-                    except TransactionNotFound:
-                        known = False
-                    if known:  # in the mempool: wait for it rather than double submit
-                        return ClaimResult(
-                            intent.channel_id, intent.amount, "pending", intent.tx_hash
-                        )
+            receipt, pending = await find_transaction(
+                self.marketplace.w3, intent.tx_hash, "settlement: claim receipt"
+            )
+            if pending:  # in the mempool: wait for it rather than double submit
+                return ClaimResult(intent.channel_id, intent.amount, "pending", intent.tx_hash)
             if receipt is not None and receipt["status"] == 1:
                 try:
                     return await self._confirm(intent, receipt)

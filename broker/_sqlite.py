@@ -9,9 +9,10 @@ returns), an ``application_id`` so a foreign file is refused rather than written
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import ClassVar, Self, TypeVar
 
 from blendsm.errors import StoreError
 
@@ -98,7 +99,8 @@ def _migrate(
 
 class DurableStore:
     """Base of the blocking stores: one durable SQLite connection, used from one thread (their
-    async facades guarantee that), and write transactions that are on disk when they return."""
+    async facades guarantee that), write transactions that are on disk when they return, and
+    the checked state transitions of their write-ahead rows (claims, batches)."""
 
     def __init__(
         self,
@@ -129,6 +131,35 @@ class DurableStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    _STATE_TABLE: ClassVar[str] = ""
+    """Table of the rows that move through a state machine (``intent -> sent -> ...``)."""
+    _STATE_KEY: ClassVar[str] = ""
+    """Its primary key column."""
+    _STATE_NOUN: ClassVar[str] = "row"
+    """What one row is called in errors."""
+
+    def _move(
+        self,
+        key: int,
+        allowed: tuple[str, ...],
+        target: str,
+        assignments: str,
+        params: tuple[object, ...],
+    ) -> None:
+        """Move row ``key`` from one of the ``allowed`` states to ``target``, setting
+        ``assignments`` (SQL, with ``params``) too; StoreError if it is missing or in another
+        state. Call inside :meth:`_write`, so the check and the update are one transaction."""
+        table, column, noun = self._STATE_TABLE, self._STATE_KEY, self._STATE_NOUN
+        row = self._db.execute(f"SELECT state FROM {table} WHERE {column} = ?", (key,)).fetchone()
+        if row is None:
+            raise StoreError(f"{noun} {key} does not exist")
+        if row[0] not in allowed:
+            raise StoreError(f"{noun} {key} is {row[0]!r}, cannot become {target!r}")
+        self._db.execute(
+            f"UPDATE {table} SET state = ?, updated_at = ?, {assignments} WHERE {column} = ?",
+            (target, time.time(), *params, key),
+        )
 
     def _write(self, body: Callable[[], _T]) -> _T:
         """Run ``body`` in one BEGIN IMMEDIATE transaction; committed (fsynced) on return."""

@@ -35,17 +35,16 @@ each caller still returns only once its own voucher is durable.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
+from blendsm.broker._durable import AsyncDurableStore, GroupCommit, open_on_worker
 from blendsm.broker._sqlite import DurableStore
-from blendsm.device_sdk._voucher import Voucher
-from blendsm.errors import StoreError
+from blendsm.device_sdk import Voucher
 
 __all__ = [
     "APPLICATION_ID",
@@ -97,8 +96,6 @@ CREATE INDEX claims_by_channel ON claims (channel_id, intent_id);
 CREATE INDEX claims_open ON claims (state) WHERE state IN ('intent', 'sent');
 """
 
-_T = TypeVar("_T")
-
 
 def _u256(value: int) -> bytes:
     """32-byte big-endian form of a uint256, whose byte order is its numeric order."""
@@ -145,6 +142,10 @@ class ChannelBalance:
 
 class VoucherStore(DurableStore):
     """Blocking store; use it from one thread (the async facade guarantees that)."""
+
+    _STATE_TABLE = "claims"
+    _STATE_KEY = "intent_id"
+    _STATE_NOUN = "claim intent"
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(
@@ -295,26 +296,6 @@ class VoucherStore(DurableStore):
 
         return self._write(body)
 
-    def _move(
-        self,
-        intent_id: int,
-        allowed: tuple[str, ...],
-        target: ClaimState,
-        assignments: str,
-        params: tuple[object, ...],
-    ) -> None:
-        row = self._db.execute(
-            "SELECT state FROM claims WHERE intent_id = ?", (intent_id,)
-        ).fetchone()
-        if row is None:
-            raise StoreError(f"claim intent {intent_id} does not exist")
-        if row[0] not in allowed:
-            raise StoreError(f"claim intent {intent_id} is {row[0]!r}, cannot become {target!r}")
-        self._db.execute(
-            f"UPDATE claims SET state = ?, updated_at = ?, {assignments} WHERE intent_id = ?",
-            (target, time.time(), *params, intent_id),
-        )
-
     def claim_sent(self, intent_id: int, tx_hash: bytes) -> None:
         """The claim transaction was broadcast as ``tx_hash`` (repeat with the same hash is a no-op)."""
 
@@ -370,7 +351,7 @@ class VoucherStore(DurableStore):
         return [ClaimIntent(r[0], r[1], _int(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
 
 
-class AsyncVoucherStore:
+class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
     """Asyncio facade: every call runs on one dedicated thread that owns the connection.
 
     Open with ``await AsyncVoucherStore.open(path)``; the single-thread executor also
@@ -378,34 +359,17 @@ class AsyncVoucherStore:
     """
 
     def __init__(self, executor: ThreadPoolExecutor, store: VoucherStore) -> None:
-        self._executor = executor
-        self._store = store
-        # Group commit: vouchers waiting for the next transaction, and the task running it.
-        self._queue: list[tuple[Voucher, int | None, asyncio.Future[bool]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        super().__init__(executor, store)
+        # Every accept is awaited, so a group never lingers: it commits as soon as it can.
+        self._accepts: GroupCommit[tuple[Voucher, int | None], bool] = GroupCommit(
+            lambda vouchers: self._run(self._store.accept_many, vouchers),
+            task_name="blendsm-store-group-commit",
+        )
 
     @classmethod
     async def open(cls, path: str | Path) -> AsyncVoucherStore:
         """Open (or create) the store on a fresh worker thread."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blendsm-store")
-        try:
-            store = await asyncio.get_running_loop().run_in_executor(executor, VoucherStore, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(executor, store)
-
-    @property
-    def path(self) -> Path:
-        return self._store.path
-
-    @property
-    def commits(self) -> int:
-        """Write transactions committed so far (a batch of accepts is one)."""
-        return self._store.commits
-
-    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return cls(*await open_on_worker(lambda: VoucherStore(path), "blendsm-store"))
 
     async def accept(self, voucher: Voucher, payout_delta_hint: int | None = None) -> bool:
         """See :meth:`VoucherStore.accept`; concurrent calls share one transaction.
@@ -416,37 +380,14 @@ class AsyncVoucherStore:
         _u256(voucher.cumulative_amount)  # bad input fails its caller alone, not a batch
         if payout_delta_hint is not None:
             _u256(payout_delta_hint)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[bool] = loop.create_future()
-        self._queue.append((voucher, payout_delta_hint, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush(), name="blendsm-store-group-commit")
-        return await done
+        return await self._accepts.add((voucher, payout_delta_hint))
 
     async def accept_many(self, vouchers: Sequence[tuple[Voucher, int | None]]) -> list[bool]:
         """See :meth:`VoucherStore.accept_many` (one transaction, not merged with others)."""
         return await self._run(self._store.accept_many, list(vouchers))
 
-    async def _flush(self) -> None:
-        """Commit whatever is queued, batch after batch, until the queue stays empty."""
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                results = await self._run(
-                    self._store.accept_many, [(v, hint) for v, hint, _ in batch]
-                )
-            except Exception as exc:
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            except BaseException:  # cancelled (loop shutting down): so are its callers
-                for _, _, done in batch + self._queue:
-                    done.cancel()
-                raise
-            for (_, _, done), result in zip(batch, results, strict=True):
-                if not done.done():  # a caller that gave up still got its voucher stored
-                    done.set_result(result)
+    async def _finish_writes(self) -> None:
+        await self._accepts.drain()
 
     async def latest(self, channel_id: bytes) -> Voucher | None:
         """See :meth:`VoucherStore.latest`."""
@@ -486,12 +427,3 @@ class AsyncVoucherStore:
     async def pending_claims(self) -> list[ClaimIntent]:
         """See :meth:`VoucherStore.pending_claims`."""
         return await self._run(self._store.pending_claims)
-
-    async def close(self) -> None:
-        """Finish queued accepts, close the connection on its own thread, stop the thread."""
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
-        try:
-            await self._run(self._store.close)
-        finally:
-            self._executor.shutdown(wait=True)

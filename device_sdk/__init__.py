@@ -22,6 +22,7 @@ from ._connect_token import (
 from ._control import (
     ANCHORS_TOPIC,
     CONTROL_ROOT,
+    KEYS_ROOT,
     MAX_CONTROL_PAYLOAD,
     MAX_PROOF_DEPTH,
     MAX_PROOF_PAYLOAD,
@@ -49,7 +50,9 @@ from ._control import (
     encode_proof_request,
     encode_voucher,
     is_control_topic,
+    key_topic,
     parse_control_topic,
+    parse_key_topic,
 )
 from ._envelope import (
     ENVELOPE_HEADER_SIZE,
@@ -65,6 +68,7 @@ from ._envelope import (
     message_leaf,
     message_typed_data,
     verify_envelope,
+    verify_envelope_leaf,
 )
 from ._integrity import (
     IntegrityEvent,
@@ -138,6 +142,7 @@ __all__ = [
     "ENVELOPE_VERSION",
     "FLAG_ENCRYPTED",
     "KECCAK_BACKEND",
+    "KEYS_ROOT",
     "MAX_CONTROL_PAYLOAD",
     "MAX_PROOF_DEPTH",
     "MAX_PROOF_PAYLOAD",
@@ -219,16 +224,19 @@ __all__ = [
     "is_control_topic",
     "keccak256",
     "keccak256_backends",
+    "key_topic",
     "leaf_hash",
     "message_leaf",
     "message_typed_data",
     "parse_connect_token",
     "parse_control_topic",
+    "parse_key_topic",
     "process_proof",
     "read_record",
     "recover_voucher_signer",
     "sign_voucher",
     "verify_envelope",
+    "verify_envelope_leaf",
     "verify_proof",
     "verify_record",
     "voucher_digest",

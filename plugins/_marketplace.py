@@ -2,7 +2,7 @@
 
 Two ways to run it:
 
-* ``blendsm broker -c broker.yaml`` builds a :class:`~blendsm.broker._blend_broker.BlendBroker`
+* ``blendsm broker -c broker.yaml`` builds a :class:`~blendsm.broker.BlendBroker`
   with the service already attached; the plugin then only answers amqtt's auth and topic calls.
 * In a plain amqtt YAML (``plugins: {blendsm.plugins.MarketplacePlugin: {config: broker.yaml}}``)
   the plugin loads the BlendSM config, upgrades the Broker instance to ``BlendBroker`` (a class
@@ -21,7 +21,7 @@ from amqtt.broker import Action, Broker
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from blendsm.broker._blend_broker import BlendBroker
+from blendsm.broker import BlendBroker
 from blendsm.errors import ConfigError
 
 __all__ = ["MarketplacePlugin"]
@@ -52,7 +52,7 @@ class MarketplacePlugin(BaseAuthPlugin, BaseTopicPlugin):
                 "blendsm.plugins.MarketplacePlugin: give `config: <path to the BlendSM broker"
                 " YAML>` in the plugin options"
             )
-        from blendsm.broker._config import load_config
+        from blendsm.broker import load_config
 
         self._blendsm_config = load_config(path)  # fails now, naming the field, if invalid
         broker.__class__ = BlendBroker  # same instance, our delivery-path overrides
@@ -61,8 +61,7 @@ class MarketplacePlugin(BaseAuthPlugin, BaseTopicPlugin):
         broker = self._broker
         if not isinstance(broker, BlendBroker) or broker._blendsm is not None:
             return
-        from blendsm.broker._runner import connect_chain
-        from blendsm.broker._service import MarketplaceService
+        from blendsm.broker import MarketplaceService, connect_chain
 
         chain = await connect_chain(self._blendsm_config)
         service = MarketplaceService(

@@ -14,17 +14,10 @@ from typing import Any
 
 import pytest
 
-from blendsm.broker._anchors import (
-    AnchorConfig,
-    Anchorer,
-    AnchorRecord,
-    AsyncLeafStore,
-    LeafRow,
-    LeafStore,
-)
-from blendsm.contracts import Marketplace, Role
-from blendsm.contracts._connect import connect, disconnect
-from blendsm.contracts._devchain import test_account
+from blendsm.broker._anchor_records import AnchorRecord, LeafRow
+from blendsm.broker._anchors import AnchorConfig, Anchorer
+from blendsm.broker._leaf_store import AsyncLeafStore, LeafStore
+from blendsm.contracts import Marketplace, Role, connect, disconnect, test_account
 from blendsm.device_sdk import (
     AnchorNotice,
     Envelope,
@@ -40,6 +33,8 @@ from blendsm.device_sdk import (
     verify_proof,
 )
 from blendsm.errors import ConfigError, StoreError
+
+from .conftest import running
 
 BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
 ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -99,16 +94,6 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110 - plain counters, no event to wait on
             await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running(a: Anchorer) -> AsyncIterator[Anchorer]:
-    task = asyncio.create_task(a.run())
-    try:
-        yield a
-    finally:
-        a.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def add_all(a: Anchorer, msgs: list[tuple[str, Envelope, bytes]]) -> None:

@@ -24,7 +24,7 @@ from blendsm.broker._config import (
     parse_config,
     resolve_operator_account,
 )
-from blendsm.device_sdk._voucher import UINT256_MAX
+from blendsm.device_sdk import UINT256_MAX
 from blendsm.errors import ConfigError
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "broker-config.md"

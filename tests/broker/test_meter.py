@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blendsm.broker._meter import Charge, Meter, Reservation
-from blendsm.contracts._bindings import ChannelInfo, Policy, TopicInfo
+from blendsm.contracts import ChannelInfo, Policy, TopicInfo
 
 OPERATOR = "0x" + "0a" * 20
 SELLER = "0x" + "5e" * 20

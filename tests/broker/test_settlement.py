@@ -17,10 +17,10 @@ from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._settlement import Settler
 from blendsm.broker._store import AsyncVoucherStore
-from blendsm.contracts import Marketplace
-from blendsm.contracts._connect import connect, disconnect
-from blendsm.device_sdk import sign_voucher
-from blendsm.device_sdk._voucher import Voucher
+from blendsm.contracts import Marketplace, connect, disconnect
+from blendsm.device_sdk import Voucher, sign_voucher
+
+from .conftest import running
 
 BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
 ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -93,16 +93,6 @@ async def eventually(predicate: Callable[[], bool], within: float = 4.0) -> None
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110 - plain counters, no event to wait on
             await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def running(s: Settler) -> AsyncIterator[Settler]:
-    task = asyncio.create_task(s.run())
-    try:
-        yield s
-    finally:
-        s.stop()
-        await asyncio.wait_for(task, 5)
 
 
 # --- rules --------------------------------------------------------------------------------

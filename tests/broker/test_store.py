@@ -24,7 +24,7 @@ from blendsm.broker._store import (
     AsyncVoucherStore,
     VoucherStore,
 )
-from blendsm.device_sdk._voucher import UINT256_MAX, Voucher
+from blendsm.device_sdk import UINT256_MAX, Voucher
 from blendsm.errors import BlendsmError, StoreError
 
 SIG = bytes(range(65))
@@ -181,7 +181,7 @@ _WRITER = textwrap.dedent(
     """
     import sys
     from blendsm.broker._store import VoucherStore
-    from blendsm.device_sdk._voucher import Voucher
+    from blendsm.device_sdk import Voucher
     store = VoucherStore(sys.argv[1])
     n = 0
     while True:

@@ -1,0 +1,191 @@
+"""The asyncio side of the broker's durable stores: one worker thread, and group commit.
+
+Why one base: the voucher store (money) and the leaf store (evidence) have the same needs.
+SQLite calls block, and a commit with ``synchronous=FULL`` waits for an fsync, so neither may
+run on the event loop; and one fsync per item would cap the broker at the disk's fsync rate,
+so concurrent writes share one transaction. :class:`AsyncDurableStore` runs every call of
+its blocking :class:`~blendsm.broker._sqlite.DurableStore` on one dedicated thread that owns
+the connection (which also serialises the calls); :class:`GroupCommit` queues items while a
+transaction is in flight and commits them all in the next one.
+
+The durability rule both stores rely on: an awaited item's caller resumes only once the
+transaction holding it committed, with that item's own result (or the transaction's error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from blendsm.broker._sqlite import DurableStore
+
+__all__ = ["AsyncDurableStore", "GroupCommit", "open_on_worker"]
+
+_T = TypeVar("_T")
+_S = TypeVar("_S", bound=DurableStore)
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+async def open_on_worker(
+    factory: Callable[[], _S], thread_name: str
+) -> tuple[ThreadPoolExecutor, _S]:
+    """Open a blocking store on a fresh single-thread executor, which then owns it (SQLite
+    connections are bound to the thread that created them). The thread is stopped if
+    opening fails."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+    try:
+        store = await asyncio.get_running_loop().run_in_executor(executor, factory)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    return executor, store
+
+
+class AsyncDurableStore(Generic[_S]):
+    """Asyncio facade of a :class:`DurableStore`: every call runs on ``executor`` (one
+    thread, the one that opened ``store``), never on the event loop."""
+
+    def __init__(self, executor: ThreadPoolExecutor, store: _S) -> None:
+        self._executor = executor
+        self._store = store
+
+    @property
+    def path(self) -> Path:
+        return self._store.path
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (a group commit is one)."""
+        return self._store.commits
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _finish_writes(self) -> None:
+        """Wait for queued writes before the store closes (subclasses with a group commit)."""
+
+    async def close(self) -> None:
+        """Finish queued writes, close the connection on its own thread, stop the thread."""
+        await self._finish_writes()
+        try:
+            await self._run(self._store.close)
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+class GroupCommit(Generic[_Item, _Result]):
+    """Items queued while a transaction is in flight commit together in the next one.
+
+    ``commit`` stores a list of items in ONE transaction and returns one result per item.
+    An item is either awaited (:meth:`add`: its caller resumes once it is durable, with its
+    result or the transaction's error) or not (:meth:`add_nowait`: nobody waits; if its
+    transaction fails it is counted in :attr:`lost` and ``on_lost`` is told).
+
+    A group holding only not-awaited items may wait up to :attr:`linger` seconds for more
+    (to share an fsync); an awaited item, ``group_size`` queued items or :meth:`drain` end
+    the wait, so whoever waits is never delayed by the linger.
+    """
+
+    def __init__(
+        self,
+        commit: Callable[[list[_Item]], Awaitable[list[_Result]]],
+        *,
+        task_name: str,
+        linger: float = 0.0,
+        group_size: int = 1,
+        on_committed: Callable[[list[_Result]], None] | None = None,
+        on_lost: Callable[[int, Exception], None] | None = None,
+    ) -> None:
+        self._commit = commit
+        self._task_name = task_name
+        self.linger = linger
+        """Seconds a group of only not-awaited items may wait for more before its commit."""
+        self.group_size = group_size
+        """Queued items that commit at once, lingering or not."""
+        self._on_committed = on_committed
+        self._on_lost = on_lost
+        self.lost = 0
+        """Not-awaited items whose transaction failed."""
+        self._queue: list[tuple[_Item, asyncio.Future[_Result] | None]] = []
+        self._waiters = 0
+        """Awaited items in ``_queue``."""
+        self._wake = asyncio.Event()
+        self._draining = 0
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def add(self, item: _Item) -> _Result:
+        """Queue ``item``; return its result once the transaction holding it committed."""
+        done: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
+        self._enqueue(item, done)
+        return await done
+
+    def add_nowait(self, item: _Item) -> None:
+        """Queue ``item`` for the next group commit without waiting (call on the loop)."""
+        self._enqueue(item, None)
+
+    def _enqueue(self, item: _Item, done: asyncio.Future[_Result] | None) -> None:
+        self._queue.append((item, done))
+        if done is not None:
+            self._waiters += 1
+        if done is not None or len(self._queue) >= self.group_size:
+            self._wake.set()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), name=self._task_name
+            )
+
+    async def _flush(self) -> None:
+        """Commit whatever is queued, group after group, until the queue stays empty."""
+        while self._queue:
+            if (
+                not self._waiters
+                and not self._draining
+                and len(self._queue) < self.group_size
+                and self.linger > 0
+            ):
+                # Nobody waits on these items: gather more per fsync.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.linger):
+                        await self._wake.wait()
+            group, self._queue = self._queue, []
+            self._waiters = 0
+            try:
+                results = await self._commit([item for item, _ in group])
+            except Exception as exc:
+                lost = 0
+                for _, done in group:
+                    if done is None:
+                        lost += 1
+                    elif not done.done():
+                        done.set_exception(exc)
+                if lost:
+                    self.lost += lost
+                    if self._on_lost is not None:
+                        self._on_lost(len(group), exc)
+                continue
+            except BaseException:  # cancelled (loop shutting down): so are its callers
+                for _, done in group + self._queue:
+                    if done is not None:
+                        done.cancel()
+                raise
+            for (_, done), result in zip(group, results, strict=True):
+                if done is not None and not done.done():  # a caller that gave up: still stored
+                    done.set_result(result)
+            if self._on_committed is not None:
+                self._on_committed(results)
+
+    async def drain(self) -> None:
+        """Commit every queued item now (no lingering) and wait for it (or its failure)."""
+        self._draining += 1
+        self._wake.set()
+        try:
+            while self._flusher is not None and not self._flusher.done():
+                await asyncio.gather(self._flusher, return_exceptions=True)
+        finally:
+            self._draining -= 1

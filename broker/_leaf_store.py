@@ -1,0 +1,443 @@
+"""The leaf store: message leaves and sealed batches, durable in one SQLite file.
+
+Durability rules this module enforces (the same patterns as the voucher store,
+:mod:`blendsm.broker._store`; see :mod:`blendsm.broker._anchors` for the whole protocol):
+
+* A leaf is on disk before :meth:`AsyncLeafStore.add` returns (``journal_mode=WAL``,
+  ``synchronous=FULL``): the broker awaits it before it PUBACKs a QoS 1 publish. QoS 0
+  leaves go through :meth:`AsyncLeafStore.add_nowait`, into the same group commit, not
+  awaited. Concurrent adds share one transaction (one fsync), each caller resuming once its
+  own row is durable.
+* A batch is sealed write-ahead: in ONE transaction the oldest unbatched leaves get the
+  next batch id and their positions, and the batch row (root, leaf count) is written in
+  state ``intent``, before any transaction is signed. So a batch never gets other leaves
+  and its id and root never change.
+* At most one batch is open (``intent`` or ``sent``) at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final
+
+from blendsm.broker._anchor_records import UINT64_MAX, Batch, LeafRow, ProofRecord
+from blendsm.broker._durable import AsyncDurableStore, GroupCommit, open_on_worker
+from blendsm.broker._sqlite import DurableStore
+from blendsm.device_sdk import MerkleTree, checksum_address
+from blendsm.errors import StoreError
+
+__all__ = [
+    "APPLICATION_ID",
+    "NOWAIT_GROUP",
+    "NOWAIT_LINGER",
+    "SCHEMA_VERSION",
+    "AsyncLeafStore",
+    "LeafStore",
+]
+
+SCHEMA_VERSION = 1
+"""``PRAGMA user_version`` of the schema below; a newer file is refused, not guessed at."""
+
+APPLICATION_ID = 0x424C4C46
+"""``PRAGMA application_id`` ("BLLF"), so another SQLite file (the voucher store) is told apart."""
+
+_OPEN_STATES = ("intent", "sent")
+_INT63 = 2**63 - 1
+
+_SCHEMA_V1 = """
+CREATE TABLE batches (
+    batch_id     INTEGER PRIMARY KEY,
+    root         BLOB NOT NULL CHECK (length(root) = 32),
+    leaf_count   INTEGER NOT NULL CHECK (leaf_count > 0),
+    state        TEXT NOT NULL CHECK (state IN ('intent', 'sent', 'confirmed', 'failed')),
+    tx_hash      BLOB CHECK (tx_hash IS NULL OR length(tx_hash) = 32),
+    block_number INTEGER,
+    gas_used     INTEGER,
+    error        TEXT,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+
+CREATE TABLE leaves (
+    leaf_index   INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic        TEXT NOT NULL,
+    device       BLOB NOT NULL CHECK (length(device) = 20),
+    sequence     BLOB NOT NULL CHECK (length(sequence) = 8),   -- uint64 big-endian
+    leaf         BLOB NOT NULL UNIQUE CHECK (length(leaf) = 32),
+    envelope     BLOB NOT NULL,
+    received_at  REAL NOT NULL,
+    batch_id     INTEGER REFERENCES batches (batch_id),
+    position     INTEGER,
+    CHECK ((batch_id IS NULL) = (position IS NULL))
+);
+
+CREATE INDEX leaves_unbatched ON leaves (leaf_index) WHERE batch_id IS NULL;
+CREATE INDEX leaves_by_message ON leaves (topic, sequence, device);
+CREATE UNIQUE INDEX leaves_by_batch ON leaves (batch_id, position) WHERE batch_id IS NOT NULL;
+CREATE INDEX batches_open ON batches (state) WHERE state IN ('intent', 'sent');
+"""
+
+
+class LeafStore(DurableStore):
+    """Blocking leaf and batch store (one SQLite file); use it from one thread (the async
+    facade guarantees that)."""
+
+    _STATE_TABLE = "batches"
+    _STATE_KEY = "batch_id"
+    _STATE_NOUN = "batch"
+
+    def __init__(self, path: str | Path, *, tree_cache: int = 8) -> None:
+        super().__init__(
+            path,
+            kind="leaf store",
+            application_id=APPLICATION_ID,
+            schema_version=SCHEMA_VERSION,
+            schema=_SCHEMA_V1,
+        )
+        self._trees: OrderedDict[int, MerkleTree] = OrderedDict()
+        self._tree_cache = tree_cache
+
+    # -- leaves --------------------------------------------------------------
+
+    def add_many(self, rows: Sequence[LeafRow]) -> list[bool]:
+        """Store every row in ONE transaction (one fsync); per row, True if it was new
+        (a leaf already stored, e.g. a QoS 1 retransmission, is kept once)."""
+        for row in rows:
+            row.check()
+        if not rows:
+            return []
+
+        def body() -> list[bool]:
+            return [
+                self._db.execute(
+                    "INSERT INTO leaves (topic, device, sequence, leaf, envelope, received_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (leaf) DO NOTHING",
+                    (
+                        r.topic,
+                        r.device,
+                        r.sequence.to_bytes(8, "big"),
+                        r.leaf,
+                        r.envelope,
+                        r.received_at,
+                    ),
+                ).rowcount
+                == 1
+                for r in rows
+            ]
+
+        return self._write(body)
+
+    def pending(self) -> tuple[int, float | None]:
+        """``(count, received_at of the oldest)`` of the leaves not in any batch yet."""
+        count, oldest = self._db.execute(
+            "SELECT count(*), min(received_at) FROM leaves WHERE batch_id IS NULL"
+        ).fetchone()
+        return int(count), oldest
+
+    def leaf_count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM leaves").fetchone()[0])
+
+    # -- batches -------------------------------------------------------------
+
+    def open_batch(self) -> Batch | None:
+        """The batch in state ``intent`` or ``sent``, if any (at most one exists)."""
+        row = self._db.execute(
+            "SELECT batch_id, root, leaf_count, state, tx_hash, created_at FROM batches"
+            " WHERE state IN ('intent', 'sent') ORDER BY batch_id LIMIT 1"
+        ).fetchone()
+        return None if row is None else Batch(*row)
+
+    def batch(self, batch_id: int) -> Batch | None:
+        row = self._db.execute(
+            "SELECT batch_id, root, leaf_count, state, tx_hash, created_at FROM batches"
+            " WHERE batch_id = ?",
+            (batch_id,),
+        ).fetchone()
+        return None if row is None else Batch(*row)
+
+    def batches(self) -> list[Batch]:
+        """Every batch, in id order (for audits and tests)."""
+        rows = self._db.execute(
+            "SELECT batch_id, root, leaf_count, state, tx_hash, created_at FROM batches"
+            " ORDER BY batch_id"
+        ).fetchall()
+        return [Batch(*r) for r in rows]
+
+    def last_batch_id(self) -> int:
+        """The highest batch id ever sealed here (failed ones included), 0 if none."""
+        return int(self._db.execute("SELECT coalesce(max(batch_id), 0) FROM batches").fetchone()[0])
+
+    def seal_batch(
+        self, max_leaves: int, chain_latest: int = 0, now: float | None = None
+    ) -> Batch | None:
+        """Seal the oldest unbatched leaves (at most ``max_leaves``) into a new batch, or
+        None if there are none. Its id is ``max(last local id, chain_latest) + 1``
+        (``chain_latest`` is the operator's ``latestBatchId`` on chain). Write-ahead: the
+        batch row (state ``intent``) and every leaf's batch id and position commit together,
+        before anything is sent. Refused (StoreError) while another batch is open."""
+        if max_leaves < 1:
+            raise StoreError("seal_batch: max_leaves must be >= 1")
+        at = time.time() if now is None else now
+
+        def body() -> Batch | None:
+            if self.open_batch() is not None:
+                raise StoreError("seal_batch: a batch is still open; resolve it first")
+            rows = self._db.execute(
+                "SELECT leaf_index, leaf FROM leaves WHERE batch_id IS NULL"
+                " ORDER BY leaf_index LIMIT ?",
+                (max_leaves,),
+            ).fetchall()
+            if not rows:
+                return None
+            batch_id = max(self.last_batch_id(), chain_latest) + 1
+            if batch_id > _INT63:
+                raise StoreError(f"seal_batch: batch id {batch_id} does not fit the store")
+            tree = MerkleTree([r[1] for r in rows])
+            self._db.execute(
+                "INSERT INTO batches (batch_id, root, leaf_count, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'intent', ?, ?)",
+                (batch_id, tree.root, len(rows), at, at),
+            )
+            self._db.executemany(
+                "UPDATE leaves SET batch_id = ?, position = ? WHERE leaf_index = ?",
+                [(batch_id, pos, r[0]) for pos, r in enumerate(rows)],
+            )
+            self._remember(batch_id, tree)
+            return Batch(batch_id, tree.root, len(rows), "intent", None, at)
+
+        return self._write(body)
+
+    def mark_sent(self, batch_id: int, tx_hash: bytes) -> None:
+        """The anchor transaction is about to be broadcast as ``tx_hash`` (write-ahead).
+        Valid again from ``sent`` (a resend after reconciling signs a new transaction)."""
+        self._write(lambda: self._move(batch_id, _OPEN_STATES, "sent", "tx_hash = ?", (tx_hash,)))
+
+    def mark_confirmed(
+        self,
+        batch_id: int,
+        tx_hash: bytes | None,
+        block_number: int | None,
+        gas_used: int | None = None,
+    ) -> None:
+        """The batch's root is on chain (deep enough); its proofs may be handed out."""
+        self._write(
+            lambda: self._move(
+                batch_id,
+                (*_OPEN_STATES, "confirmed"),
+                "confirmed",
+                "tx_hash = coalesce(?, tx_hash), block_number = ?, gas_used = ?, error = NULL",
+                (tx_hash, block_number, gas_used),
+            )
+        )
+
+    def mark_failed(self, batch_id: int, error: str) -> None:
+        """The batch id cannot carry this root on chain (taken by another root, or passed):
+        fail it and return its leaves to the pool, to be sealed into a new batch."""
+
+        def body() -> None:
+            self._move(batch_id, _OPEN_STATES, "failed", "error = ?", (error,))
+            self._db.execute(
+                "UPDATE leaves SET batch_id = NULL, position = NULL WHERE batch_id = ?",
+                (batch_id,),
+            )
+            self._trees.pop(batch_id, None)
+
+        self._write(body)
+
+    # -- proofs --------------------------------------------------------------
+
+    def _remember(self, batch_id: int, tree: MerkleTree) -> None:
+        self._trees[batch_id] = tree
+        self._trees.move_to_end(batch_id)
+        while len(self._trees) > self._tree_cache:
+            self._trees.popitem(last=False)
+
+    def _tree(self, batch_id: int) -> MerkleTree:
+        tree = self._trees.get(batch_id)
+        if tree is None:
+            leaves = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT leaf FROM leaves WHERE batch_id = ? ORDER BY position", (batch_id,)
+                )
+            ]
+            tree = MerkleTree(leaves)
+        self._remember(batch_id, tree)
+        return tree
+
+    _PROOF_SELECT = (
+        "SELECT l.topic, l.sequence, l.device, l.leaf, l.batch_id, l.position, l.envelope,"
+        " b.root, b.leaf_count, b.tx_hash, b.block_number"
+        " FROM leaves l JOIN batches b ON b.batch_id = l.batch_id"
+        " WHERE b.state = 'confirmed' AND "
+    )
+
+    def _proof(self, row: Any) -> ProofRecord:
+        topic, seq, device, leaf, batch_id, position, envelope, root, count, tx, block = row
+        tree = self._tree(batch_id)
+        if tree.root != root:  # the store was altered behind our back: never hand it out
+            raise StoreError(f"batch {batch_id}: stored leaves do not give the anchored root")
+        return ProofRecord(
+            topic=topic,
+            sequence=int.from_bytes(seq, "big"),
+            device=checksum_address(device),
+            leaf=leaf,
+            proof=tuple(tree.proof(position)),
+            batch_id=batch_id,
+            root=root,
+            tx_hash=tx,
+            index=position,
+            leaf_count=count,
+            block=block,
+            envelope=envelope,
+        )
+
+    def proof_for(self, topic: str, device: bytes | None, sequence: int) -> ProofRecord | None:
+        """The proof of the message ``sequence`` on ``topic`` (by ``device`` if given, else
+        the first such message stored), None unless it is in a confirmed batch."""
+        if not 0 <= sequence <= UINT64_MAX:
+            return None
+        sql = self._PROOF_SELECT + "l.topic = ? AND l.sequence = ?"
+        params: tuple[object, ...] = (topic, sequence.to_bytes(8, "big"))
+        if device is not None:
+            sql += " AND l.device = ?"
+            params += (device,)
+        row = self._db.execute(sql + " ORDER BY l.leaf_index LIMIT 1", params).fetchone()
+        return None if row is None else self._proof(row)
+
+    def proof_for_leaf(self, leaf: bytes) -> ProofRecord | None:
+        """The proof of the message whose leaf hash is ``leaf``, None unless anchored."""
+        row = self._db.execute(self._PROOF_SELECT + "l.leaf = ?", (leaf,)).fetchone()
+        return None if row is None else self._proof(row)
+
+
+# --------------------------------------------------------------------------- async facade
+
+NOWAIT_LINGER: Final = 0.02
+"""Seconds QoS 0 leaves (``add_nowait``) may wait to share a commit: the profile in
+docs/benchmarks.md found about 1.5 leaves per fsync without it. A crash can lose that window of
+QoS 0 leaves, which ``add_nowait`` never promised to keep."""
+NOWAIT_GROUP: Final = 256
+"""Queued leaves that commit at once, lingering or not."""
+
+
+class AsyncLeafStore(AsyncDurableStore[LeafStore]):
+    """Asyncio facade: every call runs on one dedicated thread that owns the connection;
+    :meth:`add` group-commits (concurrent adds share one transaction)."""
+
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        store: LeafStore,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        super().__init__(executor, store)
+        self.log = logger or logging.getLogger("blendsm.broker.anchors")
+        self._adds: GroupCommit[LeafRow, bool] = GroupCommit(
+            lambda rows: self._run(self._store.add_many, rows),
+            task_name="blendsm-leaves-group-commit",
+            linger=NOWAIT_LINGER,
+            group_size=NOWAIT_GROUP,
+            on_committed=self._committed,
+            on_lost=self._lost,
+        )
+        self.on_durable: Callable[[int], None] | None = None
+        """Called on the loop with the number of NEW leaves after each group commit."""
+
+    @classmethod
+    async def open(cls, path: str | Path, logger: logging.Logger | None = None) -> AsyncLeafStore:
+        executor, store = await open_on_worker(lambda: LeafStore(path), "blendsm-leaves")
+        return cls(executor, store, logger)
+
+    @property
+    def linger(self) -> float:
+        """Seconds a group of only not-awaited (QoS 0) leaves may wait for more before its
+        commit; an awaited add or ``NOWAIT_GROUP`` queued leaves commit at once."""
+        return self._adds.linger
+
+    @linger.setter
+    def linger(self, seconds: float) -> None:
+        self._adds.linger = seconds
+
+    @property
+    def lost(self) -> int:
+        """Not-awaited (QoS 0) leaves whose transaction failed; logged, counted here."""
+        return self._adds.lost
+
+    async def add(self, row: LeafRow) -> bool:
+        """Store ``row``; returns once the transaction holding it committed (True if new)."""
+        row.check()  # bad input fails its caller alone, not a group
+        return await self._adds.add(row)
+
+    def add_nowait(self, row: LeafRow) -> None:
+        """Queue ``row`` for the next group commit without waiting (call on the loop)."""
+        row.check()
+        self._adds.add_nowait(row)
+
+    def _committed(self, results: list[bool]) -> None:
+        if self.on_durable is not None:
+            self.on_durable(sum(results))
+
+    def _lost(self, group: int, exc: Exception) -> None:
+        self.log.error("anchors: could not store %d leaves: %s", group, exc)
+
+    async def drain(self) -> None:
+        """Commit every queued add now (no lingering) and wait for it (or its failure)."""
+        await self._adds.drain()
+
+    async def _finish_writes(self) -> None:
+        await self.drain()
+
+    async def add_many(self, rows: Sequence[LeafRow]) -> list[bool]:
+        return await self._run(self._store.add_many, list(rows))
+
+    async def pending(self) -> tuple[int, float | None]:
+        return await self._run(self._store.pending)
+
+    async def leaf_count(self) -> int:
+        return await self._run(self._store.leaf_count)
+
+    async def open_batch(self) -> Batch | None:
+        return await self._run(self._store.open_batch)
+
+    async def batch(self, batch_id: int) -> Batch | None:
+        return await self._run(self._store.batch, batch_id)
+
+    async def batches(self) -> list[Batch]:
+        return await self._run(self._store.batches)
+
+    async def last_batch_id(self) -> int:
+        return await self._run(self._store.last_batch_id)
+
+    async def seal_batch(
+        self, max_leaves: int, chain_latest: int = 0, now: float | None = None
+    ) -> Batch | None:
+        return await self._run(self._store.seal_batch, max_leaves, chain_latest, now)
+
+    async def mark_sent(self, batch_id: int, tx_hash: bytes) -> None:
+        await self._run(self._store.mark_sent, batch_id, tx_hash)
+
+    async def mark_confirmed(
+        self,
+        batch_id: int,
+        tx_hash: bytes | None,
+        block_number: int | None,
+        gas_used: int | None = None,
+    ) -> None:
+        await self._run(self._store.mark_confirmed, batch_id, tx_hash, block_number, gas_used)
+
+    async def mark_failed(self, batch_id: int, error: str) -> None:
+        await self._run(self._store.mark_failed, batch_id, error)
+
+    async def proof_for(
+        self, topic: str, device: bytes | None, sequence: int
+    ) -> ProofRecord | None:
+        return await self._run(self._store.proof_for, topic, device, sequence)
+
+    async def proof_for_leaf(self, leaf: bytes) -> ProofRecord | None:
+        return await self._run(self._store.proof_for_leaf, leaf)

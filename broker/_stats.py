@@ -1,0 +1,30 @@
+"""The marketplace service's counters, apart so the access decisions and the service wiring
+(which both count) share one definition without importing each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServiceStats"]
+
+
+@dataclass(slots=True)
+class ServiceStats:
+    """Counters for logs, tests, the demo and metrics."""
+
+    connects_accepted: int = 0
+    connects_refused: int = 0
+    deliveries_denied: int = 0
+    vouchers_accepted: int = 0
+    vouchers_refused: int = 0
+    payment_requests: int = 0
+    quotes: int = 0
+    disconnects_revoked: int = 0
+    offline_dropped: int = 0
+    envelopes_refused: int = 0
+    proofs_served: int = 0
+    anchor_notices: int = 0
+    public_deliveries: int = 0
+    """Deliveries on public (non-market) topics admitted by the gate: free, never metered."""
+    free_market_deliveries: int = 0
+    """Deliveries on market topics priced 0 admitted by the gate (entitled, not charged)."""
