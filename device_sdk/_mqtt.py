@@ -37,6 +37,7 @@ from blendsm.errors import (
 )
 
 from ._connect_token import ConnectTokenSigner
+from ._ecdsa import private_key_bytes
 
 __all__ = ["Disconnection", "default_client_id", "private_key_bytes"]
 
@@ -53,22 +54,6 @@ _CONNACK_NAMES: Final = {
 }
 _SERVER_UNAVAILABLE: Final = 3
 _SUBACK_FAILURE: Final = 0x80
-
-
-def private_key_bytes(account: LocalAccount | bytes) -> bytes:
-    """32 key bytes from an eth_account LocalAccount or raw bytes (ConfigError otherwise)."""
-    if isinstance(account, bytes | bytearray):
-        key = bytes(account)
-    else:
-        raw = getattr(account, "key", None)
-        if raw is None:
-            raise ConfigError(
-                f"account: expected a LocalAccount or 32 private key bytes, got {type(account).__name__}"
-            )
-        key = bytes(raw)
-    if len(key) != 32:
-        raise ConfigError(f"account: a private key is 32 bytes, got {len(key)}")
-    return key
 
 
 def default_client_id(address: str) -> str:

@@ -71,9 +71,9 @@ from ._crypto import (
     unwrap_topic_key,
     wrap_topic_key,
 )
+from ._ecdsa import recover_address, sign_digest
 from ._keccak import checksum_address, keccak256
 from ._mqtt import _MqttClient
-from ._voucher import _recover
 
 if TYPE_CHECKING:
     from blendsm.contracts import Marketplace
@@ -118,8 +118,7 @@ def encode_key_message(
     uncompressed = check_public_key(public_key, recipient)
     blob = wrap_topic_key(uncompressed, topic_id, epoch, key)
     digest = _key_message_digest(topic_id, bytes.fromhex(recipient[2:]), blob)
-    rs_recid = PrivateKey(seller_key).sign_recoverable(digest, hasher=None)
-    return bytes((_KEY_MESSAGE_VERSION,)) + blob + rs_recid[:64] + bytes((rs_recid[64] + 27,))
+    return bytes((_KEY_MESSAGE_VERSION,)) + blob + sign_digest(PrivateKey(seller_key), digest)
 
 
 def decode_key_message(
@@ -133,7 +132,7 @@ def decode_key_message(
     blob, signature = raw[1:-65], raw[-65:]
     digest = _key_message_digest(topic_id, bytes.fromhex(recipient[2:]), blob)
     try:
-        signer = _recover(digest, signature)
+        signer = recover_address(digest, signature)
     except VoucherSignatureError as exc:
         raise DecryptionError(f"key message signature malformed: {exc}") from None
     if signer != bytes.fromhex(seller[2:]):
