@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import random
 import sys
 import threading
 import time
@@ -45,6 +44,7 @@ import paho.mqtt.client as mqtt
 from eth_account.signers.local import LocalAccount
 from paho.mqtt.enums import MQTTErrorCode
 
+from blendsm import Jitter, backoff_delay
 from blendsm.errors import BrokerConnectionError, ConfigError, StoreError
 
 from ._control import is_control_topic
@@ -68,6 +68,8 @@ SEQUENCE_FILE: Final = "sequences.json"
 OUTBOX_FILE: Final = "outbox.sqlite3"
 LOCK_FILE: Final = "lock"
 _MAX_TOPIC_BYTES: Final = 65535
+_RECONNECT_BASE_DELAY: Final = 0.5
+"""Upper bound of the first automatic retry's wait, doubled per failed attempt."""
 
 
 def _check_topic(topic: Any) -> str:
@@ -401,8 +403,14 @@ class Publisher(_MqttClient):
         attempt = self._attempt
         self._attempt = attempt + 1
         if attempt:  # an automatic retry: exponential backoff with full jitter
-            cap = min(self.reconnect_max_delay, 0.5 * 2 ** min(attempt - 1, 20))
-            self._halt.wait(random.uniform(0, cap))
+            self._halt.wait(
+                backoff_delay(
+                    attempt,
+                    base=_RECONNECT_BASE_DELAY,
+                    cap=self.reconnect_max_delay,
+                    jitter=Jitter.FULL,
+                )
+            )
         super()._on_pre_connect(client, userdata)
 
     def _on_connect(
