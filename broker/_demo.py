@@ -242,9 +242,8 @@ async def _run(tmp: Path, duration: float, view: _Progress, rate_hz: float) -> D
     from blendsm.contracts._connect import EMBEDDED, connect
     from blendsm.contracts._deploy import deploy_suite
     from blendsm.contracts._devchain import new_embedded_chain, test_account
-    from blendsm.device_sdk import Publisher, Subscriber
+    from blendsm.device_sdk import Publisher, Subscriber, TopicKeyring, TopicKeyService
     from blendsm.device_sdk._integrity import IntegrityKind
-    from blendsm.device_sdk._topic_keys import TopicKeyring, TopicKeyService
 
     started = time.monotonic()
     loop = asyncio.get_running_loop()
