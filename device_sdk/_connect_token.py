@@ -225,15 +225,11 @@ def connect_typed_data(
     )
 
 
-class ConnectTokenSigner:
-    """Makes CONNECT passwords for one key, chain and broker; ``address`` is the username."""
+class _BoundToBroker:
+    """Base of the signer and the verifier: both are bound to one broker and chain id."""
 
-    __slots__ = ("_domain", "_key", "address")
-
-    def __init__(self, private_key: bytes, chain_id: int, broker: str | bytes) -> None:
-        self._key = signing_key(private_key)
-        self._domain = _Domain(chain_id, broker)
-        self.address: str = checksum_address(key_address(self._key))
+    __slots__ = ("_domain",)
+    _domain: _Domain
 
     @property
     def broker(self) -> str:
@@ -242,7 +238,19 @@ class ConnectTokenSigner:
 
     @property
     def chain_id(self) -> int:
+        """The chain id in the tokens' EIP-712 domain."""
         return self._domain.chain_id
+
+
+class ConnectTokenSigner(_BoundToBroker):
+    """Makes CONNECT passwords for one key, chain and broker; ``address`` is the username."""
+
+    __slots__ = ("_key", "address")
+
+    def __init__(self, private_key: bytes, chain_id: int, broker: str | bytes) -> None:
+        self._key = signing_key(private_key)
+        self._domain = _Domain(chain_id, broker)
+        self.address: str = checksum_address(key_address(self._key))
 
     def token(self, client_id: str, now: float | None = None) -> str:
         """A fresh password for ``client_id``, issued at ``now`` (default: the clock).
@@ -255,7 +263,7 @@ class ConnectTokenSigner:
         return ConnectToken(issued_at, nonce, sign_digest(self._key, digest)).encode()
 
 
-class ConnectTokenVerifier:
+class ConnectTokenVerifier(_BoundToBroker):
     """Checks CONNECT credentials for one broker; returns the client's checksum address.
 
     A token is accepted when, in this order: it parses; ``username`` is an address
@@ -280,7 +288,7 @@ class ConnectTokenVerifier:
     never blocks (~50 us, mostly the ECDSA recovery).
     """
 
-    __slots__ = ("_domain", "_expiries", "_lock", "_seen", "clock_skew", "max_cached", "validity")
+    __slots__ = ("_expiries", "_lock", "_seen", "clock_skew", "max_cached", "validity")
 
     def __init__(
         self,
@@ -304,15 +312,6 @@ class ConnectTokenVerifier:
         self._seen: dict[bytes, int] = {}  # address || nonce -> expiry (issuedAt + validity)
         self._expiries: list[tuple[int, bytes]] = []
         self._lock = threading.Lock()
-
-    @property
-    def broker(self) -> str:
-        """Checksum address of this broker's operator."""
-        return self._domain.broker
-
-    @property
-    def chain_id(self) -> int:
-        return self._domain.chain_id
 
     def cached(self) -> int:
         """Number of nonces currently remembered (expired ones go on the next verify)."""
