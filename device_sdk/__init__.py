@@ -54,6 +54,18 @@ from ._control import (
     parse_control_topic,
     parse_key_topic,
 )
+from ._crypto import (
+    AAD_LABEL,
+    check_public_key,
+    new_topic_key,
+    open_sealed,
+    public_key_address,
+    seal,
+    sealed_epoch,
+    unwrap_topic_key,
+    wrap_topic_key,
+)
+from ._endpoint import BrokerEndpoint
 from ._envelope import (
     ENVELOPE_HEADER_SIZE,
     ENVELOPE_VERSION,
@@ -98,16 +110,23 @@ from ._merkle import (
 from ._mqtt import Disconnection
 from ._outbox import OutboxFullError
 from ._publisher import Encryptor, Publisher
-from ._subscriber import (
+from ._subscriber import Subscriber
+from ._subscriber_events import (
     Decryptor,
     PaymentEvent,
     PaymentEventKind,
     ReceivedMessage,
-    Subscriber,
     SubscriberCallbackAPI,
     SubscriberStats,
 )
-from ._topic_keys import NoTopicKeyError, TopicKeyring, TopicKeyService
+from ._topic_key_service import TOPIC_KEYS_STATE_FILE, TopicKeyService, sender_public_key
+from ._topic_keys import (
+    NoTopicKeyError,
+    TopicKeyring,
+    decode_key_message,
+    encode_key_message,
+    topic_id_of,
+)
 from ._voucher import (
     EIP712_DOMAIN_TYPEHASH,
     SECP256K1_HALF_N,
@@ -129,6 +148,7 @@ from ._voucher import (
 )
 
 __all__ = [
+    "AAD_LABEL",
     "ANCHORS_TOPIC",
     "CONNECT_DOMAIN_NAME",
     "CONNECT_DOMAIN_TYPEHASH",
@@ -153,6 +173,7 @@ __all__ = [
     "PROOF",
     "SECP256K1_HALF_N",
     "SECP256K1_N",
+    "TOPIC_KEYS_STATE_FILE",
     "UINT256_MAX",
     "VOUCHER",
     "VOUCHER_DOMAIN_NAME",
@@ -160,6 +181,7 @@ __all__ = [
     "VOUCHER_TYPEHASH",
     "AnchorNotice",
     "AnyNotice",
+    "BrokerEndpoint",
     "ChainReader",
     "ChannelState",
     "ConnectToken",
@@ -205,6 +227,7 @@ __all__ = [
     "account_from_env",
     "account_from_keystore",
     "check_proof",
+    "check_public_key",
     "checksum_address",
     "connect_digest",
     "connect_typed_data",
@@ -212,10 +235,12 @@ __all__ = [
     "decode_anchor_notice",
     "decode_any_notice",
     "decode_envelope",
+    "decode_key_message",
     "decode_notice",
     "decode_proof_request",
     "decode_voucher",
     "encode_anchor_notice",
+    "encode_key_message",
     "encode_notice",
     "encode_proof_request",
     "encode_voucher",
@@ -228,17 +253,26 @@ __all__ = [
     "leaf_hash",
     "message_leaf",
     "message_typed_data",
+    "new_topic_key",
+    "open_sealed",
     "parse_connect_token",
     "parse_control_topic",
     "parse_key_topic",
     "process_proof",
+    "public_key_address",
     "read_record",
     "recover_voucher_signer",
+    "seal",
+    "sealed_epoch",
+    "sender_public_key",
     "sign_voucher",
+    "topic_id_of",
+    "unwrap_topic_key",
     "verify_envelope",
     "verify_envelope_leaf",
     "verify_proof",
     "verify_record",
     "voucher_digest",
     "voucher_typed_data",
+    "wrap_topic_key",
 ]

@@ -34,19 +34,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from coincurve import PrivateKey
-
 from blendsm.errors import ConfigError, ConnectTokenError, VoucherSignatureError
 
-from ._keccak import checksum_address, keccak256
-from ._voucher import (
-    _EIP712_DOMAIN_NO_CONTRACT_TYPEHASH,
-    _address_bytes,
-    _check_chain_id,
-    _domain_separator,
-    _recover,
-    _typed_data,
+from ._ecdsa import key_address, recover_address, sign_digest, signing_key
+from ._eip712 import (
+    EIP712_DOMAIN_NO_CONTRACT_TYPEHASH,
+    address_bytes,
+    check_chain_id,
+    domain_separator,
+    typed_data,
 )
+from ._keccak import checksum_address, keccak256
 
 __all__ = [
     "CONNECT_DOMAIN_NAME",
@@ -65,7 +63,7 @@ __all__ = [
 
 CONNECT_DOMAIN_NAME = "BlendSM Broker"
 CONNECT_DOMAIN_VERSION = "1"
-CONNECT_DOMAIN_TYPEHASH = _EIP712_DOMAIN_NO_CONTRACT_TYPEHASH
+CONNECT_DOMAIN_TYPEHASH = EIP712_DOMAIN_NO_CONTRACT_TYPEHASH
 """``keccak256("EIP712Domain(string name,string version,uint256 chainId)")``."""
 CONNECT_TYPEHASH = keccak256(
     b"Connect(address broker,string clientId,uint64 issuedAt,bytes16 nonce)"
@@ -158,10 +156,10 @@ class _Domain:
     __slots__ = ("broker", "broker_bytes", "chain_id", "prefix", "struct_head")
 
     def __init__(self, chain_id: int, broker: str | bytes) -> None:
-        self.chain_id = _check_chain_id(chain_id)
-        self.broker_bytes = _address_bytes(broker, "broker", ConfigError)
+        self.chain_id = check_chain_id(chain_id)
+        self.broker_bytes = address_bytes(broker, "broker", ConfigError)
         self.broker = checksum_address(self.broker_bytes)
-        separator = _domain_separator(CONNECT_DOMAIN_NAME, CONNECT_DOMAIN_VERSION, self.chain_id)
+        separator = domain_separator(CONNECT_DOMAIN_NAME, CONNECT_DOMAIN_VERSION, self.chain_id)
         self.prefix = b"\x19\x01" + separator
         self.struct_head = CONNECT_TYPEHASH + bytes(12) + self.broker_bytes
 
@@ -206,7 +204,7 @@ def connect_typed_data(
     then build the password with ``ConnectToken(issued_at, nonce, signature).encode()``."""
     domain = _Domain(chain_id, broker)
     _client_id_bytes(client_id, ConfigError)
-    return _typed_data(
+    return typed_data(
         CONNECT_DOMAIN_NAME,
         CONNECT_DOMAIN_VERSION,
         domain.chain_id,
@@ -227,22 +225,11 @@ def connect_typed_data(
     )
 
 
-class ConnectTokenSigner:
-    """Makes CONNECT passwords for one key, chain and broker; ``address`` is the username."""
+class _BoundToBroker:
+    """Base of the signer and the verifier: both are bound to one broker and chain id."""
 
-    __slots__ = ("_domain", "_key", "address")
-
-    def __init__(self, private_key: bytes, chain_id: int, broker: str | bytes) -> None:
-        if not isinstance(private_key, bytes) or len(private_key) != 32:
-            raise ConfigError("private_key: must be 32 bytes")
-        try:
-            self._key = PrivateKey(private_key)
-        except ValueError:
-            raise ConfigError("private_key: not a valid secp256k1 secret (0 or >= n)") from None
-        self._domain = _Domain(chain_id, broker)
-        self.address: str = checksum_address(
-            keccak256(self._key.public_key.format(compressed=False)[1:])[12:]
-        )
+    __slots__ = ("_domain",)
+    _domain: _Domain
 
     @property
     def broker(self) -> str:
@@ -251,7 +238,19 @@ class ConnectTokenSigner:
 
     @property
     def chain_id(self) -> int:
+        """The chain id in the tokens' EIP-712 domain."""
         return self._domain.chain_id
+
+
+class ConnectTokenSigner(_BoundToBroker):
+    """Makes CONNECT passwords for one key, chain and broker; ``address`` is the username."""
+
+    __slots__ = ("_key", "address")
+
+    def __init__(self, private_key: bytes, chain_id: int, broker: str | bytes) -> None:
+        self._key = signing_key(private_key)
+        self._domain = _Domain(chain_id, broker)
+        self.address: str = checksum_address(key_address(self._key))
 
     def token(self, client_id: str, now: float | None = None) -> str:
         """A fresh password for ``client_id``, issued at ``now`` (default: the clock).
@@ -261,12 +260,10 @@ class ConnectTokenSigner:
         issued_at = _check_issued_at(int(time.time() if now is None else now))
         nonce = secrets.token_bytes(16)
         digest = self._domain.digest(_client_id_bytes(client_id, ConfigError), issued_at, nonce)
-        rs_recid = self._key.sign_recoverable(digest, hasher=None)  # RFC 6979, low s
-        signature = rs_recid[:64] + bytes((rs_recid[64] + 27,))
-        return ConnectToken(issued_at, nonce, signature).encode()
+        return ConnectToken(issued_at, nonce, sign_digest(self._key, digest)).encode()
 
 
-class ConnectTokenVerifier:
+class ConnectTokenVerifier(_BoundToBroker):
     """Checks CONNECT credentials for one broker; returns the client's checksum address.
 
     A token is accepted when, in this order: it parses; ``username`` is an address
@@ -291,7 +288,7 @@ class ConnectTokenVerifier:
     never blocks (~50 us, mostly the ECDSA recovery).
     """
 
-    __slots__ = ("_domain", "_expiries", "_lock", "_seen", "clock_skew", "max_cached", "validity")
+    __slots__ = ("_expiries", "_lock", "_seen", "clock_skew", "max_cached", "validity")
 
     def __init__(
         self,
@@ -316,15 +313,6 @@ class ConnectTokenVerifier:
         self._expiries: list[tuple[int, bytes]] = []
         self._lock = threading.Lock()
 
-    @property
-    def broker(self) -> str:
-        """Checksum address of this broker's operator."""
-        return self._domain.broker
-
-    @property
-    def chain_id(self) -> int:
-        return self._domain.chain_id
-
     def cached(self) -> int:
         """Number of nonces currently remembered (expired ones go on the next verify)."""
         return len(self._seen)
@@ -345,7 +333,7 @@ class ConnectTokenVerifier:
         token = parse_connect_token(password)
         if username is None:
             raise ConnectTokenError("no username: it must be the client's address")
-        address = _address_bytes(username, "username", ConnectTokenError)
+        address = address_bytes(username, "username", ConnectTokenError)
         client = _client_id_bytes(client_id, ConnectTokenError)
         issued_at = token.issued_at
         if issued_at < now - self.validity:
@@ -358,7 +346,9 @@ class ConnectTokenVerifier:
                 f" allowed clock skew {self.clock_skew} s"
             )
         try:
-            signer = _recover(self._domain.digest(client, issued_at, token.nonce), token.signature)
+            signer = recover_address(
+                self._domain.digest(client, issued_at, token.nonce), token.signature
+            )
         except VoucherSignatureError as exc:
             raise ConnectTokenError(f"bad signature: {exc}") from None
         if signer != address:

@@ -34,13 +34,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coincurve import PrivateKey
-
 from blendsm.errors import ConfigError, EnvelopeError, VoucherSignatureError
 
+from ._ecdsa import key_address, recover_address, sign_digest, signing_key
+from ._eip712 import init_domain, typed_data
 from ._keccak import checksum_address, keccak256
 from ._merkle import leaf_hash
-from ._voucher import _init_domain, _recover, _typed_data
 
 __all__ = [
     "ENVELOPE_HEADER_SIZE",
@@ -90,7 +89,7 @@ class MessageDomain:
     _prefix: bytes
 
     def __init__(self, chain_id: int, registry: str | bytes) -> None:
-        raw = _init_domain(
+        raw = init_domain(
             self, MESSAGE_DOMAIN_NAME, MESSAGE_DOMAIN_VERSION, chain_id, registry, "registry"
         )
         object.__setattr__(self, "registry", checksum_address(raw))
@@ -184,14 +183,10 @@ def _digest(domain: MessageDomain, topic: str, envelope: Envelope) -> bytes:
     )
 
 
-def verify_envelope(domain: MessageDomain, topic: str, envelope: Envelope) -> str:
-    """The device's checksum address if it signed this message for ``topic``.
-
-    Raises EnvelopeError when the signature is malformed (OpenZeppelin ``ECDSA.recover``
-    rules) or was made by another key, for another topic, another deployment, or over other
-    bytes. Whether the device belongs to the topic's seller is the caller's chain check."""
+def _check_signed(digest: bytes, topic: str, envelope: Envelope) -> None:
+    """EnvelopeError unless ``envelope.device`` made the signature over ``digest``."""
     try:
-        signer = _recover(_digest(domain, topic, envelope), envelope.signature)
+        signer = recover_address(digest, envelope.signature)
     except VoucherSignatureError as exc:
         raise EnvelopeError(f"bad message signature: {exc}") from None
     if signer != envelope.device:
@@ -199,6 +194,15 @@ def verify_envelope(domain: MessageDomain, topic: str, envelope: Envelope) -> st
             f"message not signed by device {envelope.device_address} for topic {topic!r}"
             " (altered payload, topic, sequence or timestamp, or another key)"
         )
+
+
+def verify_envelope(domain: MessageDomain, topic: str, envelope: Envelope) -> str:
+    """The device's checksum address if it signed this message for ``topic``.
+
+    Raises EnvelopeError when the signature is malformed (OpenZeppelin ``ECDSA.recover``
+    rules) or was made by another key, for another topic, another deployment, or over other
+    bytes. Whether the device belongs to the topic's seller is the caller's chain check."""
+    _check_signed(_digest(domain, topic, envelope), topic, envelope)
     return envelope.device_address
 
 
@@ -207,15 +211,7 @@ def verify_envelope_leaf(
 ) -> tuple[str, bytes]:
     """:func:`verify_envelope` and :func:`message_leaf` with one digest (the broker's path)."""
     digest = _digest(domain, topic, envelope)
-    try:
-        signer = _recover(digest, envelope.signature)
-    except VoucherSignatureError as exc:
-        raise EnvelopeError(f"bad message signature: {exc}") from None
-    if signer != envelope.device:
-        raise EnvelopeError(
-            f"message not signed by device {envelope.device_address} for topic {topic!r}"
-            " (altered payload, topic, sequence or timestamp, or another key)"
-        )
+    _check_signed(digest, topic, envelope)
     return envelope.device_address, leaf_hash(digest + envelope.signature)
 
 
@@ -230,14 +226,9 @@ class EnvelopeSigner:
     __slots__ = ("_key", "address", "device", "domain")
 
     def __init__(self, private_key: bytes, domain: MessageDomain) -> None:
-        if not isinstance(private_key, bytes) or len(private_key) != 32:
-            raise ConfigError("private_key: must be 32 bytes")
-        try:
-            self._key = PrivateKey(private_key)
-        except ValueError:
-            raise ConfigError("private_key: not a valid secp256k1 secret (0 or >= n)") from None
+        self._key = signing_key(private_key)
         self.domain = domain
-        self.device: bytes = keccak256(self._key.public_key.format(compressed=False)[1:])[12:]
+        self.device: bytes = key_address(self._key)
         self.address: str = checksum_address(self.device)
 
     def sign(
@@ -249,8 +240,7 @@ class EnvelopeSigner:
         if flags & ~_KNOWN_FLAGS or not 0 <= flags <= 255:
             raise ConfigError(f"flags: unknown bits in 0x{flags:02x}")
         digest = self.domain.digest(topic, self.device, sequence, timestamp_ms, payload, flags)
-        rs_recid = self._key.sign_recoverable(digest, hasher=None)
-        signature = rs_recid[:64] + bytes((rs_recid[64] + 27,))
+        signature = sign_digest(self._key, digest)
         return Envelope(self.device, sequence, timestamp_ms, flags, signature, payload)
 
 
@@ -264,7 +254,7 @@ def message_typed_data(
     flags: int = 0,
 ) -> dict[str, Any]:
     """The message as EIP-712 JSON (``eth_signTypedData_v4``), for wallets and other languages."""
-    return _typed_data(
+    return typed_data(
         MESSAGE_DOMAIN_NAME,
         MESSAGE_DOMAIN_VERSION,
         domain.chain_id,

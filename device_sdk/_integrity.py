@@ -229,8 +229,9 @@ class MessageVerifier:
             return Verification(topic, True, data, verified=False, events=(event,))
         device, sequence = envelope.device_address, envelope.sequence
 
-        def failed(kind: IntegrityKind, detail: str) -> Verification:
-            event = IntegrityEvent(kind, topic, device, sequence, detail)
+        def of_envelope(
+            verified: bool | None, leaf: bytes | None, events: tuple[IntegrityEvent, ...]
+        ) -> Verification:
             return Verification(
                 topic,
                 market,
@@ -238,9 +239,15 @@ class MessageVerifier:
                 envelope,
                 device,
                 sequence,
-                False,
-                events=(event,),
-                error=error,
+                verified,
+                leaf,
+                events,
+                error,
+            )
+
+        def failed(kind: IntegrityKind, detail: str) -> Verification:
+            return of_envelope(
+                False, None, (IntegrityEvent(kind, topic, device, sequence, detail),)
             )
 
         try:
@@ -271,18 +278,7 @@ class MessageVerifier:
         found = self.tracker.observe(device, topic, sequence)
         if found is not None:
             events = (found,)
-        return Verification(
-            topic,
-            market,
-            envelope.payload,
-            envelope,
-            device,
-            sequence,
-            verified,
-            message_leaf(self.domain, topic, envelope),
-            events,
-            error,
-        )
+        return of_envelope(verified, message_leaf(self.domain, topic, envelope), events)
 
     def leaf(self, topic: str, envelope: Envelope) -> bytes:
         """The Merkle leaf of ``envelope`` on ``topic``, computed here."""

@@ -37,6 +37,8 @@ from blendsm.errors import (
 )
 
 from ._connect_token import ConnectTokenSigner
+from ._ecdsa import private_key_bytes
+from ._endpoint import BrokerEndpoint
 
 __all__ = ["Disconnection", "default_client_id", "private_key_bytes"]
 
@@ -53,22 +55,6 @@ _CONNACK_NAMES: Final = {
 }
 _SERVER_UNAVAILABLE: Final = 3
 _SUBACK_FAILURE: Final = 0x80
-
-
-def private_key_bytes(account: LocalAccount | bytes) -> bytes:
-    """32 key bytes from an eth_account LocalAccount or raw bytes (ConfigError otherwise)."""
-    if isinstance(account, bytes | bytearray):
-        key = bytes(account)
-    else:
-        raw = getattr(account, "key", None)
-        if raw is None:
-            raise ConfigError(
-                f"account: expected a LocalAccount or 32 private key bytes, got {type(account).__name__}"
-            )
-        key = bytes(raw)
-    if len(key) != 32:
-        raise ConfigError(f"account: a private key is 32 bytes, got {len(key)}")
-    return key
 
 
 def default_client_id(address: str) -> str:
@@ -103,35 +89,22 @@ class _MqttClient:
     """A paho client connected as one BlendSM participant; base of Publisher and Subscriber."""
 
     def __init__(
-        self,
-        account: LocalAccount | bytes,
-        *,
-        host: str,
-        port: int,
-        broker: str | bytes,
-        chain_id: int,
-        client_id: str | None = None,
-        clean_session: bool = True,
-        keepalive: int = 60,
+        self, account: LocalAccount | bytes, endpoint: BrokerEndpoint, *, clean_session: bool = True
     ) -> None:
         key = private_key_bytes(account)
-        self._token_signer = ConnectTokenSigner(key, chain_id, broker)
+        self._token_signer = ConnectTokenSigner(key, endpoint.chain_id, endpoint.broker)
         self._key = key
+        self.endpoint = endpoint
+        """Where and to which broker operator this client connects."""
         self.address: str = self._token_signer.address
         """Checksum address of this participant (the MQTT user name)."""
         self.broker: str = self._token_signer.broker
         """Checksum address of the broker operator the CONNECT tokens are bound to."""
         self.chain_id: int = self._token_signer.chain_id
-        if client_id is not None and (not isinstance(client_id, str) or not client_id):
-            raise ConfigError(f"client_id: must be a non-empty str, got {client_id!r}")
-        self.client_id: str = client_id or default_client_id(self.address)
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            raise ConfigError(f"port: must be an int in [1, 65535], got {port!r}")
-        if not isinstance(keepalive, int) or isinstance(keepalive, bool) or keepalive < 0:
-            raise ConfigError(f"keepalive: must be a non-negative int, got {keepalive!r}")
-        self.host = host
-        self.port = port
-        self.keepalive = keepalive
+        self.client_id: str = endpoint.client_id or default_client_id(self.address)
+        self.host = endpoint.host
+        self.port = endpoint.port
+        self.keepalive = endpoint.keepalive
         self.clean_session = clean_session
 
         self._cond = threading.Condition()

@@ -32,22 +32,23 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import random
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final, Self
+from typing import IO, Any, Final, Self, Unpack
 
 import paho.mqtt.client as mqtt
 from eth_account.signers.local import LocalAccount
 from paho.mqtt.enums import MQTTErrorCode
 
+from blendsm import Jitter, backoff_delay
 from blendsm.errors import BrokerConnectionError, ConfigError, StoreError
 
 from ._control import is_control_topic
+from ._endpoint import BrokerEndpoint, EndpointArgs, resolve_endpoint
 from ._envelope import FLAG_ENCRYPTED, Envelope, EnvelopeSigner, MessageDomain
 from ._keys import account_from_env, account_from_keystore
 from ._mqtt import _MqttClient, _reason_value
@@ -68,6 +69,8 @@ SEQUENCE_FILE: Final = "sequences.json"
 OUTBOX_FILE: Final = "outbox.sqlite3"
 LOCK_FILE: Final = "lock"
 _MAX_TOPIC_BYTES: Final = 65535
+_RECONNECT_BASE_DELAY: Final = 0.5
+"""Upper bound of the first automatic retry's wait, doubled per failed attempt."""
 
 
 def _check_topic(topic: Any) -> str:
@@ -105,6 +108,10 @@ class Publisher(_MqttClient):
     and publishes it through the durable outbox in ``state_dir``; authenticates with CONNECT
     tokens bound to ``broker`` (the broker operator's address).
 
+    Where to connect is ``endpoint`` (a :class:`BrokerEndpoint`), or, as before it existed,
+    its fields as keyword arguments (``host=``, ``port=``, ``broker=``, ``chain_id=``,
+    ``client_id=``, ``keepalive=``).
+
     ``state_dir`` holds the sequence state, the outbox and a lock file; it belongs to one
     device and one Publisher at a time (ConfigError otherwise). Use as a context manager
     (connect ... close) or call :meth:`connect`/:meth:`start` and :meth:`close`.
@@ -114,31 +121,22 @@ class Publisher(_MqttClient):
         self,
         account: LocalAccount | bytes,
         *,
-        host: str,
-        port: int,
-        broker: str | bytes,
-        chain_id: int,
         registry: str | bytes,
         state_dir: str | os.PathLike[str],
-        client_id: str | None = None,
+        endpoint: BrokerEndpoint | None = None,
         clean_session: bool = True,
-        keepalive: int = 60,
         encryptor: Encryptor | None = None,
         max_pending: int = 10_000,
         max_pending_bytes: int = 16 * 1024 * 1024,
         max_inflight: int = 20,
         sequence_block: int = SEQUENCE_BLOCK,
         reconnect_max_delay: float = 30.0,
+        **connection: Unpack[EndpointArgs],
     ) -> None:
         super().__init__(
             account,
-            host=host,
-            port=port,
-            broker=broker,
-            chain_id=chain_id,
-            client_id=client_id,
+            resolve_endpoint(endpoint, connection, "Publisher"),
             clean_session=clean_session,
-            keepalive=keepalive,
         )
         if encryptor is not None and not callable(encryptor):
             raise ConfigError("encryptor: must be a callable (topic, plaintext) -> ciphertext")
@@ -146,7 +144,7 @@ class Publisher(_MqttClient):
             raise ConfigError(f"max_inflight: must be a positive int, got {max_inflight!r}")
         if not isinstance(reconnect_max_delay, int | float) or reconnect_max_delay < 0:
             raise ConfigError(f"reconnect_max_delay: must be >= 0, got {reconnect_max_delay!r}")
-        self.domain: MessageDomain = MessageDomain(chain_id, registry)
+        self.domain: MessageDomain = MessageDomain(self.chain_id, registry)
         """The EIP-712 domain every message is signed in."""
         self._signer = EnvelopeSigner(self._key, self.domain)
         self.encryptor = encryptor
@@ -401,8 +399,14 @@ class Publisher(_MqttClient):
         attempt = self._attempt
         self._attempt = attempt + 1
         if attempt:  # an automatic retry: exponential backoff with full jitter
-            cap = min(self.reconnect_max_delay, 0.5 * 2 ** min(attempt - 1, 20))
-            self._halt.wait(random.uniform(0, cap))
+            self._halt.wait(
+                backoff_delay(
+                    attempt,
+                    base=_RECONNECT_BASE_DELAY,
+                    cap=self.reconnect_max_delay,
+                    jitter=Jitter.FULL,
+                )
+            )
         super()._on_pre_connect(client, userdata)
 
     def _on_connect(

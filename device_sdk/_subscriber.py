@@ -24,26 +24,22 @@ after each, asks the broker for the proofs of a sampled fraction of pending mess
 checks them against the root read from the chain (:meth:`Subscriber.request_proof` asks for
 one on demand). ``record_path`` keeps every market message (and proofs obtained) as JSON
 lines, for ``blendsm verify``.
+
+Layout: this module receives and pays; :mod:`._verification` is the verification worker and
+the proofs, :mod:`._record_file` the record file, :mod:`._channel_helpers` the async
+on-chain channel helpers, and :mod:`._subscriber_events` what the callbacks receive.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import enum
 import logging
 import os
-import queue
-import random
-import secrets
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Final, Protocol
+from typing import Final, Unpack
 
-import orjson
 import paho.mqtt.client as mqtt
 from eth_account.signers.local import LocalAccount
 
@@ -56,13 +52,12 @@ from blendsm.errors import (
 )
 
 from ._chain_reader import ChainReader
+from ._channel_helpers import ChannelHelpers
 from ._control import (
     ANCHORS_TOPIC,
     NOTICE,
     PROOF,
     VOUCHER,
-    AnchorNotice,
-    Notice,
     PaymentRequest,
     Proof,
     ProofRequest,
@@ -76,17 +71,29 @@ from ._control import (
     encode_voucher,
     is_control_topic,
 )
-from ._envelope import Envelope, MessageDomain, decode_envelope, verify_envelope
-from ._integrity import IntegrityEvent, IntegrityKind, MessageVerifier, Verification
-from ._keccak import checksum_address
+from ._endpoint import BrokerEndpoint, EndpointArgs, resolve_endpoint
+from ._envelope import decode_envelope, verify_envelope
+from ._integrity import IntegrityEvent, MessageVerifier
 from ._mqtt import Disconnection, _MqttClient
+from ._record_file import RecordFile
+from ._subscriber_events import (
+    Decryptor,
+    DisconnectCallback,
+    ErrorCallback,
+    IntegrityCallback,
+    MessageCallback,
+    PaymentCallback,
+    PaymentEvent,
+    PaymentEventKind,
+    ReceivedMessage,
+    SubscriberCallbackAPI,
+    SubscriberStats,
+)
+from ._verification import VerificationWorker, message_verifier
 from ._voucher import Voucher, VoucherDomain, VoucherSigner
 
-if TYPE_CHECKING:
-    from blendsm.contracts import Marketplace
-    from blendsm.contracts._bindings import CloseRequest, Settlement, TxResult
-
 __all__ = [
+    "Decryptor",
     "PaymentEvent",
     "PaymentEventKind",
     "ReceivedMessage",
@@ -100,104 +107,6 @@ _log = logging.getLogger("blendsm.device_sdk")
 _SUBACK_FAILURE: Final = 0x80
 
 
-class SubscriberCallbackAPI(enum.IntEnum):
-    """Signatures of the Subscriber's callbacks, versioned like paho's CallbackAPIVersion
-    so they can change later without breaking existing code.
-
-    VERSION1::
-
-        on_message(subscriber, message: ReceivedMessage)
-        on_payment(subscriber, event: PaymentEvent)
-        on_disconnect(subscriber, disconnection: Disconnection)
-        on_error(subscriber, error: BlendsmError)
-        on_integrity(subscriber, event: IntegrityEvent)
-    """
-
-    VERSION1 = 1
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedMessage:
-    """A market message as delivered; ``paid`` with the quoted ``price`` and ``channel_id``
-    when the topic was quoted, else free (price 0, no channel).
-
-    With verification on, ``payload`` is the envelope's payload (the data without the
-    signed header) and ``device``, ``sequence``, ``timestamp_ms`` come from the envelope;
-    ``verified`` is True when the device signed it and is an active device of the topic's
-    seller on chain, False when a check failed (see ``on_integrity``), None when not checked
-    (no verification, not a market topic, or the chain could not be read). Without
-    verification, ``payload`` is the data as received."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    paid: bool
-    price: int
-    channel_id: bytes | None
-    device: str | None = None
-    sequence: int | None = None
-    timestamp_ms: int | None = None
-    verified: bool | None = None
-    encrypted: bool = False
-    """The device encrypted the payload with the topic key (envelope flag)."""
-    decrypted: bool | None = None
-    """With a ``keyring``: True if ``payload`` is the plaintext, False if it could not be
-    decrypted (``payload`` stays the ciphertext; the reason goes to ``on_error``)."""
-
-
-class Decryptor(Protocol):
-    """Turns an encrypted envelope payload of a topic into plaintext (``TopicKeyring``)."""
-
-    def decrypt(self, topic: str, payload: bytes) -> bytes: ...
-
-
-class PaymentEventKind(enum.StrEnum):
-    """What an :class:`PaymentEvent` reports."""
-
-    VOUCHER_SENT = "voucher_sent"
-    """A voucher for ``amount`` (cumulative) on ``channel_id`` was published."""
-    RECEIPT = "receipt"
-    """The broker stored a voucher: ``amount`` is paid on ``channel_id``."""
-    REFUSAL = "refusal"
-    """The broker refused a voucher; ``notice`` is the :class:`Refusal`, ``detail`` why."""
-    PAYMENT_REQUEST = "payment_request"
-    """Delivery paused for lack of credit; ``amount`` is what the subscriber paid in answer
-    (cumulative), None if it paid nothing more."""
-    BUDGET_EXHAUSTED = "budget_exhausted"
-    """Paying ``amount`` (cumulative) on ``channel_id`` would exceed the budget: payment stopped."""
-
-
-@dataclass(frozen=True, slots=True)
-class PaymentEvent:
-    """A payment happening reported to ``on_payment``."""
-
-    kind: PaymentEventKind
-    channel_id: bytes | None
-    amount: int | None
-    notice: Notice | None = None
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriberStats:
-    """Counters since the Subscriber was made."""
-
-    messages: int
-    paid_messages: int
-    vouchers_sent: int
-    receipts: int
-    refusals: int
-    payment_requests: int
-    bad_notices: int
-    verified_messages: int = 0
-    """Messages whose signature and device checked out (verification on)."""
-    integrity_events: int = 0
-    """Integrity findings reported (proof verdicts included)."""
-    unpaid_invalid: int = 0
-    """Quoted paid messages not paid for because their envelope was not validly signed."""
-
-
 @dataclass(slots=True)
 class _Book:
     """Per-channel amounts, all cumulative in base units."""
@@ -209,40 +118,15 @@ class _Book:
     last: Voucher | None = None
 
 
-MessageCallback = Callable[["Subscriber", ReceivedMessage], None]
-PaymentCallback = Callable[["Subscriber", PaymentEvent], None]
-DisconnectCallback = Callable[["Subscriber", Disconnection], None]
-ErrorCallback = Callable[["Subscriber", BlendsmError], None]
-IntegrityCallback = Callable[["Subscriber", IntegrityEvent], None]
-
-_MAX_PENDING_PROOFS: Final = 10_000
-_MAX_KNOWN_MESSAGES: Final = 65_536
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A received message whose proof is wanted (sampled, or asked for on demand)."""
-
-    topic: str
-    envelope: Envelope
-    notices_seen: int = 0
-    request_id: str | None = None
-
-
-@dataclass(slots=True)
-class _ProofWait:
-    key: tuple[str, str, int]
-    topic: str
-    envelope: Envelope
-    future: concurrent.futures.Future[IntegrityEvent] | None  # None: an automatic sample
-
-
-class Subscriber(_MqttClient):
+class Subscriber(_MqttClient, ChannelHelpers):
     """An MQTT subscriber that pays per delivered message with vouchers.
 
-    ``broker`` is the broker operator's address (CONNECT tokens are bound to it, and channels
-    opened here name it as operator); ``chain_id`` and ``channels_contract`` (the PaymentChannels
-    address) form the voucher domain. ``budget`` caps the sum of all vouchers this Subscriber
+    ``endpoint`` (a :class:`BrokerEndpoint`; or, as before it existed, its fields as keyword
+    arguments ``host=``, ``port=``, ``broker=``, ``chain_id=``, ``client_id=``,
+    ``keepalive=``) says where to connect: ``broker`` is the broker operator's address
+    (CONNECT tokens are bound to it, and channels opened here name it as operator);
+    ``chain_id`` and ``channels_contract`` (the PaymentChannels address) form the voucher
+    domain. ``budget`` caps the sum of all vouchers this Subscriber
     signs (None: no cap); ``pay_every`` is how many paid messages may stay unpaid before a
     voucher is sent (keep it within the broker's credit, or delivery pauses until paid).
 
@@ -265,17 +149,12 @@ class Subscriber(_MqttClient):
         self,
         account: LocalAccount | bytes,
         *,
-        host: str,
-        port: int,
-        broker: str | bytes,
-        chain_id: int,
         channels_contract: str | bytes,
+        endpoint: BrokerEndpoint | None = None,
         budget: int | None = None,
         pay_every: int = 1,
         callback_api_version: SubscriberCallbackAPI = SubscriberCallbackAPI.VERSION1,
-        client_id: str | None = None,
         clean_session: bool = True,
-        keepalive: int = 60,
         registry: str | bytes | None = None,
         chain_reader: ChainReader | None = None,
         verifier: MessageVerifier | None = None,
@@ -283,6 +162,7 @@ class Subscriber(_MqttClient):
         proof_attempts: int = 5,
         record_path: str | os.PathLike[str] | None = None,
         keyring: Decryptor | None = None,
+        **connection: Unpack[EndpointArgs],
     ) -> None:
         if callback_api_version is not SubscriberCallbackAPI.VERSION1:
             raise ConfigError(
@@ -296,16 +176,11 @@ class Subscriber(_MqttClient):
             raise ConfigError(f"pay_every: must be an int >= 1, got {pay_every!r}")
         super().__init__(
             account,
-            host=host,
-            port=port,
-            broker=broker,
-            chain_id=chain_id,
-            client_id=client_id,
+            resolve_endpoint(endpoint, connection, "Subscriber"),
             clean_session=clean_session,
-            keepalive=keepalive,
         )
         self.callback_api_version = callback_api_version
-        self.domain = VoucherDomain(chain_id, channels_contract)
+        self.domain = VoucherDomain(self.chain_id, channels_contract)
         self._signer = VoucherSigner(self._key, self.domain)
         self.budget = budget
         self.pay_every = pay_every
@@ -318,49 +193,24 @@ class Subscriber(_MqttClient):
         self.on_error: ErrorCallback | None = None
         self.on_integrity: IntegrityCallback | None = None
 
-        if verifier is None and (registry is not None or chain_reader is not None):
-            if registry is None or chain_reader is None:
-                raise ConfigError("verification needs both registry and chain_reader")
-            verifier = MessageVerifier(MessageDomain(chain_id, registry), chain_reader)
-        if verifier is not None and verifier.domain.chain_id != chain_id:
-            raise ConfigError(
-                f"verifier: its message domain is for chain id {verifier.domain.chain_id},"
-                f" not {chain_id}"
-            )
-        if (
-            isinstance(proof_sampling, bool)
-            or not isinstance(proof_sampling, int | float)
-            or not 0.0 <= proof_sampling <= 1.0
-        ):
-            raise ConfigError(f"proof_sampling: must be in [0, 1], got {proof_sampling!r}")
-        if (
-            not isinstance(proof_attempts, int)
-            or isinstance(proof_attempts, bool)
-            or proof_attempts < 1
-        ):
-            raise ConfigError(f"proof_attempts: must be an int >= 1, got {proof_attempts!r}")
-        if verifier is None and (
-            proof_sampling > 0 or record_path is not None or keyring is not None
-        ):
-            raise ConfigError(
-                "proof_sampling, record_path and keyring need verification"
-                " (registry and chain_reader)"
-            )
-        self.verifier = verifier
+        self.verifier = message_verifier(
+            self.chain_id,
+            registry=registry,
+            chain_reader=chain_reader,
+            verifier=verifier,
+            proof_sampling=proof_sampling,
+            proof_attempts=proof_attempts,
+            record_path=record_path,
+            keyring=keyring,
+        )
         self.keyring = keyring
         self.proof_sampling = float(proof_sampling)
         self.proof_attempts = proof_attempts
         self.record_path = None if record_path is None else os.fspath(record_path)
         self.proof_topic = control_topic(self.address, PROOF)
-        self._random = random.Random()
-        self._ilock = threading.Lock()  # integrity state below, shared with request_proof
-        self._pending: OrderedDict[tuple[str, str, int], _Pending] = OrderedDict()
-        self._known: OrderedDict[tuple[str, str, int], tuple[str, Envelope]] = OrderedDict()
-        self._requests: dict[str, _ProofWait] = {}
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
-        self._record: IO[bytes] | None = None
-        self._verified_messages = 0
+        self._verification = VerificationWorker(
+            self, None if self.record_path is None else RecordFile(self.record_path)
+        )
         self._integrity_events = 0
 
         self._lock = threading.Condition()
@@ -479,7 +329,7 @@ class Subscriber(_MqttClient):
                 payment_requests=self._payment_requests,
                 bad_notices=self._bad_notices,
                 unpaid_invalid=self._unpaid_invalid,
-                verified_messages=self._verified_messages,
+                verified_messages=self._verification.verified_messages,
                 integrity_events=self._integrity_events,
             )
 
@@ -556,8 +406,7 @@ class Subscriber(_MqttClient):
             self._report(events)
         else:
             self._report(events)
-            received_at = time.time()
-            self._submit(lambda: self._verify_message(received, received_at))
+            self._verification.message_received(received, time.time())
 
     def _authentic(self, topic: str, payload: bytes) -> bool:
         """With verification on: is this a well-formed envelope signed by its device for this
@@ -582,15 +431,14 @@ class Subscriber(_MqttClient):
             return
         if isinstance(notice, Proof):
             if self.verifier is not None:
-                self._submit(lambda: self._on_proof(notice.request_id, notice))
+                self._verification.proof_answered(notice.request_id, notice)
             return
         if (
             isinstance(notice, Refusal)
             and notice.request_id is not None
             and self.verifier is not None
         ):
-            request_id = notice.request_id
-            self._submit(lambda: self._on_proof(request_id, notice))
+            self._verification.proof_answered(notice.request_id, notice)
             return
         events: list[PaymentEvent] = []
         with self._lock:
@@ -676,106 +524,13 @@ class Subscriber(_MqttClient):
         else:  # lost with the connection; the broker's PaymentRequest will get it resent
             _log.info("%s: voucher not sent (%s)", self.client_id, mqtt.error_string(info.rc))
 
-    # --- integrity (the verification worker) -------------------------------------------
+    # --- integrity (delegated to the verification worker) ------------------------------
 
     def disconnect(self) -> None:
         """Send DISCONNECT, stop the network thread, then let the verification worker finish
         what was received (idempotent)."""
         super().disconnect()
-        self._stop_worker()
-
-    def _submit(self, job: Callable[[], None]) -> None:
-        with self._ilock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(
-                    target=self._work, name=f"blendsm-verify-{self.client_id}", daemon=True
-                )
-                self._worker.start()
-        self._jobs.put(job)
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._guard(job)
-
-    def _stop_worker(self, timeout: float = 30.0) -> None:
-        with self._ilock:
-            worker, self._worker = self._worker, None
-        if worker is not None and worker is not threading.current_thread():
-            self._jobs.put(None)
-            worker.join(timeout)
-        with self._ilock:
-            record, self._record = self._record, None
-        if record is not None:
-            record.close()
-
-    def _write_record(self, line: dict[str, Any]) -> None:
-        """Append one JSON line to the record file (worker thread)."""
-        if self.record_path is None:
-            return
-        with self._ilock:
-            if self._record is None:
-                self._record = open(self.record_path, "ab")  # noqa: SIM115 - kept open
-            self._record.write(orjson.dumps(line) + b"\n")
-            self._record.flush()
-
-    def _verify_message(self, message: ReceivedMessage, received_at: float) -> None:
-        assert self.verifier is not None
-        checked: Verification = self.verifier.check(message.topic, message.payload)
-        if checked.market is not False:
-            self._write_record(
-                {
-                    "type": "message",
-                    "topic": message.topic,
-                    "envelope": "0x" + message.payload.hex(),
-                    "received_at": received_at,
-                    "qos": message.qos,
-                    "retain": message.retain,
-                    "verified": checked.verified,
-                }
-            )
-        envelope = checked.envelope
-        if envelope is not None and checked.leaf is not None and checked.device is not None:
-            key = (message.topic, checked.device, envelope.sequence)
-            with self._ilock:
-                self._known[key] = (message.topic, envelope)
-                self._known.move_to_end(key)
-                while len(self._known) > _MAX_KNOWN_MESSAGES:
-                    self._known.popitem(last=False)
-                if self.proof_sampling > 0 and self._random.random() < self.proof_sampling:
-                    self._pending[key] = _Pending(message.topic, envelope)
-                    while len(self._pending) > _MAX_PENDING_PROOFS:
-                        self._pending.popitem(last=False)
-        with self._lock:
-            if checked.verified:
-                self._verified_messages += 1
-        payload = checked.payload
-        decrypted: bool | None = None
-        if envelope is not None and envelope.encrypted and self.keyring is not None:
-            try:
-                payload = self.keyring.decrypt(message.topic, envelope.payload)
-                decrypted = True
-            except BlendsmError as exc:  # no key for that epoch (right ended), or bad bytes
-                decrypted = False
-                self._report_error(exc)
-        received = ReceivedMessage(
-            message.topic,
-            payload,
-            message.qos,
-            message.retain,
-            message.paid,
-            message.price,
-            message.channel_id,
-            checked.device,
-            checked.sequence,
-            None if envelope is None else envelope.timestamp_ms,
-            checked.verified,
-            envelope is not None and envelope.encrypted,
-            decrypted,
-        )
-        self._deliver(received)
-        self._report_integrity(checked.events)
-        if checked.error is not None:
-            self._report_error(checked.error)
+        self._verification.stop()
 
     def _on_anchor_notice(self, payload: bytes) -> None:
         try:
@@ -785,40 +540,7 @@ class Subscriber(_MqttClient):
                 self._bad_notices += 1
             self._report_error(exc)
             return
-        self._submit(lambda: self._request_samples(notice))
-
-    def _request_samples(self, notice: AnchorNotice) -> None:
-        """After an anchor notice: ask for the proof of every pending sampled message; the
-        ones asked ``proof_attempts`` times in vain are reported unavailable (worker)."""
-        expired: list[IntegrityEvent] = []
-        requests: list[ProofRequest] = []
-        with self._ilock:
-            for key, pending in list(self._pending.items()):
-                if pending.notices_seen >= self.proof_attempts:
-                    del self._pending[key]
-                    if pending.request_id is not None:
-                        self._requests.pop(pending.request_id, None)
-                    expired.append(
-                        IntegrityEvent(
-                            IntegrityKind.PROOF_UNAVAILABLE,
-                            pending.topic,
-                            key[1],
-                            key[2],
-                            f"no proof after {pending.notices_seen} anchor notices"
-                            f" (latest batch {notice.batch_id})",
-                        )
-                    )
-                    continue
-                pending.notices_seen += 1
-                if pending.request_id is not None:
-                    self._requests.pop(pending.request_id, None)
-                request_id = secrets.token_hex(8)
-                pending.request_id = request_id
-                self._requests[request_id] = _ProofWait(key, pending.topic, pending.envelope, None)
-                requests.append(ProofRequest(request_id, pending.topic, key[2], key[1]))
-        for request in requests:
-            self._send_proof_request(request)
-        self._report_integrity(expired)
+        self._verification.anchor_noticed(notice)
 
     def _send_proof_request(self, request: ProofRequest) -> bool:
         info = self._mqtt.publish(self.proof_topic, encode_proof_request(request), qos=1)
@@ -826,54 +548,6 @@ class Subscriber(_MqttClient):
             _log.info("%s: proof request not sent (%s)", self.client_id, mqtt.error_string(info.rc))
             return False
         return True
-
-    def _on_proof(self, request_id: str, answer: Proof | Refusal) -> None:
-        """A proof or a ``proof_unavailable`` refusal arrived (worker)."""
-        with self._ilock:
-            wait = self._requests.pop(request_id, None)
-        if wait is None:  # an answer to an expired or foreign request
-            return
-        assert self.verifier is not None
-        if isinstance(answer, Proof):
-            event = self.verifier.check_proof(self.broker, wait.topic, wait.envelope, answer)
-            if event.kind is not IntegrityKind.PROOF_UNAVAILABLE:
-                self._write_record(
-                    {
-                        "type": "proof",
-                        "topic": wait.topic,
-                        "device": wait.key[1],
-                        "sequence": wait.key[2],
-                        "broker": self.broker,
-                        "batch": answer.batch_id,
-                        "index": answer.index,
-                        "leaf": "0x" + answer.leaf.hex(),
-                        "root": "0x" + answer.root.hex(),
-                        "proof": ["0x" + p.hex() for p in answer.proof],
-                        "tx": None if answer.tx_hash is None else "0x" + answer.tx_hash.hex(),
-                        "verdict": str(event.kind),
-                    }
-                )
-        else:
-            event = IntegrityEvent(
-                IntegrityKind.PROOF_UNAVAILABLE,
-                wait.topic,
-                wait.key[1],
-                wait.key[2],
-                f"{answer.code}: {answer.detail}",
-            )
-        with self._ilock:
-            pending = self._pending.get(wait.key)
-            if pending is not None and pending.request_id == request_id:
-                pending.request_id = None
-                if event.kind is not IntegrityKind.PROOF_UNAVAILABLE:
-                    del self._pending[wait.key]
-            elif event.kind is not IntegrityKind.PROOF_UNAVAILABLE:
-                self._pending.pop(wait.key, None)
-        if wait.future is not None:
-            wait.future.set_result(event)
-        elif event.kind is IntegrityKind.PROOF_UNAVAILABLE:
-            return  # still pending: asked again after the next anchor notice
-        self._report_integrity([event])
 
     def request_proof(
         self, topic: str, device: str, sequence: int, timeout: float = 10.0
@@ -884,66 +558,24 @@ class Subscriber(_MqttClient):
         it from a callback."""
         if self.verifier is None:
             raise ConfigError("request_proof needs verification (registry and chain_reader)")
-        with self._ilock:
-            worker = self._worker
+        worker = self._verification.thread
         if threading.current_thread() in (worker, getattr(self._mqtt, "_thread", None)):
             raise ConfigError("request_proof blocks: do not call it from a callback")
-        try:
-            raw = bytes.fromhex(device.removeprefix("0x"))
-        except ValueError:
-            raw = b""
-        if len(raw) != 20:
-            raise ConfigError(f"device: not an address: {device!r}")
-        with self._ilock:
-            known = self._known.get((topic, checksum_address(raw), sequence))
-        if known is None:
-            return IntegrityEvent(
-                IntegrityKind.PROOF_UNAVAILABLE,
-                topic,
-                device,
-                sequence,
-                "message not received by this subscriber (or forgotten): no leaf to check",
-            )
-        envelope = known[1]
-        full_key = (topic, envelope.device_address, sequence)
-        future: concurrent.futures.Future[IntegrityEvent] = concurrent.futures.Future()
-        request_id = secrets.token_hex(8)
-        with self._ilock:
-            self._requests[request_id] = _ProofWait(full_key, topic, envelope, future)
-        request = ProofRequest(request_id, topic, sequence, envelope.device_address)
-        if not self._send_proof_request(request):
-            with self._ilock:
-                self._requests.pop(request_id, None)
-            return IntegrityEvent(
-                IntegrityKind.PROOF_UNAVAILABLE, topic, device, sequence, "request not sent"
-            )
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            with self._ilock:
-                self._requests.pop(request_id, None)
-            return IntegrityEvent(
-                IntegrityKind.PROOF_UNAVAILABLE,
-                topic,
-                envelope.device_address,
-                sequence,
-                f"no answer from the broker within {timeout:g} s",
-            )
+        return self._verification.request_proof(topic, device, sequence, timeout)
 
     def pending_proofs(self) -> int:
         """Sampled messages whose proof has not been checked yet."""
-        with self._ilock:
-            return len(self._pending)
+        return self._verification.pending_proofs()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until the verification worker has handled everything queued so far."""
         if self.verifier is None:
             return True
         done = threading.Event()
-        self._submit(done.set)
+        self._verification.submit(done.set)
         return done.wait(timeout)
 
-    def _report_integrity(self, events: list[IntegrityEvent] | tuple[IntegrityEvent, ...]) -> None:
+    def _report_integrity(self, events: Sequence[IntegrityEvent]) -> None:
         if not events:
             return
         with self._lock:
@@ -974,56 +606,3 @@ class Subscriber(_MqttClient):
         callback = self.on_error
         if callback is not None:
             self._guard(callback, self, error)
-
-    # --- chain helpers (need blendsm[broker], i.e. web3) -------------------------------
-
-    def _check_marketplace(self, marketplace: Marketplace) -> None:
-        if marketplace.address is None or marketplace.address.lower() != self.address.lower():
-            raise ConfigError(
-                f"marketplace: signs as {marketplace.address}, not as this subscriber {self.address}"
-            )
-        if marketplace.channels.address.lower() != self.domain.verifying_contract.lower():
-            raise ConfigError(
-                f"marketplace: PaymentChannels at {marketplace.channels.address}, but vouchers"
-                f" are signed for {self.domain.verifying_contract}"
-            )
-
-    async def open_channel(
-        self,
-        marketplace: Marketplace,
-        seller: str,
-        deposit: int,
-        *,
-        token: str | None = None,
-        fee_bps: int = 0,
-    ) -> bytes:
-        """Open a channel to ``seller`` metered by this subscriber's broker operator (the
-        broker meters only channels naming it); ``token`` None is the native coin, an ERC-20
-        is approved first. ``marketplace`` must sign as this subscriber. The channel id."""
-        self._check_marketplace(marketplace)
-        opened = await marketplace.channels.open(
-            seller, self.broker, token, deposit, fee_bps, approve=token is not None
-        )
-        return opened.channel_id
-
-    async def top_up(self, marketplace: Marketplace, channel_id: bytes, amount: int) -> TxResult:
-        """Add ``amount`` to the channel's deposit (an ERC-20 is approved first)."""
-        self._check_marketplace(marketplace)
-        return await marketplace.channels.top_up(channel_id, amount, approve=True)
-
-    async def close_channel(
-        self, marketplace: Marketplace, channel_id: bytes, *, settle_timeout: float = 5.0
-    ) -> CloseRequest:
-        """Pay what is outstanding on the channel (waiting up to ``settle_timeout`` for the
-        broker's receipt while connected), then request close: the challenge period starts
-        (the broker can still claim); then :meth:`withdraw` refunds the rest."""
-        self._check_marketplace(marketplace)
-        if self.connected and self.pay_outstanding(channel_id):
-            target = self.vouchered(channel_id)
-            await asyncio.to_thread(self.wait_confirmed, channel_id, target, settle_timeout)
-        return await marketplace.channels.request_close(channel_id)
-
-    async def withdraw(self, marketplace: Marketplace, channel_id: bytes) -> Settlement:
-        """Take back the unclaimed deposit once the challenge period is over."""
-        self._check_marketplace(marketplace)
-        return await marketplace.channels.withdraw(channel_id)

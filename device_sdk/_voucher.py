@@ -17,14 +17,10 @@ OpenZeppelin has one, so contract tests can compare rejections one to one.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from coincurve import PrivateKey, PublicKey
-
 from blendsm.errors import (
-    ConfigError,
     VoucherChannelError,
     VoucherError,
     VoucherNotNewerError,
@@ -32,6 +28,16 @@ from blendsm.errors import (
     WireError,
 )
 
+from ._ecdsa import (
+    SECP256K1_HALF_N,
+    SECP256K1_N,
+    high_s_twin,
+    key_address,
+    recover_address,
+    sign_digest,
+    signing_key,
+)
+from ._eip712 import EIP712_DOMAIN_TYPEHASH, UINT256_MAX, address_bytes, init_domain, typed_data
 from ._keccak import checksum_address, keccak256
 
 __all__ = [
@@ -56,126 +62,9 @@ __all__ = [
 
 VOUCHER_DOMAIN_NAME = "BlendSM PaymentChannels"
 VOUCHER_DOMAIN_VERSION = "1"
-EIP712_DOMAIN_TYPEHASH = keccak256(
-    b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
-)
 VOUCHER_TYPEHASH = keccak256(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)")
 
-UINT256_MAX = 2**256 - 1
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-"""Order of the secp256k1 group."""
-SECP256K1_HALF_N = SECP256K1_N // 2
-"""Largest ``s`` OpenZeppelin accepts (``0x7FFF...5D576E7357A4501DDFE92F46681B20A0``)."""
-
 _ZERO_ADDRESS = bytes(20)
-_HEX_ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{40}")
-
-
-def _address_bytes(value: str | bytes, what: str, error: type[ValueError]) -> bytes:
-    """20 address bytes from a 0x-hex string (EIP-55 checked if mixed case) or raw bytes."""
-    if isinstance(value, bytes):
-        if len(value) != 20:
-            raise error(f"{what}: an address is 20 bytes, got {len(value)}")
-        return bytes(value)
-    if not isinstance(value, str) or _HEX_ADDRESS.fullmatch(value) is None:
-        raise error(f"{what}: expected a 0x-prefixed 40-hex-digit address, got {value!r}")
-    raw = bytes.fromhex(value[2:])
-    body = value[2:]
-    if body != body.lower() and body != body.upper() and checksum_address(raw) != "0x" + body:
-        # Mixed case is a checksum claim (EIP-55); a wrong one usually means a typo.
-        raise error(f"{what}: bad EIP-55 checksum in {value!r}")
-    return raw
-
-
-# EIP-712 domains, one implementation for every signed type of the SDK: vouchers (here),
-# messages (_envelope) and CONNECT tokens (_connect_token). Each domain is hashed once, when
-# it is built; the per-message digest is then keccak256(prefix || struct_hash) with
-# prefix = 0x1901 || separator, written inline in each ``digest`` (hot path, no extra call).
-
-_EIP712_DOMAIN_NO_CONTRACT_TYPEHASH = keccak256(
-    b"EIP712Domain(string name,string version,uint256 chainId)"
-)
-_EIP712_DOMAIN_FIELDS = (
-    {"name": "name", "type": "string"},
-    {"name": "version", "type": "string"},
-    {"name": "chainId", "type": "uint256"},
-)
-
-
-def _check_chain_id(chain_id: object) -> int:
-    """``chain_id`` if it is an int (not bool) that fits uint256, else ConfigError."""
-    if (
-        isinstance(chain_id, bool)
-        or not isinstance(chain_id, int)
-        or not 0 <= chain_id <= UINT256_MAX
-    ):
-        raise ConfigError(f"chain_id: must be an int in [0, 2**256), got {chain_id!r}")
-    return chain_id
-
-
-def _domain_separator(
-    name: str, version: str, chain_id: int, verifying_contract: bytes | None = None
-) -> bytes:
-    """``hashStruct(EIP712Domain)`` of ``{name, version, chainId[, verifyingContract]}``.
-
-    With 20 ``verifying_contract`` bytes this is OpenZeppelin's ``_domainSeparatorV4()``;
-    without, the domain has no ``verifyingContract`` field (and type) at all.
-    """
-    head = keccak256(name.encode()) + keccak256(version.encode()) + chain_id.to_bytes(32, "big")
-    if verifying_contract is None:
-        return keccak256(_EIP712_DOMAIN_NO_CONTRACT_TYPEHASH + head)
-    return keccak256(EIP712_DOMAIN_TYPEHASH + head + bytes(12) + verifying_contract)
-
-
-def _init_domain(
-    domain: object,
-    name: str,
-    version: str,
-    chain_id: object,
-    verifying_contract: str | bytes,
-    what: str,
-) -> bytes:
-    """Check and hash a contract-bound domain; fill ``chain_id``, ``separator`` and
-    ``_prefix`` (``0x1901 || separator``) of the frozen dataclass ``domain``.
-
-    Checks the chain id, then the address (``what`` names it in the ConfigError), and
-    returns the contract's 20 bytes for the caller's own address fields.
-    """
-    chain_id = _check_chain_id(chain_id)
-    raw = _address_bytes(verifying_contract, what, ConfigError)
-    separator = _domain_separator(name, version, chain_id, raw)
-    object.__setattr__(domain, "chain_id", chain_id)
-    object.__setattr__(domain, "separator", separator)
-    object.__setattr__(domain, "_prefix", b"\x19\x01" + separator)
-    return raw
-
-
-def _typed_data(
-    name: str,
-    version: str,
-    chain_id: int,
-    verifying_contract: str | None,
-    primary_type: str,
-    struct_fields: tuple[tuple[str, str], ...],
-    message: dict[str, Any],
-) -> dict[str, Any]:
-    """EIP-712 JSON (``eth_signTypedData_v4``) of ``message``, a ``primary_type`` struct with
-    ``struct_fields`` (name, type) in order, in the domain that :func:`_domain_separator`
-    hashes (no ``verifyingContract`` when it is None)."""
-    domain_fields = [dict(f) for f in _EIP712_DOMAIN_FIELDS]
-    domain: dict[str, Any] = {"name": name, "version": version, "chainId": chain_id}
-    if verifying_contract is not None:
-        domain_fields.append({"name": "verifyingContract", "type": "address"})
-        domain["verifyingContract"] = verifying_contract
-    return {
-        "types": {
-            "EIP712Domain": domain_fields,
-            primary_type: [{"name": n, "type": t} for n, t in struct_fields],
-        },
-        "primaryType": primary_type,
-        "domain": domain,
-        "message": message,
-    }
 
 
 def _check_fields(channel_id: object, cumulative_amount: object) -> None:
@@ -214,7 +103,7 @@ class VoucherDomain:
     _prefix: bytes = field(init=False, repr=False, compare=False)  # 0x1901 || separator
 
     def __init__(self, chain_id: int, verifying_contract: str | bytes) -> None:
-        raw = _init_domain(
+        raw = init_domain(
             self,
             VOUCHER_DOMAIN_NAME,
             VOUCHER_DOMAIN_VERSION,
@@ -239,7 +128,7 @@ def voucher_typed_data(
     """The voucher as EIP-712 JSON (``eth_signTypedData_v4``), for wallets that sign typed data
     themselves (hardware wallets, eth_account's ``sign_typed_data``); same digest as ours."""
     _check_fields(channel_id, cumulative_amount)
-    return _typed_data(
+    return typed_data(
         VOUCHER_DOMAIN_NAME,
         VOUCHER_DOMAIN_VERSION,
         domain.chain_id,
@@ -278,63 +167,13 @@ class Voucher:
             )
 
 
-def _recover(digest: bytes, signature: bytes) -> bytes:
-    """The signer's 20 address bytes, or VoucherSignatureError exactly where OZ 5 reverts.
-
-    ``ECDSA.recover(bytes32, bytes)`` -> ``tryRecover``: length must be 65 (64-byte
-    EIP-2098 signatures included, this is ``ECDSAInvalidSignatureLength``); then
-    ``s <= n/2`` (``ECDSAInvalidSignatureS``); then ``ecrecover``, which yields
-    address(0), i.e. ``ECDSAInvalidSignature``, for v not 27/28, r or s outside [1, n),
-    or r not the x of a curve point. libsecp256k1 (coincurve) is also what geth's
-    precompile runs, so the point rules agree bit for bit.
-    """
-    if len(signature) != 65:
-        raise VoucherSignatureError(
-            f"ECDSAInvalidSignatureLength({len(signature)}): a voucher signature is exactly"
-            " 65 bytes r || s || v (64-byte EIP-2098 signatures are refused too)"
-        )
-    s = int.from_bytes(signature[32:64], "big")
-    if s > SECP256K1_HALF_N:
-        raise VoucherSignatureError(
-            f"ECDSAInvalidSignatureS(0x{s:064x}): s is in the upper half of the curve order"
-            " (malleable twin of a low-s signature)"
-        )
-    v = signature[64]
-    if v != 27 and v != 28:
-        raise VoucherSignatureError(f"ECDSAInvalidSignature: v must be 27 or 28, got {v}")
-    r = int.from_bytes(signature[:32], "big")
-    if not 0 < r < SECP256K1_N or s == 0:
-        raise VoucherSignatureError("ECDSAInvalidSignature: r and s must lie in [1, n)")
-    try:
-        public = PublicKey.from_signature_and_message(
-            signature[:64] + (b"\x00" if v == 27 else b"\x01"), digest, hasher=None
-        )
-    except ValueError:
-        raise VoucherSignatureError(
-            "ECDSAInvalidSignature: no public key recovers from this r (ecrecover gives address(0))"
-        ) from None
-    return keccak256(public.format(compressed=False)[1:])[12:]
-
-
 def recover_voucher_signer(domain: VoucherDomain, voucher: Voucher) -> str:
     """Checksum address that signed ``voucher`` under ``domain``, as OZ ``ECDSA.recover``.
 
     Raises :class:`VoucherSignatureError` wherever the contract would revert.
     """
     digest = domain.digest(voucher.channel_id, voucher.cumulative_amount)
-    return checksum_address(_recover(digest, voucher.signature))
-
-
-def high_s_twin(signature: bytes) -> bytes:
-    """The malleable twin (r, n - s, v flipped) of a 65-byte signature.
-
-    Raw ``ecrecover`` maps both to the same signer; OpenZeppelin (and we) refuse the
-    high-s one. Shared with the contract tests' rejection table.
-    """
-    if len(signature) != 65 or signature[64] not in (27, 28):
-        raise ValueError("expected a 65-byte r || s || v signature with v in {27, 28}")
-    s = int.from_bytes(signature[32:64], "big")
-    return signature[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes((55 - signature[64],))
+    return checksum_address(recover_address(digest, voucher.signature))
 
 
 class VoucherSigner:
@@ -346,16 +185,9 @@ class VoucherSigner:
     __slots__ = ("_key", "address", "domain")
 
     def __init__(self, private_key: bytes, domain: VoucherDomain) -> None:
-        if not isinstance(private_key, bytes) or len(private_key) != 32:
-            raise ConfigError("private_key: must be 32 bytes")
-        try:
-            self._key = PrivateKey(private_key)
-        except ValueError:
-            raise ConfigError("private_key: not a valid secp256k1 secret (0 or >= n)") from None
+        self._key = signing_key(private_key)
         self.domain = domain
-        self.address: str = checksum_address(
-            keccak256(self._key.public_key.format(compressed=False)[1:])[12:]
-        )
+        self.address: str = checksum_address(key_address(self._key))
 
     def sign(self, channel_id: bytes, cumulative_amount: int) -> Voucher:
         """A voucher for ``cumulative_amount`` in total on ``channel_id``.
@@ -364,8 +196,7 @@ class VoucherSigner:
         equals eth_account's and passes OZ ``ECDSA.recover``.
         """
         digest = voucher_digest(self.domain, channel_id, cumulative_amount)
-        rs_recid = self._key.sign_recoverable(digest, hasher=None)
-        return Voucher(channel_id, cumulative_amount, rs_recid[:64] + bytes((rs_recid[64] + 27,)))
+        return Voucher(channel_id, cumulative_amount, sign_digest(self._key, digest))
 
 
 def sign_voucher(
@@ -399,7 +230,7 @@ class ChannelState:
         closes_at: int | None = None,
         settled: bool = False,
     ) -> None:
-        raw = _address_bytes(payer, "payer", WireError)
+        raw = address_bytes(payer, "payer", WireError)
         set_ = object.__setattr__
         set_(self, "payer", checksum_address(raw))
         set_(self, "deposit", deposit)
@@ -455,7 +286,7 @@ class VoucherVerifier:
             raise VoucherChannelError(
                 f"voucher is for channel 0x{voucher.channel_id.hex()}, not 0x{channel_id.hex()}"
             )
-        signer = _recover(
+        signer = recover_address(
             self.domain.digest(voucher.channel_id, voucher.cumulative_amount), voucher.signature
         )
         if signer != channel.payer_bytes:

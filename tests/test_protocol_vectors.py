@@ -25,57 +25,58 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from blendsm.device_sdk._connect_token import (
+from blendsm.device_sdk import (
+    AAD_LABEL,
+    ANCHORS_TOPIC,
     CONNECT_DOMAIN_TYPEHASH,
     CONNECT_TYPEHASH,
-    ConnectToken,
-    ConnectTokenVerifier,
-    connect_digest,
-    connect_typed_data,
-    parse_connect_token,
-)
-from blendsm.device_sdk._control import (
-    ANCHORS_TOPIC,
+    EIP712_DOMAIN_TYPEHASH,
+    MESSAGE_TYPEHASH,
     NOTICE,
     PROOF,
     VOUCHER,
+    VOUCHER_TYPEHASH,
     AnchorNotice,
+    ConnectToken,
+    ConnectTokenVerifier,
+    EnvelopeSigner,
+    MerkleTree,
+    MessageDomain,
     PaymentRequest,
     Proof,
     ProofRequest,
     Quote,
     Receipt,
     Refusal,
+    VoucherDomain,
+    VoucherSigner,
+    checksum_address,
+    connect_digest,
+    connect_typed_data,
     control_topic,
     decode_anchor_notice,
     decode_any_notice,
+    decode_envelope,
+    decode_key_message,
     decode_proof_request,
     decode_voucher,
     encode_anchor_notice,
     encode_notice,
     encode_proof_request,
     encode_voucher,
+    hash_pair,
+    keccak256,
     key_topic,
-)
-from blendsm.device_sdk._crypto import AAD_LABEL, open_sealed, unwrap_topic_key
-from blendsm.device_sdk._envelope import (
-    MESSAGE_TYPEHASH,
-    EnvelopeSigner,
-    MessageDomain,
-    decode_envelope,
+    leaf_hash,
     message_leaf,
     message_typed_data,
-    verify_envelope,
-)
-from blendsm.device_sdk._keccak import checksum_address, keccak256
-from blendsm.device_sdk._merkle import MerkleTree, hash_pair, leaf_hash, verify_proof
-from blendsm.device_sdk._topic_keys import decode_key_message, topic_id_of
-from blendsm.device_sdk._voucher import (
-    EIP712_DOMAIN_TYPEHASH,
-    VOUCHER_TYPEHASH,
-    VoucherDomain,
-    VoucherSigner,
+    open_sealed,
+    parse_connect_token,
     recover_voucher_signer,
+    topic_id_of,
+    unwrap_topic_key,
+    verify_envelope,
+    verify_proof,
     voucher_typed_data,
 )
 

@@ -166,7 +166,7 @@ async def test_sender_public_key_is_recovered_from_a_signed_transaction(kind: in
 
     from eth_account import Account
 
-    from blendsm.device_sdk._topic_keys import sender_public_key
+    from blendsm.device_sdk._topic_key_service import sender_public_key
 
     secret, public, address = _party()
     tx: dict[str, Any] = {

@@ -481,21 +481,15 @@ class FakeOperator:
 
 
 @pytest.fixture
-def stock() -> Iterator[StockBroker]:
-    b = StockBroker()
-    try:
-        yield b
-    finally:
-        b.close()
+def stock(closing: Callable[[StockBroker], StockBroker]) -> StockBroker:
+    return closing(StockBroker())
 
 
 @pytest.fixture
-def operator(stock: StockBroker, fake: FakeChain) -> Iterator[FakeOperator]:
-    op = FakeOperator(stock.port, fake)
-    try:
-        yield op
-    finally:
-        op.close()
+def operator(
+    stock: StockBroker, fake: FakeChain, closing: Callable[[FakeOperator], FakeOperator]
+) -> FakeOperator:
+    return closing(FakeOperator(stock.port, fake))
 
 
 class Seen:

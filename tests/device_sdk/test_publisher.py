@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,12 +166,8 @@ def broker() -> Iterator[StockBroker]:
 
 
 @pytest.fixture
-def reader(broker: StockBroker) -> Iterator[Reader]:
-    r = Reader(broker.port)
-    try:
-        yield r
-    finally:
-        r.close()
+def reader(broker: StockBroker, closing: Callable[[Reader], Reader]) -> Reader:
+    return closing(Reader(broker.port))
 
 
 @pytest.fixture

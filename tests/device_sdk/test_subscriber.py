@@ -132,15 +132,11 @@ class StockBroker:
 
 
 @pytest.fixture
-def broker() -> Iterator[StockBroker]:
+def broker(closing: Callable[[StockBroker], StockBroker]) -> StockBroker:
     SEEN.clear()
     REFUSED_USERS.clear()
     DENIED_PREFIXES.intersection_update({"denied/"})
-    running = StockBroker().start()
-    try:
-        yield running
-    finally:
-        running.close()
+    return closing(StockBroker().start())
 
 
 class Operator:
@@ -184,12 +180,8 @@ class Operator:
 
 
 @pytest.fixture
-def operator(broker: StockBroker) -> Iterator[Operator]:
-    op = Operator(broker.port)
-    try:
-        yield op
-    finally:
-        op.close()
+def operator(broker: StockBroker, closing: Callable[[Operator], Operator]) -> Operator:
+    return closing(Operator(broker.port))
 
 
 class Recorder:

@@ -16,10 +16,11 @@ import pytest
 from coincurve import PrivateKey
 
 from blendsm.contracts._bindings import Policy
+from blendsm.device_sdk import TOPIC_KEYS_STATE_FILE as STATE_FILE
+from blendsm.device_sdk import TopicKeyring, TopicKeyService
 from blendsm.device_sdk._crypto import DecryptionError
 from blendsm.device_sdk._envelope import FLAG_ENCRYPTED, decode_envelope
 from blendsm.device_sdk._publisher import Publisher
-from blendsm.device_sdk._topic_keys import STATE_FILE, TopicKeyring, TopicKeyService
 
 from .conftest import Market
 
