@@ -111,8 +111,7 @@ class Web3ChainReader:
         try:
             from web3 import HTTPProvider, Web3
 
-            from blendsm.contracts._artifacts import load_artifact
-            from blendsm.contracts._deploy import Deployment
+            from blendsm.contracts import Deployment, load_artifact
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise ConfigError(
                 "Web3ChainReader needs web3: install blendsm with its broker dependencies"
@@ -154,7 +153,7 @@ class Web3ChainReader:
             self._owners.clear()
 
     def _call(self, action: str, fn: Callable[[], _T]) -> _T:
-        from blendsm.contracts._revert import chain_errors
+        from blendsm.contracts import chain_errors
 
         self.calls += 1
         with chain_errors(action):
