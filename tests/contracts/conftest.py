@@ -35,7 +35,7 @@ from hexbytes import HexBytes
 from web3._utils.events import get_event_data
 from web3.exceptions import ContractLogicError
 
-from blendsm.contracts._artifacts import CONTRACT_NAMES, load_artifact
+from blendsm.contracts import CONTRACT_NAMES, load_artifact
 
 _REVERTED = "execution reverted: "
 
