@@ -26,6 +26,7 @@ __all__ = ["Binding", "addr", "addr_or_zero", "bytes32", "none_if_zero", "tx_fie
 
 
 def addr(value: str) -> str:
+    """``value`` in checksum form; a ValueError that names the bad value (web3 says less)."""
     try:
         return str(to_checksum_address(value))
     except (ValueError, TypeError) as exc:
@@ -33,20 +34,24 @@ def addr(value: str) -> str:
 
 
 def addr_or_zero(value: str | None) -> str:
+    """None ("nobody": native coin, no operator) is the zero address to the contracts."""
     return ZERO_ADDRESS if value is None else addr(value)
 
 
 def none_if_zero(value: str) -> str | None:
+    """The contracts' zero address comes back as None, any other address checksummed."""
     return None if int(value, 16) == 0 else str(to_checksum_address(value))
 
 
 def bytes32(value: bytes, what: str) -> bytes:
+    """Check a bytes32 argument here, naming it, rather than fail in the ABI encoder."""
     if not isinstance(value, bytes | bytearray) or len(value) != 32:
         raise ValueError(f"{what} must be 32 bytes")
     return bytes(value)
 
 
 def tx_fields(receipt: TxReceipt) -> dict[str, Any]:
+    """The :class:`TxResult` fields of a receipt, for results that extend TxResult."""
     return {
         "tx_hash": bytes(receipt["transactionHash"]),
         "block_number": int(receipt["blockNumber"]),
@@ -54,7 +59,7 @@ def tx_fields(receipt: TxReceipt) -> dict[str, Any]:
     }
 
 
-# --- bindings ----------------------------------------------------------------------------
+# --- the base class --------------------------------------------------------------------
 
 
 class Binding:
