@@ -7,17 +7,11 @@ accidentally warm, and reports the median of several timed rounds.
 
 from __future__ import annotations
 
-import os
-import statistics
-import sys
-import time
-from collections.abc import Callable
-
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
+from harness import CHAIN_ID, CONTRACT, KEY, POOL, measure, print_header, row
 
 from blendsm.device_sdk import (
-    KECCAK_BACKEND,
     ChannelState,
     VoucherDomain,
     VoucherSigner,
@@ -28,52 +22,9 @@ from blendsm.device_sdk import (
     voucher_typed_data,
 )
 
-POOL = 256
-ROUNDS = 5
-ROUND_SECONDS = 0.4
-CHAIN_ID = 31337
-CONTRACT = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
-# TEST ONLY: anvil's publicly known first dev key; it guards nothing.
-KEY = bytes.fromhex("ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80")
-
-
-def pin_one_core() -> str:
-    if hasattr(os, "sched_setaffinity"):
-        cpu = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpu})
-        return f"pinned to CPU {cpu}"
-    return "not pinned (no sched_setaffinity)"
-
-
-def measure(fn: Callable[[int], object]) -> float:
-    """Median ops/s of ``fn(i)`` over ROUNDS rounds of ~ROUND_SECONDS each."""
-    n = 1
-    while True:  # calibrate the loop count
-        start = time.perf_counter()
-        for i in range(n):
-            fn(i % POOL)
-        elapsed = time.perf_counter() - start
-        if elapsed > 0.05:
-            break
-        n *= 2
-    n = max(1, int(n * ROUND_SECONDS / elapsed))
-    rates = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for i in range(n):
-            fn(i % POOL)
-        rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
-def row(label: str, rate: float, base: float | None = None) -> None:
-    ratio = f"{rate / base:6.2f}x" if base else ""
-    print(f"  {label:<52} {rate:>10,.0f} ops/s {1e6 / rate:>8.1f} us  {ratio}")
-
 
 def main() -> None:
-    print(f"bench_voucher: Python {sys.version.split()[0]}, {pin_one_core()}")
-    print(f"  keccak backend: {KECCAK_BACKEND}")
+    print_header("bench_voucher")
 
     domain = VoucherDomain(CHAIN_ID, CONTRACT)
     signer = VoucherSigner(KEY, domain)

@@ -22,30 +22,15 @@ from blendsm.contracts._artifacts import (
     verify_manifest,
 )
 from blendsm.contracts._bindings import (
-    ORACLE_ROLE,
-    ZERO_ADDRESS,
-    AnchorInfo,
-    ChannelInfo,
-    ChannelOpening,
-    ClaimReceipt,
-    CloseRequest,
     DataAnchors,
-    DomainInfo,
-    Erc20,
     Market,
     Marketplace,
-    Participant,
-    PaymentChannels,
-    Policy,
-    RatingInfo,
     Ratings,
     Registry,
-    Role,
-    Settlement,
-    Status,
-    TopicCreation,
-    TopicInfo,
-    TxResult,
+)
+from blendsm.contracts._channels import (
+    Erc20,
+    PaymentChannels,
 )
 from blendsm.contracts._compile import (
     compile_contracts,
@@ -87,6 +72,25 @@ from blendsm.contracts._events import (
     EventFollower,
     FileCursorStore,
     MemoryCursorStore,
+)
+from blendsm.contracts._records import (
+    ORACLE_ROLE,
+    ZERO_ADDRESS,
+    AnchorInfo,
+    ChannelInfo,
+    ChannelOpening,
+    ClaimReceipt,
+    CloseRequest,
+    DomainInfo,
+    Participant,
+    Policy,
+    RatingInfo,
+    Role,
+    Settlement,
+    Status,
+    TopicCreation,
+    TopicInfo,
+    TxResult,
 )
 from blendsm.contracts._revert import (
     chain_errors,

@@ -29,7 +29,6 @@ import inspect
 import json
 import logging
 import os
-import random
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +39,10 @@ from eth_utils import event_abi_to_log_topic, to_checksum_address
 from web3 import AsyncWeb3
 from web3.types import FilterParams, LogReceipt
 
-from blendsm import atomic_write_text
+from blendsm import Jitter, atomic_write_text, backoff_delay
 from blendsm.contracts._artifacts import SUITE_CONTRACTS, load_artifact
-from blendsm.contracts._bindings import Policy, Role, Status
 from blendsm.contracts._deploy import Deployment
+from blendsm.contracts._records import Policy, Role, Status
 from blendsm.contracts._revert import chain_errors
 from blendsm.errors import ChainError, ChainUnavailableError, ConfigError
 
@@ -517,8 +516,9 @@ class EventFollower:
     def _backoff(self, failures: int) -> float:
         """Capped exponential with jitter (half fixed, half random), so many followers that
         lost the same node do not hammer it in step."""
-        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 30))
-        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+        return backoff_delay(
+            failures, base=self.backoff_initial, cap=self.backoff_max, jitter=Jitter.HALF
+        )
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -76,7 +76,7 @@ def _typed(abi_type: str, internal_type: str, value: Any) -> Any:
     if abi_type == "address":
         return to_checksum_address(value)
     if internal_type.startswith("enum "):
-        from blendsm.contracts._bindings import Policy, Role, Status
+        from blendsm.contracts._records import Policy, Role, Status
 
         enum = {"Registry.Status": Status, "Registry.Role": Role, "Market.Policy": Policy}.get(
             internal_type[5:]

@@ -17,6 +17,7 @@ other under ``--import-mode=importlib``).
 - ``voucher(payer_label, channel_id, amount)``: the payer's 65-byte voucher signature of the
   on-chain ``voucherDigest`` (signed with coincurve, independently of the device SDK).
 - ``open_channel(payer, payee, amount=...)``: open a native-coin channel; the channel id.
+- ``reg``, ``mkt``, ``da``, ``rt``: the functions of Registry, Market, DataAnchors, Ratings.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from hexbytes import HexBytes
 from web3._utils.events import get_event_data
 from web3.exceptions import ContractLogicError
 
-from blendsm.contracts._artifacts import CONTRACT_NAMES, load_artifact
+from blendsm.contracts import CONTRACT_NAMES, load_artifact
 
 _REVERTED = "execution reverted: "
 
@@ -273,3 +274,18 @@ def open_channel(
         return bytes(opened["channelId"])
 
     return open_
+
+
+def _functions_of(contract: str) -> Any:
+    """A fixture: the functions of ``contract`` on the test chain (named where assigned)."""
+
+    def functions(chain: Any) -> Any:
+        return getattr(chain, contract).functions
+
+    return pytest.fixture(functions)
+
+
+reg = _functions_of("Registry")
+mkt = _functions_of("Market")
+da = _functions_of("DataAnchors")
+rt = _functions_of("Ratings")

@@ -323,6 +323,21 @@ class ChannelsMachine(RuleBasedStateMachine):
             return "PaymentChannelsNothingToClaim"
         return None
 
+    def _payer_error(self, ch: Ch, sender: str) -> str | None:
+        """How topUp, requestClose and withdraw all begin: the channel is live, the sender pays."""
+        if ch.settled:
+            return "PaymentChannelsChannelSettled"
+        if sender != ch.payer:
+            return "PaymentChannelsNotPayer"
+        return None
+
+    def _open_payer_error(self, ch: Ch, sender: str) -> str | None:
+        """topUp and requestClose: a payer action, refused once a close was requested."""
+        error = self._payer_error(ch, sender)
+        if error is None and ch.closes_at is not None:
+            return "PaymentChannelsClosing"
+        return error
+
     def _claim_error(self, ch: Ch, t: int, cumulative: int, valid_sig: bool) -> str | None:
         if ch.settled:
             return "PaymentChannelsChannelSettled"
@@ -416,17 +431,9 @@ class ChannelsMachine(RuleBasedStateMachine):
     def top_up(self, ch: bytes, amount: int, by_payer: bool) -> None:
         c = self.model[ch]
         sender = c.payer if by_payer else "stranger"
-        expect: str | None
-        if c.settled:
-            expect = "PaymentChannelsChannelSettled"
-        elif sender != c.payer:
-            expect = "PaymentChannelsNotPayer"
-        elif c.closes_at is not None:
-            expect = "PaymentChannelsClosing"
-        elif amount == 0:
+        expect = self._open_payer_error(c, sender)
+        if expect is None and amount == 0:
             expect = "PaymentChannelsZeroAmount"
-        else:
-            expect = None
         value = amount if c.asset == "native" else 0
         receipt = self._run(
             self.pc.functions.topUp(ch, amount), sender, self._time(), expect, value
@@ -513,15 +520,7 @@ class ChannelsMachine(RuleBasedStateMachine):
         c = self.model[ch]
         sender = c.payer if by_payer else "seller" if c.payee != "seller" else "device"
         t = self._time()
-        expect: str | None
-        if c.settled:
-            expect = "PaymentChannelsChannelSettled"
-        elif sender != c.payer:
-            expect = "PaymentChannelsNotPayer"
-        elif c.closes_at is not None:
-            expect = "PaymentChannelsClosing"
-        else:
-            expect = None
+        expect = self._open_payer_error(c, sender)
         receipt = self._run(self.pc.functions.requestClose(ch), sender, t, expect)
         if receipt is not None:
             c.closes_at = t + CHALLENGE_PERIOD
@@ -534,17 +533,12 @@ class ChannelsMachine(RuleBasedStateMachine):
         c = self.model[ch]
         sender = c.payer if by_payer else "stranger"
         t = self._when(c, when)
-        expect: str | None
-        if c.settled:
-            expect = "PaymentChannelsChannelSettled"
-        elif sender != c.payer:
-            expect = "PaymentChannelsNotPayer"
-        elif c.closes_at is None:
-            expect = "PaymentChannelsNotClosing"
-        elif t < c.closes_at:
-            expect = "PaymentChannelsChallengePeriodActive"
-        else:
-            expect = None
+        expect = self._payer_error(c, sender)
+        if expect is None:
+            if c.closes_at is None:
+                expect = "PaymentChannelsNotClosing"
+            elif t < c.closes_at:
+                expect = "PaymentChannelsChallengePeriodActive"
         before = self._balance(c.asset, c.payer)
         receipt = self._run(self.pc.functions.withdraw(ch), sender, t, expect)
         if receipt is not None:

@@ -24,11 +24,6 @@ UINT64_MAX = 2**64 - 1
 
 
 @pytest.fixture
-def da(chain):
-    return chain.DataAnchors.functions
-
-
-@pytest.fixture
 def operator(enrol):
     return enrol("operator", OPERATOR)
 

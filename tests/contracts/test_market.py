@@ -32,16 +32,6 @@ def tid(name: str) -> bytes:
 
 
 @pytest.fixture
-def mkt(chain):
-    return chain.Market.functions
-
-
-@pytest.fixture
-def reg(chain):
-    return chain.Registry.functions
-
-
-@pytest.fixture
 def members(chain, enrol, tx):
     """seller and buyer2-as-second-seller ("other"), buyer and operator active; devices
     "device" (seller's) and "device2" (other's) registered."""

@@ -22,7 +22,7 @@ import pytest
 from eth_abi import encode
 from eth_utils import function_signature_to_4byte_selector, keccak
 
-from blendsm.contracts._artifacts import load_artifact
+from blendsm.contracts import load_artifact
 from blendsm.device_sdk import VoucherDomain
 
 pytestmark = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)

@@ -16,11 +16,6 @@ DEPOSIT = 10**15
 
 
 @pytest.fixture
-def rt(chain):
-    return chain.Ratings.functions
-
-
-@pytest.fixture
 def pc(chain):
     return chain.PaymentChannels.functions
 

@@ -29,11 +29,6 @@ def active_roles(chain, label):
     return {r for r in Role if fns.hasActiveRole(chain.addr(label), r).call()}
 
 
-@pytest.fixture
-def reg(chain):
-    return chain.Registry.functions
-
-
 # ---------------------------------------------------------------- roles and deployment
 
 
@@ -193,33 +188,30 @@ def test_leave_needs_active_or_pending(chain, reg, tx, reverts):
 def test_oracle_actions_need_the_right_status(chain, reg, tx, reverts):
     oracle = {"from": chain.addr("oracle")}
     s = chain.addr("stranger")
+
+    def refused(status, *actions):
+        """Each oracle action on ``s`` reverts, naming ``s``'s current status."""
+        for fn in actions:
+            with reverts("RegistryWrongStatus", s, status):
+                fn(s).transact(oracle)
+
     # None
-    for fn in (reg.approve, reg.reject, reg.revoke):
-        with reverts("RegistryWrongStatus", s, Status.NONE):
-            fn(s).transact(oracle)
+    refused(Status.NONE, reg.approve, reg.reject, reg.revoke)
     # Pending
     tx(reg.applyForRole(Role.BUYER), "stranger")
     # Active: cannot be approved or rejected again
     tx(reg.approve(s), "oracle")
-    for fn in (reg.approve, reg.reject):
-        with reverts("RegistryWrongStatus", s, Status.ACTIVE):
-            fn(s).transact(oracle)
+    refused(Status.ACTIVE, reg.approve, reg.reject)
     # Left: nothing but a ban until a new application
     tx(reg.leave(), "stranger")
-    for fn in (reg.approve, reg.reject):
-        with reverts("RegistryWrongStatus", s, Status.LEFT):
-            fn(s).transact(oracle)
+    refused(Status.LEFT, reg.approve, reg.reject)
     # Rejected
     tx(reg.applyForRole(Role.BUYER), "stranger")
     tx(reg.reject(s), "oracle")
-    for fn in (reg.approve, reg.reject):
-        with reverts("RegistryWrongStatus", s, Status.REJECTED):
-            fn(s).transact(oracle)
+    refused(Status.REJECTED, reg.approve, reg.reject)
     # Revoked: nothing more, not even a second revocation
     tx(reg.revoke(s), "oracle")
-    for fn in (reg.approve, reg.reject, reg.revoke):
-        with reverts("RegistryWrongStatus", s, Status.REVOKED):
-            fn(s).transact(oracle)
+    refused(Status.REVOKED, reg.approve, reg.reject, reg.revoke)
 
 
 @pytest.mark.parametrize("before", ["pending", "left", "rejected"])

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from blendsm.contracts import (
+    AnvilNode,
     ChainEvent,
     Cursor,
     EventFollower,
@@ -25,7 +26,6 @@ from blendsm.contracts import (
     disconnect,
     test_account,
 )
-from blendsm.contracts._devchain import AnvilNode
 from blendsm.errors import ConfigError
 
 ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)

@@ -15,6 +15,7 @@ from blendsm.contracts import (
     ChannelInfo,
     ChannelOpening,
     ClaimReceipt,
+    Deployment,
     Market,
     Marketplace,
     Participant,
@@ -27,7 +28,6 @@ from blendsm.contracts import (
     connect,
     free_port,
 )
-from blendsm.contracts._deploy import Deployment
 from blendsm.device_sdk import MerkleTree, leaf_hash, sign_voucher
 from blendsm.errors import ChainUnavailableError, ConfigError, ContractRevertError
 
@@ -469,8 +469,7 @@ def test_revert_enums_decode_to_their_names() -> None:
     from eth_abi import encode
     from eth_utils import keccak
 
-    from blendsm.contracts import Status
-    from blendsm.contracts._revert import decode_revert
+    from blendsm.contracts import Status, decode_revert
 
     who = "0x" + "ab" * 20
     data = keccak(text="RegistryWrongStatus(address,uint8)")[:4] + encode(

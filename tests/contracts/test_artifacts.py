@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from blendsm.contracts._artifacts import (
+from blendsm.contracts import (
     ARTIFACTS_DIR,
     COMPILER_SETTINGS,
     CONTRACT_NAMES,
     MANIFEST_NAME,
     SOURCES_DIR,
+    compile_contracts,
     load_artifact,
     load_manifest,
+    repository_root,
+    solc_version,
     verify_manifest,
 )
-from blendsm.contracts._compile import compile_contracts, repository_root, solc_version
 from blendsm.errors import ArtifactError
 
 NODE_MODULES = repository_root() / "node_modules"
