@@ -254,7 +254,7 @@ class BlendBroker(Broker):
         return handler
 
     def _has_other(self, kind: str) -> bool:
-        from blendsm.plugins._marketplace import MarketplacePlugin
+        from blendsm.plugins import MarketplacePlugin
 
         plugins = getattr(self.plugins_manager, kind, [])
         return any(not isinstance(p, MarketplacePlugin) for p in plugins)

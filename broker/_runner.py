@@ -53,7 +53,13 @@ class ChainConnection:
 
 async def connect_chain(config: BrokerConfig) -> ChainConnection:
     """Connect to the configured chain (deploying the suite when embedded)."""
-    from blendsm.contracts import connect, deploy_suite, new_embedded_chain, test_account
+    from blendsm.contracts import (
+        connect,
+        deploy_suite,
+        enrol_operator,
+        new_embedded_chain,
+        test_account,
+    )
 
     if config.chain.endpoint == EMBEDDED:
         operator = resolve_operator_account(config) or test_account("operator")  # TEST ONLY
@@ -61,7 +67,7 @@ async def connect_chain(config: BrokerConfig) -> ChainConnection:
         tester = new_embedded_chain(fund=[operator.address, deployer.address])
         w3 = connect(EMBEDDED, ethereum_tester=tester)
         deployment = await deploy_suite(w3, deployer)
-        await _enrol_operator(w3, deployment, operator, deployer)
+        await enrol_operator(w3, deployment, operator, deployer)
         return ChainConnection(w3, deployment, operator, tester)
     account = resolve_operator_account(config)
     if account is None or config.chain.deployment is None:
@@ -74,16 +80,6 @@ async def connect_chain(config: BrokerConfig) -> ChainConnection:
         ) from exc
     w3 = connect(config.chain.endpoint)
     return ChainConnection(w3, deployment, account)
-
-
-async def _enrol_operator(
-    w3: AsyncWeb3[Any], deployment: Deployment, operator: LocalAccount, oracle: LocalAccount
-) -> None:
-    """Make the embedded chain's operator an active Operator (DataAnchors requires it)."""
-    from blendsm.contracts import Marketplace, Role
-
-    await Marketplace(w3, deployment, operator).registry.apply_for_role(Role.OPERATOR)
-    await Marketplace(w3, deployment, oracle).registry.approve(operator.address)
 
 
 def amqtt_config(
