@@ -298,7 +298,6 @@ def resolve_operator_account(config: BrokerConfig) -> LocalAccount | None:
 
 # --------------------------------------------------------------------------- sections
 
-
 _DEFAULTS: Final = BrokerConfig()
 """Every default is declared once, on the dataclasses above; the parsers read it here."""
 

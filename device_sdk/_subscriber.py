@@ -15,15 +15,12 @@ introspection methods are called from others. Only the loop thread signs and pub
 vouchers, under that lock, so cumulative amounts leave in increasing order per channel.
 
 Integrity (optional: give ``registry`` and a ``chain_reader``, or a ``verifier``): every
-message is checked by a :class:`~blendsm.device_sdk.MessageVerifier` on one worker thread,
-in arrival order, so chain reads never stall paho's loop (payment stays on the loop thread:
-the broker delivered the message, whatever it holds). ``on_message`` then gets the
-envelope's payload with ``device``, ``sequence`` and ``verified``; findings go to
-``on_integrity``. With ``proof_sampling`` > 0 the subscriber listens to anchor notices and,
-after each, asks the broker for the proofs of a sampled fraction of pending messages, then
-checks them against the root read from the chain (:meth:`Subscriber.request_proof` asks for
-one on demand). ``record_path`` keeps every market message (and proofs obtained) as JSON
-lines, for ``blendsm verify``.
+message is checked in arrival order on the worker thread of :mod:`._verification` (chain
+reads never stall paho's loop); ``on_message`` then gets the envelope's payload with
+``device``, ``sequence`` and ``verified``, findings go to ``on_integrity``, and with
+``proof_sampling`` > 0 sampled messages are proven against the anchored roots.
+``record_path`` keeps every market message (and proofs obtained) as JSON lines, for
+``blendsm verify``.
 
 Layout: this module receives and pays; :mod:`._verification` is the verification worker and
 the proofs, :mod:`._record_file` the record file, :mod:`._channel_helpers` the async
@@ -92,15 +89,7 @@ from ._subscriber_events import (
 from ._verification import VerificationWorker, message_verifier
 from ._voucher import Voucher, VoucherDomain, VoucherSigner
 
-__all__ = [
-    "Decryptor",
-    "PaymentEvent",
-    "PaymentEventKind",
-    "ReceivedMessage",
-    "Subscriber",
-    "SubscriberCallbackAPI",
-    "SubscriberStats",
-]
+__all__ = ["Subscriber"]
 
 _log = logging.getLogger("blendsm.device_sdk")
 
