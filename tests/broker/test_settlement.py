@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import eventually
 
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
@@ -86,13 +87,6 @@ def claimed_onchain(chain: Any, cid: bytes) -> int:
 def claim_events(chain: Any, cid: bytes) -> int:
     logs = chain.PaymentChannels.events.ChannelClaimed().get_logs(from_block=0)
     return sum(bytes(log["args"]["channelId"]) == cid for log in logs)
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 4.0) -> None:
-    """Poll ``predicate`` (a counter of the settler) until true, bounded."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - plain counters, no event to wait on
-            await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

@@ -22,6 +22,7 @@ from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 from eth_account import Account
 from paho.mqtt.enums import CallbackAPIVersion
+from support import wait_until
 
 from blendsm.device_sdk import (
     ANCHORS_TOPIC,
@@ -516,14 +517,6 @@ class Seen:
 
     def kinds(self) -> list[IntegrityKind]:
         return [e.kind for e in self.events]
-
-
-def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from blendsm.contracts._bindings import Role
+from blendsm.contracts import Role
 from blendsm.device_sdk import Publisher, Subscriber
 
 BUYERS = ("buyer", "buyer2", "validator", "stranger")

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from blendsm.contracts._bindings import Policy, Role
+from blendsm.contracts import Policy, Role
 from blendsm.device_sdk import (
     ANCHORS_TOPIC,
     AnchorNotice,

@@ -15,11 +15,16 @@ from typing import Any
 import pytest
 from coincurve import PrivateKey
 
-from blendsm.contracts._bindings import Policy
-from blendsm.device_sdk._crypto import DecryptionError
-from blendsm.device_sdk._envelope import FLAG_ENCRYPTED, decode_envelope
-from blendsm.device_sdk._publisher import Publisher
-from blendsm.device_sdk._topic_keys import STATE_FILE, TopicKeyring, TopicKeyService
+from blendsm.contracts import Policy
+from blendsm.device_sdk import (
+    FLAG_ENCRYPTED,
+    Publisher,
+    TopicKeyring,
+    TopicKeyService,
+    decode_envelope,
+)
+from blendsm.device_sdk._topic_keys import STATE_FILE
+from blendsm.errors import DecryptionError
 
 from .conftest import Market
 

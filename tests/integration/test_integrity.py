@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from blendsm.broker._blend_broker import MeteredHandler
+from blendsm.broker import MeteredHandler
 from blendsm.device_sdk import (
     EnvelopeSigner,
     IntegrityEvent,
@@ -348,7 +348,7 @@ async def test_a_proof_against_a_substituted_root_fails(
 async def test_web3_chain_reader_reads_the_three_facts_and_caches_all_but_absent_roots(
     chain: Any, mp: Any, tmp_path: Path
 ) -> None:
-    from blendsm.contracts._bindings import Role
+    from blendsm.contracts import Role
     from blendsm.errors import ConfigError
 
     for label, role in (("seller", Role.SELLER), ("operator", Role.OPERATOR)):

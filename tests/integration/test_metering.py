@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from blendsm.contracts._bindings import Role
+from blendsm.contracts import Role
 from blendsm.device_sdk import (
     PaymentRequest,
     Quote,
@@ -289,7 +289,7 @@ async def test_a_closing_channel_stops_paid_delivery(market: Market) -> None:
 async def test_the_amqtt_guard_refuses_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
     import amqtt
 
-    from blendsm.broker._blend_broker import check_amqtt_compatibility
+    from blendsm.broker import check_amqtt_compatibility
     from blendsm.errors import ConfigError
 
     check_amqtt_compatibility()

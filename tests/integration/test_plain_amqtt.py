@@ -9,9 +9,8 @@ import pytest
 import yaml
 from amqtt.broker import Broker
 
-from blendsm.broker._blend_broker import BlendBroker
-from blendsm.contracts._bindings import Policy, Role
-from blendsm.contracts._devchain import free_port
+from blendsm.broker import BlendBroker
+from blendsm.contracts import Policy, Role, free_port
 from blendsm.errors import ConfigError
 
 

@@ -25,17 +25,14 @@ from blendsm.device_sdk import (
     sign_voucher,
 )
 
-from .conftest import StartProxiedBroker, enrol_market
+from .conftest import StartProxiedBroker, enrol_market, open_channel
 
 PRICE = 1_000
 
 
 async def _enrol(mp: Any, chain: Any) -> tuple[bytes, bytes]:
     topic_id = await enrol_market(mp, chain, "paid/r", price=PRICE, buyers=("buyer",))
-    opened = await mp("buyer").channels.open(
-        chain.addr("seller"), chain.addr("operator"), None, 10**15
-    )
-    return topic_id, opened.channel_id
+    return topic_id, await open_channel(mp, chain, "buyer")
 
 
 def _voucher_payload(chain: Any, channel: bytes, amount: int) -> bytes:
@@ -52,7 +49,7 @@ async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later
     until: Any,
     proxied_broker: StartProxiedBroker,
 ) -> None:
-    from blendsm.broker._config import parse_config
+    from blendsm.broker import parse_config
 
     _, channel = await _enrol(mp, chain)
     assert chain.anvil is not None
