@@ -22,7 +22,14 @@ from support import Client, enrol, eventually, poll
 from blendsm.broker import ChainConnection, RunningBroker, parse_config, start_broker
 from blendsm.broker._chain_view import ChainView
 from blendsm.contracts import Marketplace, Policy, Role, connect, disconnect, free_port
-from blendsm.device_sdk import ConnectTokenSigner, EnvelopeSigner, MessageDomain
+from blendsm.device_sdk import (
+    ConnectTokenSigner,
+    EnvelopeSigner,
+    MessageDomain,
+    Publisher,
+    Subscriber,
+    Web3ChainReader,
+)
 
 PRICE = 1_000
 """Price of one message on the default paid topic, in wei."""
@@ -76,6 +83,48 @@ class Market:
         made = Client(self.host, self.port, account=account, signer=signer, **kwargs)
         self.clients.append(made)
         return made
+
+    def sdk_subscriber(self, label: str = "buyer", **options: Any) -> Subscriber:
+        """An SDK Subscriber for the TEST-ONLY account ``label``, paying through this
+        broker (``options``: ``pay_every``, ``registry``, ``chain_reader``...)."""
+        deployment = self.chain.deployment
+        return Subscriber(
+            self.chain.accounts[label],
+            host=self.host,
+            port=self.port,
+            broker=self.chain.addr("operator"),
+            chain_id=deployment.chain_id,
+            channels_contract=deployment.address("PaymentChannels"),
+            **options,
+        )
+
+    def proving_subscriber(self, record: Path, label: str = "buyer") -> Subscriber:
+        """An SDK Subscriber that checks every message's inclusion proof against anvil
+        and keeps a record at ``record``."""
+        deployment = self.chain.deployment
+        assert self.chain.anvil is not None
+        return self.sdk_subscriber(
+            label,
+            registry=deployment.address("Registry"),
+            chain_reader=Web3ChainReader(self.chain.anvil.url, deployment),
+            proof_sampling=1.0,
+            record_path=record,
+        )
+
+    def sdk_publisher(self, state_dir: Path, label: str = "device", **options: Any) -> Publisher:
+        """An SDK Publisher (a device) for the TEST-ONLY account ``label``, its state in
+        ``state_dir``."""
+        deployment = self.chain.deployment
+        return Publisher(
+            self.chain.accounts[label],
+            host=self.host,
+            port=self.port,
+            broker=self.chain.addr("operator"),
+            chain_id=deployment.chain_id,
+            registry=deployment.address("Registry"),
+            state_dir=state_dir,
+            **options,
+        )
 
     async def open_channel(self, buyer: str, deposit: int = 10**15, fee_bps: int = 0) -> bytes:
         return await open_channel(self.mp, self.chain, buyer, deposit, fee_bps)

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support import enrol
 
 from blendsm.contracts import Policy, Role
 from blendsm.device_sdk import (
@@ -135,8 +136,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
     import asyncio
 
     for label, role in (("seller", Role.SELLER), ("operator", Role.OPERATOR)):
-        await mp(label).registry.apply_for_role(role)
-        await mp("oracle").registry.approve(chain.addr(label))
+        await enrol(mp, chain, label, role)
     await mp("seller").registry.add_device(chain.addr("device"))
     await mp("seller").market.create_topic("data/k", 0, None, Policy.OPEN)
     broker = broker_process(anchoring={"batch_seconds": 0.5, "batch_max_leaves": 40})

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support import enrol
 
 from blendsm.contracts import Role
 from blendsm.device_sdk import (
@@ -236,8 +237,7 @@ async def test_revocation_disconnects_live_sessions(
     assert await device.wait_disconnected(10)
     assert await market.client("device").connect() == 5
     # an approved newcomer still connects
-    await market.mp("validator").registry.apply_for_role(Role.VALIDATOR)
-    await market.mp("oracle").registry.approve(market.chain.addr("validator"))
+    await enrol(market.mp, market.chain, "validator", Role.VALIDATOR)
     await market.wait_view(lambda: market.service.view.is_active(market.chain.addr("validator")))
     assert await market.client("validator").connect() == 0
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 from amqtt.broker import Broker
+from support import enrol
 
 from blendsm.broker import BlendBroker
 from blendsm.contracts import Policy, Role, free_port
@@ -25,8 +26,7 @@ async def test_plain_amqtt_config_runs_the_marketplace(
 ) -> None:
     Client = mqtt_client  # noqa: N806
     for label, role in (("seller", Role.SELLER), ("buyer", Role.BUYER)):
-        await mp(label).registry.apply_for_role(role)
-        await mp("oracle").registry.approve(chain.addr(label))
+        await enrol(mp, chain, label, role)
     await mp("seller").registry.add_device(chain.addr("device"))
     await mp("seller").market.create_topic("paid/plain", 1_000, None, Policy.OPEN)
     channel = (
