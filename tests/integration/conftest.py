@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ from blendsm.device_sdk import (
 
 PRICE = 1_000
 """Price of one message on the default paid topic, in wei."""
+OPERATOR_KEY_ENV = "BLENDSM_TEST_OPERATOR_KEY"
+"""Environment variable a broker process reads the operator's TEST-ONLY key from."""
 
 
 @dataclass
@@ -295,6 +298,24 @@ def mqtt_client() -> type[Client]:
     return Client
 
 
+def anvil_broker_config(chain: Any, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``chain``, ``operator_key`` and ``data_dir`` sections of a broker YAML in ``folder``
+    on the test's anvil chain (its deployment saved there), and the environment holding the
+    operator's TEST-ONLY key that ``operator_key`` names."""
+    chain.deployment.save(folder / "deployment.json")
+    sections = {
+        "chain": {
+            "endpoint": chain.anvil.url,
+            "deployment": "deployment.json",
+            "confirmations": 0,
+            "poll_interval": 0.05,
+        },
+        "operator_key": {"env": OPERATOR_KEY_ENV},
+        "data_dir": "data",
+    }
+    return sections, {OPERATOR_KEY_ENV: chain.accounts["operator"].key.hex()}  # TEST ONLY
+
+
 def _start_broker_process(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "blendsm.broker.cli", "broker", "-c", str(config)],
@@ -332,6 +353,16 @@ class BrokerProcess:
         self.started.append(_start_broker_process(self.config, self.env))
         return self.started[-1]
 
+    @staticmethod
+    def stop(proc: subprocess.Popen[str], within: float = 20.0) -> None:
+        """SIGTERM ``proc`` if still running; SIGKILL if it has not exited ``within`` s."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(within)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
 
 @pytest.fixture
 def broker_process(chain: Any, tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
@@ -341,27 +372,19 @@ def broker_process(chain: Any, tmp_path: Path) -> Iterator[Callable[..., BrokerP
     made: list[BrokerProcess] = []
 
     def make(**sections: Any) -> BrokerProcess:
-        chain.deployment.save(tmp_path / "deployment.json")
+        anvil, env = anvil_broker_config(chain, tmp_path)
         port = free_port()
         config = tmp_path / "broker.yaml"
         config.write_text(
             yaml.safe_dump(
                 {
                     "listen": {"host": "127.0.0.1", "port": port},
-                    "chain": {
-                        "endpoint": chain.anvil.url,
-                        "deployment": "deployment.json",
-                        "confirmations": 0,
-                        "poll_interval": 0.05,
-                    },
-                    "operator_key": {"env": "BLENDSM_TEST_OPERATOR_KEY"},
-                    "data_dir": "data",
+                    **anvil,
                     "log_level": "WARNING",
                     **sections,
                 }
             )
         )
-        env = {"BLENDSM_TEST_OPERATOR_KEY": chain.accounts["operator"].key.hex()}  # TEST ONLY
         made.append(BrokerProcess(config, port, env))
         return made[-1]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -177,12 +176,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
         assert await until(lambda: anchored() == set(sequences), 30)  # no leaf lost
     finally:
         device.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        broker.stop(proc)
     logs = chain.DataAnchors.events.Anchored().get_logs(from_block=chain.deployment.block)
     batch_ids = [int(e["args"]["batchId"]) for e in logs]
     assert batch_ids == sorted(set(batch_ids))  # each batch anchored once, ids increasing

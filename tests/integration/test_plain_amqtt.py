@@ -14,6 +14,8 @@ from blendsm.broker import BlendBroker
 from blendsm.contracts import Policy, Role, free_port
 from blendsm.errors import ConfigError
 
+from .conftest import anvil_broker_config
+
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 async def test_plain_amqtt_config_runs_the_marketplace(
@@ -33,24 +35,10 @@ async def test_plain_amqtt_config_runs_the_marketplace(
         await mp("buyer").channels.open(chain.addr("seller"), chain.addr("operator"), None, 10**15)
     ).channel_id
 
-    chain.deployment.save(tmp_path / "deployment.json")
-    monkeypatch.setenv(
-        "BLENDSM_TEST_OPERATOR_KEY", chain.accounts["operator"].key.hex()
-    )  # TEST ONLY
-    (tmp_path / "blendsm.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "chain": {
-                    "endpoint": chain.anvil.url,
-                    "deployment": "deployment.json",
-                    "confirmations": 0,
-                    "poll_interval": 0.05,
-                },
-                "operator_key": {"env": "BLENDSM_TEST_OPERATOR_KEY"},
-                "data_dir": "data",
-            }
-        )
-    )
+    sections, env = anvil_broker_config(chain, tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "blendsm.yaml").write_text(yaml.safe_dump(sections))
     port = free_port()
     broker = Broker(
         {

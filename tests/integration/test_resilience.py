@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -233,12 +232,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
         assert claimed == 300 * PRICE
         buyer.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        broker.stop(proc)
     # Exactly once: one ChannelClaimed per claim, amounts strictly increasing, none repeated,
     # and every confirmed intent in the store matches one on-chain claim.
     logs = chain.PaymentChannels.events.ChannelClaimed().get_logs(
