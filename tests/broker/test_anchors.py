@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import enrol, eventually
+from support import enrol, eventually, running
 
 from blendsm.broker._anchors import (
     AnchorConfig,
@@ -92,16 +92,6 @@ def anchorer(store: AsyncLeafStore, mp: MakeMp | Marketplace, **kw: Any) -> Anch
 
 def anchored_events(chain: Any) -> list[Any]:
     return list(chain.DataAnchors.events.Anchored().get_logs(from_block=0))
-
-
-@contextlib.asynccontextmanager
-async def running(a: Anchorer) -> AsyncIterator[Anchorer]:
-    task = asyncio.create_task(a.run())
-    try:
-        yield a
-    finally:
-        a.stop()
-        await asyncio.wait_for(task, 5)
 
 
 async def add_all(a: Anchorer, msgs: list[tuple[str, Envelope, bytes]]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import eventually
+from support import eventually, running
 
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
@@ -87,16 +87,6 @@ def claimed_onchain(chain: Any, cid: bytes) -> int:
 def claim_events(chain: Any, cid: bytes) -> int:
     logs = chain.PaymentChannels.events.ChannelClaimed().get_logs(from_block=0)
     return sum(bytes(log["args"]["channelId"]) == cid for log in logs)
-
-
-@contextlib.asynccontextmanager
-async def running(s: Settler) -> AsyncIterator[Settler]:
-    task = asyncio.create_task(s.run())
-    try:
-        yield s
-    finally:
-        s.stop()
-        await asyncio.wait_for(task, 5)
 
 
 # --- rules --------------------------------------------------------------------------------
