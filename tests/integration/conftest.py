@@ -1,4 +1,4 @@
-"""Fixtures for paid-delivery tests: a real BlendSM broker on 127.0.0.1 (free port) in front of
+"""Fixtures for the end-to-end tests: a real BlendSM broker on 127.0.0.1 (free port) in front of
 the test chain (embedded py-evm, or anvil by indirect parametrisation), participants enrolled
 through the contracts, and real paho MQTT clients authenticated with CONNECT tokens.
 """
@@ -294,7 +294,7 @@ def until() -> Callable[..., Any]:
 
 @pytest.fixture
 def mqtt_client() -> type[Client]:
-    """The raw test client class, for tests that run their own broker."""
+    """The raw test client class (``support.Client``), for tests that run their own broker."""
     return Client
 
 
