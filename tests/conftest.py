@@ -21,11 +21,18 @@ from web3.contract import Contract
 from web3.middleware import SignAndSendRawMiddlewareBuilder
 from web3.providers.eth_tester import EthereumTesterProvider
 
-from blendsm.contracts import Marketplace
-from blendsm.contracts._artifacts import load_artifact
-from blendsm.contracts._connect import EMBEDDED, connect, disconnect
-from blendsm.contracts._deploy import Deployment, deploy_suite
-from blendsm.contracts._devchain import AnvilNode, new_embedded_chain, test_account
+from blendsm.contracts import (
+    EMBEDDED,
+    AnvilNode,
+    Deployment,
+    Marketplace,
+    connect,
+    deploy_suite,
+    disconnect,
+    load_artifact,
+    new_embedded_chain,
+    test_account,
+)
 
 #: Labels of the funded TEST-ONLY accounts every chain fixture provides.
 ACCOUNT_LABELS = (

@@ -49,8 +49,12 @@ def test_every_package_folder_is_listed() -> None:
 
 
 def test_every_package_is_typed() -> None:
-    for package, folder in SETUPTOOLS["package-dir"].items():
-        assert (ROOT / folder / "py.typed").is_file(), package
+    # A folder nested in another mapped folder (src/blendsm/cli in src/blendsm) is covered
+    # by its parent's marker (PEP 561: py.typed applies to subpackages).
+    folders = {package: Path(folder) for package, folder in SETUPTOOLS["package-dir"].items()}
+    for package, folder in folders.items():
+        if not any(other in folder.parents for other in folders.values()):
+            assert (ROOT / folder / "py.typed").is_file(), package
 
 
 def test_device_sdk_imports_without_web3_or_amqtt() -> None:
@@ -113,9 +117,9 @@ def test_installed_wheel_runs(wheel: Path, tmp_path: Path) -> None:
         capture_output=True,
     )
     code = (
-        "import blendsm, blendsm.contracts._artifacts as a; "
+        "import blendsm, blendsm.contracts as c; "
         f"assert blendsm.__file__.startswith({str(target)!r}), blendsm.__file__; "
-        "print(len(a.load_artifact('PaymentChannels')['abi']))"
+        "print(len(c.load_artifact('PaymentChannels')['abi']))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

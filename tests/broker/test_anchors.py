@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import enrol, eventually, running
 
 from blendsm.broker._anchor_records import AnchorRecord, LeafRow
 from blendsm.broker._anchors import AnchorConfig, Anchorer
@@ -34,8 +35,6 @@ from blendsm.device_sdk import (
 )
 from blendsm.errors import ConfigError, StoreError
 
-from .conftest import running
-
 BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
 ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 
@@ -56,9 +55,7 @@ async def store(tmp_path: Path) -> AsyncIterator[AsyncLeafStore]:
 
 async def enrol_operator(chain: Any, mp: MakeMp) -> str:
     """DataAnchors.anchor needs an active Operator: apply and let the oracle approve."""
-    await mp("operator").registry.apply_for_role(Role.OPERATOR)
-    await mp("oracle").registry.approve(chain.addr("operator"))
-    return str(chain.addr("operator"))
+    return await enrol(mp, chain, "operator", Role.OPERATOR)
 
 
 def signer(chain: Any, label: str = "device") -> EnvelopeSigner:
@@ -88,12 +85,6 @@ def anchorer(store: AsyncLeafStore, mp: MakeMp | Marketplace, **kw: Any) -> Anch
 
 def anchored_events(chain: Any) -> list[Any]:
     return list(chain.DataAnchors.events.Anchored().get_logs(from_block=0))
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - plain counters, no event to wait on
-            await asyncio.sleep(0.01)
 
 
 async def add_all(a: Anchorer, msgs: list[tuple[str, Envelope, bytes]]) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from support import enrol, eventually
 
 from blendsm.broker._chain_view import ChainView
 from blendsm.contracts import ChainEvent, Market, Marketplace, Policy, Role
@@ -51,25 +52,10 @@ async def running(chain: Any, w3: Any) -> AsyncIterator[ChainView]:
     await asyncio.wait_for(task, 5)
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll ``predicate`` until true; the view must follow within a bounded time."""
-    async with asyncio.timeout(within):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
-
-
 async def caught_up(view: ChainView, chain: Any) -> None:
     """Wait until the view applied every block mined so far (bounded)."""
     head = chain.w3.eth.block_number
     await eventually(lambda: view.follower.cursor >= head)
-
-
-async def enrol(mp: MakeMp, chain: Any, label: str, role: Role) -> str:
-    await mp(label).registry.apply_for_role(role)
-    await mp("oracle").registry.approve(chain.addr(label))
-    return str(chain.addr(label))
 
 
 async def assert_agrees(view: ChainView, chain: Any, mp: MakeMp, topic_ids: list[bytes]) -> None:

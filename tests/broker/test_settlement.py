@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import eventually, running
 
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
@@ -19,8 +20,6 @@ from blendsm.broker._settlement import Settler
 from blendsm.broker._store import AsyncVoucherStore
 from blendsm.contracts import Marketplace, connect, disconnect
 from blendsm.device_sdk import Voucher, sign_voucher
-
-from .conftest import running
 
 BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
 ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -86,13 +85,6 @@ def claimed_onchain(chain: Any, cid: bytes) -> int:
 def claim_events(chain: Any, cid: bytes) -> int:
     logs = chain.PaymentChannels.events.ChannelClaimed().get_logs(from_block=0)
     return sum(bytes(log["args"]["channelId"]) == cid for log in logs)
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 4.0) -> None:
-    """Poll ``predicate`` (a counter of the settler) until true, bounded."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - plain counters, no event to wait on
-            await asyncio.sleep(0.01)
 
 
 # --- rules --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from types import EllipsisType
 from typing import Any
 
 import pytest
+from support import enrol_raw
 
 from blendsm.cli import main
 
@@ -118,10 +119,4 @@ def send(chain: Any) -> Callable[..., Any]:
 @pytest.fixture
 def enrol(chain: Any, send: Callable[..., Any]) -> Callable[[str, int], None]:
     """Apply with ``role`` and have the oracle approve, through plain web3."""
-
-    def make(label: str, role: int) -> None:
-        reg = chain.Registry.functions
-        send(reg.applyForRole(role), label)
-        send(reg.approve(chain.addr(label)), "oracle")
-
-    return make
+    return lambda label, role: enrol_raw(chain, send, label, role)

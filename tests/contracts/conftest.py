@@ -33,6 +33,7 @@ from eth_abi import decode, encode
 from eth_tester.exceptions import TransactionFailed
 from eth_utils import event_abi_to_log_topic, function_signature_to_4byte_selector
 from hexbytes import HexBytes
+from support import enrol_raw
 from web3._utils.events import get_event_data
 from web3.exceptions import ContractLogicError
 
@@ -240,12 +241,7 @@ def tx(chain: Any) -> Callable[..., Any]:
 
 @pytest.fixture
 def enrol(chain: Any, tx: Callable[..., Any]) -> Callable[[str, int], str]:
-    def join(label: str, role: int) -> str:
-        tx(chain.Registry.functions.applyForRole(role), label)
-        tx(chain.Registry.functions.approve(chain.addr(label)), "oracle")
-        return str(chain.addr(label))
-
-    return join
+    return lambda label, role: enrol_raw(chain, tx, label, role)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from typing import Any
 import coincurve
 import pytest
 from eth_account.signers.local import LocalAccount
+from support import enrol
 
 from blendsm.contracts import (
     ORACLE_ROLE,
@@ -36,12 +37,6 @@ PRICE = 10**12
 DEPOSIT = 10**18
 
 MakeMp = Callable[[str], Marketplace]
-
-
-async def enrol(mp: MakeMp, chain: Any, label: str, role: Role) -> str:
-    await mp(label).registry.apply_for_role(role)
-    await mp("oracle").registry.approve(chain.addr(label))
-    return str(chain.addr(label))
 
 
 def sign_digest(account: LocalAccount, digest: bytes) -> bytes:

@@ -1,7 +1,7 @@
 """Integrity checks in the SDK: the sequence tracker, the message verifier and proof checks
 against a fake in-memory chain, and the Subscriber's verification worker, anchor-notice
 sampling, proof requests and record file against a stock amqtt broker whose control side
-a raw paho client plays. (Against the real broker and chain: tests/paid/test_integrity.py.)"""
+a raw paho client plays. (Against the real broker and chain: tests/integration/test_integrity.py.)"""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 from eth_account import Account
 from paho.mqtt.enums import CallbackAPIVersion
+from support import wait_until
 
 from blendsm.device_sdk import (
     ANCHORS_TOPIC,
@@ -510,14 +511,6 @@ class Seen:
 
     def kinds(self) -> list[IntegrityKind]:
         return [e.kind for e in self.events]
-
-
-def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture

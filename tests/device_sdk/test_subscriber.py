@@ -24,6 +24,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from eth_account import Account
 from paho.mqtt.enums import CallbackAPIVersion
+from support import wait_until
 
 from blendsm.contracts import Marketplace
 from blendsm.device_sdk import (
@@ -202,14 +203,6 @@ class Recorder:
 
     def kinds(self, *kinds: PaymentEventKind) -> list[PaymentEvent]:
         return [e for e in self.events if e.kind in kinds]
-
-
-def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture

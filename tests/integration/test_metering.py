@@ -10,8 +10,9 @@ from typing import Any
 
 import orjson
 import pytest
+from support import enrol
 
-from blendsm.contracts._bindings import Role
+from blendsm.contracts import Role
 from blendsm.device_sdk import (
     PaymentRequest,
     Quote,
@@ -236,8 +237,7 @@ async def test_revocation_disconnects_live_sessions(
     assert await device.wait_disconnected(10)
     assert await market.client("device").connect() == 5
     # an approved newcomer still connects
-    await market.mp("validator").registry.apply_for_role(Role.VALIDATOR)
-    await market.mp("oracle").registry.approve(market.chain.addr("validator"))
+    await enrol(market.mp, market.chain, "validator", Role.VALIDATOR)
     await market.wait_view(lambda: market.service.view.is_active(market.chain.addr("validator")))
     assert await market.client("validator").connect() == 0
 
@@ -289,7 +289,7 @@ async def test_a_closing_channel_stops_paid_delivery(market: Market) -> None:
 async def test_the_amqtt_guard_refuses_another_release(monkeypatch: pytest.MonkeyPatch) -> None:
     import amqtt
 
-    from blendsm.broker._blend_broker import check_amqtt_compatibility
+    from blendsm.broker import check_amqtt_compatibility
     from blendsm.errors import ConfigError
 
     check_amqtt_compatibility()

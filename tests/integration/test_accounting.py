@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import enrol
 
-from blendsm.contracts._bindings import Role
-from blendsm.device_sdk import Publisher, Subscriber
+from blendsm.contracts import Role
+from blendsm.device_sdk import Subscriber
 
 BUYERS = ("buyer", "buyer2", "validator", "stranger")
 DEPOSIT = 10**16
@@ -33,21 +34,11 @@ async def test_delivered_times_price_equals_vouchers_claims_and_payouts(
     chain, mp, service = market.chain, market.mp, market.service
     price = market.price
     for label in BUYERS[2:]:
-        await mp(label).registry.apply_for_role(Role.BUYER)
-        await mp("oracle").registry.approve(chain.addr(label))
-    operator = chain.addr("operator")
+        await enrol(mp, chain, label, Role.BUYER)
     subscribers: dict[str, Subscriber] = {}
     channels: dict[str, bytes] = {}
     for label in BUYERS:
-        sub = Subscriber(
-            chain.accounts[label],
-            host=market.host,
-            port=market.port,
-            broker=operator,
-            chain_id=chain.deployment.chain_id,
-            channels_contract=chain.deployment.address("PaymentChannels"),
-            pay_every=PAY_EVERY,
-        )
+        sub = market.sdk_subscriber(label, pay_every=PAY_EVERY)
         channels[label] = await sub.open_channel(
             mp(label), chain.addr("seller"), DEPOSIT, fee_bps=FEE_BPS
         )
@@ -72,15 +63,7 @@ async def test_delivered_times_price_equals_vouchers_claims_and_payouts(
             await asyncio.sleep(0.001)
 
     sampler = asyncio.create_task(sample())
-    device = Publisher(
-        chain.accounts["device"],
-        host=market.host,
-        port=market.port,
-        broker=operator,
-        chain_id=chain.deployment.chain_id,
-        registry=chain.deployment.address("Registry"),
-        state_dir=tmp_path / "device",
-    )
+    device = market.sdk_publisher(tmp_path / "device")
     await asyncio.to_thread(device.connect)
     stop = threading.Event()
     published = 0

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,14 @@ from blendsm.device_sdk import (
     sign_voucher,
 )
 
-from .conftest import StartProxiedBroker, enrol_market
+from .conftest import StartProxiedBroker, enrol_market, open_channel
 
 PRICE = 1_000
 
 
 async def _enrol(mp: Any, chain: Any) -> tuple[bytes, bytes]:
     topic_id = await enrol_market(mp, chain, "paid/r", price=PRICE, buyers=("buyer",))
-    opened = await mp("buyer").channels.open(
-        chain.addr("seller"), chain.addr("operator"), None, 10**15
-    )
-    return topic_id, opened.channel_id
+    return topic_id, await open_channel(mp, chain, "buyer")
 
 
 def _voucher_payload(chain: Any, channel: bytes, amount: int) -> bytes:
@@ -52,7 +48,7 @@ async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later
     until: Any,
     proxied_broker: StartProxiedBroker,
 ) -> None:
-    from blendsm.broker._config import parse_config
+    from blendsm.broker import parse_config
 
     _, channel = await _enrol(mp, chain)
     assert chain.anvil is not None
@@ -236,12 +232,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
         assert claimed == 300 * PRICE
         buyer.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        broker.stop(proc)
     # Exactly once: one ChannelClaimed per claim, amounts strictly increasing, none repeated,
     # and every confirmed intent in the store matches one on-chain claim.
     logs = chain.PaymentChannels.events.ChannelClaimed().get_logs(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from blendsm.contracts._bindings import Policy
+from blendsm.contracts import Policy
 from blendsm.device_sdk import VoucherDomain, sign_voucher
 
 Market = Any
@@ -202,7 +202,7 @@ async def test_wrapped_topic_keys_go_only_to_their_addressee_from_the_seller(
 async def test_chain_max_staleness_from_the_config_reaches_the_chain_view(
     start_market: Any,
 ) -> None:
-    from blendsm.broker._config import ChainConfig
+    from blendsm.broker import ChainConfig
 
     chain = ChainConfig(confirmations=0, poll_interval=0.05, max_staleness=7.5)
     market = await start_market(chain=chain)

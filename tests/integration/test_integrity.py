@@ -18,8 +18,9 @@ from typing import Any
 
 import orjson
 import pytest
+from support import enrol
 
-from blendsm.broker._blend_broker import MeteredHandler
+from blendsm.broker import MeteredHandler
 from blendsm.device_sdk import (
     EnvelopeSigner,
     IntegrityEvent,
@@ -78,34 +79,12 @@ class Stream:
 
 @pytest.fixture
 async def stream(market: Market, until: Any, tmp_path: Path) -> AsyncIterator[Stream]:
-    chain, mp = market.chain, market.mp
+    mp = market.mp
     await mp("seller").market.create_topic(TOPIC, 0)
     await market.wait_view(lambda: market.service.view.topic_for_name(TOPIC) is not None)
-    deployment = chain.deployment
-    operator = chain.addr("operator")
-    assert chain.anvil is not None
     record = tmp_path / "record.jsonl"
-    sub = Subscriber(
-        chain.accounts["buyer"],
-        host=market.host,
-        port=market.port,
-        broker=operator,
-        chain_id=deployment.chain_id,
-        channels_contract=deployment.address("PaymentChannels"),
-        registry=deployment.address("Registry"),
-        chain_reader=Web3ChainReader(chain.anvil.url, deployment),
-        proof_sampling=1.0,
-        record_path=record,
-    )
-    device = Publisher(
-        chain.accounts["device"],
-        host=market.host,
-        port=market.port,
-        broker=operator,
-        chain_id=deployment.chain_id,
-        registry=deployment.address("Registry"),
-        state_dir=tmp_path / "device",
-    )
+    sub = market.proving_subscriber(record)
+    device = market.sdk_publisher(tmp_path / "device")
     s = Stream(market, sub, device, record, until)
     sub.on_message = lambda _s, m: s.messages.append(m)
     sub.on_integrity = lambda _s, e: s.events.append(e)
@@ -348,12 +327,11 @@ async def test_a_proof_against_a_substituted_root_fails(
 async def test_web3_chain_reader_reads_the_three_facts_and_caches_all_but_absent_roots(
     chain: Any, mp: Any, tmp_path: Path
 ) -> None:
-    from blendsm.contracts._bindings import Role
+    from blendsm.contracts import Role
     from blendsm.errors import ConfigError
 
     for label, role in (("seller", Role.SELLER), ("operator", Role.OPERATOR)):
-        await mp(label).registry.apply_for_role(role)
-        await mp("oracle").registry.approve(chain.addr(label))
+        await enrol(mp, chain, label, role)
     await mp("seller").registry.add_device(chain.addr("device"))
     await mp("seller").market.create_topic("reader/topic", 0)
     path = tmp_path / "deployment.json"

@@ -22,8 +22,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from blendsm.broker._config import parse_config
-from blendsm.broker._runner import RunningBroker
+from blendsm.broker import RunningBroker, parse_config
 from blendsm.device_sdk import (
     ConnectTokenSigner,
     EnvelopeSigner,

@@ -1,176 +1,41 @@
-"""Fixtures for paid-delivery tests: a real BlendSM broker on 127.0.0.1 (free port) in front of
+"""Fixtures for the end-to-end tests: a real BlendSM broker on 127.0.0.1 (free port) in front of
 the test chain (embedded py-evm, or anvil by indirect parametrisation), participants enrolled
 through the contracts, and real paho MQTT clients authenticated with CONNECT tokens.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import queue
-import socket
+import signal
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
+from support import Client, enrol, eventually, poll
 
+from blendsm.broker import ChainConnection, RunningBroker, parse_config, start_broker
 from blendsm.broker._chain_view import ChainView
-from blendsm.broker._config import parse_config
-from blendsm.broker._runner import ChainConnection, RunningBroker, start_broker
-from blendsm.contracts import Marketplace
-from blendsm.contracts._bindings import Policy, Role
-from blendsm.contracts._connect import connect, disconnect
+from blendsm.contracts import Marketplace, Policy, Role, connect, disconnect, free_port
 from blendsm.device_sdk import (
     ConnectTokenSigner,
     EnvelopeSigner,
     MessageDomain,
-    decode_envelope,
+    Publisher,
+    Subscriber,
+    Web3ChainReader,
 )
-from blendsm.errors import EnvelopeError
 
 PRICE = 1_000
 """Price of one message on the default paid topic, in wei."""
-
-
-# paho VERSION2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back.
-_CONNACK_V3 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
-
-
-@dataclass
-class Received:
-    """What one raw paho client got: messages, notices, SUBACKs, disconnects."""
-
-    messages: queue.Queue[mqtt.MQTTMessage] = field(default_factory=queue.Queue)
-    subacks: queue.Queue[list[int]] = field(default_factory=queue.Queue)
-    connack: queue.Queue[int] = field(default_factory=queue.Queue)
-    disconnected: threading.Event = field(default_factory=threading.Event)
-    disconnected_at: float | None = None
-
-    def _drain(self, within: float, until: int | None) -> list[mqtt.MQTTMessage]:
-        got: list[mqtt.MQTTMessage] = []
-        while until is None or len(got) < until:
-            try:
-                got.append(_unwrap(self.messages.get(timeout=within)))
-            except queue.Empty:
-                break
-        return got
-
-    async def drain(
-        self, within: float = 0.5, *, until: int | None = None
-    ) -> list[mqtt.MQTTMessage]:
-        """Messages received until ``within`` seconds pass with none new (or ``until`` reached);
-        waits on a thread so the broker, on this event loop, keeps running."""
-        return await asyncio.to_thread(self._drain, within, until)
-
-
-def _unwrap(message: mqtt.MQTTMessage) -> mqtt.MQTTMessage:
-    """Replace a signed envelope's bytes by its payload, so tests compare readings."""
-    if message.topic.startswith("blendsm/"):
-        return message
-    with contextlib.suppress(EnvelopeError):
-        message.payload = decode_envelope(message.payload).payload
-    return message
-
-
-class Client:
-    """A raw paho client (VERSION2 callbacks, TCP_NODELAY) for tests of the wire protocol.
-    With ``envelope_signer`` (a device), payloads on market topics are signed envelopes."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        account: Any = None,
-        signer: ConnectTokenSigner | None = None,
-        client_id: str | None = None,
-        clean_session: bool = True,
-        password: str | None = None,
-        username: str | None = None,
-        envelope_signer: EnvelopeSigner | None = None,
-    ) -> None:
-        self.host, self.port = host, port
-        self.envelope_signer = envelope_signer
-        self.sequence = 0
-        self.account = account
-        self.client_id = client_id or f"t-{uuid.uuid4().hex[:10]}"
-        self.got = Received()
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=clean_session
-        )
-        if account is not None and signer is not None:
-            c.username_pw_set(account.address, password or signer.token(self.client_id))
-        elif username is not None or password is not None:
-            c.username_pw_set(username, password)
-        c.on_message = lambda _c, _u, m: self.got.messages.put(m)
-        c.on_subscribe = lambda _c, _u, _m, codes, _p: self.got.subacks.put(
-            [int(getattr(x, "value", x)) for x in codes]
-        )
-        c.on_connect = lambda _c, _u, _f, rc, _p: self.got.connack.put(
-            _CONNACK_V3.get(int(getattr(rc, "value", rc)), -2)
-        )
-
-        def on_disconnect(*_a: Any) -> None:
-            self.got.disconnected_at = time.monotonic()
-            self.got.disconnected.set()
-
-        c.on_disconnect = on_disconnect
-        c.on_socket_open = lambda _c, _u, sock: sock.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-        )
-        self.mqtt = c
-
-    async def connect(self, within: float = 5.0) -> int:
-        """CONNECT and return the CONNACK code (0 accepted, 5 not authorised, -1 none)."""
-        await asyncio.to_thread(self.mqtt.connect, self.host, self.port, 30)
-        self.mqtt.loop_start()
-        try:
-            return await asyncio.to_thread(self.got.connack.get, True, within)
-        except queue.Empty:
-            return -1
-
-    async def subscribe(self, topic: str, qos: int = 0, within: float = 5.0) -> list[int]:
-        self.mqtt.subscribe(topic, qos)
-        return await asyncio.to_thread(self.got.subacks.get, True, within)
-
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int = 0,
-        retain: bool = False,
-        *,
-        sign: bool | None = None,
-    ) -> None:
-        """Publish; a device signs it unless the topic is public (``public/...``) or control."""
-        signer = self.envelope_signer
-        if sign is None:
-            sign = signer is not None and not topic.startswith(("public/", "blendsm/"))
-        if sign:
-            assert signer is not None
-            self.sequence += 1
-            payload = signer.sign(topic, payload, self.sequence, int(time.time() * 1000)).encode()
-        info = self.mqtt.publish(topic, payload, qos=qos, retain=retain)
-        if qos:
-            await asyncio.to_thread(info.wait_for_publish, 5)
-
-    async def wait_disconnected(self, within: float = 10.0) -> bool:
-        return await asyncio.to_thread(self.got.disconnected.wait, within)
-
-    def close(self) -> None:
-        self.mqtt.disconnect()
-        self.mqtt.loop_stop()
+OPERATOR_KEY_ENV = "BLENDSM_TEST_OPERATOR_KEY"
+"""Environment variable a broker process reads the operator's TEST-ONLY key from."""
 
 
 @dataclass
@@ -222,19 +87,54 @@ class Market:
         self.clients.append(made)
         return made
 
-    async def open_channel(self, buyer: str, deposit: int = 10**15, fee_bps: int = 0) -> bytes:
-        opened = await self.mp(buyer).channels.open(
-            self.chain.addr("seller"), self.chain.addr("operator"), None, deposit, fee_bps
+    def sdk_subscriber(self, label: str = "buyer", **options: Any) -> Subscriber:
+        """An SDK Subscriber for the TEST-ONLY account ``label``, paying through this
+        broker (``options``: ``pay_every``, ``registry``, ``chain_reader``...)."""
+        deployment = self.chain.deployment
+        return Subscriber(
+            self.chain.accounts[label],
+            host=self.host,
+            port=self.port,
+            broker=self.chain.addr("operator"),
+            chain_id=deployment.chain_id,
+            channels_contract=deployment.address("PaymentChannels"),
+            **options,
         )
-        return opened.channel_id
+
+    def proving_subscriber(self, record: Path, label: str = "buyer") -> Subscriber:
+        """An SDK Subscriber that checks every message's inclusion proof against anvil
+        and keeps a record at ``record``."""
+        deployment = self.chain.deployment
+        assert self.chain.anvil is not None
+        return self.sdk_subscriber(
+            label,
+            registry=deployment.address("Registry"),
+            chain_reader=Web3ChainReader(self.chain.anvil.url, deployment),
+            proof_sampling=1.0,
+            record_path=record,
+        )
+
+    def sdk_publisher(self, state_dir: Path, label: str = "device", **options: Any) -> Publisher:
+        """An SDK Publisher (a device) for the TEST-ONLY account ``label``, its state in
+        ``state_dir``."""
+        deployment = self.chain.deployment
+        return Publisher(
+            self.chain.accounts[label],
+            host=self.host,
+            port=self.port,
+            broker=self.chain.addr("operator"),
+            chain_id=deployment.chain_id,
+            registry=deployment.address("Registry"),
+            state_dir=state_dir,
+            **options,
+        )
+
+    async def open_channel(self, buyer: str, deposit: int = 10**15, fee_bps: int = 0) -> bytes:
+        return await open_channel(self.mp, self.chain, buyer, deposit, fee_bps)
 
     async def wait_view(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         """Wait until the broker's chain view reflects a change (it polls the chain)."""
-        deadline = time.monotonic() + within
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError("broker chain view did not catch up in time")
-            await asyncio.sleep(0.02)
+        await eventually(predicate, within, what="the broker's chain view catching up")
 
     async def wait_channel(self, channel_id: bytes) -> None:
         await self.wait_view(lambda: self.service.view.channel(channel_id) is not None)
@@ -243,11 +143,6 @@ class Market:
         for c in self.clients:
             with contextlib.suppress(Exception):
                 c.close()
-
-
-async def enrol(mp: Callable[[str], Marketplace], label: str, role: Role) -> None:
-    await mp(label).registry.apply_for_role(role)
-    await mp("oracle").registry.approve(mp(label).address or "")
 
 
 def broker_config(data_dir: Path, **overrides: Any) -> Any:
@@ -273,13 +168,27 @@ async def enrol_market(
 ) -> bytes:
     """Enrol the seller, ``buyers`` and the operator, add the seller's device and create the
     paid open ``topic``; returns its topic id."""
-    await enrol(mp, "seller", Role.SELLER)
+    await enrol(mp, chain, "seller", Role.SELLER)
     for buyer in buyers:
-        await enrol(mp, buyer, Role.BUYER)
-    await enrol(mp, "operator", Role.OPERATOR)
+        await enrol(mp, chain, buyer, Role.BUYER)
+    await enrol(mp, chain, "operator", Role.OPERATOR)
     await mp("seller").registry.add_device(chain.addr("device"))
     created = await mp("seller").market.create_topic(topic, price, None, Policy.OPEN)
     return created.topic_id
+
+
+async def open_channel(
+    mp: Callable[[str], Marketplace],
+    chain: Any,
+    buyer: str,
+    deposit: int = 10**15,
+    fee_bps: int = 0,
+) -> bytes:
+    """A native-coin channel ``buyer`` -> seller through the operator; its id."""
+    opened = await mp(buyer).channels.open(
+        chain.addr("seller"), chain.addr("operator"), None, deposit, fee_bps
+    )
+    return opened.channel_id
 
 
 StartMarket = Callable[..., Awaitable[Market]]
@@ -377,25 +286,34 @@ async def proxied_broker(chain: Any, tcp_proxy: Any) -> AsyncIterator[StartProxi
             await disconnect(w3)
 
 
-async def _until(predicate: Callable[[], bool], within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.01)
-    return predicate()
-
-
 @pytest.fixture
 def until() -> Callable[..., Any]:
     """``await until(predicate, within)``: poll without blocking the broker's event loop."""
-    return _until
+    return poll
 
 
 @pytest.fixture
 def mqtt_client() -> type[Client]:
-    """The raw test client class, for tests that run their own broker."""
+    """The raw test client class (``support.Client``), for tests that run their own broker."""
     return Client
+
+
+def anvil_broker_config(chain: Any, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``chain``, ``operator_key`` and ``data_dir`` sections of a broker YAML in ``folder``
+    on the test's anvil chain (its deployment saved there), and the environment holding the
+    operator's TEST-ONLY key that ``operator_key`` names."""
+    chain.deployment.save(folder / "deployment.json")
+    sections = {
+        "chain": {
+            "endpoint": chain.anvil.url,
+            "deployment": "deployment.json",
+            "confirmations": 0,
+            "poll_interval": 0.05,
+        },
+        "operator_key": {"env": OPERATOR_KEY_ENV},
+        "data_dir": "data",
+    }
+    return sections, {OPERATOR_KEY_ENV: chain.accounts["operator"].key.hex()}  # TEST ONLY
 
 
 def _start_broker_process(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -435,6 +353,16 @@ class BrokerProcess:
         self.started.append(_start_broker_process(self.config, self.env))
         return self.started[-1]
 
+    @staticmethod
+    def stop(proc: subprocess.Popen[str], within: float = 20.0) -> None:
+        """SIGTERM ``proc`` if still running; SIGKILL if it has not exited ``within`` s."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(within)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
 
 @pytest.fixture
 def broker_process(chain: Any, tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
@@ -444,29 +372,19 @@ def broker_process(chain: Any, tmp_path: Path) -> Iterator[Callable[..., BrokerP
     made: list[BrokerProcess] = []
 
     def make(**sections: Any) -> BrokerProcess:
-        from blendsm.contracts._devchain import free_port
-
-        chain.deployment.save(tmp_path / "deployment.json")
+        anvil, env = anvil_broker_config(chain, tmp_path)
         port = free_port()
         config = tmp_path / "broker.yaml"
         config.write_text(
             yaml.safe_dump(
                 {
                     "listen": {"host": "127.0.0.1", "port": port},
-                    "chain": {
-                        "endpoint": chain.anvil.url,
-                        "deployment": "deployment.json",
-                        "confirmations": 0,
-                        "poll_interval": 0.05,
-                    },
-                    "operator_key": {"env": "BLENDSM_TEST_OPERATOR_KEY"},
-                    "data_dir": "data",
+                    **anvil,
                     "log_level": "WARNING",
                     **sections,
                 }
             )
         )
-        env = {"BLENDSM_TEST_OPERATOR_KEY": chain.accounts["operator"].key.hex()}  # TEST ONLY
         made.append(BrokerProcess(config, port, env))
         return made[-1]
 

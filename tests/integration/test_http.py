@@ -20,12 +20,19 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from support import Client
 from yarl import URL
 
-from blendsm.broker._config import BrokerConfig, HttpConfig, load_config, parse_config
+from blendsm.broker import (
+    BrokerConfig,
+    ChainConnection,
+    HttpConfig,
+    load_config,
+    parse_config,
+    start_broker,
+)
 from blendsm.broker._http import ANCHORS_MAX, dumps
-from blendsm.broker._runner import ChainConnection, start_broker
-from blendsm.contracts._bindings import Policy
+from blendsm.contracts import Policy
 from blendsm.device_sdk import (
     MessageDomain,
     VoucherDomain,
@@ -37,7 +44,7 @@ from blendsm.device_sdk import (
 from blendsm.device_sdk._envelope import verify_envelope_leaf
 from blendsm.errors import ConfigError
 
-from .conftest import PRICE, Client, Market, StartMarket, broker_config
+from .conftest import PRICE, Market, StartMarket, broker_config
 
 BIG_DEPOSIT = 20 * 10**18
 """Above 2**64 wei: the JSON must still carry it as an exact number."""

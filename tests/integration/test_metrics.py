@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from blendsm.broker._config import MetricsConfig, parse_config
-from blendsm.contracts import Marketplace
-from blendsm.contracts._bindings import Policy
+from blendsm.broker import MetricsConfig, parse_config
+from blendsm.contracts import Marketplace, Policy
 from blendsm.device_sdk import VoucherDomain, encode_voucher, sign_voucher
 from blendsm.errors import ConfigError
 

@@ -15,10 +15,7 @@ from blendsm.cli import main
 from blendsm.device_sdk import (
     IntegrityEvent,
     IntegrityKind,
-    Publisher,
     ReceivedMessage,
-    Subscriber,
-    Web3ChainReader,
 )
 
 TOPIC = "integrity/cli"
@@ -27,37 +24,16 @@ COUNT = 4
 
 async def _record(market: Any, until: Any, tmp_path: Path) -> Path:
     """A record of COUNT messages, each with a proof the subscriber verified."""
-    chain, mp = market.chain, market.mp
+    mp = market.mp
     await mp("seller").market.create_topic(TOPIC, 0)
     await market.wait_view(lambda: market.service.view.topic_for_name(TOPIC) is not None)
-    deployment = chain.deployment
-    operator = chain.addr("operator")
     record = tmp_path / "record.jsonl"
-    sub = Subscriber(
-        chain.accounts["buyer"],
-        host=market.host,
-        port=market.port,
-        broker=operator,
-        chain_id=deployment.chain_id,
-        channels_contract=deployment.address("PaymentChannels"),
-        registry=deployment.address("Registry"),
-        chain_reader=Web3ChainReader(chain.anvil.url, deployment),
-        proof_sampling=1.0,
-        record_path=record,
-    )
+    sub = market.proving_subscriber(record)
     messages: list[ReceivedMessage] = []
     events: list[IntegrityEvent] = []
     sub.on_message = lambda _s, m: messages.append(m)
     sub.on_integrity = lambda _s, e: events.append(e)
-    device = Publisher(
-        chain.accounts["device"],
-        host=market.host,
-        port=market.port,
-        broker=operator,
-        chain_id=deployment.chain_id,
-        registry=deployment.address("Registry"),
-        state_dir=tmp_path / "device",
-    )
+    device = market.sdk_publisher(tmp_path / "device")
     try:
         await asyncio.to_thread(sub.connect)
         assert await asyncio.to_thread(sub.subscribe, TOPIC) == 0

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from support import enrol
 
-from blendsm.contracts._bindings import Policy, Role
+from blendsm.contracts import Policy, Role
 from blendsm.device_sdk import (
     ANCHORS_TOPIC,
     AnchorNotice,
@@ -135,8 +135,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
     import asyncio
 
     for label, role in (("seller", Role.SELLER), ("operator", Role.OPERATOR)):
-        await mp(label).registry.apply_for_role(role)
-        await mp("oracle").registry.approve(chain.addr(label))
+        await enrol(mp, chain, label, role)
     await mp("seller").registry.add_device(chain.addr("device"))
     await mp("seller").market.create_topic("data/k", 0, None, Policy.OPEN)
     broker = broker_process(anchoring={"batch_seconds": 0.5, "batch_max_leaves": 40})
@@ -177,12 +176,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
         assert await until(lambda: anchored() == set(sequences), 30)  # no leaf lost
     finally:
         device.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        broker.stop(proc)
     logs = chain.DataAnchors.events.Anchored().get_logs(from_block=chain.deployment.block)
     batch_ids = [int(e["args"]["batchId"]) for e in logs]
     assert batch_ids == sorted(set(batch_ids))  # each batch anchored once, ids increasing

@@ -15,12 +15,16 @@ from typing import Any
 import pytest
 from coincurve import PrivateKey
 
-from blendsm.contracts._bindings import Policy
-from blendsm.device_sdk import TOPIC_KEYS_STATE_FILE as STATE_FILE
-from blendsm.device_sdk import TopicKeyring, TopicKeyService
-from blendsm.device_sdk._crypto import DecryptionError
-from blendsm.device_sdk._envelope import FLAG_ENCRYPTED, decode_envelope
-from blendsm.device_sdk._publisher import Publisher
+from blendsm.contracts import Policy
+from blendsm.device_sdk import (
+    FLAG_ENCRYPTED,
+    TOPIC_KEYS_STATE_FILE,
+    Publisher,
+    TopicKeyring,
+    TopicKeyService,
+    decode_envelope,
+)
+from blendsm.errors import DecryptionError
 
 from .conftest import Market
 
@@ -108,7 +112,7 @@ async def test_encrypted_topic_keys_reach_only_entitled_subscribers_and_rotate(
         assert await service.grant(chain.addr("seller")) == []  # no channel: not entitled
         for keyring in keyrings.values():
             assert await asyncio.to_thread(keyring.wait_for_epoch, topic, 1)
-        path = tmp_path / "seller" / STATE_FILE
+        path = tmp_path / "seller" / TOPIC_KEYS_STATE_FILE
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
         buyer, raw1 = _raw_subscriber(market, "buyer")
@@ -179,4 +183,4 @@ async def test_encrypted_topic_keys_reach_only_entitled_subscribers_and_rotate(
     )
     assert again.epoch(topic) == 2
     assert again.subscribers(topic) == [chain.addr("buyer")]
-    assert os.stat(tmp_path / "seller" / STATE_FILE).st_mode & 0o077 == 0
+    assert os.stat(tmp_path / "seller" / TOPIC_KEYS_STATE_FILE).st_mode & 0o077 == 0

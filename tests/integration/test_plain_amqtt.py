@@ -8,11 +8,13 @@ from typing import Any
 import pytest
 import yaml
 from amqtt.broker import Broker
+from support import enrol
 
-from blendsm.broker._blend_broker import BlendBroker
-from blendsm.contracts._bindings import Policy, Role
-from blendsm.contracts._devchain import free_port
+from blendsm.broker import BlendBroker
+from blendsm.contracts import Policy, Role, free_port
 from blendsm.errors import ConfigError
+
+from .conftest import anvil_broker_config
 
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -26,32 +28,17 @@ async def test_plain_amqtt_config_runs_the_marketplace(
 ) -> None:
     Client = mqtt_client  # noqa: N806
     for label, role in (("seller", Role.SELLER), ("buyer", Role.BUYER)):
-        await mp(label).registry.apply_for_role(role)
-        await mp("oracle").registry.approve(chain.addr(label))
+        await enrol(mp, chain, label, role)
     await mp("seller").registry.add_device(chain.addr("device"))
     await mp("seller").market.create_topic("paid/plain", 1_000, None, Policy.OPEN)
     channel = (
         await mp("buyer").channels.open(chain.addr("seller"), chain.addr("operator"), None, 10**15)
     ).channel_id
 
-    chain.deployment.save(tmp_path / "deployment.json")
-    monkeypatch.setenv(
-        "BLENDSM_TEST_OPERATOR_KEY", chain.accounts["operator"].key.hex()
-    )  # TEST ONLY
-    (tmp_path / "blendsm.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "chain": {
-                    "endpoint": chain.anvil.url,
-                    "deployment": "deployment.json",
-                    "confirmations": 0,
-                    "poll_interval": 0.05,
-                },
-                "operator_key": {"env": "BLENDSM_TEST_OPERATOR_KEY"},
-                "data_dir": "data",
-            }
-        )
-    )
+    sections, env = anvil_broker_config(chain, tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "blendsm.yaml").write_text(yaml.safe_dump(sections))
     port = free_port()
     broker = Broker(
         {
