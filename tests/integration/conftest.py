@@ -20,8 +20,7 @@ import pytest
 import yaml
 from support import Client, enrol, eventually, poll
 
-from blendsm.broker import ChainConnection, RunningBroker, parse_config, start_broker
-from blendsm.broker._chain_view import ChainView
+from blendsm.broker import ChainConnection, ChainView, RunningBroker, parse_config, start_broker
 from blendsm.contracts import Marketplace, Policy, Role, connect, disconnect, free_port
 from blendsm.device_sdk import (
     ConnectTokenSigner,

@@ -183,7 +183,7 @@ async def test_min_rating_policy_admits_only_well_rated_buyers(market: Market) -
 async def test_wrapped_topic_keys_go_only_to_their_addressee_from_the_seller(
     market: Market,
 ) -> None:
-    from blendsm.device_sdk._control import key_topic
+    from blendsm.device_sdk import key_topic
 
     mine = key_topic(market.topic_id, market.chain.addr("buyer"))
     buyer, spy, seller = market.client("buyer"), market.client("buyer2"), market.client("seller")
