@@ -37,13 +37,10 @@ from blendsm.contracts._deploy import Deployment
 from blendsm.contracts._records import (
     ORACLE_ROLE,
     AnchorInfo,
-    ChannelInfo,
-    CloseRequest,
     Participant,
     Policy,
     RatingInfo,
     Role,
-    Settlement,
     Status,
     TopicCreation,
     TopicInfo,
@@ -54,12 +51,6 @@ from blendsm.contracts._transactor import Transactor
 from blendsm.errors import ConfigError
 
 __all__ = ["DataAnchors", "Market", "Marketplace", "Ratings", "Registry"]
-
-# TRANSITIONAL (issue 10): these records lived here before the split, and modules of other
-# packages still import them from here. Delete these two lines once nothing outside the package
-# imports ``blendsm.contracts._bindings`` (they import ``blendsm.contracts`` instead).
-__all__ += ["AnchorInfo", "ChannelInfo", "CloseRequest", "Policy", "Role", "Settlement"]
-__all__ += ["Status", "TopicInfo", "TxResult"]
 
 
 class Registry(Binding):

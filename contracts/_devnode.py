@@ -458,7 +458,8 @@ async def enrol_operator(
     """Make ``operator`` an active Operator of the Registry: it applies, the ``oracle``
     approves (DataAnchors only takes roots from active Operators). For development chains,
     where one process holds both keys."""
-    from blendsm.contracts._bindings import Marketplace, Role
+    from blendsm.contracts._bindings import Marketplace
+    from blendsm.contracts._records import Role
 
     await Marketplace(w3, deployment, operator).registry.apply_for_role(Role.OPERATOR)
     await Marketplace(w3, deployment, oracle).registry.approve(operator.address)
