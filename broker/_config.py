@@ -138,6 +138,9 @@ class PaymentsConfig:
 
     credit_messages: int = 5
     """Unpaid messages a subscriber may receive before delivery pauses (>= 1)."""
+    dedup_max_pairs: int = 100_000
+    """(device, topic) pairs whose recent sequences are kept to drop duplicate envelopes (>= 1);
+    past it the least recently used is evicted, then looked up in the leaf store when needed."""
     settlement: SettlementConfig = field(default_factory=SettlementConfig)
     """When vouchers are claimed on chain."""
 
@@ -346,11 +349,9 @@ def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
     poll_interval = _seconds(
         data, "poll_interval", "chain", _DEFAULTS.chain.poll_interval, allow_zero=False
     )
-    max_staleness = (
-        None
-        if data.get("max_staleness") is None
-        else _seconds(data, "max_staleness", "chain", 0.0, allow_zero=False)
-    )
+    max_staleness: float | None = None
+    if data.get("max_staleness") is not None:
+        max_staleness = _seconds(data, "max_staleness", "chain", 0.0, allow_zero=False)
     if max_staleness is not None and max_staleness <= poll_interval:
         raise ConfigError(
             f"chain.max_staleness: must exceed chain.poll_interval ({poll_interval:g} s),"
@@ -420,25 +421,24 @@ def _parse_payments(data: Mapping[str, Any]) -> PaymentsConfig:
     settlement = _section(data, "settlement", "payments")
     _check_keys(settlement, SettlementConfig, "payments.settlement")
     where = "payments.settlement"
-    default = _DEFAULTS.payments.settlement
+    default, settle = _DEFAULTS.payments, _DEFAULTS.payments.settlement
     return PaymentsConfig(
-        credit_messages=_int(
-            data, "credit_messages", "payments", _DEFAULTS.payments.credit_messages, low=1
-        ),
+        credit_messages=_int(data, "credit_messages", "payments", default.credit_messages, low=1),
+        dedup_max_pairs=_int(data, "dedup_max_pairs", "payments", default.dedup_max_pairs, low=1),
         settlement=SettlementConfig(
-            threshold=_amount(settlement, "threshold", where, default.threshold),
+            threshold=_amount(settlement, "threshold", where, settle.threshold),
             interval_seconds=_seconds(
-                settlement, "interval_seconds", where, default.interval_seconds, allow_zero=False
+                settlement, "interval_seconds", where, settle.interval_seconds, allow_zero=False
             ),
             before_close_margin_seconds=_seconds(
                 settlement,
                 "before_close_margin_seconds",
                 where,
-                default.before_close_margin_seconds,
+                settle.before_close_margin_seconds,
                 allow_zero=True,
             ),
             min_gas_balance_wei=_amount(
-                settlement, "min_gas_balance_wei", where, default.min_gas_balance_wei
+                settlement, "min_gas_balance_wei", where, settle.min_gas_balance_wei
             ),
         ),
     )

@@ -142,6 +142,26 @@ class LeafStore(DurableStore):
     def leaf_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM leaves").fetchone()[0])
 
+    def high_sequences(self, limit: int) -> list[tuple[bytes, str, int]]:
+        """``(device, topic, highest sequence)`` of the ``limit`` (device, topic) pairs stored
+        most recently, least recent first: the broker's duplicate window at start-up (one
+        scan). Big-endian 8-byte blobs compare like the numbers they hold."""
+        rows = self._db.execute(
+            "SELECT device, topic, max(sequence), max(leaf_index) AS last FROM leaves"
+            " GROUP BY device, topic ORDER BY last DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(bytes(d), t, int.from_bytes(s, "big")) for d, t, s, _ in reversed(rows)]
+
+    def high_sequence(self, device: bytes, topic: str) -> int | None:
+        """The highest sequence stored for ``device`` on ``topic``, None if none."""
+        row = self._db.execute(
+            "SELECT sequence FROM leaves WHERE topic = ? AND device = ?"
+            " ORDER BY sequence DESC LIMIT 1",
+            (topic, device),
+        ).fetchone()
+        return None if row is None else int.from_bytes(row[0], "big")
+
     # -- batches -------------------------------------------------------------
 
     def open_batch(self) -> Batch | None:
@@ -401,6 +421,12 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
 
     async def leaf_count(self) -> int:
         return await self._run(self._store.leaf_count)
+
+    async def high_sequences(self, limit: int) -> list[tuple[bytes, str, int]]:
+        return await self._run(self._store.high_sequences, limit)
+
+    async def high_sequence(self, device: bytes, topic: str) -> int | None:
+        return await self._run(self._store.high_sequence, device, topic)
 
     async def open_batch(self) -> Batch | None:
         return await self._run(self._store.open_batch)
