@@ -156,22 +156,29 @@ class MeteredHandler(BrokerProtocolHandler):
                 service.meter.release(charge)
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
-        """A client's PUBLISH: on a market topic the signed envelope is checked and its leaf
-        stored before amqtt acknowledges it (durably for QoS 1/2, queued for QoS 0); an
-        invalid one is marked so the broker drops it instead of broadcasting it."""
+        """A client's PUBLISH: on a market topic the signed envelope is checked, de-duplicated
+        by (device, topic, sequence), and its leaf stored before amqtt acknowledges it (durably
+        for QoS 1/2, queued for QoS 0); an invalid or duplicate one is marked so the broker
+        drops it instead of broadcasting it (a duplicate is still acknowledged)."""
         topic = publish_packet.topic_name
         session = self.session
         service = self._blendsm
-        if topic and session is not None and service.view.is_market_topic(topic):
+        earlier = None
+        if session is not None and publish_packet.qos == 2 and publish_packet.packet_id:
+            earlier = session.inflight_in.get(publish_packet.packet_id)
+        if earlier is not None and (earlier.topic, earlier.data) == (topic, publish_packet.data):
+            # A QoS 2 re-send awaiting PUBREL: amqtt delivers it instead of the first copy,
+            # so it keeps that copy's verdict (not dropped as that copy's duplicate).
+            publish_packet.blendsm_rejected = getattr(
+                earlier.publish_packet, "blendsm_rejected", False
+            )
+        elif topic and session is not None and service.view.is_market_topic(topic):
             checked = service.inspect_publish(session, topic, publish_packet.data or b"")
-            if checked is False:
+            if checked is False or (
+                checked is not None
+                and not await service.admit_envelope(topic, *checked, publish_packet.qos or 0)
+            ):
                 publish_packet.blendsm_rejected = True
-            elif checked is not None and service.anchorer is not None:
-                envelope, leaf = checked
-                if publish_packet.qos:
-                    await service.anchorer.add(topic, envelope, leaf)
-                else:
-                    service.anchorer.add_nowait(topic, envelope, leaf)
         await super().handle_publish(publish_packet)
 
     async def _send_packet(self, packet: Any) -> None:

@@ -120,6 +120,11 @@ class BrokerCollector(Collector):
             stats.envelopes_refused,
         )
         yield counter(
+            "duplicates_dropped",
+            "Device publishes dropped as a (device, topic, sequence) already admitted.",
+            stats.duplicates_dropped,
+        )
+        yield counter(
             "revocation_disconnects",
             "Sessions closed because their participant or device was revoked on chain.",
             stats.disconnects_revoked,

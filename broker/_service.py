@@ -34,6 +34,7 @@ from blendsm.broker._chain_errors import (
 )
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import BrokerConfig
+from blendsm.broker._dedup import DedupWindow
 from blendsm.broker._leaf_store import AsyncLeafStore
 from blendsm.broker._meter import Charge, Meter
 from blendsm.broker._stats import ServiceStats
@@ -94,6 +95,8 @@ _log = logging.getLogger("blendsm.broker")
 
 MAX_OFFLINE_PAID: Final = 1000
 """Paid messages queued per disconnected persistent session; newer ones are dropped (logged)."""
+DUPLICATE_LOG_INTERVAL: Final = 60.0
+"""Seconds between the INFO lines that count dropped duplicate envelopes (each one: DEBUG)."""
 
 
 class MarketplaceService(AccessDecisions):
@@ -137,6 +140,8 @@ class MarketplaceService(AccessDecisions):
             w3, deployment, operator, confirmations=config.chain.confirmations
         )
         self.stats = ServiceStats()
+        self.dedup = DedupWindow(config.payments.dedup_max_pairs)
+        self._duplicates_logged = (0.0, 0)  # (monotonic time, stats.duplicates_dropped) then
         self.chain_errors = ChainErrors()
         self.store: AsyncVoucherStore | None = None
         self.settler: Settler | None = None
@@ -197,6 +202,10 @@ class MarketplaceService(AccessDecisions):
         leaves = await AsyncLeafStore.open(
             data_dir / "leaves.sqlite3", self.log.getChild("anchors")
         )
+        # What was admitted before a restart stays admitted (one query, before any PUBLISH).
+        cap = self.dedup.max_pairs
+        marks = await leaves.high_sequences(cap + 1)
+        self.dedup.seed_all(marks[-cap:], truncated=len(marks) > cap)
         self.anchorer = Anchorer(
             leaves,
             self.marketplace,
@@ -464,6 +473,55 @@ class MarketplaceService(AccessDecisions):
             )
             return False
         return envelope, leaf
+
+    async def admit_envelope(self, topic: str, envelope: Envelope, leaf: bytes, qos: int) -> bool:
+        """Admit a verified envelope once per (device, topic, sequence): store its leaf (awaited
+        for QoS 1/2, before the PUBACK) and return True; False for a duplicate or a replay
+        older than the window, which is counted and must be dropped (still acknowledged)."""
+        device, sequence, dedup = envelope.device, envelope.sequence, self.dedup
+        if not dedup.known(device, topic):  # evicted at the cap: ask the durable leaf store
+            store = self.anchorer.store if self.anchorer is not None else None
+            if store is None:
+                raise RuntimeError("leaf store closed: cannot tell a duplicate, not admitted")
+            await store.drain()
+            high = await store.high_sequence(device, topic)
+            if high is not None:
+                dedup.seed(device, topic, high)
+        if not dedup.admit(device, topic, sequence):
+            self._duplicate(topic, envelope)
+            return False
+        anchorer = self.anchorer
+        if anchorer is not None:
+            try:
+                if qos:
+                    await anchorer.add(topic, envelope, leaf)
+                else:
+                    anchorer.add_nowait(topic, envelope, leaf)
+            except BaseException:
+                dedup.forget(device, topic, sequence)  # not acknowledged: it will come again
+                raise
+        return True
+
+    def _duplicate(self, topic: str, envelope: Envelope) -> None:
+        stats = self.stats
+        stats.duplicates_dropped += 1
+        self.log.debug(
+            "duplicate envelope on %r from %s, sequence %d: dropped (acknowledged, not delivered)",
+            topic,
+            envelope.device_address,
+            envelope.sequence,
+        )
+        now = time.monotonic()
+        at, count = self._duplicates_logged
+        if now - at >= DUPLICATE_LOG_INTERVAL:
+            self._duplicates_logged = (now, stats.duplicates_dropped)
+            self.log.info(
+                "dropped %d duplicate or replayed envelopes (%d in all); the last on %r from %s",
+                stats.duplicates_dropped - count,
+                stats.duplicates_dropped,
+                topic,
+                envelope.device_address,
+            )
 
     def _on_anchored(self, record: AnchorRecord) -> None:
         broker = self.broker

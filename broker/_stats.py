@@ -22,6 +22,9 @@ class ServiceStats:
     disconnects_revoked: int = 0
     offline_dropped: int = 0
     envelopes_refused: int = 0
+    duplicates_dropped: int = 0
+    """Market envelopes dropped as a (device, topic, sequence) already admitted: not
+    delivered, charged or anchored again (still acknowledged)."""
     proofs_served: int = 0
     anchor_notices: int = 0
     public_deliveries: int = 0

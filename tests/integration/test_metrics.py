@@ -46,6 +46,7 @@ EXPECTED = {
     "blendsm_anchor_leaves_total",
     "blendsm_anchor_failures_total",
     "blendsm_envelopes_refused_total",
+    "blendsm_duplicates_dropped_total",
     "blendsm_revocation_disconnects_total",
     "blendsm_connected_sessions",
     "blendsm_chain_view_healthy",
