@@ -38,7 +38,7 @@ Pair = tuple[bytes, str]
 
 class DedupWindow:
     """High-water mark and recent-sequence bitmask per (device, topic); at most ``max_pairs``
-    pairs (``payments.dedup_max_pairs``, a few hundred bytes each), least recently used evicted."""
+    pairs (``payments.dedup_max_pairs``, about 0.4 KB each), least recently used evicted."""
 
     __slots__ = ("_pairs", "complete", "evicted", "max_pairs")
 
