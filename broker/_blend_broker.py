@@ -50,6 +50,9 @@ AMQTT_VERSION: Final = "0.12.1"
 _log = logging.getLogger("blendsm.broker")
 
 #: The reservation of the delivery being written by the current task (one per mqtt_publish).
+KEEPALIVE_GRACE: Final = 1.5
+"""A client silent for this many keepalive periods is disconnected (MQTT-3.1.2-24)."""
+
 _CHARGE: contextvars.ContextVar[Charge | None] = contextvars.ContextVar(
     "blendsm_charge", default=None
 )
@@ -181,6 +184,22 @@ class MeteredHandler(BrokerProtocolHandler):
                 publish_packet.blendsm_rejected = True
         await super().handle_publish(publish_packet)
 
+    def handle_read_timeout(self) -> None:
+        """Nothing arrived for 1.5 x the client's keepalive (the reader's timeout, set at
+        CONNECT): drop the connection. amqtt's own handler ignores the timeout, so a silent
+        client held its socket forever and its Will never went out. Aborting the transport
+        ends the reader (EOF), and the broker then treats it as an unclean disconnect: the
+        Will is published. Abort, not close: a client that stopped reading would block the
+        graceful close's drain."""
+        session = self.session
+        self._blendsm.stats.keepalive_timeouts += 1
+        _log.info(
+            "client %r silent for %.1fs (1.5 x keepalive): disconnected",
+            getattr(session, "client_id", None),
+            getattr(session, "keep_alive", 0),
+        )
+        _abort(self.writer)
+
     async def _send_packet(self, packet: Any) -> None:
         charge = _CHARGE.get()
         if charge is None or charge.done or type(packet) is not PublishPacket or packet.dup_flag:
@@ -219,6 +238,25 @@ class MeteredHandler(BrokerProtocolHandler):
         await self.plugins_manager.fire_event(
             MQTTEvents.PACKET_SENT, packet=packet, session=self.session
         )
+
+
+def _abort(writer: Any) -> None:
+    """Close a client's connection at once, pending output dropped (plain TCP or TLS); other
+    transports (WebSocket) get a bounded graceful close."""
+    stream = getattr(writer, "_writer", None)
+    transport = getattr(stream, "transport", None)
+    if transport is not None:
+        writer.is_closed = True
+        transport.abort()
+        return
+    if writer is not None:
+        task = asyncio.get_running_loop().create_task(asyncio.wait_for(writer.close(), 1.0))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Task[Any]] = set()
+"""Graceful closes in flight (a reference, so they are not garbage-collected mid-way)."""
 
 
 class BlendBroker(Broker):
@@ -344,9 +382,12 @@ class BlendBroker(Broker):
             session.parent = 1
         else:
             session.parent = 0
+        # The reader's timeout: 1.5 x the keepalive the client asked for (MQTT-3.1.2-24), plus
+        # amqtt's optional extra delay; 0 means the client asked for no keepalive.
         delay = self.config.get("timeout-disconnect-delay", 0)
-        if session.keep_alive > 0 and isinstance(delay, int):
-            session.keep_alive += delay
+        if session.keep_alive > 0:
+            extra = delay if isinstance(delay, int) else 0
+            session.keep_alive = session.keep_alive * KEEPALIVE_GRACE + extra
         return handler, session
 
     async def _refuse(self, writer: Any, return_code: int) -> None:

@@ -125,6 +125,11 @@ class BrokerCollector(Collector):
             stats.duplicates_dropped,
         )
         yield counter(
+            "keepalive_timeouts",
+            "Connections dropped after 1.5 x their keepalive without a packet (Will sent).",
+            stats.keepalive_timeouts,
+        )
+        yield counter(
             "revocation_disconnects",
             "Sessions closed because their participant or device was revoked on chain.",
             stats.disconnects_revoked,

@@ -25,6 +25,8 @@ class ServiceStats:
     duplicates_dropped: int = 0
     """Market envelopes dropped as a (device, topic, sequence) already admitted: not
     delivered, charged or anchored again (still acknowledged)."""
+    keepalive_timeouts: int = 0
+    """Connections dropped after 1.5 x their keepalive without a packet (Will sent)."""
     proofs_served: int = 0
     anchor_notices: int = 0
     public_deliveries: int = 0
