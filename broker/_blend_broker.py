@@ -119,6 +119,8 @@ class MeteredHandler(BrokerProtocolHandler):
         retain: bool,
         ack_timeout: int | None = None,
     ) -> OutgoingApplicationMessage:
+        if type(data) is PublishedPayload and qos is not None and data.publish_qos < qos:
+            qos = data.publish_qos  # delivered QoS = min(publish QoS, granted QoS)
         sent = await self.publish_gated(topic, data, qos, retain, ack_timeout)
         return sent  # None when not sent; amqtt ignores it
 
@@ -238,6 +240,24 @@ class MeteredHandler(BrokerProtocolHandler):
         await self.plugins_manager.fire_event(
             MQTTEvents.PACKET_SENT, packet=packet, session=self.session
         )
+
+
+class PublishedPayload(bytes):
+    """A client's PUBLISH payload carrying the QoS it was published with.
+
+    amqtt's broadcast hands each subscriber's handler only (topic, data, granted QoS), and
+    stock amqtt 0.12.1 delivered at the granted QoS, upgrading a QoS 0 publish to QoS 1 or 2.
+    The payload object is what travels to the handler (live broadcast and the offline queue),
+    so it carries the publish QoS, and the handler delivers at min(publish, granted)
+    (MQTT 3.1.1, 3.8.4). One object per PUBLISH, not per delivery."""
+
+    publish_qos: int
+
+    @classmethod
+    def of(cls, data: bytes | bytearray, qos: int | None) -> PublishedPayload:
+        payload = cls(data)
+        payload.publish_qos = qos or 0
+        return payload
 
 
 def _abort(writer: Any) -> None:
@@ -440,6 +460,8 @@ class BlendBroker(Broker):
             return True
         if getattr(getattr(message, "publish_packet", None), "blendsm_rejected", False):
             return True  # not a valid envelope of the publishing device: never broadcast
+        if message.data is not None:
+            message.data = PublishedPayload.of(message.data, message.qos)
         return bool(await super()._handle_message_delivery(client_session, handler, wait_deliver))
 
     # --- retained messages: only on SUBSCRIBE, to the subscriber, at its QoS -------------
@@ -483,6 +505,11 @@ class BlendBroker(Broker):
     async def _retain_broadcast_message(
         self, broadcast: dict[str, Any], qos: int, target_session: Session
     ) -> None:
+        data = broadcast.get("data")
+        if type(data) is PublishedPayload and data.publish_qos < qos:
+            qos = data.publish_qos  # queued at the QoS it will be delivered with
+            if not qos:
+                return  # a QoS 0 message is not stored for an offline session
         topic = broadcast.get("topic") or ""
         if (
             self.service.view.is_market_topic(topic)
