@@ -63,6 +63,8 @@ class Identity:
     owing: Account | None = None
     """Account whose credit ran out at the last gate refusal (payment request pending)."""
     owing_topic: str = ""
+    requested: dict[bytes, int] = field(default_factory=dict)
+    """channel id -> the account's ``paid`` when this session was last sent a payment request."""
 
 
 class AccessDecisions:

@@ -8,10 +8,13 @@ loop, so it must be a few dict reads and integer additions, never I/O. The money
   is charged for a message that was not sent.
 * A reservation is granted only while ``charged + reserved + price - paid <= credit`` and
   ``charged + reserved + price <= deposit`` (a voucher can never pay beyond the deposit).
-* ``paid`` is the latest voucher amount that is already durable in the voucher store.
+* ``paid`` is the latest voucher amount that is already durable in the voucher store. A
+  voucher above ``charged`` (a prepayment) is credit toward later deliveries, never
+  delivered value: ``charged`` only grows by committed deliveries.
 
-After a restart the charged counters start at the durable ``paid`` amount: the broker may
-under-bill by at most one credit window, never over-bill.
+After a restart the charged counters start at the durable ``paid`` amount (the delivered
+value is not stored): the broker may under-bill by at most one credit window. A voucher
+accepted earlier in the same run never seeds ``charged``.
 """
 
 from __future__ import annotations
@@ -47,8 +50,6 @@ class Account:
     reserved: int = 0
     paid: int = 0
     delivered: int = 0
-    requested: bool = False
-    """A payment request went out and no voucher has arrived since."""
     waiters: list[object] = field(default_factory=list)
     """Sessions whose offline replay paused on this account's credit."""
 
@@ -89,6 +90,7 @@ class Meter:
         self.accounts: dict[bytes, Account] = {}
         self._choice: dict[tuple[str, str, str | None], Account | None] = {}
         self._durable_paid: dict[bytes, int] = {}
+        self._restored: dict[bytes, int] = {}  # charged seeds from the store at start-up
         self.delivered = 0
         self.denied_no_credit = 0
 
@@ -98,6 +100,7 @@ class Meter:
         """Seed the durable voucher amounts read from the store at start-up."""
         for channel_id, amount in paid:
             self._durable_paid[channel_id] = amount
+            self._restored[channel_id] = amount
             account = self.accounts.get(channel_id)
             if account is not None:
                 account.paid = max(account.paid, amount)
@@ -131,7 +134,6 @@ class Meter:
     def _account(self, info: ChannelInfo) -> Account:
         account = self.accounts.get(info.channel_id)
         if account is None:
-            paid = self._durable_paid.get(info.channel_id, 0)
             account = Account(
                 channel_id=info.channel_id,
                 payer=info.payer,
@@ -139,8 +141,8 @@ class Meter:
                 token=info.token,
                 deposit=info.deposit,
                 usable=not info.settled and info.closes_at is None,
-                charged=paid,
-                paid=paid,
+                charged=self._restored.get(info.channel_id, 0),
+                paid=self._durable_paid.get(info.channel_id, 0),
             )
             self.accounts[info.channel_id] = account
         return account
@@ -204,8 +206,15 @@ class Meter:
         account = self.accounts.get(channel_id)
         if account is not None and amount > account.paid:
             account.paid = amount
-            account.requested = False
         return account
 
     def paid_of(self, channel_id: bytes) -> int:
         return self._durable_paid.get(channel_id, 0)
+
+    def delivered_value(self, channel_id: bytes) -> int:
+        """What the channel was charged for deliveries (the restart seed while no delivery
+        was metered in this run): a claim must never be above it."""
+        account = self.accounts.get(channel_id)
+        if account is not None:
+            return account.charged
+        return self._restored.get(channel_id, 0)

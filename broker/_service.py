@@ -194,6 +194,7 @@ class MarketplaceService(AccessDecisions):
             self.config.payments.settlement,
             logger=self.log.getChild("settlement"),
             confirmations=self.config.chain.confirmations,
+            delivered=self.meter.delivered_value,
             **self._settler_options,
         )
         self._settler_task = asyncio.create_task(
@@ -275,14 +276,16 @@ class MarketplaceService(AccessDecisions):
         )
 
     def payment_request_for(self, session: Session) -> PaymentRequest | None:
-        """The payment request owed after a NO_CREDIT verdict (once until paid)."""
+        """The payment request owed after a NO_CREDIT verdict: once per session and paid
+        amount, so every new session of the buyer (e.g. after a crash that lost the last
+        request with its connection) is asked again."""
         ident: Identity | None = getattr(session, "blendsm", None)
         if ident is None or ident.owing is None:
             return None
         account, topic = ident.owing, ident.owing_topic
-        if account.requested:
+        if ident.requested.get(account.channel_id) == account.paid:
             return None
-        account.requested = True
+        ident.requested[account.channel_id] = account.paid
         self.stats.payment_requests += 1
         price = self.view.topic_for_name(topic)
         credit = self.meter.credit_of(price.price) if price is not None else 0
@@ -359,6 +362,11 @@ class MarketplaceService(AccessDecisions):
             )
         if info.payer.lower() != ident.key:
             return refuse("not_payer", f"channel is paid by {info.payer}, not {ident.address}")
+        if info.settled or info.closes_at is not None:
+            # The claim could not be relied on: it must land before ``closesAt`` on chain
+            # (the node's clock, not ours), and the payer may withdraw right after.
+            state = "settled" if info.settled else f"closing (challenge ends {info.closes_at})"
+            return refuse("channel_closing", f"channel is {state}: vouchers are not accepted")
         try:
             self.vouchers.verify(
                 voucher,

@@ -111,6 +111,7 @@ class Settler:
         close_poll_seconds: float = 30.0,
         gas_check_seconds: float = 60.0,
         max_parallel: int = 16,
+        delivered: Callable[[bytes], int] | None = None,
     ) -> None:
         if marketplace.transactor is None:
             raise ConfigError("settlement: the marketplace must sign as the broker operator")
@@ -133,6 +134,7 @@ class Settler:
         self.backoff_max = backoff_max
         self.close_poll_seconds = close_poll_seconds
         self.gas_check_seconds = gas_check_seconds
+        self.delivered = delivered  # channel -> delivered value: no claim above it
         # counters
         self.claims_confirmed = 0
         """Claims mined (and deep enough) by this settler, reconciled ones included."""
@@ -388,7 +390,8 @@ class Settler:
 
     async def _claim(self, channel_id: bytes) -> ClaimResult | None:
         """One write-ahead claim of the channel's latest voucher; None if nothing to do."""
-        intent = await self.store.begin_claim(channel_id, self.clock())
+        limit = None if self.delivered is None else self.delivered(channel_id)
+        intent = await self.store.begin_claim(channel_id, self.clock(), limit=limit)
         if intent is None:
             return None
         call = self.marketplace.channels.contract.functions.claim(

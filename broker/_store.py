@@ -249,10 +249,14 @@ class VoucherStore(DurableStore):
 
     # -- claims --------------------------------------------------------------
 
-    def begin_claim(self, channel_id: bytes, now: float | None = None) -> ClaimIntent | None:
+    def begin_claim(
+        self, channel_id: bytes, now: float | None = None, *, limit: int | None = None
+    ) -> ClaimIntent | None:
         """Record an intent to claim the channel's latest voucher, or None if nothing to do.
 
-        None when: no voucher; its amount is already covered on chain; an intent is still
+        None when: no voucher; its amount is above ``limit`` (the value delivered on the
+        channel: a prepaid voucher waits until deliveries reach it); its amount is
+        already covered on chain; an intent is still
         open (reconcile it first); this exact voucher amount was already confirmed once
         (a deposit-capped claim waits for a newer voucher); or the last failure's
         ``retry_at`` is still ahead. The intent is committed before it is returned, so
@@ -266,6 +270,8 @@ class VoucherStore(DurableStore):
                 (channel_id,),
             ).fetchone()
             if row is None or row[0] <= row[2]:
+                return None
+            if limit is not None and _int(row[0]) > limit:
                 return None
             amount, signature = row[0], row[1]
             last = self._db.execute(
@@ -408,9 +414,11 @@ class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
         ids = None if channel_ids is None else list(channel_ids)
         return await self._run(lambda: self._store.balances(ids, unclaimed_only=unclaimed_only))
 
-    async def begin_claim(self, channel_id: bytes, now: float | None = None) -> ClaimIntent | None:
+    async def begin_claim(
+        self, channel_id: bytes, now: float | None = None, *, limit: int | None = None
+    ) -> ClaimIntent | None:
         """See :meth:`VoucherStore.begin_claim`."""
-        return await self._run(self._store.begin_claim, channel_id, now)
+        return await self._run(lambda: self._store.begin_claim(channel_id, now, limit=limit))
 
     async def claim_sent(self, intent_id: int, tx_hash: bytes) -> None:
         """See :meth:`VoucherStore.claim_sent`."""

@@ -8,7 +8,8 @@ unpaid, the subscriber signs a voucher for ``cumulative = received value`` and p
 ``blendsm/ctl/<address>/voucher``. So a buyer never signs for more than it received, and never
 for more than its ``budget`` in total; past the budget it stops paying (and the broker stops
 delivering once its credit runs out). A :class:`PaymentRequest` is answered with
-``min(charged, received value)``; :class:`Receipt` notices record what the broker confirmed.
+``min(charged, received value)`` (after a reconnect or restart, up to the credit more for
+messages lost in flight: :mod:`._payment_book`); :class:`Receipt` notices confirm payments.
 
 All payment state is guarded by one lock: paho callbacks run on its loop thread, the
 introspection methods are called from others. Only the loop thread signs and publishes
@@ -34,7 +35,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final, Unpack
 
 import paho.mqtt.client as mqtt
@@ -72,6 +72,7 @@ from ._endpoint import BrokerEndpoint, EndpointArgs, resolve_endpoint
 from ._envelope import decode_envelope, verify_envelope
 from ._integrity import IntegrityEvent, MessageVerifier
 from ._mqtt import Disconnection, _MqttClient
+from ._payment_book import Book, check_amount, request_target
 from ._record_file import RecordFile
 from ._subscriber_events import (
     Decryptor,
@@ -96,17 +97,6 @@ _log = logging.getLogger("blendsm.device_sdk")
 _SUBACK_FAILURE: Final = 0x80
 
 
-@dataclass(slots=True)
-class _Book:
-    """Per-channel amounts, all cumulative in base units."""
-
-    received: int = 0
-    vouchered: int = 0
-    confirmed: int = 0
-    baseline: int = 0  # paid before this Subscriber (resume_channel); not counted in budget
-    last: Voucher | None = None
-
-
 class Subscriber(_MqttClient, ChannelHelpers):
     """An MQTT subscriber that pays per delivered message with vouchers.
 
@@ -118,6 +108,8 @@ class Subscriber(_MqttClient, ChannelHelpers):
     domain. ``budget`` caps the sum of all vouchers this Subscriber
     signs (None: no cap); ``pay_every`` is how many paid messages may stay unpaid before a
     voucher is sent (keep it within the broker's credit, or delivery pauses until paid).
+    ``max_write_off`` caps what a request may make it pay for messages lost in flight, per
+    channel and connection (None: the broker's credit; 0: never, at the risk of a stuck channel).
 
     Integrity checks (see the module docstring) need the deployment's ``registry`` address
     (the message signature domain) and a ``chain_reader`` (e.g. a
@@ -142,6 +134,7 @@ class Subscriber(_MqttClient, ChannelHelpers):
         endpoint: BrokerEndpoint | None = None,
         budget: int | None = None,
         pay_every: int = 1,
+        max_write_off: int | None = None,
         callback_api_version: SubscriberCallbackAPI = SubscriberCallbackAPI.VERSION1,
         clean_session: bool = True,
         registry: str | bytes | None = None,
@@ -157,12 +150,9 @@ class Subscriber(_MqttClient, ChannelHelpers):
             raise ConfigError(
                 f"callback_api_version: unsupported {callback_api_version!r} (VERSION1 only)"
             )
-        if budget is not None and (
-            not isinstance(budget, int) or isinstance(budget, bool) or budget < 0
-        ):
-            raise ConfigError(f"budget: must be None or a non-negative int, got {budget!r}")
-        if not isinstance(pay_every, int) or isinstance(pay_every, bool) or pay_every < 1:
-            raise ConfigError(f"pay_every: must be an int >= 1, got {pay_every!r}")
+        check_amount("budget", budget, 0)
+        check_amount("pay_every", pay_every, 1, optional=False)
+        check_amount("max_write_off", max_write_off, 0)
         super().__init__(
             account,
             resolve_endpoint(endpoint, connection, "Subscriber"),
@@ -173,6 +163,7 @@ class Subscriber(_MqttClient, ChannelHelpers):
         self._signer = VoucherSigner(self._key, self.domain)
         self.budget = budget
         self.pay_every = pay_every
+        self.max_write_off = max_write_off
         self.notice_topic = control_topic(self.address, NOTICE)
         self.voucher_topic = control_topic(self.address, VOUCHER)
 
@@ -204,7 +195,8 @@ class Subscriber(_MqttClient, ChannelHelpers):
 
         self._lock = threading.Condition()
         self._quotes: dict[str, Quote] = {}
-        self._books: dict[bytes, _Book] = {}
+        self._books: dict[bytes, Book] = {}
+        self._epoch = 0  # connections so far: the payment book's write-off rule needs it
         self._spent = 0  # sum over channels of (vouchered - baseline): what the budget caps
         self._exhausted = False
         self._filters: dict[str, int] = {}
@@ -235,12 +227,22 @@ class Subscriber(_MqttClient, ChannelHelpers):
             self._filters[topic_filter] = qos
         return granted
 
+    def _book(self, channel_id: bytes) -> Book:
+        """The channel's book, opened on this connection if new. Caller holds the lock."""
+        if (book := self._books.get(channel_id)) is None:
+            book = self._books[channel_id] = Book(epoch=self._epoch)
+        return book
+
     def _after_connect(self, timeout: float) -> None:
+        with self._lock:
+            self._epoch += 1
         self._subscribe(self.notice_topic, 1, timeout)
         if self.proof_sampling > 0:
             self._subscribe(ANCHORS_TOPIC, 1, timeout)
 
     def _on_reconnected(self, session_present: bool) -> None:
+        with self._lock:
+            self._epoch += 1
         if session_present:
             return
         with self._lock:
@@ -340,13 +342,13 @@ class Subscriber(_MqttClient, ChannelHelpers):
         ``paid`` does not count against ``budget``."""
         if not isinstance(channel_id, bytes) or len(channel_id) != 32:
             raise ConfigError("channel_id: must be 32 bytes")
-        if not isinstance(paid, int) or isinstance(paid, bool) or paid < 0:
-            raise ConfigError(f"paid: must be a non-negative int, got {paid!r}")
+        check_amount("paid", paid, 0, optional=False)
         with self._lock:
-            book = self._books.setdefault(channel_id, _Book())
+            book = self._book(channel_id)
             if book.vouchered > book.baseline or book.received > book.baseline:
                 raise ConfigError("resume_channel: the channel is already in use here")
             book.received = book.vouchered = book.baseline = paid
+            book.epoch = -1  # in use before: in-flight messages may have been lost
 
     # --- messages and notices (paho's thread) ------------------------------------------
 
@@ -377,7 +379,7 @@ class Subscriber(_MqttClient, ChannelHelpers):
                 )
             else:
                 self._paid_messages += 1
-                book = self._books.setdefault(quote.channel_id, _Book())
+                book = self._book(quote.channel_id)
                 book.received += quote.price
                 if book.received - book.vouchered >= self.pay_every * quote.price:
                     self._pay(quote.channel_id, book, book.received, events)
@@ -435,12 +437,12 @@ class Subscriber(_MqttClient, ChannelHelpers):
                 # No resend on a quote even if its ``paid`` lags: a voucher may be in flight,
                 # and the broker asks with a PaymentRequest when it really lacks one.
                 self._quotes[notice.topic] = notice
-                self._books.setdefault(notice.channel_id, _Book())
+                self._book(notice.channel_id)
             elif isinstance(notice, PaymentRequest):
                 self._payment_requests += 1
-                book = self._books.setdefault(notice.channel_id, _Book())
-                before = book.vouchered
-                target = min(notice.charged, book.received)
+                book = self._book(notice.channel_id)
+                before, written_off = book.vouchered, book.written_off
+                target = request_target(book, notice, self._epoch, self.max_write_off)
                 if target > book.vouchered:
                     self._pay(notice.channel_id, book, target, events)
                 else:
@@ -452,12 +454,13 @@ class Subscriber(_MqttClient, ChannelHelpers):
                         notice.channel_id,
                         paid,
                         notice,
-                        f"broker charged {notice.charged}, received value {book.received}",
+                        f"charged {notice.charged}, received {book.received} (in-flight loss"
+                        f" written off {book.written_off - written_off})",
                     )
                 )
             elif isinstance(notice, Receipt):
                 self._receipts += 1
-                book = self._books.setdefault(notice.channel_id, _Book())
+                book = self._book(notice.channel_id)
                 book.confirmed = max(book.confirmed, notice.amount)
                 self._lock.notify_all()
                 events.append(
@@ -476,7 +479,7 @@ class Subscriber(_MqttClient, ChannelHelpers):
                 )
         self._report(events)
 
-    def _pay(self, channel_id: bytes, book: _Book, target: int, events: list[PaymentEvent]) -> None:
+    def _pay(self, channel_id: bytes, book: Book, target: int, events: list[PaymentEvent]) -> None:
         """Sign and publish a voucher for ``target`` (cumulative) if the budget allows.
         Caller holds the lock; ``target`` never exceeds the received value."""
         if target <= book.vouchered or self._exhausted:
@@ -500,7 +503,7 @@ class Subscriber(_MqttClient, ChannelHelpers):
         self._send(voucher)
         events.append(PaymentEvent(PaymentEventKind.VOUCHER_SENT, channel_id, target))
 
-    def _resend_if_behind(self, book: _Book, broker_paid: int) -> None:
+    def _resend_if_behind(self, book: Book, broker_paid: int) -> None:
         """The broker asks while knowing less than we signed (a voucher lost with a
         connection): send the latest again. It costs nothing new, so no budget check. Caller holds the lock."""
         if book.last is not None and broker_paid < book.vouchered:

@@ -88,6 +88,31 @@ def test_restart_starts_charged_at_the_durable_paid_amount() -> None:
     assert meter.reserve(account, 10, "t") == Reservation.NO_CREDIT
 
 
+def test_a_prepaid_voucher_is_credit_never_delivered_value() -> None:
+    meter = Meter(OPERATOR, credit_messages=2)
+    channel_id = bytes([1]) * 32
+    meter.paid_up_to(channel_id, 100)  # accepted before the first delivery of this run
+    account = meter.select(BUYER.lower(), _topic(10), _View([_channel(1, 1_000)]))
+    assert account is not None
+    assert (account.charged, account.paid) == (0, 100)
+    assert meter.delivered_value(channel_id) == 0
+    for _ in range(12):  # the 10 prepaid messages plus the credit of 2
+        charge = meter.reserve(account, 10, "t")
+        assert isinstance(charge, Charge)
+        meter.commit(charge)
+    assert meter.reserve(account, 10, "t") == Reservation.NO_CREDIT
+    assert (account.charged, account.delivered) == (120, 12)
+    assert meter.delivered_value(channel_id) == 120
+
+
+def test_delivered_value_before_any_delivery_is_the_restart_seed() -> None:
+    meter = Meter(OPERATOR, credit_messages=2)
+    meter.load_paid([(bytes([1]) * 32, 70)])
+    meter.paid_up_to(bytes([2]) * 32, 50)
+    assert meter.delivered_value(bytes([1]) * 32) == 70
+    assert meter.delivered_value(bytes([2]) * 32) == 0
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     price=st.integers(1, 50),

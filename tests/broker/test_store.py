@@ -246,6 +246,14 @@ def test_claim_lifecycle(store: VoucherStore) -> None:
     assert nxt.amount == 150
 
 
+def test_no_claim_above_the_limit(store: VoucherStore) -> None:
+    store.accept(v(1, 100))
+    assert store.begin_claim(cid(1), limit=99) is None  # delivered less than the voucher
+    intent = store.begin_claim(cid(1), limit=100)
+    assert intent is not None
+    assert intent.amount == 100
+
+
 def test_no_second_intent_for_confirmed_amount(store: VoucherStore) -> None:
     store.accept(v(1, 100))
     intent = store.begin_claim(cid(1))

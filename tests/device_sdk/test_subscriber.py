@@ -359,6 +359,41 @@ def test_payment_request_is_paid_but_never_above_received(
     assert sub.vouchered(CHANNEL) == 3000 == sub.spent
 
 
+def test_after_a_restart_the_first_request_pays_in_flight_loss_up_to_the_credit(
+    make_sub: Any, operator: Operator
+) -> None:
+    """Resumed at 7000 after a crash, the broker says it charged 12000: the messages lost in
+    flight are paid up to the stated credit (3000), once per connection; later vouchers
+    build on it."""
+    sub, rec = make_sub(pay_every=10)
+    sub.resume_channel(CHANNEL, 7000)
+    start_paid(sub, operator)
+    operator.notice(sub.address, PaymentRequest(CHANNEL, 12000, 7000, 3000, TOPIC))
+    assert check_signed(operator.drain(1)) == [10000]
+    # A second request on the same connection pays nothing it did not receive.
+    operator.notice(sub.address, PaymentRequest(CHANNEL, 12000, 10000, 3000, TOPIC))
+    wait_until(lambda: sub.stats.payment_requests == 2)
+    assert operator.drain() == []
+    operator.data(TOPIC)
+    rec.take(1)
+    assert sub.pay_outstanding(CHANNEL) == 1
+    assert check_signed(operator.drain(1)) == [11000]
+    assert sub.received_value(CHANNEL) == sub.vouchered(CHANNEL) == 11000
+    details = [e.detail for e in rec.kinds(PaymentEventKind.PAYMENT_REQUEST)]
+    assert "written off 3000" in details[0]
+    assert "written off 0" in details[1]
+
+
+def test_max_write_off_caps_what_a_request_makes_the_buyer_pay_unread(
+    make_sub: Any, operator: Operator
+) -> None:
+    sub, _rec = make_sub(max_write_off=1000)
+    sub.resume_channel(CHANNEL, 7000)
+    start_paid(sub, operator)
+    operator.notice(sub.address, PaymentRequest(CHANNEL, 12000, 7000, 3000, TOPIC))
+    assert check_signed(operator.drain(1)) == [8000]
+
+
 def test_payment_request_for_unknown_channel_pays_nothing(
     make_sub: Any, operator: Operator
 ) -> None:
@@ -517,6 +552,30 @@ def test_automatic_reconnect_uses_a_fresh_token_and_renews_subscriptions(
         op.data(TOPIC)
         assert rec.take(1)[0].paid
         assert check_signed(op.drain(1)) == [1000]
+    finally:
+        op.close()
+
+
+def test_after_a_reconnect_the_first_request_pays_in_flight_loss_up_to_the_credit(
+    broker: StockBroker, make_sub: Any, operator: Operator
+) -> None:
+    sub, rec = make_sub(pay_every=10)
+    start_paid(sub, operator)
+    operator.data(TOPIC)
+    rec.take(1)
+    # Before the connection drops, a request above what was received pays nothing more.
+    operator.notice(sub.address, PaymentRequest(CHANNEL, 3000, 0, 3000, TOPIC))
+    assert check_signed(operator.drain(1)) == [1000]
+    operator.close()
+    port = broker.port
+    broker.stop()
+    wait_until(lambda: any(not d.requested and d.reconnecting for d in rec.disconnects))
+    broker.start(port)
+    wait_until(lambda: sub.tokens_issued >= 2 and sub.connected, within=15)
+    op = Operator(broker.port)
+    try:
+        op.notice(sub.address, PaymentRequest(CHANNEL, 3000, 1000, 3000, TOPIC))
+        assert check_signed(op.drain(1)) == [3000]  # the 2 lost with the connection
     finally:
         op.close()
 

@@ -222,6 +222,27 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
             if i % 10 == 0:
                 await asyncio.sleep(0.01)
         assert await until(lambda: _stored(db, channel) == 300 * PRICE, 20)
+        # No claim is above the delivered value (after the restart: the stored amount, then
+        # what is delivered): deliver the prepaid rest, and the latest voucher can be claimed.
+        assert await buyer.subscribe("paid/r") == [0]
+        device = mqtt_client(
+            "127.0.0.1",
+            port,
+            account=chain.accounts["device"],
+            signer=ConnectTokenSigner(
+                bytes(chain.accounts["device"].key),
+                chain.deployment.chain_id,
+                chain.addr("operator"),
+            ),
+            envelope_signer=EnvelopeSigner(
+                bytes(chain.accounts["device"].key),
+                MessageDomain(chain.deployment.chain_id, chain.deployment.address("Registry")),
+            ),
+        )
+        assert await device.connect() == 0
+        for i in range(300 - before_restart // PRICE):
+            await device.publish("paid/r", b"m%d" % i, qos=1)
+        device.close()
         claimed = 0
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
