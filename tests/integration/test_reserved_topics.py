@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from eth_utils import keccak
 from support import enrol
 
-from blendsm.contracts import ChainEvent, Policy, Role
-from blendsm.device_sdk import ANCHORS_TOPIC, key_topic
+from blendsm.broker import ChainConnection, ChainView, start_broker
+from blendsm.contracts import ChainEvent, Policy, Role, connect, disconnect
+from blendsm.device_sdk import ANCHORS_TOPIC, ConnectTokenSigner, key_topic
+
+from .conftest import broker_config, enrol_market, open_channel
 
 Market = Any
 
@@ -198,3 +202,68 @@ async def test_retained_state_on_a_name_dies_when_it_becomes_a_market_topic(
     assert await buyer.subscribe("paid/later") == [0]
     assert [m for m in await buyer.got.drain(within=1.0) if m.topic == "paid/later"] == []
     assert charged(market, channel) == 0
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_retained_state_kept_before_the_first_sync_dies_with_the_name_a_market_topic(
+    chain: Any,
+    mp: Any,
+    tmp_path: Path,
+    tcp_proxy: Any,
+    mqtt_client: Any,
+    until: Callable[..., Any],
+) -> None:
+    """The broker starts while the chain node is away: every name is public until the view's
+    first sync, which replays the topic's creation without reporting it as a live event."""
+    await enrol_market(mp, chain, "paid/r", buyers=("buyer",))
+    channel = await open_channel(mp, chain, "buyer")
+    assert chain.anvil is not None
+    proxy = tcp_proxy(chain.anvil.port)
+    await proxy.start()
+    await proxy.stop()  # the node is away, on a port it will come back on
+    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=1.0)
+    view = ChainView(
+        w3,
+        chain.deployment,
+        confirmations=0,
+        poll_interval=0.05,
+        max_staleness=1.0,
+        backoff_max=0.2,
+    )
+    running = await start_broker(
+        broker_config(tmp_path / "data"),
+        chain=ChainConnection(w3, chain.deployment, chain.accounts["operator"], owned=False),
+        view=view,
+        sync_timeout=0.2,
+    )
+    clients: list[Any] = []
+    try:
+        assert not view.synced
+        anon = mqtt_client(running.host, running.port)
+        clients.append(anon)
+        assert await anon.connect() == 0
+        await anon.publish("paid/r", b"stale", qos=1, retain=True)
+        assert await until(lambda: "paid/r" in running.broker._retained_messages)
+        await proxy.start()
+        assert await until(lambda: view.healthy and view.channel(channel) is not None, 15)
+        account = chain.accounts["buyer"]
+        buyer = mqtt_client(
+            running.host,
+            running.port,
+            account=account,
+            signer=ConnectTokenSigner(
+                bytes(account.key), chain.deployment.chain_id, chain.addr("operator")
+            ),
+        )
+        clients.append(buyer)
+        assert await buyer.connect() == 0
+        assert await buyer.subscribe("paid/r") == [0]
+        assert [m.payload for m in await buyer.got.drain(within=1.0)] == []
+        assert "paid/r" not in running.broker._retained_messages
+        paid = running.service.meter.accounts.get(channel)
+        assert paid is None or paid.charged + paid.reserved == 0
+    finally:
+        for c in clients:
+            c.close()
+        await running.stop()
+        await disconnect(w3)
