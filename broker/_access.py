@@ -4,7 +4,9 @@ Why apart from the service wiring: these decisions are the broker's security bou
 hot path, and they only read in-memory state (the chain view, the meter), so they can be read,
 reviewed and tested as one piece. :class:`AccessDecisions` is the part of
 :class:`~blendsm.broker.MarketplaceService` that makes them; the service supplies the state.
-Every decision classifies the topic with :func:`~blendsm.broker._topics.classify_topic`.
+Every decision classifies the topic with :func:`~blendsm.broker._topics.classify_topic` first,
+before any chain view lookup: the reserved ``blendsm/`` tree is decided here whatever the chain
+says, so a topic an older Market let a seller squat there cannot hijack it.
 
 Fail closed: an unknown session, an unhealthy chain view, a missing channel or any exception
 answers "no", and the log says why. Public (non-market) topics follow ``public_topics`` and keep
@@ -93,8 +95,8 @@ class AccessDecisions:
             return False
         if session.will_flag and not self._will_allowed(session.will_topic):
             self.log.warning(
-                "CONNECT refused for client %r: Will topic %r is a market or control topic, or"
-                " public topics are off",
+                "CONNECT refused for client %r: Will topic %r is in the reserved blendsm/ tree or"
+                " a market topic, or public topics are off",
                 session.client_id,
                 session.will_topic,
             )
@@ -146,8 +148,8 @@ class AccessDecisions:
         return None
 
     def _will_allowed(self, topic: str | None) -> bool:
-        if not topic or classify_topic(topic) is TopicClass.CONTROL:
-            return False
+        if not topic or classify_topic(topic) is not TopicClass.OPEN:
+            return False  # the reserved tree: only the broker and the sellers' keys write there
         if self.view.is_market_topic(topic):
             return False
         return self.public_topics
@@ -179,7 +181,15 @@ class AccessDecisions:
                     ident.address,
                 )
             return allowed
-        if "+" in topic_filter or "#" in topic_filter:
+        wildcard = "+" in topic_filter or "#" in topic_filter
+        if reserved is TopicClass.RESERVED and not wildcard:
+            self.log.info(
+                "SUBSCRIBE %r refused for %s: reserved topic",
+                topic_filter,
+                ident.address or "anonymous",
+            )
+            return False
+        if wildcard:  # each message is gated (admit), reserved ones included
             return self.public_topics or bool(ident.key)
         view = self.view
         topic = view.topic_for_name(topic_filter)
@@ -217,10 +227,10 @@ class AccessDecisions:
         if ident is None:
             return False
         reserved = classify_topic(topic_name)
-        if reserved is TopicClass.CONTROL or reserved is TopicClass.ANCHORS:
-            return False  # only the broker publishes there
         if reserved is TopicClass.KEYS:
             return self._is_key_publisher(ident, topic_name)
+        if reserved is not TopicClass.OPEN:
+            return False  # only the broker publishes there (control: its own intake)
         view = self.view
         topic = view.topic_for_name(topic_name)
         if topic is None:
@@ -245,12 +255,12 @@ class AccessDecisions:
         if ident is None:
             return False
         reserved = classify_topic(topic_name)
-        if reserved is TopicClass.CONTROL:
-            return False
         if reserved is TopicClass.ANCHORS:
             return True
         if reserved is TopicClass.KEYS:
             return self._is_key_owner(ident, topic_name)
+        if reserved is not TopicClass.OPEN:
+            return False
         view = self.view
         topic = view.topic_for_name(topic_name)
         if topic is None:
@@ -264,16 +274,16 @@ class AccessDecisions:
         ident = getattr(session, "blendsm", None)
         if ident is None:
             return Verdict.DENY
-        view = self.view
-        topic = view.topic_for_name(topic_name)
-        if topic is None:  # not a market topic the view can decide: the reserved trees first
-            reserved = classify_topic(topic_name)
+        reserved = classify_topic(topic_name)  # the reserved tree first, whatever the chain says
+        if reserved is not TopicClass.OPEN:
             if reserved is TopicClass.ANCHORS:
                 return Verdict.FREE
             if reserved is TopicClass.KEYS:
                 return Verdict.FREE if self._is_key_owner(ident, topic_name) else Verdict.DENY
-            if reserved is TopicClass.CONTROL:
-                return Verdict.DENY
+            return Verdict.DENY  # control (sent as notices, never broadcast) and the rest
+        view = self.view
+        topic = view.topic_for_name(topic_name)
+        if topic is None:
             if view.is_market_topic(topic_name):  # the view cannot decide: fail closed
                 self.stats.deliveries_denied += 1
                 return Verdict.DENY

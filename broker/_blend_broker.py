@@ -11,7 +11,9 @@ would leak data or let a stranger disturb a session:
 * CONNECT is authenticated *before* amqtt takes over or deletes a session with that client
   id, and a client id bound to one address cannot be resumed by another;
 * retained messages go out only on a SUBSCRIBE, to the subscribing session, at its granted
-  QoS (amqtt sends them to every filter of every client on each CONNECT);
+  QoS (amqtt sends them to every filter of every client on each CONNECT); no client leaves one
+  in the reserved ``blendsm/`` tree (but a seller its wrapped topic keys), and the retained
+  message of a name dies when the name becomes a market topic;
 * messages queued for an offline session are replayed through the gate with retain=False,
   and pause (stay queued) when the credit runs out, resuming when a voucher arrives.
 
@@ -26,7 +28,7 @@ import contextvars
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import amqtt
 from amqtt.broker import Action, Broker
@@ -39,8 +41,11 @@ from amqtt.session import OutgoingApplicationMessage, Session
 from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._meter import Charge
 from blendsm.broker._service import MAX_OFFLINE_PAID, MarketplaceService
-from blendsm.broker._topics import TopicClass, classify_topic
+from blendsm.broker._topics import TopicClass, classify_topic, is_reserved
 from blendsm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from blendsm.contracts import ChainEvent
 
 __all__ = ["AMQTT_VERSION", "BlendBroker", "MeteredHandler", "check_amqtt_compatibility"]
 
@@ -72,6 +77,7 @@ _EXPECTED: Final = {
     (Broker, "_publish_retained_messages_for_subscription"): ["self", "subscription", "session"],
     (Broker, "_publish_session_retained_messages"): ["self", "session"],
     (Broker, "_retain_broadcast_message"): ["self", "broadcast", "qos", "target_session"],
+    (Broker, "retain_message"): ["self", "source_session", "topic_name", "data", "qos"],
     (Broker, "_delete_session"): ["self", "client_id"],
     (Broker, "create_offline_session"): ["self", "client_id"],
     (BrokerProtocolHandler, "mqtt_publish"): [
@@ -288,6 +294,9 @@ class BlendBroker(Broker):
     _blendsm: MarketplaceService | None = None
     _other_topic_plugins: bool | None = None
     _other_auth_plugins: bool | None = None
+    _unlisten_market: Callable[[], None] | None = None
+    _market_retained: set[str] | None = None
+    """Names whose retained message was kept while they were market topics (by a device)."""
 
     def __init__(
         self,
@@ -301,11 +310,19 @@ class BlendBroker(Broker):
         if service is not None:
             service.broker = self
         super().__init__(config, loop, plugin_namespace)
+        if service is not None:
+            self._follow_market(service)
 
     def attach_service(self, service: MarketplaceService) -> None:
         """Serve ``service`` (used by the plugin after a class swap)."""
         self._blendsm = service
         service.broker = self
+        self._follow_market(service)
+
+    def _follow_market(self, service: MarketplaceService) -> None:
+        if self._unlisten_market is not None:
+            self._unlisten_market()
+        self._unlisten_market = service.view.on_change(self._on_chain_event)
 
     @property
     def service(self) -> MarketplaceService:
@@ -498,7 +515,67 @@ class BlendBroker(Broker):
         )
         if granted is None:
             return
+        await self._drop_retained_of_new_market_topics()
         await super()._publish_retained_messages_for_subscription((topic_filter, granted), session)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """Keep (or clear) the retained message of ``topic_name``; a client's retained
+        message or Will in the reserved tree is refused, but a seller's wrapped topic key."""
+        if topic_name is None:
+            return
+        if (
+            source_session is not None
+            and is_reserved(topic_name)
+            and not (
+                classify_topic(topic_name) is TopicClass.KEYS
+                and self.service.allow_publish(source_session, topic_name)
+            )
+        ):
+            self.logger.warning(
+                "retained message of client %r on %r refused: the blendsm/ tree is reserved",
+                source_session.client_id,
+                topic_name,
+            )
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+        marked = self._marked_retained()
+        if topic_name in self._retained_messages and self.service.view.is_market_topic(topic_name):
+            marked.add(topic_name)
+        else:
+            marked.discard(topic_name)
+
+    def _marked_retained(self) -> set[str]:
+        if self._market_retained is None:
+            self._market_retained = set()
+        return self._market_retained
+
+    async def _on_chain_event(self, event: ChainEvent) -> None:
+        """A name the chain view now knows as a market topic loses its retained message."""
+        if event.contract == "Market" and event.event == "TopicCreated":
+            name = str(event.args["name"])
+            if self.service.view.is_market_topic(name):
+                await self._drop_retained(name, "the name became a market topic")
+
+    async def _drop_retained(self, name: str, why: str) -> None:
+        self._marked_retained().discard(name)
+        if name in self._retained_messages:
+            self.logger.warning("retained message on %r dropped: %s", name, why)
+            await Broker.retain_message(self, None, name, b"")
+
+    async def _drop_retained_of_new_market_topics(self) -> None:
+        """Drop retained messages kept before their name was known as a market topic (e.g.
+        published while the chain view was still syncing, so no live event reported it)."""
+        view = self.service.view
+        marked = self._marked_retained()
+        stale = [t for t in self._retained_messages if t not in marked and view.is_market_topic(t)]
+        for name in stale:
+            await self._drop_retained(name, "kept before the name was known as a market topic")
 
     # --- offline queue: bounded on entry, gated and resumable on replay -------------------
 

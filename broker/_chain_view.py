@@ -9,7 +9,9 @@ replayed and the live state cannot diverge.
 Fail closed: a cache miss answers "no" (False/None), and while the view is not synced, was
 stopped, or has not been caught up with the chain for longer than ``max_staleness`` seconds,
 :attr:`ChainView.healthy` is False and every market decision answers "no". The reason is
-logged once per change. Public (non-market) topics are not this module's concern.
+logged once per change. Public (non-market) topics are not this module's concern. A topic
+under the reserved ``blendsm/`` tree (which ``Market`` refuses, but an older deployment did
+not) is never a market topic here: its events are ignored, with a warning.
 
 Cache accounting (for metrics, one integer increment per decision lookup): a lookup is a
 *hit* when the view is healthy and holds the record the decision is keyed on (the topic, the
@@ -34,6 +36,7 @@ from web3 import AsyncWeb3
 
 from blendsm import backoff_delay
 from blendsm.broker._config import ChainConfig, default_staleness
+from blendsm.broker._topics import is_reserved
 from blendsm.contracts import (
     ChainEvent,
     ChannelInfo,
@@ -132,6 +135,8 @@ class ChainView:
         self._topics: dict[bytes, TopicInfo] = {}
         self._by_name: dict[str, TopicInfo] = {}
         self._listed: dict[bytes, set[str]] = {}
+        # Topics an older Market let a seller create under the reserved blendsm/ tree: ignored.
+        self._reserved_ids: set[bytes] = set()
         self._ratings: dict[str, tuple[int, int]] = {}  # ratee (lower) -> (count, total)
         self._channels: dict[bytes, ChannelInfo] = {}
         self._by_payer: dict[str, list[bytes]] = {}  # payer (lower) -> channel ids, oldest first
@@ -462,6 +467,18 @@ class ChainView:
                     self._participants[key] = (role, Status.LEFT)
         elif event.contract == "Market":
             topic_id = bytes(a["topicId"])
+            if topic_id in self._reserved_ids:
+                return
+            if name == "TopicCreated" and is_reserved(a["name"]):
+                self._reserved_ids.add(topic_id)
+                self.log.warning(
+                    "chain view: ignoring topic %r of seller %s (0x%s): the blendsm/ tree is"
+                    " reserved for the broker, never a market topic",
+                    a["name"],
+                    a["seller"],
+                    topic_id.hex(),
+                )
+                return
             if name == "TopicCreated":
                 token = a["token"]
                 self._put_topic(

@@ -12,6 +12,7 @@ import {Registry} from "./Registry.sol";
 /// A seller may mark a topic encrypted (`setEncrypted`): its devices seal payloads end to end
 /// and the seller's key service hands topic keys only to entitled buyers. The mark is a public
 /// statement for buyers and brokers; the contract cannot see payloads and does not enforce it.
+/// Names under `blendsm/` are refused: that tree carries the brokers' own traffic.
 contract Market {
     /// @notice Who may subscribe: every active buyer, only listed buyers, every active buyer
     /// but the listed ones, or buyers whose average rating reaches a minimum.
@@ -37,6 +38,9 @@ contract Market {
     /// @notice Ratings read by the MinRating policy.
     Ratings public immutable ratings;
 
+    /// The brokers' reserved topic tree: no market topic may live under it.
+    bytes8 private constant _RESERVED_ROOT = "blendsm/";
+
     mapping(bytes32 topicId => Topic) private _topics;
     mapping(bytes32 topicId => mapping(address account => bool)) private _listed;
     bytes32[] private _topicIds;
@@ -53,6 +57,9 @@ contract Market {
     error MarketNotSeller(bytes32 topicId, address caller);
     /// @notice The name is empty, too long, has an MQTT wildcard or NUL, or starts with '$'.
     error MarketInvalidTopicName();
+    /// @notice The name lies in the broker's reserved tree `blendsm/` (anchor notices, wrapped
+    /// topic keys, control traffic).
+    error MarketReservedName();
     /// @notice The minimum rating must be 100..500 for MinRating and 0 for other policies.
     error MarketInvalidMinRating(uint16 minRatingX100);
     /// @notice The topic is already in the asked pause state.
@@ -91,7 +98,8 @@ contract Market {
     }
 
     /// @notice Register the topic `name` (active sellers only).
-    /// @param name Exact MQTT topic name: 1..65535 bytes, no '+', '#' or NUL, not starting with '$'.
+    /// @param name Exact MQTT topic name: 1..65535 bytes, no '+', '#' or NUL, not starting with
+    /// '$' nor with the reserved root `blendsm/`.
     /// @param price Price per delivered message, in the token's smallest unit.
     /// @param token ERC-20 address, or address(0) for the native coin.
     /// @param policy The access policy.
@@ -241,5 +249,6 @@ contract Market {
             bytes1 ch = name[i];
             if (ch == "+" || ch == "#" || ch == 0x00) revert MarketInvalidTopicName();
         }
+        if (n >= 8 && bytes8(name[:8]) == _RESERVED_ROOT) revert MarketReservedName();
     }
 }

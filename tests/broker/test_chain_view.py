@@ -422,3 +422,43 @@ async def test_differential_random_actions(
     fresh = make_view(chain, w3)
     await fresh.sync()
     await assert_agrees(fresh, chain, mp, existing)
+
+
+async def test_a_topic_squatted_under_the_reserved_tree_is_ignored(chain: Any, w3: Any) -> None:
+    """An older Market let a seller create ``blendsm/anchors``: the view never treats it as a
+    market topic, and that topic's later events neither apply nor break the view."""
+    view = make_view(chain, w3)
+    await view.sync()
+    topic_id = b"\x11" * 32
+
+    def event(name: str, args: dict[str, Any]) -> ChainEvent:
+        return ChainEvent(
+            "Market",
+            name,
+            {"topicId": topic_id, **args},
+            1,
+            0,
+            b"\x00" * 32,
+            chain.deployment.address("Market"),
+            b"\x00" * 32,
+        )
+
+    view.apply(
+        event(
+            "TopicCreated",
+            {
+                "seller": chain.addr("seller"),
+                "name": "blendsm/anchors",
+                "token": "0x" + "00" * 20,
+                "price": PRICE,
+                "policy": Policy.OPEN,
+                "minRatingX100": 0,
+            },
+        )
+    )
+    view.apply(event("PriceChanged", {"oldPrice": PRICE, "newPrice": 1}))
+    view.apply(event("TopicPaused", {}))
+    assert not view.is_market_topic("blendsm/anchors")
+    assert view.topic_for_name("blendsm/anchors") is None
+    assert view.topic(topic_id) is None
+    assert view.all_topics() == []

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=Tr
 
 ZERO = "0x" + "00" * 20
 SELLER, BUYER, OPERATOR = 1, 2, 3
-NAME = "blendsm/sensors/room1/temperature"
+NAME = "sensors/room1/temperature"
 PRICE = 1_000
 
 
@@ -139,6 +139,30 @@ def test_invalid_topic_names(chain, mkt, reverts, members, name):
     with reverts("MarketInvalidTopicName"):
         mkt.createTopic(name, 0, ZERO, Policy.OPEN, 0).transact({"from": chain.addr("seller")})
     assert mkt.topicCount().call() == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "blendsm/anchors",
+        "blendsm/keys/" + "ab" * 32 + "/0x" + "11" * 20,
+        "blendsm/ctl/0x" + "11" * 20 + "/notice",
+        "blendsm/",
+        "blendsm/anything/else",
+    ],
+    ids=lambda n: repr(n[:20]),
+)
+def test_reserved_names_are_refused(chain, mkt, reverts, members, name):
+    """The broker's own tree ``blendsm/`` is no market topic (anchor notices, wrapped keys)."""
+    with reverts("MarketReservedName"):
+        mkt.createTopic(name, 0, ZERO, Policy.OPEN, 0).transact({"from": chain.addr("seller")})
+    assert mkt.topicCount().call() == 0
+
+
+@pytest.mark.parametrize("name", ["blendsm", "blendsmX", "blendsm_anchors", "x/blendsm/anchors"])
+def test_names_next_to_the_reserved_tree_are_valid(chain, mkt, tx, members, name):
+    tx(mkt.createTopic(name, 0, ZERO, Policy.OPEN, 0), "seller")
+    assert mkt.topic(tid(name)).call()[6] == name
 
 
 def test_topic_name_longer_than_65535_bytes_is_refused(chain, mkt, reverts, members):
