@@ -24,7 +24,6 @@ at import so an upgrade fails loudly instead of silently bypassing the meter.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 from collections.abc import Callable
@@ -35,11 +34,10 @@ from amqtt.broker import Action, Broker
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.publish import PublishPacket
-from amqtt.session import OutgoingApplicationMessage, Session
+from amqtt.session import Session
 
 from blendsm.broker._access import Identity, Verdict
-from blendsm.broker._meter import Charge
+from blendsm.broker._handler import KEEPALIVE_GRACE, MeteredHandler, PublishedPayload
 from blendsm.broker._service import MAX_OFFLINE_PAID, MarketplaceService
 from blendsm.broker._topics import TopicClass, classify_topic, is_reserved
 from blendsm.errors import ConfigError
@@ -53,14 +51,6 @@ AMQTT_VERSION: Final = "0.12.1"
 """The amqtt release whose private methods this module overrides."""
 
 _log = logging.getLogger("blendsm.broker")
-
-#: The reservation of the delivery being written by the current task (one per mqtt_publish).
-KEEPALIVE_GRACE: Final = 1.5
-"""A client silent for this many keepalive periods is disconnected (MQTT-3.1.2-24)."""
-
-_CHARGE: contextvars.ContextVar[Charge | None] = contextvars.ContextVar(
-    "blendsm_charge", default=None
-)
 
 _EXPECTED: Final = {
     (Broker, "_initialize_client_session"): [
@@ -107,182 +97,6 @@ def check_amqtt_compatibility() -> None:
 
 
 check_amqtt_compatibility()
-
-
-class MeteredHandler(BrokerProtocolHandler):
-    """A connection's protocol handler whose PUBLISHes to the client are gated and metered.
-
-    Installed by swapping ``__class__`` (amqtt constructs the handler itself); the service
-    is set as ``_blendsm`` right after."""
-
-    _blendsm: MarketplaceService
-
-    async def mqtt_publish(
-        self,
-        topic: str,
-        data: bytes | bytearray,
-        qos: int | None,
-        retain: bool,
-        ack_timeout: int | None = None,
-    ) -> OutgoingApplicationMessage:
-        if type(data) is PublishedPayload and qos is not None and data.publish_qos < qos:
-            qos = data.publish_qos  # delivered QoS = min(publish QoS, granted QoS)
-        sent = await self.publish_gated(topic, data, qos, retain, ack_timeout)
-        return sent  # None when not sent; amqtt ignores it
-
-    async def publish_gated(
-        self,
-        topic: str,
-        data: bytes | bytearray,
-        qos: int | None,
-        retain: bool,
-        ack_timeout: int | None = None,
-    ) -> OutgoingApplicationMessage | Verdict | None:
-        """Send through the gate: the message, or the Verdict that stopped it."""
-        service = self._blendsm
-        session = self.session
-        if session is None:
-            return Verdict.DENY
-        verdict = service.admit(session, topic)
-        if verdict is Verdict.FREE:
-            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
-        if not isinstance(verdict, Charge):
-            if verdict is Verdict.NO_CREDIT:
-                request = service.payment_request_for(session)
-                if request is not None:
-                    await service.send_notice(self, session.blendsm, request)
-            return verdict
-        charge = verdict
-        token = None
-        try:
-            quote = service.quote_for(session, charge)
-            if quote is not None:
-                await service.send_notice(self, session.blendsm, quote)
-            token = _CHARGE.set(charge)
-            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
-        finally:
-            if token is not None:
-                _CHARGE.reset(token)
-            if not charge.done:
-                service.meter.release(charge)
-
-    async def handle_publish(self, publish_packet: PublishPacket) -> None:
-        """A client's PUBLISH: on a market topic the signed envelope is checked, de-duplicated
-        by (device, topic, sequence), and its leaf stored before amqtt acknowledges it (durably
-        for QoS 1/2, queued for QoS 0); an invalid or duplicate one is marked so the broker
-        drops it instead of broadcasting it (a duplicate is still acknowledged)."""
-        topic = publish_packet.topic_name
-        session = self.session
-        service = self._blendsm
-        earlier = None
-        if session is not None and publish_packet.qos == 2 and publish_packet.packet_id:
-            earlier = session.inflight_in.get(publish_packet.packet_id)
-        if earlier is not None and (earlier.topic, earlier.data) == (topic, publish_packet.data):
-            # A QoS 2 re-send awaiting PUBREL: amqtt delivers it instead of the first copy,
-            # so it keeps that copy's verdict (not dropped as that copy's duplicate).
-            publish_packet.blendsm_rejected = getattr(
-                earlier.publish_packet, "blendsm_rejected", False
-            )
-        elif topic and session is not None and service.view.is_market_topic(topic):
-            checked = service.inspect_publish(session, topic, publish_packet.data or b"")
-            if checked is False or (
-                checked is not None
-                and not await service.admit_envelope(topic, *checked, publish_packet.qos or 0)
-            ):
-                publish_packet.blendsm_rejected = True
-        await super().handle_publish(publish_packet)
-
-    def handle_read_timeout(self) -> None:
-        """Nothing arrived for 1.5 x the client's keepalive (the reader's timeout, set at
-        CONNECT): drop the connection. amqtt's own handler ignores the timeout, so a silent
-        client held its socket forever and its Will never went out. Aborting the transport
-        ends the reader (EOF), and the broker then treats it as an unclean disconnect: the
-        Will is published. Abort, not close: a client that stopped reading would block the
-        graceful close's drain."""
-        session = self.session
-        self._blendsm.stats.keepalive_timeouts += 1
-        _log.info(
-            "client %r silent for %.1fs (1.5 x keepalive): disconnected",
-            getattr(session, "client_id", None),
-            getattr(session, "keep_alive", 0),
-        )
-        _abort(self.writer)
-
-    async def _send_packet(self, packet: Any) -> None:
-        charge = _CHARGE.get()
-        if charge is None or charge.done or type(packet) is not PublishPacket or packet.dup_flag:
-            await super()._send_packet(packet)
-            return
-        # The PUBLISH of a reserved delivery: it counts only if its bytes reach the transport.
-        meter = self._blendsm.meter
-        writer = self.writer
-        if writer is None or getattr(writer, "is_closed", False):
-            meter.release(charge)
-            await super()._send_packet(packet)
-            return
-        try:
-            async with self._write_lock:
-                await packet.to_stream(writer)
-        except (ConnectionResetError, BrokenPipeError):
-            meter.release(charge)
-            await self.handle_connection_closed()
-            return
-        except BaseException:
-            meter.release(charge)
-            raise
-        if getattr(writer, "is_closed", False):
-            meter.release(charge)  # the adapter dropped the bytes silently
-        else:
-            meter.commit(charge)
-        keepalive: Any = getattr(self, "_keepalive_task", None)
-        if keepalive:
-            keepalive.cancel()
-            if self.keepalive_timeout is not None:
-                self._keepalive_task = self._loop.call_later(
-                    self.keepalive_timeout, self.handle_write_timeout
-                )
-        from amqtt.events import MQTTEvents
-
-        await self.plugins_manager.fire_event(
-            MQTTEvents.PACKET_SENT, packet=packet, session=self.session
-        )
-
-
-class PublishedPayload(bytes):
-    """A client's PUBLISH payload carrying the QoS it was published with.
-
-    amqtt's broadcast hands each subscriber's handler only (topic, data, granted QoS), and
-    stock amqtt 0.12.1 delivered at the granted QoS, upgrading a QoS 0 publish to QoS 1 or 2.
-    The payload object is what travels to the handler (live broadcast and the offline queue),
-    so it carries the publish QoS, and the handler delivers at min(publish, granted)
-    (MQTT 3.1.1, 3.8.4). One object per PUBLISH, not per delivery."""
-
-    publish_qos: int
-
-    @classmethod
-    def of(cls, data: bytes | bytearray, qos: int | None) -> PublishedPayload:
-        payload = cls(data)
-        payload.publish_qos = qos or 0
-        return payload
-
-
-def _abort(writer: Any) -> None:
-    """Close a client's connection at once, pending output dropped (plain TCP or TLS); other
-    transports (WebSocket) get a bounded graceful close."""
-    stream = getattr(writer, "_writer", None)
-    transport = getattr(stream, "transport", None)
-    if transport is not None:
-        writer.is_closed = True
-        transport.abort()
-        return
-    if writer is not None:
-        task = asyncio.get_running_loop().create_task(asyncio.wait_for(writer.close(), 1.0))
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
-
-
-_closing: set[asyncio.Task[Any]] = set()
-"""Graceful closes in flight (a reference, so they are not garbage-collected mid-way)."""
 
 
 class BlendBroker(Broker):
