@@ -37,7 +37,13 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from blendsm.broker._access import Identity, Verdict
-from blendsm.broker._handler import KEEPALIVE_GRACE, MeteredHandler, PublishedPayload
+from blendsm.broker._handler import (
+    KEEPALIVE_GRACE,
+    MeteredHandler,
+    PublishedPayload,
+    abort_connection,
+)
+from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._service import MAX_OFFLINE_PAID, MarketplaceService
 from blendsm.broker._topics import TopicClass, classify_topic, is_reserved
 from blendsm.errors import ConfigError
@@ -51,6 +57,8 @@ AMQTT_VERSION: Final = "0.12.1"
 """The amqtt release whose private methods this module overrides."""
 
 _log = logging.getLogger("blendsm.broker")
+_CONNECT_TIMEOUT_LOG: Final = LogLimiter(_log)
+"""Idle sockets are client-controlled: one log line a minute for them, with a count."""
 
 _EXPECTED: Final = {
     (Broker, "_initialize_client_session"): [
@@ -160,10 +168,22 @@ class BlendBroker(Broker):
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
+        timeout = self.service.config.limits.connect_timeout_seconds
         try:
-            handler, session = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager
+            handler, session = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
+                timeout,
             )
+        except TimeoutError as exc:
+            self.service.stats.connect_timeouts += 1
+            _CONNECT_TIMEOUT_LOG.note(
+                "%s:%s sent no complete CONNECT within %.1fs: closed",
+                remote_address,
+                remote_port,
+                timeout,
+            )
+            abort_connection(writer)
+            raise AMQTTError("CONNECT timeout") from exc
         except AMQTTError as exc:
             self.logger.warning(
                 "%s:%s: first packet is not a CONNECT: %s", remote_address, remote_port, exc

@@ -17,11 +17,8 @@ resolved against the config file's folder by :func:`load_config`, or against
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from decimal import Decimal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
@@ -29,7 +26,22 @@ from urllib.parse import urlsplit
 import yaml  # type: ignore[import-untyped]
 from eth_account.signers.local import LocalAccount
 
-from blendsm.device_sdk import UINT256_MAX, account_from_env, account_from_keystore
+from blendsm.broker._config_fields import (
+    KEY_ADVICE,
+    PRIVATE_KEY,
+    amount,
+    check_keys,
+    env_name,
+    integer,
+    mapping,
+    path_field,
+    refuse_inline_keys,
+    resolve,
+    seconds,
+    section,
+    typed,
+)
+from blendsm.device_sdk import account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 
 __all__ = [
@@ -39,6 +51,7 @@ __all__ = [
     "BrokerConfig",
     "ChainConfig",
     "HttpConfig",
+    "LimitsConfig",
     "ListenConfig",
     "MetricsConfig",
     "OperatorKeyConfig",
@@ -58,12 +71,6 @@ LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 _T = TypeVar("_T")
 _URL_SCHEMES = ("http", "https", "ws", "wss")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PRIVATE_KEY = re.compile(r"(?<![0-9A-Za-z])(?:0[xX])?[0-9a-fA-F]{64}(?![0-9A-Za-z])")
-_KEY_ADVICE = (
-    "looks like a private key; never put keys in the config: name an environment "
-    "variable (operator_key.env) or a keystore file (operator_key.keystore + password_env)"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +163,15 @@ class AnchoringConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds on what a client controls, beyond the payment credit."""
+
+    connect_timeout_seconds: float = 10.0
+    """Seconds a new connection may take to send a complete CONNECT before it is closed
+    (> 0; at most 3600): idle sockets would otherwise hold file descriptors forever."""
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The Prometheus metrics endpoint (``GET /metrics``); off unless a port is given."""
 
@@ -190,6 +206,8 @@ class BrokerConfig:
     """Metering credit and settlement policy."""
     anchoring: AnchoringConfig = field(default_factory=AnchoringConfig)
     """Batching of message leaves into on-chain anchors."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Bounds on what clients control (CONNECT time)."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Prometheus endpoint (disabled by default)."""
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -238,8 +256,8 @@ def load_config(path: str | Path) -> BrokerConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from exc
     for number, line in enumerate(text.splitlines(), start=1):
-        if _PRIVATE_KEY.search(line):
-            raise ConfigError(f"{path}:{number}: {_KEY_ADVICE}")
+        if PRIVATE_KEY.search(line):
+            raise ConfigError(f"{path}:{number}: {KEY_ADVICE}")
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -255,30 +273,31 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
 
     With ``base_dir``, relative paths are resolved against it; otherwise kept as given.
     """
-    _refuse_inline_keys(data, "")
-    root = _mapping(data, "config")
+    refuse_inline_keys(data, "")
+    root = mapping(data, "config")
     base = None if base_dir is None else Path(base_dir)
-    _check_keys(root, BrokerConfig, "")
-    chain = _parse_chain(_section(root, "chain"), base)
+    check_keys(root, BrokerConfig, "")
+    chain = _parse_chain(section(root, "chain"), base)
     operator_key = _parse_operator_key(root.get("operator_key"), base)
     if operator_key is None and chain.endpoint != EMBEDDED:
         raise ConfigError(
             "operator_key: required when chain.endpoint is not embedded "
             "(give env: VAR or keystore: path + password_env: VAR)"
         )
-    log_level = _typed(root, "log_level", "", str, _DEFAULTS.log_level).upper()
+    log_level = typed(root, "log_level", "", str, _DEFAULTS.log_level).upper()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     return BrokerConfig(
-        listen=_parse_listen(_section(root, "listen")),
+        listen=_parse_listen(section(root, "listen")),
         chain=chain,
         operator_key=operator_key,
-        payments=_parse_payments(_section(root, "payments")),
-        anchoring=_parse_anchoring(_section(root, "anchoring")),
-        metrics=_parse_metrics(_section(root, "metrics")),
-        http=_parse_http(_section(root, "http")),
-        data_dir=_path(root, "data_dir", "", base) or _resolve(_DEFAULTS.data_dir, base),
-        public_topics=_typed(root, "public_topics", "", bool, _DEFAULTS.public_topics),
+        payments=_parse_payments(section(root, "payments")),
+        anchoring=_parse_anchoring(section(root, "anchoring")),
+        limits=_parse_limits(section(root, "limits")),
+        metrics=_parse_metrics(section(root, "metrics")),
+        http=_parse_http(section(root, "http")),
+        data_dir=path_field(root, "data_dir", "", base) or resolve(_DEFAULTS.data_dir, base),
+        public_topics=typed(root, "public_topics", "", bool, _DEFAULTS.public_topics),
         log_level=log_level,
     )
 
@@ -306,14 +325,14 @@ _DEFAULTS: Final = BrokerConfig()
 
 
 def _parse_listen(data: Mapping[str, Any]) -> ListenConfig:
-    _check_keys(data, ListenConfig, "listen")
+    check_keys(data, ListenConfig, "listen")
     host = _host(data, "listen", _DEFAULTS.listen.host)
-    port = _int(data, "port", "listen", _DEFAULTS.listen.port, low=0, high=65535)
+    port = integer(data, "port", "listen", _DEFAULTS.listen.port, low=0, high=65535)
     return ListenConfig(host=host, port=port)
 
 
 def _host(data: Mapping[str, Any], prefix: str, default: str) -> str:
-    host = _typed(data, "host", prefix, str, default)
+    host = typed(data, "host", prefix, str, default)
     if not host.strip():
         raise ConfigError(f"{prefix}.host: must not be empty")
     return host
@@ -324,13 +343,13 @@ def _optional_endpoint(
 ) -> tuple[str, int | None]:
     """``(host, port)`` of an optional HTTP endpoint: no port means the endpoint is off."""
     host = _host(data, prefix, default)
-    port = None if data.get("port") is None else _int(data, "port", prefix, 0, low=0, high=65535)
+    port = None if data.get("port") is None else integer(data, "port", prefix, 0, low=0, high=65535)
     return host, port
 
 
 def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
-    _check_keys(data, ChainConfig, "chain")
-    endpoint = _typed(data, "endpoint", "chain", str, _DEFAULTS.chain.endpoint).strip()
+    check_keys(data, ChainConfig, "chain")
+    endpoint = typed(data, "endpoint", "chain", str, _DEFAULTS.chain.endpoint).strip()
     if endpoint != EMBEDDED:
         parts = urlsplit(endpoint)
         if parts.scheme.lower() not in _URL_SCHEMES or not parts.netloc:
@@ -338,7 +357,7 @@ def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
                 f"chain.endpoint: must be 'embedded' or an http(s):// or ws(s):// URL, "
                 f"got {endpoint!r}"
             )
-    deployment = _path(data, "deployment", "chain", base)
+    deployment = path_field(data, "deployment", "chain", base)
     if endpoint == EMBEDDED and deployment is not None:
         raise ConfigError(
             "chain.deployment: not used with the embedded chain (it deploys its own "
@@ -346,12 +365,12 @@ def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
         )
     if endpoint != EMBEDDED and deployment is None:
         raise ConfigError("chain.deployment: required when chain.endpoint is not embedded")
-    poll_interval = _seconds(
+    poll_interval = seconds(
         data, "poll_interval", "chain", _DEFAULTS.chain.poll_interval, allow_zero=False
     )
     max_staleness: float | None = None
     if data.get("max_staleness") is not None:
-        max_staleness = _seconds(data, "max_staleness", "chain", 0.0, allow_zero=False)
+        max_staleness = seconds(data, "max_staleness", "chain", 0.0, allow_zero=False)
     if max_staleness is not None and max_staleness <= poll_interval:
         raise ConfigError(
             f"chain.max_staleness: must exceed chain.poll_interval ({poll_interval:g} s),"
@@ -360,7 +379,7 @@ def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
     return ChainConfig(
         endpoint=endpoint,
         deployment=deployment,
-        confirmations=_int(data, "confirmations", "chain", _DEFAULTS.chain.confirmations, low=0),
+        confirmations=integer(data, "confirmations", "chain", _DEFAULTS.chain.confirmations, low=0),
         poll_interval=poll_interval,
         max_staleness=max_staleness,
     )
@@ -374,11 +393,11 @@ def _parse_operator_key(value: Any, base: Path | None) -> OperatorKeyConfig | No
             "operator_key: must be a mapping (env: VAR_NAME, or keystore: path + "
             "password_env: VAR_NAME); keys go in environment variables or keystores"
         )
-    data = _mapping(value, "operator_key")
-    _check_keys(data, OperatorKeyConfig, "operator_key")
-    env = _env_name(data, "env")
-    keystore = _path(data, "keystore", "operator_key", base)
-    password_env = _env_name(data, "password_env")
+    data = mapping(value, "operator_key")
+    check_keys(data, OperatorKeyConfig, "operator_key")
+    env = env_name(data, "env")
+    keystore = path_field(data, "keystore", "operator_key", base)
+    password_env = env_name(data, "password_env")
     if (env is None) == (keystore is None):
         raise ConfigError(
             "operator_key: give exactly one of env (variable holding the hex key) "
@@ -392,209 +411,66 @@ def _parse_operator_key(value: Any, base: Path | None) -> OperatorKeyConfig | No
 
 
 def _parse_anchoring(data: Mapping[str, Any]) -> AnchoringConfig:
-    _check_keys(data, AnchoringConfig, "anchoring")
+    check_keys(data, AnchoringConfig, "anchoring")
     default = _DEFAULTS.anchoring
     return AnchoringConfig(
-        batch_seconds=_seconds(
+        batch_seconds=seconds(
             data, "batch_seconds", "anchoring", default.batch_seconds, allow_zero=False
         ),
-        batch_max_leaves=_int(
+        batch_max_leaves=integer(
             data, "batch_max_leaves", "anchoring", default.batch_max_leaves, low=1, high=2**20
         ),
     )
 
 
+def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
+    check_keys(data, LimitsConfig, "limits")
+    name, default = "connect_timeout_seconds", _DEFAULTS.limits.connect_timeout_seconds
+    timeout = seconds(data, name, "limits", default, allow_zero=False)
+    if timeout > 3600:
+        raise ConfigError(f"limits.{name}: must be <= 3600, got {timeout}")
+    return LimitsConfig(connect_timeout_seconds=timeout)
+
+
 def _parse_metrics(data: Mapping[str, Any]) -> MetricsConfig:
-    _check_keys(data, MetricsConfig, "metrics")
+    check_keys(data, MetricsConfig, "metrics")
     host, port = _optional_endpoint(data, "metrics", _DEFAULTS.metrics.host)
     return MetricsConfig(host=host, port=port)
 
 
 def _parse_http(data: Mapping[str, Any]) -> HttpConfig:
-    _check_keys(data, HttpConfig, "http")
+    check_keys(data, HttpConfig, "http")
     host, port = _optional_endpoint(data, "http", _DEFAULTS.http.host)
     return HttpConfig(host=host, port=port)
 
 
 def _parse_payments(data: Mapping[str, Any]) -> PaymentsConfig:
-    _check_keys(data, PaymentsConfig, "payments")
-    settlement = _section(data, "settlement", "payments")
-    _check_keys(settlement, SettlementConfig, "payments.settlement")
+    check_keys(data, PaymentsConfig, "payments")
+    settlement = section(data, "settlement", "payments")
+    check_keys(settlement, SettlementConfig, "payments.settlement")
     where = "payments.settlement"
     default, settle = _DEFAULTS.payments, _DEFAULTS.payments.settlement
     return PaymentsConfig(
-        credit_messages=_int(data, "credit_messages", "payments", default.credit_messages, low=1),
-        dedup_max_pairs=_int(data, "dedup_max_pairs", "payments", default.dedup_max_pairs, low=1),
+        credit_messages=integer(
+            data, "credit_messages", "payments", default.credit_messages, low=1
+        ),
+        dedup_max_pairs=integer(
+            data, "dedup_max_pairs", "payments", default.dedup_max_pairs, low=1
+        ),
         settlement=SettlementConfig(
-            threshold=_amount(settlement, "threshold", where, settle.threshold),
-            interval_seconds=_seconds(
+            threshold=amount(settlement, "threshold", where, settle.threshold),
+            interval_seconds=seconds(
                 settlement, "interval_seconds", where, settle.interval_seconds, allow_zero=False
             ),
-            before_close_margin_seconds=_seconds(
+            before_close_margin_seconds=seconds(
                 settlement,
                 "before_close_margin_seconds",
                 where,
                 settle.before_close_margin_seconds,
                 allow_zero=True,
             ),
-            min_gas_balance_wei=_amount(
+            min_gas_balance_wei=amount(
                 settlement, "min_gas_balance_wei", where, settle.min_gas_balance_wei
             ),
         ),
     )
-
-
-# --------------------------------------------------------------------------- fields
-
-
-def _dotted(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _refuse_inline_keys(value: Any, where: str) -> None:
-    """Refuse any string (key or value) that looks like a private key, anywhere."""
-    if isinstance(value, str):
-        if _PRIVATE_KEY.search(value):
-            raise ConfigError(f"{where or 'config'}: {_KEY_ADVICE}")
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            name = _dotted(where, str(key))
-            if isinstance(key, str) and _PRIVATE_KEY.search(key):
-                raise ConfigError(f"{where or 'config'}: a key name {_KEY_ADVICE}")
-            _refuse_inline_keys(item, name)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _refuse_inline_keys(item, f"{where}[{index}]")
-
-
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: must be a mapping, got {_type_name(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise ConfigError(f"{where}: keys must be strings, got {key!r}")
-    return value
-
-
-def _section(data: Mapping[str, Any], name: str, prefix: str = "") -> Mapping[str, Any]:
-    """A nested mapping; missing or empty (``name:`` with nothing under it) means defaults."""
-    value = data.get(name)
-    return {} if value is None else _mapping(value, _dotted(prefix, name))
-
-
-def _check_keys(data: Mapping[str, Any], cls: type, prefix: str) -> None:
-    known = [f.name for f in fields(cls)]
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-            raise ConfigError(f"{_dotted(prefix, key)}: unknown key{hint}")
-
-
-def _typed(data: Mapping[str, Any], name: str, prefix: str, kind: type[_T], default: _T) -> _T:
-    if name not in data:
-        return default
-    value = data[name]
-    # bool is an int subclass: never accept one for the other.
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(
-            f"{_dotted(prefix, name)}: must be {kind.__name__}, got {_type_name(value)} {value!r}"
-        )
-    return value
-
-
-def _int(
-    data: Mapping[str, Any],
-    name: str,
-    prefix: str,
-    default: int,
-    *,
-    low: int,
-    high: int | None = None,
-) -> int:
-    value = _typed(data, name, prefix, int, default)
-    if value < low:
-        raise ConfigError(f"{_dotted(prefix, name)}: must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ConfigError(f"{_dotted(prefix, name)}: must be <= {high}, got {value}")
-    return value
-
-
-def _seconds(
-    data: Mapping[str, Any], name: str, prefix: str, default: float, *, allow_zero: bool
-) -> float:
-    where = _dotted(prefix, name)
-    if name not in data:
-        return default
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(
-            f"{where}: must be a number of seconds, got {_type_name(value)} {value!r}"
-        )
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"{where}: must be finite, got {value}")
-    if allow_zero and value < 0:
-        raise ConfigError(f"{where}: must be >= 0, got {value}")
-    if not allow_zero and value <= 0:
-        raise ConfigError(f"{where}: must be > 0, got {value}")
-    return float(value)
-
-
-def _amount(data: Mapping[str, Any], name: str, prefix: str, default: int) -> int:
-    """A uint256 amount: an int or a decimal string of digits; floats refused (precision)."""
-    where = _dotted(prefix, name)
-    if name not in data:
-        return default
-    value = data[name]
-    if isinstance(value, float | Decimal):
-        raise ConfigError(
-            f"{where}: floats lose precision; write the amount in base units as an integer "
-            f"or a quoted decimal string (e.g. '1000000000000000000'), got {value!r}"
-        )
-    if isinstance(value, str):
-        text = value.strip().replace("_", "")
-        if not text.isascii() or not text.isdigit():
-            raise ConfigError(
-                f"{where}: must be a whole number of base units (digits only), got {value!r}"
-            )
-        value = int(text)
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(
-            f"{where}: must be an integer or a decimal string, got {_type_name(value)} {value!r}"
-        )
-    if value < 0:
-        raise ConfigError(f"{where}: must be >= 0, got {value}")
-    if value > UINT256_MAX:
-        raise ConfigError(f"{where}: must fit in uint256 (<= 2**256 - 1), got {value}")
-    return value
-
-
-def _path(data: Mapping[str, Any], name: str, prefix: str, base: Path | None) -> Path | None:
-    where = _dotted(prefix, name)
-    if data.get(name) is None:
-        return None
-    value = data[name]
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: must be a non-empty path, got {_type_name(value)} {value!r}")
-    return _resolve(Path(value).expanduser(), base)
-
-
-def _resolve(path: Path, base: Path | None) -> Path:
-    return path if base is None or path.is_absolute() else base / path
-
-
-def _env_name(data: Mapping[str, Any], name: str) -> str | None:
-    where = _dotted("operator_key", name)
-    value = data.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
-        raise ConfigError(
-            f"{where}: must be an environment variable name (letters, digits, _), "
-            f"got {_type_name(value)}; the key itself goes in that variable"
-        )
-    return value

@@ -24,7 +24,7 @@ from blendsm.broker._access import Verdict
 from blendsm.broker._meter import Charge
 from blendsm.broker._service import MarketplaceService
 
-__all__ = ["KEEPALIVE_GRACE", "MeteredHandler", "PublishedPayload"]
+__all__ = ["KEEPALIVE_GRACE", "MeteredHandler", "PublishedPayload", "abort_connection"]
 
 _log = logging.getLogger("blendsm.broker")
 
@@ -134,7 +134,7 @@ class MeteredHandler(BrokerProtocolHandler):
             getattr(session, "client_id", None),
             getattr(session, "keep_alive", 0),
         )
-        _abort(self.writer)
+        abort_connection(self.writer)
 
     async def _send_packet(self, packet: Any) -> None:
         charge = _CHARGE.get()
@@ -194,7 +194,7 @@ class PublishedPayload(bytes):
         return payload
 
 
-def _abort(writer: Any) -> None:
+def abort_connection(writer: Any) -> None:
     """Close a client's connection at once, pending output dropped (plain TCP or TLS); other
     transports (WebSocket) get a bounded graceful close."""
     stream = getattr(writer, "_writer", None)

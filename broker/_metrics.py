@@ -125,6 +125,11 @@ class BrokerCollector(Collector):
             stats.duplicates_dropped,
         )
         yield counter(
+            "connect_timeouts",
+            "Connections closed for not sending a complete CONNECT in time.",
+            stats.connect_timeouts,
+        )
+        yield counter(
             "keepalive_timeouts",
             "Connections dropped after 1.5 x their keepalive without a packet (Will sent).",
             stats.keepalive_timeouts,

@@ -36,6 +36,7 @@ from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import BrokerConfig
 from blendsm.broker._dedup import DedupWindow
 from blendsm.broker._leaf_store import AsyncLeafStore
+from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
 from blendsm.broker._stats import ServiceStats
 from blendsm.broker._store import AsyncVoucherStore
@@ -141,7 +142,7 @@ class MarketplaceService(AccessDecisions):
         )
         self.stats = ServiceStats()
         self.dedup = DedupWindow(config.payments.dedup_max_pairs)
-        self._duplicates_logged = (0.0, 0)  # (monotonic time, stats.duplicates_dropped) then
+        self._duplicates_log = LogLimiter(self.log, interval=DUPLICATE_LOG_INTERVAL)
         self.chain_errors = ChainErrors()
         self.store: AsyncVoucherStore | None = None
         self.settler: Settler | None = None
@@ -519,17 +520,12 @@ class MarketplaceService(AccessDecisions):
             envelope.device_address,
             envelope.sequence,
         )
-        now = time.monotonic()
-        at, count = self._duplicates_logged
-        if now - at >= DUPLICATE_LOG_INTERVAL:
-            self._duplicates_logged = (now, stats.duplicates_dropped)
-            self.log.info(
-                "dropped %d duplicate or replayed envelopes (%d in all); the last on %r from %s",
-                stats.duplicates_dropped - count,
-                stats.duplicates_dropped,
-                topic,
-                envelope.device_address,
-            )
+        self._duplicates_log.note(
+            "duplicate or replayed envelope on %r from %s dropped (%d in all)",
+            topic,
+            envelope.device_address,
+            stats.duplicates_dropped,
+        )
 
     def _on_anchored(self, record: AnchorRecord) -> None:
         broker = self.broker

@@ -25,6 +25,9 @@ class ServiceStats:
     duplicates_dropped: int = 0
     """Market envelopes dropped as a (device, topic, sequence) already admitted: not
     delivered, charged or anchored again (still acknowledged)."""
+    connect_timeouts: int = 0
+    """Connections closed for not sending a complete CONNECT within
+    ``limits.connect_timeout_seconds``."""
     keepalive_timeouts: int = 0
     """Connections dropped after 1.5 x their keepalive without a packet (Will sent)."""
     proofs_served: int = 0

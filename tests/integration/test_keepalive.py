@@ -8,48 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 import time
 
+from support import connect_packet, seconds_until_closed
+
 from .conftest import Market
-
-
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return struct.pack("!H", len(data)) + data
-
-
-def _connect_packet(client_id: str, keepalive: int, will: tuple[str, bytes] | None) -> bytes:
-    flags = 0x02  # clean session
-    payload = _utf8(client_id)
-    if will is not None:
-        flags |= 0x04  # will flag, will QoS 0, no will retain
-        payload += _utf8(will[0]) + struct.pack("!H", len(will[1])) + will[1]
-    body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload
-    assert len(body) < 128
-    return bytes([0x10, len(body)]) + body
 
 
 def _silent_client(port: int, keepalive: int, will: tuple[str, bytes] | None) -> socket.socket:
     """Connect (anonymous), check the CONNACK, then say nothing more."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(_connect_packet(f"silent-{time.monotonic_ns()}", keepalive, will))
+    sock.sendall(connect_packet(f"silent-{time.monotonic_ns()}", keepalive, will))
     assert sock.recv(4) == b"\x20\x02\x00\x00"
     return sock
-
-
-def _seconds_until_closed(sock: socket.socket, within: float) -> float | None:
-    """Seconds until the broker closes ``sock`` (EOF or reset), None if still open."""
-    started = time.monotonic()
-    sock.settimeout(within)
-    try:
-        data = sock.recv(1)
-    except TimeoutError:
-        return None
-    except OSError:
-        return time.monotonic() - started
-    assert data == b"", f"unexpected data from the broker: {data!r}"
-    return time.monotonic() - started
 
 
 async def test_a_silent_client_is_dropped_after_one_and_a_half_keepalives_and_its_will_sent(
@@ -61,7 +32,7 @@ async def test_a_silent_client_is_dropped_after_one_and_a_half_keepalives_and_it
     will = ("public/wills", b"gone silent")
     sock = await asyncio.to_thread(_silent_client, market.port, 2, will)
     try:
-        closed_after = await asyncio.to_thread(_seconds_until_closed, sock, 8.0)
+        closed_after = await asyncio.to_thread(seconds_until_closed, sock, 8.0)
     finally:
         sock.close()
     assert closed_after is not None, "the broker kept a silent client past 8 s (keepalive 2 s)"
@@ -86,6 +57,6 @@ async def test_a_client_that_pings_stays_connected(market: Market) -> None:
 async def test_keepalive_zero_means_no_timeout(market: Market) -> None:
     sock = await asyncio.to_thread(_silent_client, market.port, 0, None)
     try:
-        assert await asyncio.to_thread(_seconds_until_closed, sock, 3.0) is None
+        assert await asyncio.to_thread(seconds_until_closed, sock, 3.0) is None
     finally:
         sock.close()

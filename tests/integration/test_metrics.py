@@ -48,6 +48,7 @@ EXPECTED = {
     "blendsm_envelopes_refused_total",
     "blendsm_duplicates_dropped_total",
     "blendsm_keepalive_timeouts_total",
+    "blendsm_connect_timeouts_total",
     "blendsm_revocation_disconnects_total",
     "blendsm_connected_sessions",
     "blendsm_chain_view_healthy",

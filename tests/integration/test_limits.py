@@ -1,0 +1,61 @@
+"""Limits on what a client controls, each hit by a real socket: a connection that never
+sends its CONNECT is closed after ``limits.connect_timeout_seconds`` (idle sockets would
+otherwise hold the broker's file descriptors until the chain client can no longer connect)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from support import connect_packet, seconds_until_closed
+
+from blendsm.broker import LimitsConfig
+
+from .conftest import StartMarket
+
+
+def _idle_then_closed(port: int, send: bytes, within: float) -> float | None:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        sock.sendall(send)
+        return seconds_until_closed(sock, within)
+    finally:
+        sock.close()
+
+
+async def test_a_socket_that_never_sends_connect_is_closed(start_market: StartMarket) -> None:
+    market = await start_market(limits=LimitsConfig(connect_timeout_seconds=1.0))
+    silent, half = await asyncio.gather(
+        asyncio.to_thread(_idle_then_closed, market.port, b"", 6.0),
+        # a CONNECT's first bytes, then nothing: the timeout covers the whole packet
+        asyncio.to_thread(_idle_then_closed, market.port, b"\x10\x20\x00\x04MQ", 6.0),
+    )
+    for closed_after in (silent, half):
+        assert closed_after is not None, "an idle socket stayed open past 6 s (timeout 1 s)"
+        assert 0.8 <= closed_after <= 3.0, closed_after
+    assert market.service.stats.connect_timeouts == 2
+    # the broker still serves honest clients
+    client = market.client(None)
+    assert await client.connect() == 0
+
+
+def _slow_connect(port: int, delay: float) -> bytes:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        packet = connect_packet(f"slow-{time.monotonic_ns()}", 60)
+        sock.sendall(packet[:5])
+        time.sleep(delay)
+        sock.sendall(packet[5:])
+        return sock.recv(4)
+    finally:
+        sock.close()
+
+
+async def test_a_slow_but_complete_connect_within_the_limit_is_accepted(
+    start_market: StartMarket,
+) -> None:
+    market = await start_market(limits=LimitsConfig(connect_timeout_seconds=3.0))
+    # half a CONNECT, 1.5 s of silence, the rest: inside the limit, so accepted
+    assert await asyncio.to_thread(_slow_connect, market.port, 1.5) == b"\x20\x02\x00\x00"
+    assert market.service.stats.connect_timeouts == 0
