@@ -199,6 +199,15 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
         ({"public_topics": 1}, "public_topics: must be bool"),
         ({"log_level": "LOUD"}, "log_level: must be one of"),
         ({"data_dir": 3}, "data_dir: must be a non-empty path"),
+        (
+            {"limits": {"connect_timeout_seconds": 0}},
+            "limits.connect_timeout_seconds: must be > 0, got 0",
+        ),
+        (
+            {"limits": {"connect_timeout_seconds": 3601}},
+            "limits.connect_timeout_seconds: must be <= 3600, got 3601",
+        ),
+        ({"limits": {"connect_timout_seconds": 5}}, "did you mean 'connect_timeout_seconds'?"),
     ],
 )
 def test_invalid_values_name_the_dotted_path(data: dict[str, Any], expected: str) -> None:
@@ -394,6 +403,12 @@ def test_duplicate_keys_refused_with_line(tmp_path: Path) -> None:
 def test_non_mapping_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config: must be a mapping, got list"):
         load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_limits_default_and_parse() -> None:
+    assert parse_config({}).limits.connect_timeout_seconds == 10.0
+    limits = parse_config({"limits": {"connect_timeout_seconds": 2.5}}).limits
+    assert limits.connect_timeout_seconds == 2.5
 
 
 def test_max_staleness_defaults_to_five_polls_and_at_least_ten_seconds() -> None:
