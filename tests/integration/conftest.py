@@ -28,7 +28,11 @@ from blendsm.device_sdk import (
     MessageDomain,
     Publisher,
     Subscriber,
+    VoucherDomain,
     Web3ChainReader,
+    decode_notice,
+    encode_voucher,
+    sign_voucher,
 )
 
 PRICE = 1_000
@@ -188,6 +192,40 @@ async def open_channel(
         chain.addr("seller"), chain.addr("operator"), None, deposit, fee_bps
     )
     return opened.channel_id
+
+
+def split_messages(messages: list[Any], topic: str) -> tuple[list[bytes], list[Any]]:
+    """The payloads on ``topic`` and the decoded control notices, from what a client got."""
+    data = [m.payload for m in messages if m.topic == topic]
+    notices = [decode_notice(m.payload) for m in messages if m.topic.endswith("/notice")]
+    return data, notices
+
+
+class Payer:
+    """Signs vouchers for a TEST-ONLY account and publishes them on its voucher topic."""
+
+    def __init__(self, market: Market, label: str, client: Any) -> None:
+        chain = market.chain
+        self.key = bytes(chain.accounts[label].key)
+        self.domain = VoucherDomain(
+            chain.deployment.chain_id, chain.deployment.address("PaymentChannels")
+        )
+        self.topic = f"blendsm/ctl/{chain.addr(label).lower()}/voucher"
+        self.client = client
+
+    async def pay(
+        self,
+        channel: bytes,
+        amount: int,
+        *,
+        domain: VoucherDomain | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        voucher = sign_voucher(key or self.key, domain or self.domain, channel, amount)
+        await self.client.publish(self.topic, encode_voucher(voucher), qos=1)
+
+    async def raw(self, payload: bytes) -> None:
+        await self.client.publish(self.topic, payload, qos=1)
 
 
 StartMarket = Callable[..., Awaitable[Market]]

@@ -19,45 +19,11 @@ from blendsm.device_sdk import (
     Receipt,
     Refusal,
     VoucherDomain,
-    decode_notice,
-    encode_voucher,
-    sign_voucher,
 )
 
+from .conftest import Payer, split_messages
+
 Market = Any
-
-
-def _split(messages: list[Any], topic: str) -> tuple[list[bytes], list[Any]]:
-    data = [m.payload for m in messages if m.topic == topic]
-    notices = [decode_notice(m.payload) for m in messages if m.topic.endswith("/notice")]
-    return data, notices
-
-
-class Payer:
-    """Signs vouchers for a TEST-ONLY account and publishes them on its voucher topic."""
-
-    def __init__(self, market: Market, label: str, client: Any) -> None:
-        chain = market.chain
-        self.key = bytes(chain.accounts[label].key)
-        self.domain = VoucherDomain(
-            chain.deployment.chain_id, chain.deployment.address("PaymentChannels")
-        )
-        self.topic = f"blendsm/ctl/{chain.addr(label).lower()}/voucher"
-        self.client = client
-
-    async def pay(
-        self,
-        channel: bytes,
-        amount: int,
-        *,
-        domain: VoucherDomain | None = None,
-        key: bytes | None = None,
-    ) -> None:
-        voucher = sign_voucher(key or self.key, domain or self.domain, channel, amount)
-        await self.client.publish(self.topic, encode_voucher(voucher), qos=1)
-
-    async def raw(self, payload: bytes) -> None:
-        await self.client.publish(self.topic, payload, qos=1)
 
 
 async def _subscriber(market: Market, label: str, **kwargs: Any) -> tuple[Any, bytes]:
@@ -83,7 +49,7 @@ async def test_credit_exhaustion_pauses_delivery_and_a_voucher_resumes_it(market
     device = await _device(market)
     for i in range(10):
         await device.publish(market.topic, b"m%d" % i)
-    data, notices = _split(await buyer.got.drain(within=1.0), market.topic)
+    data, notices = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert data == [b"m%d" % i for i in range(5)]  # credit_messages = 5, then paused
     assert isinstance(notices[0], Quote)
     assert notices[0].price == market.price
@@ -95,11 +61,11 @@ async def test_credit_exhaustion_pauses_delivery_and_a_voucher_resumes_it(market
     assert (account.charged, account.paid, account.reserved) == (5 * market.price, 0, 0)
 
     await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
-    _, notices = _split(await buyer.got.drain(within=1.0, until=1), market.topic)
+    _, notices = split_messages(await buyer.got.drain(within=1.0, until=1), market.topic)
     assert notices == [Receipt(channel, 5 * market.price)]
     for i in range(10, 13):
         await device.publish(market.topic, b"m%d" % i)
-    data, _ = _split(await buyer.got.drain(within=1.0), market.topic)
+    data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert data == [b"m10", b"m11", b"m12"]
     assert (account.charged, account.paid) == (8 * market.price, 5 * market.price)
 
@@ -113,10 +79,10 @@ async def test_retained_paid_message_is_charged_on_subscribe_and_not_leaked_on_c
     bystander, bystander_channel = await _subscriber(market, "buyer2")
     buyer, channel = await _subscriber(market, "buyer")
     assert await buyer.subscribe(market.topic) == [0]
-    data, _ = _split(await buyer.got.drain(within=1.0), market.topic)
+    data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert data == [b"retained reading"]
     assert market.service.meter.accounts[channel].charged == market.price
-    leaked, _ = _split(await bystander.got.drain(within=0.5), market.topic)
+    leaked, _ = split_messages(await bystander.got.drain(within=0.5), market.topic)
     assert leaked == []
     assert market.service.meter.accounts.get(bystander_channel) is None or (
         market.service.meter.accounts[bystander_channel].charged == 0
@@ -142,12 +108,12 @@ async def test_offline_queue_is_charged_on_replay_and_pauses_on_credit(market: M
 
     again = market.client("buyer", client_id="buyer-persistent", clean_session=False)
     assert await again.connect() == 0
-    data, notices = _split(await again.got.drain(within=1.0), market.topic)
+    data, notices = split_messages(await again.got.drain(within=1.0), market.topic)
     assert data == [b"q%d" % i for i in range(5)]  # credit 5, the rest stays queued
     assert account.charged == 5 * market.price
     assert any(isinstance(n, PaymentRequest) for n in notices)
     await Payer(market, "buyer", again).pay(channel, 5 * market.price)
-    data, _ = _split(await again.got.drain(within=1.0), market.topic)
+    data, _ = split_messages(await again.got.drain(within=1.0), market.topic)
     assert data == [b"q5", b"q6", b"q7"]
     assert account.charged == 8 * market.price
 
@@ -182,7 +148,7 @@ async def test_bad_vouchers_are_refused_and_honest_clients_are_undisturbed(
     )
     await payer.raw(b"[1, 2, 3]")
 
-    _, notices = _split(await attacker.got.drain(within=1.0, until=13), market.topic)
+    _, notices = split_messages(await attacker.got.drain(within=1.0, until=13), market.topic)
     codes = [n.code if isinstance(n, Refusal) else "receipt" for n in notices]
     assert sorted(codes) == sorted(
         [
@@ -208,7 +174,7 @@ async def test_bad_vouchers_are_refused_and_honest_clients_are_undisturbed(
 
     device = await _device(market)
     await device.publish(market.topic, b"for the honest one")
-    data, _ = _split(await honest.got.drain(within=1.0), market.topic)
+    data, _ = split_messages(await honest.got.drain(within=1.0), market.topic)
     assert data == [b"for the honest one"]
     await Payer(market, "buyer2", honest).pay(honest_channel, market.price)
     assert await until(lambda: market.service.meter.paid_of(honest_channel) == market.price)
@@ -275,12 +241,12 @@ async def test_a_closing_channel_stops_paid_delivery(market: Market) -> None:
     assert await buyer.subscribe(market.topic) == [0]
     device = await _device(market)
     await device.publish(market.topic, b"open", qos=1)
-    data, _ = _split(await buyer.got.drain(within=1.0), market.topic)
+    data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert data == [b"open"]
     await market.mp("buyer").channels.request_close(channel)
     await market.wait_view(lambda: market.service.view.channel(channel).closes_at is not None)
     await device.publish(market.topic, b"after close request", qos=1)
-    data, _ = _split(await buyer.got.drain(within=0.5), market.topic)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
     assert data == []
     assert market.service.meter.accounts[channel].charged == market.price
     assert await buyer.subscribe(market.topic) == [0x80]  # no usable channel any more

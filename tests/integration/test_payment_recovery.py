@@ -12,38 +12,13 @@ from blendsm.device_sdk import (
     Quote,
     Receipt,
     Refusal,
-    VoucherDomain,
     decode_envelope,
-    decode_notice,
-    encode_voucher,
-    sign_voucher,
 )
+
+from .conftest import Payer, split_messages
 
 Market = Any
 CHALLENGE_PERIOD = 3600  # tests/conftest.py deploys with this
-
-
-def _split(messages: list[Any], topic: str) -> tuple[list[bytes], list[Any]]:
-    data = [m.payload for m in messages if m.topic == topic]
-    notices = [decode_notice(m.payload) for m in messages if m.topic.endswith("/notice")]
-    return data, notices
-
-
-class Payer:
-    """Signs vouchers for a TEST-ONLY account and publishes them on its voucher topic."""
-
-    def __init__(self, market: Market, label: str, client: Any) -> None:
-        chain = market.chain
-        self.key = bytes(chain.accounts[label].key)
-        self.domain = VoucherDomain(
-            chain.deployment.chain_id, chain.deployment.address("PaymentChannels")
-        )
-        self.topic = f"blendsm/ctl/{chain.addr(label).lower()}/voucher"
-        self.client = client
-
-    async def pay(self, channel: bytes, amount: int) -> None:
-        voucher = sign_voucher(self.key, self.domain, channel, amount)
-        await self.client.publish(self.topic, encode_voucher(voucher), qos=1)
 
 
 async def _subscriber(market: Market, label: str) -> tuple[Any, bytes]:
@@ -69,14 +44,14 @@ async def test_prepaid_voucher_is_credit_never_delivered_value(market: Market) -
     price, service = market.price, market.service
     buyer, channel = await _subscriber(market, "buyer")
     await Payer(market, "buyer", buyer).pay(channel, 100 * price)
-    _, notices = _split(await buyer.got.drain(within=1.0, until=1), market.topic)
+    _, notices = split_messages(await buyer.got.drain(within=1.0, until=1), market.topic)
     assert notices == [Receipt(channel, 100 * price)]
 
     assert await buyer.subscribe(market.topic) == [0]
     device = await _device(market)
     for i in range(30):
         await device.publish(market.topic, b"m%d" % i)
-    data, notices = _split(await buyer.got.drain(within=1.0), market.topic)
+    data, notices = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert len(data) == 30, f"{len(data)} of 30 delivered"
     account = service.meter.accounts[channel]
     assert (account.delivered, account.charged, account.paid) == (30, 30 * price, 100 * price)
@@ -90,7 +65,7 @@ async def test_prepaid_voucher_is_credit_never_delivered_value(market: Market) -
     # Once the deliveries reach the prepaid amount, the voucher is claimed.
     for i in range(30, 100):
         await device.publish(market.topic, b"m%d" % i)
-    data, _ = _split(await buyer.got.drain(within=1.0), market.topic)
+    data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert len(data) == 70
     assert (account.charged, account.paid) == (100 * price, 100 * price)
     results = await service.settler.settle_now([channel])
@@ -177,19 +152,19 @@ async def test_voucher_on_a_channel_whose_close_is_pending_is_refused(
     device = await _device(market)
     for i in range(3):
         await device.publish(market.topic, b"m%d" % i)
-    data, _ = _split(await buyer.got.drain(within=1.0), market.topic)
+    data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert data == [b"m0", b"m1", b"m2"]
 
     await market.mp("buyer").channels.request_close(channel)
     await market.wait_view(lambda: service.view.channel(channel).closes_at is not None)
     market.chain.time_travel(CHALLENGE_PERIOD + 1)  # a claim can no longer land
     await Payer(market, "buyer", buyer).pay(channel, 3 * price)
-    _, notices = _split(await buyer.got.drain(within=3.0, until=1), market.topic)
+    _, notices = split_messages(await buyer.got.drain(within=3.0, until=1), market.topic)
     assert [type(n) for n in notices] == [Refusal], notices
     assert notices[0].code == "channel_closing"
     assert service.meter.paid_of(channel) == 0
     assert await service.store.latest(channel) is None
 
     await device.publish(market.topic, b"late")
-    data, _ = _split(await buyer.got.drain(within=0.5), market.topic)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
     assert data == []
