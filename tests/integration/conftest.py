@@ -135,6 +135,23 @@ class Market:
     async def open_channel(self, buyer: str, deposit: int = 10**15, fee_bps: int = 0) -> bytes:
         return await open_channel(self.mp, self.chain, buyer, deposit, fee_bps)
 
+    async def channel_client(self, label: str, **kwargs: Any) -> tuple[Client, bytes]:
+        """A connected raw client for ``label`` with a fresh channel to the seller, subscribed
+        to its own notice topic; and the channel id."""
+        channel = await self.open_channel(label)
+        await self.wait_channel(channel)
+        client = self.client(label, **kwargs)
+        assert await client.connect() == 0
+        own = f"blendsm/ctl/{self.chain.addr(label).lower()}/notice"
+        assert await client.subscribe(own) == [0]
+        return client, channel
+
+    async def connected_device(self) -> Client:
+        """The seller's registered device, connected (it signs what it publishes)."""
+        device = self.client("device")
+        assert await device.connect() == 0
+        return device
+
     async def wait_view(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         """Wait until the broker's chain view reflects a change (it polls the chain)."""
         await eventually(predicate, within, what="the broker's chain view catching up")

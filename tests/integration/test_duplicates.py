@@ -30,12 +30,6 @@ async def _paying_subscriber(
     return sub
 
 
-async def _device(market: Market) -> Any:
-    device = market.client("device")
-    assert await device.connect() == 0
-    return device
-
-
 def _sequences(received: list[ReceivedMessage]) -> list[int]:
     return [
         decode_envelope(m.payload).sequence if m.sequence is None else m.sequence for m in received
@@ -52,7 +46,7 @@ async def test_a_republished_envelope_is_delivered_charged_and_anchored_once(
 ) -> None:
     received: list[ReceivedMessage] = []
     sub = await _paying_subscriber(market, received)
-    device = await _device(market)
+    device = await market.connected_device()
     signer = market.envelope_signer("device")
     now = int(time.time() * 1000)
     first = signer.sign(market.topic, b"reading 1", 1, now).encode()
@@ -84,7 +78,7 @@ async def test_an_envelope_replayed_after_a_broker_restart_is_not_delivered_agai
 ) -> None:
     received: list[ReceivedMessage] = []
     sub = await _paying_subscriber(market, received)
-    device = await _device(market)
+    device = await market.connected_device()
     signer = market.envelope_signer("device")
     now = int(time.time() * 1000)
     sent = [signer.sign(market.topic, b"reading %d" % i, i, now).encode() for i in (1, 2, 3)]
@@ -111,7 +105,7 @@ async def test_an_envelope_replayed_after_a_broker_restart_is_not_delivered_agai
     )
     received.clear()
     sub = await _paying_subscriber(market, received, open_channel=False)
-    device = await _device(market)
+    device = await market.connected_device()
     fourth = signer.sign(market.topic, b"reading 4", 4, now).encode()
     try:
         # The device replays its outbox (2 and 3 were delivered before), then goes on.
@@ -247,7 +241,7 @@ async def test_past_the_cap_an_evicted_pair_is_looked_up_and_its_duplicate_still
     received: list[ReceivedMessage] = []
     sub = await _paying_subscriber(market, received)
     assert await asyncio.to_thread(sub.subscribe, other) == 0
-    device = await _device(market)
+    device = await market.connected_device()
     signer = market.envelope_signer("device")
     now = int(time.time() * 1000)
     first = signer.sign(market.topic, b"reading 1", 1, now).encode()

@@ -26,27 +26,11 @@ from .conftest import Payer, split_messages
 Market = Any
 
 
-async def _subscriber(market: Market, label: str, **kwargs: Any) -> tuple[Any, bytes]:
-    channel = await market.open_channel(label)
-    await market.wait_channel(channel)
-    client = market.client(label, **kwargs)
-    assert await client.connect() == 0
-    own = f"blendsm/ctl/{market.chain.addr(label).lower()}/notice"
-    assert await client.subscribe(own) == [0]
-    return client, channel
-
-
-async def _device(market: Market) -> Any:
-    device = market.client("device")
-    assert await device.connect() == 0
-    return device
-
-
 @pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
 async def test_credit_exhaustion_pauses_delivery_and_a_voucher_resumes_it(market: Market) -> None:
-    buyer, channel = await _subscriber(market, "buyer")
+    buyer, channel = await market.channel_client("buyer")
     assert await buyer.subscribe(market.topic) == [0]
-    device = await _device(market)
+    device = await market.connected_device()
     for i in range(10):
         await device.publish(market.topic, b"m%d" % i)
     data, notices = split_messages(await buyer.got.drain(within=1.0), market.topic)
@@ -73,11 +57,11 @@ async def test_credit_exhaustion_pauses_delivery_and_a_voucher_resumes_it(market
 async def test_retained_paid_message_is_charged_on_subscribe_and_not_leaked_on_connect(
     market: Market,
 ) -> None:
-    device = await _device(market)
+    device = await market.connected_device()
     await device.publish(market.topic, b"retained reading", qos=1, retain=True)
     # A member with a channel but no subscription gets nothing on CONNECT (amqtt would).
-    bystander, bystander_channel = await _subscriber(market, "buyer2")
-    buyer, channel = await _subscriber(market, "buyer")
+    bystander, bystander_channel = await market.channel_client("buyer2")
+    buyer, channel = await market.channel_client("buyer")
     assert await buyer.subscribe(market.topic) == [0]
     data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert data == [b"retained reading"]
@@ -90,12 +74,12 @@ async def test_retained_paid_message_is_charged_on_subscribe_and_not_leaked_on_c
 
 
 async def test_offline_queue_is_charged_on_replay_and_pauses_on_credit(market: Market) -> None:
-    buyer, channel = await _subscriber(
-        market, "buyer", client_id="buyer-persistent", clean_session=False
+    buyer, channel = await market.channel_client(
+        "buyer", client_id="buyer-persistent", clean_session=False
     )
     assert await buyer.subscribe(market.topic, qos=1) == [1]
     buyer.close()
-    device = await _device(market)
+    device = await market.connected_device()
     for i in range(8):
         await device.publish(market.topic, b"q%d" % i, qos=1)
     await market.wait_view(lambda: True)
@@ -122,9 +106,9 @@ async def test_offline_queue_is_charged_on_replay_and_pauses_on_credit(market: M
 async def test_bad_vouchers_are_refused_and_honest_clients_are_undisturbed(
     market: Market, until: Callable[..., Any]
 ) -> None:
-    honest, honest_channel = await _subscriber(market, "buyer2")
+    honest, honest_channel = await market.channel_client("buyer2")
     assert await honest.subscribe(market.topic) == [0]
-    attacker, channel = await _subscriber(market, "buyer")
+    attacker, channel = await market.channel_client("buyer")
     payer = Payer(market, "buyer", attacker)
     chain = market.chain
     other_domain = VoucherDomain(
@@ -172,7 +156,7 @@ async def test_bad_vouchers_are_refused_and_honest_clients_are_undisturbed(
     assert latest is not None
     assert latest.cumulative_amount == 2000
 
-    device = await _device(market)
+    device = await market.connected_device()
     await device.publish(market.topic, b"for the honest one")
     data, _ = split_messages(await honest.got.drain(within=1.0), market.topic)
     assert data == [b"for the honest one"]
@@ -211,14 +195,14 @@ async def test_revocation_disconnects_live_sessions(
 async def test_wildcard_subscription_delivers_only_what_is_paid_for(market: Market) -> None:
     created = await market.mp("seller").market.create_topic("paid/other", market.price)
     await market.wait_view(lambda: market.service.view.topic(created.topic_id) is not None)
-    channel_holder, channel = await _subscriber(market, "buyer")
+    channel_holder, channel = await market.channel_client("buyer")
     no_channel = market.client("buyer2")  # a member with no channel
     anon = market.client(None)
     for c in (no_channel, anon):
         assert await c.connect() == 0
     for c in (channel_holder, no_channel, anon):
         assert await c.subscribe("paid/#") == [0]
-    device = await _device(market)
+    device = await market.connected_device()
     await device.publish(market.topic, b"paid one", qos=1)
     await device.publish("paid/other", b"paid two", qos=1)
     await anon.publish("paid/free-for-all", b"public", qos=1)
@@ -237,9 +221,9 @@ async def test_wildcard_subscription_delivers_only_what_is_paid_for(market: Mark
 
 
 async def test_a_closing_channel_stops_paid_delivery(market: Market) -> None:
-    buyer, channel = await _subscriber(market, "buyer")
+    buyer, channel = await market.channel_client("buyer")
     assert await buyer.subscribe(market.topic) == [0]
-    device = await _device(market)
+    device = await market.connected_device()
     await device.publish(market.topic, b"open", qos=1)
     data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert data == [b"open"]

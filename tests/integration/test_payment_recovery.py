@@ -21,34 +21,18 @@ Market = Any
 CHALLENGE_PERIOD = 3600  # tests/conftest.py deploys with this
 
 
-async def _subscriber(market: Market, label: str) -> tuple[Any, bytes]:
-    channel = await market.open_channel(label)
-    await market.wait_channel(channel)
-    client = market.client(label)
-    assert await client.connect() == 0
-    own = f"blendsm/ctl/{market.chain.addr(label).lower()}/notice"
-    assert await client.subscribe(own) == [0]
-    return client, channel
-
-
-async def _device(market: Market) -> Any:
-    device = market.client("device")
-    assert await device.connect() == 0
-    return device
-
-
 async def test_prepaid_voucher_is_credit_never_delivered_value(market: Market) -> None:
     """A voucher for 100 messages sent before the first SUBSCRIBE: all 30 published
     messages are delivered, the books show 30 delivered, and nothing above the delivered
     value is ever claimed."""
     price, service = market.price, market.service
-    buyer, channel = await _subscriber(market, "buyer")
+    buyer, channel = await market.channel_client("buyer")
     await Payer(market, "buyer", buyer).pay(channel, 100 * price)
     _, notices = split_messages(await buyer.got.drain(within=1.0, until=1), market.topic)
     assert notices == [Receipt(channel, 100 * price)]
 
     assert await buyer.subscribe(market.topic) == [0]
-    device = await _device(market)
+    device = await market.connected_device()
     for i in range(30):
         await device.publish(market.topic, b"m%d" % i)
     data, notices = split_messages(await buyer.got.drain(within=1.0), market.topic)
@@ -147,9 +131,9 @@ async def test_voucher_on_a_channel_whose_close_is_pending_is_refused(
     """After the payer's close request (and past its challenge period on chain), a voucher
     gets a ``channel_closing`` refusal, never a receipt, and nothing more is delivered."""
     price, service = market.price, market.service
-    buyer, channel = await _subscriber(market, "buyer")
+    buyer, channel = await market.channel_client("buyer")
     assert await buyer.subscribe(market.topic) == [0]
-    device = await _device(market)
+    device = await market.connected_device()
     for i in range(3):
         await device.publish(market.topic, b"m%d" % i)
     data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
