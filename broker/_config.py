@@ -169,6 +169,12 @@ class LimitsConfig:
     connect_timeout_seconds: float = 10.0
     """Seconds a new connection may take to send a complete CONNECT before it is closed
     (> 0; at most 3600): idle sockets would otherwise hold file descriptors forever."""
+    max_connections: int = 10_000
+    """Client connections open at once (>= 1); lowered at start to what the descriptor limit
+    leaves after a reserve for the broker's own chain client and stores."""
+    max_connections_per_ip: int = 1_000
+    """Client connections open at once from one remote address (>= 1; a gateway or NAT may
+    hold many devices)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,11 +431,18 @@ def _parse_anchoring(data: Mapping[str, Any]) -> AnchoringConfig:
 
 def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
     check_keys(data, LimitsConfig, "limits")
-    name, default = "connect_timeout_seconds", _DEFAULTS.limits.connect_timeout_seconds
-    timeout = seconds(data, name, "limits", default, allow_zero=False)
+    default = _DEFAULTS.limits
+    name = "connect_timeout_seconds"
+    timeout = seconds(data, name, "limits", default.connect_timeout_seconds, allow_zero=False)
     if timeout > 3600:
         raise ConfigError(f"limits.{name}: must be <= 3600, got {timeout}")
-    return LimitsConfig(connect_timeout_seconds=timeout)
+    total = integer(data, "max_connections", "limits", default.max_connections, low=1, high=10**6)
+    per_ip = integer(
+        data, "max_connections_per_ip", "limits", default.max_connections_per_ip, low=1, high=10**6
+    )
+    return LimitsConfig(
+        connect_timeout_seconds=timeout, max_connections=total, max_connections_per_ip=per_ip
+    )
 
 
 def _parse_metrics(data: Mapping[str, Any]) -> MetricsConfig:

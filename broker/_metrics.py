@@ -125,6 +125,11 @@ class BrokerCollector(Collector):
             stats.duplicates_dropped,
         )
         yield counter(
+            "connections_refused_at_limit",
+            "Connections closed at once: the global or per-address connection cap was reached.",
+            stats.connections_refused_at_limit,
+        )
+        yield counter(
             "connect_timeouts",
             "Connections closed for not sending a complete CONNECT in time.",
             stats.connect_timeouts,

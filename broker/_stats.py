@@ -25,6 +25,9 @@ class ServiceStats:
     duplicates_dropped: int = 0
     """Market envelopes dropped as a (device, topic, sequence) already admitted: not
     delivered, charged or anchored again (still acknowledged)."""
+    connections_refused_at_limit: int = 0
+    """Connections closed at once: ``limits.max_connections`` or ``max_connections_per_ip``
+    reached."""
     connect_timeouts: int = 0
     """Connections closed for not sending a complete CONNECT within
     ``limits.connect_timeout_seconds``."""

@@ -208,6 +208,8 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
             "limits.connect_timeout_seconds: must be <= 3600, got 3601",
         ),
         ({"limits": {"connect_timout_seconds": 5}}, "did you mean 'connect_timeout_seconds'?"),
+        ({"limits": {"max_connections": 0}}, "limits.max_connections: must be >= 1, got 0"),
+        ({"limits": {"max_connections_per_ip": "9"}}, "limits.max_connections_per_ip: must be int"),
     ],
 )
 def test_invalid_values_name_the_dotted_path(data: dict[str, Any], expected: str) -> None:
@@ -409,6 +411,9 @@ def test_limits_default_and_parse() -> None:
     assert parse_config({}).limits.connect_timeout_seconds == 10.0
     limits = parse_config({"limits": {"connect_timeout_seconds": 2.5}}).limits
     assert limits.connect_timeout_seconds == 2.5
+    capped = parse_config({"limits": {"max_connections": 50, "max_connections_per_ip": 5}})
+    assert (capped.limits.max_connections, capped.limits.max_connections_per_ip) == (50, 5)
+    assert parse_config({}).limits.max_connections_per_ip == 1000
 
 
 def test_max_staleness_defaults_to_five_polls_and_at_least_ten_seconds() -> None:

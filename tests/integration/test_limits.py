@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 from support import connect_packet, seconds_until_closed
 
@@ -59,3 +60,47 @@ async def test_a_slow_but_complete_connect_within_the_limit_is_accepted(
     # half a CONNECT, 1.5 s of silence, the rest: inside the limit, so accepted
     assert await asyncio.to_thread(_slow_connect, market.port, 1.5) == b"\x20\x02\x00\x00"
     assert market.service.stats.connect_timeouts == 0
+
+
+def _refused_at_once(port: int) -> float | None:
+    """Seconds until the broker closes a connection that sent a whole CONNECT (None: it
+    answered or stayed open)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        sock.sendall(connect_packet(f"capped-{time.monotonic_ns()}", 60))
+        return seconds_until_closed(sock, 3.0)
+    except AssertionError:  # it answered (a CONNACK): not refused
+        return None
+    finally:
+        sock.close()
+
+
+async def _connected(market: Any, count: int) -> list[Any]:
+    clients = [market.client(None) for _ in range(count)]
+    for client in clients:
+        assert await client.connect() == 0
+    return clients
+
+
+async def test_connections_beyond_the_per_address_cap_are_closed_at_once(
+    start_market: StartMarket,
+) -> None:
+    market = await start_market(limits=LimitsConfig(max_connections_per_ip=3))
+    first = await _connected(market, 3)
+    closed_after = await asyncio.to_thread(_refused_at_once, market.port)
+    assert closed_after is not None, "a 4th connection from one address was served (cap 3)"
+    assert closed_after < 1.0
+    assert market.service.stats.connections_refused_at_limit == 1
+    first[0].close()
+    await asyncio.sleep(0.3)  # the broker sees the close
+    assert len(await _connected(market, 1)) == 1  # a slot is free again
+
+
+async def test_connections_beyond_the_global_cap_are_closed_at_once(
+    start_market: StartMarket,
+) -> None:
+    market = await start_market(limits=LimitsConfig(max_connections=2))
+    await _connected(market, 2)
+    closed_after = await asyncio.to_thread(_refused_at_once, market.port)
+    assert closed_after is not None, "a 3rd connection was served (global cap 2)"
+    assert market.service.stats.connections_refused_at_limit == 1
