@@ -67,6 +67,9 @@ class Identity:
     owing_topic: str = ""
     requested: dict[bytes, int] = field(default_factory=dict)
     """channel id -> the account's ``paid`` when this session was last sent a payment request."""
+    control_tasks: int = 0
+    """Control publishes of this session still being processed (vouchers, proof requests,
+    refusal notices): bounded by ``MAX_CONTROL_TASKS``."""
 
 
 class AccessDecisions:

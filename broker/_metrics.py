@@ -125,6 +125,11 @@ class BrokerCollector(Collector):
             stats.duplicates_dropped,
         )
         yield counter(
+            "control_dropped",
+            "Control publishes dropped unprocessed (a session flooding the control tree).",
+            stats.control_dropped,
+        )
+        yield counter(
             "connections_refused_at_limit",
             "Connections closed at once: the global or per-address connection cap was reached.",
             stats.connections_refused_at_limit,

@@ -96,6 +96,10 @@ _log = logging.getLogger("blendsm.broker")
 
 MAX_OFFLINE_PAID: Final = 1000
 """Paid messages queued per disconnected persistent session; newer ones are dropped (logged)."""
+MAX_CONTROL_TASKS: Final = 16
+"""Control publishes (vouchers, proof requests, refusals) one session may have in process; the
+rest are dropped, counted and logged at most once a minute. A client that floods the control
+tree, or stops reading its notices, can then hold at most this many tasks."""
 DUPLICATE_LOG_INTERVAL: Final = 60.0
 """Seconds between the INFO lines that count dropped duplicate envelopes (each one: DEBUG)."""
 
@@ -143,6 +147,7 @@ class MarketplaceService(AccessDecisions):
         self.stats = ServiceStats()
         self.dedup = DedupWindow(config.payments.dedup_max_pairs)
         self._duplicates_log = LogLimiter(self.log, interval=DUPLICATE_LOG_INTERVAL)
+        self._control_log = LogLimiter(self.log, logging.WARNING)
         self.chain_errors = ChainErrors()
         self.store: AsyncVoucherStore | None = None
         self.settler: Settler | None = None
@@ -251,10 +256,17 @@ class MarketplaceService(AccessDecisions):
         """A context whose chain requests count as this broker's ``source``."""
         return chain_source(self.chain_errors, source)
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str, ident: Identity | None = None) -> None:
+        """Run ``coro`` in a tracked task; with ``ident``, counted against that session's
+        ``MAX_CONTROL_TASKS`` until it ends."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if ident is not None:
+            ident.control_tasks += 1
+            task.add_done_callback(
+                lambda _: setattr(ident, "control_tasks", ident.control_tasks - 1)
+            )
 
     def quote_for(self, session: Session, charge: Charge) -> Quote | None:
         """The Quote to send before this delivery, if the session has not seen this price
@@ -306,25 +318,29 @@ class MarketplaceService(AccessDecisions):
         """A client PUBLISHed under the control root: take vouchers, refuse the rest.
         Never broadcast; processing runs in its own task, off the client's read loop."""
         ident = self.identity(session)
+        if ident is not None and ident.control_tasks >= MAX_CONTROL_TASKS:
+            self.stats.control_dropped += 1
+            self._control_log.note(
+                "control PUBLISH from %s dropped: %d still in process (flood)",
+                ident.address,
+                ident.control_tasks,
+            )
+            return
         parsed = parse_control_topic(topic)
         if ident is not None and ident.key and parsed == (ident.key, PROOF):
-            self._spawn(self._answer_proof(handler, ident, bytes(data)), "blendsm-proof")
+            self._spawn(self._answer_proof(handler, ident, bytes(data)), "blendsm-proof", ident)
             return
         if ident is None or not ident.key or parsed is None or parsed != (ident.key, VOUCHER):
             self.stats.vouchers_refused += 1
             who = ident.address if ident is not None else None
-            self.log.warning(
-                "control PUBLISH to %r refused for %s: not its voucher topic", topic, who
+            self._control_log.note(
+                "control PUBLISH to %r refused for %s: not its voucher topic", topic[:200], who
             )
             if ident is not None and ident.key:
-                self._spawn(
-                    self.send_notice(
-                        handler, ident, Refusal("wrong_topic", f"cannot publish to {topic[:200]!r}")
-                    ),
-                    "blendsm-notice",
-                )
+                refusal = Refusal("wrong_topic", f"cannot publish to {topic[:200]!r}")
+                self._spawn(self.send_notice(handler, ident, refusal), "blendsm-notice", ident)
             return
-        self._spawn(self._take_voucher(handler, ident, bytes(data)), "blendsm-voucher")
+        self._spawn(self._take_voucher(handler, ident, bytes(data)), "blendsm-voucher", ident)
 
     async def _take_voucher(
         self, handler: BrokerProtocolHandler, ident: Identity, payload: bytes

@@ -25,6 +25,8 @@ class ServiceStats:
     duplicates_dropped: int = 0
     """Market envelopes dropped as a (device, topic, sequence) already admitted: not
     delivered, charged or anchored again (still acknowledged)."""
+    control_dropped: int = 0
+    """Control publishes dropped unprocessed: the session already had its maximum in process."""
     connections_refused_at_limit: int = 0
     """Connections closed at once: ``limits.max_connections`` or ``max_connections_per_ip``
     reached."""

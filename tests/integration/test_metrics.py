@@ -50,6 +50,7 @@ EXPECTED = {
     "blendsm_keepalive_timeouts_total",
     "blendsm_connect_timeouts_total",
     "blendsm_connections_refused_at_limit_total",
+    "blendsm_control_dropped_total",
     "blendsm_revocation_disconnects_total",
     "blendsm_connected_sessions",
     "blendsm_chain_view_healthy",

@@ -8,7 +8,7 @@ One of each: ``enrol`` a participant in the registry, a bounded wait (``eventual
 from support.clients import Client, Received
 from support.enrol import enrol, enrol_raw
 from support.polling import eventually, poll, wait_until
-from support.raw import connect_packet, seconds_until_closed
+from support.raw import connect_packet, publish_packet, seconds_until_closed
 from support.tasks import running
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "enrol_raw",
     "eventually",
     "poll",
+    "publish_packet",
     "running",
     "seconds_until_closed",
     "wait_until",

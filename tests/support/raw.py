@@ -7,7 +7,7 @@ import socket
 import struct
 import time
 
-__all__ = ["connect_packet", "seconds_until_closed"]
+__all__ = ["connect_packet", "publish_packet", "seconds_until_closed"]
 
 
 def _utf8(text: str) -> bytes:
@@ -15,16 +15,44 @@ def _utf8(text: str) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-def connect_packet(client_id: str, keepalive: int, will: tuple[str, bytes] | None = None) -> bytes:
-    """An MQTT 3.1.1 CONNECT (clean session, anonymous; optional QoS 0 Will)."""
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def connect_packet(
+    client_id: str,
+    keepalive: int,
+    will: tuple[str, bytes] | None = None,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+) -> bytes:
+    """An MQTT 3.1.1 CONNECT (clean session; anonymous unless ``username``/``password``;
+    optional QoS 0 Will)."""
     flags = 0x02
     payload = _utf8(client_id)
     if will is not None:
         flags |= 0x04
         payload += _utf8(will[0]) + struct.pack("!H", len(will[1])) + will[1]
+    if username is not None:
+        flags |= 0x80
+        payload += _utf8(username)
+    if password is not None:
+        flags |= 0x40
+        payload += _utf8(password)
     body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload
-    assert len(body) < 128, "one-byte remaining length only"
-    return bytes([0x10, len(body)]) + body
+    return b"\x10" + _remaining_length(len(body)) + body
+
+
+def publish_packet(topic: str, payload: bytes) -> bytes:
+    """A QoS 0 PUBLISH."""
+    body = _utf8(topic) + payload
+    return b"\x30" + _remaining_length(len(body)) + body
 
 
 def seconds_until_closed(sock: socket.socket, within: float) -> float | None:
