@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
 
 import pytest
-from support import connect_packet, publish_packet
+from support import connect_packet, eventually, publish_packet
 
 from .conftest import Market
 
@@ -19,9 +20,10 @@ TASK_BOUND = 40
 """The broker keeps at most 16 control tasks per session (MAX_CONTROL_TASKS), plus its own."""
 
 
-def _flood(port: int, connect: bytes, topic: str) -> None:
+def _flood(port: int, connect: bytes, topic: str, done: threading.Event) -> None:
     """Connect as a member, then publish FLOOD wrong-topic control messages without ever
-    reading what the broker sends back."""
+    reading what the broker sends back; keep the socket open until ``done`` (closing with
+    unread data resets the connection, and the broker would lose what it has not read)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         sock.sendall(connect)
@@ -29,7 +31,7 @@ def _flood(port: int, connect: bytes, topic: str) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         packet = publish_packet(topic, b"x")
         sock.sendall(packet * FLOOD)
-        time.sleep(2.0)  # the broker works through it while nothing is read
+        done.wait(60.0)
     finally:
         sock.close()
 
@@ -50,13 +52,22 @@ async def test_a_control_flood_holds_bounded_tasks_and_log_lines(
             peak = max(peak, len(service._tasks))
             await asyncio.sleep(0.005)
 
+    def handled() -> int:
+        return service.stats.vouchers_refused + service.stats.control_dropped
+
     sampler = asyncio.create_task(sample())
+    done = threading.Event()
+    topic = f"blendsm/ctl/{address}/not-a-voucher"
     with caplog.at_level(logging.INFO, logger="blendsm.broker"):
-        await asyncio.to_thread(
-            _flood, market.port, connect, f"blendsm/ctl/{address}/not-a-voucher"
-        )
+        flood = asyncio.create_task(asyncio.to_thread(_flood, market.port, connect, topic, done))
+        try:
+            # every publish is refused or dropped, each counted, while the client reads nothing
+            await eventually(lambda: handled() == FLOOD, 60.0, what="the flood worked through")
+        finally:
+            done.set()
+            await flood
     sampler.cancel()
     refused = [r for r in caplog.records if "control PUBLISH" in r.getMessage()]
     assert len(refused) <= 3, f"{len(refused)} log lines for one flood"
     assert peak <= TASK_BOUND, f"{peak} broker tasks at the peak of one flood"
-    assert service.stats.vouchers_refused + service.stats.control_dropped == FLOOD
+    assert handled() == FLOOD
