@@ -21,12 +21,15 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OutgoingApplicationMessage
 
 from blendsm.broker._access import Verdict
+from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge
 from blendsm.broker._service import MarketplaceService
 
 __all__ = ["KEEPALIVE_GRACE", "MeteredHandler", "PublishedPayload", "abort_connection"]
 
 _log = logging.getLogger("blendsm.broker")
+_KEEPALIVE_LOG: Final = LogLimiter(_log)
+"""Silent clients are client-controlled: one log line a minute for them, with a count."""
 
 KEEPALIVE_GRACE: Final = 1.5
 """A client silent for this many keepalive periods is disconnected (MQTT-3.1.2-24)."""
@@ -129,7 +132,7 @@ class MeteredHandler(BrokerProtocolHandler):
         graceful close's drain."""
         session = self.session
         self._blendsm.stats.keepalive_timeouts += 1
-        _log.info(
+        _KEEPALIVE_LOG.note(
             "client %r silent for %.1fs (1.5 x keepalive): disconnected",
             getattr(session, "client_id", None),
             getattr(session, "keep_alive", 0),
