@@ -350,3 +350,26 @@ async def test_public_offline_queue_is_bounded_in_bytes(start_market: Any) -> No
     market = await start_market(sessions=SessionsConfig(max_queued_bytes=2048))
     got = await _queued_while_away(market, [letter * 800 for letter in (b"a", b"b", b"c", b"d")])
     assert got == [b"a" * 800, b"b" * 800]  # 1,600 bytes fit in 2,048, 2,400 do not
+
+
+async def test_the_inflight_window_is_bounded(start_market: Any) -> None:
+    """A client that never acknowledges holds at most max_inflight_messages: the rest is not
+    sent (nor charged) and counted; an acknowledgement makes room again."""
+    market = await start_market(sessions=SessionsConfig(max_inflight_messages=2))
+    raw = RawSubscriber(market, "buyer", "raw-window")
+    assert await raw.connect() == (0, 0)
+    await raw.subscribe("public/w", 1)
+    publisher = market.client(None)
+    assert await publisher.connect() == 0
+    for i in range(4):
+        await publisher.publish("public/w", b"w%d" % i, qos=1)
+    first = await raw.read_many(2)
+    assert [p.payload for p in first] == [b"w0", b"w1"]
+    await raw.silence()
+    await eventually(lambda: market.service.stats.inflight_dropped == 2, 5)
+    await raw.send(ack_packet(PUBACK, first[0].packet_id or 0))
+    session = market.running.broker.sessions["raw-window"][0]
+    await eventually(lambda: len(session.inflight_out) == 1, 5, what="the PUBACK handled")
+    await publisher.publish("public/w", b"w4", qos=1)
+    (more,) = await raw.read_many(1)
+    assert (more.payload, more.dup) == (b"w4", False)
