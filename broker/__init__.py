@@ -35,6 +35,7 @@ from blendsm.broker._config import (
     parse_config,
     resolve_operator_account,
 )
+from blendsm.broker._config_sessions import SessionsConfig
 from blendsm.broker._runner import (
     ChainConnection,
     RunningBroker,
@@ -64,6 +65,7 @@ __all__ = [
     "PaymentsConfig",
     "RunningBroker",
     "ServiceStats",
+    "SessionsConfig",
     "SettlementConfig",
     "Verdict",
     "amqtt_config",

@@ -15,7 +15,10 @@ would leak data or let a stranger disturb a session:
   in the reserved ``blendsm/`` tree (but a seller its wrapped topic keys), and the retained
   message of a name dies when the name becomes a market topic;
 * messages queued for an offline session are replayed through the gate with retain=False,
-  and pause (stay queued) when the credit runs out, resuming when a voucher arrives.
+  and pause (stay queued) when the credit runs out, resuming when a voucher arrives;
+* persistent sessions (:mod:`blendsm.broker._sessions`) expire, are capped per identity and
+  queue within bounds; QoS 1/2 messages in flight are redelivered on reconnect, before
+  anything new (:mod:`blendsm.broker._inflight`).
 
 We depend on private names of amqtt 0.12.1; :func:`check_amqtt_compatibility` verifies them
 at import so an upgrade fails loudly instead of silently bypassing the meter.
@@ -44,8 +47,10 @@ from blendsm.broker._handler import (
     PublishedPayload,
     abort_connection,
 )
+from blendsm.broker._inflight import release_hold
 from blendsm.broker._log_limit import LogLimiter
-from blendsm.broker._service import MAX_OFFLINE_PAID, MarketplaceService
+from blendsm.broker._service import MarketplaceService
+from blendsm.broker._sessions import SessionKeeper, is_persistent
 from blendsm.broker._topics import TopicClass, classify_topic, is_reserved
 from blendsm.errors import ConfigError
 
@@ -81,6 +86,8 @@ _EXPECTED: Final = {
     (Broker, "_retain_broadcast_message"): ["self", "broadcast", "qos", "target_session"],
     (Broker, "retain_message"): ["self", "source_session", "topic_name", "data", "qos"],
     (Broker, "_delete_session"): ["self", "client_id"],
+    (Broker, "_session_monitor"): ["self"],
+    (Broker, "_handle_disconnect"): ["self", "client_session", "handler", "disconnect_waiter"],
     (Broker, "create_offline_session"): ["self", "client_id"],
     (BrokerProtocolHandler, "mqtt_publish"): [
         "self",
@@ -93,6 +100,12 @@ _EXPECTED: Final = {
     (BrokerProtocolHandler, "_send_packet"): ["self", "packet"],
     (BrokerProtocolHandler, "handle_read_timeout"): ["self"],
     (BrokerProtocolHandler, "init_from_connect"): ["reader", "writer", "plugins_manager", "loop"],
+    (BrokerProtocolHandler, "_retry_deliveries"): ["self"],
+    (BrokerProtocolHandler, "_handle_qos1_message_flow"): ["self", "app_message"],
+    (BrokerProtocolHandler, "_handle_qos2_message_flow"): ["self", "app_message"],
+    (BrokerProtocolHandler, "handle_puback"): ["self", "puback"],
+    (BrokerProtocolHandler, "handle_pubrec"): ["self", "pubrec"],
+    (BrokerProtocolHandler, "handle_pubcomp"): ["self", "pubcomp"],
 }
 
 
@@ -127,6 +140,7 @@ class BlendBroker(Broker):
     _unlisten_market: Callable[[], None] | None = None
     _market_retained: set[str] | None = None
     """Names whose retained message was kept while they were market topics (by a device)."""
+    _session_keeper: SessionKeeper | None = None
 
     def __init__(
         self,
@@ -159,6 +173,14 @@ class BlendBroker(Broker):
         if self._blendsm is None:
             raise ConfigError("BlendBroker has no marketplace service attached")
         return self._blendsm
+
+    @property
+    def keeper(self) -> SessionKeeper:
+        """Persistent-session bookkeeping (created on first use, like the connection caps)."""
+        if self._session_keeper is None:
+            service = self.service
+            self._session_keeper = SessionKeeper(service.config.sessions, service.stats)
+        return self._session_keeper
 
     def _install(self, handler: BrokerProtocolHandler) -> BrokerProtocolHandler:
         handler.__class__ = MeteredHandler
@@ -241,6 +263,15 @@ class BlendBroker(Broker):
                 )
                 accepted = False
                 return_code = IDENTIFIER_REJECTED
+        if (
+            accepted
+            and is_persistent(session)
+            and session.client_id not in self._sessions
+            and not self.keeper.admit_new(
+                session.client_id, session.blendsm.key, self._sessions.__contains__
+            )
+        ):
+            accepted, return_code = False, IDENTIFIER_REJECTED  # sessions.max_per_identity
         if not accepted:
             await self._refuse(writer, return_code)
             raise AMQTTError(f"CONNECT from {remote_address}:{remote_port} refused")
@@ -281,6 +312,9 @@ class BlendBroker(Broker):
             existing_session.blendsm_authenticated = True
             session = existing_session
             session.parent = 1
+            self.keeper.connected(session.client_id)
+            release_hold(session)  # a take-over: deliveries held for the last one go out
+            session.blendsm_hold = asyncio.Event()  # released once redelivery and replay ran
         else:
             session.parent = 0
         # The reader's timeout: 1.5 x the keepalive the client asked for (MQTT-3.1.2-24), plus
@@ -304,7 +338,43 @@ class BlendBroker(Broker):
 
     def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
         handler, session = super().create_offline_session(client_id)
+        self.keeper.disconnected(session)  # never connected: it expires like the others
         return self._install(handler), session
+
+    # --- session lifetime: expiry of disconnected sessions, one loop -------------------
+
+    async def _handle_disconnect(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        disconnect_waiter: asyncio.Future[Any],
+    ) -> None:
+        try:
+            await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        finally:
+            release_hold(client_session)
+            self.keeper.disconnected(client_session)
+
+    async def _session_monitor(self) -> None:
+        """Replaces amqtt's scan of every session each second: drop the disconnected
+        sessions amqtt does not keep, and persistent ones past ``sessions.expiry_seconds``."""
+        keeper = self.keeper
+        while True:
+            for client_id, session, expired in keeper.due():
+                pair = self._sessions.get(client_id)
+                if pair is None or pair[0] is not session:
+                    continue
+                if session.transitions.state != "disconnected":
+                    continue
+                await self._delete_session(client_id)
+                if expired:
+                    self.service.stats.sessions_expired += 1
+                    self.logger.debug("persistent session %r expired", client_id)
+            await asyncio.sleep(keeper.tick_seconds)
+
+    async def _delete_session(self, client_id: str) -> None:
+        self.keeper.forget(client_id)
+        await super()._delete_session(client_id)
 
     # --- decisions --------------------------------------------------------------------
 
@@ -452,33 +522,36 @@ class BlendBroker(Broker):
             if not qos:
                 return  # a QoS 0 message is not stored for an offline session
         topic = broadcast.get("topic") or ""
-        if (
-            self.service.view.is_market_topic(topic)
-            and target_session.retained_messages.qsize() >= MAX_OFFLINE_PAID
-        ):
-            self.service.stats.offline_dropped += 1
-            self.logger.warning(
-                "offline queue of %r full (%d paid messages): dropping a message on %r, not charged",
-                target_session.client_id,
-                MAX_OFFLINE_PAID,
-                topic,
-            )
-            return
-        await super()._retain_broadcast_message(broadcast, qos, target_session)
+        if self.keeper.admit(self.service, target_session, topic, data):
+            await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         handler = self._get_handler(session)
-        if not isinstance(handler, MeteredHandler):
+        if not isinstance(handler, MeteredHandler) or getattr(session, "blendsm_replaying", False):
+            release_hold(session)
             return
+        session.blendsm_replaying = True
+        try:
+            await self._replay(session, handler)
+        finally:
+            session.blendsm_replaying = False
+            release_hold(session)
+
+    async def _replay(self, session: Session, handler: MeteredHandler) -> None:
         queue = session.retained_messages
         while not queue.empty():
             if session.transitions.state != "connected":
                 return
+            if handler.window_full():
+                session.blendsm_window_paused = True  # the next acknowledgement resumes it
+                return
             message = queue.get_nowait()
+            SessionKeeper.taken(session, message.data)
             outcome = await handler.publish_gated(message.topic, message.data, message.qos, False)
             if outcome is Verdict.NO_CREDIT:
                 # Keep it first in line; a voucher on this account resumes the replay.
                 queue._queue.appendleft(message)
+                SessionKeeper.taken(session, message.data, back=True)
                 ident: Identity | None = getattr(session, "blendsm", None)
                 account = ident.owing if ident is not None else None
                 if account is not None and session not in account.waiters:

@@ -41,6 +41,7 @@ from blendsm.broker._config_fields import (
     section,
     typed,
 )
+from blendsm.broker._config_sessions import SessionsConfig, parse_sessions
 from blendsm.device_sdk import account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 
@@ -214,6 +215,8 @@ class BrokerConfig:
     """Batching of message leaves into on-chain anchors."""
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Bounds on what clients control (CONNECT time)."""
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    """Persistent sessions: expiry, cap per identity, queue and in-flight bounds."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Prometheus endpoint (disabled by default)."""
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -300,6 +303,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
         payments=_parse_payments(section(root, "payments")),
         anchoring=_parse_anchoring(section(root, "anchoring")),
         limits=_parse_limits(section(root, "limits")),
+        sessions=parse_sessions(section(root, "sessions")),
         metrics=_parse_metrics(section(root, "metrics")),
         http=_parse_http(section(root, "http")),
         data_dir=path_field(root, "data_dir", "", base) or resolve(_DEFAULTS.data_dir, base),

@@ -16,11 +16,11 @@ import contextvars
 import logging
 from typing import Any, Final
 
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OutgoingApplicationMessage
 
 from blendsm.broker._access import Verdict
+from blendsm.broker._inflight import InflightHandler
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge
 from blendsm.broker._service import MarketplaceService
@@ -40,11 +40,12 @@ _CHARGE: contextvars.ContextVar[Charge | None] = contextvars.ContextVar(
 )
 
 
-class MeteredHandler(BrokerProtocolHandler):
+class MeteredHandler(InflightHandler):
     """A connection's protocol handler whose PUBLISHes to the client are gated and metered.
 
     Installed by swapping ``__class__`` (amqtt constructs the handler itself); the service
-    is set as ``_blendsm`` right after."""
+    is set as ``_blendsm`` right after. Its QoS 1/2 flows (kept in flight across reconnects)
+    are :class:`~blendsm.broker._inflight.InflightHandler`'s."""
 
     _blendsm: MarketplaceService
 
@@ -58,6 +59,9 @@ class MeteredHandler(BrokerProtocolHandler):
     ) -> OutgoingApplicationMessage:
         if type(data) is PublishedPayload and qos is not None and data.publish_qos < qos:
             qos = data.publish_qos  # delivered QoS = min(publish QoS, granted QoS)
+        hold = getattr(self.session, "blendsm_hold", None)
+        if hold is not None:  # a reconnect's redelivery and queue replay go first
+            await hold.wait()
         sent = await self.publish_gated(topic, data, qos, retain, ack_timeout)
         return sent  # None when not sent; amqtt ignores it
 

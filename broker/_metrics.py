@@ -115,6 +115,36 @@ class BrokerCollector(Collector):
             stats.offline_dropped,
         )
         yield counter(
+            "offline_dropped_public",
+            "Free messages dropped because an offline session's queue was full.",
+            stats.offline_dropped_public,
+        )
+        yield counter(
+            "offline_refused_no_channel",
+            "Paid messages not queued for an offline session without a usable channel.",
+            stats.offline_refused_no_channel,
+        )
+        yield counter(
+            "redelivered",
+            "QoS 1/2 PUBLISHes (DUP) and PUBRELs re-sent on reconnect (never charged again).",
+            stats.redelivered,
+        )
+        yield counter(
+            "inflight_dropped",
+            "Deliveries not sent (nor charged): the session's in-flight window was full.",
+            stats.inflight_dropped,
+        )
+        yield counter(
+            "sessions_expired",
+            "Disconnected persistent sessions dropped after sessions.expiry_seconds.",
+            stats.sessions_expired,
+        )
+        yield counter(
+            "persistent_sessions_refused",
+            "CONNECTs refused: the identity held sessions.max_per_identity persistent sessions.",
+            stats.persistent_sessions_refused,
+        )
+        yield counter(
             "envelopes_refused",
             "Device publishes refused for a bad or missing signed envelope.",
             stats.envelopes_refused,

@@ -84,7 +84,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHAIN_ERROR_SOURCES",
-    "MAX_OFFLINE_PAID",
     "ChainErrors",
     "Identity",
     "MarketplaceService",
@@ -94,8 +93,6 @@ __all__ = [
 
 _log = logging.getLogger("blendsm.broker")
 
-MAX_OFFLINE_PAID: Final = 1000
-"""Paid messages queued per disconnected persistent session; newer ones are dropped (logged)."""
 MAX_CONTROL_TASKS: Final = 16
 """Control publishes (vouchers, proof requests, refusals) one session may have in process; the
 rest are dropped, counted and logged at most once a minute. A client that floods the control

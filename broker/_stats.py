@@ -21,6 +21,22 @@ class ServiceStats:
     quotes: int = 0
     disconnects_revoked: int = 0
     offline_dropped: int = 0
+    """Paid messages dropped (not charged) because an offline session's queue was full."""
+    offline_dropped_public: int = 0
+    """Free (public or priced 0) messages dropped because an offline session's queue was full
+    (``sessions.max_queued_messages`` or ``max_queued_bytes``)."""
+    offline_refused_no_channel: int = 0
+    """Paid messages not queued for an offline session that has no usable channel for them
+    (not charged: it was not entitled to them)."""
+    redelivered: int = 0
+    """QoS 1/2 PUBLISHes (DUP) and PUBRELs re-sent to a reconnecting session (never charged)."""
+    inflight_dropped: int = 0
+    """Deliveries not sent (nor charged): ``sessions.max_inflight_messages`` unacknowledged."""
+    sessions_expired: int = 0
+    """Disconnected persistent sessions dropped after ``sessions.expiry_seconds``."""
+    persistent_sessions_refused: int = 0
+    """CONNECTs refused: the identity already held ``sessions.max_per_identity`` persistent
+    sessions."""
     envelopes_refused: int = 0
     duplicates_dropped: int = 0
     """Market envelopes dropped as a (device, topic, sequence) already admitted: not

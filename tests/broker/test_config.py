@@ -24,6 +24,7 @@ from blendsm.broker._config import (
     parse_config,
     resolve_operator_account,
 )
+from blendsm.broker._config_sessions import SessionsConfig
 from blendsm.device_sdk import UINT256_MAX
 from blendsm.errors import ConfigError
 
@@ -94,6 +95,7 @@ def test_documented_example_parses_and_covers_every_field(tmp_path: Path) -> Non
     # Every value the example writes (outside chain/operator_key) is the code's default.
     assert config.listen == ListenConfig()
     assert config.payments == PaymentsConfig()
+    assert config.sessions == SessionsConfig()
     assert config.data_dir == tmp_path / "blendsm-data"
     assert (config.public_topics, config.log_level) == (False, "INFO")
     # Every field of the tree appears in the example, live or commented out.
@@ -102,6 +104,19 @@ def test_documented_example_parses_and_covers_every_field(tmp_path: Path) -> Non
             assert re.search(rf"^\s*#?\s*{f.name}:", example, flags=re.M), f.name
     for f in dataclasses.fields(SettlementConfig):
         assert f"{f.name}:" in example
+    for f in dataclasses.fields(SessionsConfig):
+        assert re.search(rf"^\s+{f.name}:", example, flags=re.M), f.name
+
+
+def test_sessions_section_is_bounded() -> None:
+    config = parse_config({"sessions": {"expiry_seconds": 0.5, "max_queued_bytes": 4096}})
+    assert config.sessions == SessionsConfig(expiry_seconds=0.5, max_queued_bytes=4096)
+    assert _error({"sessions": {"expiry_seconds": 0}}).startswith("sessions.expiry_seconds:")
+    assert "<= 2592000" in _error({"sessions": {"expiry_seconds": 31 * 86_400}})
+    assert _error({"sessions": {"max_per_identity": 0}}).startswith("sessions.max_per_identity:")
+    assert "<= 65535" in _error({"sessions": {"max_inflight_messages": 65_536}})
+    assert _error({"sessions": {"max_queued_bytes": 1023}}).startswith("sessions.max_queued_bytes:")
+    assert "sessions.max_queued_message" in _error({"sessions": {"max_queued_message": 5}})
 
 
 def test_documented_small_examples_parse(tmp_path: Path) -> None:

@@ -8,19 +8,31 @@ One of each: ``enrol`` a participant in the registry, a bounded wait (``eventual
 from support.clients import Client, Received
 from support.enrol import enrol, enrol_raw
 from support.polling import eventually, poll, wait_until
-from support.raw import connect_packet, publish_packet, seconds_until_closed
+from support.raw import (
+    RawPacket,
+    ack_packet,
+    connect_packet,
+    publish_packet,
+    read_packet,
+    seconds_until_closed,
+    subscribe_packet,
+)
 from support.tasks import running
 
 __all__ = [
     "Client",
+    "RawPacket",
     "Received",
+    "ack_packet",
     "connect_packet",
     "enrol",
     "enrol_raw",
     "eventually",
     "poll",
     "publish_packet",
+    "read_packet",
     "running",
     "seconds_until_closed",
+    "subscribe_packet",
     "wait_until",
 ]

@@ -1,13 +1,26 @@
 """Raw-socket MQTT for tests of what paho would never send: a silent client, a CONNECT cut
-short. Blocking calls: run them on a thread when the broker shares the test's event loop."""
+short, a subscriber that reads a PUBLISH and never acknowledges it. Blocking calls: run them
+on a thread when the broker shares the test's event loop."""
 
 from __future__ import annotations
 
 import socket
 import struct
 import time
+from dataclasses import dataclass
 
-__all__ = ["connect_packet", "publish_packet", "seconds_until_closed"]
+__all__ = [
+    "RawPacket",
+    "ack_packet",
+    "connect_packet",
+    "publish_packet",
+    "read_packet",
+    "seconds_until_closed",
+    "subscribe_packet",
+]
+
+PUBACK, PUBREC, PUBREL, PUBCOMP = 4, 5, 6, 7
+"""Packet types of the QoS 1/2 acknowledgements (first byte >> 4)."""
 
 
 def _utf8(text: str) -> bytes:
@@ -31,10 +44,11 @@ def connect_packet(
     *,
     username: str | None = None,
     password: str | None = None,
+    clean: bool = True,
 ) -> bytes:
-    """An MQTT 3.1.1 CONNECT (clean session; anonymous unless ``username``/``password``;
-    optional QoS 0 Will)."""
-    flags = 0x02
+    """An MQTT 3.1.1 CONNECT (clean session unless ``clean=False``; anonymous unless
+    ``username``/``password``; optional QoS 0 Will)."""
+    flags = 0x02 if clean else 0
     payload = _utf8(client_id)
     if will is not None:
         flags |= 0x04
@@ -53,6 +67,82 @@ def publish_packet(topic: str, payload: bytes) -> bytes:
     """A QoS 0 PUBLISH."""
     body = _utf8(topic) + payload
     return b"\x30" + _remaining_length(len(body)) + body
+
+
+def subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
+    """A SUBSCRIBE of one filter."""
+    body = struct.pack("!H", packet_id) + _utf8(topic) + bytes([qos])
+    return b"\x82" + _remaining_length(len(body)) + body
+
+
+def ack_packet(kind: int, packet_id: int) -> bytes:
+    """A PUBACK, PUBREC, PUBREL or PUBCOMP (``kind`` is the packet type)."""
+    flags = 0x02 if kind == PUBREL else 0
+    return bytes([kind << 4 | flags, 2]) + struct.pack("!H", packet_id)
+
+
+@dataclass(frozen=True)
+class RawPacket:
+    """One packet read from the broker: type, fixed-header flags and body."""
+
+    kind: int
+    flags: int
+    body: bytes
+
+    @property
+    def dup(self) -> bool:
+        return bool(self.flags & 0x08)
+
+    @property
+    def qos(self) -> int:
+        return (self.flags >> 1) & 0x03
+
+    @property
+    def packet_id(self) -> int | None:
+        """The packet id of a QoS 1/2 PUBLISH or of an acknowledgement."""
+        if self.kind == 3:
+            if not self.qos:
+                return None
+            (length,) = struct.unpack("!H", self.body[:2])
+            return int(struct.unpack("!H", self.body[2 + length : 4 + length])[0])
+        return int(struct.unpack("!H", self.body[:2])[0])
+
+    @property
+    def topic(self) -> str:
+        (length,) = struct.unpack("!H", self.body[:2])
+        return self.body[2 : 2 + length].decode()
+
+    @property
+    def payload(self) -> bytes:
+        (length,) = struct.unpack("!H", self.body[:2])
+        return self.body[2 + length + (2 if self.qos else 0) :]
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the broker closed the connection")
+        data += chunk
+    return data
+
+
+def read_packet(sock: socket.socket, within: float = 5.0) -> RawPacket | None:
+    """The next packet from ``sock``; None if nothing arrives within ``within`` seconds."""
+    sock.settimeout(within)
+    try:
+        first = _exactly(sock, 1)[0]
+    except TimeoutError:
+        return None
+    length, shift = 0, 0
+    while True:
+        byte = _exactly(sock, 1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return RawPacket(first >> 4, first & 0x0F, _exactly(sock, length))
 
 
 def seconds_until_closed(sock: socket.socket, within: float) -> float | None:
