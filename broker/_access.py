@@ -300,6 +300,8 @@ class AccessDecisions:
             return Verdict.DENY
         if not topic.price:
             self.stats.free_market_deliveries += 1
+            if self.meter.on_delivered is not None:
+                self.meter.on_delivered(topic_name)
             return Verdict.FREE
         account = self.meter.select(key, topic, view)
         if account is None:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from blendsm import backoff_delay
+from blendsm.broker._anchor_budget import AnchorBudget
 from blendsm.broker._anchor_records import AnchorRecord, Batch, LeafRow, ProofRecord
 from blendsm.broker._config import AnchoringConfig
 from blendsm.broker._leaf_store import AsyncLeafStore
@@ -64,10 +65,15 @@ _DEFAULTS: Final = AnchoringConfig()
 @dataclass(frozen=True, slots=True)
 class AnchorConfig:
     """When leaves are anchored: every ``batch_seconds`` (counted from the oldest pending
-    leaf) or as soon as ``batch_max_leaves`` are pending, whichever comes first."""
+    sold leaf) or as soon as ``batch_max_leaves`` sold leaves are pending, whichever comes
+    first; unsold leaves alone after ``unsold_batch_seconds``; never more than
+    ``max_roots_per_hour`` roots (:mod:`blendsm.broker._anchor_budget`)."""
 
     batch_seconds: float = _DEFAULTS.batch_seconds
     batch_max_leaves: int = _DEFAULTS.batch_max_leaves
+    max_roots_per_hour: int = _DEFAULTS.max_roots_per_hour
+    unsold_batch_seconds: float = _DEFAULTS.unsold_batch_seconds
+    max_pending_leaves_per_seller: int = _DEFAULTS.max_pending_leaves_per_seller
     confirmations: int = 0
     """Blocks on top of the anchor's block before it counts (and its proofs are handed out)."""
     backoff_base: float = 1.0
@@ -78,6 +84,12 @@ class AnchorConfig:
             raise ConfigError("anchors.batch_seconds: must be > 0")
         if not 1 <= self.batch_max_leaves <= 2**20:
             raise ConfigError("anchors.batch_max_leaves: must be in [1, 2**20]")
+        if not 1 <= self.max_roots_per_hour <= 3600:
+            raise ConfigError("anchors.max_roots_per_hour: must be in [1, 3600]")
+        if not self.unsold_batch_seconds >= 0:
+            raise ConfigError("anchors.unsold_batch_seconds: must be >= 0")
+        if self.max_pending_leaves_per_seller < 1:
+            raise ConfigError("anchors.max_pending_leaves_per_seller: must be >= 1")
         if self.confirmations < 0:
             raise ConfigError("anchors.confirmations: must be >= 0")
         if not 0 < self.backoff_base <= self.backoff_max:
@@ -90,6 +102,9 @@ class AnchorConfig:
         return cls(
             batch_seconds=anchoring.batch_seconds,
             batch_max_leaves=anchoring.batch_max_leaves,
+            max_roots_per_hour=anchoring.max_roots_per_hour,
+            unsold_batch_seconds=anchoring.unsold_batch_seconds,
+            max_pending_leaves_per_seller=anchoring.max_pending_leaves_per_seller,
             confirmations=confirmations,
         )
 
@@ -107,6 +122,8 @@ class Anchorer:
     ``marketplace`` signs as the broker operator, who must hold an active Operator role in
     the Registry. ``on_anchored`` is called (on the loop) for every batch confirmed,
     reconciled ones included: the broker publishes an anchor notice from it.
+    ``seller_of(topic)`` names the seller whose leaf budget a topic's leaves count against
+    (default: each topic its own); :meth:`delivered` is told of every market delivery.
     """
 
     def __init__(
@@ -118,6 +135,7 @@ class Anchorer:
         logger: logging.Logger | None = None,
         on_anchored: Callable[[AnchorRecord], None] | None = None,
         clock: Callable[[], float] = time.time,
+        seller_of: Callable[[str], str | None] | None = None,
     ) -> None:
         if marketplace.transactor is None:
             raise ConfigError("anchors: the marketplace must sign as the broker operator")
@@ -140,6 +158,17 @@ class Anchorer:
         """Id of the last batch confirmed."""
         self.failures = 0
         """Anchor attempts that failed (node unreachable, reverted, ...)."""
+        cfg = self.config
+        self.budget = AnchorBudget(
+            batch_seconds=cfg.batch_seconds,
+            batch_max_leaves=cfg.batch_max_leaves,
+            max_roots_per_hour=cfg.max_roots_per_hour,
+            unsold_batch_seconds=cfg.unsold_batch_seconds,
+            max_pending_leaves_per_seller=cfg.max_pending_leaves_per_seller,
+            seller_of=seller_of or (lambda topic: None),
+            logger=self.log,
+        )
+        """Triggers and ceilings: sold marks, pending leaves per seller, roots per hour."""
         # state
         self._pending = 0
         self._oldest: float | None = None
@@ -158,16 +187,58 @@ class Anchorer:
         if new and self._oldest is None:
             self._oldest = self.clock()
         self._pending += new
-        if self._pending >= self.config.batch_max_leaves:
+        budget = self.budget
+        if budget.everything_sold and self._pending >= budget.batch_max_leaves:
+            self._wake_unless_capped()
+
+    @property
+    def anchors_deferred(self) -> int:
+        """Times a due root waited for ``max_roots_per_hour``."""
+        return self.budget.deferred
+
+    @property
+    def leaves_refused(self) -> int:
+        """Leaves refused: their seller had ``max_pending_leaves_per_seller`` waiting."""
+        return self.budget.refused
+
+    def delivered(self, topic: str) -> None:
+        """A message of market ``topic`` was delivered (charged, or free): its leaves so far
+        are sold and drive anchoring (the meter's and the gate's hook)."""
+        if self.budget.delivered(topic, self.clock()):
+            self._wake_unless_capped()
+
+    def _reserve(self, topic: str) -> float:
+        """Count the leaf against its seller's budget (raises LeafBudgetError); its time."""
+        now = self.clock()
+        if self.budget.reserve(topic, now):
+            self._wake_unless_capped()
+        return now
+
+    def _wake_unless_capped(self) -> None:
+        """Wake the loop for a trigger, but not while it waits out the hourly ceiling (a
+        flood would otherwise wake it, for nothing, once per leaf)."""
+        if not self.budget.waiting:
             self._wake.set()
 
     async def add(self, topic: str, envelope: Envelope, leaf: bytes) -> None:
-        """Store the message's leaf; durable on return (await it before a QoS 1 PUBACK)."""
-        await self.store.add(LeafRow.of(topic, envelope, leaf, self.clock()))
+        """Store the message's leaf; durable on return (await it before a QoS 1 PUBACK).
+        Raises LeafBudgetError, storing nothing, if its seller is at its bound."""
+        now = self._reserve(topic)
+        try:
+            await self.store.add(LeafRow.of(topic, envelope, leaf, now))
+        except BaseException:
+            self.budget.unreserve(topic)
+            raise
 
     def add_nowait(self, topic: str, envelope: Envelope, leaf: bytes) -> None:
-        """Queue the leaf for the next group commit, not awaited (QoS 0)."""
-        self.store.add_nowait(LeafRow.of(topic, envelope, leaf, self.clock()))
+        """Queue the leaf for the next group commit, not awaited (QoS 0). Raises
+        LeafBudgetError, queueing nothing, if its seller is at its bound."""
+        now = self._reserve(topic)
+        try:
+            self.store.add_nowait(LeafRow.of(topic, envelope, leaf, now))
+        except BaseException:
+            self.budget.unreserve(topic)
+            raise
 
     # --- proofs --------------------------------------------------------------------------
 
@@ -254,7 +325,7 @@ class Anchorer:
                         records.append(record)
                     continue
                 count, _ = await self.store.pending()
-                if count == 0:
+                if count == 0 or self.budget.ceiling_wait(self.clock()) > 0:
                     return records
                 if await self._seal() is None:
                     return records
@@ -277,6 +348,8 @@ class Anchorer:
         self._pending = count
         if count and oldest is not None:
             self._oldest = min(oldest, self.clock())
+        self.budget.reload(await self.store.pending_by_topic())
+        self.budget.load_roots(await self.store.seal_times(self.config.max_roots_per_hour))
         self._loaded = True
 
     async def _step(self) -> float:
@@ -286,26 +359,28 @@ class Anchorer:
             await self._anchor(batch)
             self._errors = 0
             return 0.0
-        cfg = self.config
         now = self.clock()
-        due = self._pending >= cfg.batch_max_leaves or (
-            self._pending > 0
-            and self._oldest is not None
-            and now - self._oldest >= cfg.batch_seconds
-        )
-        if not due:
-            if self._pending and self._oldest is not None:
-                return max(0.0, self._oldest + cfg.batch_seconds - now)
-            return cfg.batch_seconds
+        due_in = self.budget.due_in(now, self._pending, self._oldest)
+        if due_in > 0 or not self._pending:
+            return due_in if due_in > 0 else self.config.batch_seconds
+        wait = self.budget.ceiling_wait(now)
+        if wait > 0:
+            return wait
         if await self._seal() is None:
-            return cfg.batch_seconds
+            return self.config.batch_seconds
         return 0.0
 
     async def _seal(self) -> Batch | None:
+        """Seal the next root: sold leaves first, the room left to the oldest others."""
         chain_latest = await self.marketplace.anchors.latest_batch_id(self.operator)
-        batch = await self.store.seal_batch(
-            self.config.batch_max_leaves, chain_latest, self.clock()
+        budget, now = self.budget, self.clock()
+        sold = {} if budget.everything_sold else budget.sold()
+        batch, more_sold = await self.store.seal_sold_first(
+            self.config.batch_max_leaves, chain_latest, now, sold
         )
+        if batch is not None:
+            budget.sealed(now, more_sold)
+        budget.reload(await self.store.pending_by_topic())
         count, oldest = await self.store.pending()
         self._pending = count
         self._oldest = None if count == 0 else min(oldest or self.clock(), self.clock())
@@ -426,6 +501,7 @@ class Anchorer:
             "anchors: batch %d failed, its leaves go to a new batch: %s", batch.batch_id, why
         )
         await self.store.mark_failed(batch.batch_id, why)
+        self.budget.reload(await self.store.pending_by_topic())
         count, oldest = await self.store.pending()
         self._pending = count
         self._oldest = None if count == 0 else oldest

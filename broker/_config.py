@@ -160,7 +160,18 @@ class AnchoringConfig:
     batch_seconds: float = 60.0
     """Anchor at most this long after the oldest pending leaf arrived (> 0)."""
     batch_max_leaves: int = 1000
-    """Anchor as soon as this many leaves are pending (1 to 1048576)."""
+    """Anchor as soon as this many leaves of sold topics are pending; also the most leaves one
+    root covers (1 to 1048576; the transaction costs the same gas whatever the count)."""
+    max_roots_per_hour: int = 360
+    """Anchor transactions in any hour, whatever triggers them (1 to 3600): the operator's gas
+    ceiling (about 89k gas each); past it sealing waits and leaves keep accumulating."""
+    unsold_batch_seconds: float = 3600.0
+    """Leaves of topics with no delivery since they arrived ("unsold") trigger a root alone
+    only once the oldest is this old; they ride free in roots sold leaves trigger. 0: treat
+    them like sold leaves (every leaf triggers by time and count)."""
+    max_pending_leaves_per_seller: int = 100_000
+    """Unanchored leaves one seller's devices may have waiting (>= 1); past it the seller's
+    envelopes are refused (QoS 0 dropped, QoS 1/2 unacknowledged and disconnected)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +440,19 @@ def _parse_anchoring(data: Mapping[str, Any]) -> AnchoringConfig:
         ),
         batch_max_leaves=integer(
             data, "batch_max_leaves", "anchoring", default.batch_max_leaves, low=1, high=2**20
+        ),
+        max_roots_per_hour=integer(
+            data, "max_roots_per_hour", "anchoring", default.max_roots_per_hour, low=1, high=3600
+        ),
+        unsold_batch_seconds=seconds(
+            data, "unsold_batch_seconds", "anchoring", default.unsold_batch_seconds, allow_zero=True
+        ),
+        max_pending_leaves_per_seller=integer(
+            data,
+            "max_pending_leaves_per_seller",
+            "anchoring",
+            default.max_pending_leaves_per_seller,
+            low=1,
         ),
     )
 

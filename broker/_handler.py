@@ -24,6 +24,7 @@ from blendsm.broker._inflight import InflightHandler
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge
 from blendsm.broker._service import MarketplaceService
+from blendsm.errors import LeafBudgetError
 
 __all__ = ["KEEPALIVE_GRACE", "MeteredHandler", "PublishedPayload", "abort_connection"]
 
@@ -105,7 +106,9 @@ class MeteredHandler(InflightHandler):
         """A client's PUBLISH: on a market topic the signed envelope is checked, de-duplicated
         by (device, topic, sequence), and its leaf stored before amqtt acknowledges it (durably
         for QoS 1/2, queued for QoS 0); an invalid or duplicate one is marked so the broker
-        drops it instead of broadcasting it (a duplicate is still acknowledged)."""
+        drops it instead of broadcasting it (a duplicate is still acknowledged). Over the
+        seller's leaf budget a QoS 0 message is dropped and a QoS 1/2 one is not acknowledged:
+        the connection is closed, so the device keeps it in its outbox for a later try."""
         topic = publish_packet.topic_name
         session = self.session
         service = self._blendsm
@@ -120,11 +123,17 @@ class MeteredHandler(InflightHandler):
             )
         elif topic and session is not None and service.view.is_market_topic(topic):
             checked = service.inspect_publish(session, topic, publish_packet.data or b"")
-            if checked is False or (
-                checked is not None
-                and not await service.admit_envelope(topic, *checked, publish_packet.qos or 0)
-            ):
-                publish_packet.blendsm_rejected = True
+            try:
+                if checked is False or (
+                    checked is not None
+                    and not await service.admit_envelope(topic, *checked, publish_packet.qos or 0)
+                ):
+                    publish_packet.blendsm_rejected = True
+            except LeafBudgetError:  # the seller's backlog of unanchored leaves is full
+                if publish_packet.qos:  # unacknowledged: the device keeps it and resends later
+                    abort_connection(self.writer)
+                    return
+                publish_packet.blendsm_rejected = True  # QoS 0 promised nothing: dropped
         await super().handle_publish(publish_packet)
 
     def handle_read_timeout(self) -> None:

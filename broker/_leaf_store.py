@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
@@ -99,6 +99,12 @@ class LeafStore(DurableStore):
             schema_version=SCHEMA_VERSION,
             schema=_SCHEMA_V1,
         )
+        # Added after schema 1 shipped; idempotent, and older brokers ignore it: the sold
+        # leaves of one topic are found without scanning every unsold leaf before them.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS leaves_unbatched_by_topic"
+            " ON leaves (topic, leaf_index) WHERE batch_id IS NULL"
+        )
         self._trees: OrderedDict[int, MerkleTree] = OrderedDict()
         self._tree_cache = tree_cache
 
@@ -138,6 +144,13 @@ class LeafStore(DurableStore):
             "SELECT count(*), min(received_at) FROM leaves WHERE batch_id IS NULL"
         ).fetchone()
         return int(count), oldest
+
+    def pending_by_topic(self) -> dict[str, int]:
+        """Leaves not in any batch yet, counted per topic (one scan of the unbatched index)."""
+        rows = self._db.execute(
+            "SELECT topic, count(*) FROM leaves WHERE batch_id IS NULL GROUP BY topic"
+        ).fetchall()
+        return {t: int(n) for t, n in rows}
 
     def leaf_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM leaves").fetchone()[0])
@@ -192,6 +205,14 @@ class LeafStore(DurableStore):
         """The highest batch id ever sealed here (failed ones included), 0 if none."""
         return int(self._db.execute("SELECT coalesce(max(batch_id), 0) FROM batches").fetchone()[0])
 
+    def seal_times(self, limit: int) -> list[float]:
+        """When the last ``limit`` batches were sealed (any state), newest first: the
+        anchorer's hourly root budget survives a restart."""
+        rows = self._db.execute(
+            "SELECT created_at FROM batches ORDER BY batch_id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [float(r[0]) for r in rows]
+
     def seal_batch(
         self, max_leaves: int, chain_latest: int = 0, now: float | None = None
     ) -> Batch | None:
@@ -200,20 +221,47 @@ class LeafStore(DurableStore):
         (``chain_latest`` is the operator's ``latestBatchId`` on chain). Write-ahead: the
         batch row (state ``intent``) and every leaf's batch id and position commit together,
         before anything is sent. Refused (StoreError) while another batch is open."""
+        return self.seal_sold_first(max_leaves, chain_latest, now, {})[0]
+
+    def seal_sold_first(
+        self,
+        max_leaves: int,
+        chain_latest: int,
+        now: float | None,
+        sold: Mapping[str, float],
+    ) -> tuple[Batch | None, bool]:
+        """:meth:`seal_batch`, but the leaves of sold topics go first: those of topic ``t``
+        received at or before ``sold[t]`` (its last delivery), oldest first; the room left
+        takes the oldest other leaves (a root costs the same gas however many it covers).
+        Also says whether sold leaves were left out (the batch was full of them)."""
         if max_leaves < 1:
             raise StoreError("seal_batch: max_leaves must be >= 1")
         at = time.time() if now is None else now
 
-        def body() -> Batch | None:
+        def body() -> tuple[Batch | None, bool]:
             if self.open_batch() is not None:
                 raise StoreError("seal_batch: a batch is still open; resolve it first")
-            rows = self._db.execute(
-                "SELECT leaf_index, leaf FROM leaves WHERE batch_id IS NULL"
-                " ORDER BY leaf_index LIMIT ?",
-                (max_leaves,),
-            ).fetchall()
+            chosen: list[tuple[int, bytes]] = []
+            for topic, until in sold.items():
+                chosen += self._db.execute(
+                    "SELECT leaf_index, leaf FROM leaves WHERE topic = ? AND batch_id IS NULL"
+                    " AND received_at <= ? ORDER BY leaf_index LIMIT ?",
+                    (topic, until, max_leaves + 1),
+                ).fetchall()
+            chosen.sort()
+            more_sold = len(chosen) > max_leaves
+            rows = chosen[:max_leaves]
+            if len(rows) < max_leaves:
+                taken = {r[0] for r in rows}
+                oldest = self._db.execute(
+                    "SELECT leaf_index, leaf FROM leaves WHERE batch_id IS NULL"
+                    " ORDER BY leaf_index LIMIT ?",
+                    (max_leaves,),
+                ).fetchall()
+                rows += [r for r in oldest if r[0] not in taken][: max_leaves - len(rows)]
+                rows.sort()
             if not rows:
-                return None
+                return None, False
             batch_id = max(self.last_batch_id(), chain_latest) + 1
             if batch_id > _INT63:
                 raise StoreError(f"seal_batch: batch id {batch_id} does not fit the store")
@@ -228,7 +276,7 @@ class LeafStore(DurableStore):
                 [(batch_id, pos, r[0]) for pos, r in enumerate(rows)],
             )
             self._remember(batch_id, tree)
-            return Batch(batch_id, tree.root, len(rows), "intent", None, at)
+            return Batch(batch_id, tree.root, len(rows), "intent", None, at), more_sold
 
         return self._write(body)
 
@@ -421,6 +469,17 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
 
     async def leaf_count(self) -> int:
         return await self._run(self._store.leaf_count)
+
+    async def pending_by_topic(self) -> dict[str, int]:
+        return await self._run(self._store.pending_by_topic)
+
+    async def seal_times(self, limit: int) -> list[float]:
+        return await self._run(self._store.seal_times, limit)
+
+    async def seal_sold_first(
+        self, max_leaves: int, chain_latest: int, now: float | None, sold: Mapping[str, float]
+    ) -> tuple[Batch | None, bool]:
+        return await self._run(self._store.seal_sold_first, max_leaves, chain_latest, now, sold)
 
     async def high_sequences(self, limit: int) -> list[tuple[bytes, str, int]]:
         return await self._run(self._store.high_sequences, limit)

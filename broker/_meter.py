@@ -19,7 +19,7 @@ accepted earlier in the same run never seeds ``charged``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -93,6 +93,9 @@ class Meter:
         self._restored: dict[bytes, int] = {}  # charged seeds from the store at start-up
         self.delivered = 0
         self.denied_no_credit = 0
+        self.on_delivered: Callable[[str], None] | None = None
+        """Told the topic of every market delivery: committed charges here, free (price-0)
+        ones by the gate. The anchorer's "sold" signal: what was delivered gets anchored."""
 
     # --- chain state ---------------------------------------------------------------
 
@@ -186,6 +189,8 @@ class Meter:
         account.charged += charge.price
         account.delivered += 1
         self.delivered += 1
+        if self.on_delivered is not None:
+            self.on_delivered(charge.topic)
 
     def release(self, charge: Charge) -> None:
         """The PUBLISH was not written: forget the reservation."""

@@ -58,6 +58,17 @@ _ANCHORER_COUNTERS: Final = (
         "Anchor attempts that failed (node unreachable, reverted, ...): chain errors.",
         "failures",
     ),
+    (
+        "anchors_deferred",
+        "Times a due anchor waited for anchoring.max_roots_per_hour (the operator's gas ceiling).",
+        "anchors_deferred",
+    ),
+    (
+        "anchor_leaves_refused",
+        "Market messages refused: their seller had anchoring.max_pending_leaves_per_seller"
+        " leaves waiting for an anchor.",
+        "leaves_refused",
+    ),
 )
 """``(metric, documentation, Anchorer attribute)`` of the anchoring counters."""
 

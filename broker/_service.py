@@ -6,7 +6,8 @@ meter), and the broker subclass and the amqtt plugin both need it. Every decisio
 synchronous dict lookup; only voucher storage and notices are awaited, off the delivery path.
 
 The decisions themselves (CONNECT, SUBSCRIBE, PUBLISH, RECEIVE, the delivery gate) are
-:class:`~blendsm.broker._access.AccessDecisions`, which this service extends with the wiring:
+:class:`~blendsm.broker._access.AccessDecisions`, and the intake of signed envelopes is
+:class:`~blendsm.broker._envelope_intake.EnvelopeIntake`; this service extends them with the wiring:
 stores, chain view, settlement and anchoring tasks, voucher intake, notices and chain events.
 Failed chain requests of those tasks are counted by :mod:`blendsm.broker._chain_errors`.
 """
@@ -18,12 +19,12 @@ import contextlib
 import contextvars
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 from eth_account.signers.local import LocalAccount
 from web3 import AsyncWeb3
 
-from blendsm.broker._access import AccessDecisions, Identity, Verdict
+from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._anchor_records import AnchorRecord
 from blendsm.broker._anchors import AnchorConfig, Anchorer
 from blendsm.broker._chain_errors import (
@@ -35,6 +36,7 @@ from blendsm.broker._chain_errors import (
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import BrokerConfig
 from blendsm.broker._dedup import DedupWindow
+from blendsm.broker._envelope_intake import EnvelopeIntake
 from blendsm.broker._leaf_store import AsyncLeafStore
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
@@ -49,7 +51,6 @@ from blendsm.device_sdk import (
     AnyNotice,
     ChannelState,
     ConnectTokenVerifier,
-    Envelope,
     MessageDomain,
     Notice,
     PaymentRequest,
@@ -60,16 +61,13 @@ from blendsm.device_sdk import (
     VoucherDomain,
     VoucherVerifier,
     control_topic,
-    decode_envelope,
     decode_proof_request,
     decode_voucher,
     encode_anchor_notice,
     encode_notice,
     parse_control_topic,
-    verify_envelope_leaf,
 )
 from blendsm.errors import (
-    EnvelopeError,
     VoucherChannelError,
     VoucherNotNewerError,
     VoucherSignatureError,
@@ -101,7 +99,7 @@ DUPLICATE_LOG_INTERVAL: Final = 60.0
 """Seconds between the INFO lines that count dropped duplicate envelopes (each one: DEBUG)."""
 
 
-class MarketplaceService(AccessDecisions):
+class MarketplaceService(EnvelopeIntake):
     """Chain-backed identity, access control, metering and voucher intake for one broker."""
 
     def __init__(
@@ -216,7 +214,9 @@ class MarketplaceService(AccessDecisions):
             AnchorConfig.of(self.config.anchoring, self.config.chain.confirmations),
             logger=self.log.getChild("anchors"),
             on_anchored=self._on_anchored,
+            seller_of=self.seller_of,
         )
+        self.meter.on_delivered = self.anchorer.delivered
         self._anchor_task = asyncio.create_task(
             self.anchorer.run(), name="blendsm-anchors", context=self._chain_source("anchors")
         )
@@ -452,93 +452,6 @@ class MarketplaceService(AccessDecisions):
         if not isinstance(answer, Refusal):
             self.stats.proofs_served += 1
         await self.send_notice(handler, ident, answer)
-
-    # --- market messages: signed envelopes, leaves, anchors ------------------------------
-
-    def inspect_publish(
-        self, session: Session, topic: str, data: bytes | bytearray
-    ) -> tuple[Envelope, bytes] | Literal[False] | None:
-        """For a PUBLISH on a market topic by an allowed device: the verified envelope and its
-        leaf; False if it is not a valid envelope signed by that device (the message is then
-        dropped); None when it is not ours to check (not a market topic, or not allowed:
-        amqtt's PUBLISH decision refuses it later)."""
-        ident = self.identity(session)
-        view = self.view
-        topic_info = view.topic_for_name(topic)
-        if ident is None or not ident.key or topic_info is None:
-            return None
-        if not view.can_publish(ident.key, topic_info.topic_id):
-            return None
-        try:
-            envelope = decode_envelope(data)
-            signer, leaf = verify_envelope_leaf(self.messages, topic, envelope)
-        except EnvelopeError as exc:
-            self.stats.envelopes_refused += 1
-            self.log.warning("PUBLISH on %r from %s dropped: %s", topic, ident.address, exc)
-            return False
-        if topic_info.encrypted and not envelope.encrypted:
-            self.stats.envelopes_refused += 1
-            self.log.warning(
-                "PUBLISH on %r from %s dropped: the topic is marked encrypted on chain and"
-                " the payload is not",
-                topic,
-                ident.address,
-            )
-            return False
-        if signer.lower() != ident.key:
-            self.stats.envelopes_refused += 1
-            self.log.warning(
-                "PUBLISH on %r from %s dropped: signed by %s, not by the publishing device",
-                topic,
-                ident.address,
-                signer,
-            )
-            return False
-        return envelope, leaf
-
-    async def admit_envelope(self, topic: str, envelope: Envelope, leaf: bytes, qos: int) -> bool:
-        """Admit a verified envelope once per (device, topic, sequence): store its leaf (awaited
-        for QoS 1/2, before the PUBACK) and return True; False for a duplicate or a replay
-        older than the window, which is counted and must be dropped (still acknowledged)."""
-        device, sequence, dedup = envelope.device, envelope.sequence, self.dedup
-        if not dedup.known(device, topic):  # evicted at the cap: ask the durable leaf store
-            store = self.anchorer.store if self.anchorer is not None else None
-            if store is None:
-                raise RuntimeError("leaf store closed: cannot tell a duplicate, not admitted")
-            await store.drain()
-            high = await store.high_sequence(device, topic)
-            if high is not None:
-                dedup.seed(device, topic, high)
-        if not dedup.admit(device, topic, sequence):
-            self._duplicate(topic, envelope)
-            return False
-        anchorer = self.anchorer
-        if anchorer is not None:
-            try:
-                if qos:
-                    await anchorer.add(topic, envelope, leaf)
-                else:
-                    anchorer.add_nowait(topic, envelope, leaf)
-            except BaseException:
-                dedup.forget(device, topic, sequence)  # not acknowledged: it will come again
-                raise
-        return True
-
-    def _duplicate(self, topic: str, envelope: Envelope) -> None:
-        stats = self.stats
-        stats.duplicates_dropped += 1
-        self.log.debug(
-            "duplicate envelope on %r from %s, sequence %d: dropped (acknowledged, not delivered)",
-            topic,
-            envelope.device_address,
-            envelope.sequence,
-        )
-        self._duplicates_log.note(
-            "duplicate or replayed envelope on %r from %s dropped (%d in all)",
-            topic,
-            envelope.device_address,
-            stats.duplicates_dropped,
-        )
 
     def _on_anchored(self, record: AnchorRecord) -> None:
         broker = self.broker

@@ -18,6 +18,7 @@ visible::
     ├── ArtifactError(BlendsmError, RuntimeError)    compiled contracts missing or stale
     ├── StoreError(BlendsmError, RuntimeError)       voucher store unreadable, foreign, newer or misused
     ├── OutboxFullError(BlendsmError, RuntimeError)  a device's durable outbox is at its bound; message refused
+    ├── LeafBudgetError(BlendsmError, RuntimeError)  a seller's unanchored leaves are at the broker's bound; message refused
     ├── BrokerConnectionError(BlendsmError, ConnectionError)   MQTT broker unreachable, silent or gone
     │   └── BrokerRefusedError                       CONNACK refused (bad token, not a member), with its code
     ├── SubscriptionRefusedError(BlendsmError, PermissionError)  SUBACK 0x80 for a topic filter
@@ -44,6 +45,7 @@ __all__ = [
     "ContractRevertError",
     "DecryptionError",
     "EnvelopeError",
+    "LeafBudgetError",
     "OutboxFullError",
     "StoreError",
     "SubscriptionRefusedError",
@@ -116,6 +118,12 @@ class OutboxFullError(BlendsmError, RuntimeError):
             f"outbox full: {pending} messages / {pending_bytes} bytes queued"
             f" (bounds {max_messages} messages, {max_bytes} bytes); message refused"
         )
+
+
+class LeafBudgetError(BlendsmError, RuntimeError):
+    """A seller's devices have ``anchoring.max_pending_leaves_per_seller`` leaves waiting for an
+    anchor: the broker refuses the message (not stored, delivered or acknowledged) until
+    anchors drain the backlog, so one seller cannot make the broker keep unbounded data."""
 
 
 class ArtifactError(BlendsmError, RuntimeError):

@@ -75,10 +75,13 @@ def messages(
 
 
 def anchorer(store: AsyncLeafStore, mp: MakeMp | Marketplace, **kw: Any) -> Anchorer:
+    """An anchorer whose leaves all trigger roots (``unsold_batch_seconds=0``: these tests are
+    about batching and proofs; which leaves are sold is tests/broker/test_anchor_budget.py)."""
     kw.setdefault("batch_seconds", NEVER)
+    kw.setdefault("unsold_batch_seconds", 0)
     kw.setdefault("backoff_base", 0.05)
     kw.setdefault("backoff_max", 0.2)
-    options = {k: kw.pop(k) for k in ("on_anchored", "logger") if k in kw}
+    options = {k: kw.pop(k) for k in ("on_anchored", "logger", "seller_of", "clock") if k in kw}
     market = mp if isinstance(mp, Marketplace) else mp("operator")
     return Anchorer(store, market, AnchorConfig(**kw), **options)
 

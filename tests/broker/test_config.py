@@ -14,6 +14,7 @@ import yaml
 from eth_account import Account
 
 from blendsm.broker._config import (
+    AnchoringConfig,
     BrokerConfig,
     ChainConfig,
     ListenConfig,
@@ -99,7 +100,15 @@ def test_documented_example_parses_and_covers_every_field(tmp_path: Path) -> Non
     assert config.data_dir == tmp_path / "blendsm-data"
     assert (config.public_topics, config.log_level) == (False, "INFO")
     # Every field of the tree appears in the example, live or commented out.
-    for cls in (BrokerConfig, ListenConfig, ChainConfig, OperatorKeyConfig, PaymentsConfig):
+    assert config.anchoring == AnchoringConfig()
+    for cls in (
+        BrokerConfig,
+        ListenConfig,
+        ChainConfig,
+        OperatorKeyConfig,
+        PaymentsConfig,
+        AnchoringConfig,
+    ):
         for f in dataclasses.fields(cls):
             assert re.search(rf"^\s*#?\s*{f.name}:", example, flags=re.M), f.name
     for f in dataclasses.fields(SettlementConfig):
@@ -224,6 +233,22 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
         ),
         ({"limits": {"connect_timout_seconds": 5}}, "did you mean 'connect_timeout_seconds'?"),
         ({"limits": {"max_connections": 0}}, "limits.max_connections: must be >= 1, got 0"),
+        (
+            {"anchoring": {"max_roots_per_hour": 0}},
+            "anchoring.max_roots_per_hour: must be >= 1, got 0",
+        ),
+        (
+            {"anchoring": {"max_roots_per_hour": 3601}},
+            "anchoring.max_roots_per_hour: must be <= 3600, got 3601",
+        ),
+        (
+            {"anchoring": {"unsold_batch_seconds": -1}},
+            "anchoring.unsold_batch_seconds: must be >= 0, got -1",
+        ),
+        (
+            {"anchoring": {"max_pending_leaves_per_seller": 0}},
+            "anchoring.max_pending_leaves_per_seller: must be >= 1, got 0",
+        ),
         ({"limits": {"max_connections_per_ip": "9"}}, "limits.max_connections_per_ip: must be int"),
     ],
 )
@@ -420,6 +445,21 @@ def test_duplicate_keys_refused_with_line(tmp_path: Path) -> None:
 def test_non_mapping_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config: must be a mapping, got list"):
         load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_anchoring_budget_parses() -> None:
+    config = parse_config(
+        {
+            "anchoring": {
+                "max_roots_per_hour": 12,
+                "unsold_batch_seconds": 0,
+                "max_pending_leaves_per_seller": 50,
+            }
+        }
+    )
+    assert config.anchoring == AnchoringConfig(
+        max_roots_per_hour=12, unsold_batch_seconds=0.0, max_pending_leaves_per_seller=50
+    )
 
 
 def test_limits_default_and_parse() -> None:

@@ -138,7 +138,10 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
         await enrol(mp, chain, label, role)
     await mp("seller").registry.add_device(chain.addr("device"))
     await mp("seller").market.create_topic("data/k", 0, None, Policy.OPEN)
-    broker = broker_process(anchoring={"batch_seconds": 0.5, "batch_max_leaves": 40})
+    # Nobody subscribes: every leaf must trigger like a sold one for this crash test.
+    broker = broker_process(
+        anchoring={"batch_seconds": 0.5, "batch_max_leaves": 40, "unsold_batch_seconds": 0}
+    )
     port = broker.port
 
     proc = broker.start()

@@ -45,6 +45,8 @@ EXPECTED = {
     "blendsm_anchor_gas_total",
     "blendsm_anchor_leaves_total",
     "blendsm_anchor_failures_total",
+    "blendsm_anchors_deferred_total",
+    "blendsm_anchor_leaves_refused_total",
     "blendsm_envelopes_refused_total",
     "blendsm_duplicates_dropped_total",
     "blendsm_keepalive_timeouts_total",

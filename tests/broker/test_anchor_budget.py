@@ -1,0 +1,182 @@
+"""What anchoring may cost the operator (docs/integrity.md): the Anchorer against the real
+DataAnchors contract on the embedded chain, counting the anchor transactions it sends.
+
+Leaves of topics nobody was sent a message of make no root on their own (they ride in roots
+that sold leaves trigger); roots never pass ``max_roots_per_hour``, across a restart too; a
+seller cannot make the broker keep more than ``max_pending_leaves_per_seller`` unanchored
+leaves; and no leaf is ever lost to these bounds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import enrol, eventually, running
+
+from blendsm.broker._anchors import AnchorConfig, Anchorer
+from blendsm.broker._leaf_store import AsyncLeafStore
+from blendsm.contracts import Marketplace, Role, test_account
+from blendsm.device_sdk import Envelope, EnvelopeSigner, MessageDomain, message_leaf
+from blendsm.errors import ConfigError, LeafBudgetError
+
+MakeMp = Callable[[str], Marketplace]
+NEVER = 10**6
+SOLD, UNSOLD = "sold/temp", "unsold/flood"
+Message = tuple[str, Envelope, bytes]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[AsyncLeafStore]:
+    s = await AsyncLeafStore.open(tmp_path / "leaves.sqlite3")
+    yield s
+    await s.close()
+
+
+class Device:
+    """Signs numbered messages with a TEST-ONLY key, one sequence per (device, topic)."""
+
+    def __init__(self, chain: Any) -> None:
+        domain = MessageDomain(int(chain.w3.eth.chain_id), chain.deployment.address("Registry"))
+        self.signer = EnvelopeSigner(bytes(test_account("device").key), domain)
+        self.sequences: dict[str, int] = {}
+
+    def sign(self, topic: str, count: int) -> list[Message]:
+        out = []
+        for _ in range(count):
+            seq = self.sequences[topic] = self.sequences.get(topic, 0) + 1
+            env = self.signer.sign(topic, b"%d" % seq, seq, 1_700_000_000_000 + seq)
+            out.append((topic, env, message_leaf(self.signer.domain, topic, env)))
+        return out
+
+
+def make_anchorer(store: AsyncLeafStore, mp: MakeMp, **kw: Any) -> Anchorer:
+    options = {k: kw.pop(k) for k in ("seller_of", "clock") if k in kw}
+    kw.setdefault("batch_seconds", NEVER)
+    kw.setdefault("backoff_base", 0.05)
+    kw.setdefault("backoff_max", 0.2)
+    return Anchorer(store, mp("operator"), AnchorConfig(**kw), **options)
+
+
+def anchor_txs(chain: Any) -> int:
+    """Anchor transactions mined on the chain (one ``Anchored`` event each)."""
+    return len(chain.DataAnchors.events.Anchored().get_logs(from_block=0))
+
+
+async def add(a: Anchorer, msgs: list[Message]) -> None:
+    for m in msgs:  # one at a time: the loop sees every trigger as it would live
+        await a.add(*m)
+
+
+def test_budget_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="max_roots_per_hour"):
+        AnchorConfig(max_roots_per_hour=0)
+    with pytest.raises(ConfigError, match="unsold_batch_seconds"):
+        AnchorConfig(unsold_batch_seconds=-1)
+    with pytest.raises(ConfigError, match="max_pending_leaves_per_seller"):
+        AnchorConfig(max_pending_leaves_per_seller=0)
+
+
+async def test_unsold_leaves_make_no_root_and_ride_in_the_next_sold_one(
+    chain: Any, mp: MakeMp, store: AsyncLeafStore
+) -> None:
+    await enrol(mp, chain, "operator", Role.OPERATOR)
+    device = Device(chain)
+    a = make_anchorer(store, mp, batch_max_leaves=10, batch_seconds=0.2)
+    async with running(a):
+        await add(a, device.sign(UNSOLD, 95))  # 9 roots' worth by count, 1 by time
+        sold = device.sign(SOLD, 3)
+        await add(a, sold)
+        a.delivered(SOLD)  # a subscriber got them: sold, a root is due in batch_seconds
+        await eventually(lambda: a.batches_anchored == 1)
+        await asyncio.sleep(0.5)  # more than batch_seconds: nothing else is due
+        assert a.batches_anchored == 1
+    assert anchor_txs(chain) == 1
+    batch = (await store.batches())[0]
+    assert batch.leaf_count == 10  # the 3 sold leaves, and 7 unsold ones for free
+    for topic, env, _ in sold:
+        assert await a.proof(topic, env.sequence) is not None
+    assert (await store.pending())[0] == 88  # kept on disk for a later root
+    assert a.anchors_deferred == 0
+
+
+async def test_unsold_leaves_alone_make_one_root_per_unsold_batch_seconds(
+    chain: Any, mp: MakeMp, store: AsyncLeafStore
+) -> None:
+    await enrol(mp, chain, "operator", Role.OPERATOR)
+    now = [1_000_000.0]
+    a = make_anchorer(
+        store, mp, batch_max_leaves=10, unsold_batch_seconds=100, clock=lambda: now[0]
+    )
+    async with running(a):
+        await add(a, Device(chain).sign(UNSOLD, 25))
+        await asyncio.sleep(0.3)
+        assert a.batches_anchored == 0  # not 2 roots by count: nobody bought them
+        for hour in (1, 2):
+            now[0] += 100  # the oldest is one unsold period older: one root, not three
+            a._wake.set()
+            await eventually(lambda: a.batches_anchored == hour)  # noqa: B023
+            await asyncio.sleep(0.3)
+            assert a.batches_anchored == hour
+    assert anchor_txs(chain) == 2
+    assert (await store.pending())[0] == 5
+
+
+async def test_roots_never_pass_max_roots_per_hour_even_across_a_restart(
+    chain: Any, mp: MakeMp, tmp_path: Path
+) -> None:
+    await enrol(mp, chain, "operator", Role.OPERATOR)
+    now = [1_000_000.0]
+    path = tmp_path / "leaves.sqlite3"
+    msgs = Device(chain).sign(SOLD, 60)
+    first = await AsyncLeafStore.open(path)
+    a = make_anchorer(first, mp, batch_max_leaves=5, max_roots_per_hour=3, clock=lambda: now[0])
+    async with running(a):
+        a.delivered(SOLD)
+        await add(a, msgs[:40])  # 8 roots' worth, every leaf sold
+        await eventually(lambda: a.anchors_deferred == 1)
+        assert a.batches_anchored == 3
+    await first.close()
+    assert anchor_txs(chain) == 3
+
+    second = await AsyncLeafStore.open(path)  # a restart within the hour: still 3
+    b = make_anchorer(second, mp, batch_max_leaves=5, max_roots_per_hour=3, clock=lambda: now[0])
+    try:
+        async with running(b):
+            b.delivered(SOLD)
+            await add(b, msgs[40:])
+            await eventually(lambda: b.anchors_deferred == 1)
+            assert await b.anchor_now() == []  # on demand too: the ceiling holds
+            assert anchor_txs(chain) == 3
+            now[0] += 3600  # an hour later: three more roots, sold leaves oldest first
+            b.delivered(SOLD)
+            b._wake.set()
+            await eventually(lambda: b.batches_anchored == 3)
+        assert anchor_txs(chain) == 6
+        assert (await second.pending())[0] == 60 - 6 * 5  # waiting, none lost
+    finally:
+        await second.close()
+
+
+async def test_a_seller_cannot_make_the_broker_keep_more_than_its_leaf_budget(
+    chain: Any, mp: MakeMp, store: AsyncLeafStore
+) -> None:
+    await enrol(mp, chain, "operator", Role.OPERATOR)
+    sellers = {SOLD: "0xseller", UNSOLD: "0xseller", "other/topic": "0xother"}
+    a = make_anchorer(store, mp, max_pending_leaves_per_seller=4, seller_of=sellers.get)
+    device = Device(chain)
+    await add(a, device.sign(SOLD, 2) + device.sign(UNSOLD, 2))
+    refused = device.sign(UNSOLD, 1)[0]
+    with pytest.raises(LeafBudgetError):
+        await a.add(*refused)
+    with pytest.raises(LeafBudgetError):
+        a.add_nowait(*device.sign(SOLD, 1)[0])
+    await add(a, device.sign("other/topic", 4))  # another seller's budget
+    await store.drain()
+    assert await store.leaf_count() == 8
+    assert a.leaves_refused == 2
+    await a.anchor_now()  # anchored leaves no longer count
+    await a.add(*refused)  # the device's re-send is taken now
+    assert await store.leaf_count() == 9
