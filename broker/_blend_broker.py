@@ -46,6 +46,7 @@ from blendsm.broker._handler import (
 )
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._service import MAX_OFFLINE_PAID, MarketplaceService
+from blendsm.broker._shutdown import close_connections, wait_bounded
 from blendsm.broker._topics import TopicClass, classify_topic, is_reserved
 from blendsm.errors import ConfigError
 
@@ -82,6 +83,7 @@ _EXPECTED: Final = {
     (Broker, "retain_message"): ["self", "source_session", "topic_name", "data", "qos"],
     (Broker, "_delete_session"): ["self", "client_id"],
     (Broker, "create_offline_session"): ["self", "client_id"],
+    (Broker, "shutdown"): ["self"],
     (BrokerProtocolHandler, "mqtt_publish"): [
         "self",
         "topic",
@@ -92,6 +94,7 @@ _EXPECTED: Final = {
     ],
     (BrokerProtocolHandler, "_send_packet"): ["self", "packet"],
     (BrokerProtocolHandler, "handle_read_timeout"): ["self"],
+    (BrokerProtocolHandler, "stop"): ["self"],
     (BrokerProtocolHandler, "init_from_connect"): ["reader", "writer", "plugins_manager", "loop"],
 }
 
@@ -170,6 +173,26 @@ class BlendBroker(Broker):
 
         plugins = getattr(self.plugins_manager, kind, [])
         return any(not isinstance(p, MarketplacePlugin) for p in plugins)
+
+    async def shutdown(self, *, within: float | None = None) -> None:
+        """Stop in at most ``within`` seconds (default ``limits.shutdown_seconds``): listeners
+        closed, then every connection closed at once, concurrently (output flushed, in-flight
+        charges committed or released by the gate); those still open after 60 % of the time
+        are aborted; amqtt's own shutdown (subscriptions, broadcast loop, plugins) gets the
+        rest. amqtt alone closed sessions one by one, each wait unbounded."""
+        if self._blendsm is None:
+            await super().shutdown()
+            return
+        budget = self.service.config.limits.shutdown_seconds if within is None else within
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()  # no new connections while the old ones close
+        handlers = [handler for _, handler in self._sessions.values() if handler is not None]
+        aborted = await close_connections(handlers, budget * 0.6)
+        self.service.stats.connections_aborted += aborted
+        await wait_bounded([super().shutdown()], deadline - loop.time(), "broker shutdown")
 
     # --- CONNECT: authenticate before touching any existing session -------------------
 

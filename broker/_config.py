@@ -175,6 +175,9 @@ class LimitsConfig:
     max_connections_per_ip: int = 1_000
     """Client connections open at once from one remote address (>= 1; a gateway or NAT may
     hold many devices)."""
+    shutdown_seconds: float = 10.0
+    """A stop closes connections and background chain work within about this long (> 0, at
+    most 600), aborting what is left; the stores are closed after."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,8 +443,14 @@ def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
     per_ip = integer(
         data, "max_connections_per_ip", "limits", default.max_connections_per_ip, low=1, high=10**6
     )
+    stop = seconds(data, "shutdown_seconds", "limits", default.shutdown_seconds, allow_zero=False)
+    if stop > 600:
+        raise ConfigError(f"limits.shutdown_seconds: must be <= 600, got {stop}")
     return LimitsConfig(
-        connect_timeout_seconds=timeout, max_connections=total, max_connections_per_ip=per_ip
+        connect_timeout_seconds=timeout,
+        max_connections=total,
+        max_connections_per_ip=per_ip,
+        shutdown_seconds=stop,
     )
 
 

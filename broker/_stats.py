@@ -35,6 +35,9 @@ class ServiceStats:
     ``limits.connect_timeout_seconds``."""
     keepalive_timeouts: int = 0
     """Connections dropped after 1.5 x their keepalive without a packet (Will sent)."""
+    connections_aborted: int = 0
+    """Connections aborted at a stop instead of closed cleanly: not closed within
+    ``limits.shutdown_seconds``, or a reader that ignored its cancels."""
     proofs_served: int = 0
     anchor_notices: int = 0
     public_deliveries: int = 0
