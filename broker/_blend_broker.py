@@ -37,7 +37,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from blendsm.broker._access import Identity, Verdict
-from blendsm.broker._conn_limits import ConnectionLimits
+from blendsm.broker._admission import Admission
 from blendsm.broker._handler import (
     KEEPALIVE_GRACE,
     MeteredHandler,
@@ -61,8 +61,6 @@ AMQTT_VERSION: Final = "0.12.1"
 _log = logging.getLogger("blendsm.broker")
 _CONNECT_TIMEOUT_LOG: Final = LogLimiter(_log)
 """Idle sockets are client-controlled: one log line a minute for them, with a count."""
-_CONNECTION_LIMIT_LOG: Final = LogLimiter(_log, logging.WARNING)
-"""Connections refused at a cap: one log line a minute, with a count."""
 
 _EXPECTED: Final = {
     (Broker, "_client_connected"): ["self", "listener_name", "reader", "writer"],
@@ -124,9 +122,9 @@ class BlendBroker(Broker):
     _blendsm: MarketplaceService | None = None
     _other_topic_plugins: bool | None = None
     _other_auth_plugins: bool | None = None
-    _connection_limits: ConnectionLimits | None = None
-    """Open connections, in all and per address (created on the first connection, so a
-    broker made by the plugin's class swap has one too)."""
+    _admission: Admission | None = None
+    """Connection caps and rates (created on the first connection, so a broker made by the
+    plugin's class swap has one too)."""
     _unlisten_market: Callable[[], None] | None = None
     _market_retained: set[str] | None = None
     """Names whose retained message was kept while they were market topics (by a device)."""
@@ -197,26 +195,23 @@ class BlendBroker(Broker):
     # --- CONNECT: authenticate before touching any existing session -------------------
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
-        """Every new connection, on every listener: admitted within the connection caps
-        (``limits.max_connections``, ``limits.max_connections_per_ip``) or closed at once,
-        before it costs more than its socket."""
-        limits = self._connection_limits
-        if limits is None:
-            config = self.service.config.limits
-            limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
-            self._connection_limits = limits
+        """Every new connection, on every listener: admitted within the connect rate of its
+        address and the connection caps, or closed at once, before it costs more than its
+        socket; its packets are read within ``limits.max_packet_bytes``
+        (:mod:`blendsm.broker._admission`)."""
+        admission = self._admission
+        if admission is None:
+            admission = Admission(self.service.config.limits, self.service.stats)
+            self._admission = admission
         peer = writer.get_peer_info() if writer is not None else None
         address = str(peer[0]) if peer else "unknown"
-        refused = limits.enter(address)
-        if refused is not None:
-            self.service.stats.connections_refused_at_limit += 1
-            _CONNECTION_LIMIT_LOG.note("connection from %s refused: %s", address, refused)
-            abort_connection(writer)
+        if not admission.enter(address, writer):
             return
         try:
-            await super()._client_connected(listener_name, reader, writer)
+            limited = admission.reader(reader, writer, address)
+            await super()._client_connected(listener_name, limited, writer)
         finally:
-            limits.leave(address)
+            admission.leave(address)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

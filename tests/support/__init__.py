@@ -2,13 +2,13 @@
 
 One of each: ``enrol`` a participant in the registry, a bounded wait (``eventually``, ``poll``,
 ``wait_until``), the MQTT test client (``Client``), raw-socket packets (``connect_packet``,
-``seconds_until_closed``), and a service loop ``running`` in a task.
+``oversized_publish``, ``seconds_until_closed``), and a service loop ``running`` in a task.
 """
 
 from support.clients import Client, Received
 from support.enrol import enrol, enrol_raw
 from support.polling import eventually, poll, wait_until
-from support.raw import connect_packet, publish_packet, seconds_until_closed
+from support.raw import connect_packet, oversized_publish, publish_packet, seconds_until_closed
 from support.tasks import running
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "enrol",
     "enrol_raw",
     "eventually",
+    "oversized_publish",
     "poll",
     "publish_packet",
     "running",
