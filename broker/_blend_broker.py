@@ -40,7 +40,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from blendsm.broker._access import Identity, Verdict
-from blendsm.broker._conn_limits import ConnectionLimits
+from blendsm.broker._admission import Admission
 from blendsm.broker._handler import (
     KEEPALIVE_GRACE,
     MeteredHandler,
@@ -51,6 +51,7 @@ from blendsm.broker._inflight import release_hold
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._service import MarketplaceService
 from blendsm.broker._sessions import SessionKeeper, is_persistent
+from blendsm.broker._shutdown import close_connections, wait_bounded
 from blendsm.broker._topics import TopicClass, classify_topic, is_reserved
 from blendsm.errors import ConfigError
 
@@ -65,8 +66,6 @@ AMQTT_VERSION: Final = "0.12.1"
 _log = logging.getLogger("blendsm.broker")
 _CONNECT_TIMEOUT_LOG: Final = LogLimiter(_log)
 """Idle sockets are client-controlled: one log line a minute for them, with a count."""
-_CONNECTION_LIMIT_LOG: Final = LogLimiter(_log, logging.WARNING)
-"""Connections refused at a cap: one log line a minute, with a count."""
 
 _EXPECTED: Final = {
     (Broker, "_client_connected"): ["self", "listener_name", "reader", "writer"],
@@ -89,6 +88,7 @@ _EXPECTED: Final = {
     (Broker, "_session_monitor"): ["self"],
     (Broker, "_handle_disconnect"): ["self", "client_session", "handler", "disconnect_waiter"],
     (Broker, "create_offline_session"): ["self", "client_id"],
+    (Broker, "shutdown"): ["self"],
     (BrokerProtocolHandler, "mqtt_publish"): [
         "self",
         "topic",
@@ -99,6 +99,7 @@ _EXPECTED: Final = {
     ],
     (BrokerProtocolHandler, "_send_packet"): ["self", "packet"],
     (BrokerProtocolHandler, "handle_read_timeout"): ["self"],
+    (BrokerProtocolHandler, "stop"): ["self"],
     (BrokerProtocolHandler, "init_from_connect"): ["reader", "writer", "plugins_manager", "loop"],
     (BrokerProtocolHandler, "_retry_deliveries"): ["self"],
     (BrokerProtocolHandler, "_handle_qos1_message_flow"): ["self", "app_message"],
@@ -134,9 +135,9 @@ class BlendBroker(Broker):
     _blendsm: MarketplaceService | None = None
     _other_topic_plugins: bool | None = None
     _other_auth_plugins: bool | None = None
-    _connection_limits: ConnectionLimits | None = None
-    """Open connections, in all and per address (created on the first connection, so a
-    broker made by the plugin's class swap has one too)."""
+    _admission: Admission | None = None
+    """Connection caps and rates (created on the first connection, so a broker made by the
+    plugin's class swap has one too)."""
     _unlisten_market: Callable[[], None] | None = None
     _market_retained: set[str] | None = None
     """Names whose retained message was kept while they were market topics (by a device)."""
@@ -193,29 +194,46 @@ class BlendBroker(Broker):
         plugins = getattr(self.plugins_manager, kind, [])
         return any(not isinstance(p, MarketplacePlugin) for p in plugins)
 
+    async def shutdown(self, *, within: float | None = None) -> None:
+        """Stop in at most ``within`` seconds (default ``limits.shutdown_seconds``): listeners
+        closed, then every connection closed at once, concurrently (output flushed, in-flight
+        charges committed or released by the gate); those still open after 60 % of the time
+        are aborted; amqtt's own shutdown (subscriptions, broadcast loop, plugins) gets the
+        rest. amqtt alone closed sessions one by one, each wait unbounded."""
+        if self._blendsm is None:
+            await super().shutdown()
+            return
+        budget = self.service.config.limits.shutdown_seconds if within is None else within
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()  # no new connections while the old ones close
+        handlers = [handler for _, handler in self._sessions.values() if handler is not None]
+        aborted = await close_connections(handlers, budget * 0.6)
+        self.service.stats.connections_aborted += aborted
+        await wait_bounded([super().shutdown()], deadline - loop.time(), "broker shutdown")
+
     # --- CONNECT: authenticate before touching any existing session -------------------
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
-        """Every new connection, on every listener: admitted within the connection caps
-        (``limits.max_connections``, ``limits.max_connections_per_ip``) or closed at once,
-        before it costs more than its socket."""
-        limits = self._connection_limits
-        if limits is None:
-            config = self.service.config.limits
-            limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
-            self._connection_limits = limits
+        """Every new connection, on every listener: admitted within the connect rate of its
+        address and the connection caps, or closed at once, before it costs more than its
+        socket; its packets are read within ``limits.max_packet_bytes``
+        (:mod:`blendsm.broker._admission`)."""
+        admission = self._admission
+        if admission is None:
+            admission = Admission(self.service.config.limits, self.service.stats)
+            self._admission = admission
         peer = writer.get_peer_info() if writer is not None else None
         address = str(peer[0]) if peer else "unknown"
-        refused = limits.enter(address)
-        if refused is not None:
-            self.service.stats.connections_refused_at_limit += 1
-            _CONNECTION_LIMIT_LOG.note("connection from %s refused: %s", address, refused)
-            abort_connection(writer)
+        if not admission.enter(address, writer):
             return
         try:
-            await super()._client_connected(listener_name, reader, writer)
+            limited = admission.reader(reader, writer, address)
+            await super()._client_connected(listener_name, limited, writer)
         finally:
-            limits.leave(address)
+            admission.leave(address)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

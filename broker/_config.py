@@ -187,6 +187,16 @@ class LimitsConfig:
     max_connections_per_ip: int = 1_000
     """Client connections open at once from one remote address (>= 1; a gateway or NAT may
     hold many devices)."""
+    connect_rate_per_ip: float = 50.0
+    """New connections per second one address may open, on average (> 0)..."""
+    connect_burst_per_ip: int = 1_000
+    """... and at once (>= 1): a whole NAT'd fleet reconnecting after a restart fits."""
+    max_packet_bytes: int = 1_048_576
+    """Largest MQTT packet a client may send, fixed header included (512 to 268435460); a
+    larger one closes the connection once its header is read, its body never buffered."""
+    shutdown_seconds: float = 10.0
+    """A stop closes connections and background chain work within about this long (> 0, at
+    most 600), aborting what is left; the stores are closed after."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,8 +478,25 @@ def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
     per_ip = integer(
         data, "max_connections_per_ip", "limits", default.max_connections_per_ip, low=1, high=10**6
     )
+    rate_name, rate_unit = "connect_rate_per_ip", "a number per second"
+    rate = seconds(
+        data, rate_name, "limits", default.connect_rate_per_ip, allow_zero=False, unit=rate_unit
+    )
+    burst = integer(data, "connect_burst_per_ip", "limits", default.connect_burst_per_ip, low=1)
+    packet = integer(
+        data, "max_packet_bytes", "limits", default.max_packet_bytes, low=512, high=268_435_460
+    )
+    stop = seconds(data, "shutdown_seconds", "limits", default.shutdown_seconds, allow_zero=False)
+    if stop > 600:
+        raise ConfigError(f"limits.shutdown_seconds: must be <= 600, got {stop}")
     return LimitsConfig(
-        connect_timeout_seconds=timeout, max_connections=total, max_connections_per_ip=per_ip
+        connect_timeout_seconds=timeout,
+        max_connections=total,
+        max_connections_per_ip=per_ip,
+        connect_rate_per_ip=rate,
+        connect_burst_per_ip=burst,
+        max_packet_bytes=packet,
+        shutdown_seconds=stop,
     )
 
 

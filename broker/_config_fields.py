@@ -124,14 +124,20 @@ def integer(
 
 
 def seconds(
-    data: Mapping[str, Any], name: str, prefix: str, default: float, *, allow_zero: bool
+    data: Mapping[str, Any],
+    name: str,
+    prefix: str,
+    default: float,
+    *,
+    allow_zero: bool,
+    unit: str = "a number of seconds",
 ) -> float:
     where = dotted(prefix, name)
     if name not in data:
         return default
     value = data[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: must be a number of seconds, got {type_name(value)} {value!r}")
+        raise ConfigError(f"{where}: must be {unit}, got {type_name(value)} {value!r}")
     if value != value or value in (float("inf"), float("-inf")):
         raise ConfigError(f"{where}: must be finite, got {value}")
     if allow_zero and value < 0:

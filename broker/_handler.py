@@ -24,6 +24,7 @@ from blendsm.broker._inflight import InflightHandler
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge
 from blendsm.broker._service import MarketplaceService
+from blendsm.broker._shutdown import stop_reader
 from blendsm.errors import LeafBudgetError
 
 __all__ = ["KEEPALIVE_GRACE", "MeteredHandler", "PublishedPayload", "abort_connection"]
@@ -151,6 +152,18 @@ class MeteredHandler(InflightHandler):
             getattr(session, "keep_alive", 0),
         )
         abort_connection(self.writer)
+
+    async def stop(self) -> None:
+        """Stop reading, then close. amqtt cancels the reader once and waits for it without
+        a bound, but on Python 3.11 a packet arriving with the cancel makes ``wait_for``
+        swallow it and the wait never ends (:mod:`blendsm.broker._shutdown`): cancel until
+        the reader has stopped, abort the socket if it will not."""
+        task = self._reader_task
+        running = task is not None and task is not asyncio.current_task() and not task.done()
+        if running and not await stop_reader(task, self._reader_stopped, self.writer):
+            self._blendsm.stats.connections_aborted += 1
+            self._reader_stopped.set()  # aborted; amqtt's stop must not wait for it
+        await super().stop()
 
     async def _send_packet(self, packet: Any) -> None:
         charge = _CHARGE.get()

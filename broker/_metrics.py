@@ -181,6 +181,21 @@ class BrokerCollector(Collector):
             stats.connect_timeouts,
         )
         yield counter(
+            "connects_rate_limited",
+            "Connections closed at once: their address opened connections too fast.",
+            stats.connects_rate_limited,
+        )
+        yield counter(
+            "packets_too_large",
+            "Connections closed for announcing a packet over limits.max_packet_bytes.",
+            stats.packets_too_large,
+        )
+        yield counter(
+            "connections_aborted",
+            "Connections aborted at a stop instead of closed cleanly.",
+            stats.connections_aborted,
+        )
+        yield counter(
             "keepalive_timeouts",
             "Connections dropped after 1.5 x their keepalive without a packet (Will sent).",
             stats.keepalive_timeouts,

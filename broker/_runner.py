@@ -21,6 +21,7 @@ from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import EMBEDDED, BrokerConfig, resolve_operator_account
 from blendsm.broker._metrics import MetricsServer
 from blendsm.broker._service import MarketplaceService
+from blendsm.broker._shutdown import wait_bounded
 from blendsm.contracts import Deployment
 from blendsm.errors import ConfigError
 
@@ -32,6 +33,10 @@ __all__ = ["ChainConnection", "RunningBroker", "amqtt_config", "connect_chain", 
 _log = logging.getLogger("blendsm.broker")
 
 PLUGIN_PATH = "blendsm.plugins.MarketplacePlugin"
+_FLOOR_SECONDS = 1.0
+"""Every step of a stop gets at least this long, even past the deadline."""
+_SERVERS_SECONDS = 3.0
+"""The HTTP API and metrics close their open requests (aiohttp waits up to 1 s for them)."""
 
 
 @dataclass
@@ -110,22 +115,20 @@ class RunningBroker:
     """The HTTP API and dashboard, when ``http.port`` is set (``http.port`` is its port)."""
 
     async def stop(self) -> None:
+        """Stop within about ``limits.shutdown_seconds``, whatever the clients or the chain
+        do: the HTTP API and metrics, then the broker (connections closed, the stragglers
+        aborted), then the service's chain work gets what is left of the time (cancelled
+        work resumes from its write-ahead records at the next start), then the stores and
+        the chain connection are closed. Accepted vouchers are already durable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.service.config.limits.shutdown_seconds
+        servers = [s.stop() for s in (self.http, self.metrics) if s is not None]
+        await wait_bounded(servers, _SERVERS_SECONDS, "HTTP and metrics stop")
         try:
-            if self.http is not None:
-                await self.http.stop()
+            await self.broker.shutdown(within=max(_FLOOR_SECONDS, deadline - loop.time()))
         finally:
-            try:
-                if self.metrics is not None:
-                    await self.metrics.stop()
-            finally:
-                await self._stop_broker()
-
-    async def _stop_broker(self) -> None:
-        try:
-            await self.broker.shutdown()
-        finally:
-            await self.service.stop()
-            await self.chain.close()
+            await self.service.stop(within=max(_FLOOR_SECONDS, deadline - loop.time()))
+            await wait_bounded([self.chain.close()], _FLOOR_SECONDS, "chain connection close")
 
 
 async def start_broker(

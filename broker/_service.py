@@ -15,7 +15,6 @@ Failed chain requests of those tasks are counted by :mod:`blendsm.broker._chain_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import time
@@ -40,6 +39,7 @@ from blendsm.broker._envelope_intake import EnvelopeIntake
 from blendsm.broker._leaf_store import AsyncLeafStore
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
+from blendsm.broker._shutdown import wait_bounded
 from blendsm.broker._stats import ServiceStats
 from blendsm.broker._store import AsyncVoucherStore
 from blendsm.contracts import ChainEvent, Deployment, Marketplace
@@ -227,19 +227,18 @@ class MarketplaceService(EnvelopeIntake):
             "on" if self.public_topics else "off",
         )
 
-    async def stop(self) -> None:
-        """Stop settling and following; wait for in-flight voucher writes; close the store."""
+    async def stop(self, within: float | None = None) -> None:
+        """Stop settling and following; wait for in-flight work (voucher writes, a claim or
+        an anchor) at most ``within`` s (``limits.shutdown_seconds``), cancel the rest (it
+        resumes from its write-ahead record at the next start); close the stores."""
         if self.settler is not None:
             self.settler.stop()
         if self.anchorer is not None:
             self.anchorer.stop()
         self.view.stop()
-        for task in (self._settler_task, self._anchor_task, self._view_task):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, timeout=10)
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        work = (self._settler_task, self._anchor_task, self._view_task, *self._tasks)
+        budget = self.config.limits.shutdown_seconds if within is None else within
+        await wait_bounded([t for t in work if t is not None], budget, "service stop")
         if self._unlisten is not None:
             self._unlisten()
         if self.store is not None:

@@ -51,6 +51,14 @@ class ServiceStats:
     ``limits.connect_timeout_seconds``."""
     keepalive_timeouts: int = 0
     """Connections dropped after 1.5 x their keepalive without a packet (Will sent)."""
+    connections_aborted: int = 0
+    """Connections aborted at a stop instead of closed cleanly: not closed within
+    ``limits.shutdown_seconds``, or a reader that ignored its cancels."""
+    packets_too_large: int = 0
+    """Connections closed for announcing a packet over ``limits.max_packet_bytes`` (its body
+    never read)."""
+    connects_rate_limited: int = 0
+    """Connections closed at once: their address exceeded ``limits.connect_rate_per_ip``."""
     proofs_served: int = 0
     anchor_notices: int = 0
     public_deliveries: int = 0

@@ -250,6 +250,16 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
             "anchoring.max_pending_leaves_per_seller: must be >= 1, got 0",
         ),
         ({"limits": {"max_connections_per_ip": "9"}}, "limits.max_connections_per_ip: must be int"),
+        ({"limits": {"connect_rate_per_ip": 0}}, "limits.connect_rate_per_ip: must be > 0, got 0"),
+        (
+            {"limits": {"connect_rate_per_ip": "fast"}},
+            "limits.connect_rate_per_ip: must be a number per second, got str",
+        ),
+        ({"limits": {"connect_burst_per_ip": 0}}, "limits.connect_burst_per_ip: must be >= 1"),
+        ({"limits": {"max_packet_bytes": 511}}, "limits.max_packet_bytes: must be >= 512, got 511"),
+        ({"limits": {"max_packet_bytes": 2**28 + 5}}, "limits.max_packet_bytes: must be <="),
+        ({"limits": {"shutdown_seconds": 0}}, "limits.shutdown_seconds: must be > 0, got 0"),
+        ({"limits": {"shutdown_seconds": 601}}, "limits.shutdown_seconds: must be <= 600, got 601"),
     ],
 )
 def test_invalid_values_name_the_dotted_path(data: dict[str, Any], expected: str) -> None:
@@ -469,6 +479,21 @@ def test_limits_default_and_parse() -> None:
     capped = parse_config({"limits": {"max_connections": 50, "max_connections_per_ip": 5}})
     assert (capped.limits.max_connections, capped.limits.max_connections_per_ip) == (50, 5)
     assert parse_config({}).limits.max_connections_per_ip == 1000
+    default = parse_config({}).limits
+    assert (default.connect_rate_per_ip, default.connect_burst_per_ip) == (50.0, 1000)
+    assert (default.max_packet_bytes, default.shutdown_seconds) == (1_048_576, 10.0)
+    set_ = parse_config(
+        {
+            "limits": {
+                "connect_rate_per_ip": 2,
+                "connect_burst_per_ip": 7,
+                "max_packet_bytes": 4096,
+                "shutdown_seconds": 3,
+            }
+        }
+    ).limits
+    assert (set_.connect_rate_per_ip, set_.connect_burst_per_ip) == (2.0, 7)
+    assert (set_.max_packet_bytes, set_.shutdown_seconds) == (4096, 3.0)
 
 
 def test_max_staleness_defaults_to_five_polls_and_at_least_ten_seconds() -> None:

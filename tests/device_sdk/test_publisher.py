@@ -67,6 +67,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class StoppableStockBroker(Broker):
+    """Stock amqtt with one repair: on Python 3.11 ``asyncio.wait_for`` swallows the cancel of
+    a connection's reader when a packet (a PUBACK of an in-flight delivery) arrives with it,
+    and amqtt's shutdown then waits for that reader forever (20-40 % of stops mid-stream).
+    BlendBroker's own handler cancels until the reader is gone
+    (tests/integration/test_shutdown.py); the SDK is tested against a stock broker, so this
+    one does the same."""
+
+    async def _stop_handler(self, handler: Any) -> None:
+        task = handler._reader_task
+        for _ in range(100):  # 5 s at most
+            if task is None or task.done() or task is asyncio.current_task():
+                break
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.05)
+        await super()._stop_handler(handler)
+
+
 class StockBroker:
     """A stock amqtt broker on its own event loop thread; can stop and start on one port."""
 
@@ -85,7 +103,7 @@ class StockBroker:
         }
 
         async def start() -> Any:
-            broker = Broker(config)
+            broker = StoppableStockBroker(config)
             await broker.start()
             return broker
 
@@ -364,13 +382,9 @@ def test_broker_restart_mid_stream_loses_nothing(state_dir: Path) -> None:
         pub.connect(5)
         published += [pub.publish("data/stream", b"%d" % i) for i in range(40)]
         received = [e.sequence for _, e in reader.take(40)]
-        # Stopped between deliveries: stock amqtt's shutdown can hang (10 s+) when a QoS 1
-        # delivery to the reader is in flight, and may drop what it acked but not yet
-        # broadcast; neither is the publisher's doing.
-        try:
-            broker.stop(3)  # every message stays in the outbox until its PUBACK
-        except TimeoutError:
-            pytest.xfail("stock amqtt 0.12.1 shutdown hung in _cleanup_session (not ours)")
+        # Stopped between deliveries, a QoS 1 delivery to the reader possibly in flight;
+        # amqtt may drop what it acked but not yet broadcast, not the publisher's doing.
+        broker.stop(3)  # every message stays in the outbox until its PUBACK
         published += [pub.publish("data/stream", b"%d" % i) for i in range(40, 80)]
         assert pub.pending >= 40
         DEVICE_GATE.clear()

@@ -3,10 +3,15 @@ config naming the field."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+from support import Client, oversized_publish
 
 
 def _blendsm(*args: str) -> list[str]:
@@ -44,3 +49,76 @@ def test_broker_refuses_an_invalid_config_naming_the_field(tmp_path: Path) -> No
     )
     assert done.returncode == 2
     assert "payments.credit_mesages: unknown key; did you mean 'credit_messages'?" in done.stderr
+
+
+def _rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(kib) * 1024
+
+
+def _start(tmp_path: Path, limits: str) -> tuple[subprocess.Popen[str], int]:
+    config = tmp_path / "broker.yaml"
+    config.write_text(
+        "listen:\n  port: 0\ndata_dir: data\nlog_level: warning\npublic_topics: true\n"
+        f"limits:\n{limits}"
+    )
+    proc = subprocess.Popen(
+        _blendsm("broker", "-c", str(config)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "blendsm broker listening on 127.0.0.1:" in line, line
+    return proc, int(line.split("127.0.0.1:")[1].split()[0])
+
+
+def test_a_128_mb_publish_is_refused_without_growing_the_broker(tmp_path: Path) -> None:
+    proc, port = _start(tmp_path, "  max_packet_bytes: 1048576\n")
+    try:
+        before = _rss_bytes(proc.pid)
+        closed_after, taken = oversized_publish(port, "public/big", 128 * 1024 * 1024)
+        after = _rss_bytes(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert closed_after is not None, "a PUBLISH announcing 128 MB was read on for 10 s"
+    assert closed_after < 2.0
+    assert taken < 16 * 1024 * 1024
+    # honest bound: the stock broker buffered the whole body (RSS 93 -> 463 MB)
+    assert after - before < 20 * 1024 * 1024, (before, after)
+    assert proc.returncode == 0, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_the_broker_exits_0_within_the_bound_with_qos_traffic_in_flight(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    proc, port = _start(tmp_path, "  shutdown_seconds: 3\n")
+    clients: list[Client] = []
+    try:
+        sub = Client("127.0.0.1", port)
+        clients.append(sub)
+        assert await sub.connect() == 0
+        assert await sub.subscribe("public/load/#", 2) == [2]
+        pub = Client("127.0.0.1", port)
+        clients.append(pub)
+        assert await pub.connect() == 0
+        for i in range(200):  # not awaited: in flight when the signal arrives
+            pub.mqtt.publish("public/load/x", b"%d" % i, qos=1 + i % 2)
+        proc.send_signal(sig)
+        started = time.monotonic()
+        out, _ = await asyncio.to_thread(proc.communicate, None, 30)
+        took = time.monotonic() - started
+    finally:
+        for c in clients:
+            c.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "blendsm broker stopping" in out
+    assert took < 3 + 10, took  # shutdown_seconds, plus closing the stores and the interpreter

@@ -9,7 +9,7 @@ import socket
 import time
 from typing import Any
 
-from support import connect_packet, seconds_until_closed
+from support import connect_packet, oversized_publish, seconds_until_closed
 
 from blendsm.broker import LimitsConfig
 
@@ -104,3 +104,66 @@ async def test_connections_beyond_the_global_cap_are_closed_at_once(
     closed_after = await asyncio.to_thread(_refused_at_once, market.port)
     assert closed_after is not None, "a 3rd connection was served (global cap 2)"
     assert market.service.stats.connections_refused_at_limit == 1
+
+
+async def test_a_packet_over_max_packet_bytes_is_refused_before_its_body(
+    start_market: StartMarket,
+) -> None:
+    limit = 4096
+    market = await start_market(limits=LimitsConfig(max_packet_bytes=limit))
+    sub = market.client(None)
+    assert await sub.connect() == 0
+    assert await sub.subscribe("public/big", 0) == [0]
+    closed_after, taken = await asyncio.to_thread(
+        oversized_publish, market.port, "t", 128 * 1024 * 1024
+    )
+    assert closed_after is not None, "a PUBLISH announcing 128 MB was read on for 10 s"
+    assert closed_after < 2.0
+    assert taken < 16 * 1024 * 1024  # what the socket buffers held: the body was not read
+    assert market.service.stats.packets_too_large == 1
+    # a packet of exactly max_packet_bytes still goes through (2-byte topic length, 10-byte
+    # topic, 4-byte fixed header for a remaining length of 4092)
+    pub = market.client(None)
+    assert await pub.connect() == 0
+    await pub.publish("public/big", b"x" * (limit - 4 - 2 - len("public/big")))
+    got = await sub.got.drain(until=1, within=5)
+    assert len(got) == 1
+    assert len(got[0].payload) == limit - 16
+    assert market.service.stats.packets_too_large == 1
+
+
+async def test_an_oversized_connect_is_refused_before_its_body(start_market: StartMarket) -> None:
+    market = await start_market(limits=LimitsConfig(max_packet_bytes=1024))
+
+    def oversized_connect() -> float | None:
+        sock = socket.create_connection(("127.0.0.1", market.port), timeout=5)
+        try:
+            sock.sendall(b"\x10\xff\xff\xff\x7f" + bytes(1024))  # announces 256 MB
+            return seconds_until_closed(sock, 3.0)
+        finally:
+            sock.close()
+
+    closed_after = await asyncio.to_thread(oversized_connect)
+    assert closed_after is not None
+    assert closed_after < 1.0
+    assert market.service.stats.packets_too_large == 1
+
+
+async def test_connections_over_the_connect_rate_are_closed_at_once(
+    start_market: StartMarket,
+) -> None:
+    market = await start_market(
+        limits=LimitsConfig(connect_rate_per_ip=0.5, connect_burst_per_ip=3)
+    )
+    # the default rate leaves the other tests' quick reconnects from 127.0.0.1 alone; this
+    # broker allows bursts of 3 and one more every 2 s
+    clients = await _connected(market, 3)
+    closed_after = await asyncio.to_thread(_refused_at_once, market.port)
+    assert closed_after is not None, "a 4th connection in a burst of 3 was served"
+    assert closed_after < 1.0
+    assert market.service.stats.connects_rate_limited == 1
+    assert market.service.stats.connections_refused_at_limit == 0
+    for c in clients:
+        c.close()
+    await asyncio.sleep(2.1)  # one token back
+    assert len(await _connected(market, 1)) == 1

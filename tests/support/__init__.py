@@ -2,7 +2,7 @@
 
 One of each: ``enrol`` a participant in the registry, a bounded wait (``eventually``, ``poll``,
 ``wait_until``), the MQTT test client (``Client``), raw-socket packets (``connect_packet``,
-``seconds_until_closed``), and a service loop ``running`` in a task.
+``oversized_publish``, ``seconds_until_closed``), and a service loop ``running`` in a task.
 """
 
 from support.clients import Client, Received
@@ -12,6 +12,7 @@ from support.raw import (
     RawPacket,
     ack_packet,
     connect_packet,
+    oversized_publish,
     publish_packet,
     read_packet,
     seconds_until_closed,
@@ -28,6 +29,7 @@ __all__ = [
     "enrol",
     "enrol_raw",
     "eventually",
+    "oversized_publish",
     "poll",
     "publish_packet",
     "read_packet",

@@ -13,6 +13,7 @@ __all__ = [
     "RawPacket",
     "ack_packet",
     "connect_packet",
+    "oversized_publish",
     "publish_packet",
     "read_packet",
     "seconds_until_closed",
@@ -158,3 +159,29 @@ def seconds_until_closed(sock: socket.socket, within: float) -> float | None:
         return time.monotonic() - started
     assert data == b"", f"unexpected data from the broker: {data!r}"
     return time.monotonic() - started
+
+
+def oversized_publish(
+    port: int, topic: str, announced: int, within: float = 10.0
+) -> tuple[float | None, int]:
+    """CONNECT (anonymous), then a PUBLISH header announcing ``announced`` payload bytes and
+    zeros after it until the broker closes the connection: (seconds from the header until it
+    closed, or None if it read on for ``within`` s; payload bytes the socket took)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        sock.sendall(connect_packet(f"oversized-{time.monotonic_ns()}", 60))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        body = _utf8(topic)
+        sock.sendall(b"\x30" + _remaining_length(len(body) + announced) + body)
+        started, sent, chunk = time.monotonic(), 0, bytes(64 * 1024)
+        sock.settimeout(0.5)
+        while sent < announced and time.monotonic() - started < within:
+            try:
+                sent += sock.send(chunk)
+            except TimeoutError:
+                continue  # the buffers are full: the broker is not reading
+            except OSError:  # reset or broken pipe: the broker closed the connection
+                return time.monotonic() - started, sent
+        return None, sent
+    finally:
+        sock.close()
