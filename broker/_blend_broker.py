@@ -20,19 +20,17 @@ would leak data or let a stranger disturb a session:
   queue within bounds; QoS 1/2 messages in flight are redelivered on reconnect, before
   anything new (:mod:`blendsm.broker._inflight`).
 
-We depend on private names of amqtt 0.12.1; :func:`check_amqtt_compatibility` verifies them
+We depend on private names of amqtt 0.12.1; :mod:`blendsm.broker._amqtt_compat` verifies them
 at import so an upgrade fails loudly instead of silently bypassing the meter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-import amqtt
 from amqtt.broker import Action, Broker
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
@@ -41,6 +39,7 @@ from amqtt.session import Session
 
 from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._admission import Admission
+from blendsm.broker._amqtt_compat import AMQTT_VERSION, check_amqtt_compatibility
 from blendsm.broker._handler import (
     KEEPALIVE_GRACE,
     MeteredHandler,
@@ -60,70 +59,9 @@ if TYPE_CHECKING:
 
 __all__ = ["AMQTT_VERSION", "BlendBroker", "MeteredHandler", "check_amqtt_compatibility"]
 
-AMQTT_VERSION: Final = "0.12.1"
-"""The amqtt release whose private methods this module overrides."""
-
 _log = logging.getLogger("blendsm.broker")
 _CONNECT_TIMEOUT_LOG: Final = LogLimiter(_log)
 """Idle sockets are client-controlled: one log line a minute for them, with a count."""
-
-_EXPECTED: Final = {
-    (Broker, "_client_connected"): ["self", "listener_name", "reader", "writer"],
-    (Broker, "_initialize_client_session"): [
-        "self",
-        "reader",
-        "writer",
-        "remote_address",
-        "remote_port",
-    ],
-    (Broker, "_authenticate"): ["self", "session", "_"],
-    (Broker, "_topic_filtering"): ["self", "session", "topic", "action"],
-    (Broker, "_handle_message_delivery"): ["self", "client_session", "handler", "wait_deliver"],
-    (Broker, "_handle_subscription"): ["self", "client_session", "handler", "subscribe_waiter"],
-    (Broker, "_publish_retained_messages_for_subscription"): ["self", "subscription", "session"],
-    (Broker, "_publish_session_retained_messages"): ["self", "session"],
-    (Broker, "_retain_broadcast_message"): ["self", "broadcast", "qos", "target_session"],
-    (Broker, "retain_message"): ["self", "source_session", "topic_name", "data", "qos"],
-    (Broker, "_delete_session"): ["self", "client_id"],
-    (Broker, "_session_monitor"): ["self"],
-    (Broker, "_handle_disconnect"): ["self", "client_session", "handler", "disconnect_waiter"],
-    (Broker, "create_offline_session"): ["self", "client_id"],
-    (Broker, "shutdown"): ["self"],
-    (BrokerProtocolHandler, "mqtt_publish"): [
-        "self",
-        "topic",
-        "data",
-        "qos",
-        "retain",
-        "ack_timeout",
-    ],
-    (BrokerProtocolHandler, "_send_packet"): ["self", "packet"],
-    (BrokerProtocolHandler, "handle_read_timeout"): ["self"],
-    (BrokerProtocolHandler, "stop"): ["self"],
-    (BrokerProtocolHandler, "init_from_connect"): ["reader", "writer", "plugins_manager", "loop"],
-    (BrokerProtocolHandler, "_retry_deliveries"): ["self"],
-    (BrokerProtocolHandler, "_handle_qos1_message_flow"): ["self", "app_message"],
-    (BrokerProtocolHandler, "_handle_qos2_message_flow"): ["self", "app_message"],
-    (BrokerProtocolHandler, "handle_puback"): ["self", "puback"],
-    (BrokerProtocolHandler, "handle_pubrec"): ["self", "pubrec"],
-    (BrokerProtocolHandler, "handle_pubcomp"): ["self", "pubcomp"],
-}
-
-
-def check_amqtt_compatibility() -> None:
-    """Raise ConfigError unless amqtt is the release whose internals we override."""
-    if amqtt.__version__ != AMQTT_VERSION:
-        raise ConfigError(
-            f"amqtt {amqtt.__version__} is installed; BlendSM's metering needs exactly"
-            f" {AMQTT_VERSION} (pin it): its private delivery paths may have changed"
-        )
-    for (cls, name), params in _EXPECTED.items():
-        found = list(inspect.signature(getattr(cls, name)).parameters)
-        if found != params:
-            raise ConfigError(f"amqtt {cls.__name__}.{name}{found} changed; expected {params}")
-
-
-check_amqtt_compatibility()
 
 
 class BlendBroker(Broker):
