@@ -27,10 +27,12 @@ from blendsm.broker._config import (
     HttpConfig,
     LimitsConfig,
     ListenConfig,
+    ListenerConfig,
     MetricsConfig,
     OperatorKeyConfig,
     PaymentsConfig,
     SettlementConfig,
+    TlsConfig,
     load_config,
     parse_config,
     resolve_operator_account,
@@ -40,6 +42,7 @@ from blendsm.broker._runner import (
     RunningBroker,
     amqtt_config,
     connect_chain,
+    served_listeners,
     start_broker,
 )
 from blendsm.broker._service import MarketplaceService
@@ -57,6 +60,7 @@ __all__ = [
     "Identity",
     "LimitsConfig",
     "ListenConfig",
+    "ListenerConfig",
     "MarketplaceService",
     "MeteredHandler",
     "MetricsConfig",
@@ -65,6 +69,7 @@ __all__ = [
     "RunningBroker",
     "ServiceStats",
     "SettlementConfig",
+    "TlsConfig",
     "Verdict",
     "amqtt_config",
     "check_amqtt_compatibility",
@@ -72,5 +77,6 @@ __all__ = [
     "load_config",
     "parse_config",
     "resolve_operator_account",
+    "served_listeners",
     "start_broker",
 ]

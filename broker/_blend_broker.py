@@ -37,6 +37,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from blendsm.broker._access import Identity, Verdict
+from blendsm.broker._config_listeners import ListenerConfig
 from blendsm.broker._conn_limits import ConnectionLimits
 from blendsm.broker._handler import (
     KEEPALIVE_GRACE,
@@ -44,6 +45,7 @@ from blendsm.broker._handler import (
     PublishedPayload,
     abort_connection,
 )
+from blendsm.broker._listeners import certificate_subject, open_server
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._service import MAX_OFFLINE_PAID, MarketplaceService
 from blendsm.broker._topics import TopicClass, classify_topic, is_reserved
@@ -62,6 +64,8 @@ _CONNECT_TIMEOUT_LOG: Final = LogLimiter(_log)
 """Idle sockets are client-controlled: one log line a minute for them, with a count."""
 _CONNECTION_LIMIT_LOG: Final = LogLimiter(_log, logging.WARNING)
 """Connections refused at a cap: one log line a minute, with a count."""
+_CERTIFICATE_LOG: Final = LogLimiter(_log)
+"""CONNECTs over a verified client certificate: one log line a minute, with a count."""
 
 _EXPECTED: Final = {
     (Broker, "_client_connected"): ["self", "listener_name", "reader", "writer"],
@@ -82,6 +86,14 @@ _EXPECTED: Final = {
     (Broker, "retain_message"): ["self", "source_session", "topic_name", "data", "qos"],
     (Broker, "_delete_session"): ["self", "client_id"],
     (Broker, "create_offline_session"): ["self", "client_id"],
+    (Broker, "_create_server_instance"): [
+        "self",
+        "listener_name",
+        "listener_type",
+        "address",
+        "port",
+        "ssl_context",
+    ],
     (BrokerProtocolHandler, "mqtt_publish"): [
         "self",
         "topic",
@@ -127,6 +139,9 @@ class BlendBroker(Broker):
     _unlisten_market: Callable[[], None] | None = None
     _market_retained: set[str] | None = None
     """Names whose retained message was kept while they were market topics (by a device)."""
+    _listener_specs: dict[str, ListenerConfig] | None = None
+    """Our listeners by amqtt listener name (``start_broker``); None from a plain amqtt
+    config, whose own listener settings then apply."""
 
     def __init__(
         self,
@@ -135,8 +150,10 @@ class BlendBroker(Broker):
         plugin_namespace: str | None = None,
         *,
         service: MarketplaceService | None = None,
+        listeners: tuple[ListenerConfig, ...] = (),
     ) -> None:
         self._blendsm = service
+        self._listener_specs = {spec.name: spec for spec in listeners}
         if service is not None:
             service.broker = self
         super().__init__(config, loop, plugin_namespace)
@@ -170,6 +187,33 @@ class BlendBroker(Broker):
 
         plugins = getattr(self.plugins_manager, kind, [])
         return any(not isinstance(p, MarketplacePlugin) for p in plugins)
+
+    # --- listeners ----------------------------------------------------------------------
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: Any,
+        address: str | None,
+        port: int,
+        ssl_context: Any,
+    ) -> Any:
+        """Open a listener with its own TLS context (client certificates required when
+        configured, TLS 1.2 at least) and its TLS/WebSocket handshake bounded by
+        ``limits.connect_timeout_seconds`` (see :mod:`._listeners`)."""
+        service = self._blendsm
+        timeout = service.config.limits.connect_timeout_seconds if service is not None else 10.0
+        return await open_server(
+            listener_name,
+            listener_type,
+            address,
+            port,
+            ssl_context,
+            spec=(self._listener_specs or {}).get(listener_name),
+            handshake_timeout=timeout,
+            stream_connected=self.stream_connected,
+            ws_connected=self.ws_connected,
+        )
 
     # --- CONNECT: authenticate before touching any existing session -------------------
 
@@ -246,6 +290,14 @@ class BlendBroker(Broker):
             raise AMQTTError(f"CONNECT from {remote_address}:{remote_port} refused")
         self._install(handler)
         session.blendsm_authenticated = True
+        subject = certificate_subject(session)
+        if subject is not None:
+            _CERTIFICATE_LOG.note(
+                "client %r (%s) connected with client certificate %s",
+                session.client_id,
+                session.username,
+                subject,
+            )
         if session.clean_session:
             if session.client_id:
                 existing_pair = self._sessions.get(session.client_id)
