@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import amqtt
 from amqtt.broker import Action, Broker
+from amqtt.contexts import ListenerConfig as AmqttListener
+from amqtt.contexts import ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -157,6 +159,16 @@ class BlendBroker(Broker):
         if service is not None:
             service.broker = self
         super().__init__(config, loop, plugin_namespace)
+        if listeners:
+            # Exactly these: amqtt copies its ``default`` listener's settings into any other
+            # whose setting equals amqtt's own default (a bind of 0.0.0.0:1883 became another
+            # listener's bind, or none, and the listener silently did not open).
+            self.listeners_config = {
+                spec.name: AmqttListener(
+                    type=ListenerType(spec.type), bind=f"{spec.host}:{spec.port}"
+                )
+                for spec in listeners
+            }
         if service is not None:
             self._follow_market(service)
 

@@ -103,8 +103,10 @@ def amqtt_config(
 ) -> dict[str, Any]:
     """The amqtt broker config dict: our listeners (type and address; their TLS is ours, see
     :mod:`._listeners`) and our plugin, nothing else (each default plugin costs asyncio Tasks
-    per packet). amqtt requires a listener named ``default`` and copies its settings into the
-    others, so without one of ours by that name an unbound, all-defaults one stands in."""
+    per packet). amqtt requires a listener named ``default`` (an unbound one stands in when
+    none of ours has that name) and copies its settings into the others where they equal
+    amqtt's defaults, so ``BlendBroker(..., listeners=served_listeners(config))`` installs them
+    exactly as configured."""
     listeners: dict[str, dict[str, Any]] = {"default": {"bind": None}}
     for spec in served_listeners(config):
         listeners[spec.name] = {"type": spec.type, "bind": f"{spec.host}:{spec.port}"}

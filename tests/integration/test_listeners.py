@@ -440,3 +440,16 @@ async def test_probes_of_a_websocket_listener_do_not_flood_the_log(
     assert loud[0].exc_info is None
     client = _client(market, "ws")  # and the listener still serves
     assert await client.connect() == 0
+
+
+async def test_a_websocket_listener_named_default_leaves_the_others_plain_tcp(
+    start_market: StartMarket,
+) -> None:
+    market = await start_market(
+        listeners=_listeners(default={"type": "ws", "port": 0}, mqtt={"port": 0})
+    )
+    ws = Client(market.host, market.running.ports["default"], transport="websockets")
+    tcp = Client(market.host, market.running.ports["mqtt"])
+    market.clients += [ws, tcp]
+    assert await ws.connect() == 0
+    assert await tcp.connect() == 0
