@@ -27,10 +27,12 @@ from blendsm.broker._config import (
     HttpConfig,
     LimitsConfig,
     ListenConfig,
+    ListenerConfig,
     MetricsConfig,
     OperatorKeyConfig,
     PaymentsConfig,
     SettlementConfig,
+    TlsConfig,
     load_config,
     parse_config,
     resolve_operator_account,
@@ -41,6 +43,7 @@ from blendsm.broker._runner import (
     RunningBroker,
     amqtt_config,
     connect_chain,
+    served_listeners,
     start_broker,
 )
 from blendsm.broker._service import MarketplaceService
@@ -58,6 +61,7 @@ __all__ = [
     "Identity",
     "LimitsConfig",
     "ListenConfig",
+    "ListenerConfig",
     "MarketplaceService",
     "MeteredHandler",
     "MetricsConfig",
@@ -67,6 +71,7 @@ __all__ = [
     "ServiceStats",
     "SessionsConfig",
     "SettlementConfig",
+    "TlsConfig",
     "Verdict",
     "amqtt_config",
     "check_amqtt_compatibility",
@@ -74,5 +79,6 @@ __all__ = [
     "load_config",
     "parse_config",
     "resolve_operator_account",
+    "served_listeners",
     "start_broker",
 ]

@@ -44,6 +44,14 @@ _EXPECTED: Final = {
     (Broker, "_handle_disconnect"): ["self", "client_session", "handler", "disconnect_waiter"],
     (Broker, "create_offline_session"): ["self", "client_id"],
     (Broker, "shutdown"): ["self"],
+    (Broker, "_create_server_instance"): [
+        "self",
+        "listener_name",
+        "listener_type",
+        "address",
+        "port",
+        "ssl_context",
+    ],
     (BrokerProtocolHandler, "mqtt_publish"): [
         "self",
         "topic",

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from amqtt.broker import Action, Broker
+from amqtt.contexts import ListenerConfig as AmqttListener
+from amqtt.contexts import ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -40,6 +42,7 @@ from amqtt.session import Session
 from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._admission import Admission
 from blendsm.broker._amqtt_compat import AMQTT_VERSION, check_amqtt_compatibility
+from blendsm.broker._config_listeners import ListenerConfig
 from blendsm.broker._handler import (
     KEEPALIVE_GRACE,
     MeteredHandler,
@@ -47,6 +50,7 @@ from blendsm.broker._handler import (
     abort_connection,
 )
 from blendsm.broker._inflight import release_hold
+from blendsm.broker._listeners import certificate_subject, open_server
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._service import MarketplaceService
 from blendsm.broker._sessions import SessionKeeper, is_persistent
@@ -62,6 +66,8 @@ __all__ = ["AMQTT_VERSION", "BlendBroker", "MeteredHandler", "check_amqtt_compat
 _log = logging.getLogger("blendsm.broker")
 _CONNECT_TIMEOUT_LOG: Final = LogLimiter(_log)
 """Idle sockets are client-controlled: one log line a minute for them, with a count."""
+_CERTIFICATE_LOG: Final = LogLimiter(_log)
+"""CONNECTs over a verified client certificate: one log line a minute, with a count."""
 
 
 class BlendBroker(Broker):
@@ -80,6 +86,9 @@ class BlendBroker(Broker):
     _market_retained: set[str] | None = None
     """Names whose retained message was kept while they were market topics (by a device)."""
     _session_keeper: SessionKeeper | None = None
+    _listener_specs: dict[str, ListenerConfig] | None = None
+    """Our listeners by amqtt listener name (``start_broker``); None from a plain amqtt
+    config, whose own listener settings then apply."""
 
     def __init__(
         self,
@@ -88,11 +97,23 @@ class BlendBroker(Broker):
         plugin_namespace: str | None = None,
         *,
         service: MarketplaceService | None = None,
+        listeners: tuple[ListenerConfig, ...] = (),
     ) -> None:
         self._blendsm = service
+        self._listener_specs = {spec.name: spec for spec in listeners}
         if service is not None:
             service.broker = self
         super().__init__(config, loop, plugin_namespace)
+        if listeners:
+            # Exactly these: amqtt copies its ``default`` listener's settings into any other
+            # whose setting equals amqtt's own default (a bind of 0.0.0.0:1883 became another
+            # listener's bind, or none, and the listener silently did not open).
+            self.listeners_config = {
+                spec.name: AmqttListener(
+                    type=ListenerType(spec.type), bind=f"{spec.host}:{spec.port}"
+                )
+                for spec in listeners
+            }
         if service is not None:
             self._follow_market(service)
 
@@ -151,6 +172,33 @@ class BlendBroker(Broker):
         aborted = await close_connections(handlers, budget * 0.6)
         self.service.stats.connections_aborted += aborted
         await wait_bounded([super().shutdown()], deadline - loop.time(), "broker shutdown")
+
+    # --- listeners ----------------------------------------------------------------------
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: Any,
+        address: str | None,
+        port: int,
+        ssl_context: Any,
+    ) -> Any:
+        """Open a listener with its own TLS context (client certificates required when
+        configured, TLS 1.2 at least) and its TLS/WebSocket handshake bounded by
+        ``limits.connect_timeout_seconds`` (see :mod:`._listeners`)."""
+        service = self._blendsm
+        timeout = service.config.limits.connect_timeout_seconds if service is not None else 10.0
+        return await open_server(
+            listener_name,
+            listener_type,
+            address,
+            port,
+            ssl_context,
+            spec=(self._listener_specs or {}).get(listener_name),
+            handshake_timeout=timeout,
+            stream_connected=self.stream_connected,
+            ws_connected=self.ws_connected,
+        )
 
     # --- CONNECT: authenticate before touching any existing session -------------------
 
@@ -233,6 +281,14 @@ class BlendBroker(Broker):
             raise AMQTTError(f"CONNECT from {remote_address}:{remote_port} refused")
         self._install(handler)
         session.blendsm_authenticated = True
+        subject = certificate_subject(session)
+        if subject is not None:
+            _CERTIFICATE_LOG.note(
+                "client %r (%s) connected with client certificate %s",
+                session.client_id,
+                session.username,
+                subject,
+            )
         if session.clean_session:
             if session.client_id:
                 existing_pair = self._sessions.get(session.client_id)

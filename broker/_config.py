@@ -42,6 +42,7 @@ from blendsm.broker._config_fields import (
     typed,
 )
 from blendsm.broker._config_sessions import SessionsConfig, parse_sessions
+from blendsm.broker._config_listeners import ListenerConfig, TlsConfig, parse_listeners, parse_tls
 from blendsm.device_sdk import account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 
@@ -54,10 +55,12 @@ __all__ = [
     "HttpConfig",
     "LimitsConfig",
     "ListenConfig",
+    "ListenerConfig",
     "MetricsConfig",
     "OperatorKeyConfig",
     "PaymentsConfig",
     "SettlementConfig",
+    "TlsConfig",
     "default_staleness",
     "load_config",
     "parse_config",
@@ -207,6 +210,8 @@ class MetricsConfig:
     """Interface address of the metrics endpoint; keep it local unless a firewall guards it."""
     port: int | None = None
     """TCP port, 0-65535 (0: let the OS pick one, for tests); ``None``: no endpoint."""
+    tls: TlsConfig | None = None
+    """Serve it over HTTPS (certfile, keyfile; optionally client certificates)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +223,8 @@ class HttpConfig:
     """Interface address of the HTTP API; keep it local unless a firewall or proxy guards it."""
     port: int | None = None
     """TCP port, 0-65535 (0: let the OS pick one, for tests); ``None``: no HTTP service."""
+    tls: TlsConfig | None = None
+    """Serve it over HTTPS (certfile, keyfile; optionally client certificates)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +232,9 @@ class BrokerConfig:
     """The whole broker configuration (``blendsm broker -c broker.yaml``)."""
 
     listen: ListenConfig = field(default_factory=ListenConfig)
-    """MQTT listener."""
+    """The plain MQTT listener, named ``default``, when ``listeners`` is empty."""
+    listeners: tuple[ListenerConfig, ...] = ()
+    """Named MQTT listeners (TCP, TLS, WebSocket); when given, they replace ``listen``."""
     chain: ChainConfig = field(default_factory=ChainConfig)
     """Chain endpoint and deployment."""
     operator_key: OperatorKeyConfig | None = None
@@ -319,14 +328,15 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     return BrokerConfig(
         listen=_parse_listen(section(root, "listen")),
+        listeners=parse_listeners(root, base),
         chain=chain,
         operator_key=operator_key,
         payments=_parse_payments(section(root, "payments")),
         anchoring=_parse_anchoring(section(root, "anchoring")),
         limits=_parse_limits(section(root, "limits")),
         sessions=parse_sessions(section(root, "sessions")),
-        metrics=_parse_metrics(section(root, "metrics")),
-        http=_parse_http(section(root, "http")),
+        metrics=_parse_metrics(section(root, "metrics"), base),
+        http=_parse_http(section(root, "http"), base),
         data_dir=path_field(root, "data_dir", "", base) or resolve(_DEFAULTS.data_dir, base),
         public_topics=typed(root, "public_topics", "", bool, _DEFAULTS.public_topics),
         log_level=log_level,
@@ -500,16 +510,16 @@ def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
     )
 
 
-def _parse_metrics(data: Mapping[str, Any]) -> MetricsConfig:
+def _parse_metrics(data: Mapping[str, Any], base: Path | None) -> MetricsConfig:
     check_keys(data, MetricsConfig, "metrics")
     host, port = _optional_endpoint(data, "metrics", _DEFAULTS.metrics.host)
-    return MetricsConfig(host=host, port=port)
+    return MetricsConfig(host=host, port=port, tls=parse_tls(data.get("tls"), "metrics.tls", base))
 
 
-def _parse_http(data: Mapping[str, Any]) -> HttpConfig:
+def _parse_http(data: Mapping[str, Any], base: Path | None) -> HttpConfig:
     check_keys(data, HttpConfig, "http")
     host, port = _optional_endpoint(data, "http", _DEFAULTS.http.host)
-    return HttpConfig(host=host, port=port)
+    return HttpConfig(host=host, port=port, tls=parse_tls(data.get("tls"), "http.tls", base))
 
 
 def _parse_payments(data: Mapping[str, Any]) -> PaymentsConfig:

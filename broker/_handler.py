@@ -224,18 +224,29 @@ class PublishedPayload(bytes):
 
 
 def abort_connection(writer: Any) -> None:
-    """Close a client's connection at once, pending output dropped (plain TCP or TLS); other
-    transports (WebSocket) get a bounded graceful close."""
-    stream = getattr(writer, "_writer", None)
+    """Close a client's connection at once, pending output dropped, on every listener: the
+    transport under amqtt's TCP/TLS adapter or under its WebSocket adapter is aborted. (A
+    graceful WebSocket close waits for the peer's close frame, which a dead or hostile peer
+    never sends: the connection stayed open past its keepalive.) Anything else gets a bounded
+    graceful close."""
+    stream = getattr(writer, "_writer", None)  # amqtt StreamWriterAdapter: asyncio StreamWriter
     transport = getattr(stream, "transport", None)
+    if transport is None:  # amqtt WebSocketsWriter: a websockets Connection
+        transport = getattr(getattr(writer, "_protocol", None), "transport", None)
     if transport is not None:
-        writer.is_closed = True
+        writer.is_closed = True  # charged deliveries after this point are released, not sent
         transport.abort()
         return
     if writer is not None:
         task = asyncio.get_running_loop().create_task(asyncio.wait_for(writer.close(), 1.0))
         _closing.add(task)
-        task.add_done_callback(_closing.discard)
+        task.add_done_callback(_close_done)
+
+
+def _close_done(task: asyncio.Task[Any]) -> None:
+    _closing.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        _log.debug("graceful close failed: %r", task.exception())
 
 
 _closing: set[asyncio.Task[Any]] = set()

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
+from blendsm.broker._config_listeners import TlsConfig, server_ssl_context
 from blendsm.contracts import ChannelInfo, TopicInfo
 from blendsm.errors import ChainError
 
@@ -127,10 +128,14 @@ class HttpServer:
     """``GET /api/...`` and the dashboard on the running event loop; ``await stop()`` closes
     it. ``port`` is the bound port once :meth:`start` returned (useful with 0)."""
 
-    def __init__(self, service: MarketplaceService, host: str, port: int) -> None:
+    def __init__(
+        self, service: MarketplaceService, host: str, port: int, *, tls: TlsConfig | None = None
+    ) -> None:
         self.service = service
         self.host = host
         self.port = port
+        self.tls = tls
+        """HTTPS when set (``http.tls``)."""
         self.started_at = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._db: sqlite3.Connection | None = None
@@ -157,7 +162,8 @@ class HttpServer:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port)
+            context = None if self.tls is None else server_ssl_context(self.tls, "http.tls")
+            site = web.TCPSite(runner, self.host, self.port, ssl_context=context)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -165,7 +171,8 @@ class HttpServer:
         self._runner = runner
         self.port = int(runner.addresses[0][1])
         self.started_at = time.monotonic()
-        _log.info("HTTP API and dashboard on http://%s:%d/", self.host, self.port)
+        scheme = "http" if self.tls is None else "https"
+        _log.info("HTTP API and dashboard on %s://%s:%d/", scheme, self.host, self.port)
 
     async def stop(self) -> None:
         """Close the listener and open connections, then the read-only store connection."""

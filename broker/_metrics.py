@@ -21,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from blendsm.broker._config_listeners import TlsConfig, server_ssl_context
+
 if TYPE_CHECKING:
     from blendsm.broker._service import MarketplaceService
 
@@ -284,19 +286,28 @@ class BrokerCollector(Collector):
 class MetricsServer:
     """``GET /metrics`` over HTTP/1.0 on the running event loop; ``await stop()`` closes it."""
 
-    def __init__(self, service: MarketplaceService, host: str, port: int) -> None:
+    def __init__(
+        self, service: MarketplaceService, host: str, port: int, *, tls: TlsConfig | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(BrokerCollector(service))
         self.host = host
         self.port = port
+        self.tls = tls
+        """HTTPS when set (``metrics.tls``)."""
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Listen; ``port`` becomes the bound port (useful with 0)."""
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        context = None if self.tls is None else server_ssl_context(self.tls, "metrics.tls")
+        handshake = None if context is None else _READ_TIMEOUT  # only meaningful with TLS
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, ssl=context, ssl_handshake_timeout=handshake
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
-        _log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+        scheme = "http" if self.tls is None else "https"
+        _log.info("metrics on %s://%s:%d/metrics", scheme, self.host, self.port)
 
     async def stop(self) -> None:
         server, self._server = self._server, None

@@ -8,9 +8,8 @@ deployment file and the operator key from its environment variable or keystore.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from eth_account.signers.local import LocalAccount
@@ -19,6 +18,8 @@ from web3 import AsyncWeb3
 from blendsm.broker._blend_broker import BlendBroker
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import EMBEDDED, BrokerConfig, resolve_operator_account
+from blendsm.broker._config_listeners import ListenerConfig
+from blendsm.broker._listeners import bound_port
 from blendsm.broker._metrics import MetricsServer
 from blendsm.broker._service import MarketplaceService
 from blendsm.broker._shutdown import wait_bounded
@@ -28,7 +29,14 @@ from blendsm.errors import ConfigError
 if TYPE_CHECKING:
     from blendsm.broker._http import HttpServer
 
-__all__ = ["ChainConnection", "RunningBroker", "amqtt_config", "connect_chain", "start_broker"]
+__all__ = [
+    "ChainConnection",
+    "RunningBroker",
+    "amqtt_config",
+    "connect_chain",
+    "served_listeners",
+    "start_broker",
+]
 
 _log = logging.getLogger("blendsm.broker")
 
@@ -87,17 +95,27 @@ async def connect_chain(config: BrokerConfig) -> ChainConnection:
     return ChainConnection(w3, deployment, account)
 
 
+def served_listeners(config: BrokerConfig) -> tuple[ListenerConfig, ...]:
+    """The MQTT listeners a broker with ``config`` opens: ``listeners``, or else ``listen`` as
+    the plain TCP listener ``default``. The first one is ``RunningBroker.port``."""
+    if config.listeners:
+        return config.listeners
+    return (ListenerConfig("default", "tcp", config.listen.host, config.listen.port),)
+
+
 def amqtt_config(
     config: BrokerConfig, plugin_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The amqtt broker config dict: one TCP listener and our plugin, nothing else (each
-    default plugin costs asyncio Tasks per packet)."""
-    return {
-        "listeners": {
-            "default": {"type": "tcp", "bind": f"{config.listen.host}:{config.listen.port}"}
-        },
-        "plugins": {PLUGIN_PATH: plugin_options or {}},
-    }
+    """The amqtt broker config dict: our listeners (type and address; their TLS is ours, see
+    :mod:`._listeners`) and our plugin, nothing else (each default plugin costs asyncio Tasks
+    per packet). amqtt requires a listener named ``default`` (an unbound one stands in when
+    none of ours has that name) and copies its settings into the others where they equal
+    amqtt's defaults, so ``BlendBroker(..., listeners=served_listeners(config))`` installs them
+    exactly as configured."""
+    listeners: dict[str, dict[str, Any]] = {"default": {"bind": None}}
+    for spec in served_listeners(config):
+        listeners[spec.name] = {"type": spec.type, "bind": f"{spec.host}:{spec.port}"}
+    return {"listeners": listeners, "plugins": {PLUGIN_PATH: plugin_options or {}}}
 
 
 @dataclass
@@ -109,6 +127,10 @@ class RunningBroker:
     chain: ChainConnection
     host: str
     port: int
+    """Port of the first listener (``listen``, or the first of ``listeners``)."""
+    ports: dict[str, int] = field(default_factory=dict)
+    """Bound port of every MQTT listener by name (``default`` for ``listen``): the OS's pick
+    where the config says 0."""
     metrics: MetricsServer | None = None
     """The Prometheus endpoint, when ``metrics.port`` is set (``metrics.port`` is its port)."""
     http: HttpServer | None = None
@@ -153,20 +175,30 @@ async def start_broker(
         settler_options=settler_options,
     )
     await service.start(sync_timeout=sync_timeout)
+    listeners = served_listeners(config)
     try:
-        broker = BlendBroker(amqtt_config(config), service=service)
-        await broker.start()
+        broker = await _start_amqtt(config, service)
     except BaseException:
         await service.stop()
         raise
-    port = config.listen.port
-    server = broker._servers.get("default")
-    if server is not None and isinstance(server.instance, asyncio.Server):
-        port = int(server.instance.sockets[0].getsockname()[1])
-    _log.info("BlendSM broker listening on %s:%d", config.listen.host, port)
-    running = RunningBroker(broker, service, chain, config.listen.host, port)
+    ports: dict[str, int] = {}
+    for spec in listeners:
+        server = broker._servers.get(spec.name)
+        port = bound_port(server.instance) if server is not None else None
+        ports[spec.name] = spec.port if port is None else port
+        _log.info(
+            "BlendSM broker listening on %s://%s:%d (%s)",
+            spec.scheme,
+            spec.host,
+            ports[spec.name],
+            spec.name,
+        )
+    first = listeners[0]
+    running = RunningBroker(broker, service, chain, first.host, ports[first.name], ports)
     if config.metrics.port is not None:
-        metrics = MetricsServer(service, config.metrics.host, config.metrics.port)
+        metrics = MetricsServer(
+            service, config.metrics.host, config.metrics.port, tls=config.metrics.tls
+        )
         try:
             await metrics.start()
         except BaseException as exc:
@@ -180,7 +212,7 @@ async def start_broker(
     if config.http.port is not None:
         from blendsm.broker._http import HttpServer  # aiohttp.web only when the API is on
 
-        http = HttpServer(service, config.http.host, config.http.port)
+        http = HttpServer(service, config.http.host, config.http.port, tls=config.http.tls)
         try:
             await http.start()
         except BaseException as exc:
@@ -195,3 +227,24 @@ async def start_broker(
             raise
         running.http = http
     return running
+
+
+async def _start_amqtt(config: BrokerConfig, service: MarketplaceService) -> BlendBroker:
+    """Start amqtt with our listeners. amqtt opens them one by one and leaves the ones already
+    open when a later one fails: close those, and name the listener that could not bind."""
+    broker = BlendBroker(amqtt_config(config), service=service, listeners=served_listeners(config))
+    try:
+        await broker.start()
+    except BaseException as exc:
+        for server in list(broker._servers.values()):
+            await server.close_instance()
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from exc
+        if isinstance(cause, OSError):
+            failed = [s for s in served_listeners(config) if s.name not in broker._servers]
+            where = f"listeners.{failed[0].name}" if config.listeners and failed else "listen"
+            address = f"{failed[0].host}:{failed[0].port}" if failed else "?"
+            raise ConfigError(f"{where}: cannot listen on {address}: {cause}") from exc
+        raise
+    return broker

@@ -65,7 +65,7 @@ from ._crypto import (
     unwrap_topic_key,
     wrap_topic_key,
 )
-from ._endpoint import BrokerEndpoint
+from ._endpoint import BrokerEndpoint, ClientTls
 from ._envelope import (
     ENVELOPE_HEADER_SIZE,
     ENVELOPE_VERSION,
@@ -184,6 +184,7 @@ __all__ = [
     "BrokerEndpoint",
     "ChainReader",
     "ChannelState",
+    "ClientTls",
     "ConnectToken",
     "ConnectTokenSigner",
     "ConnectTokenVerifier",

@@ -5,12 +5,19 @@ BlendSM broker the same way (host and port, CONNECT tokens bound to the broker o
 address and the chain id, a client id and a keepalive). One frozen value, checked once, is
 passed instead of the same six keyword arguments through every class; the old keyword
 arguments still work (:func:`resolve_endpoint` turns them into an endpoint).
+
+The transport is part of where a client connects: plain TCP or WebSocket (``transport``),
+with TLS (:class:`ClientTls`: the CA that issued the broker's certificate and, when the broker
+asks for one, the client's own certificate). TLS is fail-closed: the broker's certificate must
+chain to ``ca_certs`` (the system store when None) and name the host, TLS 1.2 at least.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypedDict
 
 from blendsm.errors import ConfigError
@@ -18,7 +25,39 @@ from blendsm.errors import ConfigError
 from ._eip712 import address_bytes, check_chain_id
 from ._keccak import checksum_address
 
-__all__ = ["BrokerEndpoint", "EndpointArgs", "resolve_endpoint"]
+__all__ = ["TRANSPORTS", "BrokerEndpoint", "ClientTls", "EndpointArgs", "resolve_endpoint"]
+
+TRANSPORTS = ("tcp", "websockets")
+"""``BrokerEndpoint.transport`` values (paho's names): MQTT over TCP or over WebSocket."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """TLS to the broker (``mqtts://`` or ``wss://``); files are PEM paths, checked readable
+    when the endpoint is made (ConfigError)."""
+
+    ca_certs: str | None = None
+    """CA certificates that may sign the broker's certificate; None: the system store."""
+    certfile: str | None = None
+    """This client's certificate, for a broker that requires one (``require_client_cert``)."""
+    keyfile: str | None = None
+    """The private key of ``certfile`` (None: it is in ``certfile``)."""
+
+    def context(self) -> ssl.SSLContext:
+        """A client context: the broker's certificate verified against ``ca_certs`` and its
+        host name checked, TLS 1.2 at least; ConfigError for an unusable file."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_certs)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.certfile is not None:
+                context.load_cert_chain(self.certfile, self.keyfile, password=_no_passphrase)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls: cannot use {self}: {exc}") from exc
+        return context
+
+
+def _no_passphrase() -> bytes:
+    return b""  # an encrypted key fails instead of prompting on a terminal
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +78,12 @@ class BrokerEndpoint:
     chain_id: int
     client_id: str | None = None
     keepalive: int = 60
+    transport: str = "tcp"
+    """``tcp`` or ``websockets`` (MQTT over WebSocket, ``ws://`` or ``wss://`` with tls)."""
+    tls: ClientTls | None = None
+    """TLS to the broker; None: plaintext."""
+    ws_path: str = "/mqtt"
+    """HTTP path of the WebSocket upgrade (``transport="websockets"`` only)."""
 
     def __init__(
         self,
@@ -48,6 +93,9 @@ class BrokerEndpoint:
         chain_id: int,
         client_id: str | None = None,
         keepalive: int = 60,
+        transport: str = "tcp",
+        tls: ClientTls | None = None,
+        ws_path: str = "/mqtt",
     ) -> None:
         set_ = object.__setattr__
         set_(self, "chain_id", check_chain_id(chain_id))
@@ -62,6 +110,24 @@ class BrokerEndpoint:
         set_(self, "port", port)
         set_(self, "client_id", client_id)
         set_(self, "keepalive", keepalive)
+        if transport not in TRANSPORTS:
+            raise ConfigError(
+                f"transport: must be one of {', '.join(TRANSPORTS)}, got {transport!r}"
+            )
+        if not isinstance(ws_path, str) or not ws_path.startswith("/"):
+            raise ConfigError(f"ws_path: must be a str starting with '/', got {ws_path!r}")
+        if tls is not None:
+            if not isinstance(tls, ClientTls):
+                raise ConfigError(f"tls: must be a ClientTls, got {tls!r}")
+            for name in ("ca_certs", "certfile", "keyfile"):
+                path = getattr(tls, name)
+                if path is not None and not Path(path).is_file():
+                    raise ConfigError(f"tls.{name}: no such file: {path}")
+            if tls.keyfile is not None and tls.certfile is None:
+                raise ConfigError("tls.keyfile: given without tls.certfile")
+        set_(self, "transport", transport)
+        set_(self, "tls", tls)
+        set_(self, "ws_path", ws_path)
 
 
 class EndpointArgs(TypedDict, total=False):
@@ -74,6 +140,9 @@ class EndpointArgs(TypedDict, total=False):
     chain_id: int
     client_id: str | None
     keepalive: int
+    transport: str
+    tls: ClientTls | None
+    ws_path: str
 
 
 _REQUIRED = ("host", "port", "broker", "chain_id")

@@ -121,7 +121,12 @@ class _MqttClient:
             client_id=self.client_id,
             clean_session=clean_session,
             protocol=mqtt.MQTTv311,
+            transport=endpoint.transport,  # type: ignore[arg-type]
         )
+        if endpoint.transport == "websockets":
+            c.ws_set_options(path=endpoint.ws_path)
+        if endpoint.tls is not None:
+            c.tls_set_context(endpoint.tls.context())
         c.on_pre_connect = self._on_pre_connect
         c.on_socket_open = _set_nodelay
         c.on_connect = self._on_connect

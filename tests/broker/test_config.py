@@ -12,15 +12,18 @@ from typing import Any
 import pytest
 import yaml
 from eth_account import Account
+from support import TestCA
 
 from blendsm.broker._config import (
     AnchoringConfig,
     BrokerConfig,
     ChainConfig,
     ListenConfig,
+    ListenerConfig,
     OperatorKeyConfig,
     PaymentsConfig,
     SettlementConfig,
+    TlsConfig,
     load_config,
     parse_config,
     resolve_operator_account,
@@ -129,8 +132,20 @@ def test_sessions_section_is_bounded() -> None:
 
 
 def test_documented_small_examples_parse(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "certs")  # the files the listeners example names
+    ca.issue("server", "127.0.0.1", server=True)
     for block in _yaml_blocks()[1:]:
         load_config(_write(tmp_path, block))
+
+
+def test_documented_listeners_example_covers_every_field(tmp_path: Path) -> None:
+    TestCA(tmp_path / "certs").issue("server", "127.0.0.1", server=True)
+    (block,) = [b for b in _yaml_blocks() if b.startswith("listeners:")]
+    config = load_config(_write(tmp_path, block))
+    assert [x.scheme for x in config.listeners] == ["mqtt", "mqtts", "wss"]
+    for cls in (ListenerConfig, TlsConfig):
+        for f in dataclasses.fields(cls):
+            assert f.name == "name" or f"{f.name}:" in block, f.name
 
 
 # --------------------------------------------------------------------------- full config

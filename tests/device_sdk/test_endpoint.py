@@ -3,13 +3,15 @@ arguments that still build it."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
 from eth_account import Account
+from support import TestCA
 
-from blendsm.device_sdk import BrokerEndpoint, Publisher, Subscriber, TopicKeyring
+from blendsm.device_sdk import BrokerEndpoint, ClientTls, Publisher, Subscriber, TopicKeyring
 from blendsm.errors import ConfigError
 
 KEY = bytes.fromhex("5a" * 32)
@@ -84,3 +86,42 @@ def test_missing_or_unknown_keywords_are_type_errors() -> None:
         Subscriber(KEY, channels_contract=CONTRACT, port=1883, broker=OPERATOR, chain_id=1)
     with pytest.raises(TypeError, match="'hots'"):
         Subscriber(KEY, channels_contract=CONTRACT, hots="x", **LEGACY)  # type: ignore[call-arg]
+
+
+def test_transport_and_tls_are_part_of_the_endpoint(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    mine = ca.issue("client", "gateway-17", server=False)
+    tls = ClientTls(ca_certs=str(ca.cert), certfile=str(mine.cert), keyfile=str(mine.key))
+    endpoint = BrokerEndpoint(**LEGACY, transport="websockets", tls=tls, ws_path="/mqtt")
+    assert (endpoint.transport, endpoint.tls, endpoint.ws_path) == ("websockets", tls, "/mqtt")
+    context = tls.context()
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert Subscriber(KEY, channels_contract=CONTRACT, **LEGACY, tls=tls).endpoint.tls == tls
+    plain = BrokerEndpoint(**LEGACY)
+    assert (plain.transport, plain.tls) == ("tcp", None)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"transport": "udp"}, "transport: must be one of tcp, websockets"),
+        ({"ws_path": "mqtt"}, "ws_path: must be a str starting with '/'"),
+        ({"tls": {"ca_certs": "ca.crt"}}, "tls: must be a ClientTls"),
+        ({"tls": ClientTls(ca_certs="/no/such/ca.crt")}, r"tls\.ca_certs: no such file"),
+    ],
+)
+def test_bad_transport_or_tls_are_config_errors(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BrokerEndpoint(**LEGACY, **options)
+
+
+def test_a_key_without_its_certificate_or_not_matching_is_refused(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    one, two = ca.issue("one", "a", server=False), ca.issue("two", "b", server=False)
+    with pytest.raises(ConfigError, match=r"tls\.keyfile: given without tls\.certfile"):
+        BrokerEndpoint(**LEGACY, tls=ClientTls(keyfile=str(one.key)))
+    mismatched = ClientTls(ca_certs=str(ca.cert), certfile=str(one.cert), keyfile=str(two.key))
+    with pytest.raises(ConfigError, match="tls: cannot use"):
+        mismatched.context()

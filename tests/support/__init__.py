@@ -2,9 +2,11 @@
 
 One of each: ``enrol`` a participant in the registry, a bounded wait (``eventually``, ``poll``,
 ``wait_until``), the MQTT test client (``Client``), raw-socket packets (``connect_packet``,
-``oversized_publish``, ``seconds_until_closed``), and a service loop ``running`` in a task.
+``oversized_publish``, ``seconds_until_closed``), a service loop ``running`` in a task, and TEST-ONLY
+certificates (``TestCA``).
 """
 
+from support.certs import Issued, TestCA
 from support.clients import Client, Received
 from support.enrol import enrol, enrol_raw
 from support.polling import eventually, poll, wait_until
@@ -22,8 +24,10 @@ from support.tasks import running
 
 __all__ = [
     "Client",
+    "Issued",
     "RawPacket",
     "Received",
+    "TestCA",
     "ack_packet",
     "connect_packet",
     "enrol",

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -57,6 +58,11 @@ class Received:
         return await asyncio.to_thread(self._drain, within, until)
 
 
+def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
+    with contextlib.suppress(AttributeError, OSError):  # a websocket wrapper has no option
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _unwrap(message: mqtt.MQTTMessage) -> mqtt.MQTTMessage:
     """Replace a signed envelope's bytes by its payload, so tests compare readings."""
     if message.topic.startswith("blendsm/"):
@@ -82,6 +88,8 @@ class Client:
         password: str | None = None,
         username: str | None = None,
         envelope_signer: EnvelopeSigner | None = None,
+        transport: str = "tcp",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.envelope_signer = envelope_signer
@@ -90,8 +98,13 @@ class Client:
         self.client_id = client_id or f"t-{uuid.uuid4().hex[:10]}"
         self.got = Received()
         c = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=clean_session
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=clean_session,
+            transport=transport,  # type: ignore[arg-type]
         )
+        if tls is not None:
+            c.tls_set_context(tls)
         if account is not None and signer is not None:
             c.username_pw_set(account.address, password or signer.token(self.client_id))
         elif username is not None or password is not None:
@@ -109,9 +122,7 @@ class Client:
             self.got.disconnected.set()
 
         c.on_disconnect = on_disconnect
-        c.on_socket_open = lambda _c, _u, sock: sock.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-        )
+        c.on_socket_open = _nodelay
         self.mqtt = c
 
     async def connect(self, within: float = 5.0) -> int:
