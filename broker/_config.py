@@ -41,8 +41,8 @@ from blendsm.broker._config_fields import (
     section,
     typed,
 )
-from blendsm.broker._config_sessions import SessionsConfig, parse_sessions
 from blendsm.broker._config_listeners import ListenerConfig, TlsConfig, parse_listeners, parse_tls
+from blendsm.broker._config_sessions import SessionsConfig, parse_sessions
 from blendsm.device_sdk import account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 

@@ -8,6 +8,7 @@ deployment file and the operator key from its environment variable or keystore.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
