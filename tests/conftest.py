@@ -277,3 +277,27 @@ async def tcp_proxy() -> AsyncIterator[Callable[[int], TcpProxy]]:
     yield make
     for proxy in made:
         await proxy.stop()
+
+
+@dataclass
+class NodeLink:
+    """The anvil node reached through a :class:`TcpProxy`: ``w3`` talks to it through
+    ``proxy``, which takes the node away (``await proxy.stop()``) and brings it back."""
+
+    proxy: TcpProxy
+    w3: Any
+
+
+@pytest.fixture
+async def node_link(chain: Chain, tcp_proxy: Callable[[int], TcpProxy]) -> AsyncIterator[NodeLink]:
+    """An AsyncWeb3 on the anvil chain through a started proxy. web3's own retries are off,
+    so a cut link fails the request at once and the part under test has to retry."""
+    assert chain.anvil is not None, "node_link needs the anvil chain"
+    proxy = tcp_proxy(chain.anvil.port)
+    await proxy.start()
+    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=2.0)
+    w3.provider.exception_retry_configuration = None
+    try:
+        yield NodeLink(proxy, w3)
+    finally:
+        await disconnect(w3)

@@ -18,7 +18,7 @@ from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._settlement import Settler
 from blendsm.broker._store import AsyncVoucherStore
-from blendsm.contracts import Marketplace, connect, disconnect
+from blendsm.contracts import Marketplace
 from blendsm.device_sdk import Voucher, sign_voucher
 
 BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
@@ -55,6 +55,14 @@ def settler(
     options.setdefault("backoff_base", 0.05)
     options.setdefault("backoff_max", 0.2)
     return Settler(store, mp("operator"), view, config(**kw), **options)
+
+
+def proxied_settler(store: AsyncVoucherStore, chain: Any, w3: Any, **kw: Any) -> Settler:
+    """A settler whose chain connection is ``w3`` (a link the test can cut), fast backoff."""
+    operator = Marketplace(w3, chain.deployment, chain.accounts["operator"])
+    return Settler(
+        store, operator, None, config(**kw), tick=0.02, backoff_base=0.05, backoff_max=0.2
+    )
 
 
 async def open_channel(chain: Any, mp: MakeMp, deposit: int = DEPOSIT) -> bytes:
@@ -425,7 +433,7 @@ async def test_claim_mined_late_is_reconciled(
 
 @ANVIL
 async def test_claim_whose_answer_was_lost_is_not_sent_again(
-    chain: Any, mp: MakeMp, store: AsyncVoucherStore, tcp_proxy: Any
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore, node_link: Any
 ) -> None:
     """The node took the claim transaction but its answer never came back (the link was cut
     as it replied): the claim may be out, so its intent stays open as sent, and no second
@@ -433,37 +441,21 @@ async def test_claim_whose_answer_was_lost_is_not_sent_again(
     cid = await open_channel(chain, mp)
     operator = chain.addr("operator")
     nonce = chain.w3.eth.get_transaction_count(operator)
-    assert chain.anvil is not None
-    proxy = tcp_proxy(chain.anvil.port)
-    await proxy.start()
-    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=5.0)
-    w3.provider.exception_retry_configuration = None  # one request, one answer (or none)
-    try:
-        s = Settler(
-            store,
-            Marketplace(w3, chain.deployment, chain.accounts["operator"]),
-            None,
-            config(),
-            tick=0.02,
-            backoff_base=0.05,
-            backoff_max=0.2,
-        )
-        await accept(store, s, chain, mp, cid, 25)
-        with mempool_held(chain):
-            proxy.lose_reply_to(b"eth_sendRawTransaction")
-            (result,) = await s.settle_now()
-            assert proxy.replies_lost == 1
-            assert (result.status, result.tx_hash is not None) == ("pending", True)
-            assert [p.state for p in await store.pending_claims()] == ["sent"]
-            await asyncio.sleep(0.3)  # past any backoff
-            assert await s.settle_now() == []  # in the mempool: not broadcast again
-            assert chain.w3.eth.get_transaction_count(operator, "pending") == nonce + 1
-        async with running(s):
-            await eventually(lambda: s.claims_confirmed == 1)
-        assert await store.pending_claims() == []
-        assert await store.claimed_onchain(cid) == 25
-    finally:
-        await disconnect(w3)
+    s = proxied_settler(store, chain, node_link.w3)
+    await accept(store, s, chain, mp, cid, 25)
+    with mempool_held(chain):
+        node_link.proxy.lose_reply_to(b"eth_sendRawTransaction")
+        (result,) = await s.settle_now()
+        assert node_link.proxy.replies_lost == 1
+        assert (result.status, result.tx_hash is not None) == ("pending", True)
+        assert [p.state for p in await store.pending_claims()] == ["sent"]
+        await asyncio.sleep(0.3)  # past any backoff
+        assert await s.settle_now() == []  # in the mempool: not broadcast again
+        assert chain.w3.eth.get_transaction_count(operator, "pending") == nonce + 1
+    async with running(s):
+        await eventually(lambda: s.claims_confirmed == 1)
+    assert await store.pending_claims() == []
+    assert await store.claimed_onchain(cid) == 25
     assert claimed_onchain(chain, cid) == 25
     assert claim_events(chain, cid) == 1
     assert chain.w3.eth.get_transaction_count(operator) == nonce + 1  # one claim, ever
@@ -471,36 +463,17 @@ async def test_claim_whose_answer_was_lost_is_not_sent_again(
 
 @ANVIL
 async def test_node_down_then_back(
-    chain: Any, mp: MakeMp, store: AsyncVoucherStore, tcp_proxy: Any
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore, node_link: Any
 ) -> None:
     cid = await open_channel(chain, mp)
-    assert chain.anvil is not None
-    proxy = tcp_proxy(chain.anvil.port)
-    await proxy.start()
-    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=2.0)
-    w3.provider.exception_retry_configuration = None  # fail fast: the settler retries
-    try:
-        operator = Marketplace(w3, chain.deployment, chain.accounts["operator"])
-        s = Settler(
-            store,
-            operator,
-            None,
-            config(threshold=10),
-            tick=0.02,
-            backoff_base=0.05,
-            backoff_max=0.2,
-        )
-        await proxy.stop()  # the node goes away
-        async with running(s):
-            await accept(store, s, chain, mp, cid, 25)
-            await eventually(lambda: s.failures >= 2)
-            assert s.claims_confirmed == 0
-            await proxy.start()  # same port: the node is back
-            await eventually(lambda: s.claims_confirmed == 1)
-        assert claimed_onchain(chain, cid) == 25
-        assert claim_events(chain, cid) == 1
-        assert await store.pending_claims() == []
-    finally:
-        with contextlib.suppress(Exception):
-            await proxy.stop()
-        await disconnect(w3)
+    s = proxied_settler(store, chain, node_link.w3, threshold=10)
+    await node_link.proxy.stop()  # the node goes away
+    async with running(s):
+        await accept(store, s, chain, mp, cid, 25)
+        await eventually(lambda: s.failures >= 2)
+        assert s.claims_confirmed == 0
+        await node_link.proxy.start()  # same port: the node is back
+        await eventually(lambda: s.claims_confirmed == 1)
+    assert claimed_onchain(chain, cid) == 25
+    assert claim_events(chain, cid) == 1
+    assert await store.pending_claims() == []
