@@ -200,13 +200,23 @@ def mp(chain: Chain, w3: Any) -> Callable[[str], Marketplace]:
 
 class TcpProxy:
     """A TCP relay to a local port that can be taken down (listener and every link closed)
-    and brought back on the same port: a chain node going away without losing its state."""
+    and brought back on the same port: a chain node going away without losing its state.
+
+    ``lose_reply_to(marker)`` arms a one-shot fault: the next request whose bytes contain
+    ``marker`` (e.g. ``b"eth_sendRawTransaction"``) reaches the node in full, but the link is
+    cut as the node's answer comes back, so the client never learns what the node did.
+    """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
+        self.replies_lost = 0
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
+        self._lose_marker: bytes | None = None
+
+    def lose_reply_to(self, marker: bytes) -> None:
+        self._lose_marker = marker
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -231,15 +241,27 @@ class TcpProxy:
             writer.close()
             return
         self._links |= {writer, up_writer}
+        doomed = False  # this link carried the marked request: its answer is lost
+        tail = b""  # the marker may straddle two reads
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+            nonlocal doomed, tail
             with contextlib.suppress(Exception):
                 while data := await src.read(65536):
+                    marker = self._lose_marker
+                    if up and marker is not None and marker in tail + data:
+                        self._lose_marker, doomed = None, True
+                    tail = (tail + data)[-64:] if up else tail
+                    if doomed and not up:  # the node answered: drop it and cut the link
+                        self.replies_lost += 1
+                        writer.close()
+                        up_writer.close()
+                        return
                     dst.write(data)
                     await dst.drain()
             dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
         self._links -= {writer, up_writer}
 
 
@@ -255,3 +277,27 @@ async def tcp_proxy() -> AsyncIterator[Callable[[int], TcpProxy]]:
     yield make
     for proxy in made:
         await proxy.stop()
+
+
+@dataclass
+class NodeLink:
+    """The anvil node reached through a :class:`TcpProxy`: ``w3`` talks to it through
+    ``proxy``, which takes the node away (``await proxy.stop()``) and brings it back."""
+
+    proxy: TcpProxy
+    w3: Any
+
+
+@pytest.fixture
+async def node_link(chain: Chain, tcp_proxy: Callable[[int], TcpProxy]) -> AsyncIterator[NodeLink]:
+    """An AsyncWeb3 on the anvil chain through a started proxy. web3's own retries are off,
+    so a cut link fails the request at once and the part under test has to retry."""
+    assert chain.anvil is not None, "node_link needs the anvil chain"
+    proxy = tcp_proxy(chain.anvil.port)
+    await proxy.start()
+    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=2.0)
+    w3.provider.exception_retry_configuration = None
+    try:
+        yield NodeLink(proxy, w3)
+    finally:
+        await disconnect(w3)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -246,16 +245,28 @@ async def chain_latest(mp: MakeMp, operator: str) -> int:
 async def test_batches_by_time(chain: Any, mp: MakeMp, store: AsyncLeafStore) -> None:
     await enrol_operator(chain, mp)
     msgs = messages(signer(chain), 5)
-    a = anchorer(store, mp, batch_seconds=0.4, batch_max_leaves=1000)
+    # The anchorer's own clock, so a loaded CPU cannot age the batch; counting its reads
+    # tells when the anchorer has looked at the time (and sealed, had the batch been due).
+    now, reads = [1_800_000_000.0], [0]
+
+    def clock() -> float:
+        reads[0] += 1
+        return now[0]
+
+    a = anchorer(store, mp, batch_seconds=0.4, batch_max_leaves=1000, clock=clock)
     async with running(a):
-        t0 = time.monotonic()
         await add_all(a, msgs[:3])
         a.add_nowait(*msgs[3])  # QoS 0: queued for the same group commit
         await a.add(*msgs[4])
-        await asyncio.sleep(0.2)
+        now[0] += 0.39
+        seen = reads[0]
+        # A round reads the clock at its top, for the time check, and after a seal: six
+        # reads span a whole round that saw the new time, so a due batch would be sealed.
+        await eventually(lambda: reads[0] >= seen + 6, what="the anchorer read its clock")
+        assert await store.batches() == []  # the oldest leaf is 0.39 s old: not yet
         assert a.batches_anchored == 0
-        await eventually(lambda: a.batches_anchored == 1)
-        assert time.monotonic() - t0 >= 0.35
+        now[0] += 0.01
+        await eventually(lambda: a.batches_anchored == 1, within=30, what="a batch by age")
     assert len(anchored_events(chain)) == 1
     assert await check_proofs(chain, a, msgs) == {1}
 
@@ -420,18 +431,26 @@ async def test_chain_down_then_back(
 
 
 async def test_qos0_leaves_linger_to_share_a_commit(store: AsyncLeafStore) -> None:
-    async def trickle(first: int) -> int:
-        before = store.commits
-        for i in range(first, first + 10):
-            store.add_nowait(_row(i))
-            await asyncio.sleep(0.001)  # leaves arriving one by one, as QoS 0 traffic does
-        await store.drain()
-        return store.commits - before
-
+    """QoS 0 leaves (nobody waits on them) linger to share one commit; without a linger each
+    commits on its own, nobody draining. Counted per leaf, not per tick of the clock: each
+    arrival first waits until the one before it is durable (or, lingering, is not)."""
+    durable: list[int] = []
+    store.on_durable = durable.append
     store.linger = 0.0
-    assert await trickle(1) >= 5  # without lingering, about one commit per arrival
-    store.linger = 5.0
-    assert await trickle(100) == 1  # drain commits the lingering group at once
+    before = store.commits
+    for i in range(1, 11):
+        store.add_nowait(_row(i))
+        await eventually(lambda n=i: sum(durable) == n, what=f"leaf {i} durable without a drain")
+    assert store.commits - before == 10  # one commit per arrival: none lingered
+    store.linger = 60.0  # longer than the test may take
+    before = store.commits
+    for i in range(100, 110):
+        store.add_nowait(_row(i))
+        await asyncio.sleep(0.01)  # leaves arriving one by one, as QoS 0 traffic does
+    assert (store.commits - before, sum(durable)) == (0, 10)  # all ten linger
+    await store.drain()
+    assert store.commits - before == 1  # drain commits the lingering group at once
+    assert sum(durable) == 20
     assert await store.leaf_count() == 20
 
 

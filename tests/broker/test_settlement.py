@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._settlement import Settler
 from blendsm.broker._store import AsyncVoucherStore
-from blendsm.contracts import Marketplace, connect, disconnect
+from blendsm.contracts import Marketplace
 from blendsm.device_sdk import Voucher, sign_voucher
 
 BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
@@ -57,6 +57,14 @@ def settler(
     return Settler(store, mp("operator"), view, config(**kw), **options)
 
 
+def proxied_settler(store: AsyncVoucherStore, chain: Any, w3: Any, **kw: Any) -> Settler:
+    """A settler whose chain connection is ``w3`` (a link the test can cut), fast backoff."""
+    operator = Marketplace(w3, chain.deployment, chain.accounts["operator"])
+    return Settler(
+        store, operator, None, config(**kw), tick=0.02, backoff_base=0.05, backoff_max=0.2
+    )
+
+
 async def open_channel(chain: Any, mp: MakeMp, deposit: int = DEPOSIT) -> bytes:
     opened = await mp("buyer").channels.open(
         chain.addr("seller"), chain.addr("operator"), None, deposit, FEE_BPS
@@ -85,6 +93,37 @@ def claimed_onchain(chain: Any, cid: bytes) -> int:
 def claim_events(chain: Any, cid: bytes) -> int:
     logs = chain.PaymentChannels.events.ChannelClaimed().get_logs(from_block=0)
     return sum(bytes(log["args"]["channelId"]) == cid for log in logs)
+
+
+@contextlib.contextmanager
+def mempool_held(chain: Any) -> Iterator[None]:
+    """Automine off (anvil) for the block: transactions wait in the node's mempool; on exit
+    automine is back on and one block mines them."""
+    chain.w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        yield
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+        chain.w3.provider.make_request("evm_mine", [])
+
+
+@contextlib.asynccontextmanager
+async def restarted(path: Path, mp: MakeMp, *, claimed: int) -> AsyncIterator[Settler]:
+    """A broker restarted on the store at ``path``: its settler reconciles the one open
+    intent, which the chain covers at ``claimed``, and (past any backoff) claims nothing
+    again. Yields that settler while the store is still open."""
+    store = await AsyncVoucherStore.open(path)
+    try:
+        s = settler(store, mp)
+        results = await s.reconcile()
+        assert [(r.status, r.claimed) for r in results] == [("confirmed", claimed)]
+        assert await store.pending_claims() == []
+        assert await store.claimed_onchain(results[0].channel_id) == claimed
+        await asyncio.sleep(0.3)  # past any backoff
+        assert await s.settle_now() == []  # covered: the voucher is not claimed again
+        yield s
+    finally:
+        await store.close()
 
 
 # --- rules --------------------------------------------------------------------------------
@@ -139,6 +178,26 @@ async def test_claim_before_close_deadline(
     assert claimed_onchain(chain, quiet) == 0  # not closing: waits for threshold/interval
 
 
+@BOTH
+async def test_close_margin_boundary_is_inclusive(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    """A channel whose challenge period ends exactly ``margin`` seconds from now is claimed
+    in that round; one second earlier it is not yet (the boundary belongs to the claim)."""
+    cid = await open_channel(chain, mp)
+    request = await mp("buyer").channels.request_close(cid)
+    margin = 600
+    now = [float(request.closes_at - margin - 1)]
+    s = settler(store, mp, before_close_margin_seconds=margin, clock=lambda: now[0])
+    await accept(store, s, chain, mp, cid, 30)
+    await s._round()  # one second outside the margin: nothing is due
+    assert (s.claims_confirmed, claimed_onchain(chain, cid)) == (0, 0)
+    now[0] += 1  # closes_at - now == margin
+    await s._round()
+    assert (s.claims_confirmed, claimed_onchain(chain, cid)) == (1, 30)
+    assert claim_events(chain, cid) == 1
+
+
 async def test_close_deadline_from_view(
     chain: Any, w3: Any, mp: MakeMp, store: AsyncVoucherStore
 ) -> None:
@@ -190,18 +249,9 @@ async def test_exactly_once_across_crash(chain: Any, mp: MakeMp, tmp_path: Path)
     await transactor.submit(call, before_send=record)
     await store.close()  # crash: the receipt was never read
 
-    store = await AsyncVoucherStore.open(path)
-    try:
-        s = settler(store, mp)
-        results = await s.reconcile()
-        assert [(r.status, r.claimed) for r in results] == [("confirmed", 77)]
-        assert await store.pending_claims() == []
-        assert await s.settle_now() == []  # covered: no second claim
-        async with running(s):
-            s.notify_voucher(cid, 77)
-            await asyncio.sleep(0.1)
-    finally:
-        await store.close()
+    async with restarted(path, mp, claimed=77) as s, running(s):
+        s.notify_voucher(cid, 77)
+        await asyncio.sleep(0.1)
     assert claimed_onchain(chain, cid) == 77
     assert claim_events(chain, cid) == 1
     assert s.claims_confirmed == 1
@@ -244,6 +294,31 @@ async def test_deposit_capped_claim_not_resubmitted(
     assert (result.status, result.claimed, result.payout) == ("confirmed", 100, 100)
     assert result.fee == 100 * FEE_BPS // 10_000
     assert await s.settle_now() == []  # the same voucher again would pay nothing
+    assert claim_events(chain, cid) == 1
+
+
+@BOTH
+async def test_reconcile_deposit_capped_intent_after_crash(
+    chain: Any, mp: MakeMp, tmp_path: Path
+) -> None:
+    """Crash with an open intent for a voucher above the deposit, whose claim went through
+    while we were down (the payee submitted the same voucher; our recorded hash never
+    reached this node): the chain's ``claimed`` is the deposit, less than the voucher, yet
+    the intent is covered. Reconciliation confirms it and nothing is claimed again."""
+    path = tmp_path / "vouchers.sqlite3"
+    cid = await open_channel(chain, mp, deposit=100)
+    store = await AsyncVoucherStore.open(path)
+    await accept(store, None, chain, mp, cid, 150)
+    intent = await store.begin_claim(cid)
+    assert intent is not None
+    await store.claim_sent(intent.intent_id, b"\x42" * 32)  # recorded, then the crash
+    await store.close()
+    await mp("seller").channels.claim(cid, 150, intent.signature)  # pays the deposit, 100
+    assert claimed_onchain(chain, cid) == 100
+
+    async with restarted(path, mp, claimed=100) as s:
+        pass
+    assert s.failures == 0
     assert claim_events(chain, cid) == 1
 
 
@@ -343,16 +418,12 @@ async def test_claim_mined_late_is_reconciled(
     transactor.timeout = 0.3
     s = settler(store, mp)
     await accept(store, s, chain, mp, cid, 90)
-    chain.w3.provider.make_request("evm_setAutomine", [False])
-    try:
+    with mempool_held(chain):
         (result,) = await s.settle_now()
         assert result.status == "pending"
         assert result.tx_hash is not None
         assert await s.settle_now() == []  # in the mempool: not claimed again
         assert len(await store.pending_claims()) == 1
-    finally:
-        chain.w3.provider.make_request("evm_setAutomine", [True])
-    chain.w3.provider.make_request("evm_mine", [])
     async with running(s):
         await eventually(lambda: s.claims_confirmed == 1)
     assert await store.pending_claims() == []
@@ -361,37 +432,48 @@ async def test_claim_mined_late_is_reconciled(
 
 
 @ANVIL
+async def test_claim_whose_answer_was_lost_is_not_sent_again(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore, node_link: Any
+) -> None:
+    """The node took the claim transaction but its answer never came back (the link was cut
+    as it replied): the claim may be out, so its intent stays open as sent, and no second
+    claim is broadcast while the first waits in the mempool; once mined it is confirmed."""
+    cid = await open_channel(chain, mp)
+    operator = chain.addr("operator")
+    nonce = chain.w3.eth.get_transaction_count(operator)
+    s = proxied_settler(store, chain, node_link.w3)
+    await accept(store, s, chain, mp, cid, 25)
+    with mempool_held(chain):
+        node_link.proxy.lose_reply_to(b"eth_sendRawTransaction")
+        (result,) = await s.settle_now()
+        assert node_link.proxy.replies_lost == 1
+        assert (result.status, result.tx_hash is not None) == ("pending", True)
+        assert [p.state for p in await store.pending_claims()] == ["sent"]
+        await asyncio.sleep(0.3)  # past any backoff
+        assert await s.settle_now() == []  # in the mempool: not broadcast again
+        assert chain.w3.eth.get_transaction_count(operator, "pending") == nonce + 1
+    async with running(s):
+        await eventually(lambda: s.claims_confirmed == 1)
+    assert await store.pending_claims() == []
+    assert await store.claimed_onchain(cid) == 25
+    assert claimed_onchain(chain, cid) == 25
+    assert claim_events(chain, cid) == 1
+    assert chain.w3.eth.get_transaction_count(operator) == nonce + 1  # one claim, ever
+
+
+@ANVIL
 async def test_node_down_then_back(
-    chain: Any, mp: MakeMp, store: AsyncVoucherStore, tcp_proxy: Any
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore, node_link: Any
 ) -> None:
     cid = await open_channel(chain, mp)
-    assert chain.anvil is not None
-    proxy = tcp_proxy(chain.anvil.port)
-    await proxy.start()
-    w3 = connect(f"http://127.0.0.1:{proxy.port}", request_timeout=2.0)
-    w3.provider.exception_retry_configuration = None  # fail fast: the settler retries
-    try:
-        operator = Marketplace(w3, chain.deployment, chain.accounts["operator"])
-        s = Settler(
-            store,
-            operator,
-            None,
-            config(threshold=10),
-            tick=0.02,
-            backoff_base=0.05,
-            backoff_max=0.2,
-        )
-        await proxy.stop()  # the node goes away
-        async with running(s):
-            await accept(store, s, chain, mp, cid, 25)
-            await eventually(lambda: s.failures >= 2)
-            assert s.claims_confirmed == 0
-            await proxy.start()  # same port: the node is back
-            await eventually(lambda: s.claims_confirmed == 1)
-        assert claimed_onchain(chain, cid) == 25
-        assert claim_events(chain, cid) == 1
-        assert await store.pending_claims() == []
-    finally:
-        with contextlib.suppress(Exception):
-            await proxy.stop()
-        await disconnect(w3)
+    s = proxied_settler(store, chain, node_link.w3, threshold=10)
+    await node_link.proxy.stop()  # the node goes away
+    async with running(s):
+        await accept(store, s, chain, mp, cid, 25)
+        await eventually(lambda: s.failures >= 2)
+        assert s.claims_confirmed == 0
+        await node_link.proxy.start()  # same port: the node is back
+        await eventually(lambda: s.claims_confirmed == 1)
+    assert claimed_onchain(chain, cid) == 25
+    assert claim_events(chain, cid) == 1
+    assert await store.pending_claims() == []

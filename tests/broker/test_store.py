@@ -272,6 +272,24 @@ def test_no_second_intent_for_confirmed_amount(store: VoucherStore) -> None:
     assert store.claimed_onchain(cid(1)) == 120
 
 
+def test_claimed_onchain_never_goes_down(store: VoucherStore) -> None:
+    """A late confirmation with an older on-chain amount (the same intent confirmed again by
+    a reconciliation that read an older block) must not lower the recorded claim: a lower
+    record would open a second claim for an amount already paid."""
+    store.accept(v(1, 100))
+    first = store.begin_claim(cid(1))
+    assert first is not None
+    store.claim_confirmed(first.intent_id, 100)
+    store.accept(v(1, 150))
+    second = store.begin_claim(cid(1))
+    assert second is not None
+    store.claim_confirmed(second.intent_id, 150)
+    store.claim_confirmed(first.intent_id, 100)  # confirmed again, from an older reading
+    assert store.claimed_onchain(cid(1)) == 150
+    assert [b.claimed_onchain for b in store.balances()] == [150]
+    assert store.begin_claim(cid(1)) is None  # 150 is paid: no second claim for it
+
+
 def test_failed_claim_retries_after_retry_at(store: VoucherStore) -> None:
     store.accept(v(1, 100))
     intent = store.begin_claim(cid(1), now=1000.0)

@@ -1,100 +1,99 @@
-"""Integrity checks in the SDK: the sequence tracker, the message verifier and proof checks
-against a fake in-memory chain, and the Subscriber's verification worker, anchor-notice
-sampling, proof requests and record file against a stock amqtt broker whose control side
-a raw paho client plays. (Against the real broker and chain: tests/integration/test_integrity.py.)"""
+"""Integrity checks in the SDK: the sequence tracker, and the message verifier and proof
+checks against a real chain (anvil, read over JSON-RPC by the SDK's own Web3ChainReader, with
+sellers, devices, topics and anchored roots put there by real transactions). The Subscriber's
+verification worker, proof sampling, proof requests, record file and payments run against the
+real broker in tests/integration/test_integrity.py."""
 
 from __future__ import annotations
 
-import asyncio
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
-import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
-from eth_account import Account
-from paho.mqtt.enums import CallbackAPIVersion
-from support import wait_until
+from support import enrol
 
+from blendsm.contracts import Role, free_port
 from blendsm.device_sdk import (
-    ANCHORS_TOPIC,
-    AnchorNotice,
-    ChainReader,
     EnvelopeSigner,
-    IntegrityEvent,
     IntegrityKind,
     MerkleTree,
     MessageDomain,
     MessageVerifier,
     Proof,
-    ReceivedMessage,
-    Refusal,
     SequenceTracker,
     Subscriber,
+    Web3ChainReader,
     check_proof,
-    control_topic,
-    decode_proof_request,
-    encode_anchor_notice,
-    encode_notice,
     message_leaf,
 )
 from blendsm.errors import ChainUnavailableError, ConfigError
 
-CHAIN_ID = 31337
-REGISTRY = "0x" + "a1" * 20
-CHANNELS = "0x" + "a2" * 20
-DOMAIN = MessageDomain(CHAIN_ID, REGISTRY)
-OTHER_DOMAIN = MessageDomain(CHAIN_ID + 1, REGISTRY)
-SELLER = Account.from_key(bytes.fromhex("33" * 32)).address
-OTHER_SELLER = Account.from_key(bytes.fromhex("34" * 32)).address
-OPERATOR = Account.from_key(bytes.fromhex("22" * 32)).address
-BUYER = Account.from_key(bytes.fromhex("5a" * 32))
-DEVICE = EnvelopeSigner(bytes.fromhex("d1" * 32), DOMAIN)
-DEVICE2 = EnvelopeSigner(bytes.fromhex("d2" * 32), DOMAIN)
-STRANGER = EnvelopeSigner(bytes.fromhex("d3" * 32), DOMAIN)
+ANVIL = pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 TOPIC = "market/temp/1"
-
-
-class FakeChain:
-    """An in-memory :class:`ChainReader`: topics, device owners and anchored roots."""
-
-    def __init__(self) -> None:
-        self.topics: dict[str, str] = {TOPIC: SELLER, "market/other": OTHER_SELLER}
-        self.owners: dict[str, str] = {DEVICE.address: SELLER, DEVICE2.address: OTHER_SELLER}
-        self.roots: dict[tuple[str, int], bytes] = {}
-        self.down = False
-        self.calls = 0
-
-    def _check(self) -> None:
-        self.calls += 1
-        if self.down:
-            raise ChainUnavailableError("node down (test)")
-
-    def seller_of_topic(self, topic: str) -> str | None:
-        self._check()
-        return self.topics.get(topic)
-
-    def active_seller_of(self, device: str) -> str | None:
-        self._check()
-        return self.owners.get(device)
-
-    def anchor_root(self, broker: str, batch_id: int) -> bytes | None:
-        self._check()
-        return self.roots.get((broker, batch_id))
+OTHER_TOPIC = "market/other"
+# For the pure proof checks, which need no chain: any domain and key.
+DOMAIN = MessageDomain(31337, "0x" + "a1" * 20)
+DEVICE = EnvelopeSigner(bytes.fromhex("d1" * 32), DOMAIN)
 
 
 def signed(
-    seq: int, payload: bytes = b"21.5C", signer: EnvelopeSigner = DEVICE, topic: str = TOPIC
+    seq: int, signer: EnvelopeSigner, payload: bytes = b"21.5C", topic: str = TOPIC
 ) -> bytes:
     return signer.sign(topic, payload, seq, 1_700_000_000_000 + seq).encode()
+
+
+@dataclass
+class OnChain:
+    """What the verifier reads, put on the anvil chain: ``seller`` sells ``TOPIC`` and owns
+    ``device``; ``other_seller`` (the buyer2 account) sells ``OTHER_TOPIC`` and owns
+    ``device2``; ``stranger`` is registered nowhere; ``operator`` may anchor roots."""
+
+    chain: Any
+    mp: Callable[[str], Any]
+    domain: MessageDomain
+    reader: Web3ChainReader
+    seller: str
+    other_seller: str
+    operator: str
+    device: EnvelopeSigner
+    device2: EnvelopeSigner
+    stranger: EnvelopeSigner
+
+    def dead_reader(self) -> Web3ChainReader:
+        """A reader of a node that is not there (nothing listens on its port)."""
+        port = free_port()
+        return Web3ChainReader(f"http://127.0.0.1:{port}", self.chain.deployment, timeout=2.0)
+
+
+@pytest.fixture
+async def onchain(chain: Any, mp: Callable[[str], Any]) -> OnChain:
+    seller = await enrol(mp, chain, "seller", Role.SELLER)
+    other_seller = await enrol(mp, chain, "buyer2", Role.SELLER)
+    operator = await enrol(mp, chain, "operator", Role.OPERATOR)
+    await mp("seller").registry.add_device(chain.addr("device"))
+    await mp("buyer2").registry.add_device(chain.addr("device2"))
+    await mp("seller").market.create_topic(TOPIC, 0)
+    await mp("buyer2").market.create_topic(OTHER_TOPIC, 0)
+    deployment = chain.deployment
+    domain = MessageDomain(deployment.chain_id, deployment.address("Registry"))
+
+    def device(label: str) -> EnvelopeSigner:
+        return EnvelopeSigner(bytes(chain.accounts[label].key), domain)
+
+    assert chain.anvil is not None
+    return OnChain(
+        chain,
+        mp,
+        domain,
+        Web3ChainReader(chain.anvil.url, deployment, timeout=10.0),
+        seller,
+        other_seller,
+        operator,
+        device("device"),
+        device("device2"),
+        device("stranger"),
+    )
 
 
 # --------------------------------------------------------------------------- tracker
@@ -177,43 +176,42 @@ def test_tracker_streams_are_per_device_and_topic_and_bounded() -> None:
 
 
 @pytest.fixture
-def fake() -> FakeChain:
-    return FakeChain()
+def verifier(onchain: OnChain) -> MessageVerifier:
+    return MessageVerifier(onchain.domain, onchain.reader)
 
 
-@pytest.fixture
-def verifier(fake: FakeChain) -> MessageVerifier:
-    assert isinstance(fake, ChainReader)
-    return MessageVerifier(DOMAIN, fake)
-
-
-def test_verifier_accepts_a_message_signed_by_the_sellers_device(
-    verifier: MessageVerifier,
+@ANVIL
+async def test_verifier_accepts_a_message_signed_by_the_sellers_device(
+    onchain: OnChain, verifier: MessageVerifier
 ) -> None:
-    data = signed(7, b"reading")
-    v = verifier.check(TOPIC, data)
+    v = verifier.check(TOPIC, signed(7, onchain.device, b"reading"))
     assert v.market is True
     assert v.verified is True
     assert v.payload == b"reading"
-    assert (v.device, v.sequence) == (DEVICE.address, 7)
+    assert (v.device, v.sequence) == (onchain.device.address, 7)
     assert v.events == ()
     assert v.envelope is not None
-    assert v.leaf == message_leaf(DOMAIN, TOPIC, v.envelope)
+    assert v.leaf == message_leaf(onchain.domain, TOPIC, v.envelope)
     assert v.error is None
 
 
-def test_verifier_passes_non_market_topics_through_unchecked(verifier: MessageVerifier) -> None:
+@ANVIL
+async def test_verifier_passes_non_market_topics_through_unchecked(
+    verifier: MessageVerifier,
+) -> None:
     v = verifier.check("plain/topic", b"hello")
     assert (v.market, v.verified, v.payload, v.events) == (False, None, b"hello", ())
 
 
-def test_verifier_reports_data_that_is_no_envelope(verifier: MessageVerifier) -> None:
+@ANVIL
+async def test_verifier_reports_data_that_is_no_envelope(verifier: MessageVerifier) -> None:
     v = verifier.check(TOPIC, b"21.5C")
     assert v.verified is False
     assert v.payload == b"21.5C"
     assert [e.kind for e in v.events] == [IntegrityKind.BAD_ENVELOPE]
 
 
+@ANVIL
 @pytest.mark.parametrize(
     "tamper",
     [
@@ -223,59 +221,88 @@ def test_verifier_reports_data_that_is_no_envelope(verifier: MessageVerifier) ->
         pytest.param(lambda d: d[:50] + bytes([d[50] ^ 1]) + d[51:], id="signature"),
     ],
 )
-def test_verifier_reports_any_altered_byte_as_a_bad_signature(
-    verifier: MessageVerifier, tamper: Callable[[bytes], bytes]
+async def test_verifier_reports_any_altered_byte_as_a_bad_signature(
+    onchain: OnChain, verifier: MessageVerifier, tamper: Callable[[bytes], bytes]
 ) -> None:
-    v = verifier.check(TOPIC, tamper(signed(3)))
+    assert verifier.check(TOPIC, signed(2, onchain.device)).verified is True  # unaltered
+    v = verifier.check(TOPIC, tamper(signed(3, onchain.device)))
     assert v.verified is False
     assert [e.kind for e in v.events] == [IntegrityKind.BAD_SIGNATURE]
     assert v.leaf is None
 
 
-def test_verifier_reports_a_message_signed_for_another_topic_or_deployment(
-    verifier: MessageVerifier,
+@ANVIL
+async def test_verifier_reports_a_message_signed_for_another_topic_or_deployment(
+    onchain: OnChain, verifier: MessageVerifier
 ) -> None:
-    moved = verifier.check(TOPIC, signed(1, topic="market/other"))
-    other = EnvelopeSigner(bytes.fromhex("d1" * 32), OTHER_DOMAIN)
+    moved = verifier.check(TOPIC, signed(1, onchain.device, topic=OTHER_TOPIC))
+    elsewhere = MessageDomain(onchain.domain.chain_id + 1, onchain.domain.registry)
+    other = EnvelopeSigner(bytes(onchain.chain.accounts["device"].key), elsewhere)
     foreign = verifier.check(TOPIC, other.sign(TOPIC, b"x", 1, 1).encode())
     for v in (moved, foreign):
         assert [e.kind for e in v.events] == [IntegrityKind.BAD_SIGNATURE]
 
 
-def test_verifier_reports_devices_that_are_not_the_topic_sellers(
-    verifier: MessageVerifier,
+@ANVIL
+async def test_verifier_reports_devices_that_are_not_the_topic_sellers(
+    onchain: OnChain, verifier: MessageVerifier
 ) -> None:
-    others = verifier.check(TOPIC, signed(1, signer=DEVICE2))
-    unknown = verifier.check(TOPIC, signed(1, signer=STRANGER))
+    others = verifier.check(TOPIC, signed(1, onchain.device2))
+    unknown = verifier.check(TOPIC, signed(1, onchain.stranger))
     assert others.verified is False
     assert unknown.verified is False
     assert [e.kind for e in others.events] == [IntegrityKind.UNKNOWN_DEVICE]
-    assert OTHER_SELLER in others.events[0].detail
+    assert onchain.other_seller in others.events[0].detail
     assert [e.kind for e in unknown.events] == [IntegrityKind.UNKNOWN_DEVICE]
     assert "not registered" in unknown.events[0].detail
+    # device2 is genuine on its own seller's topic
+    assert verifier.check(OTHER_TOPIC, signed(1, onchain.device2, topic=OTHER_TOPIC)).verified
 
 
-def test_forged_messages_do_not_move_the_sequence_tracker(verifier: MessageVerifier) -> None:
-    assert verifier.check(TOPIC, signed(1)).events == ()
-    forged = bytearray(signed(2))
+@ANVIL
+async def test_a_removed_device_is_refused_once_the_reader_forgets_it(
+    onchain: OnChain,
+) -> None:
+    now = [0.0]
+    reader = Web3ChainReader(
+        onchain.chain.anvil.url, onchain.chain.deployment, ttl=30, clock=lambda: now[0]
+    )
+    verifier = MessageVerifier(onchain.domain, reader)
+    assert verifier.check(TOPIC, signed(1, onchain.device)).verified is True
+    await onchain.mp("seller").registry.remove_device(onchain.device.address)
+    assert verifier.check(TOPIC, signed(2, onchain.device)).verified is True  # cached, ttl
+    now[0] += 31
+    gone = verifier.check(TOPIC, signed(3, onchain.device))
+    assert gone.verified is False
+    assert [e.kind for e in gone.events] == [IntegrityKind.UNKNOWN_DEVICE]
+
+
+@ANVIL
+async def test_forged_messages_do_not_move_the_sequence_tracker(
+    onchain: OnChain, verifier: MessageVerifier
+) -> None:
+    device = onchain.device
+    assert verifier.check(TOPIC, signed(1, device)).events == ()
+    forged = bytearray(signed(2, device))
     forged[-1] ^= 1
     assert verifier.check(TOPIC, bytes(forged)).events[0].kind is IntegrityKind.BAD_SIGNATURE
-    assert verifier.check(TOPIC, signed(2)).events == ()  # the genuine 2: no replay
-    gap = verifier.check(TOPIC, signed(4)).events
+    assert verifier.check(TOPIC, signed(2, device)).events == ()  # the genuine 2: no replay
+    gap = verifier.check(TOPIC, signed(4, device)).events
     assert [(e.kind, e.missing) for e in gap] == [(IntegrityKind.GAP, (3, 3))]
-    replay = verifier.check(TOPIC, signed(4)).events
+    replay = verifier.check(TOPIC, signed(4, device)).events
     assert [e.kind for e in replay] == [IntegrityKind.REPLAY]
 
 
-def test_verifier_with_the_chain_down_checks_the_signature_and_says_it_could_not_check_more(
-    verifier: MessageVerifier, fake: FakeChain
+@ANVIL
+async def test_verifier_with_the_chain_down_checks_the_signature_and_says_it_could_not_check_more(
+    onchain: OnChain,
 ) -> None:
-    fake.down = True
-    v = verifier.check(TOPIC, signed(1))
+    verifier = MessageVerifier(onchain.domain, onchain.dead_reader())
+    v = verifier.check(TOPIC, signed(1, onchain.device))
     assert v.verified is None
     assert isinstance(v.error, ChainUnavailableError)
     assert v.payload == b"21.5C"
-    bad = verifier.check(TOPIC, signed(2)[:-1] + b"X")
+    bad = verifier.check(TOPIC, signed(2, onchain.device)[:-1] + b"X")
     assert bad.verified is False
     assert [e.kind for e in bad.events] == [IntegrityKind.BAD_SIGNATURE]
     not_envelope = verifier.check(TOPIC, b"plain")
@@ -286,17 +313,20 @@ def test_verifier_with_the_chain_down_checks_the_signature_and_says_it_could_not
 
 
 def _batch(
-    n: int = 5, batch_id: int = 1, index: int = 2
+    n: int = 5,
+    batch_id: int = 1,
+    index: int = 2,
+    device: EnvelopeSigner = DEVICE,
 ) -> tuple[list[bytes], MerkleTree, Proof, Any]:
-    envelopes = [DEVICE.sign(TOPIC, b"m%d" % i, i, i) for i in range(1, n + 1)]
-    leaves = [message_leaf(DOMAIN, TOPIC, e) for e in envelopes]
+    envelopes = [device.sign(TOPIC, b"m%d" % i, i, i) for i in range(1, n + 1)]
+    leaves = [message_leaf(device.domain, TOPIC, e) for e in envelopes]
     tree = MerkleTree(leaves)
     target = envelopes[index]
     proof = Proof(
         request_id="r1",
         topic=TOPIC,
         sequence=target.sequence,
-        device=DEVICE.address,
+        device=device.address,
         leaf=leaves[index],
         proof=tuple(tree.proof(index)),
         batch_id=batch_id,
@@ -347,23 +377,30 @@ def test_check_proof_fails_for_a_substituted_root_another_leaf_or_another_messag
     )
 
 
-def test_verifier_check_proof_reads_the_root_from_the_chain(
-    verifier: MessageVerifier, fake: FakeChain
+@ANVIL
+async def test_verifier_check_proof_reads_the_root_from_the_chain(
+    onchain: OnChain, verifier: MessageVerifier
 ) -> None:
-    _, tree, proof, target = _batch(batch_id=4)
-    assert verifier.check_proof(OPERATOR, TOPIC, target, proof).kind is (
+    _, tree, proof, target = _batch(batch_id=1, device=onchain.device)
+    operator = onchain.operator
+    assert verifier.check_proof(operator, TOPIC, target, proof).kind is (
         IntegrityKind.PROOF_UNAVAILABLE
     )
-    fake.roots[(OPERATOR, 4)] = tree.root
-    assert verifier.check_proof(OPERATOR, TOPIC, target, proof).kind is (
+    await onchain.mp("operator").anchors.anchor(1, tree.root, len(tree.leaves))
+    assert verifier.check_proof(operator, TOPIC, target, proof).kind is (
         IntegrityKind.PROOF_VERIFIED
     )
     tampered = replace(target, payload=b"changed")
-    assert verifier.check_proof(OPERATOR, TOPIC, tampered, proof).kind is (
+    assert verifier.check_proof(operator, TOPIC, tampered, proof).kind is (
         IntegrityKind.PROOF_FAILED
     )
-    fake.down = True
-    down = verifier.check_proof(OPERATOR, TOPIC, target, proof)
+    elsewhere = replace(proof, batch_id=2)  # a batch this broker never anchored
+    assert verifier.check_proof(operator, TOPIC, target, elsewhere).kind is (
+        IntegrityKind.PROOF_UNAVAILABLE
+    )
+    down = MessageVerifier(onchain.domain, onchain.dead_reader()).check_proof(
+        operator, TOPIC, target, proof
+    )
     assert down.kind is IntegrityKind.PROOF_UNAVAILABLE
     assert "cannot read the root" in down.detail
 
@@ -371,396 +408,27 @@ def test_verifier_check_proof_reads_the_root_from_the_chain(
 # --------------------------------------------------------------------------- Subscriber
 
 
-class AcceptAll(BaseAuthPlugin):
-    async def authenticate(self, *, session: Session) -> bool:
-        return True
-
-
-class StockBroker:
-    """A stock amqtt broker on its own event loop thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def start() -> Any:
-            broker = Broker(
-                {
-                    "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:0"}},
-                    "plugins": {f"{__name__}.AcceptAll": {}},
-                }
-            )
-            await broker.start()
-            return broker
-
-        self.broker = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-        server = self.broker._servers["default"].instance
-        self.port = int(server.sockets[0].getsockname()[1])
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
-class FakeOperator:
-    """Plays the BlendSM broker: relays data, keeps leaves, anchors batches into the fake
-    chain, broadcasts anchor notices and answers proof requests (optionally lying)."""
-
-    def __init__(self, port: int, chain: FakeChain) -> None:
-        self.chain = chain
-        self.leaves: list[tuple[str, bytes, bytes]] = []  # (topic, envelope bytes, leaf)
-        self.batches: list[tuple[int, MerkleTree, list[tuple[str, bytes, bytes]]]] = []
-        self.requests: queue.Queue[Any] = queue.Queue()
-        self.tamper_root = False
-        self.refuse = False
-        subscribed = threading.Event()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fake-operator")
-        c.on_message = self._on_message
-        c.on_subscribe = lambda *_a: subscribed.set()
-        c.connect("127.0.0.1", port, 30)
-        c.loop_start()
-        c.subscribe("blendsm/ctl/+/proof", 1)
-        assert subscribed.wait(5)
-        self.mqtt = c
-
-    def data(self, topic: str, data: bytes, *, leaf: bool = True) -> None:
-        if leaf:
-            from blendsm.device_sdk import decode_envelope
-
-            self.leaves.append((topic, data, message_leaf(DOMAIN, topic, decode_envelope(data))))
-        self.mqtt.publish(topic, data, qos=1).wait_for_publish(5)
-
-    def anchor(self) -> None:
-        batch_id = len(self.batches) + 1
-        rows, self.leaves = self.leaves, []
-        tree = MerkleTree([leaf for _, _, leaf in rows] or [bytes(32)])
-        self.batches.append((batch_id, tree, rows))
-        self.chain.roots[(OPERATOR, batch_id)] = tree.root
-        notice = AnchorNotice(batch_id, tree.root, len(rows), None)
-        self.mqtt.publish(ANCHORS_TOPIC, encode_anchor_notice(notice), qos=1).wait_for_publish(5)
-
-    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        request = decode_proof_request(msg.payload)
-        self.requests.put(request)
-        address = msg.topic.split("/")[2]
-        answer: Any = Refusal("proof_unavailable", "not anchored", request_id=request.request_id)
-        if not self.refuse:
-            for batch_id, tree, rows in self.batches:
-                for index, (topic, data, leaf) in enumerate(rows):
-                    from blendsm.device_sdk import decode_envelope
-
-                    env = decode_envelope(data)
-                    if (topic, env.sequence, env.device_address) == (
-                        request.topic,
-                        request.sequence,
-                        request.device,
-                    ):
-                        root, path = tree.root, tuple(tree.proof(index))
-                        if self.tamper_root:
-                            lie = MerkleTree([*tree.leaves, bytes(32)])
-                            root, path = lie.root, tuple(lie.proof(index))
-                        answer = Proof(
-                            request.request_id,
-                            topic,
-                            env.sequence,
-                            env.device_address,
-                            leaf,
-                            path,
-                            batch_id,
-                            root,
-                            None,
-                            index,
-                        )
-        self.mqtt.publish(control_topic(address, "notice"), encode_notice(answer), qos=1)
-
-    def close(self) -> None:
-        self.mqtt.disconnect()
-        self.mqtt.loop_stop()
-
-
-@pytest.fixture
-def stock(closing: Callable[[StockBroker], StockBroker]) -> StockBroker:
-    return closing(StockBroker())
-
-
-@pytest.fixture
-def operator(
-    stock: StockBroker, fake: FakeChain, closing: Callable[[FakeOperator], FakeOperator]
-) -> FakeOperator:
-    return closing(FakeOperator(stock.port, fake))
-
-
-class Seen:
-    def __init__(self, sub: Subscriber) -> None:
-        self.messages: queue.Queue[ReceivedMessage] = queue.Queue()
-        self.events: list[IntegrityEvent] = []
-        self.threads: set[str] = set()
-
-        def on_message(_s: Subscriber, m: ReceivedMessage) -> None:
-            self.threads.add(threading.current_thread().name)
-            self.messages.put(m)
-
-        sub.on_message = on_message
-        sub.on_integrity = lambda _s, e: self.events.append(e)
-
-    def take(self, n: int, within: float = 5.0) -> list[ReceivedMessage]:
-        return [self.messages.get(timeout=within) for _ in range(n)]
-
-    def kinds(self) -> list[IntegrityKind]:
-        return [e.kind for e in self.events]
-
-
-@pytest.fixture
-def make_sub(
-    stock: StockBroker, fake: FakeChain
-) -> Iterator[Callable[..., tuple[Subscriber, Seen]]]:
-    made: list[Subscriber] = []
-
-    def make(**kwargs: Any) -> tuple[Subscriber, Seen]:
-        options: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "port": stock.port,
-            "broker": OPERATOR,
-            "chain_id": CHAIN_ID,
-            "channels_contract": CHANNELS,
-            "registry": REGISTRY,
-            "chain_reader": fake,
-            **kwargs,
-        }
-        sub = Subscriber(BUYER, **options)
-        made.append(sub)
-        seen = Seen(sub)
-        sub.connect(5)
-        sub.subscribe("market/#", 1)
-        return sub, seen
-
-    yield make
-    for sub in made:
-        sub.disconnect()
-
-
-def test_subscriber_rejects_incomplete_integrity_settings(fake: FakeChain) -> None:
+def test_subscriber_rejects_incomplete_integrity_settings(chain: Any) -> None:
+    buyer = chain.accounts["buyer"]
+    deployment = chain.deployment
+    registry = deployment.address("Registry")
     common: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 1883,
-        "broker": OPERATOR,
-        "chain_id": CHAIN_ID,
-        "channels_contract": CHANNELS,
+        "broker": chain.addr("operator"),
+        "chain_id": deployment.chain_id,
+        "channels_contract": deployment.address("PaymentChannels"),
     }
+    # Made, never asked: a reader dials its node only for a question.
+    reader = Web3ChainReader("http://127.0.0.1:1", deployment)
     with pytest.raises(ConfigError, match="both registry and chain_reader"):
-        Subscriber(BUYER, registry=REGISTRY, **common)
+        Subscriber(buyer, registry=registry, **common)
     with pytest.raises(ConfigError, match="need verification"):
-        Subscriber(BUYER, proof_sampling=0.5, **common)
+        Subscriber(buyer, proof_sampling=0.5, **common)
     with pytest.raises(ConfigError, match="proof_sampling"):
-        Subscriber(BUYER, registry=REGISTRY, chain_reader=fake, proof_sampling=1.5, **common)
+        Subscriber(buyer, registry=registry, chain_reader=reader, proof_sampling=1.5, **common)
+    elsewhere = MessageDomain(deployment.chain_id + 1, registry)
     with pytest.raises(ConfigError, match="chain id"):
-        Subscriber(BUYER, verifier=MessageVerifier(OTHER_DOMAIN, fake), **{**common, "chain_id": 1})
+        Subscriber(buyer, verifier=MessageVerifier(elsewhere, reader), **{**common, "chain_id": 1})
     with pytest.raises(ConfigError, match="needs verification"):
-        Subscriber(BUYER, **common).request_proof(TOPIC, DEVICE.address, 1)
-
-
-def test_subscriber_delivers_verified_payloads_off_the_network_thread(
-    make_sub: Any, operator: FakeOperator
-) -> None:
-    sub, seen = make_sub()
-    for seq in (1, 2, 3):
-        operator.data(TOPIC, signed(seq, b"r%d" % seq))
-    got = seen.take(3)
-    assert [(m.payload, m.device, m.sequence, m.verified) for m in got] == [
-        (b"r%d" % s, DEVICE.address, s, True) for s in (1, 2, 3)
-    ]
-    assert got[0].timestamp_ms == 1_700_000_000_001
-    assert seen.threads == {f"blendsm-verify-{sub.client_id}"}
-    assert seen.events == []
-    assert sub.stats.verified_messages == 3
-
-
-def test_subscriber_reports_forgery_gaps_replays_and_late_messages(
-    make_sub: Any, operator: FakeOperator
-) -> None:
-    sub, seen = make_sub()
-    forged = bytearray(signed(2))
-    forged[-1] ^= 0x01
-    for data in (signed(1), bytes(forged), signed(2), signed(4), signed(3), signed(4)):
-        operator.data(TOPIC, data, leaf=False)
-    operator.data(TOPIC, signed(1, signer=STRANGER), leaf=False)
-    operator.data(TOPIC, b"not an envelope", leaf=False)
-    operator.data("market/free-for-all", b"not a market topic", leaf=False)
-    got = seen.take(9)
-    assert [m.verified for m in got] == [True, False, True, True, True, True, False, False, None]
-    assert got[-1].payload == b"not a market topic"
-    assert sub.wait_idle()
-    assert seen.kinds() == [
-        IntegrityKind.BAD_SIGNATURE,
-        IntegrityKind.GAP,
-        IntegrityKind.REORDER,
-        IntegrityKind.REPLAY,
-        IntegrityKind.UNKNOWN_DEVICE,
-        IntegrityKind.BAD_ENVELOPE,
-    ]
-    assert seen.events[1].missing == (3, 3)
-    assert sub.stats.integrity_events == 6
-
-
-def test_sampled_messages_are_proven_after_the_anchor_notice_and_recorded(
-    make_sub: Any, operator: FakeOperator, tmp_path: Path
-) -> None:
-    record = tmp_path / "record.jsonl"
-    sub, seen = make_sub(proof_sampling=1.0, record_path=record)
-    for seq in (1, 2, 3):
-        operator.data(TOPIC, signed(seq))
-    seen.take(3)
-    assert sub.wait_idle()
-    assert sub.pending_proofs() == 3
-    operator.anchor()
-    wait_until(lambda: len(seen.events) == 3)
-    assert seen.kinds() == [IntegrityKind.PROOF_VERIFIED] * 3
-    assert {e.sequence for e in seen.events} == {1, 2, 3}
-    assert all(e.batch_id == 1 for e in seen.events)
-    assert sub.pending_proofs() == 0
-    sub.disconnect()
-    lines = [orjson.loads(line) for line in record.read_bytes().splitlines()]
-    messages = [x for x in lines if x["type"] == "message"]
-    proofs = [x for x in lines if x["type"] == "proof"]
-    assert [bytes.fromhex(m["envelope"][2:]) for m in messages] == [signed(s) for s in (1, 2, 3)]
-    assert all(m["topic"] == TOPIC and m["verified"] is True for m in messages)
-    assert sorted(p["sequence"] for p in proofs) == [1, 2, 3]
-    assert all(p["verdict"] == "proof_verified" and p["batch"] == 1 for p in proofs)
-
-
-def test_a_substituted_root_fails_against_the_chain(make_sub: Any, operator: FakeOperator) -> None:
-    sub, seen = make_sub(proof_sampling=1.0)
-    operator.tamper_root = True
-    operator.data(TOPIC, signed(1))
-    operator.data(TOPIC, signed(2))
-    seen.take(2)
-    assert sub.wait_idle()
-    operator.anchor()
-    wait_until(lambda: len(seen.events) == 2)
-    assert seen.kinds() == [IntegrityKind.PROOF_FAILED] * 2
-    assert "not the on-chain root" in seen.events[0].detail
-
-
-def test_unavailable_proofs_stay_pending_then_are_reported(
-    make_sub: Any, operator: FakeOperator
-) -> None:
-    sub, seen = make_sub(proof_sampling=1.0, proof_attempts=2)
-    operator.refuse = True
-    operator.data(TOPIC, signed(1))
-    seen.take(1)
-    assert sub.wait_idle()
-    for _ in range(2):
-        operator.anchor()
-        operator.requests.get(timeout=5)
-        time.sleep(0.2)
-        assert sub.wait_idle()
-        assert sub.pending_proofs() == 1
-        assert seen.events == []
-    operator.anchor()
-    wait_until(lambda: len(seen.events) == 1)
-    assert seen.kinds() == [IntegrityKind.PROOF_UNAVAILABLE]
-    assert "after 2 anchor notices" in seen.events[0].detail
-    assert sub.pending_proofs() == 0
-
-
-def test_request_proof_on_demand(make_sub: Any, operator: FakeOperator) -> None:
-    sub, seen = make_sub()
-    operator.data(TOPIC, signed(1))
-    operator.data(TOPIC, signed(2))
-    seen.take(2)
-    assert sub.wait_idle()
-    early = sub.request_proof(TOPIC, DEVICE.address, 1, timeout=5)
-    assert early.kind is IntegrityKind.PROOF_UNAVAILABLE
-    assert "proof_unavailable" in early.detail
-    operator.anchor()
-    ok = sub.request_proof(TOPIC, DEVICE.address.lower(), 2, timeout=5)
-    assert ok.kind is IntegrityKind.PROOF_VERIFIED
-    assert (ok.topic, ok.device, ok.sequence, ok.batch_id) == (TOPIC, DEVICE.address, 2, 1)
-    never = sub.request_proof(TOPIC, DEVICE.address, 99, timeout=5)
-    assert never.kind is IntegrityKind.PROOF_UNAVAILABLE
-    assert "not received" in never.detail
-    operator.tamper_root = True
-    assert sub.request_proof(TOPIC, DEVICE.address, 1, timeout=5).kind is (
-        IntegrityKind.PROOF_FAILED
-    )
-    assert [e.kind for e in seen.events] == [
-        IntegrityKind.PROOF_UNAVAILABLE,
-        IntegrityKind.PROOF_VERIFIED,
-        IntegrityKind.PROOF_FAILED,
-    ]
-
-
-def test_request_proof_times_out_without_an_answer(make_sub: Any, fake: FakeChain) -> None:
-    sub, seen = make_sub()  # no operator: nobody answers proof requests
-    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub")
-    publisher.connect("127.0.0.1", sub.port, 30)
-    publisher.loop_start()
-    try:
-        publisher.publish(TOPIC, signed(1), qos=1).wait_for_publish(5)
-        seen.take(1)
-        assert sub.wait_idle()
-        event = sub.request_proof(TOPIC, DEVICE.address, 1, timeout=0.5)
-        assert event.kind is IntegrityKind.PROOF_UNAVAILABLE
-        assert "no answer" in event.detail
-    finally:
-        publisher.disconnect()
-        publisher.loop_stop()
-
-
-def test_a_paid_message_with_a_broken_signature_is_not_paid_for(
-    make_sub: Any, operator: FakeOperator
-) -> None:
-    from blendsm.device_sdk import Quote, encode_notice
-
-    sub, seen = make_sub(pay_every=1)
-    channel = bytes(range(32))
-    quote = Quote(TOPIC, DEVICE.address, channel, 1_000, 5_000, 0, 0)
-    notice_topic = control_topic(BUYER.address, "notice")
-    operator.mqtt.publish(notice_topic, encode_notice(quote), qos=1).wait_for_publish(5)
-    wait_until(lambda: sub.quote(TOPIC) is not None)
-    forged = bytearray(signed(2))
-    forged[-1] ^= 0x01
-    for data in (signed(1), bytes(forged), signed(3)):
-        operator.data(TOPIC, data, leaf=False)
-    got = seen.take(3)
-    assert [m.verified for m in got] == [True, False, True]
-    assert [m.paid for m in got] == [True, False, True]
-    assert sub.vouchered(channel) == 2_000  # the two authentic messages, not the forged one
-    assert sub.stats.unpaid_invalid == 1
-
-
-def test_a_keyring_decrypts_encrypted_envelopes_and_reports_missing_epochs(
-    make_sub: Any, operator: FakeOperator
-) -> None:
-    from blendsm.device_sdk import FLAG_ENCRYPTED
-    from blendsm.device_sdk._crypto import new_topic_key, open_sealed, seal
-
-    keys = {1: new_topic_key(), 2: new_topic_key()}
-    held = {1: keys[1]}  # this subscriber never got epoch 2 (its right ended)
-
-    class Keyring:
-        def decrypt(self, topic: str, payload: bytes) -> bytes:
-            return open_sealed(held.get, topic, payload)
-
-    errors: list[Exception] = []
-    sub, seen = make_sub(keyring=Keyring())
-    sub.on_error = lambda _s, exc: errors.append(exc)
-
-    def encrypted(seq: int, epoch: int, text: bytes) -> bytes:
-        sealed = seal(keys[epoch], epoch, TOPIC, text)
-        return DEVICE.sign(TOPIC, sealed, seq, 1_700_000_000_000 + seq, FLAG_ENCRYPTED).encode()
-
-    operator.data(TOPIC, encrypted(1, 1, b"secret one"), leaf=False)
-    operator.data(TOPIC, encrypted(2, 2, b"secret two"), leaf=False)
-    got = seen.take(2)
-    assert [(m.encrypted, m.decrypted, m.verified) for m in got] == [
-        (True, True, True),
-        (True, False, True),
-    ]
-    assert got[0].payload == b"secret one"
-    assert b"secret two" not in got[1].payload
-    assert len(errors) == 1
-    assert "epoch 2" in str(errors[0])
+        Subscriber(buyer, **common).request_proof(TOPIC, DEVICE.address, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,10 +30,14 @@ from blendsm.device_sdk import (
     Proof,
     Publisher,
     ReceivedMessage,
+    Refusal,
     Subscriber,
     Web3ChainReader,
     decode_envelope,
     keccak256,
+    new_topic_key,
+    open_sealed,
+    seal,
 )
 from blendsm.errors import EnvelopeError
 
@@ -41,6 +46,7 @@ COUNT = 6
 
 Market = Any
 Tamper = Callable[..., Awaitable[Any]]
+Answer = Callable[[Any], Awaitable[Any]]
 
 
 @dataclass
@@ -54,6 +60,8 @@ class Stream:
     until: Any
     messages: list[ReceivedMessage] = field(default_factory=list)
     events: list[IntegrityEvent] = field(default_factory=list)
+    threads: set[str] = field(default_factory=set)
+    errors: list[Exception] = field(default_factory=list)
 
     def kinds(self, *only: IntegrityKind) -> list[IntegrityKind]:
         return [e.kind for e in self.events if not only or e.kind in only]
@@ -65,6 +73,19 @@ class Stream:
             return seqs
 
         return await asyncio.to_thread(run)
+
+    async def delivered(self, count: int) -> list[int]:
+        """Publish ``count`` more messages and wait until the subscriber has checked them."""
+        total = len(self.messages) + count
+        seqs = await self.publish(count)
+        await self.wait(lambda: len(self.messages) == total)
+        await self.idle()
+        return seqs
+
+    async def ask(self, sequence: int, within: float = 10.0, device: str | None = None) -> Any:
+        """The subscriber's on-demand proof check of the device's message ``sequence``."""
+        device = device or self.market.chain.addr("device")
+        return await asyncio.to_thread(self.sub.request_proof, TOPIC, device, sequence, within)
 
     async def wait(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         assert await self.until(predicate, within), (self.messages, self.events)
@@ -86,8 +107,14 @@ async def stream(market: Market, until: Any, tmp_path: Path) -> AsyncIterator[St
     sub = market.proving_subscriber(record)
     device = market.sdk_publisher(tmp_path / "device")
     s = Stream(market, sub, device, record, until)
-    sub.on_message = lambda _s, m: s.messages.append(m)
+
+    def on_message(_s: Subscriber, m: ReceivedMessage) -> None:
+        s.threads.add(threading.current_thread().name)
+        s.messages.append(m)
+
+    sub.on_message = on_message
     sub.on_integrity = lambda _s, e: s.events.append(e)
+    sub.on_error = lambda _s, exc: s.errors.append(exc)
     await asyncio.to_thread(sub.connect)
     assert await asyncio.to_thread(sub.subscribe, TOPIC) == 0
     await asyncio.to_thread(device.connect)
@@ -107,27 +134,43 @@ def _sequence(data: bytes | bytearray) -> int | None:
         return None
 
 
-def tamper_delivery(monkeypatch: pytest.MonkeyPatch, tamper: Tamper) -> None:
-    """Route every delivery on ``TOPIC`` through ``tamper(send, data, sequence)``, where
+def tamper_delivery(monkeypatch: pytest.MonkeyPatch, tamper: Tamper, topic: str = TOPIC) -> None:
+    """Route every delivery on ``topic`` through ``tamper(send, data, sequence)``, where
     ``send(data)`` is the honest broker's delivery of ``data``."""
     original = MeteredHandler.mqtt_publish
 
     async def mqtt_publish(
         self: Any,
-        topic: str,
+        name: str,
         data: bytes | bytearray,
         qos: int | None,
         retain: bool,
         ack_timeout: int | None = None,
     ) -> Any:
         async def send(payload: bytes | bytearray) -> Any:
-            return await original(self, topic, payload, qos, retain, ack_timeout)
+            return await original(self, name, payload, qos, retain, ack_timeout)
 
-        if topic != TOPIC:
+        if name != topic:
             return await send(data)
         return await tamper(send, bytes(data), _sequence(data))
 
     monkeypatch.setattr(MeteredHandler, "mqtt_publish", mqtt_publish)
+
+
+def answer_proofs(
+    stream: Stream,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: Callable[[Answer, Any], Awaitable[Any]],
+) -> None:
+    """The broker answers proof requests with ``answer(honest, request)``, where
+    ``honest(request)`` is what the honest broker would have answered."""
+    anchorer = stream.market.service.anchorer
+    honest = anchorer.answer
+
+    async def answering(request: Any) -> Any:
+        return await answer(honest, request)
+
+    monkeypatch.setattr(anchorer, "answer", answering)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -149,6 +192,7 @@ async def test_honest_stream_is_verified_and_every_sampled_proof_matches_the_cha
     ]
     await stream.idle()
     assert stream.events == []
+    assert stream.threads == {f"blendsm-verify-{stream.sub.client_id}"}  # not paho's
     assert stream.sub.pending_proofs() == COUNT
 
     await stream.anchor()
@@ -171,9 +215,12 @@ async def test_honest_stream_is_verified_and_every_sampled_proof_matches_the_cha
 
     await asyncio.to_thread(stream.sub.disconnect)
     lines = _records(stream.record)
-    assert [x["type"] for x in lines].count("message") == COUNT
-    assert [x["type"] for x in lines].count("proof") == COUNT + 1
-    assert all(x["verdict"] == "proof_verified" for x in lines if x["type"] == "proof")
+    messages = [x for x in lines if x["type"] == "message"]
+    proofs = [x for x in lines if x["type"] == "proof"]
+    assert [_sequence(bytes.fromhex(m["envelope"][2:])) for m in messages] == seqs
+    assert all(m["topic"] == TOPIC and m["verified"] is True for m in messages)
+    assert sorted(x["sequence"] for x in proofs) == sorted([*seqs, seqs[2]])
+    assert all(x["verdict"] == "proof_verified" and x["batch"] == batch for x in proofs)
 
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -181,16 +228,67 @@ async def test_proof_requested_before_anchoring_is_unavailable_then_verified(
     stream: Stream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stream.sub.proof_sampling = 0.0  # on demand only
-    seqs = await stream.publish(3)
-    await stream.wait(lambda: len(stream.messages) == 3)
-    await stream.idle()
-    device = stream.market.chain.addr("device")
-    early = await asyncio.to_thread(stream.sub.request_proof, TOPIC, device, seqs[0], 10)
+    seqs = await stream.delivered(3)
+    early = await stream.ask(seqs[0])
     assert early.kind is IntegrityKind.PROOF_UNAVAILABLE
     assert "proof_unavailable" in early.detail
     await stream.anchor()
-    late = await asyncio.to_thread(stream.sub.request_proof, TOPIC, device, seqs[0], 10)
+    device = stream.market.chain.addr("device")
+    late = await stream.ask(seqs[0], device=device.lower())
     assert late.kind is IntegrityKind.PROOF_VERIFIED
+    assert (late.topic, late.device, late.sequence) == (TOPIC, device, seqs[0])
+    never = await stream.ask(99)
+    assert never.kind is IntegrityKind.PROOF_UNAVAILABLE
+    assert "not received" in never.detail
+    assert stream.kinds() == [IntegrityKind.PROOF_UNAVAILABLE, IntegrityKind.PROOF_VERIFIED]
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_unavailable_proofs_stay_pending_then_are_reported(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that anchors but never proves: a sampled message stays pending through
+    ``proof_attempts`` anchor notices, then it is reported unavailable, once."""
+    asked: list[Any] = []
+
+    async def refuse(_honest: Answer, request: Any) -> Any:
+        asked.append(request)
+        return Refusal("proof_unavailable", "not anchored", request_id=request.request_id)
+
+    answer_proofs(stream, monkeypatch, refuse)
+    stream.sub.proof_attempts = 2
+    await stream.delivered(1)
+    stream.sub.proof_sampling = 0.0  # only the first message waits for a proof
+    for notice in (1, 2):
+        await stream.publish(1)  # a new leaf, so the next anchor is a new batch, a new notice
+        await stream.anchor()
+        await stream.wait(lambda n=notice: len(asked) == n)
+        await stream.idle()
+        assert stream.sub.pending_proofs() == 1
+        assert stream.events == []
+    await stream.publish(1)
+    await stream.anchor()
+    await stream.wait(lambda: len(stream.events) == 1)
+    assert stream.kinds() == [IntegrityKind.PROOF_UNAVAILABLE]
+    assert "after 2 anchor notices" in stream.events[0].detail
+    assert stream.events[0].sequence == 1
+    assert stream.sub.pending_proofs() == 0
+    assert len(asked) == 2  # not asked again after giving up
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_request_proof_times_out_without_an_answer(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def slow(honest: Answer, request: Any) -> Any:  # long after the buyer stopped waiting
+        await asyncio.sleep(3)
+        return await honest(request)
+
+    answer_proofs(stream, monkeypatch, slow)
+    seqs = await stream.delivered(1)
+    event = await stream.ask(seqs[0], within=0.5)
+    assert event.kind is IntegrityKind.PROOF_UNAVAILABLE
+    assert "no answer" in event.detail
 
 
 # --------------------------------------------------------------------------- hostile
@@ -215,6 +313,24 @@ async def test_an_altered_payload_byte_is_a_bad_signature(
     # The genuine message 3 never arrived, and that is a gap too.
     gaps = [e.missing for e in stream.events if e.kind is IntegrityKind.GAP]
     assert gaps == [(3, 3)]
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_data_that_is_no_envelope_is_reported_and_skipped_by_the_tracker(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def garble(send: Any, data: bytes, seq: int | None) -> Any:
+        return await send(b"not an envelope" if seq == 3 else data)
+
+    tamper_delivery(monkeypatch, garble)
+    await stream.publish()
+    await stream.wait(lambda: len(stream.messages) == COUNT)
+    await stream.idle()
+    assert [m.verified for m in stream.messages] == [True, True, False, True, True, True]
+    assert stream.messages[2].payload == b"not an envelope"
+    assert stream.kinds() == [IntegrityKind.BAD_ENVELOPE, IntegrityKind.GAP]
+    assert stream.events[1].missing == (3, 3)  # the garbage did not count as message 3
+    assert stream.sub.stats.integrity_events == 2
 
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -297,10 +413,7 @@ async def test_a_message_forged_by_the_broker_is_from_an_unknown_device(stream: 
 async def test_a_proof_against_a_substituted_root_fails(
     stream: Stream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    anchorer = stream.market.service.anchorer
-    honest = anchorer.answer
-
-    async def lying_answer(request: Any) -> Any:
+    async def lying_answer(honest: Answer, request: Any) -> Any:
         answer = await honest(request)
         if not isinstance(answer, Proof):
             return answer
@@ -310,7 +423,7 @@ async def test_a_proof_against_a_substituted_root_fails(
         root = keccak256(leaf + sibling if leaf < sibling else sibling + leaf)
         return replace(answer, root=root, proof=(sibling,))
 
-    monkeypatch.setattr(anchorer, "answer", lying_answer)
+    answer_proofs(stream, monkeypatch, lying_answer)
     await stream.publish(3)
     await stream.wait(lambda: len(stream.messages) == 3)
     await stream.idle()
@@ -318,6 +431,77 @@ async def test_a_proof_against_a_substituted_root_fails(
     await stream.wait(lambda: len(stream.events) == 3)
     assert stream.kinds() == [IntegrityKind.PROOF_FAILED] * 3
     assert all("not the on-chain root" in e.detail for e in stream.events)
+    asked = await stream.ask(1)
+    assert asked.kind is IntegrityKind.PROOF_FAILED  # on demand: the same lie, caught
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_a_keyring_decrypts_encrypted_envelopes_and_reports_missing_epochs(
+    stream: Stream,
+) -> None:
+    keys = {1: new_topic_key(), 2: new_topic_key()}
+    held = {1: keys[1]}  # this buyer never got epoch 2 (its right ended)
+
+    class Keyring:
+        def decrypt(self, topic: str, payload: bytes) -> bytes:
+            return open_sealed(held.get, topic, payload)
+
+    stream.sub.keyring = Keyring()
+    epoch = [1]
+    stream.device.encryptor = lambda topic, text: seal(keys[epoch[0]], epoch[0], topic, text)
+    await stream.delivered(1)
+    epoch[0] = 2
+    await stream.delivered(1)
+    got = stream.messages
+    assert [(m.encrypted, m.decrypted, m.verified) for m in got] == [
+        (True, True, True),
+        (True, False, True),
+    ]
+    assert got[0].payload == b"reading 0"
+    assert b"reading 0" not in got[1].payload
+    assert len(stream.errors) == 1
+    assert "epoch 2" in str(stream.errors[0])
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_a_paid_message_with_a_broken_signature_is_not_paid_for(
+    market: Market, until: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker alters a paid message in transit: the verifying buyer flags it and
+    vouchers only the authentic ones."""
+
+    async def alter(send: Any, data: bytes, seq: int | None) -> Any:
+        return await send(data[:-1] + bytes([data[-1] ^ 0x01]) if seq == 2 else data)
+
+    tamper_delivery(monkeypatch, alter, topic=market.topic)
+    deployment = market.chain.deployment
+    assert market.chain.anvil is not None
+    sub = market.sdk_subscriber(
+        "buyer",
+        pay_every=1,
+        registry=deployment.address("Registry"),
+        chain_reader=Web3ChainReader(market.chain.anvil.url, deployment),
+    )
+    got: list[ReceivedMessage] = []
+    sub.on_message = lambda _s, m: got.append(m)
+    channel = await sub.open_channel(market.mp("buyer"), market.chain.addr("seller"), 10**15)
+    await market.wait_channel(channel)
+    device = market.sdk_publisher(tmp_path / "device")
+    try:
+        await asyncio.to_thread(sub.connect)
+        assert await asyncio.to_thread(sub.subscribe, market.topic) == 0
+        await asyncio.to_thread(device.connect)
+        for i in (1, 2, 3):  # paced: one delivery at a time, each within the credit
+            await asyncio.to_thread(device.publish, market.topic, b"r%d" % i, qos=1)
+            assert await until(lambda n=i: len(got) == n, 10), got
+        assert await asyncio.to_thread(sub.wait_idle, 10)
+        assert [m.verified for m in got] == [True, False, True]
+        assert [m.paid for m in got] == [True, False, True]
+        assert sub.vouchered(channel) == 2 * market.price  # not the altered message
+        assert sub.stats.unpaid_invalid == 1
+    finally:
+        await asyncio.to_thread(device.close)
+        await asyncio.to_thread(sub.disconnect)
 
 
 # --------------------------------------------------------------------------- chain reader
