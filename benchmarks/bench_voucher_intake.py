@@ -14,9 +14,14 @@ increasing cumulative vouchers for its channel (signing is not measured). Two sc
   paced   every payer publishes one voucher every ``1 / PACED_RATE`` s (the SDK's steady state:
           a voucher per few messages received), all payers interleaved.
 
+``BENCH_PROFILE=file.prof`` profiles the broker's event loop (cProfile) during the paced
+scenario and writes the profile there when it stops, to see where the intake's CPU goes.
+
 Measured: the broker process's CPU (``resource.getrusage`` in the broker, every thread: ECDSA
 recovery, SQLite with fsync on its worker thread, notices) from just before the first voucher
-until every payer saw a Receipt covering its last voucher, divided by the vouchers sent; the
+until every payer saw a Receipt covering its last voucher, divided by the vouchers sent (also
+shown without the idle broker's own CPU over that time, measured first: the chain view polls the
+embedded EVM in the broker process); the
 broker's counters (accepted, refused, superseded: a voucher a newer one of the same channel
 covered in the same commit) and the voucher store's commits (transactions, each one fsync).
 """
@@ -24,6 +29,8 @@ covered in the same commit) and the voucher store's commits (transactions, each 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 import shutil
 import sys
 import tempfile
@@ -45,6 +52,8 @@ from bench_paid_delivery import (
 PACED_RATE = 100.0  # vouchers/s per payer in the paced scenario
 START_TIMEOUT_S = 40.0
 WAIT_S = 30.0  # per scenario, for the last receipts
+IDLE_S = 3.0  # the idle broker's CPU is measured this long first
+PROFILE_ENV = "BENCH_PROFILE"  # set to a file name: the broker process runs under cProfile
 
 
 def _intake_stats(running: Any) -> dict[str, Any]:
@@ -94,7 +103,22 @@ def _broker_main(conn: Any, data_dir: str, n_payers: int) -> None:
         )
         await _serve(conn, lambda: _intake_stats(running), running.stop)
 
-    _run_child(conn, run)
+    profile = os.environ.get(PROFILE_ENV)
+    if not profile:
+        _run_child(conn, run)
+        return
+    import cProfile
+    import signal
+
+    profiler = cProfile.Profile()
+    # The driver toggles the profile around the paced scenario only (SIGUSR1 on, SIGUSR2 off).
+    signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
+    signal.signal(signal.SIGUSR2, lambda *_: profiler.disable())
+    try:
+        _run_child(conn, run)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile)
 
 
 class _Payer:
@@ -173,9 +197,12 @@ class _Payer:
 
 
 def _scenario(
-    name: str, parent: Any, payers: list[_Payer], per_payer: int, first: int
+    name: str, parent: Any, payers: list[_Payer], per_payer: int, first: int, pid: int
 ) -> tuple[int, dict[str, Any]]:
     last = [p.sign(first, per_payer) for p in payers]
+    profiling = name == "paced" and bool(os.environ.get(PROFILE_ENV))
+    if profiling:
+        os.kill(pid, signal.SIGUSR1)
     before = _ask(parent, "stats")
     cpu0 = _ask(parent, "cpu")
     t0 = time.time()
@@ -193,6 +220,8 @@ def _scenario(
     ok = all(p.wait(amount, WAIT_S) for p, amount in zip(payers, last, strict=True))
     elapsed = time.time() - t0
     cpu = _ask(parent, "cpu") - cpu0
+    if profiling:
+        os.kill(pid, signal.SIGUSR2)
     after = _ask(parent, "stats")
     sent = per_payer * len(payers)
     out = {k: after[k] - before[k] for k in after}
@@ -231,11 +260,17 @@ def main() -> None:
             f"voucher intake: {n_payers} payers x {per_payer} vouchers, QoS 0;"
             f" paced at {PACED_RATE:.0f}/s per payer"
         )
+        cpu0, t0 = _ask(parent, "cpu"), time.time()
+        time.sleep(IDLE_S)
+        idle = (_ask(parent, "cpu") - cpu0) / (time.time() - t0)
+        print(f"  idle   broker {idle * 1e3:6.1f} ms CPU per s (chain view polling the embedded EVM)")
         amount = 0
         for name in ("burst", "paced", "burst"):
-            amount, out = _scenario(name, parent, payers, per_payer, amount)
+            amount, out = _scenario(name, parent, payers, per_payer, amount, broker.pid)
+            net = out["cpu_us"] - idle * out["elapsed_s"] / out["sent"] * 1e6
             print(
-                f"  {name:6s} broker {out['cpu_us']:6.1f} us/voucher  {out['rate']:7.0f} vouchers/s"
+                f"  {name:6s} broker {out['cpu_us']:6.1f} us/voucher ({net:6.1f} without idle)"
+                f"  {out['rate']:7.0f} vouchers/s"
                 f"  sent {out['sent']}, accepted {out['accepted']}, superseded"
                 f" {out['superseded']}, refused {out['refused']}, dropped {out['dropped']},"
                 f" commits {out['commits']}, receipts seen {sum(p.receipts for p in payers)},"
