@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import signal
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -108,7 +108,6 @@ def _broker_main(conn: Any, data_dir: str, n_payers: int) -> None:
         _run_child(conn, run)
         return
     import cProfile
-    import signal
 
     profiler = cProfile.Profile()
     # The driver toggles the profile around the paced scenario only (SIGUSR1 on, SIGUSR2 off).
@@ -263,7 +262,9 @@ def main() -> None:
         cpu0, t0 = _ask(parent, "cpu"), time.time()
         time.sleep(IDLE_S)
         idle = (_ask(parent, "cpu") - cpu0) / (time.time() - t0)
-        print(f"  idle   broker {idle * 1e3:6.1f} ms CPU per s (chain view polling the embedded EVM)")
+        print(
+            f"  idle   broker {idle * 1e3:6.1f} ms CPU per s (chain view polling the embedded EVM)"
+        )
         amount = 0
         for name in ("burst", "paced", "burst"):
             amount, out = _scenario(name, parent, payers, per_payer, amount, broker.pid)
