@@ -22,6 +22,12 @@ _WHERE: Final = "payments.intake"
 class IntakeConfig:
     """Voucher intake: receipt batching and the per-session bound on queued vouchers."""
 
+    linger_seconds: float = 0.002
+    """How long the intake waits, after a voucher arrives at an idle intake, before it takes
+    the batch (0 to 1 s): vouchers that arrive together (a burst, several payers at once) then
+    share one verification per channel and one commit. Vouchers that arrive while a commit is
+    in flight wait for it anyway and take no linger. It adds to a voucher's round trip, which
+    the credit must cover: keep it well below a few messages' time."""
     receipt_every: int = 10
     """A Receipt goes out after this many accepted vouchers of a channel on a session (1 to
     10000; 1 = a receipt per accepted voucher). A receipt is cumulative, so one covers every
@@ -39,12 +45,16 @@ def parse_intake(data: Mapping[str, Any]) -> IntakeConfig:
     """Read ``payments.intake`` (every field optional, bounded)."""
     check_keys(data, IntakeConfig, _WHERE)
     default = IntakeConfig()
+    linger = seconds(data, "linger_seconds", _WHERE, default.linger_seconds, allow_zero=True)
+    if linger > 1:
+        raise ConfigError(f"{_WHERE}.linger_seconds: must be <= 1, got {linger}")
     delay = seconds(
         data, "receipt_delay_seconds", _WHERE, default.receipt_delay_seconds, allow_zero=True
     )
     if delay > 60:
         raise ConfigError(f"{_WHERE}.receipt_delay_seconds: must be <= 60, got {delay}")
     return IntakeConfig(
+        linger_seconds=linger,
         receipt_every=integer(
             data, "receipt_every", _WHERE, default.receipt_every, low=1, high=10_000
         ),

@@ -20,6 +20,9 @@ class ServiceStats:
     vouchers_superseded: int = 0
     """Vouchers never verified or stored because a higher one of the same channel, taken in
     the same batch, was accepted (it covers them: vouchers are cumulative)."""
+    vouchers_repeated: int = 0
+    """Vouchers equal to the channel's latest accepted one (a payer's re-send): not refused,
+    answered with a Receipt for what is held."""
     voucher_batches: int = 0
     """Batches the voucher intake processed (each: at most one store transaction)."""
     receipts_sent: int = 0

@@ -7,7 +7,9 @@ voucher cost ~600 us of broker CPU each, which made the paid path slower than th
 pays for; and vouchers of one channel processed concurrently raced each other and the credit.
 
 How it runs: :meth:`VoucherIntake.submit` (on the client's read loop) decodes the payload and
-queues it, bounded per session; one runner task takes everything queued at once as a *batch*:
+queues it, bounded per session; one runner task (started by the first voucher after a quiet
+spell, which lingers ``linger_seconds`` so the rest of a burst joins it) takes everything queued
+at once as a *batch*:
 
 1. cheap checks per voucher (channel known, metered here, paid by this session's participant,
    not closing or settled, above what is already durable), in the contract's spirit: a voucher
@@ -98,6 +100,9 @@ class IntakeHost(Protocol):
 
 _MAX_CACHED_STATES: Final = 100_000
 """Channel states kept for verification; past it the cache starts over (a bound, not a policy)."""
+
+_REPEAT: Final = Refusal("not_newer", "the latest accepted voucher, again")
+"""Marks a voucher equal to the durable amount: answered with a Receipt, never sent."""
 
 
 @dataclass(slots=True, eq=False)
@@ -192,6 +197,9 @@ class VoucherIntake:
     # --- batches -----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        linger = self.config.linger_seconds
+        if linger > 0:  # the intake was idle: let the rest of a burst arrive
+            await asyncio.sleep(linger)
         while self._queue:
             batch, self._queue = self._queue, []
             self._by_session = {}
@@ -208,6 +216,11 @@ class VoucherIntake:
             refusal = self._check(entry)
             if refusal is None:
                 groups.setdefault(entry.voucher.channel_id, []).append(entry)
+            elif refusal is _REPEAT:
+                # The latest accepted voucher again (the payer re-sent it, unsure it arrived):
+                # it adds nothing and is not refused; a Receipt says it is held.
+                service.stats.vouchers_repeated += 1
+                self._owe_receipt(entry, entry.voucher, 1)
             else:
                 self._refused(entry.handler, entry.ident, refusal)
         chosen: list[tuple[_Entry, list[_Entry]]] = []
@@ -220,6 +233,7 @@ class VoucherIntake:
                     break
                 self._refused(entry.handler, entry.ident, refusal)
         if not chosen:
+            self._flush_receipts()  # repeats may owe one
             return
         results = await self._commit([entry for entry, _ in chosen])
         meter, stats = service.meter, service.stats
@@ -262,7 +276,8 @@ class VoucherIntake:
         return list(stored)
 
     def _check(self, entry: _Entry) -> Refusal | None:
-        """The checks that need no signature recovery (dict reads)."""
+        """The checks that need no signature recovery (dict reads); ``_REPEAT`` for the amount
+        already durable (no signature check either: it can add nothing)."""
         service, voucher, ident = self._service, entry.voucher, entry.ident
         view = service.view
         info = view.channel(voucher.channel_id)
@@ -298,6 +313,8 @@ class VoucherIntake:
                 f"amount {voucher.cumulative_amount} exceeds the deposit {info.deposit}",
             )
         paid = service.meter.paid_of(voucher.channel_id)
+        if voucher.cumulative_amount == paid and paid:
+            return _REPEAT
         if voucher.cumulative_amount <= paid:
             return _refusal(
                 voucher,

@@ -24,8 +24,9 @@ reads never stall paho's loop); ``on_message`` then gets the envelope's payload 
 ``blendsm verify``.
 
 Layout: this module receives and pays; :mod:`._subscriber_integrity` connects it to the
-verification worker of :mod:`._verification` (anchor notices, proof requests), :mod:`._record_file` the record file, :mod:`._channel_helpers` the async
-on-chain channel helpers, and :mod:`._subscriber_events` what the callbacks receive.
+verification worker of :mod:`._verification` (anchor notices, proof requests),
+:mod:`._record_file` is the record file, :mod:`._channel_helpers` the async on-chain channel
+helpers, and :mod:`._subscriber_events` what the callbacks receive.
 """
 
 from __future__ import annotations
