@@ -218,30 +218,52 @@ class VoucherIntake:
                 groups.setdefault(entry.voucher.channel_id, []).append(entry)
             elif refusal is _REPEAT:
                 # The latest accepted voucher again (the payer re-sent it, unsure it arrived):
-                # it adds nothing and is not refused; a Receipt says it is held.
-                service.stats.vouchers_repeated += 1
-                self._owe_receipt(entry, entry.voucher, 1)
+                # it adds nothing and is not refused; a Receipt at once says it is held.
+                self._repeated([entry], entry.voucher)
             else:
                 self._refused(entry.handler, entry.ident, refusal)
-        chosen: list[tuple[_Entry, list[_Entry]]] = []
+        # Per channel the highest valid voucher; the others get what taking the batch one by one,
+        # in arrival order, would give them: arrived before it, covered (accepted, then
+        # superseded: no notice of their own); after it, the same amount is a repeat (a Receipt
+        # once durable) and a lower one is refused not_newer.
+        order = {id(entry): index for index, entry in enumerate(batch)}
+        chosen: list[tuple[_Entry, list[_Entry], list[_Entry]]] = []
         for entries in groups.values():
             entries.sort(key=lambda e: e.voucher.cumulative_amount, reverse=True)
             for index, entry in enumerate(entries):
                 refusal = self._verify(entry)
                 if refusal is None:
-                    chosen.append((entry, entries[index + 1 :]))
+                    at, amount = order[id(entry)], entry.voucher.cumulative_amount
+                    covered, repeats = [], []
+                    for other in entries[index + 1 :]:
+                        if order[id(other)] < at:
+                            covered.append(other)
+                        elif other.voucher.cumulative_amount == amount:
+                            repeats.append(other)
+                        else:
+                            self._refused(
+                                other.handler,
+                                other.ident,
+                                _refusal(
+                                    other.voucher,
+                                    "not_newer",
+                                    f"amount {other.voucher.cumulative_amount} is not above"
+                                    f" {amount}, which arrived before it",
+                                ),
+                            )
+                    chosen.append((entry, covered, repeats))
                     break
                 self._refused(entry.handler, entry.ident, refusal)
         if not chosen:
-            self._flush_receipts()  # repeats may owe one
             return
-        results = await self._commit([entry for entry, _ in chosen])
+        results = await self._commit([entry for entry, _, _ in chosen])
         meter, stats = service.meter, service.stats
-        for (entry, covered), stored in zip(chosen, results, strict=True):
+        for (entry, covered, repeats), stored in zip(chosen, results, strict=True):
             voucher = entry.voucher
             if stored is not True:
                 code, detail = stored or ("not_newer", "a voucher at least as high is stored")
-                self._refused(entry.handler, entry.ident, _refusal(voucher, code, detail))
+                for refused in (entry, *covered, *repeats):
+                    self._refused(refused.handler, refused.ident, _refusal(voucher, code, detail))
                 continue
             # Durable: now it counts.
             account = meter.paid_up_to(voucher.channel_id, voucher.cumulative_amount)
@@ -254,6 +276,7 @@ class VoucherIntake:
                 if service.broker is not None:
                     for session in waiters:
                         service.broker.resume_offline_replay(session)
+            self._repeated(repeats, voucher)
             seen = {id(entry.ident)}
             self._owe_receipt(entry, voucher, 1 + len(covered))
             for other in covered:  # another session of the same payer: it is told too
@@ -357,6 +380,16 @@ class VoucherIntake:
             "voucher from %s refused: %s: %s", ident.address, refusal.code, refusal.detail
         )
         self._send(handler, ident, [refusal])
+
+    def _repeated(self, entries: list[_Entry], voucher: Voucher) -> None:
+        """Answer re-sent copies of the durable ``voucher`` with a Receipt each, at once."""
+        stats = self._service.stats
+        for entry in entries:
+            stats.vouchers_repeated += 1
+            stats.receipts_sent += 1
+            self._send(
+                entry.handler, entry.ident, [Receipt(voucher.channel_id, voucher.cumulative_amount)]
+            )
 
     def _owe_receipt(self, entry: _Entry, voucher: Voucher, count: int) -> None:
         key = (id(entry.ident), voucher.channel_id)

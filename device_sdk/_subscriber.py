@@ -9,7 +9,8 @@ unpaid, the subscriber signs a voucher for ``cumulative = received value`` and p
 for more than its ``budget`` in total; past the budget it stops paying (and the broker stops
 delivering once its credit runs out). A :class:`PaymentRequest` is answered with
 ``min(charged, received value)`` (after a reconnect or restart, up to the credit more for
-messages lost in flight: :mod:`._payment_book`); :class:`Receipt` notices confirm payments.
+messages lost in flight: :mod:`._payment_book`); :class:`Receipt` notices confirm payments
+(cumulative: the broker sends one every few vouchers, so nothing here waits for one).
 
 All payment state is guarded by one lock: paho callbacks run on its loop thread, the
 introspection methods are called from others. Only the loop thread signs and publishes
