@@ -37,8 +37,8 @@ class IntakeConfig:
     comes first (0 to 60 s); the first voucher after a quiet spell is answered at once."""
     max_pending_per_session: int = 64
     """Vouchers one session may have waiting for verification and commit (1 to 100000); past
-    it a newer voucher of a channel replaces the session's lowest queued one of that channel
-    (it covers it), and a voucher of another channel is dropped and counted."""
+    it a newer voucher of a channel replaces the session's latest queued one of that channel
+    (it covers it), and any other voucher is dropped and counted."""
 
 
 def parse_intake(data: Mapping[str, Any]) -> IntakeConfig:

@@ -156,11 +156,13 @@ class VoucherIntake:
         key = id(ident)
         mine = self._by_session.get(key)
         if mine is not None and len(mine) >= self.config.max_pending_per_session:
-            # At the bound: a newer voucher covers the lowest queued one of its channel.
-            same = [e for e in mine if e.voucher.channel_id == voucher.channel_id]
-            lowest = min(same, key=lambda e: e.voucher.cumulative_amount, default=None)
-            if lowest is not None and lowest.voucher.cumulative_amount < voucher.cumulative_amount:
-                lowest.voucher = voucher
+            # At the bound: a newer voucher takes the place of its channel's latest queued one
+            # (it covers it; the queue stays in arrival order for that channel).
+            last = next(
+                (e for e in reversed(mine) if e.voucher.channel_id == voucher.channel_id), None
+            )
+            if last is not None and last.voucher.cumulative_amount < voucher.cumulative_amount:
+                last.voucher = voucher
                 stats.vouchers_superseded += 1
                 return
             stats.control_dropped += 1

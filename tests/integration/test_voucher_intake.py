@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support import connect_packet, eventually, publish_packet
 
 from blendsm.device_sdk import (
@@ -72,8 +73,9 @@ def _exchange(port: int, connect: bytes, subscribe: bytes, burst: bytes) -> list
         return _read_notices(sock, time.monotonic() + 1.0)
 
 
+@pytest.mark.parametrize("pending", [64, 4])
 async def test_a_burst_of_vouchers_is_one_commit_all_durable_and_one_receipt_covers_them(
-    market: Market,
+    market: Market, pending: int
 ) -> None:
     """50 vouchers written to the socket at once arrive within the intake's linger: one
     verification, one transaction, one Receipt for the highest; the store holds the highest
@@ -103,7 +105,10 @@ async def test_a_burst_of_vouchers_is_one_commit_all_durable_and_one_receipt_cov
     )
     connect = connect_packet(client_id, 60, username=chain.addr("buyer"), password=token)
     # Generous on a loaded machine: the whole burst is in the socket before the linger ends.
-    service.intake.config = replace(service.intake.config, linger_seconds=0.3)
+    # ``pending`` 4: past the per-session bound each newer voucher replaces the latest queued.
+    service.intake.config = replace(
+        service.intake.config, linger_seconds=0.3, max_pending_per_session=pending
+    )
     commits, batches = service.store.commits, service.stats.voucher_batches
     notices = await asyncio.to_thread(_exchange, market.port, connect, subscribe, burst)
     await eventually(
