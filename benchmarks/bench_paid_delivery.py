@@ -76,6 +76,7 @@ import resource
 import shutil
 import socket
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -84,7 +85,11 @@ from typing import Any
 
 N_SUBSCRIBERS = 10
 SUB_PROCS = 2
-PAYLOAD = b"x" * 64
+# Variants, from the command line (``--qos``, ``--payload``) through the environment, so the
+# spawned broker and subscriber processes see them too.
+QOS = int(os.environ.get("BENCH_QOS", "0"))
+PAYLOAD = b"x" * max(8, int(os.environ.get("BENCH_PAYLOAD", "64")))
+LATENCY_SAMPLE = 20_000  # per subscriber process: end-to-end latencies kept (the first ones)
 TOPIC = "bench/t"
 PRICE = 1_000  # wei per message on the paid topic
 DEPOSIT = 10**18  # per channel: far more than a run can spend
@@ -365,9 +370,15 @@ def _subscriber_main(
     extra: dict[str, int] = {}
     lock = threading.Lock()
 
-    def count(i: int) -> None:
+    latencies: list[float] = []
+
+    def count(i: int, payload: bytes = b"") -> None:
+        now = time.time()
         counts[i] += 1
-        last[i] = time.time()
+        last[i] = now
+        if len(latencies) < LATENCY_SAMPLE and len(payload) >= 8:
+            # The publisher puts its send time in the last 8 bytes (also of an envelope).
+            latencies.append(now - struct.unpack("!d", payload[-8:])[0])
 
     ok = True
     try:
@@ -394,12 +405,12 @@ def _subscriber_main(
 
                 def on_message(_s: Any, m: Any, i: int = j) -> None:
                     if m.topic == TOPIC:  # data only; notices never reach on_message anyway
-                        count(i)
+                        count(i, m.payload)
 
                 sub.on_message = on_message
                 sub.on_payment = on_payment
                 sub.connect(timeout=max(0.5, deadline - time.time()))
-                sub.subscribe(TOPIC, 0, timeout=max(0.5, deadline - time.time()))
+                sub.subscribe(TOPIC, QOS, timeout=max(0.5, deadline - time.time()))
                 subs.append(sub)
                 stop_clients.append(sub.disconnect)
         else:
@@ -412,7 +423,7 @@ def _subscriber_main(
 
                 def on_msg(_c: Any, _u: Any, m: Any, i: int = j) -> None:
                     if m.topic == TOPIC:
-                        count(i)
+                        count(i, m.payload)
 
                 def on_subscribe(*_a: Any, i: int = j) -> None:
                     subscribed[i] = True
@@ -422,7 +433,7 @@ def _subscriber_main(
                 c.on_socket_open = _nodelay
                 c.connect("127.0.0.1", port)
                 c.loop_start()
-                c.subscribe(TOPIC, 0)
+                c.subscribe(TOPIC, QOS)
                 stop_clients.append(lambda c=c: (c.disconnect(), c.loop_stop()))
             while not all(subscribed) and time.time() < deadline:
                 time.sleep(0.01)
@@ -448,7 +459,7 @@ def _subscriber_main(
     for stop in stop_clients:
         with contextlib.suppress(Exception):
             stop()
-    results.put((sum(counts), max(last) if any(counts) else 0.0, extra))
+    results.put((sum(counts), max(last) if any(counts) else 0.0, extra, latencies))
 
 
 # --------------------------------------------------------------------------- driver
@@ -480,7 +491,7 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
         pub.connect(timeout=10)
 
         def publish_signed(topic: str, payload: bytes) -> Any:
-            return pub.publish(topic, payload, qos=0)  # a signed envelope, 103 B header
+            return pub.publish(topic, payload, qos=QOS)  # a signed envelope, 103 B header
 
         def close_signed() -> None:
             pub.close()
@@ -500,7 +511,7 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
         c.loop_stop()
 
     def publish(topic: str, payload: bytes) -> Any:
-        return c.publish(topic, payload, qos=0)
+        return c.publish(topic, payload, qos=QOS)
 
     return publish, close
 
@@ -600,8 +611,18 @@ def _ask(conn: Any, cmd: str, timeout: float = 10.0) -> Any:
     return conn.recv()
 
 
-def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[str, Any]:
-    """One configuration; every wait ends by ``hard_end`` (time.time()) at the latest."""
+def _percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values (nearest rank); NaN if there are none."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def run_one(
+    kind: str, messages: int, hard_end: float = float("inf"), rate: float = 0.0
+) -> dict[str, Any]:
+    """One configuration; every wait ends by ``hard_end`` (time.time()) at the latest.
+    ``rate``: publish at this many messages/s (0: as fast as possible)."""
 
     def left(wanted: float) -> float:
         return max(0.5, min(wanted, hard_end - time.time()))
@@ -674,13 +695,19 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
         pub_cpu0 = _cpu()
         poll_cpu0 = poller.cpu if poller is not None else 0.0
         t0 = time.time()
-        for _ in range(messages):
-            publish(TOPIC, PAYLOAD)
+        body = PAYLOAD[:-8]
+        gap = 1.0 / rate if rate else 0.0
+        for k in range(messages):
+            publish(TOPIC, body + struct.pack("!d", time.time()))
+            if gap:  # a fixed rate: the schedule, not the previous send, sets the next one
+                time.sleep(max(0.0, t0 + (k + 1) * gap - time.time()))
         t_pub = time.time() - t0
         got, t_last = 0, t0
         extra: dict[str, int] = {}
+        latencies: list[float] = []
         for _ in subs:
-            n, tl, ex = results.get(timeout=left(max(1.0, deadline - time.time() + 5)))
+            n, tl, ex, lat = results.get(timeout=left(max(1.0, deadline - time.time() + 5)))
+            latencies += lat
             got += n
             t_last = max(t_last, tl)
             for k, v in ex.items():
@@ -694,7 +721,10 @@ def run_one(kind: str, messages: int, hard_end: float = float("inf")) -> dict[st
         poller = None
         stats = _ask(parent, "stats", left(10))
         elapsed = max(t_last - t0, 1e-9)
+        latencies.sort()
         return {
+            "p50_ms": _percentile(latencies, 0.50) * 1e3,
+            "p99_ms": _percentile(latencies, 0.99) * 1e3,
             "deliveries": got,
             "expected": messages * N_SUBSCRIBERS,
             "dropped": messages * N_SUBSCRIBERS - got,
@@ -748,19 +778,52 @@ LABELS = {
 }
 
 
+def _options() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Paid delivery: BlendSM next to stock amqtt.")
+    parser.add_argument("messages", nargs="?", type=int, default=3000)
+    parser.add_argument("rounds", nargs="?", type=int, default=3)
+    parser.add_argument(
+        "--qos", type=int, choices=(0, 1), default=QOS, help="publish and subscribe QoS"
+    )
+    parser.add_argument("--payload", type=int, default=len(PAYLOAD), help="payload bytes (>= 8)")
+    parser.add_argument("--configs", default="".join(LABELS), help="which of abcde to run")
+    parser.add_argument(
+        "--latency",
+        action="store_true",
+        help="measure stock's saturation rate (a), then run --configs (default abc) at 50%% of"
+        " it and report p50/p99 end-to-end latency",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=0.5,
+        help="--latency: the fixed rate as a fraction of stock's saturation rate (default 0.5)",
+    )
+    return parser.parse_args()
+
+
 def main() -> None:
-    messages = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    global QOS, PAYLOAD
+    options = _options()
+    QOS, PAYLOAD = options.qos, b"x" * max(8, options.payload)
+    os.environ["BENCH_QOS"], os.environ["BENCH_PAYLOAD"] = str(QOS), str(len(PAYLOAD))
+    if options.latency:
+        latency_main(options.messages, options.rounds, options.configs, options.fraction)
+        return
+    messages, rounds = options.messages, options.rounds
+    configs = {k: v for k, v in LABELS.items() if k in options.configs}
     start = time.time()
     res: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
     print(
-        f"1 pub -> {N_SUBSCRIBERS} subs, QoS 0, {len(PAYLOAD)} B, {messages} messages,"
+        f"1 pub -> {N_SUBSCRIBERS} subs, QoS {QOS}, {len(PAYLOAD)} B, {messages} messages,"
         f" {rounds} round(s); paid topic: credit_messages {CREDIT_MESSAGES},"
         f" pay_every {PAY_EVERY}, price {PRICE} wei",
         flush=True,
     )
     for r in range(rounds):
-        for k in LABELS:
+        for k in configs:
             if time.time() - start + EST_RUN_S[k] > TOTAL_BUDGET_S:
                 print(f"  time budget reached, skipping {k} round {r + 1}", flush=True)
                 continue
@@ -775,6 +838,7 @@ def main() -> None:
                 f"  CPU/delivery: broker {out['cpu_us']:5.1f} us, subscribers"
                 f" {out['sub_cpu_us']:5.1f} us, publisher {out['pub_cpu_us']:4.1f} us"
                 f"\n           received {out['deliveries']}/{out['expected']} (dropped {out['dropped']})"
+                f"  latency p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms"
                 f"  publish {out['publish_s']:.2f} s, last receipt {out['elapsed_s']:.2f} s"
             )
             if k == "e":
@@ -840,6 +904,62 @@ def main() -> None:
             rate_c = statistics.median(x["rate"] for x in res["c"])
             cpu_c = statistics.median(x["cpu_us"] for x in res["c"])
             line += f"  e/c: rate {rate_e / rate_c:4.2f}  broker CPU {cpu_e / cpu_c:4.2f}"
+        print(line)
+    print(f"total {time.time() - start:.1f} s")
+
+
+def latency_main(messages: int, rounds: int, configs: str, fraction: float = 0.5) -> None:
+    """p50/p99 end-to-end latency (publisher send -> subscriber callback) at a fixed rate:
+    ``fraction`` (50 %) of the messages/s stock amqtt (a) reaches at full speed, measured first
+    in the same run. A configuration that cannot keep up with that rate queues, and its latency
+    then grows with the run's length: compare its deliveries/s with the rate."""
+    kinds = [k for k in (configs if configs != "".join(LABELS) else "abc") if k in LABELS]
+    start = time.time()
+    print(
+        f"latency: 1 pub -> {N_SUBSCRIBERS} subs, QoS {QOS}, {len(PAYLOAD)} B, {messages}"
+        f" messages, {rounds} round(s); paid topic: credit_messages {CREDIT_MESSAGES},"
+        f" pay_every {PAY_EVERY}",
+        flush=True,
+    )
+    saturation = run_one("a", messages, start + TOTAL_BUDGET_S)
+    rate = fraction * saturation["rate"] / N_SUBSCRIBERS
+    print(
+        f"  stock saturation {saturation['rate']:.0f} deliveries/s"
+        f" ({saturation['rate'] / N_SUBSCRIBERS:.0f} messages/s); fixed rate {rate:.0f} messages/s"
+        f" ({fraction:.0%}), {rate * N_SUBSCRIBERS:.0f} deliveries/s",
+        flush=True,
+    )
+    res: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        for k in kinds:
+            try:
+                out = run_one(k, messages, start + TOTAL_BUDGET_S * 2, rate=rate)
+            except Exception as exc:
+                print(f"  round {r + 1} {k}: FAILED {exc!r}", flush=True)
+                continue
+            res[k].append(out)
+            print(
+                f"  round {r + 1} {k}: p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms"
+                f"  {out['rate']:7.0f} deliveries/s  broker {out['cpu_us']:5.1f} us/delivery"
+                f"  dropped {out['dropped']}"
+                + (
+                    f"  denied_no_credit {out['denied_no_credit']}, vouchers refused"
+                    f" {out['vouchers_refused']}"
+                    if "denied_no_credit" in out
+                    else ""
+                ),
+                flush=True,
+            )
+    print("median:")
+    p99 = {k: statistics.median(x["p99_ms"] for x in v) for k, v in res.items() if v}
+    p50 = {k: statistics.median(x["p50_ms"] for x in v) for k, v in res.items() if v}
+    for k in p99:
+        line = f"  {k} {LABELS[k]:38s} p50 {p50[k]:6.2f} ms  p99 {p99[k]:6.2f} ms"
+        if "a" in p99 and k != "a":
+            line += (
+                f"  added p99 over a {p99[k] - p99['a']:+6.2f} ms"
+                f"  ratio p50 {p50[k] / p50['a']:4.2f} p99 {p99[k] / p99['a']:4.2f}"
+            )
         print(line)
     print(f"total {time.time() - start:.1f} s")
 

@@ -68,8 +68,10 @@ class Identity:
     requested: dict[bytes, int] = field(default_factory=dict)
     """channel id -> the account's ``paid`` when this session was last sent a payment request."""
     control_tasks: int = 0
-    """Control publishes of this session still being processed (vouchers, proof requests,
-    refusal notices): bounded by ``MAX_CONTROL_TASKS``."""
+    """Control tasks of this session still in process (proof requests, notices): bounded by
+    ``MAX_CONTROL_TASKS``. Vouchers take no task: they queue in the voucher intake."""
+    receipted: dict[bytes, float] = field(default_factory=dict)
+    """channel id -> loop time this session was last sent a Receipt (receipt batching)."""
 
 
 class AccessDecisions:

@@ -43,6 +43,7 @@ from blendsm.broker._config_fields import (
 )
 from blendsm.broker._config_listeners import ListenerConfig, TlsConfig, parse_listeners, parse_tls
 from blendsm.broker._config_sessions import SessionsConfig, parse_sessions
+from blendsm.broker._intake_config import IntakeConfig, parse_intake
 from blendsm.device_sdk import account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 
@@ -154,6 +155,8 @@ class PaymentsConfig:
     past it the least recently used is evicted, then looked up in the leaf store when needed."""
     settlement: SettlementConfig = field(default_factory=SettlementConfig)
     """When vouchers are claimed on chain."""
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
+    """Voucher intake: receipt batching, queued vouchers per session."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +538,7 @@ def _parse_payments(data: Mapping[str, Any]) -> PaymentsConfig:
         dedup_max_pairs=integer(
             data, "dedup_max_pairs", "payments", default.dedup_max_pairs, low=1
         ),
+        intake=parse_intake(section(data, "intake", "payments")),
         settlement=SettlementConfig(
             threshold=amount(settlement, "threshold", where, settle.threshold),
             interval_seconds=seconds(

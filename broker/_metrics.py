@@ -214,6 +214,29 @@ class BrokerCollector(Collector):
         )
         yield counter("vouchers_accepted", "Vouchers accepted.", stats.vouchers_accepted)
         yield counter("vouchers_refused", "Vouchers refused.", stats.vouchers_refused)
+        yield counter(
+            "vouchers_superseded",
+            "Vouchers covered by a higher one of their channel in the same batch (not stored).",
+            stats.vouchers_superseded,
+        )
+        yield counter(
+            "vouchers_repeated",
+            "Vouchers equal to the latest accepted one (re-sent): answered with a receipt.",
+            stats.vouchers_repeated,
+        )
+        yield counter(
+            "voucher_batches",
+            "Voucher intake batches (one store commit at most each).",
+            stats.voucher_batches,
+        )
+        yield counter(
+            "receipts_sent", "Receipt notices sent (cumulative, batched).", stats.receipts_sent
+        )
+        yield counter(
+            "notices_dropped",
+            "Voucher receipts and refusals not sent: the session's control tasks were at their bound.",
+            stats.notices_dropped,
+        )
         yield counter("proofs_served", "Inclusion proofs served.", stats.proofs_served)
         # --- settlement and anchoring: 0 until their background task exists
         for name, documentation, attribute in _SETTLER_COUNTERS:

@@ -8,7 +8,8 @@ synchronous dict lookup; only voucher storage and notices are awaited, off the d
 The decisions themselves (CONNECT, SUBSCRIBE, PUBLISH, RECEIVE, the delivery gate) are
 :class:`~blendsm.broker._access.AccessDecisions`, and the intake of signed envelopes is
 :class:`~blendsm.broker._envelope_intake.EnvelopeIntake`; this service extends them with the wiring:
-stores, chain view, settlement and anchoring tasks, voucher intake, notices and chain events.
+stores, chain view, settlement and anchoring tasks, notices and chain events; vouchers are
+taken in by :class:`~blendsm.broker._voucher_intake.VoucherIntake` (batched, group-committed).
 Failed chain requests of those tasks are counted by :mod:`blendsm.broker._chain_errors`.
 """
 
@@ -42,6 +43,7 @@ from blendsm.broker._meter import Charge, Meter
 from blendsm.broker._shutdown import wait_bounded
 from blendsm.broker._stats import ServiceStats
 from blendsm.broker._store import AsyncVoucherStore
+from blendsm.broker._voucher_intake import MAX_CONTROL_TASKS, VoucherIntake
 from blendsm.contracts import ChainEvent, Deployment, Marketplace
 from blendsm.device_sdk import (
     ANCHORS_TOPIC,
@@ -49,28 +51,20 @@ from blendsm.device_sdk import (
     PROOF,
     VOUCHER,
     AnyNotice,
-    ChannelState,
     ConnectTokenVerifier,
     MessageDomain,
-    Notice,
     PaymentRequest,
     Quote,
-    Receipt,
     Refusal,
-    RefusalCode,
     VoucherDomain,
     VoucherVerifier,
     control_topic,
     decode_proof_request,
-    decode_voucher,
     encode_anchor_notice,
     encode_notice,
     parse_control_topic,
 )
 from blendsm.errors import (
-    VoucherChannelError,
-    VoucherNotNewerError,
-    VoucherSignatureError,
     WireError,
 )
 
@@ -91,10 +85,6 @@ __all__ = [
 
 _log = logging.getLogger("blendsm.broker")
 
-MAX_CONTROL_TASKS: Final = 16
-"""Control publishes (vouchers, proof requests, refusals) one session may have in process; the
-rest are dropped, counted and logged at most once a minute. A client that floods the control
-tree, or stops reading its notices, can then hold at most this many tasks."""
 DUPLICATE_LOG_INTERVAL: Final = 60.0
 """Seconds between the INFO lines that count dropped duplicate envelopes (each one: DEBUG)."""
 
@@ -154,6 +144,7 @@ class MarketplaceService(EnvelopeIntake):
         self._settler_task: asyncio.Task[None] | None = None
         self._unlisten: Any = None
         self._settler_options = settler_options or {}
+        self.intake = VoucherIntake(self, config.payments.intake)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -236,9 +227,11 @@ class MarketplaceService(EnvelopeIntake):
         if self.anchorer is not None:
             self.anchorer.stop()
         self.view.stop()
-        work = (self._settler_task, self._anchor_task, self._view_task, *self._tasks)
+        work = [t for t in (self._settler_task, self._anchor_task, self._view_task) if t]
         budget = self.config.limits.shutdown_seconds if within is None else within
-        await wait_bounded([t for t in work if t is not None], budget, "service stop")
+        # The intake finishes its queued vouchers (durable before they count) while the
+        # settler and anchorer unwind; anything cut off is re-sent by its buyer.
+        await wait_bounded([*work, self.intake.close(), *self._tasks], budget, "service stop")
         if self._unlisten is not None:
             self._unlisten()
         if self.store is not None:
@@ -311,9 +304,14 @@ class MarketplaceService(EnvelopeIntake):
     def on_control_publish(
         self, session: Session, handler: BrokerProtocolHandler, topic: str, data: bytes | bytearray
     ) -> None:
-        """A client PUBLISHed under the control root: take vouchers, refuse the rest.
-        Never broadcast; processing runs in its own task, off the client's read loop."""
+        """A client PUBLISHed under the control root: vouchers go to the intake (no task),
+        proof requests to a task, the rest is refused. Never broadcast; nothing here blocks
+        the client's read loop."""
         ident = self.identity(session)
+        parsed = parse_control_topic(topic)
+        if ident is not None and ident.key and parsed == (ident.key, VOUCHER):
+            self.intake.submit(handler, ident, bytes(data))
+            return
         if ident is not None and ident.control_tasks >= MAX_CONTROL_TASKS:
             self.stats.control_dropped += 1
             self._control_log.note(
@@ -322,108 +320,17 @@ class MarketplaceService(EnvelopeIntake):
                 ident.control_tasks,
             )
             return
-        parsed = parse_control_topic(topic)
         if ident is not None and ident.key and parsed == (ident.key, PROOF):
             self._spawn(self._answer_proof(handler, ident, bytes(data)), "blendsm-proof", ident)
             return
-        if ident is None or not ident.key or parsed is None or parsed != (ident.key, VOUCHER):
-            self.stats.vouchers_refused += 1
-            who = ident.address if ident is not None else None
-            self._control_log.note(
-                "control PUBLISH to %r refused for %s: not its voucher topic", topic[:200], who
-            )
-            if ident is not None and ident.key:
-                refusal = Refusal("wrong_topic", f"cannot publish to {topic[:200]!r}")
-                self._spawn(self.send_notice(handler, ident, refusal), "blendsm-notice", ident)
-            return
-        self._spawn(self._take_voucher(handler, ident, bytes(data)), "blendsm-voucher", ident)
-
-    async def _take_voucher(
-        self, handler: BrokerProtocolHandler, ident: Identity, payload: bytes
-    ) -> None:
-        try:
-            notice = await self._accept_voucher(ident, payload)
-        except Exception as exc:  # never let a voucher crash the broker
-            self.log.exception("voucher from %s: internal error", ident.address)
-            notice = Refusal("store_unavailable", f"internal error: {type(exc).__name__}")
-        if isinstance(notice, Refusal):
-            self.stats.vouchers_refused += 1
-            self.log.info(
-                "voucher from %s refused: %s: %s", ident.address, notice.code, notice.detail
-            )
-        await self.send_notice(handler, ident, notice)
-
-    async def _accept_voucher(self, ident: Identity, payload: bytes) -> Notice:
-        def refuse(code: RefusalCode, detail: str) -> Refusal:
-            return Refusal(code, detail, voucher.channel_id, voucher.cumulative_amount)
-
-        try:
-            voucher = decode_voucher(payload)
-        except WireError as exc:
-            return Refusal("malformed", str(exc)[:300])
-        view = self.view
-        info = view.channel(voucher.channel_id)
-        if info is None:
-            reason = view.unhealthy_reason
-            return refuse(
-                "unknown_channel",
-                f"channel unknown to this broker{'' if reason is None else f' (chain view: {reason})'}",
-            )
-        if info.operator is None or info.operator.lower() != self.meter.operator:
-            return refuse(
-                "not_metered_here", f"channel names operator {info.operator}, not this broker"
-            )
-        if info.payer.lower() != ident.key:
-            return refuse("not_payer", f"channel is paid by {info.payer}, not {ident.address}")
-        if info.settled or info.closes_at is not None:
-            # The claim could not be relied on: it must land before ``closesAt`` on chain
-            # (the node's clock, not ours), and the payer may withdraw right after.
-            state = "settled" if info.settled else f"closing (challenge ends {info.closes_at})"
-            return refuse("channel_closing", f"channel is {state}: vouchers are not accepted")
-        try:
-            self.vouchers.verify(
-                voucher,
-                ChannelState(info.payer, info.deposit, info.claimed, info.closes_at, info.settled),
-                int(time.time()),
-            )
-        except VoucherSignatureError as exc:
-            return refuse("bad_signature", str(exc))
-        except VoucherNotNewerError as exc:
-            return refuse("not_newer", str(exc))
-        except VoucherChannelError as exc:
-            return refuse("channel_closing", str(exc))
-        if voucher.cumulative_amount > info.deposit:
-            return refuse(
-                "over_deposit",
-                f"amount {voucher.cumulative_amount} exceeds the deposit {info.deposit}",
-            )
-        if voucher.cumulative_amount <= self.meter.paid_of(voucher.channel_id):
-            return refuse(
-                "not_newer",
-                f"amount {voucher.cumulative_amount} is not above the accepted"
-                f" {self.meter.paid_of(voucher.channel_id)}",
-            )
-        store = self.store
-        if store is None:
-            return refuse("store_unavailable", "broker is shutting down")
-        try:
-            stored = await store.accept(voucher)
-        except Exception as exc:
-            self.log.error("voucher store failed, voucher not counted: %s", exc)
-            return refuse("store_unavailable", "voucher store unavailable, try again")
-        if not stored:
-            return refuse("not_newer", "a voucher at least as high is already stored")
-        # Durable: now it counts.
-        account = self.meter.paid_up_to(voucher.channel_id, voucher.cumulative_amount)
-        self.stats.vouchers_accepted += 1
-        if self.settler is not None:
-            self.settler.notify_voucher(voucher.channel_id, voucher.cumulative_amount)
-        if account is not None and account.waiters:
-            waiters, account.waiters = account.waiters, []
-            if self.broker is not None:
-                for session in waiters:
-                    self.broker.resume_offline_replay(session)
-        return Receipt(voucher.channel_id, voucher.cumulative_amount)
+        self.stats.vouchers_refused += 1
+        who = ident.address if ident is not None else None
+        self._control_log.note(
+            "control PUBLISH to %r refused for %s: not its voucher topic", topic[:200], who
+        )
+        if ident is not None and ident.key:
+            refusal = Refusal("wrong_topic", f"cannot publish to {topic[:200]!r}")
+            self._spawn(self.send_notice(handler, ident, refusal), "blendsm-notice", ident)
 
     async def _answer_proof(
         self, handler: BrokerProtocolHandler, ident: Identity, payload: bytes

@@ -17,6 +17,19 @@ class ServiceStats:
     deliveries_denied: int = 0
     vouchers_accepted: int = 0
     vouchers_refused: int = 0
+    vouchers_superseded: int = 0
+    """Vouchers never verified or stored because a higher one of the same channel, taken in
+    the same batch, was accepted (it covers them: vouchers are cumulative)."""
+    vouchers_repeated: int = 0
+    """Vouchers equal to the channel's latest accepted one (a payer's re-send): not refused,
+    answered with a Receipt for what is held."""
+    voucher_batches: int = 0
+    """Batches the voucher intake processed (each: at most one store transaction)."""
+    receipts_sent: int = 0
+    """Receipt notices sent (batched: one covers every voucher of its channel before it)."""
+    notices_dropped: int = 0
+    """Voucher receipts and refusals not sent: the session had ``MAX_CONTROL_TASKS`` control
+    tasks in process (it does not read its notices)."""
     payment_requests: int = 0
     quotes: int = 0
     disconnects_revoked: int = 0

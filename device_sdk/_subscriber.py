@@ -9,7 +9,8 @@ unpaid, the subscriber signs a voucher for ``cumulative = received value`` and p
 for more than its ``budget`` in total; past the budget it stops paying (and the broker stops
 delivering once its credit runs out). A :class:`PaymentRequest` is answered with
 ``min(charged, received value)`` (after a reconnect or restart, up to the credit more for
-messages lost in flight: :mod:`._payment_book`); :class:`Receipt` notices confirm payments.
+messages lost in flight: :mod:`._payment_book`); :class:`Receipt` notices confirm payments
+(cumulative: the broker sends one every few vouchers, so nothing here waits for one).
 
 All payment state is guarded by one lock: paho callbacks run on its loop thread, the
 introspection methods are called from others. Only the loop thread signs and publishes
@@ -23,9 +24,10 @@ reads never stall paho's loop); ``on_message`` then gets the envelope's payload 
 ``record_path`` keeps every market message (and proofs obtained) as JSON lines, for
 ``blendsm verify``.
 
-Layout: this module receives and pays; :mod:`._verification` is the verification worker and
-the proofs, :mod:`._record_file` the record file, :mod:`._channel_helpers` the async
-on-chain channel helpers, and :mod:`._subscriber_events` what the callbacks receive.
+Layout: this module receives and pays; :mod:`._subscriber_integrity` connects it to the
+verification worker of :mod:`._verification` (anchor notices, proof requests),
+:mod:`._record_file` is the record file, :mod:`._channel_helpers` the async on-chain channel
+helpers, and :mod:`._subscriber_events` what the callbacks receive.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
 from typing import Final, Unpack
 
 import paho.mqtt.client as mqtt
@@ -57,20 +58,17 @@ from ._control import (
     VOUCHER,
     PaymentRequest,
     Proof,
-    ProofRequest,
     Quote,
     Receipt,
     Refusal,
     control_topic,
-    decode_anchor_notice,
     decode_any_notice,
-    encode_proof_request,
     encode_voucher,
     is_control_topic,
 )
 from ._endpoint import BrokerEndpoint, EndpointArgs, resolve_endpoint
 from ._envelope import decode_envelope, verify_envelope
-from ._integrity import IntegrityEvent, MessageVerifier
+from ._integrity import MessageVerifier
 from ._mqtt import Disconnection, _MqttClient
 from ._payment_book import Book, check_amount, request_target
 from ._record_file import RecordFile
@@ -87,6 +85,7 @@ from ._subscriber_events import (
     SubscriberCallbackAPI,
     SubscriberStats,
 )
+from ._subscriber_integrity import SubscriberIntegrity
 from ._verification import VerificationWorker, message_verifier
 from ._voucher import Voucher, VoucherDomain, VoucherSigner
 
@@ -97,7 +96,7 @@ _log = logging.getLogger("blendsm.device_sdk")
 _SUBACK_FAILURE: Final = 0x80
 
 
-class Subscriber(_MqttClient, ChannelHelpers):
+class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity):
     """An MQTT subscriber that pays per delivered message with vouchers.
 
     ``endpoint`` (a :class:`BrokerEndpoint`; or, as before it existed, its fields as keyword
@@ -523,62 +522,6 @@ class Subscriber(_MqttClient, ChannelHelpers):
         what was received (idempotent)."""
         super().disconnect()
         self._verification.stop()
-
-    def _on_anchor_notice(self, payload: bytes) -> None:
-        try:
-            notice = decode_anchor_notice(payload)
-        except WireError as exc:
-            with self._lock:
-                self._bad_notices += 1
-            self._report_error(exc)
-            return
-        self._verification.anchor_noticed(notice)
-
-    def _send_proof_request(self, request: ProofRequest) -> bool:
-        info = self._mqtt.publish(self.proof_topic, encode_proof_request(request), qos=1)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            _log.info("%s: proof request not sent (%s)", self.client_id, mqtt.error_string(info.rc))
-            return False
-        return True
-
-    def request_proof(
-        self, topic: str, device: str, sequence: int, timeout: float = 10.0
-    ) -> IntegrityEvent:
-        """Ask the broker for the proof of a message this subscriber received and check it
-        against the on-chain root: PROOF_VERIFIED, PROOF_FAILED or PROOF_UNAVAILABLE (not
-        anchored yet, not received here, no answer within ``timeout``). Blocks: never call
-        it from a callback."""
-        if self.verifier is None:
-            raise ConfigError("request_proof needs verification (registry and chain_reader)")
-        worker = self._verification.thread
-        if threading.current_thread() in (worker, getattr(self._mqtt, "_thread", None)):
-            raise ConfigError("request_proof blocks: do not call it from a callback")
-        return self._verification.request_proof(topic, device, sequence, timeout)
-
-    def pending_proofs(self) -> int:
-        """Sampled messages whose proof has not been checked yet."""
-        return self._verification.pending_proofs()
-
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Wait until the verification worker has handled everything queued so far."""
-        if self.verifier is None:
-            return True
-        done = threading.Event()
-        self._verification.submit(done.set)
-        return done.wait(timeout)
-
-    def _report_integrity(self, events: Sequence[IntegrityEvent]) -> None:
-        if not events:
-            return
-        with self._lock:
-            self._integrity_events += len(events)
-        for event in events:
-            if not event.ok:
-                _log.info("%s: integrity: %s %s", self.client_id, event.kind, event.detail)
-        callback = self.on_integrity
-        if callback is not None:
-            for event in events:
-                self._guard(callback, self, event)
 
     # --- user callbacks ----------------------------------------------------------------
 

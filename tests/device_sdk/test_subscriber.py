@@ -427,6 +427,30 @@ def test_receipts_confirm_and_refusals_are_reported(make_sub: Any, operator: Ope
     assert sub.stats.receipts == 1
 
 
+def test_one_batched_receipt_confirms_every_voucher_before_it(
+    make_sub: Any, operator: Operator
+) -> None:
+    """The broker answers every N vouchers (or after a delay) with one cumulative Receipt: the
+    SDK keeps paying on its schedule without waiting for receipts, and one receipt confirms
+    everything up to its amount."""
+    sub, rec = make_sub()
+    start_paid(sub, operator)
+    for _ in range(5):
+        operator.data(TOPIC)
+    rec.take(5)
+    assert check_signed(operator.drain(5)) == [1000, 2000, 3000, 4000, 5000]
+    assert sub.confirmed(CHANNEL) == 0  # no receipt yet: nothing stalls
+    operator.notice(sub.address, Receipt(CHANNEL, 5000))
+    assert sub.wait_confirmed(CHANNEL, 5000, 5)
+    assert sub.wait_confirmed(CHANNEL, 3000, 0)
+    assert sub.stats.receipts == 1
+    assert sub.stats.vouchers_sent == 5
+    operator.data(TOPIC)
+    rec.take(1)
+    assert check_signed(operator.drain(1)) == [6000]
+    assert operator.drain() == []  # nothing re-sent for want of a receipt
+
+
 def test_unquoted_topics_are_free(make_sub: Any, operator: Operator) -> None:
     sub, rec = make_sub()
     start_paid(sub, operator)

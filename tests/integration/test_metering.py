@@ -122,7 +122,7 @@ async def test_bad_vouchers_are_refused_and_honest_clients_are_undisturbed(
     await payer.pay(honest_channel, 1000)  # someone else's channel
     await payer.pay(os.urandom(32), 1000)  # unknown channel
     await payer.pay(channel, 2000)  # honest: accepted
-    await payer.pay(channel, 2000)  # replayed
+    await payer.pay(channel, 2000)  # replayed: the latest again, answered with a receipt
     await payer.pay(channel, 1500)  # lower
     await payer.raw(os.urandom(300))  # random bytes
     await payer.raw(b"{" + b" " * 10_000 + b"}")  # huge
@@ -142,7 +142,7 @@ async def test_bad_vouchers_are_refused_and_honest_clients_are_undisturbed(
             "not_payer",
             "unknown_channel",
             "receipt",
-            "not_newer",
+            "receipt",
             "not_newer",
             "malformed",
             "malformed",
