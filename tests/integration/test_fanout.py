@@ -10,15 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from amqtt.broker import Broker
-from support import enrol
 
 from blendsm.broker import BlendBroker, LimitsConfig
-from blendsm.contracts import Policy, Role, free_port
-from blendsm.device_sdk import ConnectTokenSigner, EnvelopeSigner, MessageDomain
 
-from .conftest import Market, StartMarket, anvil_broker_config
+from .conftest import PRICE, Market, StartMarket, plain_amqtt_market
 
 
 def _amqtt_table(broker: Any) -> set[tuple[str, str, int]]:
@@ -127,46 +122,20 @@ async def test_qos0_fan_out_starts_no_task_per_delivery(market: Market) -> None:
     assert not [name for name in started if "mqtt_publish" in name]  # amqtt: 15
 
 
-def _signer(chain: Any, label: str) -> ConnectTokenSigner:
-    key = bytes(chain.accounts[label].key)
-    return ConnectTokenSigner(key, chain.deployment.chain_id, chain.addr("operator"))
-
-
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 async def test_third_party_topic_and_event_plugins_keep_working(
-    chain: Any,
-    mp: Any,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    until: Any,
-    mqtt_client: Any,
+    chain: Any, mp: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, until: Any
 ) -> None:
     from support.third_party import PublishSentRecorder
 
-    Client = mqtt_client  # noqa: N806
-    for label, role in (("seller", Role.SELLER), ("buyer", Role.BUYER)):
-        await enrol(mp, chain, label, role)
-    await mp("seller").registry.add_device(chain.addr("device"))
-    await mp("seller").market.create_topic("paid/third", 1_000, None, Policy.OPEN)
-    channel = (
-        await mp("buyer").channels.open(chain.addr("seller"), chain.addr("operator"), None, 10**15)
-    ).channel_id
-    sections, env = anvil_broker_config(chain, tmp_path)
-    sections["public_topics"] = True
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    (tmp_path / "blendsm.yaml").write_text(yaml.safe_dump(sections))
-    port = free_port()
-    broker = Broker(
-        {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {
-                "blendsm.plugins.MarketplacePlugin": {"config": str(tmp_path / "blendsm.yaml")},
-                "support.third_party.DenyReceivePlugin": {},
-                "support.third_party.PublishSentRecorder": {},
-            },
-        }
+    third_party = {
+        "support.third_party.DenyReceivePlugin": {},
+        "support.third_party.PublishSentRecorder": {},
+    }
+    market = await plain_amqtt_market(
+        chain, mp, tmp_path, monkeypatch, "paid/third", third_party, public_topics=True
     )
+    broker, channel = market.broker, market.channel
     assert isinstance(broker, BlendBroker)
     PublishSentRecorder.sent.clear()
     await broker.start()
@@ -174,18 +143,7 @@ async def test_third_party_topic_and_event_plugins_keep_working(
     try:
         service = broker.service
         await until(lambda: service.view.channel(channel) is not None, 10)
-        domain = MessageDomain(chain.deployment.chain_id, chain.deployment.address("Registry"))
-        buyer = Client(
-            "127.0.0.1", port, account=chain.accounts["buyer"], signer=_signer(chain, "buyer")
-        )
-        device = Client(
-            "127.0.0.1",
-            port,
-            account=chain.accounts["device"],
-            signer=_signer(chain, "device"),
-            envelope_signer=EnvelopeSigner(bytes(chain.accounts["device"].key), domain),
-        )
-        anon = Client("127.0.0.1", port)
+        buyer, device, anon = (market.client(x) for x in ("buyer", "device", None))
         clients += [buyer, device, anon]
         for c in clients:
             assert await c.connect() == 0
@@ -199,7 +157,7 @@ async def test_third_party_topic_and_event_plugins_keep_working(
         assert got == [("public/a", b"free")]
         paid = [m.payload for m in await buyer.got.drain(within=0.5) if m.topic == "paid/third"]
         assert paid == [b"paid"]
-        assert service.meter.accounts[channel].charged == 1_000
+        assert service.meter.accounts[channel].charged == PRICE
         await until(lambda: (buyer.client_id, "paid/third") in PublishSentRecorder.sent, 5)
         assert (anon.client_id, "public/a") in PublishSentRecorder.sent
         assert (anon.client_id, "blocked/a") not in PublishSentRecorder.sent
