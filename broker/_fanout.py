@@ -7,12 +7,15 @@ calls :func:`run_broadcast` instead):
 
 * the matching sessions come from the topic trie (:class:`SubscriptionTable`), once per
   session at its highest granted QoS;
-* a QoS 0 delivery to a connected session on a TCP or TLS transport is decided, written and
-  metered inline: the gate (``service.admit``), then the PUBLISH bytes, encoded once per
-  broadcast, handed to the session's transport, then the charge committed (or released when
-  the transport is closing): charged exactly when written, as on amqtt's path. A quote goes
-  out right before the first charged delivery of a price, a payment request when the credit
-  ran out, both written the same way;
+* a QoS 0 delivery to a connected session on a TCP or TLS transport is decided and metered
+  inline, with no task: the gate (``service.admit``, which reserves a paid delivery), then the
+  PUBLISH bytes, encoded once per broadcast, queued in the batch's :class:`Outbox`. The
+  broadcasts already waiting in amqtt's queue are taken as one batch (up to
+  :data:`MAX_BATCH`), and at its end each session's bytes are handed to its transport in one
+  write, then its charges committed (or released when the transport is closing): charged
+  exactly when written, as on amqtt's path, and a burst to one session costs one system call.
+  A quote goes right before the first charged delivery of a price, a payment request when
+  the credit ran out, both queued the same way;
 * QoS 1/2 deliveries (which hold a packet id and wait for acknowledgements), WebSocket
   transports and anything else keep amqtt's path: one Task running the handler's
   ``mqtt_publish``, gated and metered by :class:`MeteredHandler`;
@@ -39,14 +42,14 @@ from amqtt.session import Session
 from blendsm.broker._access import Verdict
 from blendsm.broker._handler import MeteredHandler, PublishedPayload
 from blendsm.broker._log_limit import LogLimiter
-from blendsm.broker._meter import Charge
+from blendsm.broker._meter import Charge, Meter
 from blendsm.device_sdk import NOTICE, AnyNotice, control_topic, encode_notice
 
 if TYPE_CHECKING:
     from blendsm.broker._blend_broker import BlendBroker
     from blendsm.broker._service import MarketplaceService
 
-__all__ = ["MAX_BATCH", "run_broadcast", "write_to_session"]
+__all__ = ["MAX_BATCH", "Outbox", "run_broadcast", "write_to_session"]
 
 MAX_BATCH: Final = 64
 """Broadcasts taken from amqtt's queue per ``_run_broadcast`` call: amqtt's loop starts one
@@ -67,23 +70,101 @@ class _Frame:
         self.data = self.packet.to_bytes()
 
 
+class _Pending:
+    """What one session gets at the end of a batch: its bytes, in order, and the charges
+    that are committed once those bytes were written (released otherwise)."""
+
+    __slots__ = ("charges", "chunks", "packets", "session", "writer")
+
+    def __init__(self, session: Session, writer: StreamWriterAdapter) -> None:
+        self.session = session
+        self.writer = writer
+        self.chunks: list[bytes] = []
+        self.charges: list[Charge] = []
+        self.packets: list[PublishPacket] = []
+
+
+class Outbox:
+    """The QoS 0 deliveries of one batch of broadcasts, per session: each session's bytes
+    are handed to its transport in one write when the batch ends (a burst of N messages to a
+    session costs one system call, not N), and its charges committed right after."""
+
+    __slots__ = ("_pending", "listeners")
+
+    def __init__(self, listeners: bool) -> None:
+        self._pending: dict[int, _Pending] = {}
+        self.listeners = listeners
+        """Whether a plugin listens to amqtt's PACKET_SENT event (then packets are kept)."""
+
+    def add(
+        self,
+        session: Session,
+        writer: StreamWriterAdapter,
+        packet: PublishPacket,
+        data: bytes,
+        charge: Charge | None = None,
+    ) -> None:
+        """Queue ``data`` (the encoding of ``packet``) for ``session``; ``charge`` is settled
+        by :meth:`flush` with the write."""
+        pending = self._pending.get(id(writer))
+        if pending is None:
+            pending = self._pending[id(writer)] = _Pending(session, writer)
+        pending.chunks.append(data)
+        if charge is not None:
+            pending.charges.append(charge)
+        if self.listeners:
+            pending.packets.append(packet)
+
+    def flush(self, meter: Meter) -> list[tuple[Session, PublishPacket]]:
+        """Write every session's bytes; commit the charges of what was written, release the
+        rest. Returns the (session, packet) pairs written, for PACKET_SENT listeners."""
+        sent: list[tuple[Session, PublishPacket]] = []
+        pending_all, self._pending = self._pending, {}
+        for pending in pending_all.values():
+            written = False
+            try:
+                chunks = pending.chunks
+                written = write_to_session(
+                    pending.writer, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                )
+            finally:
+                for charge in pending.charges:
+                    if written:
+                        meter.commit(charge)
+                    else:
+                        meter.release(charge)
+            if written and pending.packets:
+                sent.extend((pending.session, packet) for packet in pending.packets)
+        return sent
+
+
 async def run_broadcast(broker: BlendBroker, running_tasks: deque[asyncio.Task[Any]]) -> None:
-    """One pass of amqtt's broadcast loop: the next broadcast, and the ones already queued
-    behind it (up to :data:`MAX_BATCH`)."""
+    """One pass of amqtt's broadcast loop: the next broadcast and those already queued behind
+    it (up to :data:`MAX_BATCH`), then every session's QoS 0 bytes written at once."""
     queue = broker._broadcast_queue
     broadcast = await queue.get()
-    for _ in range(MAX_BATCH):
-        await deliver(broker, broadcast, running_tasks)
-        if queue.empty():
-            return
-        broadcast = queue.get_nowait()
-    await deliver(broker, broadcast, running_tasks)
+    plugins = broker.plugins_manager
+    outbox = Outbox(MQTTEvents.PACKET_SENT in plugins._event_plugin_callbacks)
+    try:
+        for _ in range(MAX_BATCH):
+            await deliver(broker, broadcast, running_tasks, outbox)
+            if queue.empty():
+                break
+            broadcast = queue.get_nowait()
+    finally:
+        sent = outbox.flush(broker.service.meter)
+    for session, packet in sent:
+        await plugins.fire_event(MQTTEvents.PACKET_SENT, packet=packet, session=session)
 
 
 async def deliver(
-    broker: BlendBroker, broadcast: dict[str, Any], running_tasks: deque[asyncio.Task[Any]]
+    broker: BlendBroker,
+    broadcast: dict[str, Any],
+    running_tasks: deque[asyncio.Task[Any]],
+    outbox: Outbox,
 ) -> None:
-    """Send one broadcast to every session subscribed to its topic (see the module doc)."""
+    """Send one broadcast to every session subscribed to its topic (see the module doc): QoS
+    0 deliveries into ``outbox``, the others as tasks on amqtt's path."""
     topic = broadcast.get("topic")
     if not topic:
         return
@@ -95,7 +176,6 @@ async def deliver(
     forced: int | None = broadcast.get("qos")
     publish_qos = data.publish_qos if type(data) is PublishedPayload else 2
     screened = broker.other_topic_plugins()
-    listeners = MQTTEvents.PACKET_SENT in broker.plugins_manager._event_plugin_callbacks
     frame: _Frame | None = None
     for session, granted in targets:
         qos = granted if forced is None else forced
@@ -112,24 +192,19 @@ async def deliver(
         handler = broker._get_handler(session)
         if handler is None:
             continue
+        writer = handler.writer
         if (
             min(qos, publish_qos) == 0
             and data is not None
             and type(handler) is MeteredHandler
-            and type(handler.writer) is StreamWriterAdapter
+            and type(writer) is StreamWriterAdapter
         ):
             if frame is None:
                 frame = _Frame(topic, bytes(data))
             try:
-                sent = _deliver_qos0(service, session, handler.writer, topic, frame)
+                _deliver_qos0(service, session, writer, topic, frame, outbox)
             except Exception as exc:
                 _FAILURE_LOG.note("delivery on %r to %r failed: %r", topic, session.client_id, exc)
-                continue
-            if listeners:
-                for packet in sent:
-                    await handler.plugins_manager.fire_event(
-                        MQTTEvents.PACKET_SENT, packet=packet, session=session
-                    )
             continue
         running_tasks.append(
             asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
@@ -142,36 +217,28 @@ def _deliver_qos0(
     writer: StreamWriterAdapter,
     topic: str,
     frame: _Frame,
-) -> tuple[PublishPacket, ...]:
-    """Gate, write and meter one QoS 0 delivery, synchronously: the packets written (for
-    amqtt's PACKET_SENT event), in order."""
-    transport = writer._writer.transport
-    if writer.is_closed or transport.is_closing():
-        return ()  # nothing can be written: not admitted, nothing reserved
+    outbox: Outbox,
+) -> None:
+    """Gate one QoS 0 delivery synchronously and queue it (with its quote, or the payment
+    request that replaces it) in ``outbox``; a charge is settled when the outbox is written."""
+    if writer.is_closed or writer._writer.transport.is_closing():
+        return  # nothing can be written: not admitted, nothing reserved
     verdict = service.admit(session, topic)
     if verdict is Verdict.FREE:
-        return (frame.packet,) if write_to_session(writer, frame.data) else ()
-    if type(verdict) is Charge:
-        written = False
+        outbox.add(session, writer, frame.packet, frame.data)
+    elif type(verdict) is Charge:
         try:
             quote = service.quote_for(session, verdict)
-            notice = _write_notice(writer, session, quote) if quote is not None else None
-            written = write_to_session(writer, frame.data)
-        finally:
-            if written:
-                service.meter.commit(verdict)
-            else:
-                service.meter.release(verdict)
-        if not written:
-            return ()
-        return (frame.packet,) if notice is None else (notice, frame.packet)
-    if verdict is Verdict.NO_CREDIT:
+            if quote is not None:
+                _add_notice(outbox, session, writer, quote)
+        except BaseException:
+            service.meter.release(verdict)  # not delivered: nothing reserved stays behind
+            raise
+        outbox.add(session, writer, frame.packet, frame.data, verdict)
+    elif verdict is Verdict.NO_CREDIT:
         request = service.payment_request_for(session)
         if request is not None:
-            notice = _write_notice(writer, session, request)
-            if notice is not None:
-                return (notice,)
-    return ()
+            _add_notice(outbox, session, writer, request)
 
 
 def write_to_session(writer: StreamWriterAdapter, data: bytes) -> bool:
@@ -185,16 +252,15 @@ def write_to_session(writer: StreamWriterAdapter, data: bytes) -> bool:
     return not transport.is_closing()  # a failed send closes the transport at once
 
 
-def _write_notice(
-    writer: StreamWriterAdapter, session: Session, notice: AnyNotice
-) -> PublishPacket | None:
-    """A quote or payment request to this session, QoS 0, written right before what it is
-    about (as ``MarketplaceService.send_notice`` does on amqtt's path): the packet, if
-    written."""
+def _add_notice(
+    outbox: Outbox, session: Session, writer: StreamWriterAdapter, notice: AnyNotice
+) -> None:
+    """A quote or payment request to this session, QoS 0, queued right before what it is
+    about (as ``MarketplaceService.send_notice`` does on amqtt's path)."""
     ident = getattr(session, "blendsm", None)
     if ident is None or not ident.key:
-        return None
+        return
     packet = PublishPacket.build(
         control_topic(ident.key, NOTICE), encode_notice(notice), None, False, 0, False
     )
-    return packet if write_to_session(writer, packet.to_bytes()) else None
+    outbox.add(session, writer, packet, packet.to_bytes())
