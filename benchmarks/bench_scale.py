@@ -46,13 +46,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_paid_delivery import (  # noqa: E402  (a sibling script, not a package)
+# A sibling script (its folder is first on sys.path when run as a script): the same broker
+# processes as bench_paid_delivery.py, so configuration "amqtt" is its (a).
+from bench_paid_delivery import (
     _ask,
     _free_port,
     _proc_cpu,
@@ -72,35 +72,25 @@ CONNECT_TIMEOUT_S = 300.0
 
 
 # --------------------------------------------------------------------------- MQTT encoding
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
+# amqtt's packet codec: the clients need no MQTT library of their own.
 def connect_packet(client_id: str) -> bytes:
     """MQTT 3.1.1 CONNECT, clean session, keepalive 0 (none)."""
-    return _packet(0x10, _utf8("MQTT") + b"\x04\x02\x00\x00" + _utf8(client_id))
+    from amqtt.mqtt.connect import ConnectPacket, ConnectPayload, ConnectVariableHeader
+
+    header = ConnectVariableHeader(connect_flags=0x02, keep_alive=0)
+    return ConnectPacket(variable_header=header, payload=ConnectPayload(client_id)).to_bytes()
 
 
 def subscribe_packet(topic: str) -> bytes:
-    return _packet(0x82, b"\x00\x01" + _utf8(topic) + b"\x00")
+    from amqtt.mqtt.subscribe import SubscribePacket
+
+    return SubscribePacket.build([(topic, 0)], 1).to_bytes()
 
 
 def publish_packet(topic: str, payload: bytes) -> bytes:
-    return _packet(0x30, _utf8(topic) + payload)
+    from amqtt.mqtt.publish import PublishPacket
+
+    return PublishPacket.build(topic, payload, None, False, 0, False).to_bytes()
 
 
 # --------------------------------------------------------------------------- broker processes
