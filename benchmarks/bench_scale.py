@@ -4,7 +4,8 @@ Run as ``python benchmarks/bench_scale.py`` (S = 10, 100, 1,000; about 2-4 minut
 2-core machine) or ``python benchmarks/bench_scale.py --big`` (adds S = 10,000; a few minutes
 more: stock amqtt alone takes about a minute to connect 10,000 clients). Options:
 ``--sizes 10,100`` (instead of the defaults), ``--rate 300`` (messages/s published, in all),
-``--seconds 5`` (publishing time), ``--brokers amqtt,public,mosquitto``.
+``--seconds 5`` (publishing time), ``--brokers amqtt,public,mosquitto``, ``--qos 1``
+(publish and subscribe at QoS 1; the subscribers acknowledge every message).
 
 Each (broker, S) starts its broker in its own process on 127.0.0.1 and S subscribers, 10 per
 topic ``scale/<k>`` (k < S/10), QoS 0, clean session, no keepalive. The subscribers are
@@ -81,16 +82,17 @@ def connect_packet(client_id: str) -> bytes:
     return ConnectPacket(variable_header=header, payload=ConnectPayload(client_id)).to_bytes()
 
 
-def subscribe_packet(topic: str) -> bytes:
+def subscribe_packet(topic: str, qos: int) -> bytes:
     from amqtt.mqtt.subscribe import SubscribePacket
 
-    return SubscribePacket.build([(topic, 0)], 1).to_bytes()
+    return SubscribePacket.build([(topic, qos)], 1).to_bytes()
 
 
-def publish_packet(topic: str, payload: bytes) -> bytes:
+def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
     from amqtt.mqtt.publish import PublishPacket
 
-    return PublishPacket.build(topic, payload, None, False, 0, False).to_bytes()
+    pid = packet_id if qos else None
+    return PublishPacket.build(topic, payload, pid, False, qos, False).to_bytes()
 
 
 # --------------------------------------------------------------------------- broker processes
@@ -200,8 +202,16 @@ def _wait_listening(port: int, within: float) -> None:
 class _Subscriber(asyncio.Protocol):
     """CONNECT, SUBSCRIBE, then count PUBLISH packets."""
 
-    def __init__(self, client_id: str, topic: str, ready: asyncio.Future[None], box: list[int]):
-        self.client_id, self.topic, self.ready, self.box = client_id, topic, ready, box
+    def __init__(
+        self, client_id: str, topic: str, qos: int, ready: asyncio.Future[None], box: list[int]
+    ):
+        self.client_id, self.topic, self.qos, self.ready, self.box = (
+            client_id,
+            topic,
+            qos,
+            ready,
+            box,
+        )
         self.buffer = bytearray()
         self.transport: Any = None
 
@@ -231,10 +241,13 @@ class _Subscriber(asyncio.Protocol):
                 break
             if kind == 3:
                 self.box[0] += 1
+                if buf[pos] & 0x06:  # QoS 1: acknowledge (PUBACK with the packet id)
+                    at = i + 2 + int.from_bytes(buf[i : i + 2], "big")
+                    self.transport.write(b"\x40\x02" + bytes(buf[at : at + 2]))
             elif kind == 2:  # CONNACK
                 if buf[i + 1] != 0 and not self.ready.done():
                     self.ready.set_exception(RuntimeError(f"CONNACK {buf[i + 1]}"))
-                self.transport.write(subscribe_packet(self.topic))
+                self.transport.write(subscribe_packet(self.topic, self.qos))
             elif kind == 9 and not self.ready.done():  # SUBACK
                 if buf[i + 2] == 0x80:
                     self.ready.set_exception(RuntimeError("SUBACK refused"))
@@ -248,11 +261,11 @@ class _Subscriber(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"closed: {exc}"))
 
 
-def _clients_main(conn: Any, port: int, subs: list[tuple[str, str]]) -> None:
-    asyncio.run(_clients(conn, port, subs))
+def _clients_main(conn: Any, port: int, subs: list[tuple[str, str]], qos: int = 0) -> None:
+    asyncio.run(_clients(conn, port, subs, qos))
 
 
-async def _clients(conn: Any, port: int, subs: list[tuple[str, str]]) -> None:
+async def _clients(conn: Any, port: int, subs: list[tuple[str, str]], qos: int) -> None:
     loop = asyncio.get_running_loop()
     box = [0]
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
@@ -262,7 +275,7 @@ async def _clients(conn: Any, port: int, subs: list[tuple[str, str]]) -> None:
         async with gate:
             ready: asyncio.Future[None] = loop.create_future()
             transport, _ = await loop.create_connection(
-                lambda: _Subscriber(client_id, topic, ready, box), "127.0.0.1", port
+                lambda: _Subscriber(client_id, topic, qos, ready, box), "127.0.0.1", port
             )
             transports.append(transport)
             await asyncio.wait_for(ready, 60)
@@ -284,9 +297,16 @@ async def _clients(conn: Any, port: int, subs: list[tuple[str, str]]) -> None:
 
 
 # --------------------------------------------------------------------------- one run
-def _publish(port: int, topics: list[str], rate: int, seconds: float) -> int:
-    """Publish ``rate`` messages a second for ``seconds``, 100 batches a second."""
+def _publish(port: int, topics: list[str], rate: int, seconds: float, qos: int = 0) -> int:
+    """Publish ``rate`` messages a second for ``seconds``, 100 batches a second (at QoS 1 the
+    broker's PUBACKs are left unread: the socket buffer holds them)."""
     packets = [publish_packet(t, PAYLOAD) for t in topics]
+
+    def packet(n: int) -> bytes:  # QoS 1: a fresh packet id each (ids cycle below 65,536)
+        if not qos:
+            return packets[n % len(packets)]
+        return publish_packet(topics[n % len(topics)], PAYLOAD, qos, 1 + n % 65_535)
+
     sock = socket.create_connection(("127.0.0.1", port), 10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(connect_packet(f"pub-{os.getpid()}-{time.monotonic_ns()}"))
@@ -297,7 +317,7 @@ def _publish(port: int, topics: list[str], rate: int, seconds: float) -> int:
     while sent < total:
         tick += 1
         due = min(total, int(rate * tick / 100))
-        sock.sendall(b"".join(packets[i % len(packets)] for i in range(sent, due)))
+        sock.sendall(b"".join(packet(i) for i in range(sent, due)))
         sent = due
         time.sleep(max(0.0, start + tick / 100 - time.perf_counter()))
     sock.sendall(b"\xe0\x00")  # DISCONNECT
@@ -305,7 +325,7 @@ def _publish(port: int, topics: list[str], rate: int, seconds: float) -> int:
     return sent
 
 
-def run_one(kind: str, size: int, rate: int, seconds: float) -> dict[str, Any]:
+def run_one(kind: str, size: int, rate: int, seconds: float, qos: int = 0) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     broker = _Broker(kind, size)
     procs: list[tuple[Any, Any]] = []
@@ -318,7 +338,7 @@ def run_one(kind: str, size: int, rate: int, seconds: float) -> dict[str, Any]:
         for p in range(n_procs):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_clients_main, args=(child, broker.port, subs[p::n_procs]), daemon=True
+                target=_clients_main, args=(child, broker.port, subs[p::n_procs], qos), daemon=True
             )
             proc.start()
             procs.append((proc, parent))
@@ -336,7 +356,7 @@ def run_one(kind: str, size: int, rate: int, seconds: float) -> dict[str, Any]:
         time.sleep(1.0)
         rss1 = broker.rss()
         cpu0 = broker.cpu()
-        published = _publish(broker.port, topics, rate, seconds)
+        published = _publish(broker.port, topics, rate, seconds, qos)
         expected = published * PER_TOPIC
         got, last, last_change = 0, -1, time.time()
         while time.time() - last_change < IDLE_STOP_S and got < expected:
@@ -375,6 +395,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=300, help="messages/s published in all")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--brokers", default="amqtt,public,mosquitto")
+    parser.add_argument("--qos", type=int, default=0, choices=(0, 1), help="publish and subscribe")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] + ([10_000] if args.big else [])
     kinds = args.brokers.split(",")
@@ -382,7 +403,7 @@ def main() -> None:
         print("mosquitto not installed: skipped (Debian: apt-get install mosquitto)")
         kinds.remove("mosquitto")
     print(
-        f"S subscribers on S/{PER_TOPIC} topics, QoS 0, {len(PAYLOAD)} B, {args.rate} msg/s"
+        f"S subscribers on S/{PER_TOPIC} topics, QoS {args.qos}, {len(PAYLOAD)} B, {args.rate} msg/s"
         f" published ({args.rate * PER_TOPIC} deliveries/s) for {args.seconds:.0f} s;"
         f" {CLIENT_PROCS} raw-socket client processes",
         flush=True,
@@ -396,7 +417,7 @@ def main() -> None:
     for size in sizes:
         for kind in kinds:
             try:
-                r = run_one(kind, size, args.rate, args.seconds)
+                r = run_one(kind, size, args.rate, args.seconds, args.qos)
             except Exception as exc:
                 print(f"  {kind:10s} {size:>6d} FAILED {exc!r}", flush=True)
                 continue
