@@ -46,7 +46,7 @@ from blendsm.broker._meter import Charge, Meter
 from blendsm.device_sdk import NOTICE, AnyNotice, control_topic, encode_notice
 
 if TYPE_CHECKING:
-    from blendsm.broker._blend_broker import BlendBroker
+    from blendsm.broker._delivery import DeliveryPath
     from blendsm.broker._service import MarketplaceService
 
 __all__ = ["MAX_BATCH", "Outbox", "run_broadcast", "write_to_session"]
@@ -138,7 +138,7 @@ class Outbox:
         return sent
 
 
-async def run_broadcast(broker: BlendBroker, running_tasks: deque[asyncio.Task[Any]]) -> None:
+async def run_broadcast(broker: DeliveryPath, running_tasks: deque[asyncio.Task[Any]]) -> None:
     """One pass of amqtt's broadcast loop: the next broadcast and those already queued behind
     it (up to :data:`MAX_BATCH`), then every session's QoS 0 bytes written at once."""
     queue = broker._broadcast_queue
@@ -158,7 +158,7 @@ async def run_broadcast(broker: BlendBroker, running_tasks: deque[asyncio.Task[A
 
 
 async def deliver(
-    broker: BlendBroker,
+    broker: DeliveryPath,
     broadcast: dict[str, Any],
     running_tasks: deque[asyncio.Task[Any]],
     outbox: Outbox,
