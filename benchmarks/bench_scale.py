@@ -29,7 +29,7 @@ Brokers:
   amqtt      stock amqtt 0.12.1 ``Broker``, one TCP listener and ``AnonymousAuthPlugin`` only
              (the configuration (a) of ``bench_paid_delivery.py``);
   public     BlendSM (``start_broker``, embedded chain, ``public_topics: true``), anonymous
-             clients on public topics, connection caps raised to fit S;
+             clients on public topics, connection caps and connect rate raised to fit S;
   mosquitto  the Debian ``mosquitto`` binary when installed (skipped, and said so, when not).
 
 TODO (not measured yet): BlendSM on paid topics (members with channels and SDK payments at
@@ -100,8 +100,9 @@ def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 1)
 
 # --------------------------------------------------------------------------- broker processes
 def _blendsm_main(conn: Any, data_dir: str, sessions: int) -> None:
-    """BlendSM on public topics: ``start_broker`` with the embedded chain; connection caps
-    raised so every benchmark client fits (all of them come from 127.0.0.1)."""
+    """BlendSM on public topics: ``start_broker`` with the embedded chain; connection caps and
+    the per-address connect rate raised so every benchmark client fits (all of them come from
+    127.0.0.1)."""
     _quiet()
     from blendsm.broker import parse_config, start_broker
 
@@ -111,7 +112,12 @@ def _blendsm_main(conn: Any, data_dir: str, sessions: int) -> None:
             "listen": {"host": "127.0.0.1", "port": 0},
             "chain": {"endpoint": "embedded", "confirmations": 0, "poll_interval": 2.0},
             "payments": {"settlement": {"interval_seconds": 3600}},
-            "limits": {"max_connections": cap, "max_connections_per_ip": cap},
+            "limits": {
+                "max_connections": cap,
+                "max_connections_per_ip": cap,
+                "connect_rate_per_ip": cap,
+                "connect_burst_per_ip": cap,
+            },
             "data_dir": data_dir,
             "public_topics": True,
             "log_level": "WARNING",
