@@ -17,8 +17,10 @@ calls :func:`run_broadcast` instead):
   A quote goes right before the first charged delivery of a price, a payment request when
   the credit ran out, both queued the same way;
 * QoS 1/2 deliveries (which hold a packet id and wait for acknowledgements), WebSocket
-  transports and anything else keep amqtt's path: one Task running the handler's
-  ``mqtt_publish``, gated and metered by :class:`MeteredHandler`;
+  transports, a session whose reconnect is still redelivering its messages in flight and
+  replaying its queue (``blendsm_hold``: those go first) and anything else keep amqtt's
+  path: one Task running the handler's ``mqtt_publish``, gated and metered by
+  :class:`MeteredHandler`;
 * messages for an offline session are queued by ``_retain_broadcast_message`` as before.
 
 Third-party amqtt plugins keep working: with a third-party topic plugin every delivery awaits
@@ -87,14 +89,24 @@ class _Pending:
 class Outbox:
     """The QoS 0 deliveries of one batch of broadcasts, per session: each session's bytes
     are handed to its transport in one write when the batch ends (a burst of N messages to a
-    session costs one system call, not N), and its charges committed right after."""
+    session costs one system call, not N), and its charges committed right after.
 
-    __slots__ = ("_pending", "listeners")
+    A session that gets a delivery on amqtt's path (a task) within the batch keeps its order:
+    what was queued for it is written first, and its later deliveries of the batch take the
+    task path too, behind that one."""
+
+    __slots__ = ("_pending", "_sent", "_tasked", "listeners")
 
     def __init__(self, listeners: bool) -> None:
         self._pending: dict[int, _Pending] = {}
+        self._tasked: set[int] = set()
+        self._sent: list[tuple[Session, PublishPacket]] = []
         self.listeners = listeners
         """Whether a plugin listens to amqtt's PACKET_SENT event (then packets are kept)."""
+
+    def takes(self, writer: object) -> bool:
+        """Whether this writer's deliveries may still be queued here in this batch."""
+        return id(writer) not in self._tasked
 
     def add(
         self,
@@ -115,27 +127,38 @@ class Outbox:
         if self.listeners:
             pending.packets.append(packet)
 
+    def before_task(self, writer: object, meter: Meter) -> None:
+        """A delivery to this writer goes on amqtt's path: write what is queued for it now,
+        and queue nothing more for it in this batch."""
+        self._tasked.add(id(writer))
+        pending = self._pending.pop(id(writer), None)
+        if pending is not None:
+            self._write(pending, meter)
+
     def flush(self, meter: Meter) -> list[tuple[Session, PublishPacket]]:
         """Write every session's bytes; commit the charges of what was written, release the
         rest. Returns the (session, packet) pairs written, for PACKET_SENT listeners."""
-        sent: list[tuple[Session, PublishPacket]] = []
         pending_all, self._pending = self._pending, {}
         for pending in pending_all.values():
-            written = False
-            try:
-                chunks = pending.chunks
-                written = write_to_session(
-                    pending.writer, chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                )
-            finally:
-                for charge in pending.charges:
-                    if written:
-                        meter.commit(charge)
-                    else:
-                        meter.release(charge)
-            if written and pending.packets:
-                sent.extend((pending.session, packet) for packet in pending.packets)
+            self._write(pending, meter)
+        sent, self._sent = self._sent, []
         return sent
+
+    def _write(self, pending: _Pending, meter: Meter) -> None:
+        written = False
+        try:
+            chunks = pending.chunks
+            written = write_to_session(
+                pending.writer, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            )
+        finally:
+            for charge in pending.charges:
+                if written:
+                    meter.commit(charge)
+                else:
+                    meter.release(charge)
+        if written and pending.packets:
+            self._sent.extend((pending.session, packet) for packet in pending.packets)
 
 
 async def run_broadcast(broker: DeliveryPath, running_tasks: deque[asyncio.Task[Any]]) -> None:
@@ -198,6 +221,8 @@ async def deliver(
             and data is not None
             and type(handler) is MeteredHandler
             and type(writer) is StreamWriterAdapter
+            and getattr(session, "blendsm_hold", None) is None
+            and outbox.takes(writer)
         ):
             if frame is None:
                 frame = _Frame(topic, bytes(data))
@@ -206,6 +231,7 @@ async def deliver(
             except Exception as exc:
                 _FAILURE_LOG.note("delivery on %r to %r failed: %r", topic, session.client_id, exc)
             continue
+        outbox.before_task(writer, service.meter)
         running_tasks.append(
             asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
         )

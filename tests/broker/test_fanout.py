@@ -95,3 +95,20 @@ async def test_a_flushed_outbox_is_empty(connections: Any) -> None:
     assert outbox.flush(meter) == []
     assert (account.charged, account.reserved) == (PRICE, 0)
     assert await asyncio.wait_for(reader.readexactly(len(data)), 5) == data
+
+
+async def test_a_delivery_on_amqtts_path_writes_what_was_queued_first(connections: Any) -> None:
+    """Order per session: before a task is started for a session, its queued bytes are written
+    (and charged); its later deliveries of the batch are not queued behind the task's back."""
+    meter = Meter("0x" + "0a" * 20, credit_messages=10)
+    account = _account(1)
+    writer, reader = await connections()
+    outbox = Outbox(listeners=False)
+    packet, data = _publish(1)
+    outbox.add(Session(), writer, packet, data, _charge(meter, account))
+    assert outbox.takes(writer)
+    outbox.before_task(writer, meter)
+    assert (account.charged, account.reserved) == (PRICE, 0), "written before the task runs"
+    assert await asyncio.wait_for(reader.readexactly(len(data)), 5) == data
+    assert not outbox.takes(writer)
+    assert outbox.flush(meter) == []
