@@ -84,13 +84,19 @@ async def test_written_deliveries_are_charged_and_those_to_a_closed_transport_ar
     assert got == expected
 
 
-async def test_a_flushed_outbox_is_empty(connections: Any) -> None:
+async def _one_queued(connections: Any) -> tuple[Meter, Account, Any, Any, Outbox, bytes]:
+    """An outbox holding one charged delivery for a fresh connection."""
     meter = Meter("0x" + "0a" * 20, credit_messages=10)
     account = _account(1)
     writer, reader = await connections()
     outbox = Outbox(listeners=False)
     packet, data = _publish(1)
     outbox.add(Session(), writer, packet, data, _charge(meter, account))
+    return meter, account, writer, reader, outbox, data
+
+
+async def test_a_flushed_outbox_is_empty(connections: Any) -> None:
+    meter, account, _, reader, outbox, data = await _one_queued(connections)
     assert outbox.flush(meter) == []  # nobody listens to PACKET_SENT
     assert outbox.flush(meter) == []
     assert (account.charged, account.reserved) == (PRICE, 0)
@@ -100,12 +106,7 @@ async def test_a_flushed_outbox_is_empty(connections: Any) -> None:
 async def test_a_delivery_on_amqtts_path_writes_what_was_queued_first(connections: Any) -> None:
     """Order per session: before a task is started for a session, its queued bytes are written
     (and charged); its later deliveries of the batch are not queued behind the task's back."""
-    meter = Meter("0x" + "0a" * 20, credit_messages=10)
-    account = _account(1)
-    writer, reader = await connections()
-    outbox = Outbox(listeners=False)
-    packet, data = _publish(1)
-    outbox.add(Session(), writer, packet, data, _charge(meter, account))
+    meter, account, writer, reader, outbox, data = await _one_queued(connections)
     assert outbox.takes(writer)
     outbox.before_task(writer, meter)
     assert (account.charged, account.reserved) == (PRICE, 0), "written before the task runs"
