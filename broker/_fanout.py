@@ -18,7 +18,8 @@ calls :func:`run_broadcast` instead):
   the credit ran out, both queued the same way;
 * QoS 1/2 deliveries (which hold a packet id and wait for acknowledgements), WebSocket
   transports, a session whose reconnect is still redelivering its messages in flight and
-  replaying its queue (``blendsm_hold``: those go first) and anything else keep amqtt's
+  replaying its queue (``blendsm_hold``: those go first), every delivery while
+  ``MeteredHandler.mqtt_publish`` is replaced by a wrapper, and anything else keep amqtt's
   path: one Task running the handler's ``mqtt_publish``, gated and metered by
   :class:`MeteredHandler`;
 * messages for an offline session are queued by ``_retain_broadcast_message`` as before.
@@ -56,6 +57,11 @@ __all__ = ["MAX_BATCH", "Outbox", "run_broadcast", "write_to_session"]
 MAX_BATCH: Final = 64
 """Broadcasts taken from amqtt's queue per ``_run_broadcast`` call: amqtt's loop starts one
 Task per call, so a burst is handled in batches rather than one task per message."""
+
+_METERED_PUBLISH: Final = MeteredHandler.mqtt_publish
+"""What the inline QoS 0 path stands in for: if ``MeteredHandler.mqtt_publish`` was replaced
+(wrapped by an extension, or by a test playing a hostile broker), every delivery calls the
+replacement instead."""
 
 _log = logging.getLogger("blendsm.broker")
 _FAILURE_LOG: Final = LogLimiter(_log, logging.ERROR)
@@ -199,6 +205,7 @@ async def deliver(
     forced: int | None = broadcast.get("qos")
     publish_qos = data.publish_qos if type(data) is PublishedPayload else 2
     screened = broker.other_topic_plugins()
+    inline = MeteredHandler.mqtt_publish is _METERED_PUBLISH
     frame: _Frame | None = None
     for session, granted in targets:
         qos = granted if forced is None else forced
@@ -218,6 +225,7 @@ async def deliver(
         writer = handler.writer
         if (
             min(qos, publish_qos) == 0
+            and inline
             and data is not None
             and type(handler) is MeteredHandler
             and type(writer) is StreamWriterAdapter
