@@ -381,6 +381,21 @@ class PlainAmqttMarket:
     channel: bytes
     chain: Any
 
+    @contextlib.asynccontextmanager
+    async def running(self, until: Callable[..., Any]) -> AsyncIterator[tuple[Client, ...]]:
+        """Start the broker, wait for the buyer's channel in its view, and yield raw clients
+        (not connected) for buyer, device and anonymous; closed and stopped after."""
+        await self.broker.start()
+        clients = tuple(self.client(label) for label in ("buyer", "device", None))
+        try:
+            service = self.broker.service
+            await until(lambda: service.view.channel(self.channel) is not None, 10)
+            yield clients
+        finally:
+            for c in clients:
+                c.close()
+            await self.broker.shutdown()
+
     def client(self, label: str | None) -> Client:
         if label is None:
             return Client("127.0.0.1", self.port)

@@ -138,14 +138,8 @@ async def test_third_party_topic_and_event_plugins_keep_working(
     broker, channel = market.broker, market.channel
     assert isinstance(broker, BlendBroker)
     PublishSentRecorder.sent.clear()
-    await broker.start()
-    clients: list[Any] = []
-    try:
-        service = broker.service
-        await until(lambda: service.view.channel(channel) is not None, 10)
-        buyer, device, anon = (market.client(x) for x in ("buyer", "device", None))
-        clients += [buyer, device, anon]
-        for c in clients:
+    async with market.running(until) as (buyer, device, anon):
+        for c in (buyer, device, anon):
             assert await c.connect() == 0
         assert await anon.subscribe("blocked/#") == [0]
         assert await anon.subscribe("public/#") == [0]
@@ -157,11 +151,7 @@ async def test_third_party_topic_and_event_plugins_keep_working(
         assert got == [("public/a", b"free")]
         paid = [m.payload for m in await buyer.got.drain(within=0.5) if m.topic == "paid/third"]
         assert paid == [b"paid"]
-        assert service.meter.accounts[channel].charged == PRICE
+        assert broker.service.meter.accounts[channel].charged == PRICE
         await until(lambda: (buyer.client_id, "paid/third") in PublishSentRecorder.sent, 5)
         assert (anon.client_id, "public/a") in PublishSentRecorder.sent
         assert (anon.client_id, "blocked/a") not in PublishSentRecorder.sent
-    finally:
-        for c in clients:
-            c.close()
-        await broker.shutdown()

@@ -21,13 +21,7 @@ async def test_plain_amqtt_config_runs_the_marketplace(
     market = await plain_amqtt_market(chain, mp, tmp_path, monkeypatch, "paid/plain")
     broker, channel = market.broker, market.channel
     assert isinstance(broker, BlendBroker)  # upgraded in place by the plugin
-    await broker.start()
-    clients: list[Any] = []
-    try:
-        service = broker.service
-        await until(lambda: service.view.channel(channel) is not None, 10)
-        buyer, device, anon = (market.client(x) for x in ("buyer", "device", None))
-        clients += [buyer, device, anon]
+    async with market.running(until) as (buyer, device, anon):
         assert await anon.connect() == 5  # public topics are off by default
         assert await buyer.connect() == 0
         assert await device.connect() == 0
@@ -35,11 +29,7 @@ async def test_plain_amqtt_config_runs_the_marketplace(
         await device.publish("paid/plain", b"hello", qos=1)
         got = [m.payload for m in await buyer.got.drain(within=1.0) if m.topic == "paid/plain"]
         assert got == [b"hello"]
-        assert service.meter.accounts[channel].charged == 1_000
-    finally:
-        for c in clients:
-            c.close()
-        await broker.shutdown()
+        assert broker.service.meter.accounts[channel].charged == 1_000
 
 
 async def test_plain_amqtt_config_without_the_blendsm_file_fails_clearly() -> None:
