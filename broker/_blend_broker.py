@@ -43,6 +43,7 @@ from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._admission import Admission
 from blendsm.broker._amqtt_compat import AMQTT_VERSION, check_amqtt_compatibility
 from blendsm.broker._config_listeners import ListenerConfig
+from blendsm.broker._delivery import DeliveryPath
 from blendsm.broker._handler import (
     KEEPALIVE_GRACE,
     MeteredHandler,
@@ -70,7 +71,7 @@ _CERTIFICATE_LOG: Final = LogLimiter(_log)
 """CONNECTs over a verified client certificate: one log line a minute, with a count."""
 
 
-class BlendBroker(Broker):
+class BlendBroker(DeliveryPath):
     """The amqtt Broker serving a :class:`MarketplaceService` (see the module docstring).
 
     Built by ``blendsm broker``; a plain amqtt Broker is turned into one by

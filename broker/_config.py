@@ -203,6 +203,10 @@ class LimitsConfig:
     shutdown_seconds: float = 10.0
     """A stop closes connections and background chain work within about this long (> 0, at
     most 600), aborting what is left; the stores are closed after."""
+    max_filters_per_session: int = 100
+    """Subscription filters one session holds (>= 1); a SUBSCRIBE past it gets 0x80."""
+    max_filters_per_identity: int = 1_000
+    """Subscription filters all sessions of one member address hold together (>= 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,7 +514,14 @@ def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
         connect_burst_per_ip=burst,
         max_packet_bytes=packet,
         shutdown_seconds=stop,
+        max_filters_per_session=_int_limit(data, "max_filters_per_session"),
+        max_filters_per_identity=_int_limit(data, "max_filters_per_identity"),
     )
+
+
+def _int_limit(data: Mapping[str, Any], name: str) -> int:
+    """A count limit in ``limits``: 1-1,000,000, default from LimitsConfig."""
+    return integer(data, name, "limits", getattr(_DEFAULTS.limits, name), low=1, high=10**6)
 
 
 def _parse_metrics(data: Mapping[str, Any], base: Path | None) -> MetricsConfig:

@@ -198,6 +198,11 @@ class BrokerCollector(Collector):
             stats.connections_aborted,
         )
         yield counter(
+            "subscriptions_refused_at_limit",
+            "Subscription filters refused: the per-session or per-member filter cap was reached.",
+            stats.subscriptions_refused_at_limit,
+        )
+        yield counter(
             "keepalive_timeouts",
             "Connections dropped after 1.5 x their keepalive without a packet (Will sent).",
             stats.keepalive_timeouts,

@@ -62,6 +62,9 @@ class ServiceStats:
     connect_timeouts: int = 0
     """Connections closed for not sending a complete CONNECT within
     ``limits.connect_timeout_seconds``."""
+    subscriptions_refused_at_limit: int = 0
+    """Subscription filters refused (SUBACK 0x80): ``limits.max_filters_per_session`` or
+    ``max_filters_per_identity`` reached."""
     keepalive_timeouts: int = 0
     """Connections dropped after 1.5 x their keepalive without a packet (Will sent)."""
     connections_aborted: int = 0

@@ -275,6 +275,14 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
         ({"limits": {"max_packet_bytes": 2**28 + 5}}, "limits.max_packet_bytes: must be <="),
         ({"limits": {"shutdown_seconds": 0}}, "limits.shutdown_seconds: must be > 0, got 0"),
         ({"limits": {"shutdown_seconds": 601}}, "limits.shutdown_seconds: must be <= 600, got 601"),
+        (
+            {"limits": {"max_filters_per_session": 0}},
+            "limits.max_filters_per_session: must be >= 1, got 0",
+        ),
+        (
+            {"limits": {"max_filters_per_identity": 10**7}},
+            "limits.max_filters_per_identity: must be <= 1000000",
+        ),
     ],
 )
 def test_invalid_values_name_the_dotted_path(data: dict[str, Any], expected: str) -> None:
@@ -509,6 +517,15 @@ def test_limits_default_and_parse() -> None:
     ).limits
     assert (set_.connect_rate_per_ip, set_.connect_burst_per_ip) == (2.0, 7)
     assert (set_.max_packet_bytes, set_.shutdown_seconds) == (4096, 3.0)
+
+
+def test_filter_caps_default_and_parse() -> None:
+    default = parse_config({}).limits
+    assert (default.max_filters_per_session, default.max_filters_per_identity) == (100, 1000)
+    limits = parse_config(
+        {"limits": {"max_filters_per_session": 3, "max_filters_per_identity": 5}}
+    ).limits
+    assert (limits.max_filters_per_session, limits.max_filters_per_identity) == (3, 5)
 
 
 def test_max_staleness_defaults_to_five_polls_and_at_least_ten_seconds() -> None:

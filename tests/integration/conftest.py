@@ -370,6 +370,86 @@ def anvil_broker_config(chain: Any, folder: Path) -> tuple[dict[str, Any], dict[
     return sections, {OPERATOR_KEY_ENV: chain.accounts["operator"].key.hex()}  # TEST ONLY
 
 
+@dataclass
+class PlainAmqttMarket:
+    """A broker built by amqtt from a plain config naming ``MarketplacePlugin`` (and any other
+    plugins), on the test's anvil chain: seller with a device, a buyer with an open channel to
+    the seller on ``topic``. ``client(label)`` makes a raw client for a TEST-ONLY account."""
+
+    broker: Any
+    port: int
+    channel: bytes
+    chain: Any
+
+    @contextlib.asynccontextmanager
+    async def running(self, until: Callable[..., Any]) -> AsyncIterator[tuple[Client, ...]]:
+        """Start the broker, wait for the buyer's channel in its view, and yield raw clients
+        (not connected) for buyer, device and anonymous; closed and stopped after."""
+        await self.broker.start()
+        clients = tuple(self.client(label) for label in ("buyer", "device", None))
+        try:
+            service = self.broker.service
+            await until(lambda: service.view.channel(self.channel) is not None, 10)
+            yield clients
+        finally:
+            for c in clients:
+                c.close()
+            await self.broker.shutdown()
+
+    def client(self, label: str | None) -> Client:
+        if label is None:
+            return Client("127.0.0.1", self.port)
+        chain = self.chain
+        account, deployment = chain.accounts[label], chain.deployment
+        key = bytes(account.key)
+        return Client(
+            "127.0.0.1",
+            self.port,
+            account=account,
+            signer=ConnectTokenSigner(key, deployment.chain_id, chain.addr("operator")),
+            envelope_signer=EnvelopeSigner(
+                key, MessageDomain(deployment.chain_id, deployment.address("Registry"))
+            ),
+        )
+
+
+async def plain_amqtt_market(
+    chain: Any,
+    mp: Callable[[str], Marketplace],
+    folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    topic: str,
+    plugins: dict[str, Any] | None = None,
+    **sections: Any,
+) -> PlainAmqttMarket:
+    """Enrol the market on anvil and build (not start) an amqtt ``Broker`` from a plain config:
+    ``MarketplacePlugin`` reading a BlendSM YAML (``sections`` added to it), then ``plugins``."""
+    from amqtt.broker import Broker
+
+    for label, role in (("seller", Role.SELLER), ("buyer", Role.BUYER)):
+        await enrol(mp, chain, label, role)
+    await mp("seller").registry.add_device(chain.addr("device"))
+    await mp("seller").market.create_topic(topic, PRICE, None, Policy.OPEN)
+    channel = (
+        await mp("buyer").channels.open(chain.addr("seller"), chain.addr("operator"), None, 10**15)
+    ).channel_id
+    config, env = anvil_broker_config(chain, folder)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (folder / "blendsm.yaml").write_text(yaml.safe_dump({**config, **sections}))
+    port = free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "blendsm.plugins.MarketplacePlugin": {"config": str(folder / "blendsm.yaml")},
+                **(plugins or {}),
+            },
+        }
+    )
+    return PlainAmqttMarket(broker, port, channel, chain)
+
+
 def _start_broker_process(config: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "blendsm.cli", "broker", "-c", str(config)],

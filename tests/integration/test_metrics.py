@@ -55,6 +55,7 @@ EXPECTED = {
     "blendsm_connects_rate_limited_total",
     "blendsm_packets_too_large_total",
     "blendsm_connections_aborted_total",
+    "blendsm_subscriptions_refused_at_limit_total",
     "blendsm_control_dropped_total",
     "blendsm_revocation_disconnects_total",
     "blendsm_connected_sessions",

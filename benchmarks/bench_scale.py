@@ -1,0 +1,465 @@
+"""Scale: S subscribers on S/10 topics at a fixed total rate, broker by broker, same run.
+
+Run as ``python benchmarks/bench_scale.py`` (S = 10, 100, 1,000; about 2-4 minutes on a
+2-core machine) or ``python benchmarks/bench_scale.py --big`` (adds S = 10,000; a few minutes
+more: stock amqtt alone takes about a minute to connect 10,000 clients). Options:
+``--sizes 10,100`` (instead of the defaults), ``--rate 300`` (messages/s published, in all),
+``--seconds 5`` (publishing time), ``--brokers amqtt,public,mosquitto``, ``--qos 1``
+(publish and subscribe at QoS 1; the subscribers acknowledge every message).
+
+Each (broker, S) starts its broker in its own process on 127.0.0.1 and S subscribers, 10 per
+topic ``scale/<k>`` (k < S/10), QoS 0, clean session, no keepalive. The subscribers are
+raw-socket asyncio MQTT 3.1.1 clients (an ``asyncio.Protocol`` each, no client library), in
+``CLIENT_PROCS`` processes, at most ``CONNECT_CONCURRENCY`` CONNECTs in flight per process (a
+connection refused, e.g. by a full listen backlog, is retried up to ``CONNECT_ATTEMPTS`` times
+and the retries count in the connect time), so the clients are not the bottleneck. One
+raw-socket publisher then sends ``rate`` 64-byte QoS 0 PUBLISHes a second for ``seconds``,
+round-robin over the topics: the broker has to make 10 x ``rate`` deliveries a second whatever
+S is. Reported per (broker, S):
+
+* connect time: from the start signal until every subscriber has its CONNACK and SUBACK;
+* RSS per session: the broker process's resident memory after all subscribed, less before
+  the first client, over S;
+* broker CPU per delivery: CPU seconds (user + system, all threads, ``psutil`` or /proc,
+  10 ms ticks) of the broker process from the first publish until the last receipt (or 3 s of
+  silence), over the deliveries received;
+* losses: expected deliveries (published x 10) less received.
+
+Brokers:
+  amqtt      stock amqtt 0.12.1 ``Broker``, one TCP listener and ``AnonymousAuthPlugin`` only
+             (the configuration (a) of ``bench_paid_delivery.py``);
+  public     BlendSM (``start_broker``, embedded chain, ``public_topics: true``), anonymous
+             clients on public topics, connection caps and connect rate raised to fit S;
+  mosquitto  the Debian ``mosquitto`` binary when installed (skipped, and said so, when not).
+
+TODO (not measured yet): BlendSM on paid topics (members with channels and SDK payments at
+this scale, set up on the embedded chain or anvil).
+
+The machine is usually shared: figures are indicative; ratios measured in one run travel
+better than absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+# A sibling script (its folder is first on sys.path when run as a script): the same broker
+# processes as bench_paid_delivery.py, so configuration "amqtt" is its (a).
+from bench_paid_delivery import (
+    _ask,
+    _free_port,
+    _proc_cpu,
+    _quiet,
+    _run_child,
+    _serve,
+    _stock_main,
+)
+
+PER_TOPIC = 10
+PAYLOAD = b"x" * 64
+CLIENT_PROCS = 4
+CONNECT_CONCURRENCY = 50
+CONNECT_ATTEMPTS = 10
+IDLE_STOP_S = 3.0
+START_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 300.0
+
+
+# --------------------------------------------------------------------------- MQTT encoding
+# amqtt's packet codec: the clients need no MQTT library of their own.
+def connect_packet(client_id: str) -> bytes:
+    """MQTT 3.1.1 CONNECT, clean session, keepalive 0 (none)."""
+    from amqtt.mqtt.connect import ConnectPacket, ConnectPayload, ConnectVariableHeader
+
+    header = ConnectVariableHeader(connect_flags=0x02, keep_alive=0)
+    return ConnectPacket(variable_header=header, payload=ConnectPayload(client_id)).to_bytes()
+
+
+def subscribe_packet(topic: str, qos: int) -> bytes:
+    from amqtt.mqtt.subscribe import SubscribePacket
+
+    return SubscribePacket.build([(topic, qos)], 1).to_bytes()
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
+    from amqtt.mqtt.publish import PublishPacket
+
+    pid = packet_id if qos else None
+    return PublishPacket.build(topic, payload, pid, False, qos, False).to_bytes()
+
+
+# --------------------------------------------------------------------------- broker processes
+def _blendsm_main(conn: Any, data_dir: str, sessions: int) -> None:
+    """BlendSM on public topics: ``start_broker`` with the embedded chain; connection caps and
+    the per-address connect rate raised so every benchmark client fits (all of them come from
+    127.0.0.1)."""
+    _quiet()
+    from blendsm.broker import parse_config, start_broker
+
+    cap = max(1_000, sessions + 100)
+    config = parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "chain": {"endpoint": "embedded", "confirmations": 0, "poll_interval": 2.0},
+            "payments": {"settlement": {"interval_seconds": 3600}},
+            "limits": {
+                "max_connections": cap,
+                "max_connections_per_ip": cap,
+                "connect_rate_per_ip": cap,
+                "connect_burst_per_ip": cap,
+            },
+            "data_dir": data_dir,
+            "public_topics": True,
+            "log_level": "WARNING",
+        }
+    )
+
+    async def run() -> None:
+        running = await start_broker(config)
+        conn.send(("ready", {"port": running.port}))
+        await _serve(conn, lambda: {}, running.stop)
+
+    _run_child(conn, run)
+
+
+class _Broker:
+    """One broker under test: a child process (amqtt, BlendSM) or mosquitto."""
+
+    def __init__(self, kind: str, sessions: int) -> None:
+        self.kind = kind
+        self.folder = tempfile.mkdtemp(prefix="bench-scale-")
+        self.conn: Any = None
+        self.proc: Any = None
+        ctx = mp.get_context("spawn")
+        if kind == "mosquitto":
+            self.port = _free_port()
+            conf = os.path.join(self.folder, "mosquitto.conf")
+            with open(conf, "w") as f:
+                f.write(
+                    f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                    "max_connections -1\npersistence false\nlog_type error\n"
+                )
+            self.proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=subprocess.DEVNULL)
+            self.pid = self.proc.pid
+            _wait_listening(self.port, 10.0)
+            return
+        parent, child = ctx.Pipe()
+        target, args = (
+            (_stock_main, (child,))
+            if kind == "amqtt"
+            else (_blendsm_main, (child, self.folder, sessions))
+        )
+        self.proc = ctx.Process(target=target, args=args, daemon=True)
+        self.proc.start()
+        self.conn = parent
+        if not parent.poll(START_TIMEOUT_S):
+            self.stop()
+            raise RuntimeError(f"{kind}: broker did not start in time")
+        tag, info = parent.recv()
+        if tag != "ready":
+            self.stop()
+            raise RuntimeError(f"{kind}: broker failed to start: {info}")
+        self.port = int(info["port"])
+        self.pid = self.proc.pid
+
+    def cpu(self) -> float:
+        return _proc_cpu(self.pid)
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        try:
+            if self.conn is not None:
+                with contextlib.suppress(Exception):
+                    _ask(self.conn, "stop", 15)
+            if self.kind == "mosquitto":
+                self.proc.terminate()
+                self.proc.wait(10)
+            elif self.proc is not None:
+                self.proc.join(10)
+                if self.proc.is_alive():
+                    self.proc.kill()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _wait_listening(port: int, within: float) -> None:
+    end = time.time() + within
+    while time.time() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+# --------------------------------------------------------------------------- subscribers
+class _Subscriber(asyncio.Protocol):
+    """CONNECT, SUBSCRIBE, then count PUBLISH packets."""
+
+    def __init__(
+        self, client_id: str, topic: str, qos: int, ready: asyncio.Future[None], box: list[int]
+    ):
+        self.client_id, self.topic, self.qos, self.ready, self.box = (
+            client_id,
+            topic,
+            qos,
+            ready,
+            box,
+        )
+        self.buffer = bytearray()
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.write(connect_packet(self.client_id))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        pos = 0
+        while len(buf) - pos >= 2:
+            kind = buf[pos] >> 4
+            length, shift, i = 0, 0, pos + 1
+            while i < len(buf):
+                byte = buf[i]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not byte & 0x80:
+                    break
+            else:
+                break
+            if len(buf) - i < length:
+                break
+            if kind == 3:
+                self.box[0] += 1
+                if buf[pos] & 0x06:  # QoS 1: acknowledge (PUBACK with the packet id)
+                    at = i + 2 + int.from_bytes(buf[i : i + 2], "big")
+                    self.transport.write(b"\x40\x02" + bytes(buf[at : at + 2]))
+            elif kind == 2:  # CONNACK
+                if buf[i + 1] != 0 and not self.ready.done():
+                    self.ready.set_exception(RuntimeError(f"CONNACK {buf[i + 1]}"))
+                self.transport.write(subscribe_packet(self.topic, self.qos))
+            elif kind == 9 and not self.ready.done():  # SUBACK
+                if buf[i + 2] == 0x80:
+                    self.ready.set_exception(RuntimeError("SUBACK refused"))
+                else:
+                    self.ready.set_result(None)
+            pos = i + length
+        del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"closed: {exc}"))
+
+
+def _clients_main(conn: Any, port: int, subs: list[tuple[str, str]], qos: int = 0) -> None:
+    asyncio.run(_clients(conn, port, subs, qos))
+
+
+async def _clients(conn: Any, port: int, subs: list[tuple[str, str]], qos: int) -> None:
+    loop = asyncio.get_running_loop()
+    box = [0]
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    transports: list[Any] = []
+
+    async def one(client_id: str, topic: str) -> None:
+        async with gate:
+            for attempt in range(CONNECT_ATTEMPTS):  # a full listen backlog refuses: retry
+                ready: asyncio.Future[None] = loop.create_future()
+                try:
+                    transport, _ = await loop.create_connection(
+                        lambda ready=ready: _Subscriber(client_id, topic, qos, ready, box),
+                        "127.0.0.1",
+                        port,
+                    )
+                except OSError:
+                    if attempt == CONNECT_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(0.1 * (attempt + 1))
+                    continue
+                transports.append(transport)
+                await asyncio.wait_for(ready, 60)
+                return
+
+    await loop.run_in_executor(None, conn.recv)  # "go"
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(c, t) for c, t in subs), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    conn.send(("connected", time.perf_counter() - t0, len(failed), repr(failed[:1])))
+    while True:
+        if await loop.run_in_executor(None, conn.poll, 0.2):
+            cmd = conn.recv()
+            if cmd == "count":
+                conn.send(box[0])
+            elif cmd == "stop":
+                break
+    for transport in transports:
+        transport.abort()
+
+
+# --------------------------------------------------------------------------- one run
+def _publish(port: int, topics: list[str], rate: int, seconds: float, qos: int = 0) -> int:
+    """Publish ``rate`` messages a second for ``seconds``, 100 batches a second (at QoS 1 the
+    broker's PUBACKs are left unread: the socket buffer holds them)."""
+    packets = [publish_packet(t, PAYLOAD) for t in topics]
+
+    def packet(n: int) -> bytes:  # QoS 1: a fresh packet id each (ids cycle below 65,536)
+        if not qos:
+            return packets[n % len(packets)]
+        return publish_packet(topics[n % len(topics)], PAYLOAD, qos, 1 + n % 65_535)
+
+    sock = socket.create_connection(("127.0.0.1", port), 10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(connect_packet(f"pub-{os.getpid()}-{time.monotonic_ns()}"))
+    if sock.recv(4)[:1] != b"\x20":
+        raise RuntimeError("publisher: no CONNACK")
+    sent, start, tick = 0, time.perf_counter(), 0
+    total = int(rate * seconds)
+    while sent < total:
+        tick += 1
+        due = min(total, int(rate * tick / 100))
+        sock.sendall(b"".join(packet(i) for i in range(sent, due)))
+        sent = due
+        time.sleep(max(0.0, start + tick / 100 - time.perf_counter()))
+    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    sock.close()
+    return sent
+
+
+def run_one(kind: str, size: int, rate: int, seconds: float, qos: int = 0) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    broker = _Broker(kind, size)
+    procs: list[tuple[Any, Any]] = []
+    try:
+        time.sleep(0.5)
+        rss0 = broker.rss()
+        topics = [f"scale/{k}" for k in range(max(1, size // PER_TOPIC))]
+        subs = [(f"s{n}", topics[n // PER_TOPIC % len(topics)]) for n in range(size)]
+        n_procs = min(CLIENT_PROCS, size)
+        for p in range(n_procs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_clients_main, args=(child, broker.port, subs[p::n_procs], qos), daemon=True
+            )
+            proc.start()
+            procs.append((proc, parent))
+        time.sleep(1.0)  # the client processes import and start their loops
+        for _, parent in procs:
+            parent.send("go")
+        connect_s, failed = 0.0, 0
+        for _, parent in procs:
+            if not parent.poll(CONNECT_TIMEOUT_S):
+                raise RuntimeError("subscribers did not connect in time")
+            _, took, bad, first = parent.recv()
+            connect_s, failed = max(connect_s, took), failed + bad
+            if bad:
+                print(f"    {kind} S={size}: {bad} subscriber(s) failed, e.g. {first}", flush=True)
+        time.sleep(1.0)
+        rss1 = broker.rss()
+        cpu0 = broker.cpu()
+        published = _publish(broker.port, topics, rate, seconds, qos)
+        expected = published * PER_TOPIC
+        got, last, last_change = 0, -1, time.time()
+        while time.time() - last_change < IDLE_STOP_S and got < expected:
+            time.sleep(0.1)
+            got = 0
+            for _, parent in procs:
+                parent.send("count")
+                got += parent.recv()
+            if got != last:
+                last, last_change = got, time.time()
+        cpu = broker.cpu() - cpu0
+        return {
+            "connect_s": connect_s,
+            "rss_per_session": (rss1 - rss0) / size,
+            "cpu_us": cpu / max(got, 1) * 1e6,
+            "received": got,
+            "expected": expected,
+            "lost": expected - got,
+            "failed": failed,
+        }
+    finally:
+        for _, parent in procs:
+            with contextlib.suppress(Exception):
+                parent.send("stop")
+        for proc, _ in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        broker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10,100,1000")
+    parser.add_argument("--big", action="store_true", help="add S = 10,000")
+    parser.add_argument("--rate", type=int, default=300, help="messages/s published in all")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--brokers", default="amqtt,public,mosquitto")
+    parser.add_argument("--qos", type=int, default=0, choices=(0, 1), help="publish and subscribe")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")] + ([10_000] if args.big else [])
+    kinds = args.brokers.split(",")
+    if "mosquitto" in kinds and shutil.which("mosquitto") is None:
+        print("mosquitto not installed: skipped (Debian: apt-get install mosquitto)")
+        kinds.remove("mosquitto")
+    print(
+        f"S subscribers on S/{PER_TOPIC} topics, QoS {args.qos}, {len(PAYLOAD)} B, {args.rate} msg/s"
+        f" published ({args.rate * PER_TOPIC} deliveries/s) for {args.seconds:.0f} s;"
+        f" {CLIENT_PROCS} raw-socket client processes",
+        flush=True,
+    )
+    print(
+        f"  {'broker':10s} {'S':>6s} {'connect s':>10s} {'RSS/session':>12s}"
+        f" {'CPU us/delivery':>16s} {'received':>10s} {'lost':>7s}"
+    )
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    start = time.time()
+    for size in sizes:
+        for kind in kinds:
+            try:
+                r = run_one(kind, size, args.rate, args.seconds, args.qos)
+            except Exception as exc:
+                print(f"  {kind:10s} {size:>6d} FAILED {exc!r}", flush=True)
+                continue
+            results[(kind, size)] = r
+            print(
+                f"  {kind:10s} {size:>6d} {r['connect_s']:>10.2f}"
+                f" {r['rss_per_session'] / 1024:>9.1f} KB {r['cpu_us']:>16.1f}"
+                f" {r['received']:>10d} {r['lost']:>7d}",
+                flush=True,
+            )
+    for kind in kinds:
+        base = results.get((kind, sizes[0]))
+        if base is None:
+            continue
+        ratios = ", ".join(
+            f"S={s}: {results[(kind, s)]['cpu_us'] / base['cpu_us']:.2f}x"
+            for s in sizes[1:]
+            if (kind, s) in results
+        )
+        if ratios:
+            print(f"  {kind}: CPU per delivery relative to S={sizes[0]}: {ratios}")
+    print(f"total {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""``DeliveryPath``: the base of ``BlendBroker`` that owns subscriptions and the fan-out.
+
+It overrides amqtt 0.12.1's subscription bookkeeping (``add_subscription``,
+``_del_subscription``, ``_del_all_subscriptions``) so that amqtt's table and BlendSM's topic
+trie stay equal and the filter caps apply (:mod:`blendsm.broker._subscriptions`), and its
+broadcast step (``_run_broadcast``) with BlendSM's fan-out (:mod:`blendsm.broker._fanout`).
+A class of its own keeps ``BlendBroker`` (CONNECT, retained messages, offline queues) apart
+from the delivery path; the overridden signatures are checked with the others at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from amqtt.broker import Broker
+from amqtt.session import Session
+
+from blendsm.broker._fanout import run_broadcast
+from blendsm.broker._subscriptions import SubscriptionTable
+
+if TYPE_CHECKING:
+    from blendsm.broker._service import MarketplaceService
+
+__all__ = ["DeliveryPath"]
+
+
+class DeliveryPath(Broker):  # type: ignore[misc]  # amqtt ships no types: Broker is Any
+    """amqtt's Broker with BlendSM's subscription index and fan-out (see the module doc)."""
+
+    _subscription_table: SubscriptionTable | None = None
+    """amqtt's ``_subscriptions`` with the topic trie over it (created on first use, so a
+    broker made by the plugin's class swap has one too)."""
+    _other_topic_plugins: bool | None = None
+
+    @property
+    def service(self) -> MarketplaceService:
+        raise NotImplementedError  # BlendBroker's
+
+    def _has_other(self, kind: str) -> bool:
+        raise NotImplementedError  # BlendBroker's
+
+    def other_topic_plugins(self) -> bool:
+        """Whether a third-party topic plugin is loaded (its decisions are awaited too)."""
+        if self._other_topic_plugins is None:
+            self._other_topic_plugins = self._has_other("_topic_plugins")
+        return self._other_topic_plugins
+
+    def subscription_table(self) -> SubscriptionTable:
+        """The subscription table and its topic trie, built over amqtt's on first use."""
+        table = self._subscription_table
+        if table is None or table.table is not self._subscriptions:
+            service = self.service
+            table = SubscriptionTable(self._subscriptions, service.config.limits, service.stats)
+            self._subscription_table = table
+        return table
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's checks within the filter caps; the trie follows what amqtt stored."""
+        return await self.subscription_table().subscribe(
+            subscription, session, super().add_subscription
+        )
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        return self.subscription_table().unsubscribe(a_filter, session)
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        self.subscription_table().unsubscribe_all(session)
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
+        await run_broadcast(self, running_tasks)

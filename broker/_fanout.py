@@ -1,0 +1,300 @@
+"""BlendSM's fan-out: one broadcast to every matching session, without a task per delivery.
+
+amqtt 0.12.1's ``Broker._run_broadcast`` scans every subscription filter for each publish,
+awaits the topic plugins (one Task per plugin) for each subscriber, and starts one Task per
+delivery, in which the PUBLISH is encoded again for every subscriber. Here (``BlendBroker``
+calls :func:`run_broadcast` instead):
+
+* the matching sessions come from the topic trie (:class:`SubscriptionTable`), once per
+  session at its highest granted QoS;
+* a QoS 0 delivery to a connected session on a TCP or TLS transport is decided and metered
+  inline, with no task: the gate (``service.admit``, which reserves a paid delivery), then the
+  PUBLISH bytes, encoded once per broadcast, queued in the batch's :class:`Outbox`. The
+  broadcasts already waiting in amqtt's queue are taken as one batch (up to
+  :data:`MAX_BATCH`), and at its end each session's bytes are handed to its transport in one
+  write, then its charges committed (or released when the transport is closing): charged
+  exactly when written, as on amqtt's path, and a burst to one session costs one system call.
+  A quote goes right before the first charged delivery of a price, a payment request when
+  the credit ran out, both queued the same way;
+* QoS 1/2 deliveries (which hold a packet id and wait for acknowledgements), WebSocket
+  transports, a session whose reconnect is still redelivering its messages in flight and
+  replaying its queue (``blendsm_hold``: those go first), every delivery while
+  ``MeteredHandler.mqtt_publish`` is replaced by a wrapper, and anything else keep amqtt's
+  path: one Task running the handler's ``mqtt_publish``, gated and metered by
+  :class:`MeteredHandler`;
+* messages for an offline session are queued by ``_retain_broadcast_message`` as before.
+
+Third-party amqtt plugins keep working: with a third-party topic plugin every delivery awaits
+``_topic_filtering(RECEIVE)`` (amqtt's slower path), and a plugin listening to
+``on_mqtt_packet_sent`` gets the event for every PUBLISH and notice written here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+from amqtt.adapters import StreamWriterAdapter
+from amqtt.broker import Action
+from amqtt.events import MQTTEvents
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import Session
+
+from blendsm.broker._access import Verdict
+from blendsm.broker._handler import MeteredHandler, PublishedPayload
+from blendsm.broker._log_limit import LogLimiter
+from blendsm.broker._meter import Charge, Meter
+from blendsm.device_sdk import NOTICE, AnyNotice, control_topic, encode_notice
+
+if TYPE_CHECKING:
+    from blendsm.broker._delivery import DeliveryPath
+    from blendsm.broker._service import MarketplaceService
+
+__all__ = ["MAX_BATCH", "Outbox", "run_broadcast", "write_to_session"]
+
+MAX_BATCH: Final = 64
+"""Broadcasts taken from amqtt's queue per ``_run_broadcast`` call: amqtt's loop starts one
+Task per call, so a burst is handled in batches rather than one task per message."""
+
+_METERED_PUBLISH: Final = MeteredHandler.mqtt_publish
+"""What the inline QoS 0 path stands in for: if ``MeteredHandler.mqtt_publish`` was replaced
+(wrapped by an extension, or by a test playing a hostile broker), every delivery calls the
+replacement instead."""
+
+_log = logging.getLogger("blendsm.broker")
+_FAILURE_LOG: Final = LogLimiter(_log, logging.ERROR)
+"""A delivery that raised: logged once a minute at most (it may repeat per message)."""
+
+
+class _Frame:
+    """One broadcast's QoS 0 PUBLISH, encoded once and written to every session."""
+
+    __slots__ = ("data", "packet")
+
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.packet = PublishPacket.build(topic, payload, None, False, 0, False)
+        self.data = self.packet.to_bytes()
+
+
+class _Pending:
+    """What one session gets at the end of a batch: its bytes, in order, and the charges
+    that are committed once those bytes were written (released otherwise)."""
+
+    __slots__ = ("charges", "chunks", "packets", "session", "writer")
+
+    def __init__(self, session: Session, writer: StreamWriterAdapter) -> None:
+        self.session = session
+        self.writer = writer
+        self.chunks: list[bytes] = []
+        self.charges: list[Charge] = []
+        self.packets: list[PublishPacket] = []
+
+
+class Outbox:
+    """The QoS 0 deliveries of one batch of broadcasts, per session: each session's bytes
+    are handed to its transport in one write when the batch ends (a burst of N messages to a
+    session costs one system call, not N), and its charges committed right after.
+
+    A session that gets a delivery on amqtt's path (a task) within the batch keeps its order:
+    what was queued for it is written first, and its later deliveries of the batch take the
+    task path too, behind that one."""
+
+    __slots__ = ("_pending", "_sent", "_tasked", "listeners")
+
+    def __init__(self, listeners: bool) -> None:
+        self._pending: dict[int, _Pending] = {}
+        self._tasked: set[int] = set()
+        self._sent: list[tuple[Session, PublishPacket]] = []
+        self.listeners = listeners
+        """Whether a plugin listens to amqtt's PACKET_SENT event (then packets are kept)."""
+
+    def takes(self, writer: object) -> bool:
+        """Whether this writer's deliveries may still be queued here in this batch."""
+        return id(writer) not in self._tasked
+
+    def add(
+        self,
+        session: Session,
+        writer: StreamWriterAdapter,
+        packet: PublishPacket,
+        data: bytes,
+        charge: Charge | None = None,
+    ) -> None:
+        """Queue ``data`` (the encoding of ``packet``) for ``session``; ``charge`` is settled
+        by :meth:`flush` with the write."""
+        pending = self._pending.get(id(writer))
+        if pending is None:
+            pending = self._pending[id(writer)] = _Pending(session, writer)
+        pending.chunks.append(data)
+        if charge is not None:
+            pending.charges.append(charge)
+        if self.listeners:
+            pending.packets.append(packet)
+
+    def before_task(self, writer: object, meter: Meter) -> None:
+        """A delivery to this writer goes on amqtt's path: write what is queued for it now,
+        and queue nothing more for it in this batch."""
+        self._tasked.add(id(writer))
+        pending = self._pending.pop(id(writer), None)
+        if pending is not None:
+            self._write(pending, meter)
+
+    def flush(self, meter: Meter) -> list[tuple[Session, PublishPacket]]:
+        """Write every session's bytes; commit the charges of what was written, release the
+        rest. Returns the (session, packet) pairs written, for PACKET_SENT listeners."""
+        pending_all, self._pending = self._pending, {}
+        for pending in pending_all.values():
+            self._write(pending, meter)
+        sent, self._sent = self._sent, []
+        return sent
+
+    def _write(self, pending: _Pending, meter: Meter) -> None:
+        written = False
+        try:
+            chunks = pending.chunks
+            written = write_to_session(
+                pending.writer, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            )
+        finally:
+            for charge in pending.charges:
+                if written:
+                    meter.commit(charge)
+                else:
+                    meter.release(charge)
+        if written and pending.packets:
+            self._sent.extend((pending.session, packet) for packet in pending.packets)
+
+
+async def run_broadcast(broker: DeliveryPath, running_tasks: deque[asyncio.Task[Any]]) -> None:
+    """One pass of amqtt's broadcast loop: the next broadcast and those already queued behind
+    it (up to :data:`MAX_BATCH`), then every session's QoS 0 bytes written at once."""
+    queue = broker._broadcast_queue
+    broadcast = await queue.get()
+    plugins = broker.plugins_manager
+    outbox = Outbox(MQTTEvents.PACKET_SENT in plugins._event_plugin_callbacks)
+    try:
+        for _ in range(MAX_BATCH):
+            await deliver(broker, broadcast, running_tasks, outbox)
+            if queue.empty():
+                break
+            broadcast = queue.get_nowait()
+    finally:
+        sent = outbox.flush(broker.service.meter)
+    for session, packet in sent:
+        await plugins.fire_event(MQTTEvents.PACKET_SENT, packet=packet, session=session)
+
+
+async def deliver(
+    broker: DeliveryPath,
+    broadcast: dict[str, Any],
+    running_tasks: deque[asyncio.Task[Any]],
+    outbox: Outbox,
+) -> None:
+    """Send one broadcast to every session subscribed to its topic (see the module doc): QoS
+    0 deliveries into ``outbox``, the others as tasks on amqtt's path."""
+    topic = broadcast.get("topic")
+    if not topic:
+        return
+    targets = broker.subscription_table().match(topic)
+    if not targets:
+        return
+    service = broker.service
+    data = broadcast.get("data")
+    forced: int | None = broadcast.get("qos")
+    publish_qos = data.publish_qos if type(data) is PublishedPayload else 2
+    screened = broker.other_topic_plugins()
+    inline = MeteredHandler.mqtt_publish is _METERED_PUBLISH
+    frame: _Frame | None = None
+    for session, granted in targets:
+        qos = granted if forced is None else forced
+        connected = session.transitions.state == "connected"
+        if screened or not connected:
+            if not await broker._topic_filtering(session, topic, Action.RECEIVE):
+                continue
+            connected = session.transitions.state == "connected"
+        if not connected:
+            # MQTT 3.1.2.4: kept for a persistent session at QoS 1/2 (amqtt: not anonymous).
+            if not session.clean_session and qos in (1, 2) and not session.is_anonymous:
+                await broker._retain_broadcast_message(broadcast, qos, session)
+            continue
+        handler = broker._get_handler(session)
+        if handler is None:
+            continue
+        writer = handler.writer
+        if (
+            min(qos, publish_qos) == 0
+            and inline
+            and data is not None
+            and type(handler) is MeteredHandler
+            and type(writer) is StreamWriterAdapter
+            and getattr(session, "blendsm_hold", None) is None
+            and outbox.takes(writer)
+        ):
+            if frame is None:
+                frame = _Frame(topic, bytes(data))
+            try:
+                _deliver_qos0(service, session, writer, topic, frame, outbox)
+            except Exception as exc:
+                _FAILURE_LOG.note("delivery on %r to %r failed: %r", topic, session.client_id, exc)
+            continue
+        outbox.before_task(writer, service.meter)
+        running_tasks.append(
+            asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+        )
+
+
+def _deliver_qos0(
+    service: MarketplaceService,
+    session: Session,
+    writer: StreamWriterAdapter,
+    topic: str,
+    frame: _Frame,
+    outbox: Outbox,
+) -> None:
+    """Gate one QoS 0 delivery synchronously and queue it (with its quote, or the payment
+    request that replaces it) in ``outbox``; a charge is settled when the outbox is written."""
+    if writer.is_closed or writer._writer.transport.is_closing():
+        return  # nothing can be written: not admitted, nothing reserved
+    verdict = service.admit(session, topic)
+    if verdict is Verdict.FREE:
+        outbox.add(session, writer, frame.packet, frame.data)
+    elif type(verdict) is Charge:
+        try:
+            quote = service.quote_for(session, verdict)
+            if quote is not None:
+                _add_notice(outbox, session, writer, quote)
+        except BaseException:
+            service.meter.release(verdict)  # not delivered: nothing reserved stays behind
+            raise
+        outbox.add(session, writer, frame.packet, frame.data, verdict)
+    elif verdict is Verdict.NO_CREDIT:
+        request = service.payment_request_for(session)
+        if request is not None:
+            _add_notice(outbox, session, writer, request)
+
+
+def write_to_session(writer: StreamWriterAdapter, data: bytes) -> bool:
+    """Hand ``data`` to a session's transport without waiting for it to drain: True when the
+    transport took it. The one place the fan-out writes to a session, so a bound on what a
+    session may have buffered belongs here."""
+    transport = writer._writer.transport
+    if writer.is_closed or transport.is_closing():
+        return False
+    transport.write(data)
+    return not transport.is_closing()  # a failed send closes the transport at once
+
+
+def _add_notice(
+    outbox: Outbox, session: Session, writer: StreamWriterAdapter, notice: AnyNotice
+) -> None:
+    """A quote or payment request to this session, QoS 0, queued right before what it is
+    about (as ``MarketplaceService.send_notice`` does on amqtt's path)."""
+    ident = getattr(session, "blendsm", None)
+    if ident is None or not ident.key:
+        return
+    packet = PublishPacket.build(
+        control_topic(ident.key, NOTICE), encode_notice(notice), None, False, 0, False
+    )
+    outbox.add(session, writer, packet, packet.to_bytes())
