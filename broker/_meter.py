@@ -12,9 +12,12 @@ loop, so it must be a few dict reads and integer additions, never I/O. The money
   voucher above ``charged`` (a prepayment) is credit toward later deliveries, never
   delivered value: ``charged`` only grows by committed deliveries.
 
-After a restart the charged counters start at the durable ``paid`` amount (the delivered
-value is not stored): the broker may under-bill by at most one credit window. A voucher
-accepted earlier in the same run never seeds ``charged``.
+After a restart ``charged`` starts at the delivered value the voucher store recorded
+(:meth:`Meter.load_delivered`), never at ``paid``: a prepayment not delivered before the
+restart stays credit. The meter hands the values that changed since the last write to the
+store (:meth:`Meter.unsaved_delivered`) with each voucher batch, periodically and at stop, not
+per delivery; after a kill the stored value lags by at most the deliveries committed since
+the last write, so the broker claims less, never more, than it delivered.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class Meter:
         self._choice: dict[tuple[str, str, str | None], Account | None] = {}
         self._durable_paid: dict[bytes, int] = {}
         self._restored: dict[bytes, int] = {}  # charged seeds from the store at start-up
+        self._unsaved: dict[bytes, Account] = {}  # charged rose since the store last got it
         self.delivered = 0
         self.denied_no_credit = 0
         self.on_delivered: Callable[[str], None] | None = None
@@ -100,14 +104,37 @@ class Meter:
     # --- chain state ---------------------------------------------------------------
 
     def load_paid(self, paid: Iterable[tuple[bytes, int]]) -> None:
-        """Seed the durable voucher amounts read from the store at start-up."""
+        """Seed the durable voucher amounts read from the store at start-up (credit, never
+        delivered value: see :meth:`load_delivered`)."""
         for channel_id, amount in paid:
             self._durable_paid[channel_id] = amount
-            self._restored[channel_id] = amount
             account = self.accounts.get(channel_id)
             if account is not None:
                 account.paid = max(account.paid, amount)
-                account.charged = max(account.charged, account.paid)
+
+    def load_delivered(self, delivered: Iterable[tuple[bytes, int]]) -> None:
+        """Seed ``charged`` with the delivered values read from the store at start-up."""
+        for channel_id, charged in delivered:
+            self._restored[channel_id] = charged
+            account = self.accounts.get(channel_id)
+            if account is not None:
+                account.charged = max(account.charged, charged)
+
+    def unsaved_delivered(self, *, everything: bool = False) -> list[tuple[bytes, int]]:
+        """``(channel_id, charged)`` of every channel charged since the last call (of every
+        charged channel with ``everything``, for the last write at stop), for the store;
+        hand them back with :meth:`delivered_not_saved` if the write failed."""
+        unsaved, self._unsaved = self._unsaved, {}
+        if everything:
+            unsaved = {cid: a for cid, a in self.accounts.items() if a.charged > 0}
+        return [(channel_id, account.charged) for channel_id, account in unsaved.items()]
+
+    def delivered_not_saved(self, values: Iterable[tuple[bytes, int]]) -> None:
+        """The store did not take ``values``: offer them again with the next write."""
+        for channel_id, _ in values:
+            account = self.accounts.get(channel_id)
+            if account is not None:
+                self._unsaved[channel_id] = account
 
     def select(self, payer_key: str, topic: TopicInfo, view: ChannelSource) -> Account | None:
         """The account a delivery of ``topic`` to ``payer_key`` is charged to (cached).
@@ -188,6 +215,7 @@ class Meter:
         account.reserved -= charge.price
         account.charged += charge.price
         account.delivered += 1
+        self._unsaved[account.channel_id] = account  # written later, off the hot path
         self.delivered += 1
         if self.on_delivered is not None:
             self.on_delivered(charge.topic)

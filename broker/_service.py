@@ -88,6 +88,12 @@ _log = logging.getLogger("blendsm.broker")
 DUPLICATE_LOG_INTERVAL: Final = 60.0
 """Seconds between the INFO lines that count dropped duplicate envelopes (each one: DEBUG)."""
 
+DELIVERED_SAVE_SECONDS: Final = 1.0
+"""How often the delivered value of channels charged since the last write is stored, when no
+voucher batch carried it (one small transaction, nothing when nothing was delivered). After a
+kill the stored value lags by at most the deliveries of this long, which only makes the broker
+claim less."""
+
 
 class MarketplaceService(EnvelopeIntake):
     """Chain-backed identity, access control, metering and voucher intake for one broker."""
@@ -142,6 +148,7 @@ class MarketplaceService(EnvelopeIntake):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._view_task: asyncio.Task[None] | None = None
         self._settler_task: asyncio.Task[None] | None = None
+        self._delivered_task: asyncio.Task[None] | None = None
         self._unlisten: Any = None
         self._settler_options = settler_options or {}
         self.intake = VoucherIntake(self, config.payments.intake)
@@ -164,6 +171,10 @@ class MarketplaceService(EnvelopeIntake):
             if latest is not None:
                 paid.append((channel_id, latest.cumulative_amount))
         self.meter.load_paid(paid)
+        self.meter.load_delivered(await self.store.delivered())
+        self._delivered_task = asyncio.create_task(
+            self._save_delivered_every(DELIVERED_SAVE_SECONDS), name="blendsm-delivered"
+        )
         self._unlisten = self.view.on_change(self._on_chain_event)
         count_chain_errors(self.w3)
         self._view_task = asyncio.create_task(
@@ -234,12 +245,36 @@ class MarketplaceService(EnvelopeIntake):
         await wait_bounded([*work, self.intake.close(), *self._tasks], budget, "service stop")
         if self._unlisten is not None:
             self._unlisten()
+        if self._delivered_task is not None:
+            self._delivered_task.cancel()
+            await asyncio.gather(self._delivered_task, return_exceptions=True)
+            self._delivered_task = None
         if self.store is not None:
+            await self._save_delivered(everything=True)  # no more deliveries: the final value
             await self.store.close()
             self.store = None
         if self.anchorer is not None:
             await self.anchorer.store.close()
             self.anchorer = None
+
+    async def _save_delivered(self, *, everything: bool = False) -> None:
+        """Store the delivered value of every channel charged since the last write (of every
+        charged channel with ``everything``: a cancelled periodic write may have taken some)."""
+        values = self.meter.unsaved_delivered(everything=everything)
+        if not values or self.store is None:
+            return
+        try:
+            await self.store.record_delivered(values)
+        except Exception as exc:  # kept for the next write; a lag only under-claims
+            self.meter.delivered_not_saved(values)
+            self.log.error(
+                "storing the delivered value of %d channel(s) failed: %s", len(values), exc
+            )
+
+    async def _save_delivered_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self._save_delivered()
 
     def _chain_source(self, source: str) -> contextvars.Context:
         """A context whose chain requests count as this broker's ``source``."""

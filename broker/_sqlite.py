@@ -3,14 +3,16 @@
 The voucher store and the leaf store hold money and evidence, so both open their file the
 same strict way: ``journal_mode=WAL`` and ``synchronous=FULL`` (a commit is on disk when it
 returns), an ``application_id`` so a foreign file is refused rather than written into, and a
-``user_version`` so a file from a newer broker is refused rather than guessed at.
+``user_version`` so a file from a newer broker is refused rather than guessed at. A file from
+an older broker is brought up to date by its store's ``migrations``, each step in one
+transaction, before anything else reads it.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar, Self, TypeVar
 
@@ -22,10 +24,17 @@ _T = TypeVar("_T")
 
 
 def open_durable(
-    path: Path, *, kind: str, application_id: int, schema_version: int, schema: str
+    path: Path,
+    *,
+    kind: str,
+    application_id: int,
+    schema_version: int,
+    schema: str,
+    migrations: Mapping[int, str] | None = None,
 ) -> sqlite3.Connection:
     """Open (creating it with ``schema`` in one transaction when empty) the ``kind`` store at
     ``path``; StoreError, naming ``kind`` and the path, if it is not ours or unreadable.
+    ``migrations[n]`` is the SQL that takes a version ``n`` file to ``n + 1``.
 
     The connection has ``isolation_level=None``: callers issue ``BEGIN IMMEDIATE`` themselves
     so every read-check-write runs under the write lock."""
@@ -35,7 +44,7 @@ def open_durable(
         raise StoreError(f"{kind} {path}: cannot open: {exc}") from exc
     try:
         _configure(db, f"{kind} {path}")
-        _migrate(db, kind, path, application_id, schema_version, schema)
+        _migrate(db, kind, path, application_id, schema_version, schema, migrations or {})
     except BaseException:
         db.close()
         raise
@@ -62,6 +71,7 @@ def _migrate(
     application_id: int,
     schema_version: int,
     schema: str,
+    migrations: Mapping[int, str],
 ) -> None:
     where = f"{kind} {path}"
     try:
@@ -71,17 +81,7 @@ def _migrate(
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{where}: unreadable: {exc}") from exc
     if version == 0 and app_id == 0 and tables == 0:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # Not executescript: it would COMMIT; one by one keeps it one transaction.
-            for statement in filter(None, (s.strip() for s in schema.split(";"))):
-                db.execute(statement)
-            db.execute(f"PRAGMA application_id={application_id}")
-            db.execute(f"PRAGMA user_version={schema_version}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        _run(db, schema, f"PRAGMA application_id={application_id}", schema_version)
         return
     if app_id != application_id:
         raise StoreError(
@@ -95,6 +95,36 @@ def _migrate(
         )
     if version < 1:
         raise StoreError(f"{where}: schema version {version} is invalid")
+    while version < schema_version:
+        step = migrations.get(version)
+        if step is None:
+            raise StoreError(
+                f"{where}: schema version {version} cannot be upgraded to {schema_version}"
+            )
+        try:
+            _run(db, step, None, version + 1)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"{where}: upgrade from schema version {version} failed: {exc}"
+            ) from exc
+        version += 1
+
+
+def _run(db: sqlite3.Connection, script: str, pragma: str | None, version: int) -> None:
+    """Run ``script`` (and ``pragma``) and set ``user_version`` in ONE transaction, so a crash
+    leaves the file at the old version or the new one, never between."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        # Not executescript: it would COMMIT; one by one keeps it one transaction.
+        for statement in filter(None, (s.strip() for s in script.split(";"))):
+            db.execute(statement)
+        if pragma is not None:
+            db.execute(pragma)
+        db.execute(f"PRAGMA user_version={version}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 class DurableStore:
@@ -110,6 +140,7 @@ class DurableStore:
         application_id: int,
         schema_version: int,
         schema: str,
+        migrations: Mapping[int, str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.commits = 0
@@ -120,6 +151,7 @@ class DurableStore:
             application_id=application_id,
             schema_version=schema_version,
             schema=schema,
+            migrations=migrations,
         )
 
     def close(self) -> None:

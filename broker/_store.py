@@ -9,6 +9,11 @@ Money rules this module enforces:
   strictly higher (vouchers are cumulative, a newer one supersedes every older one).
 * Amounts are uint256, beyond SQLite's 64-bit INTEGER, so they are stored as 32-byte
   big-endian BLOBs: ``memcmp`` order equals numeric order, so SQL can compare them.
+* The value delivered on each channel (the meter's ``charged``) is stored too, so a restart
+  never mistakes an undelivered prepayment for delivered value. It is written with each
+  voucher batch, with each claim intent, periodically and at stop, never per delivery: after
+  a kill it may lag the truth (by the deliveries since the last write), which only ever makes
+  the broker claim less, never charge a buyer for what it did not get. It only rises.
 * Each voucher is claimed on chain exactly once, via an intent row written *before*
   the transaction is broadcast (write-ahead), moved through
   ``intent -> sent -> confirmed | failed``.
@@ -56,7 +61,7 @@ __all__ = [
     "VoucherStore",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """``PRAGMA user_version`` of the schema below; a newer file is refused, not guessed at."""
 
 APPLICATION_ID = 0x424C534D
@@ -95,6 +100,28 @@ CREATE TABLE claims (
 CREATE INDEX claims_by_channel ON claims (channel_id, intent_id);
 CREATE INDEX claims_open ON claims (state) WHERE state IN ('intent', 'sent');
 """
+
+_DELIVERED_TABLE = """
+CREATE TABLE delivered (
+    channel_id      BLOB PRIMARY KEY CHECK (length(channel_id) = 32),
+    charged         BLOB NOT NULL CHECK (length(charged) = 32),   -- delivered value, uint256 BE
+    updated_at      REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+_SCHEMA_V2 = _SCHEMA_V1 + _DELIVERED_TABLE
+
+_MIGRATIONS = {
+    # A version 1 file never recorded delivered value. What is known to be delivered is what
+    # was claimed on chain (the settler claims only delivered value): seeding from it may
+    # under-claim, never charge a buyer for a prepayment it did not receive (the voucher
+    # amount, which version 1 brokers used after a restart, could).
+    1: _DELIVERED_TABLE
+    + """;
+INSERT INTO delivered (channel_id, charged, updated_at)
+    SELECT channel_id, claimed_onchain, CAST(strftime('%s', 'now') AS REAL) FROM channels
+""",
+}
 
 
 def _u256(value: int) -> bytes:
@@ -153,7 +180,8 @@ class VoucherStore(DurableStore):
             kind="voucher store",
             application_id=APPLICATION_ID,
             schema_version=SCHEMA_VERSION,
-            schema=_SCHEMA_V1,
+            schema=_SCHEMA_V2,
+            migrations=_MIGRATIONS,
         )
 
     # -- vouchers ------------------------------------------------------------
@@ -167,13 +195,19 @@ class VoucherStore(DurableStore):
         """
         return self.accept_many([(voucher, payout_delta_hint)])[0]
 
-    def accept_many(self, vouchers: Sequence[tuple[Voucher, int | None]]) -> list[bool]:
+    def accept_many(
+        self,
+        vouchers: Sequence[tuple[Voucher, int | None]],
+        delivered: Sequence[tuple[bytes, int]] = (),
+    ) -> list[bool]:
         """:meth:`accept` each ``(voucher, payout_delta_hint)`` in order, in ONE transaction.
 
         Why: one fsync for the whole batch instead of one per voucher. The per-row rule is
         :meth:`accept`'s, applied in sequence: several vouchers of one channel end with the
         highest, and each reports True only if it was newer than everything before it. All
-        or nothing: on an error nothing of the batch is stored.
+        or nothing: on an error nothing of the batch is stored. ``delivered`` values
+        (``(channel_id, charged)``) are recorded in the same transaction
+        (:meth:`record_delivered`), so they cost no fsync of their own.
         """
         rows = [
             (
@@ -184,11 +218,15 @@ class VoucherStore(DurableStore):
             )
             for voucher, hint in vouchers
         ]
+        values = [(channel_id, _u256(charged)) for channel_id, charged in delivered]
         if not rows:
+            if values:
+                self.record_delivered(delivered)
             return []
 
         def body() -> list[bool]:
             now = time.time()
+            self._record_delivered(values, now)
             return [
                 self._db.execute(
                     "INSERT INTO channels (channel_id, amount, signature, delta_hint, accepted_at)"
@@ -204,6 +242,27 @@ class VoucherStore(DurableStore):
             ]
 
         return self._write(body)
+
+    def record_delivered(self, delivered: Iterable[tuple[bytes, int]]) -> None:
+        """Record each channel's delivered value ``(channel_id, charged)``; a value below the
+        stored one is ignored (delivered value only rises, and a stale snapshot must not
+        lower it)."""
+        values = [(channel_id, _u256(charged)) for channel_id, charged in delivered]
+        if values:
+            self._write(lambda: self._record_delivered(values, time.time()))
+
+    def _record_delivered(self, values: Sequence[tuple[bytes, bytes]], now: float) -> None:
+        self._db.executemany(
+            "INSERT INTO delivered (channel_id, charged, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (channel_id) DO UPDATE SET charged = excluded.charged,"
+            "  updated_at = excluded.updated_at WHERE excluded.charged > delivered.charged",
+            [(channel_id, charged, now) for channel_id, charged in values],
+        )
+
+    def delivered(self) -> list[tuple[bytes, int]]:
+        """Every channel's stored delivered value, in id order (the meter's restart seed)."""
+        rows = self._db.execute("SELECT channel_id, charged FROM delivered ORDER BY 1")
+        return [(r[0], _int(r[1])) for r in rows]
 
     def latest(self, channel_id: bytes) -> Voucher | None:
         """The newest accepted voucher of the channel, or None."""
@@ -260,9 +319,12 @@ class VoucherStore(DurableStore):
         open (reconcile it first); this exact voucher amount was already confirmed once
         (a deposit-capped claim waits for a newer voucher); or the last failure's
         ``retry_at`` is still ahead. The intent is committed before it is returned, so
-        it is durable before any transaction is broadcast.
+        it is durable before any transaction is broadcast, and with it ``limit`` as the
+        channel's delivered value: a claim is never above the stored delivered value, even
+        after a kill.
         """
         at = time.time() if now is None else now
+        known = None if limit is None else _u256(limit)
 
         def body() -> ClaimIntent | None:
             row = self._db.execute(
@@ -290,6 +352,8 @@ class VoucherStore(DurableStore):
             ).fetchone()
             if done is not None:
                 return None
+            if known is not None:
+                self._record_delivered([(channel_id, known)], at)
             cur = self._db.execute(
                 "INSERT INTO claims (channel_id, amount, signature, state, created_at, updated_at)"
                 " VALUES (?, ?, ?, 'intent', ?, ?)",
@@ -388,9 +452,21 @@ class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
             _u256(payout_delta_hint)
         return await self._accepts.add((voucher, payout_delta_hint))
 
-    async def accept_many(self, vouchers: Sequence[tuple[Voucher, int | None]]) -> list[bool]:
+    async def accept_many(
+        self,
+        vouchers: Sequence[tuple[Voucher, int | None]],
+        delivered: Sequence[tuple[bytes, int]] = (),
+    ) -> list[bool]:
         """See :meth:`VoucherStore.accept_many` (one transaction, not merged with others)."""
-        return await self._run(self._store.accept_many, list(vouchers))
+        return await self._run(self._store.accept_many, list(vouchers), list(delivered))
+
+    async def record_delivered(self, delivered: Iterable[tuple[bytes, int]]) -> None:
+        """See :meth:`VoucherStore.record_delivered`."""
+        await self._run(self._store.record_delivered, list(delivered))
+
+    async def delivered(self) -> list[tuple[bytes, int]]:
+        """See :meth:`VoucherStore.delivered`."""
+        return await self._run(self._store.delivered)
 
     async def _finish_writes(self) -> None:
         await self._accepts.drain()

@@ -19,7 +19,9 @@ at once as a *batch*:
    voucher never hides a good one;
 3. the chosen vouchers of every channel are stored in ONE transaction
    (:meth:`~blendsm.broker._store.AsyncVoucherStore.accept_many`, ``synchronous=FULL``): group
-   commit across everything that arrived together. While it is in flight the next batch queues;
+   commit across everything that arrived together, with the delivered value of every channel
+   charged since the last write (so a restart never takes a prepayment for delivered value).
+   While it is in flight the next batch queues;
 4. only after the commit: ``paid`` rises in the meter, the settler and paused offline replays
    are told, and receipts are scheduled. Vouchers are processed batch after batch, in arrival
    order, so the meter is never behind a voucher being checked and no two of one channel race.
@@ -293,9 +295,12 @@ class VoucherIntake:
         store = self._service.store
         if store is None:
             return [("store_unavailable", "broker is shutting down")] * len(entries)
+        # The channels' delivered value rides along: same transaction, no fsync of its own.
+        delivered = self._service.meter.unsaved_delivered()
         try:
-            stored = await store.accept_many([(e.voucher, None) for e in entries])
+            stored = await store.accept_many([(e.voucher, None) for e in entries], delivered)
         except Exception as exc:
+            self._service.meter.delivered_not_saved(delivered)
             self._service.log.error("voucher store failed, %d not counted: %s", len(entries), exc)
             return [("store_unavailable", "voucher store unavailable, try again")] * len(entries)
         return list(stored)

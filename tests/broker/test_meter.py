@@ -76,16 +76,40 @@ def test_select_picks_the_newest_usable_channel_for_this_operator_and_caches_it(
     assert newer.channel_id == bytes([4]) * 32
 
 
-def test_restart_starts_charged_at_the_durable_paid_amount() -> None:
+def test_restart_starts_charged_at_the_stored_delivered_value_not_paid() -> None:
     meter = Meter(OPERATOR, credit_messages=2)
     meter.load_paid([(bytes([1]) * 32, 70)])
+    meter.load_delivered([(bytes([1]) * 32, 50)])  # 2 messages' worth prepaid, undelivered
     account = meter.select(BUYER.lower(), _topic(10), _View([_channel(1, 100)]))
     assert account is not None
-    assert (account.charged, account.paid) == (70, 70)
-    # 2 more messages fit the credit, a third does not: never over-billed after a restart
-    assert isinstance(meter.reserve(account, 10, "t"), Charge)
-    assert isinstance(meter.reserve(account, 10, "t"), Charge)
+    assert (account.charged, account.paid) == (50, 70)
+    # the 2 prepaid messages and 2 more of credit fit, a fifth does not
+    for _ in range(4):
+        assert isinstance(meter.reserve(account, 10, "t"), Charge)
     assert meter.reserve(account, 10, "t") == Reservation.NO_CREDIT
+
+
+def test_committed_deliveries_are_handed_to_the_store_once_and_again_after_a_failure() -> None:
+    meter = Meter(OPERATOR, credit_messages=5)
+    account = meter.select(BUYER.lower(), _topic(10), _View([_channel(1, 1_000)]))
+    assert account is not None
+    assert meter.unsaved_delivered() == []
+    for _ in range(3):
+        charge = meter.reserve(account, 10, "t")
+        assert isinstance(charge, Charge)
+        meter.commit(charge)
+    released = meter.reserve(account, 10, "t")
+    assert isinstance(released, Charge)
+    meter.release(released)
+    taken = meter.unsaved_delivered()
+    assert taken == [(bytes([1]) * 32, 30)]
+    assert meter.unsaved_delivered() == []  # nothing new since
+    meter.delivered_not_saved(taken)  # the write failed: offered again, at the current value
+    charge = meter.reserve(account, 10, "t")
+    assert isinstance(charge, Charge)
+    meter.commit(charge)
+    assert meter.unsaved_delivered() == [(bytes([1]) * 32, 40)]
+    assert meter.unsaved_delivered(everything=True) == [(bytes([1]) * 32, 40)]
 
 
 def test_a_prepaid_voucher_is_credit_never_delivered_value() -> None:
@@ -107,10 +131,12 @@ def test_a_prepaid_voucher_is_credit_never_delivered_value() -> None:
 
 def test_delivered_value_before_any_delivery_is_the_restart_seed() -> None:
     meter = Meter(OPERATOR, credit_messages=2)
-    meter.load_paid([(bytes([1]) * 32, 70)])
+    meter.load_paid([(bytes([1]) * 32, 70), (bytes([3]) * 32, 90)])
+    meter.load_delivered([(bytes([1]) * 32, 40)])
     meter.paid_up_to(bytes([2]) * 32, 50)
-    assert meter.delivered_value(bytes([1]) * 32) == 70
+    assert meter.delivered_value(bytes([1]) * 32) == 40
     assert meter.delivered_value(bytes([2]) * 32) == 0
+    assert meter.delivered_value(bytes([3]) * 32) == 0  # a voucher is never delivered value
 
 
 @settings(max_examples=200, deadline=None)

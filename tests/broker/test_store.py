@@ -4,6 +4,7 @@ and every voucher is claimed on chain at most once, across restarts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -496,3 +497,104 @@ async def test_async_close_waits_for_queued_accepts(db: Path) -> None:
     assert all(t.done() for t in tasks)
     with VoucherStore(db) as s:
         assert s.latest(cid(1)) == v(1, 30)
+
+
+# -- delivered value (schema 2) ---------------------------------------------------------
+
+_SCHEMA_1 = """
+CREATE TABLE channels (
+    channel_id      BLOB PRIMARY KEY CHECK (length(channel_id) = 32),
+    amount          BLOB NOT NULL CHECK (length(amount) = 32),
+    signature       BLOB NOT NULL,
+    delta_hint      BLOB CHECK (delta_hint IS NULL OR length(delta_hint) = 32),
+    accepted_at     REAL NOT NULL,
+    claimed_onchain BLOB NOT NULL DEFAULT (zeroblob(32)) CHECK (length(claimed_onchain) = 32)
+) WITHOUT ROWID;
+CREATE TABLE claims (
+    intent_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel_id      BLOB NOT NULL REFERENCES channels (channel_id),
+    amount          BLOB NOT NULL CHECK (length(amount) = 32),
+    signature       BLOB NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('intent', 'sent', 'confirmed', 'failed')),
+    tx_hash         BLOB,
+    error           TEXT,
+    retry_at        REAL,
+    claimed_onchain BLOB CHECK (claimed_onchain IS NULL OR length(claimed_onchain) = 32),
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL
+);
+CREATE INDEX claims_by_channel ON claims (channel_id, intent_id);
+CREATE INDEX claims_open ON claims (state) WHERE state IN ('intent', 'sent');
+"""
+"""The schema version 1 brokers wrote (released before delivered value was stored)."""
+
+
+def _u(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+def test_a_version_1_store_is_migrated_and_seeds_delivered_from_the_onchain_claim(
+    db: Path,
+) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as old:
+        old.executescript(_SCHEMA_1)
+        old.executemany(
+            "INSERT INTO channels (channel_id, amount, signature, accepted_at, claimed_onchain)"
+            " VALUES (?, ?, ?, 0, ?)",
+            [(cid(1), _u(100), SIG, _u(30)), (cid(2), _u(50), SIG, _u(0))],
+        )
+        old.execute(
+            "INSERT INTO claims (channel_id, amount, signature, state, created_at, updated_at)"
+            " VALUES (?, ?, ?, 'sent', 0, 0)",
+            (cid(1), _u(30), SIG),
+        )
+        old.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        old.execute("PRAGMA user_version=1")
+        old.commit()
+    with VoucherStore(db) as store:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        # Known delivered: what was claimed (the rule); the 70 above it stays credit.
+        assert store.delivered() == [(cid(1), 30), (cid(2), 0)]
+        assert store.latest(cid(1)) == v(1, 100)
+        assert [i.amount for i in store.pending_claims()] == [30]
+        store.record_delivered([(cid(1), 40)])
+    with VoucherStore(db) as store:  # opened again: already version 2, nothing re-seeded
+        assert store.delivered() == [(cid(1), 40), (cid(2), 0)]
+
+
+def test_a_failed_migration_leaves_version_1_untouched(db: Path) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as old:
+        old.executescript(_SCHEMA_1)
+        old.execute("CREATE TABLE delivered (x)")  # in the way: the step fails
+        old.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        old.execute("PRAGMA user_version=1")
+        old.commit()
+    with pytest.raises(StoreError, match="upgrade from schema version 1"):
+        VoucherStore(db)
+    with contextlib.closing(sqlite3.connect(db)) as old:
+        assert old.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_delivered_value_only_rises(store: VoucherStore) -> None:
+    store.record_delivered([(cid(1), 50), (cid(2), 7)])
+    store.record_delivered([(cid(1), 40)])  # a stale snapshot never lowers it
+    assert store.delivered() == [(cid(1), 50), (cid(2), 7)]
+    store.record_delivered([])
+    assert store.delivered() == [(cid(1), 50), (cid(2), 7)]
+
+
+def test_delivered_value_rides_in_the_voucher_batch_transaction(store: VoucherStore) -> None:
+    before = store.commits
+    assert store.accept_many([(v(1, 100), None)], [(cid(1), 20), (cid(3), 5)]) == [True]
+    assert store.commits == before + 1
+    assert store.delivered() == [(cid(1), 20), (cid(3), 5)]
+    with pytest.raises(ValueError, match="uint256"):  # all or nothing, delivered included
+        store.accept_many([(v(1, 200), None)], [(cid(1), 30), (cid(2), -1)])
+    assert store.delivered() == [(cid(1), 20), (cid(3), 5)]
+    assert store.latest(cid(1)) == v(1, 100)
+
+
+def test_a_claim_intent_records_its_delivered_limit(store: VoucherStore) -> None:
+    store.accept(v(1, 100))
+    assert store.begin_claim(cid(1), limit=120) is not None
+    assert store.delivered() == [(cid(1), 120)]  # a claim is never above the stored value
