@@ -10,6 +10,7 @@ with no voucher refused, and every stored voucher must become visible to it as a
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -200,11 +201,13 @@ async def test_streaming_buyer_pays_again_soon_after_each_kill_without_refusals(
             await poll(lambda: False, 3.0)
             proc = broker.start()
             listening = time.monotonic()
-            assert await poll(lambda: None not in tape.first_after(listening), 3 * BOUND), (
+            back = functools.partial(tape.first_after, listening)
+            assert await poll(lambda: None not in back(), 3 * BOUND), (  # noqa: B023 (awaited here)
                 f"kill {kill}: the buyer did not pay again"
             )
-            msg, rec = tape.first_after(listening)
-            assert msg is not None and rec is not None
+            msg, rec = back()
+            assert msg is not None
+            assert rec is not None
             to_message.append(msg)
             to_receipt.append(rec)
         stop.set()
