@@ -102,8 +102,11 @@ class ReconnectPolicy:
     max_delay: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_delay, int | float) or self.max_delay < 0:
-            raise ConfigError(f"reconnect_max_delay: must be >= 0, got {self.max_delay!r}")
+        delay = self.max_delay
+        if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay < 1e9:
+            raise ConfigError(
+                f"reconnect_max_delay: must be a number of seconds >= 0, got {delay!r}"
+            )
 
 
 DEVICE_RECONNECT: Final = ReconnectPolicy(1, 0.5, 30.0)

@@ -690,6 +690,9 @@ def test_default_client_id_and_key_bytes() -> None:
         ("channels_contract", "0x1234"),
         ("client_id", ""),
         ("account", b"\x01" * 31),
+        ("reconnect_max_delay", -1),
+        ("reconnect_max_delay", "1"),
+        ("reconnect_max_delay", float("nan")),
     ],
 )
 def test_bad_settings_are_config_errors(field: str, value: Any) -> None:
