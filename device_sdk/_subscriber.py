@@ -13,8 +13,11 @@ messages lost in flight: :mod:`._payment_book`); :class:`Receipt` notices confir
 (cumulative: the broker sends one every few vouchers, so nothing here waits for one).
 
 All payment state is guarded by one lock: paho callbacks run on its loop thread, the
-introspection methods are called from others. Only the loop thread signs and publishes
-vouchers, under that lock, so cumulative amounts leave in increasing order per channel.
+introspection methods are called from others. Vouchers are signed and published only under
+that lock (on the loop thread; by :meth:`pay_outstanding` and :meth:`connect` on the caller's),
+so cumulative amounts leave in increasing order per channel. After every (re)connect the
+latest voucher of each channel not confirmed by a Receipt is sent again
+(:mod:`._subscriber_payments`).
 
 Integrity (optional: give ``registry`` and a ``chain_reader``, or a ``verifier``): every
 message is checked in arrival order on the worker thread of :mod:`._verification` (chain
@@ -24,7 +27,8 @@ reads never stall paho's loop); ``on_message`` then gets the envelope's payload 
 ``record_path`` keeps every market message (and proofs obtained) as JSON lines, for
 ``blendsm verify``.
 
-Layout: this module receives and pays; :mod:`._subscriber_integrity` connects it to the
+Layout: this module connects and receives; :mod:`._subscriber_payments` keeps the books and
+pays (vouchers out, notices in); :mod:`._subscriber_integrity` connects it to the
 verification worker of :mod:`._verification` (anchor notices, proof requests),
 :mod:`._record_file` is the record file, :mod:`._channel_helpers` the async on-chain channel
 helpers, and :mod:`._subscriber_events` what the callbacks receive.
