@@ -4,7 +4,7 @@ SDK Publisher and Subscriber). The buyer must be paying again soon after the bro
 with no voucher refused, and every stored voucher must become visible to it as a Receipt.
 
 ``BLENDSM_RECOVERY_KILLS`` (default 3) sets the number of kills of the streaming test, and
-``BLENDSM_RECOVERY_SEED`` its seed (printed); the figure in the notes is over 20 kills:
+``BLENDSM_RECOVERY_SEED`` its seed (printed); docs/benchmarks.md has the figures over 20 kills:
 ``BLENDSM_RECOVERY_KILLS=20 pytest tests/integration/test_client_recovery.py -k streaming -s``.
 """
 
@@ -40,7 +40,7 @@ TOPIC = "paid/r"
 KILLS = int(os.environ.get("BLENDSM_RECOVERY_KILLS", "3"))
 BOUND = 6.0
 """Seconds from the restarted broker listening to the buyer paying again: a generous bound for
-a loaded 2-core machine (measured: see the printed figures and docs/protocol.md)."""
+a loaded 2-core machine (measured: the printed figures; 20 kills in docs/benchmarks.md)."""
 
 
 @dataclass
