@@ -110,6 +110,7 @@ from ._merkle import (
 from ._mqtt import Disconnection
 from ._outbox import OutboxFullError
 from ._publisher import Encryptor, Publisher
+from ._publisher_events import Acknowledgement, PublisherCallbackAPI
 from ._subscriber import Subscriber
 from ._subscriber_events import (
     Decryptor,
@@ -179,6 +180,7 @@ __all__ = [
     "VOUCHER_DOMAIN_NAME",
     "VOUCHER_DOMAIN_VERSION",
     "VOUCHER_TYPEHASH",
+    "Acknowledgement",
     "AnchorNotice",
     "AnyNotice",
     "BrokerEndpoint",
@@ -207,6 +209,7 @@ __all__ = [
     "Proof",
     "ProofRequest",
     "Publisher",
+    "PublisherCallbackAPI",
     "Quote",
     "Receipt",
     "ReceivedMessage",

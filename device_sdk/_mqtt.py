@@ -6,6 +6,11 @@ What paho does not do for us, and a BlendSM client needs:
   a replayed nonce), so the password is set in ``on_pre_connect``, which paho calls before
   every CONNECT, including its own automatic reconnects;
 - TCP_NODELAY on the socket (paho leaves Nagle on: the first messages took 5-36 ms);
+- capped, jittered reconnects: paho's own backoff doubles from 1 s to 120 s without jitter,
+  so a fleet reconnects in lockstep and stays away long after a broker restart. paho is told
+  to wait ``reconnect_floor`` seconds (fixed), and before each automatic retry we wait a
+  random time in ``[0, min(reconnect_max_delay, reconnect_base_delay * 2**(attempt-1))]``
+  (:func:`blendsm.backoff_delay`, full jitter); a successful CONNECT starts over;
 - a blocking ``connect`` and ``subscribe`` that raise errors from the BlendSM tree
   (:class:`BrokerRefusedError`, :class:`SubscriptionRefusedError`) instead of return codes;
 - no dead network thread: exceptions from our callbacks are logged, never raised into paho
@@ -29,6 +34,7 @@ import paho.mqtt.client as mqtt
 from eth_account.signers.local import LocalAccount
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from blendsm import Jitter, backoff_delay
 from blendsm.errors import (
     BrokerConnectionError,
     BrokerRefusedError,
@@ -40,7 +46,7 @@ from ._connect_token import ConnectTokenSigner
 from ._ecdsa import private_key_bytes
 from ._endpoint import BrokerEndpoint
 
-__all__ = ["Disconnection", "default_client_id", "private_key_bytes"]
+__all__ = ["Disconnection", "ReconnectPolicy", "default_client_id", "private_key_bytes"]
 
 _log = logging.getLogger("blendsm.device_sdk")
 
@@ -85,11 +91,38 @@ class Disconnection:
     reconnecting: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """How a client retries after its connection drops (see the module docstring): paho waits
+    ``floor`` seconds (a whole number: paho's own fixed delay), then we wait a random time in
+    ``[0, min(max_delay, base_delay * 2**(attempt-1))]``."""
+
+    floor: int
+    base_delay: float
+    max_delay: float
+
+    def __post_init__(self) -> None:
+        delay = self.max_delay
+        if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay < 1e9:
+            raise ConfigError(
+                f"reconnect_max_delay: must be a number of seconds >= 0, got {delay!r}"
+            )
+
+
+DEVICE_RECONNECT: Final = ReconnectPolicy(1, 0.5, 30.0)
+"""The Publisher's default, and that of the other long-lived clients (topic key services)."""
+
+
 class _MqttClient:
     """A paho client connected as one BlendSM participant; base of Publisher and Subscriber."""
 
     def __init__(
-        self, account: LocalAccount | bytes, endpoint: BrokerEndpoint, *, clean_session: bool = True
+        self,
+        account: LocalAccount | bytes,
+        endpoint: BrokerEndpoint,
+        *,
+        clean_session: bool = True,
+        reconnect: ReconnectPolicy = DEVICE_RECONNECT,
     ) -> None:
         key = private_key_bytes(account)
         self._token_signer = ConnectTokenSigner(key, endpoint.chain_id, endpoint.broker)
@@ -115,6 +148,10 @@ class _MqttClient:
         self._untracked: dict[int, str] = {}  # filters by mid that nobody waits for
         self.tokens_issued = 0
         """CONNECT tokens made so far (one per connection attempt)."""
+        self.reconnect_max_delay = float(reconnect.max_delay)
+        self._reconnect = reconnect
+        self._halt = threading.Event()  # disconnect requested: cut reconnect waits short
+        self._attempt = 0  # connection attempts since connect()/start() (0: the first)
 
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -133,6 +170,9 @@ class _MqttClient:
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_paho_message
+        c.reconnect_delay_set(
+            reconnect.floor, reconnect.floor
+        )  # the growing, jittered part is ours
         self._mqtt = c
 
     # --- public ------------------------------------------------------------------------
@@ -150,6 +190,8 @@ class _MqttClient:
         """
         if self._mqtt.is_connected():
             return
+        self._halt.clear()
+        self._attempt = 0
         deadline = time.monotonic() + timeout
         with self._cond:
             self._connack = None
@@ -187,6 +229,7 @@ class _MqttClient:
 
     def disconnect(self) -> None:
         """Send DISCONNECT and stop the network thread (idempotent)."""
+        self._halt.set()
         self._stop()
 
     def __enter__(self) -> Self:
@@ -272,6 +315,17 @@ class _MqttClient:
         self._mqtt.loop_stop()
 
     def _on_pre_connect(self, client: mqtt.Client, _userdata: Any) -> None:
+        attempt = self._attempt
+        self._attempt = attempt + 1
+        if attempt:  # an automatic retry: exponential backoff with full jitter
+            self._halt.wait(
+                backoff_delay(
+                    attempt,
+                    base=self._reconnect.base_delay,
+                    cap=self.reconnect_max_delay,
+                    jitter=Jitter.FULL,
+                )
+            )
         # Before every CONNECT, first or automatic: a token is good for one attempt only.
         client.username_pw_set(self.address, self._token_signer.token(self.client_id))
         self.tokens_issued += 1
@@ -294,6 +348,7 @@ class _MqttClient:
                     self._closing = f"refused: {_CONNACK_NAMES.get(code, code)}"
                 client.disconnect()
             return
+        self._attempt = 1  # any further CONNECT is an automatic retry
         if not waited:
             self._guard(self._on_reconnected, bool(getattr(flags, "session_present", False)))
 

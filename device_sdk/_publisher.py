@@ -24,7 +24,13 @@ so it can overtake QoS 1 messages still queued.
 
 Reconnects: after a drop paho retries every second, and each retry first waits a random
 time in ``[0, min(reconnect_max_delay, 0.5 s * 2**(attempt-1))]`` (exponential backoff with
-full jitter), so a fleet of devices does not reconnect in lockstep after a broker restart.
+full jitter, shared with the Subscriber in :mod:`._mqtt`), so a fleet of devices does not
+reconnect in lockstep after a broker restart.
+
+Acknowledgements: ``on_acknowledged(publisher, ack)`` (see :class:`PublisherCallbackAPI`) is
+called on the sender thread once the broker acknowledged a QoS 1/2 message (PUBACK / PUBCOMP)
+and it left the outbox, with its topic and sequence number. A message re-sent after a device
+restart is acknowledged (and reported) by the Publisher that re-sent it.
 """
 
 from __future__ import annotations
@@ -44,15 +50,15 @@ import paho.mqtt.client as mqtt
 from eth_account.signers.local import LocalAccount
 from paho.mqtt.enums import MQTTErrorCode
 
-from blendsm import Jitter, backoff_delay
 from blendsm.errors import BrokerConnectionError, ConfigError, StoreError
 
 from ._control import is_control_topic
 from ._endpoint import BrokerEndpoint, EndpointArgs, resolve_endpoint
 from ._envelope import FLAG_ENCRYPTED, Envelope, EnvelopeSigner, MessageDomain
 from ._keys import account_from_env, account_from_keystore
-from ._mqtt import _MqttClient, _reason_value
-from ._outbox import SqliteOutbox
+from ._mqtt import ReconnectPolicy, _MqttClient, _reason_value
+from ._outbox import OutboxMessage, SqliteOutbox
+from ._publisher_events import AckCallback, Acknowledgement, PublisherCallbackAPI
 from ._sequence import SEQUENCE_BLOCK, SequenceAllocator
 
 if sys.platform != "win32":
@@ -131,25 +137,31 @@ class Publisher(_MqttClient):
         max_inflight: int = 20,
         sequence_block: int = SEQUENCE_BLOCK,
         reconnect_max_delay: float = 30.0,
+        callback_api_version: PublisherCallbackAPI = PublisherCallbackAPI.VERSION1,
         **connection: Unpack[EndpointArgs],
     ) -> None:
+        if callback_api_version is not PublisherCallbackAPI.VERSION1:
+            raise ConfigError(
+                f"callback_api_version: unsupported {callback_api_version!r} (VERSION1 only)"
+            )
         super().__init__(
             account,
             resolve_endpoint(endpoint, connection, "Publisher"),
             clean_session=clean_session,
+            reconnect=ReconnectPolicy(1, _RECONNECT_BASE_DELAY, reconnect_max_delay),
         )
         if encryptor is not None and not callable(encryptor):
             raise ConfigError("encryptor: must be a callable (topic, plaintext) -> ciphertext")
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
             raise ConfigError(f"max_inflight: must be a positive int, got {max_inflight!r}")
-        if not isinstance(reconnect_max_delay, int | float) or reconnect_max_delay < 0:
-            raise ConfigError(f"reconnect_max_delay: must be >= 0, got {reconnect_max_delay!r}")
         self.domain: MessageDomain = MessageDomain(self.chain_id, registry)
         """The EIP-712 domain every message is signed in."""
         self._signer = EnvelopeSigner(self._key, self.domain)
         self.encryptor = encryptor
         self.max_inflight = max_inflight
-        self.reconnect_max_delay = float(reconnect_max_delay)
+        self.callback_api_version = callback_api_version
+        self.on_acknowledged: AckCallback | None = None
+        """``on_acknowledged(publisher, ack: Acknowledgement)``: see the module docstring."""
         self.state_dir = Path(state_dir)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -173,15 +185,12 @@ class Publisher(_MqttClient):
         self._publish_lock = threading.Lock()  # sequence order == outbox order
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()  # PUBACKed mids (paho thread)
         self._wake = threading.Event()  # something for the sender to do
-        self._halt = threading.Event()  # disconnect requested: cut reconnect waits short
         self._drained = threading.Condition()  # notified when messages leave the outbox
-        self._handed: dict[int, int] = {}  # paho mid -> outbox row id (sender thread only)
+        self._handed: dict[int, OutboxMessage] = {}  # paho mid -> outbox row (sender only)
         self._cursor = 0  # highest row id handed to paho in this process (sender only)
-        self._attempt = 0  # connection attempts since connect()/start() (0: the first)
         self._closed = False
 
         self._mqtt.max_inflight_messages_set(max_inflight)
-        self._mqtt.reconnect_delay_set(1, 1)  # the growing, jittered part is ours
         self._mqtt.on_publish = self._on_paho_publish
         self._sender = threading.Thread(
             target=self._sender_main, name=f"blendsm-outbox-{self.client_id}", daemon=True
@@ -275,13 +284,6 @@ class Publisher(_MqttClient):
 
     # --- connection ----------------------------------------------------------------------
 
-    def connect(self, timeout: float = 10.0) -> None:
-        """Connect and wait for the CONNACK (errors as :meth:`_MqttClient.connect`); then
-        paho reconnects by itself after drops, with jittered backoff."""
-        self._halt.clear()
-        self._attempt = 0
-        super().connect(timeout)
-
     def start(self) -> None:
         """Connect in the background and return at once: retries (with jittered backoff)
         until the broker answers, then reconnects after every drop. For a device that must
@@ -298,11 +300,6 @@ class Publisher(_MqttClient):
         self._mqtt.loop_stop()
         self._mqtt.connect_async(self.host, self.port, self.keepalive)
         self._mqtt.loop_start()
-
-    def disconnect(self) -> None:
-        """Send DISCONNECT and stop the network thread; queued messages stay in the outbox."""
-        self._halt.set()
-        super().disconnect()
 
     def close(self) -> None:
         """Disconnect, stop the sender, persist exact sequence counters, close the outbox
@@ -350,7 +347,7 @@ class Publisher(_MqttClient):
                 return
 
     def _send_round(self, *, hand: bool) -> None:
-        acked: list[int] = []
+        acked: list[OutboxMessage] = []
         while True:
             try:
                 mid = self._acks.get_nowait()
@@ -360,9 +357,10 @@ class Publisher(_MqttClient):
             if row is not None:  # else a QoS 0 message's mid
                 acked.append(row)
         if acked:
-            self._outbox.delete(acked)
+            self._outbox.delete([m.id for m in acked])
             with self._drained:
                 self._drained.notify_all()
+            self._report_acks(acked)
         if not hand or not self._mqtt.is_connected():
             return
         room = self.max_inflight - len(self._handed)
@@ -383,8 +381,18 @@ class Publisher(_MqttClient):
                 self._wake.set()
                 return
             # With NO_CONN paho keeps a QoS>0 message and sends it on reconnect.
-            self._handed[info.mid] = message.id
+            self._handed[info.mid] = message
             self._cursor = message.id
+
+    def _report_acks(self, acked: list[OutboxMessage]) -> None:
+        callback = self.on_acknowledged
+        if callback is None:
+            return
+        for message in acked:
+            try:
+                callback(self, Acknowledgement(message.topic, message.sequence, message.qos))
+            except Exception:
+                _log.exception("%s: error in on_acknowledged", self.client_id)
 
     # --- paho callbacks (loop thread) ----------------------------------------------------
 
@@ -395,24 +403,9 @@ class Publisher(_MqttClient):
         self._acks.put(mid)
         self._wake.set()
 
-    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
-        attempt = self._attempt
-        self._attempt = attempt + 1
-        if attempt:  # an automatic retry: exponential backoff with full jitter
-            self._halt.wait(
-                backoff_delay(
-                    attempt,
-                    base=_RECONNECT_BASE_DELAY,
-                    cap=self.reconnect_max_delay,
-                    jitter=Jitter.FULL,
-                )
-            )
-        super()._on_pre_connect(client, userdata)
-
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         super()._on_connect(client, userdata, flags, reason, props)
         if _reason_value(reason) == 0:
-            self._attempt = 1  # any further CONNECT is an automatic retry
             self._wake.set()

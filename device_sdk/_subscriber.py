@@ -13,8 +13,11 @@ messages lost in flight: :mod:`._payment_book`); :class:`Receipt` notices confir
 (cumulative: the broker sends one every few vouchers, so nothing here waits for one).
 
 All payment state is guarded by one lock: paho callbacks run on its loop thread, the
-introspection methods are called from others. Only the loop thread signs and publishes
-vouchers, under that lock, so cumulative amounts leave in increasing order per channel.
+introspection methods are called from others. Vouchers are signed and published only under
+that lock (on the loop thread; by :meth:`pay_outstanding` and :meth:`connect` on the caller's),
+so cumulative amounts leave in increasing order per channel. After every (re)connect the
+latest voucher of each channel not confirmed by a Receipt is sent again
+(:mod:`._subscriber_payments`).
 
 Integrity (optional: give ``registry`` and a ``chain_reader``, or a ``verifier``): every
 message is checked in arrival order on the worker thread of :mod:`._verification` (chain
@@ -24,7 +27,8 @@ reads never stall paho's loop); ``on_message`` then gets the envelope's payload 
 ``record_path`` keeps every market message (and proofs obtained) as JSON lines, for
 ``blendsm verify``.
 
-Layout: this module receives and pays; :mod:`._subscriber_integrity` connects it to the
+Layout: this module connects and receives; :mod:`._subscriber_payments` keeps the books and
+pays (vouchers out, notices in); :mod:`._subscriber_integrity` connects it to the
 verification worker of :mod:`._verification` (anchor notices, proof requests),
 :mod:`._record_file` is the record file, :mod:`._channel_helpers` the async on-chain channel
 helpers, and :mod:`._subscriber_events` what the callbacks receive.
@@ -46,7 +50,6 @@ from blendsm.errors import (
     ConfigError,
     EnvelopeError,
     SubscriptionRefusedError,
-    WireError,
 )
 
 from ._chain_reader import ChainReader
@@ -56,21 +59,15 @@ from ._control import (
     NOTICE,
     PROOF,
     VOUCHER,
-    PaymentRequest,
-    Proof,
     Quote,
-    Receipt,
-    Refusal,
     control_topic,
-    decode_any_notice,
-    encode_voucher,
     is_control_topic,
 )
 from ._endpoint import BrokerEndpoint, EndpointArgs, resolve_endpoint
 from ._envelope import decode_envelope, verify_envelope
 from ._integrity import MessageVerifier
-from ._mqtt import Disconnection, _MqttClient
-from ._payment_book import Book, check_amount, request_target
+from ._mqtt import Disconnection, ReconnectPolicy, _MqttClient
+from ._payment_book import Book, check_amount
 from ._record_file import RecordFile
 from ._subscriber_events import (
     Decryptor,
@@ -80,23 +77,26 @@ from ._subscriber_events import (
     MessageCallback,
     PaymentCallback,
     PaymentEvent,
-    PaymentEventKind,
     ReceivedMessage,
     SubscriberCallbackAPI,
     SubscriberStats,
 )
 from ._subscriber_integrity import SubscriberIntegrity
+from ._subscriber_payments import SubscriberPayments
 from ._verification import VerificationWorker, message_verifier
-from ._voucher import Voucher, VoucherDomain, VoucherSigner
+from ._voucher import VoucherDomain, VoucherSigner
 
 __all__ = ["Subscriber"]
 
 _log = logging.getLogger("blendsm.device_sdk")
 
 _SUBACK_FAILURE: Final = 0x80
+_RECONNECT_BASE_DELAY: Final = 0.5
+"""Upper bound of the first automatic retry's wait, doubled per failed attempt up to
+``reconnect_max_delay``."""
 
 
-class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity):
+class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPayments):
     """An MQTT subscriber that pays per delivered message with vouchers.
 
     ``endpoint`` (a :class:`BrokerEndpoint`; or, as before it existed, its fields as keyword
@@ -109,6 +109,13 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity):
     voucher is sent (keep it within the broker's credit, or delivery pauses until paid).
     ``max_write_off`` caps what a request may make it pay for messages lost in flight, per
     channel and connection (None: the broker's credit; 0: never, at the risk of a stuck channel).
+
+    Reconnects (automatic after a drop, with a fresh CONNECT token): each retry waits a random
+    time in ``[0, min(reconnect_max_delay, 0.5 s * 2**(attempt-1))]`` (full jitter, no fixed
+    floor), so a buyer is back within about ``reconnect_max_delay`` of the broker listening
+    and a fleet does not retry in lockstep. The default (1 s) favours getting paid data again
+    quickly; raise it for very large fleets on one broker. After every (re)connect the latest
+    unconfirmed voucher of each channel is sent again to obtain its Receipt.
 
     Integrity checks (see the module docstring) need the deployment's ``registry`` address
     (the message signature domain) and a ``chain_reader`` (e.g. a
@@ -143,6 +150,7 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity):
         proof_attempts: int = 5,
         record_path: str | os.PathLike[str] | None = None,
         keyring: Decryptor | None = None,
+        reconnect_max_delay: float = 1.0,
         **connection: Unpack[EndpointArgs],
     ) -> None:
         if callback_api_version is not SubscriberCallbackAPI.VERSION1:
@@ -156,6 +164,7 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity):
             account,
             resolve_endpoint(endpoint, connection, "Subscriber"),
             clean_session=clean_session,
+            reconnect=ReconnectPolicy(0, _RECONNECT_BASE_DELAY, reconnect_max_delay),
         )
         self.callback_api_version = callback_api_version
         self.domain = VoucherDomain(self.chain_id, channels_contract)
@@ -226,30 +235,25 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity):
             self._filters[topic_filter] = qos
         return granted
 
-    def _book(self, channel_id: bytes) -> Book:
-        """The channel's book, opened on this connection if new. Caller holds the lock."""
-        if (book := self._books.get(channel_id)) is None:
-            book = self._books[channel_id] = Book(epoch=self._epoch)
-        return book
-
     def _after_connect(self, timeout: float) -> None:
         with self._lock:
             self._epoch += 1
         self._subscribe(self.notice_topic, 1, timeout)
         if self.proof_sampling > 0:
             self._subscribe(ANCHORS_TOPIC, 1, timeout)
+        self._reconfirm()
 
     def _on_reconnected(self, session_present: bool) -> None:
         with self._lock:
             self._epoch += 1
-        if session_present:
-            return
-        with self._lock:
-            filters = [(self.notice_topic, 1), *self._filters.items()]
-        if self.proof_sampling > 0:
-            filters.append((ANCHORS_TOPIC, 1))
-        for topic_filter, qos in filters:
-            self._subscribe(topic_filter, qos, None)
+        if not session_present:
+            with self._lock:
+                filters = [(self.notice_topic, 1), *self._filters.items()]
+            if self.proof_sampling > 0:
+                filters.append((ANCHORS_TOPIC, 1))
+            for topic_filter, qos in filters:
+                self._subscribe(topic_filter, qos, None)
+        self._reconfirm()
 
     def _on_suback_untracked(self, topic_filter: str, codes: list[int]) -> None:
         # A filter renewed after a reconnect was refused (access revoked meanwhile?).
@@ -323,32 +327,6 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity):
                 integrity_events=self._integrity_events,
             )
 
-    def pay_outstanding(self, channel_id: bytes | None = None) -> int:
-        """Voucher everything received but not yet paid (on one channel, or all): the last
-        messages of a stream stay below ``pay_every`` otherwise. Within the budget; returns
-        the number of vouchers sent."""
-        events: list[PaymentEvent] = []
-        with self._lock:
-            for cid, book in list(self._books.items()):
-                if (channel_id is None or cid == channel_id) and book.received > book.vouchered:
-                    self._pay(cid, book, book.received, events)
-        self._report(events)
-        return sum(1 for e in events if e.kind is PaymentEventKind.VOUCHER_SENT)
-
-    def resume_channel(self, channel_id: bytes, paid: int) -> None:
-        """Continue a channel this account already paid ``paid`` on (cumulative), e.g. after a
-        restart: later vouchers build on it. Call before messages arrive on that channel;
-        ``paid`` does not count against ``budget``."""
-        if not isinstance(channel_id, bytes) or len(channel_id) != 32:
-            raise ConfigError("channel_id: must be 32 bytes")
-        check_amount("paid", paid, 0, optional=False)
-        with self._lock:
-            book = self._book(channel_id)
-            if book.vouchered > book.baseline or book.received > book.baseline:
-                raise ConfigError("resume_channel: the channel is already in use here")
-            book.received = book.vouchered = book.baseline = paid
-            book.epoch = -1  # in use before: in-flight messages may have been lost
-
     # --- messages and notices (paho's thread) ------------------------------------------
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
@@ -410,110 +388,6 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity):
         except EnvelopeError:
             return False
         return True
-
-    def _on_notice(self, payload: bytes) -> None:
-        try:
-            notice = decode_any_notice(payload)
-        except WireError as exc:
-            with self._lock:
-                self._bad_notices += 1
-            self._report_error(exc)
-            return
-        if isinstance(notice, Proof):
-            if self.verifier is not None:
-                self._verification.proof_answered(notice.request_id, notice)
-            return
-        if (
-            isinstance(notice, Refusal)
-            and notice.request_id is not None
-            and self.verifier is not None
-        ):
-            self._verification.proof_answered(notice.request_id, notice)
-            return
-        events: list[PaymentEvent] = []
-        with self._lock:
-            if isinstance(notice, Quote):
-                # No resend on a quote even if its ``paid`` lags: a voucher may be in flight,
-                # and the broker asks with a PaymentRequest when it really lacks one.
-                self._quotes[notice.topic] = notice
-                self._book(notice.channel_id)
-            elif isinstance(notice, PaymentRequest):
-                self._payment_requests += 1
-                book = self._book(notice.channel_id)
-                before, written_off = book.vouchered, book.written_off
-                target = request_target(book, notice, self._epoch, self.max_write_off)
-                if target > book.vouchered:
-                    self._pay(notice.channel_id, book, target, events)
-                else:
-                    self._resend_if_behind(book, notice.paid)
-                paid = book.vouchered if book.vouchered > before else None
-                events.append(
-                    PaymentEvent(
-                        PaymentEventKind.PAYMENT_REQUEST,
-                        notice.channel_id,
-                        paid,
-                        notice,
-                        f"charged {notice.charged}, received {book.received} (in-flight loss"
-                        f" written off {book.written_off - written_off})",
-                    )
-                )
-            elif isinstance(notice, Receipt):
-                self._receipts += 1
-                book = self._book(notice.channel_id)
-                book.confirmed = max(book.confirmed, notice.amount)
-                self._lock.notify_all()
-                events.append(
-                    PaymentEvent(PaymentEventKind.RECEIPT, notice.channel_id, notice.amount, notice)
-                )
-            else:
-                self._refusals += 1
-                events.append(
-                    PaymentEvent(
-                        PaymentEventKind.REFUSAL,
-                        notice.channel_id,
-                        notice.amount,
-                        notice,
-                        f"{notice.code}: {notice.detail}",
-                    )
-                )
-        self._report(events)
-
-    def _pay(self, channel_id: bytes, book: Book, target: int, events: list[PaymentEvent]) -> None:
-        """Sign and publish a voucher for ``target`` (cumulative) if the budget allows.
-        Caller holds the lock; ``target`` never exceeds the received value."""
-        if target <= book.vouchered or self._exhausted:
-            return
-        increase = target - book.vouchered
-        if self.budget is not None and self._spent + increase > self.budget:
-            self._exhausted = True
-            events.append(
-                PaymentEvent(
-                    PaymentEventKind.BUDGET_EXHAUSTED,
-                    channel_id,
-                    target,
-                    detail=f"spent {self._spent} of budget {self.budget}; {increase} more refused",
-                )
-            )
-            return
-        voucher = self._signer.sign(channel_id, target)
-        book.vouchered = target
-        book.last = voucher
-        self._spent += increase
-        self._send(voucher)
-        events.append(PaymentEvent(PaymentEventKind.VOUCHER_SENT, channel_id, target))
-
-    def _resend_if_behind(self, book: Book, broker_paid: int) -> None:
-        """The broker asks while knowing less than we signed (a voucher lost with a
-        connection): send the latest again. It costs nothing new, so no budget check. Caller holds the lock."""
-        if book.last is not None and broker_paid < book.vouchered:
-            self._send(book.last)
-
-    def _send(self, voucher: Voucher) -> None:
-        info = self._mqtt.publish(self.voucher_topic, encode_voucher(voucher), qos=0)
-        if info.rc == mqtt.MQTT_ERR_SUCCESS:
-            self._vouchers_sent += 1
-        else:  # lost with the connection; the broker's PaymentRequest will get it resent
-            _log.info("%s: voucher not sent (%s)", self.client_id, mqtt.error_string(info.rc))
 
     # --- integrity (delegated to the verification worker) ------------------------------
 

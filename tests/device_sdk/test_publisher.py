@@ -28,11 +28,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from blendsm.device_sdk import (
     FLAG_ENCRYPTED,
+    Acknowledgement,
     ConnectTokenVerifier,
     Envelope,
     MessageDomain,
     OutboxFullError,
     Publisher,
+    PublisherCallbackAPI,
     decode_envelope,
     verify_envelope,
 )
@@ -470,3 +472,49 @@ def test_from_env_and_keystore(state_dir: Path, monkeypatch: pytest.MonkeyPatch)
     pub = Publisher.from_keystore(keystore, "BSM_TEST_PW", state_dir=state_dir, **kwargs)
     assert pub.address == DEVICE.address
     pub.close()
+
+
+def test_on_acknowledged_reports_each_acknowledged_message_with_its_sequence(
+    broker: StockBroker, reader: Reader, state_dir: Path
+) -> None:
+    """PUBACK (QoS 1) and PUBCOMP (QoS 2) are reported once per message, with the sequence
+    number publish() returned, after the message left the outbox; QoS 0 has no ack."""
+    acks: queue.Queue[tuple[Any, Acknowledgement, int]] = queue.Queue()
+    with make(broker.port, state_dir, callback_api_version=PublisherCallbackAPI.VERSION1) as pub:
+        pub.on_acknowledged = lambda p, ack: acks.put((p, ack, p.pending))
+        sent = [
+            ("data/a", pub.publish("data/a", b"1", qos=1), 1),
+            ("data/b", pub.publish("data/b", b"2", qos=2), 2),
+            ("data/a", pub.publish("data/a", b"3", qos=1), 1),
+        ]
+        pub.publish("data/a", b"fire and forget", qos=0)
+        pub.flush(5)
+        got = [acks.get(timeout=5) for _ in sent]
+        reader.take(4)
+        time.sleep(0.3)
+        assert acks.empty()  # nothing for QoS 0, nothing twice
+    assert all(p is pub for p, _, _ in got)
+    assert sorted((a.topic, a.sequence, a.qos) for _, a, _ in got) == sorted(sent)
+    assert [a.sequence for _, a, _ in got if a.topic == "data/a"] == [1, 2]
+    # Reported once it left the outbox: what is still pending never includes it.
+    assert all(pending <= len(sent) - 1 for _, _, pending in got)
+
+
+def test_on_acknowledged_errors_are_logged_and_delivery_goes_on(
+    broker: StockBroker, reader: Reader, state_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(_p: Any, _a: Acknowledgement) -> None:
+        raise RuntimeError("callback bug")
+
+    with make(broker.port, state_dir) as pub:
+        pub.on_acknowledged = boom
+        for i in range(3):
+            pub.publish("data/a", b"%d" % i)
+        pub.flush(5)
+        assert [e.sequence for _, e in reader.take(3)] == [1, 2, 3]
+    assert "error in on_acknowledged" in caplog.text
+
+
+def test_an_unknown_callback_api_version_is_refused(state_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="callback_api_version"):
+        make(1, state_dir, callback_api_version=2)

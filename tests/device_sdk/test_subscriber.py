@@ -71,13 +71,18 @@ DOMAIN = VoucherDomain(CHAIN_ID, CONTRACT)
 SEEN: list[tuple[str, str | None, str | None]] = []
 REFUSED_USERS: set[str] = set()
 DENIED_PREFIXES: set[str] = {"denied/"}
+BUYER_GATE = threading.Event()  # while clear, the buyer's CONNECT waits (the operator goes first)
+BUYER_GATE.set()
 
 
 class RecordingAuth(BaseAuthPlugin):
-    """Accepts everyone but REFUSED_USERS and records (client id, user name, password)."""
+    """Accepts everyone but REFUSED_USERS and records (client id, user name, password); holds
+    the buyer's CONNECT while BUYER_GATE is clear."""
 
     async def authenticate(self, *, session: Session) -> bool:
         SEEN.append((session.client_id, session.username, session.password))
+        while session.username == BUYER.address and not BUYER_GATE.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         return session.username not in REFUSED_USERS
 
 
@@ -137,6 +142,7 @@ def broker(closing: Callable[[StockBroker], StockBroker]) -> StockBroker:
     SEEN.clear()
     REFUSED_USERS.clear()
     DENIED_PREFIXES.intersection_update({"denied/"})
+    BUYER_GATE.set()
     return closing(StockBroker().start())
 
 
@@ -684,6 +690,9 @@ def test_default_client_id_and_key_bytes() -> None:
         ("channels_contract", "0x1234"),
         ("client_id", ""),
         ("account", b"\x01" * 31),
+        ("reconnect_max_delay", -1),
+        ("reconnect_max_delay", "1"),
+        ("reconnect_max_delay", float("nan")),
     ],
 )
 def test_bad_settings_are_config_errors(field: str, value: Any) -> None:
@@ -755,3 +764,69 @@ async def test_chain_helpers_open_top_up_close_withdraw(
     # A marketplace signing as someone else is refused before any transaction.
     with pytest.raises(ConfigError):
         await sub.open_channel(mp("seller"), seller, 1)
+
+
+# --------------------------------------------------------------------------- recovery
+
+OTHER_TOPIC = "market/other"
+
+
+def test_back_soon_after_a_broker_restart(broker: StockBroker, make_sub: Any) -> None:
+    """paho's own backoff (1, 2, 4 ... 120 s) kept buyers away 4 s from a broker that was
+    back 3.5 s after going away; capped at ``reconnect_max_delay`` (1 s) with full jitter, the
+    next attempt comes within about 1 s of the broker listening (generous bound: loaded CI)."""
+    sub, rec = make_sub()
+    sub.connect(5)
+    port = broker.port
+    broker.stop()
+    wait_until(lambda: any(not d.requested and d.reconnecting for d in rec.disconnects))
+    time.sleep(3.5)
+    broker.start(port)
+    listening = time.monotonic()
+    wait_until(lambda: sub.connected, within=15)
+    back = time.monotonic() - listening
+    print(f"\nsubscriber back {back:.2f} s after the broker listened again")
+    assert back < 3.0
+
+
+def test_after_a_reconnect_the_latest_unconfirmed_voucher_is_sent_again(
+    broker: StockBroker, make_sub: Any, operator: Operator
+) -> None:
+    """Receipts are QoS 0 and batched: the one for the last vouchers before a drop may never
+    come. After a reconnect the SDK re-sends the latest voucher of each channel not confirmed
+    up to it (the broker answers an equal one with a Receipt); a confirmed channel sends
+    nothing."""
+    sub, rec = make_sub()
+    start_paid(sub, operator)
+    operator.notice(sub.address, quote(channel=OTHER_CHANNEL, topic=OTHER_TOPIC))
+    assert sub.subscribe(OTHER_TOPIC, 1) == 1
+    wait_until(lambda: sub.quote(OTHER_TOPIC) is not None)
+    for topic in (TOPIC, TOPIC, OTHER_TOPIC):
+        operator.data(topic)
+    rec.take(3)
+    sent = operator.drain(3)
+    assert sorted((v.channel_id, v.cumulative_amount) for v in sent) == sorted(
+        [(CHANNEL, 1000), (CHANNEL, 2000), (OTHER_CHANNEL, 1000)]
+    )
+    operator.notice(sub.address, Receipt(CHANNEL, 1000))  # behind the latest (2000)
+    operator.notice(sub.address, Receipt(OTHER_CHANNEL, 1000))  # up to date
+    wait_until(lambda: sub.stats.receipts == 2)
+    operator.close()
+    port = broker.port
+    broker.stop()
+    wait_until(lambda: any(not d.requested and d.reconnecting for d in rec.disconnects))
+    BUYER_GATE.clear()  # the operator subscribes before the buyer is back
+    broker.start(port)
+    op = Operator(broker.port)
+    BUYER_GATE.set()
+    try:
+        wait_until(lambda: sub.tokens_issued >= 2 and sub.connected, within=15)
+        again = op.drain(1, quiet=0.5)
+        assert [(v.channel_id, v.cumulative_amount) for v in again] == [(CHANNEL, 2000)]
+        assert check_signed(again) == [2000]
+        assert sub.stats.vouchers_sent == 4
+        assert sub.spent == 3000  # a re-sent voucher costs nothing new
+        op.notice(sub.address, Receipt(CHANNEL, 2000))
+        assert sub.wait_confirmed(CHANNEL, 2000, 5)
+    finally:
+        op.close()

@@ -1,0 +1,225 @@
+"""The Subscriber's payment side: the books, vouchers out, notices in.
+
+Apart from :mod:`._subscriber` (connection, subscriptions, receiving) so each stays readable.
+Every method here runs under, or takes, the Subscriber's one lock (see its module docstring).
+
+Receipts after a reconnect: a Receipt is a QoS 0 notice, batched by the broker, so the receipt
+for the last vouchers before a connection dropped (or the broker died) may never arrive, and
+a stored voucher would stay invisible to the buyer. So after every (re)connect the Subscriber
+re-sends the latest voucher of each channel the broker has not confirmed up to it
+(:meth:`SubscriberPayments._reconfirm`). The broker answers a voucher equal to the one it holds
+with a Receipt, and takes a higher one (lost in flight) as new: either way ``confirmed``
+catches up, with no new message type (docs/protocol.md, "Receipts after a reconnect").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+
+from blendsm.errors import BlendsmError, ConfigError, WireError
+
+from ._control import (
+    PaymentRequest,
+    Proof,
+    Quote,
+    Receipt,
+    Refusal,
+    decode_any_notice,
+    encode_voucher,
+)
+from ._integrity import MessageVerifier
+from ._payment_book import Book, check_amount, request_target
+from ._subscriber_events import PaymentEvent, PaymentEventKind
+from ._voucher import Voucher, VoucherSigner
+
+if TYPE_CHECKING:
+    from ._verification import VerificationWorker
+
+__all__ = ["SubscriberPayments"]
+
+_log = logging.getLogger("blendsm.device_sdk")
+
+
+class SubscriberPayments:
+    """Mixin of :class:`~blendsm.device_sdk.Subscriber`: books, vouchers and payment notices
+    (it sets every attribute declared here)."""
+
+    client_id: str
+    budget: int | None
+    max_write_off: int | None
+    voucher_topic: str
+    verifier: MessageVerifier | None
+    _signer: VoucherSigner
+    _verification: VerificationWorker
+    _mqtt: mqtt.Client
+    _lock: threading.Condition
+    _quotes: dict[str, Quote]
+    _books: dict[bytes, Book]
+    _epoch: int
+    _spent: int
+    _exhausted: bool
+    _vouchers_sent: int
+    _receipts: int
+    _refusals: int
+    _payment_requests: int
+    _bad_notices: int
+
+    if TYPE_CHECKING:  # provided by the Subscriber and its MQTT client
+
+        def _report(self, events: list[PaymentEvent]) -> None: ...
+
+        def _report_error(self, error: BlendsmError) -> None: ...
+
+        def _guard(self, callback: Any, *args: Any) -> None: ...
+
+    def _book(self, channel_id: bytes) -> Book:
+        """The channel's book, opened on this connection if new. Caller holds the lock."""
+        if (book := self._books.get(channel_id)) is None:
+            book = self._books[channel_id] = Book(epoch=self._epoch)
+        return book
+
+    def pay_outstanding(self, channel_id: bytes | None = None) -> int:
+        """Voucher everything received but not yet paid (on one channel, or all): the last
+        messages of a stream stay below ``pay_every`` otherwise. Within the budget; returns
+        the number of vouchers sent."""
+        events: list[PaymentEvent] = []
+        with self._lock:
+            for cid, book in list(self._books.items()):
+                if (channel_id is None or cid == channel_id) and book.received > book.vouchered:
+                    self._pay(cid, book, book.received, events)
+        self._report(events)
+        return sum(1 for e in events if e.kind is PaymentEventKind.VOUCHER_SENT)
+
+    def resume_channel(self, channel_id: bytes, paid: int) -> None:
+        """Continue a channel this account already paid ``paid`` on (cumulative), e.g. after a
+        restart: later vouchers build on it. Call before messages arrive on that channel;
+        ``paid`` does not count against ``budget``."""
+        if not isinstance(channel_id, bytes) or len(channel_id) != 32:
+            raise ConfigError("channel_id: must be 32 bytes")
+        check_amount("paid", paid, 0, optional=False)
+        with self._lock:
+            book = self._book(channel_id)
+            if book.vouchered > book.baseline or book.received > book.baseline:
+                raise ConfigError("resume_channel: the channel is already in use here")
+            book.received = book.vouchered = book.baseline = paid
+            book.epoch = -1  # in use before: in-flight messages may have been lost
+
+    def _on_notice(self, payload: bytes) -> None:
+        try:
+            notice = decode_any_notice(payload)
+        except WireError as exc:
+            with self._lock:
+                self._bad_notices += 1
+            self._report_error(exc)
+            return
+        if isinstance(notice, Proof):
+            if self.verifier is not None:
+                self._verification.proof_answered(notice.request_id, notice)
+            return
+        if (
+            isinstance(notice, Refusal)
+            and notice.request_id is not None
+            and self.verifier is not None
+        ):
+            self._verification.proof_answered(notice.request_id, notice)
+            return
+        events: list[PaymentEvent] = []
+        with self._lock:
+            if isinstance(notice, Quote):
+                # No resend on a quote even if its ``paid`` lags: a voucher may be in flight,
+                # and the broker asks with a PaymentRequest when it really lacks one.
+                self._quotes[notice.topic] = notice
+                self._book(notice.channel_id)
+            elif isinstance(notice, PaymentRequest):
+                self._payment_requests += 1
+                book = self._book(notice.channel_id)
+                before, written_off = book.vouchered, book.written_off
+                target = request_target(book, notice, self._epoch, self.max_write_off)
+                if target > book.vouchered:
+                    self._pay(notice.channel_id, book, target, events)
+                else:
+                    self._resend_if_behind(book, notice.paid)
+                paid = book.vouchered if book.vouchered > before else None
+                events.append(
+                    PaymentEvent(
+                        PaymentEventKind.PAYMENT_REQUEST,
+                        notice.channel_id,
+                        paid,
+                        notice,
+                        f"charged {notice.charged}, received {book.received} (in-flight loss"
+                        f" written off {book.written_off - written_off})",
+                    )
+                )
+            elif isinstance(notice, Receipt):
+                self._receipts += 1
+                book = self._book(notice.channel_id)
+                book.confirmed = max(book.confirmed, notice.amount)
+                self._lock.notify_all()
+                events.append(
+                    PaymentEvent(PaymentEventKind.RECEIPT, notice.channel_id, notice.amount, notice)
+                )
+            else:
+                self._refusals += 1
+                events.append(
+                    PaymentEvent(
+                        PaymentEventKind.REFUSAL,
+                        notice.channel_id,
+                        notice.amount,
+                        notice,
+                        f"{notice.code}: {notice.detail}",
+                    )
+                )
+        self._report(events)
+
+    def _pay(self, channel_id: bytes, book: Book, target: int, events: list[PaymentEvent]) -> None:
+        """Sign and publish a voucher for ``target`` (cumulative) if the budget allows.
+        Caller holds the lock; ``target`` never exceeds the received value."""
+        if target <= book.vouchered or self._exhausted:
+            return
+        increase = target - book.vouchered
+        if self.budget is not None and self._spent + increase > self.budget:
+            self._exhausted = True
+            events.append(
+                PaymentEvent(
+                    PaymentEventKind.BUDGET_EXHAUSTED,
+                    channel_id,
+                    target,
+                    detail=f"spent {self._spent} of budget {self.budget}; {increase} more refused",
+                )
+            )
+            return
+        voucher = self._signer.sign(channel_id, target)
+        book.vouchered = target
+        book.last = voucher
+        self._spent += increase
+        self._send(voucher)
+        events.append(PaymentEvent(PaymentEventKind.VOUCHER_SENT, channel_id, target))
+
+    def _resend_if_behind(self, book: Book, broker_paid: int) -> None:
+        """The broker asks while knowing less than we signed (a voucher lost with a
+        connection): send the latest again. It costs nothing new, so no budget check. Caller holds the lock."""
+        if book.last is not None and broker_paid < book.vouchered:
+            self._send(book.last)
+
+    def _send(self, voucher: Voucher) -> None:
+        info = self._mqtt.publish(self.voucher_topic, encode_voucher(voucher), qos=0)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._vouchers_sent += 1
+        else:  # lost with the connection; the broker's PaymentRequest will get it resent
+            _log.info("%s: voucher not sent (%s)", self.client_id, mqtt.error_string(info.rc))
+
+    def _reconfirm(self) -> int:
+        """After a (re)connect: re-send the latest voucher of every channel not confirmed up
+        to it, so the broker answers with a Receipt (see the module docstring). Costs nothing
+        new, so no budget check. The number re-sent."""
+        sent = 0
+        with self._lock:
+            for book in self._books.values():
+                if book.last is not None and book.confirmed < book.vouchered:
+                    self._send(book.last)
+                    sent += 1
+        return sent
