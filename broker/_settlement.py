@@ -31,14 +31,18 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal
 
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from blendsm import backoff_delay
 from blendsm.broker._chain_view import ChainView
+from blendsm.broker._claim_rule import (
+    FINAL_REVERTS,
+    ClaimResult,
+    PendingClaimError,
+    describe,
+)
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._store import AsyncVoucherStore, ChannelBalance, ClaimIntent
 from blendsm.broker._tx_watch import confirmations_missing, find_transaction
@@ -48,41 +52,6 @@ from blendsm.errors import ChainError, ConfigError, ContractRevertError
 __all__ = ["ClaimResult", "Settler"]
 
 _log = logging.getLogger("blendsm.broker.settlement")
-
-#: Reverts after which no voucher of the channel can ever be claimed.
-_FINAL_REVERTS = frozenset(
-    {
-        "PaymentChannelsChallengePeriodOver",
-        "PaymentChannelsChannelSettled",
-        "PaymentChannelsUnknownChannel",
-    }
-)
-
-ClaimStatus = Literal["confirmed", "failed", "pending"]
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimResult:
-    """What one claim attempt came to.
-
-    ``confirmed``: mined, ``claimed`` is the channel's on-chain claimed amount after it.
-    ``failed``: reverted or never broadcast; retried after the backoff. ``pending``: may be
-    out but its fate is unknown yet (node gone, not deep enough); reconciled later.
-    """
-
-    channel_id: bytes
-    amount: int
-    status: ClaimStatus
-    tx_hash: bytes | None = None
-    claimed: int = 0
-    payout: int = 0
-    fee: int = 0
-    gas_used: int = 0
-    error: str | None = None
-
-
-class _PendingError(Exception):
-    """The claim's fate is not known yet; leave its intent open."""
 
 
 class Settler:
@@ -420,13 +389,13 @@ class Settler:
             if isinstance(exc, ContractRevertError):
                 if exc.error_name == "PaymentChannelsNothingToClaim":
                     return await self._resolve(intent)  # covered, e.g. the payee claimed it
-                if exc.error_name in _FINAL_REVERTS:
+                if exc.error_name in FINAL_REVERTS:
                     self._final.add(channel_id)
             if intent.channel_id in self._final:
                 self.log.warning(
                     "settlement: channel %s can no longer be claimed (%s); %d left unclaimed",
                     channel_id.hex(),
-                    _describe(exc),
+                    describe(exc),
                     intent.amount - self._claimed.get(channel_id, 0),
                 )
             return await self._failed(intent, exc)
@@ -460,7 +429,7 @@ class Settler:
             if result.status == "pending":
                 self._needs_reconcile = True
             if result.status == "failed":
-                return dataclasses.replace(result, error=_describe(exc))
+                return dataclasses.replace(result, error=describe(exc))
             return result
         try:
             return await self._confirm(intent, receipt)
@@ -474,7 +443,7 @@ class Settler:
         """The claim did not and will not go through: fail the intent, retry after a backoff
         (at once when the chain never saw it, e.g. a crash before the broadcast)."""
         delay = self._backoff(intent.channel_id) if backoff else 0.0
-        reason = _describe(exc)
+        reason = describe(exc)
         retry_at = self.clock() + delay
         await self.store.claim_failed(intent.intent_id, reason, retry_at)
         self._retry_at[intent.channel_id] = retry_at
@@ -497,7 +466,7 @@ class Settler:
             "settlement: block number",
         )
         if shallow is not None:
-            raise _PendingError(shallow)
+            raise PendingClaimError(shallow)
         events = self.marketplace.channels.contract.events.ChannelClaimed().process_receipt(
             receipt, errors=DISCARD
         )
@@ -564,7 +533,7 @@ class Settler:
             if receipt is not None and receipt["status"] == 1:
                 try:
                     return await self._confirm(intent, receipt)
-                except _PendingError as exc:
+                except PendingClaimError as exc:
                     return ClaimResult(
                         intent.channel_id, intent.amount, "pending", intent.tx_hash, error=str(exc)
                     )
@@ -585,11 +554,3 @@ class Settler:
             f"claim {why} (on-chain claimed {claimed})",
             backoff=reverted or info is None or info.settled,
         )
-
-
-def _describe(exc: BaseException | str) -> str:
-    if isinstance(exc, str):
-        return exc
-    if isinstance(exc, ContractRevertError):
-        return f"reverted: {exc}"
-    return f"{type(exc).__name__}: {exc}"
