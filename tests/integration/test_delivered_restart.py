@@ -62,6 +62,32 @@ async def test_prepaid_then_clean_restart_claims_only_what_was_delivered(
     assert (await market.mp("oracle").channels.channel(channel)).claimed == 0
 
 
+async def test_vouchers_a_step_ahead_are_claimed_up_to_what_was_delivered(
+    market: Market, until: Any
+) -> None:
+    """A buyer that always pays one message ahead, so its latest voucher is credit for as long
+    as it streams (as after a kill that lost the count of the last deliveries): the settler
+    claims the highest voucher within the delivered value, not nothing until the stream
+    stops, and never the credit."""
+    price = market.price
+    service = market.service
+    buyer, channel = await market.channel_client("buyer")
+    payer = Payer(market, "buyer", buyer)
+    await payer.pay(channel, price)
+    assert await until(lambda: service.meter.paid_of(channel) == price, 10)
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    for i in range(1, 6):
+        await device.publish(market.topic, b"m%d" % i, qos=1)
+        assert await until(lambda n=i: service.meter.delivered_value(channel) == n * price, 10)
+        await payer.pay(channel, (i + 1) * price)
+        assert await until(lambda n=i: service.meter.paid_of(channel) == (n + 1) * price, 10)
+    (result,) = await service.settler.settle_now([channel])
+    assert (result.status, result.amount, result.claimed) == ("confirmed", 5 * price, 5 * price)
+    assert (await market.mp("oracle").channels.channel(channel)).claimed == 5 * price
+    assert await service.settler.settle_now([channel]) == []  # 6 * price is still credit
+
+
 def _latest(db: Path, channel: bytes) -> int:
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
         row = con.execute("SELECT amount FROM channels WHERE channel_id = ?", (channel,)).fetchone()
