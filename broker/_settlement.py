@@ -1,12 +1,17 @@
 """Claiming accepted vouchers on chain for the broker operator.
 
 Why a separate loop: a voucher is worth nothing until claimed, but one claim per voucher
-would burn more gas than most messages earn. :class:`Settler` claims a channel's latest
-voucher when its unclaimed amount reaches ``threshold`` (prompted by
-:meth:`Settler.notify_voucher`, so the store is not polled), every ``interval_seconds``
-for every channel with anything unclaimed, and before a closing channel's challenge period
-ends (after that the payer withdraws what was not claimed, so this rule is what keeps the
-operator from losing money).
+would burn more gas than most messages earn. :class:`Settler` claims a channel when what a
+claim would add reaches ``threshold`` (prompted by :meth:`Settler.notify_voucher`, so the
+store is not polled), every ``interval_seconds`` for every channel with anything
+unclaimed, and before a closing channel's challenge period ends (after that the payer
+withdraws what was not claimed, so this rule is what keeps the operator from losing money).
+
+Which voucher: the HIGHEST accepted one whose amount is within the channel's delivered
+value (the store keeps the vouchers above the claim; :meth:`VoucherStore.begin_claim`),
+never one above it (the contract pays the full signed amount, and a voucher above delivered
+value is credit). Waiting for the latest instead would stall for as long as a buyer's
+vouchers run ahead of the broker's count, e.g. after a kill lost the last deliveries' count.
 
 Exactly once: every claim follows the store's write-ahead protocol
 (:mod:`blendsm.broker._store`): ``begin_claim`` commits an intent, the signed
@@ -31,14 +36,18 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal
 
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from blendsm import backoff_delay
 from blendsm.broker._chain_view import ChainView
+from blendsm.broker._claim_rule import (
+    FINAL_REVERTS,
+    ClaimResult,
+    PendingClaimError,
+    describe,
+)
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._store import AsyncVoucherStore, ChannelBalance, ClaimIntent
 from blendsm.broker._tx_watch import confirmations_missing, find_transaction
@@ -48,41 +57,6 @@ from blendsm.errors import ChainError, ConfigError, ContractRevertError
 __all__ = ["ClaimResult", "Settler"]
 
 _log = logging.getLogger("blendsm.broker.settlement")
-
-#: Reverts after which no voucher of the channel can ever be claimed.
-_FINAL_REVERTS = frozenset(
-    {
-        "PaymentChannelsChallengePeriodOver",
-        "PaymentChannelsChannelSettled",
-        "PaymentChannelsUnknownChannel",
-    }
-)
-
-ClaimStatus = Literal["confirmed", "failed", "pending"]
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimResult:
-    """What one claim attempt came to.
-
-    ``confirmed``: mined, ``claimed`` is the channel's on-chain claimed amount after it.
-    ``failed``: reverted or never broadcast; retried after the backoff. ``pending``: may be
-    out but its fate is unknown yet (node gone, not deep enough); reconciled later.
-    """
-
-    channel_id: bytes
-    amount: int
-    status: ClaimStatus
-    tx_hash: bytes | None = None
-    claimed: int = 0
-    payout: int = 0
-    fee: int = 0
-    gas_used: int = 0
-    error: str | None = None
-
-
-class _PendingError(Exception):
-    """The claim's fate is not known yet; leave its intent open."""
 
 
 class Settler:
@@ -273,28 +247,33 @@ class Settler:
             now = self.clock()
             await self._check_gas(now=now)
             due: set[bytes] = set()
+            threshold = max(1, self.config.threshold)
             if self._due:
                 candidates, self._due = self._due, set()
-                threshold = max(1, self.config.threshold)
                 for b in await self.store.balances(candidates):
                     self._remember(b)
                     if b.unclaimed >= threshold:
                         due.add(b.channel_id)
                 self._due -= due  # _remember re-added them; they are being claimed now
+            by_threshold = set(due)  # claimed only if what is claimable reaches it
             if now >= self._next_round:
                 self._next_round = now + self.config.interval_seconds
                 for b in await self.store.balances(unclaimed_only=True):
                     self._remember(b)
                     due.add(b.channel_id)
+                    by_threshold.discard(b.channel_id)
                 self._due -= due
             for channel_id, at in list(self._retry_at.items()):
                 if at <= now:
                     del self._retry_at[channel_id]
                     due.add(channel_id)
-            due |= await self._closing(now)
+                    by_threshold.discard(channel_id)
+            closing = await self._closing(now)
+            due |= closing
+            by_threshold -= closing
             due -= self._final
             if due:
-                await self._claim_all(sorted(due))
+                await self._claim_all(sorted(due), by_threshold, threshold)
                 await self._check_gas(force=True)
 
     async def _closing(self, now: float) -> set[bytes]:
@@ -369,11 +348,17 @@ class Settler:
 
     # --- claiming ------------------------------------------------------------------------
 
-    async def _claim_all(self, channel_ids: list[bytes]) -> list[ClaimResult]:
+    async def _claim_all(
+        self, channel_ids: list[bytes], by_threshold: set[bytes] | None = None, threshold: int = 0
+    ) -> list[ClaimResult]:
+        """Claim each channel; those in ``by_threshold`` only if the claim adds at least
+        ``threshold`` (the latest voucher may be far above what is claimable)."""
+        gated = by_threshold or set()
+
         async def one(channel_id: bytes) -> ClaimResult | None:
             async with self._parallel:
                 try:
-                    return await self._claim(channel_id)
+                    return await self._claim(channel_id, threshold if channel_id in gated else 0)
                 except Exception:  # e.g. the store: log it, keep claiming the others
                     self.failures += 1
                     self._needs_reconcile = True
@@ -388,10 +373,13 @@ class Settler:
         self._fail_count[channel_id] = count
         return backoff_delay(count, base=self.backoff_base, cap=self.backoff_max)
 
-    async def _claim(self, channel_id: bytes) -> ClaimResult | None:
-        """One write-ahead claim of the channel's latest voucher; None if nothing to do."""
+    async def _claim(self, channel_id: bytes, min_gain: int = 0) -> ClaimResult | None:
+        """One write-ahead claim of the channel's highest voucher within delivered value
+        (adding at least ``min_gain``); None if nothing to do."""
         limit = None if self.delivered is None else self.delivered(channel_id)
-        intent = await self.store.begin_claim(channel_id, self.clock(), limit=limit)
+        intent = await self.store.begin_claim(
+            channel_id, self.clock(), limit=limit, min_gain=min_gain
+        )
         if intent is None:
             return None
         call = self.marketplace.channels.contract.functions.claim(
@@ -420,13 +408,13 @@ class Settler:
             if isinstance(exc, ContractRevertError):
                 if exc.error_name == "PaymentChannelsNothingToClaim":
                     return await self._resolve(intent)  # covered, e.g. the payee claimed it
-                if exc.error_name in _FINAL_REVERTS:
+                if exc.error_name in FINAL_REVERTS:
                     self._final.add(channel_id)
             if intent.channel_id in self._final:
                 self.log.warning(
                     "settlement: channel %s can no longer be claimed (%s); %d left unclaimed",
                     channel_id.hex(),
-                    _describe(exc),
+                    describe(exc),
                     intent.amount - self._claimed.get(channel_id, 0),
                 )
             return await self._failed(intent, exc)
@@ -460,7 +448,7 @@ class Settler:
             if result.status == "pending":
                 self._needs_reconcile = True
             if result.status == "failed":
-                return dataclasses.replace(result, error=_describe(exc))
+                return dataclasses.replace(result, error=describe(exc))
             return result
         try:
             return await self._confirm(intent, receipt)
@@ -474,7 +462,7 @@ class Settler:
         """The claim did not and will not go through: fail the intent, retry after a backoff
         (at once when the chain never saw it, e.g. a crash before the broadcast)."""
         delay = self._backoff(intent.channel_id) if backoff else 0.0
-        reason = _describe(exc)
+        reason = describe(exc)
         retry_at = self.clock() + delay
         await self.store.claim_failed(intent.intent_id, reason, retry_at)
         self._retry_at[intent.channel_id] = retry_at
@@ -497,7 +485,7 @@ class Settler:
             "settlement: block number",
         )
         if shallow is not None:
-            raise _PendingError(shallow)
+            raise PendingClaimError(shallow)
         events = self.marketplace.channels.contract.events.ChannelClaimed().process_receipt(
             receipt, errors=DISCARD
         )
@@ -564,7 +552,7 @@ class Settler:
             if receipt is not None and receipt["status"] == 1:
                 try:
                     return await self._confirm(intent, receipt)
-                except _PendingError as exc:
+                except PendingClaimError as exc:
                     return ClaimResult(
                         intent.channel_id, intent.amount, "pending", intent.tx_hash, error=str(exc)
                     )
@@ -585,11 +573,3 @@ class Settler:
             f"claim {why} (on-chain claimed {claimed})",
             backoff=reverted or info is None or info.settled,
         )
-
-
-def _describe(exc: BaseException | str) -> str:
-    if isinstance(exc, str):
-        return exc
-    if isinstance(exc, ContractRevertError):
-        return f"reverted: {exc}"
-    return f"{type(exc).__name__}: {exc}"

@@ -5,8 +5,16 @@ Money rules this module enforces:
 * A voucher counts only once :meth:`VoucherStore.accept` has returned: the row is
   committed with ``journal_mode=WAL`` and ``synchronous=FULL``, so the WAL is fsynced
   before the call returns and the voucher survives a crash of the broker or the host.
-* Per channel only the newest voucher is kept, and only if its cumulative amount is
-  strictly higher (vouchers are cumulative, a newer one supersedes every older one).
+* A voucher is accepted only if its cumulative amount is strictly higher than the
+  channel's latest (vouchers are cumulative, a newer one supersedes every older one).
+* The accepted vouchers above the channel's claim are kept too, at most ``keep`` per
+  channel, because the latest may be above the value delivered (a buyer's vouchers can run
+  ahead of the broker's count, e.g. after a kill): a claim uses the HIGHEST voucher whose
+  amount is within delivered value (:meth:`VoucherStore.begin_claim`). Pruned, in the
+  transaction that makes them so: those covered on chain; those below the highest voucher
+  within the stored delivered value (it is claimable, and delivered value only rises, so
+  they can never be the best claim again); over ``keep``, the newest but one (the oldest
+  ones are the next to become claimable; the latest is where a channel ends).
 * Amounts are uint256, beyond SQLite's 64-bit INTEGER, so they are stored as 32-byte
   big-endian BLOBs: ``memcmp`` order equals numeric order, so SQL can compare them.
 * The value delivered on each channel (the meter's ``charged``) is stored too, so a restart
@@ -49,10 +57,12 @@ from typing import Literal
 
 from blendsm.broker._durable import AsyncDurableStore, GroupCommit, open_on_worker
 from blendsm.broker._sqlite import DurableStore
+from blendsm.broker._voucher_schema import APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION
 from blendsm.device_sdk import Voucher
 
 __all__ = [
     "APPLICATION_ID",
+    "KEEP_VOUCHERS",
     "SCHEMA_VERSION",
     "AsyncVoucherStore",
     "ChannelBalance",
@@ -61,67 +71,14 @@ __all__ = [
     "VoucherStore",
 ]
 
-SCHEMA_VERSION = 2
-"""``PRAGMA user_version`` of the schema below; a newer file is refused, not guessed at."""
-
-APPLICATION_ID = 0x424C534D
-"""``PRAGMA application_id`` ("BLSM"), so a foreign SQLite file is told apart from ours."""
+KEEP_VOUCHERS = 64
+"""Default cap of the accepted vouchers kept per channel above its claim (see the rules)."""
 
 ClaimState = Literal["intent", "sent", "confirmed", "failed"]
 
 _OPEN_STATES = ("intent", "sent")
 
 _IN_CHUNK = 500
-
-_SCHEMA_V1 = """
-CREATE TABLE channels (
-    channel_id      BLOB PRIMARY KEY CHECK (length(channel_id) = 32),
-    amount          BLOB NOT NULL CHECK (length(amount) = 32),   -- latest cumulative, uint256 BE
-    signature       BLOB NOT NULL,
-    delta_hint      BLOB CHECK (delta_hint IS NULL OR length(delta_hint) = 32),
-    accepted_at     REAL NOT NULL,
-    claimed_onchain BLOB NOT NULL DEFAULT (zeroblob(32)) CHECK (length(claimed_onchain) = 32)
-) WITHOUT ROWID;
-
-CREATE TABLE claims (
-    intent_id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    channel_id      BLOB NOT NULL REFERENCES channels (channel_id),
-    amount          BLOB NOT NULL CHECK (length(amount) = 32),
-    signature       BLOB NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('intent', 'sent', 'confirmed', 'failed')),
-    tx_hash         BLOB,
-    error           TEXT,
-    retry_at        REAL,
-    claimed_onchain BLOB CHECK (claimed_onchain IS NULL OR length(claimed_onchain) = 32),
-    created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL
-);
-
-CREATE INDEX claims_by_channel ON claims (channel_id, intent_id);
-CREATE INDEX claims_open ON claims (state) WHERE state IN ('intent', 'sent');
-"""
-
-_DELIVERED_TABLE = """
-CREATE TABLE delivered (
-    channel_id      BLOB PRIMARY KEY CHECK (length(channel_id) = 32),
-    charged         BLOB NOT NULL CHECK (length(charged) = 32),   -- delivered value, uint256 BE
-    updated_at      REAL NOT NULL
-) WITHOUT ROWID;
-"""
-
-_SCHEMA_V2 = _SCHEMA_V1 + _DELIVERED_TABLE
-
-_MIGRATIONS = {
-    # A version 1 file never recorded delivered value. What is known to be delivered is what
-    # was claimed on chain (the settler claims only delivered value): seeding from it may
-    # under-claim, never charge a buyer for a prepayment it did not receive (the voucher
-    # amount, which version 1 brokers used after a restart, could).
-    1: _DELIVERED_TABLE
-    + """;
-INSERT INTO delivered (channel_id, charged, updated_at)
-    SELECT channel_id, claimed_onchain, CAST(strftime('%s', 'now') AS REAL) FROM channels
-""",
-}
 
 
 def _u256(value: int) -> bytes:
@@ -174,14 +131,18 @@ class VoucherStore(DurableStore):
     _STATE_KEY = "intent_id"
     _STATE_NOUN = "claim intent"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, keep: int = KEEP_VOUCHERS) -> None:
+        if keep < 2:
+            raise ValueError(f"keep {keep}: need room for a claimable voucher and the latest")
+        self.keep = keep
+        """At most this many accepted vouchers are kept per channel."""
         super().__init__(
             path,
             kind="voucher store",
             application_id=APPLICATION_ID,
             schema_version=SCHEMA_VERSION,
-            schema=_SCHEMA_V2,
-            migrations=_MIGRATIONS,
+            schema=SCHEMA,
+            migrations=MIGRATIONS,
         )
 
     # -- vouchers ------------------------------------------------------------
@@ -227,21 +188,58 @@ class VoucherStore(DurableStore):
         def body() -> list[bool]:
             now = time.time()
             self._record_delivered(values, now)
-            return [
-                self._db.execute(
-                    "INSERT INTO channels (channel_id, amount, signature, delta_hint, accepted_at)"
-                    " VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (channel_id) DO UPDATE SET amount = excluded.amount,"
-                    "  signature = excluded.signature, delta_hint = excluded.delta_hint,"
-                    "  accepted_at = excluded.accepted_at"
-                    " WHERE excluded.amount > channels.amount",
-                    (*row, now),
-                ).rowcount
-                == 1
-                for row in rows
-            ]
+            stored = [self._accept_row(*row, now) for row in rows]
+            for channel_id in dict.fromkeys(
+                row[0] for row, ok in zip(rows, stored, strict=True) if ok
+            ):
+                self._prune(channel_id)
+            return stored
 
         return self._write(body)
+
+    def _accept_row(
+        self, channel_id: bytes, amount: bytes, signature: bytes, hint: bytes | None, now: float
+    ) -> bool:
+        accepted = (
+            self._db.execute(
+                "INSERT INTO channels (channel_id, amount, signature, delta_hint, accepted_at)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (channel_id) DO UPDATE SET amount = excluded.amount,"
+                "  signature = excluded.signature, delta_hint = excluded.delta_hint,"
+                "  accepted_at = excluded.accepted_at"
+                " WHERE excluded.amount > channels.amount",
+                (channel_id, amount, signature, hint, now),
+            ).rowcount
+            == 1
+        )
+        if accepted:
+            self._db.execute(
+                "INSERT INTO vouchers (channel_id, amount, signature, accepted_at)"
+                " VALUES (?, ?, ?, ?)",
+                (channel_id, amount, signature, now),
+            )
+        return accepted
+
+    def _prune(self, channel_id: bytes) -> None:
+        """Drop the channel's kept vouchers that can never be its best claim (module rules)."""
+        self._db.execute(
+            "DELETE FROM vouchers WHERE channel_id = ?1"
+            " AND (amount <= (SELECT claimed_onchain FROM channels WHERE channel_id = ?1)"
+            "  OR amount < (SELECT max(amount) FROM vouchers WHERE channel_id = ?1"
+            "   AND amount <= (SELECT charged FROM delivered WHERE channel_id = ?1)))",
+            (channel_id,),
+        )
+        count = self._db.execute(
+            "SELECT count(*) FROM vouchers WHERE channel_id = ?", (channel_id,)
+        ).fetchone()[0]
+        if count > self.keep:
+            self._db.execute(
+                "DELETE FROM vouchers WHERE channel_id = ?1 AND amount IN ("
+                " SELECT amount FROM vouchers WHERE channel_id = ?1"
+                "  AND amount < (SELECT amount FROM channels WHERE channel_id = ?1)"
+                "  ORDER BY amount DESC LIMIT ?2)",
+                (channel_id, count - self.keep),
+            )
 
     def record_delivered(self, delivered: Iterable[tuple[bytes, int]]) -> None:
         """Record each channel's delivered value ``(channel_id, charged)``; a value below the
@@ -270,6 +268,13 @@ class VoucherStore(DurableStore):
             "SELECT amount, signature FROM channels WHERE channel_id = ?", (channel_id,)
         ).fetchone()
         return None if row is None else Voucher(channel_id, _int(row[0]), row[1])
+
+    def accepted(self, channel_id: bytes) -> list[int]:
+        """The amounts of the channel's kept vouchers (those a claim may still use), ascending."""
+        rows = self._db.execute(
+            "SELECT amount FROM vouchers WHERE channel_id = ? ORDER BY amount", (channel_id,)
+        )
+        return [_int(r[0]) for r in rows]
 
     def channels(self) -> list[bytes]:
         """Every channel with an accepted voucher, in id order."""
@@ -309,33 +314,44 @@ class VoucherStore(DurableStore):
     # -- claims --------------------------------------------------------------
 
     def begin_claim(
-        self, channel_id: bytes, now: float | None = None, *, limit: int | None = None
+        self,
+        channel_id: bytes,
+        now: float | None = None,
+        *,
+        limit: int | None = None,
+        min_gain: int = 0,
     ) -> ClaimIntent | None:
-        """Record an intent to claim the channel's latest voucher, or None if nothing to do.
+        """Record an intent to claim the channel's best voucher, or None if nothing to do.
 
-        None when: no voucher; its amount is above ``limit`` (the value delivered on the
-        channel: a prepaid voucher waits until deliveries reach it); its amount is
-        already covered on chain; an intent is still
-        open (reconcile it first); this exact voucher amount was already confirmed once
-        (a deposit-capped claim waits for a newer voucher); or the last failure's
-        ``retry_at`` is still ahead. The intent is committed before it is returned, so
-        it is durable before any transaction is broadcast, and with it ``limit`` as the
-        channel's delivered value: a claim is never above the stored delivered value, even
-        after a kill.
+        The best voucher is the highest kept one above the on-chain claim whose amount is
+        within ``limit`` (the value delivered on the channel: nobody is charged for what
+        they did not get, and a prepaid voucher waits until deliveries reach it); without
+        ``limit``, the latest. None when: there is none; it would add less than
+        ``min_gain`` over the on-chain claim (a threshold that amortises gas); an intent
+        is still open (reconcile it first); this exact voucher amount was already
+        confirmed once (a deposit-capped claim waits for a newer voucher); or the last
+        failure's ``retry_at`` is still ahead. The intent is committed before it is
+        returned, so it is durable before any transaction is broadcast, and with it
+        ``limit`` as the channel's delivered value: a claim is never above the stored
+        delivered value, even after a kill.
         """
         at = time.time() if now is None else now
         known = None if limit is None else _u256(limit)
 
         def body() -> ClaimIntent | None:
             row = self._db.execute(
-                "SELECT amount, signature, claimed_onchain FROM channels WHERE channel_id = ?",
-                (channel_id,),
+                "SELECT claimed_onchain FROM channels WHERE channel_id = ?", (channel_id,)
             ).fetchone()
-            if row is None or row[0] <= row[2]:
+            if row is None:
                 return None
-            if limit is not None and _int(row[0]) > limit:
+            sql = "SELECT amount, signature FROM vouchers WHERE channel_id = ? AND amount > ?"
+            params: tuple[bytes, ...] = (channel_id, row[0])
+            if known is not None:
+                sql, params = sql + " AND amount <= ?", (*params, known)
+            best = self._db.execute(sql + " ORDER BY amount DESC LIMIT 1", params).fetchone()
+            if best is None or _int(best[0]) - _int(row[0]) < min_gain:
                 return None
-            amount, signature = row[0], row[1]
+            amount, signature = best[0], best[1]
             last = self._db.execute(
                 "SELECT state, retry_at FROM claims WHERE channel_id = ?"
                 " ORDER BY intent_id DESC LIMIT 1",
@@ -395,12 +411,15 @@ class VoucherStore(DurableStore):
                 "claimed_onchain = ?",
                 (claimed,),
             )
+            (channel_id,) = self._db.execute(
+                "SELECT channel_id FROM claims WHERE intent_id = ?", (intent_id,)
+            ).fetchone()
             self._db.execute(
-                "UPDATE channels SET claimed_onchain = ?"
-                " WHERE channel_id = (SELECT channel_id FROM claims WHERE intent_id = ?)"
+                "UPDATE channels SET claimed_onchain = ? WHERE channel_id = ?"
                 " AND claimed_onchain < ?",
-                (claimed, intent_id, claimed),
+                (claimed, channel_id, claimed),
             )
+            self._prune(channel_id)
 
         self._write(body)
 
@@ -437,9 +456,9 @@ class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
         )
 
     @classmethod
-    async def open(cls, path: str | Path) -> AsyncVoucherStore:
+    async def open(cls, path: str | Path, *, keep: int = KEEP_VOUCHERS) -> AsyncVoucherStore:
         """Open (or create) the store on a fresh worker thread."""
-        return cls(*await open_on_worker(lambda: VoucherStore(path), "blendsm-store"))
+        return cls(*await open_on_worker(lambda: VoucherStore(path, keep=keep), "blendsm-store"))
 
     async def accept(self, voucher: Voucher, payout_delta_hint: int | None = None) -> bool:
         """See :meth:`VoucherStore.accept`; concurrent calls share one transaction.
@@ -475,6 +494,10 @@ class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
         """See :meth:`VoucherStore.latest`."""
         return await self._run(self._store.latest, channel_id)
 
+    async def accepted(self, channel_id: bytes) -> list[int]:
+        """See :meth:`VoucherStore.accepted`."""
+        return await self._run(self._store.accepted, channel_id)
+
     async def channels(self) -> list[bytes]:
         """See :meth:`VoucherStore.channels`."""
         return await self._run(self._store.channels)
@@ -491,10 +514,17 @@ class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
         return await self._run(lambda: self._store.balances(ids, unclaimed_only=unclaimed_only))
 
     async def begin_claim(
-        self, channel_id: bytes, now: float | None = None, *, limit: int | None = None
+        self,
+        channel_id: bytes,
+        now: float | None = None,
+        *,
+        limit: int | None = None,
+        min_gain: int = 0,
     ) -> ClaimIntent | None:
         """See :meth:`VoucherStore.begin_claim`."""
-        return await self._run(lambda: self._store.begin_claim(channel_id, now, limit=limit))
+        return await self._run(
+            lambda: self._store.begin_claim(channel_id, now, limit=limit, min_gain=min_gain)
+        )
 
     async def claim_sent(self, intent_id: int, tx_hash: bytes) -> None:
         """See :meth:`VoucherStore.claim_sent`."""

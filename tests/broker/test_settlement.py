@@ -477,3 +477,71 @@ async def test_node_down_then_back(
     assert claimed_onchain(chain, cid) == 25
     assert claim_events(chain, cid) == 1
     assert await store.pending_claims() == []
+
+
+# --- the claim rule: the highest accepted voucher within delivered value -----------------
+
+EMBEDDED = pytest.mark.parametrize("chain", ["embedded"], indirect=True)
+
+
+@BOTH
+async def test_claims_the_highest_voucher_within_delivered_value(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    """Vouchers 1000 -> 2000 -> 3000 while 2500 was delivered (the buyer's vouchers run ahead
+    of the broker's count, e.g. after a kill): the latest is credit, but 2000 was delivered
+    and is claimed now; 3000 once delivery reaches it. Never anything above delivered."""
+    cid = await open_channel(chain, mp)
+    delivered = {cid: 2500}
+    s = settler(store, mp, delivered=delivered.__getitem__)
+    for amount in (1000, 2000, 3000):
+        await accept(store, s, chain, mp, cid, amount)
+    (result,) = await s.settle_now()
+    assert (result.status, result.amount, result.claimed) == ("confirmed", 2000, 2000)
+    assert claimed_onchain(chain, cid) == 2000
+    assert await s.settle_now() == []  # 3000 is still above what was delivered
+    delivered[cid] = 3000
+    (result,) = await s.settle_now()
+    assert (result.amount, claimed_onchain(chain, cid)) == (3000, 3000)
+    assert claim_events(chain, cid) == 2
+
+
+@EMBEDDED
+async def test_closing_channel_claims_the_highest_voucher_within_delivered_value(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    """The margin-before-close claim follows the same rule: what was delivered is claimed
+    before the payer can withdraw it, the undelivered rest of the latest voucher is not."""
+    cid = await open_channel(chain, mp)
+    s = settler(
+        store, mp, before_close_margin_seconds=600, clock=chain.now, delivered={cid: 2500}.get
+    )
+    for amount in (1000, 2000, 3000):
+        await accept(store, s, chain, mp, cid, amount)
+    request = await mp("buyer").channels.request_close(cid)
+    chain.time_travel(request.closes_at - chain.now() - 500)
+    async with running(s):
+        await eventually(lambda: s.claims_confirmed == 1)
+        await asyncio.sleep(0.1)
+    assert claimed_onchain(chain, cid) == 2000
+
+
+@EMBEDDED
+async def test_threshold_counts_what_is_claimable_not_the_latest_voucher(
+    chain: Any, mp: MakeMp, store: AsyncVoucherStore
+) -> None:
+    """The threshold is there to amortise gas: a voucher far above delivered value must not
+    trigger a claim of a claimable gain below the threshold (one per voucher would burn gas)."""
+    cid = await open_channel(chain, mp)
+    delivered = {cid: 0}
+    s = settler(store, mp, threshold=1000, delivered=delivered.__getitem__)
+    async with running(s):
+        for amount in range(100, 1001, 100):  # each 100 above what was delivered before it
+            delivered[cid] = amount - 100
+            await accept(store, s, chain, mp, cid, amount)
+            await asyncio.sleep(0.05)
+        assert s.claims_confirmed == 0  # claimable 900 < threshold 1000: no claim yet
+        delivered[cid] = 1000
+        await accept(store, s, chain, mp, cid, 1100)
+        await eventually(lambda: s.claims_confirmed == 1)
+    assert claimed_onchain(chain, cid) == 1000
