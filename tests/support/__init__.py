@@ -28,6 +28,8 @@ from support.stores import (
     confirmed_batches,
     confirmed_claims,
     leaf_sequences,
+    leaf_times,
+    open_claims,
     stored_voucher,
 )
 from support.tasks import running
@@ -49,6 +51,8 @@ __all__ = [
     "enrol_raw",
     "eventually",
     "leaf_sequences",
+    "leaf_times",
+    "open_claims",
     "oversized_publish",
     "poll",
     "publish_packet",

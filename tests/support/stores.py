@@ -16,6 +16,8 @@ __all__ = [
     "confirmed_batches",
     "confirmed_claims",
     "leaf_sequences",
+    "leaf_times",
+    "open_claims",
     "stored_voucher",
 ]
 
@@ -37,6 +39,16 @@ def confirmed_claims(db: Path, channel: bytes) -> int:
     """Claim intents of ``channel`` the voucher store has confirmed on chain."""
     rows = _query(
         db, "SELECT count(*) FROM claims WHERE channel_id = ? AND state = 'confirmed'", channel
+    )
+    return int(rows[0][0]) if rows else 0
+
+
+def open_claims(db: Path, channel: bytes) -> int:
+    """Claim intents of ``channel`` not yet decided (``intent`` or ``sent``)."""
+    rows = _query(
+        db,
+        "SELECT count(*) FROM claims WHERE channel_id = ? AND state IN ('intent', 'sent')",
+        channel,
     )
     return int(rows[0][0]) if rows else 0
 
@@ -79,3 +91,9 @@ def leaf_sequences(db: Path, topic: str) -> set[int]:
     """Sequences of every leaf of ``topic`` the leaf store holds (anchored or not)."""
     rows = _query(db, "SELECT sequence FROM leaves WHERE topic = ?", topic)
     return {int.from_bytes(r[0], "big") for r in rows}
+
+
+def leaf_times(db: Path, topic: str) -> dict[int, float]:
+    """sequence -> wall-clock time the broker stored it, for every leaf of ``topic``."""
+    rows = _query(db, "SELECT sequence, received_at FROM leaves WHERE topic = ?", topic)
+    return {int.from_bytes(r[0], "big"): float(r[1]) for r in rows}
