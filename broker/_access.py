@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from blendsm.broker._chain_view import ChainView
+from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Account, Charge, Meter, Reservation
 from blendsm.broker._stats import ServiceStats
 from blendsm.broker._topics import TopicClass, classify_topic
@@ -85,6 +86,8 @@ class AccessDecisions:
     tokens: ConnectTokenVerifier
     operator: LocalAccount
     stats: ServiceStats
+    _denied_log: LogLimiter
+    """Paid deliveries not sent for credit or deposit: one line a minute, the rest counted."""
 
     # --- identity ----------------------------------------------------------------------
 
@@ -313,6 +316,16 @@ class AccessDecisions:
         if type(result) is Charge:
             return result
         self.stats.deliveries_denied += 1
+        self._denied_log.note(
+            "paid message on %r not sent to %s: %s (channel %s: %d refused for credit so far)",
+            topic_name,
+            ident.address,
+            "refused for credit, awaiting a voucher"
+            if result == Reservation.NO_CREDIT
+            else "deposit used up",
+            account.channel_id.hex(),
+            account.denied_no_credit,
+        )
         if result == Reservation.NO_CREDIT:
             ident.owing = account
             ident.owing_topic = topic_name

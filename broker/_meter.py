@@ -53,6 +53,8 @@ class Account:
     reserved: int = 0
     paid: int = 0
     delivered: int = 0
+    denied_no_credit: int = 0
+    """Deliveries to this channel's payer not sent (nor charged): its credit was used up."""
     waiters: list[object] = field(default_factory=list)
     """Sessions whose offline replay paused on this account's credit."""
 
@@ -202,6 +204,7 @@ class Meter:
             return Reservation.NO_DEPOSIT
         if owed - account.paid > self.credit_messages * price:
             self.denied_no_credit += 1
+            account.denied_no_credit += 1
             return Reservation.NO_CREDIT
         account.reserved += price
         return Charge(account, price, topic)

@@ -139,6 +139,7 @@ class MarketplaceService(EnvelopeIntake):
         self.dedup = DedupWindow(config.payments.dedup_max_pairs)
         self._duplicates_log = LogLimiter(self.log, interval=DUPLICATE_LOG_INTERVAL)
         self._control_log = LogLimiter(self.log, logging.WARNING)
+        self._denied_log = LogLimiter(self.log)
         self.chain_errors = ChainErrors()
         self.store: AsyncVoucherStore | None = None
         self.settler: Settler | None = None

@@ -218,6 +218,13 @@ def split_messages(messages: list[Any], topic: str) -> tuple[list[bytes], list[A
     return data, notices
 
 
+def voucher_payload(chain: Any, label: str, channel: bytes, amount: int) -> bytes:
+    """A voucher of the TEST-ONLY account ``label`` for ``amount`` (cumulative) on
+    ``channel``, encoded as published on its voucher topic."""
+    domain = VoucherDomain(chain.deployment.chain_id, chain.deployment.address("PaymentChannels"))
+    return encode_voucher(sign_voucher(bytes(chain.accounts[label].key), domain, channel, amount))
+
+
 class Payer:
     """Signs vouchers for a TEST-ONLY account and publishes them on its voucher topic."""
 
@@ -298,6 +305,62 @@ class ProxiedBroker:
 
 
 StartProxiedBroker = Callable[..., Awaitable[ProxiedBroker]]
+
+
+def proxied_config(chain: Any, data_dir: Path, **sections: Any) -> Any:
+    """The config of a broker for ``proxied_broker`` on the anvil chain (its chain endpoint
+    is not dialled), public topics on, ``sections`` (``payments``, ``anchoring``...) added.
+    No confirmations: anvil mines only on demand, so a claim would wait for blocks."""
+    assert chain.anvil is not None
+    return parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "chain": {
+                "endpoint": chain.anvil.url,
+                "deployment": "unused.json",
+                "confirmations": 0,
+                "poll_interval": 0.05,
+            },
+            "operator_key": {"env": "UNUSED"},
+            "data_dir": str(data_dir),
+            "public_topics": True,
+            **sections,
+        }
+    )
+
+
+@dataclass
+class Participants:
+    """Raw clients of the TEST-ONLY accounts on a broker the test started itself (devices
+    sign what they publish); :meth:`close` closes them all."""
+
+    chain: Any
+    port: int
+    made: list[Client] = field(default_factory=list)
+
+    def client(self, label: str | None) -> Client:
+        chain = self.chain
+        if label is None:
+            made = Client("127.0.0.1", self.port)
+        else:
+            key = bytes(chain.accounts[label].key)
+            deployment = chain.deployment
+            made = Client(
+                "127.0.0.1",
+                self.port,
+                account=chain.accounts[label],
+                signer=ConnectTokenSigner(key, deployment.chain_id, chain.addr("operator")),
+                envelope_signer=EnvelopeSigner(
+                    key, MessageDomain(deployment.chain_id, deployment.address("Registry"))
+                ),
+            )
+        self.made.append(made)
+        return made
+
+    def close(self) -> None:
+        for c in self.made:
+            with contextlib.suppress(Exception):
+                c.close()
 
 
 @pytest.fixture

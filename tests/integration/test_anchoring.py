@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from support import enrol
+from support import anchor_logs, anchored_sequences, enrol
 
 from blendsm.contracts import Policy, Role
 from blendsm.device_sdk import (
@@ -167,23 +167,16 @@ async def test_broker_sigkilled_mid_stream_loses_no_leaf_and_anchors_no_batch_tw
             await asyncio.sleep(0.002)
         await asyncio.to_thread(device.flush, 60)
         db = tmp_path / "data" / "leaves.sqlite3"
-
-        def anchored() -> set[int]:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-                rows = con.execute(
-                    "SELECT l.sequence FROM leaves l JOIN batches b ON l.batch_id = b.batch_id"
-                    " WHERE l.topic = 'data/k' AND b.state = 'confirmed'"
-                ).fetchall()
-            return {int.from_bytes(r[0], "big") for r in rows}  # stored as uint64 BE blobs
-
-        assert await until(lambda: anchored() == set(sequences), 30)  # no leaf lost
+        assert await until(
+            lambda: anchored_sequences(db, "data/k") == set(sequences), 30
+        )  # no leaf lost
     finally:
         device.close()
         broker.stop(proc)
-    logs = chain.DataAnchors.events.Anchored().get_logs(from_block=chain.deployment.block)
-    batch_ids = [int(e["args"]["batchId"]) for e in logs]
+    logs = anchor_logs(chain)
+    batch_ids = [batch_id for batch_id, _, _ in logs]
     assert batch_ids == sorted(set(batch_ids))  # each batch anchored once, ids increasing
-    assert sum(int(e["args"]["leafCount"]) for e in logs) >= len(sequences)
+    assert sum(count for _, _, count in logs) >= len(sequences)
     print(
         f"\nSIGKILL at message 101 of {len(sequences)}: {len(set(sequences))} sequences anchored"
         f" in {len(batch_ids)} batches, none twice; details {orjson.dumps(batch_ids).decode()}"

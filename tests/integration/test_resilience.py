@@ -4,27 +4,30 @@ restored) and the broker process being SIGKILLed mid-stream and restarted."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import claim_logs, confirmed_claims, stored_voucher
 
 from blendsm.device_sdk import (
     ConnectTokenSigner,
     EnvelopeSigner,
     MessageDomain,
     Receipt,
-    VoucherDomain,
     decode_notice,
-    encode_voucher,
-    sign_voucher,
 )
 
-from .conftest import StartProxiedBroker, enrol_market, open_channel
+from .conftest import (
+    Participants,
+    StartProxiedBroker,
+    enrol_market,
+    open_channel,
+    proxied_config,
+    voucher_payload,
+)
 
 PRICE = 1_000
 
@@ -35,8 +38,7 @@ async def _enrol(mp: Any, chain: Any) -> tuple[bytes, bytes]:
 
 
 def _voucher_payload(chain: Any, channel: bytes, amount: int) -> bytes:
-    domain = VoucherDomain(chain.deployment.chain_id, chain.deployment.address("PaymentChannels"))
-    return encode_voucher(sign_voucher(bytes(chain.accounts["buyer"].key), domain, channel, amount))
+    return voucher_payload(chain, "buyer", channel, amount)
 
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -48,51 +50,19 @@ async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later
     until: Any,
     proxied_broker: StartProxiedBroker,
 ) -> None:
-    from blendsm.broker import parse_config
-
     _, channel = await _enrol(mp, chain)
-    assert chain.anvil is not None
-    config = parse_config(
-        {
-            "listen": {"port": 0},
-            "chain": {
-                "endpoint": chain.anvil.url,
-                "deployment": "unused.json",
-                "confirmations": 0,
-                "poll_interval": 0.05,
-            },
-            "operator_key": {"env": "UNUSED"},
-            "payments": {"settlement": {"threshold": 1, "interval_seconds": 3600}},
-            "data_dir": str(tmp_path / "data"),
-            "public_topics": True,
-        }
+    config = proxied_config(
+        chain,
+        tmp_path / "data",
+        payments={"settlement": {"threshold": 1, "interval_seconds": 3600}},
     )
     proxied = await proxied_broker(
         config, settler_options={"backoff_base": 0.5, "backoff_max": 1.0, "tick": 0.1}
     )
     running, proxy, view = proxied.running, proxied.proxy, proxied.view
     service = running.service
-    clients: list[Any] = []
-
-    def client(label: str | None) -> Any:
-        signer = None
-        account = None
-        envelopes = None
-        if label is not None:
-            account = chain.accounts[label]
-            signer = ConnectTokenSigner(
-                bytes(account.key), chain.deployment.chain_id, chain.addr("operator")
-            )
-            envelopes = EnvelopeSigner(
-                bytes(account.key),
-                MessageDomain(chain.deployment.chain_id, chain.deployment.address("Registry")),
-            )
-        made = mqtt_client(
-            running.host, running.port, account=account, signer=signer, envelope_signer=envelopes
-        )
-        clients.append(made)
-        return made
-
+    participants = Participants(chain, running.port)
+    client = participants.client
     try:
         await until(lambda: view.channel(channel) is not None, 10)
         buyer, device, anon = client("buyer"), client("device"), client(None)
@@ -149,14 +119,7 @@ async def test_chain_node_down_fails_closed_keeps_public_topics_and_claims_later
         fresh = client("buyer")
         assert await fresh.connect() == 0
     finally:
-        for c in clients:
-            c.close()
-
-
-def _stored(db: Path, channel: bytes) -> int:
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-        row = con.execute("SELECT amount FROM channels WHERE channel_id = ?", (channel,)).fetchone()
-    return 0 if row is None else int.from_bytes(row[0], "big")
+        participants.close()
 
 
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
@@ -211,8 +174,8 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
         buyer.close()
         assert receipts, "no voucher was accepted before the kill"
         # Every voucher the broker acknowledged is on disk after the crash.
-        assert _stored(db, channel) >= max(receipts)
-        before_restart = _stored(db, channel)
+        assert stored_voucher(db, channel) >= max(receipts)
+        before_restart = stored_voucher(db, channel)
 
         proc = broker.start()
         buyer = await connected()
@@ -221,7 +184,7 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
             buyer.mqtt.publish(voucher_topic, _voucher_payload(chain, channel, i * PRICE), qos=0)
             if i % 10 == 0:
                 await asyncio.sleep(0.01)
-        assert await until(lambda: _stored(db, channel) == 300 * PRICE, 20)
+        assert await until(lambda: stored_voucher(db, channel) == 300 * PRICE, 20)
         # No claim is above the delivered value, which survives the restart (nothing was
         # delivered before it): deliver the 300 prepaid messages, and the latest voucher can
         # be claimed.
@@ -257,17 +220,11 @@ async def test_broker_sigkilled_mid_stream_loses_no_voucher_and_claims_each_once
         broker.stop(proc)
     # Exactly once: one ChannelClaimed per claim, amounts strictly increasing, none repeated,
     # and every confirmed intent in the store matches one on-chain claim.
-    logs = chain.PaymentChannels.events.ChannelClaimed().get_logs(
-        from_block=chain.deployment.block, argument_filters={"channelId": channel}
-    )
-    amounts = [int(e["args"]["cumulativeAmount"]) for e in logs]
+    logs = claim_logs(chain, channel)
+    amounts = [amount for amount, _ in logs]
     assert amounts == sorted(set(amounts))
-    assert sum(int(e["args"]["payout"]) for e in logs) == 300 * PRICE  # fee included
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-        confirmed = con.execute(
-            "SELECT count(*) FROM claims WHERE channel_id = ? AND state = 'confirmed'", (channel,)
-        ).fetchone()[0]
-    assert confirmed == len(logs)
+    assert sum(payout for _, payout in logs) == 300 * PRICE  # fee included
+    assert confirmed_claims(db, channel) == len(logs)
     print(
         f"\nreceipts before SIGKILL: {len(receipts)} (max {max(receipts)}), on-chain claims: {len(logs)}"
     )

@@ -3,7 +3,8 @@
 One of each: ``enrol`` a participant in the registry, a bounded wait (``eventually``, ``poll``,
 ``wait_until``), the MQTT test client (``Client``), raw-socket packets (``connect_packet``,
 ``oversized_publish``, ``seconds_until_closed``), a service loop ``running`` in a task, and TEST-ONLY
-certificates (``TestCA``).
+certificates (``TestCA``), read-only looks into a broker's SQLite stores and the chain events
+they must match (``stored_voucher``, ``anchored_sequences``, ``claim_logs``...).
 """
 
 from support.certs import Issued, TestCA
@@ -20,6 +21,17 @@ from support.raw import (
     seconds_until_closed,
     subscribe_packet,
 )
+from support.stores import (
+    anchor_logs,
+    anchored_sequences,
+    claim_logs,
+    confirmed_batches,
+    confirmed_claims,
+    leaf_sequences,
+    leaf_times,
+    open_claims,
+    stored_voucher,
+)
 from support.tasks import running
 
 __all__ = [
@@ -29,16 +41,25 @@ __all__ = [
     "Received",
     "TestCA",
     "ack_packet",
+    "anchor_logs",
+    "anchored_sequences",
+    "claim_logs",
+    "confirmed_batches",
+    "confirmed_claims",
     "connect_packet",
     "enrol",
     "enrol_raw",
     "eventually",
+    "leaf_sequences",
+    "leaf_times",
+    "open_claims",
     "oversized_publish",
     "poll",
     "publish_packet",
     "read_packet",
     "running",
     "seconds_until_closed",
+    "stored_voucher",
     "subscribe_packet",
     "wait_until",
 ]
