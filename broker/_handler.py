@@ -32,6 +32,8 @@ __all__ = ["KEEPALIVE_GRACE", "MeteredHandler", "PublishedPayload", "abort_conne
 _log = logging.getLogger("blendsm.broker")
 _KEEPALIVE_LOG: Final = LogLimiter(_log)
 """Silent clients are client-controlled: one log line a minute for them, with a count."""
+_UNHEALTHY_LOG: Final = LogLimiter(_log)
+"""Market PUBLISHes refused while the chain view is unhealthy: one log line a minute."""
 
 KEEPALIVE_GRACE: Final = 1.5
 """A client silent for this many keepalive periods is disconnected (MQTT-3.1.2-24)."""
@@ -109,7 +111,8 @@ class MeteredHandler(InflightHandler):
         for QoS 1/2, queued for QoS 0); an invalid or duplicate one is marked so the broker
         drops it instead of broadcasting it (a duplicate is still acknowledged). Over the
         seller's leaf budget a QoS 0 message is dropped and a QoS 1/2 one is not acknowledged:
-        the connection is closed, so the device keeps it in its outbox for a later try."""
+        the connection is closed, so the device keeps it in its outbox for a later try; so is
+        a QoS 1/2 message that cannot be decided because the chain view is unhealthy."""
         topic = publish_packet.topic_name
         session = self.session
         service = self._blendsm
@@ -123,6 +126,20 @@ class MeteredHandler(InflightHandler):
                 earlier.publish_packet, "blendsm_rejected", False
             )
         elif topic and session is not None and service.view.is_market_topic(topic):
+            if publish_packet.qos and not service.view.healthy:
+                # Undecidable (the chain view cannot be trusted): acknowledging would drop a
+                # message the device then forgets. Not acknowledged, the connection closed:
+                # the device keeps it and sends it again once the market is back.
+                service.stats.publishes_unacknowledged_unhealthy += 1
+                _UNHEALTHY_LOG.note(
+                    "QoS %d PUBLISH on %r from client %r not acknowledged: the chain view is"
+                    " unhealthy; connection closed so the device sends it again later",
+                    publish_packet.qos,
+                    topic,
+                    session.client_id,
+                )
+                abort_connection(self.writer)
+                return
             checked = service.inspect_publish(session, topic, publish_packet.data or b"")
             try:
                 if checked is False or (

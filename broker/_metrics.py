@@ -188,6 +188,12 @@ class BrokerCollector(Collector):
             stats.connects_rate_limited,
         )
         yield counter(
+            "publishes_unacknowledged_unhealthy",
+            "Market QoS 1/2 PUBLISHes not acknowledged (connection closed) while the chain"
+            " view was unhealthy.",
+            stats.publishes_unacknowledged_unhealthy,
+        )
+        yield counter(
             "packets_too_large",
             "Connections closed for announcing a packet over limits.max_packet_bytes.",
             stats.packets_too_large,

@@ -73,6 +73,9 @@ class ServiceStats:
     packets_too_large: int = 0
     """Connections closed for announcing a packet over ``limits.max_packet_bytes`` (its body
     never read)."""
+    publishes_unacknowledged_unhealthy: int = 0
+    """QoS 1/2 PUBLISHes on a market topic not acknowledged (connection closed, the device
+    resends) because the chain view was unhealthy."""
     connects_rate_limited: int = 0
     """Connections closed at once: their address exceeded ``limits.connect_rate_per_ip``."""
     proofs_served: int = 0
