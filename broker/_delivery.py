@@ -34,12 +34,12 @@ class DeliveryPath(Broker):  # type: ignore[misc]  # amqtt ships no types: Broke
     broker made by the plugin's class swap has one too)."""
     _other_topic_plugins: bool | None = None
 
-    @property
-    def service(self) -> MarketplaceService:
-        raise NotImplementedError  # BlendBroker's
+    if TYPE_CHECKING:  # provided by BlendBroker, the one subclass
 
-    def _has_other(self, kind: str) -> bool:
-        raise NotImplementedError  # BlendBroker's
+        @property
+        def service(self) -> MarketplaceService: ...
+
+        def _has_other(self, kind: str) -> bool: ...
 
     def other_topic_plugins(self) -> bool:
         """Whether a third-party topic plugin is loaded (its decisions are awaited too)."""

@@ -16,7 +16,13 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import connect_packet, publish_packet, read_packet, subscribe_packet
+from support import (
+    connect_packet,
+    publish_packet,
+    read_packet,
+    remaining_length,
+    subscribe_packet,
+)
 
 from .conftest import broker_config
 
@@ -25,15 +31,6 @@ EXAMPLES = 250
 CHECK_EVERY = 25
 """The honest subscriber must get a fresh message after this many examples."""
 HONEST_TOPIC = "public/honest"
-
-
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _utf8_raw(data: bytes) -> bytes:
@@ -49,7 +46,7 @@ _BAD_UTF8 = st.sampled_from(
 def _random_fixed_header(draw: st.DrawFn) -> bytes:
     first = draw(st.integers(0, 255))
     body = draw(st.binary(max_size=64))
-    return bytes([first]) + _remaining(len(body)) + body
+    return bytes([first]) + remaining_length(len(body)) + body
 
 
 @st.composite
@@ -59,7 +56,7 @@ def _bad_remaining_length(draw: st.DrawFn) -> bytes:
     length = draw(
         st.one_of(
             st.binary(min_size=4, max_size=8).map(lambda b: bytes(x | 0x80 for x in b) + b"\x01"),
-            st.integers(10_000, 268_435_455).map(_remaining),
+            st.integers(10_000, 268_435_455).map(remaining_length),
         )
     )
     return bytes([first]) + length + draw(st.binary(max_size=16))
@@ -90,7 +87,7 @@ def _bad_connect(draw: st.DrawFn) -> bytes:
     tail = draw(st.binary(max_size=40))
     body = _utf8_raw(name) + bytes([level, flags]) + struct.pack("!H", keepalive)
     body += _utf8_raw(client_id) + tail
-    return b"\x10" + _remaining(len(body)) + body
+    return b"\x10" + remaining_length(len(body)) + body
 
 
 @st.composite
@@ -98,7 +95,9 @@ def _bad_utf8_publish(draw: st.DrawFn) -> bytes:
     topic = draw(_BAD_UTF8)
     qos = draw(st.integers(0, 3))
     body = _utf8_raw(topic) + (b"\x00\x01" if qos else b"") + draw(st.binary(max_size=16))
-    return connect_packet("fuzz-u", 30) + bytes([0x30 | qos << 1]) + _remaining(len(body)) + body
+    return (
+        connect_packet("fuzz-u", 30) + bytes([0x30 | qos << 1]) + remaining_length(len(body)) + body
+    )
 
 
 @st.composite

@@ -18,6 +18,7 @@ from support.raw import (
     oversized_publish,
     publish_packet,
     read_packet,
+    remaining_length,
     seconds_until_closed,
     subscribe_packet,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "poll",
     "publish_packet",
     "read_packet",
+    "remaining_length",
     "running",
     "seconds_until_closed",
     "stored_voucher",

@@ -16,6 +16,7 @@ __all__ = [
     "oversized_publish",
     "publish_packet",
     "read_packet",
+    "remaining_length",
     "seconds_until_closed",
     "subscribe_packet",
 ]
@@ -29,7 +30,8 @@ def _utf8(text: str) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-def _remaining_length(n: int) -> bytes:
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length encoding of a packet's remaining length."""
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -61,19 +63,19 @@ def connect_packet(
         flags |= 0x40
         payload += _utf8(password)
     body = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload
-    return b"\x10" + _remaining_length(len(body)) + body
+    return b"\x10" + remaining_length(len(body)) + body
 
 
 def publish_packet(topic: str, payload: bytes) -> bytes:
     """A QoS 0 PUBLISH."""
     body = _utf8(topic) + payload
-    return b"\x30" + _remaining_length(len(body)) + body
+    return b"\x30" + remaining_length(len(body)) + body
 
 
 def subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
     """A SUBSCRIBE of one filter."""
     body = struct.pack("!H", packet_id) + _utf8(topic) + bytes([qos])
-    return b"\x82" + _remaining_length(len(body)) + body
+    return b"\x82" + remaining_length(len(body)) + body
 
 
 def ack_packet(kind: int, packet_id: int) -> bytes:
@@ -172,7 +174,7 @@ def oversized_publish(
         sock.sendall(connect_packet(f"oversized-{time.monotonic_ns()}", 60))
         assert sock.recv(4) == b"\x20\x02\x00\x00"
         body = _utf8(topic)
-        sock.sendall(b"\x30" + _remaining_length(len(body) + announced) + body)
+        sock.sendall(b"\x30" + remaining_length(len(body) + announced) + body)
         started, sent, chunk = time.monotonic(), 0, bytes(64 * 1024)
         sock.settimeout(0.5)
         while sent < announced and time.monotonic() - started < within:
