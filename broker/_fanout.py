@@ -22,7 +22,11 @@ calls :func:`run_broadcast` instead):
   ``MeteredHandler.mqtt_publish`` is replaced by a wrapper, and anything else keep amqtt's
   path: one Task running the handler's ``mqtt_publish``, gated and metered by
   :class:`MeteredHandler`;
-* messages for an offline session are queued by ``_retain_broadcast_message`` as before.
+* messages for an offline session are queued by ``_retain_broadcast_message`` as before;
+* before any of this, a delivery to a session over its outgoing bound (a client that does not
+  read) is not admitted: not gated, not charged, counted, or for QoS 1/2 to a persistent
+  session put in its offline queue (:mod:`~blendsm.broker._backpressure`); every task started
+  on amqtt's path is held against that bound until it ends.
 
 Third-party amqtt plugins keep working: with a third-party topic plugin every delivery awaits
 ``_topic_filtering(RECEIVE)`` (amqtt's slower path), and a plugin listening to
@@ -43,6 +47,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
 from blendsm.broker._access import Verdict
+from blendsm.broker._backpressure import publish_size, track
 from blendsm.broker._handler import MeteredHandler, PublishedPayload
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
@@ -82,11 +87,12 @@ class _Pending:
     """What one session gets at the end of a batch: its bytes, in order, and the charges
     that are committed once those bytes were written (released otherwise)."""
 
-    __slots__ = ("charges", "chunks", "packets", "session", "writer")
+    __slots__ = ("charges", "chunks", "packets", "session", "size", "writer")
 
     def __init__(self, session: Session, writer: StreamWriterAdapter) -> None:
         self.session = session
         self.writer = writer
+        self.size = 0
         self.chunks: list[bytes] = []
         self.charges: list[Charge] = []
         self.packets: list[PublishPacket] = []
@@ -128,10 +134,16 @@ class Outbox:
         if pending is None:
             pending = self._pending[id(writer)] = _Pending(session, writer)
         pending.chunks.append(data)
+        pending.size += len(data)
         if charge is not None:
             pending.charges.append(charge)
         if self.listeners:
             pending.packets.append(packet)
+
+    def pending(self, writer: object) -> tuple[int, int]:
+        """(bytes, messages) queued here for this writer and not yet written."""
+        pending = self._pending.get(id(writer))
+        return (0, 0) if pending is None else (pending.size, len(pending.chunks))
 
     def before_task(self, writer: object, meter: Meter) -> None:
         """A delivery to this writer goes on amqtt's path: write what is queued for it now,
@@ -155,7 +167,7 @@ class Outbox:
         try:
             chunks = pending.chunks
             written = write_to_session(
-                pending.writer, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                pending.writer, chunks[0] if len(chunks) == 1 else b"".join(chunks), len(chunks)
             )
         finally:
             for charge in pending.charges:
@@ -207,6 +219,8 @@ async def deliver(
     screened = broker.other_topic_plugins()
     inline = MeteredHandler.mqtt_publish is _METERED_PUBLISH
     frame: _Frame | None = None
+    bound = service.backpressure
+    size = publish_size(topic, data)
     for session, granted in targets:
         qos = granted if forced is None else forced
         connected = session.transitions.state == "connected"
@@ -223,6 +237,10 @@ async def deliver(
         if handler is None:
             continue
         writer = handler.writer
+        flow = bound.flow(writer)
+        if flow is not None and not flow.admits(session, size, 1, *outbox.pending(writer)):
+            await _not_admitted(broker, broadcast, session, min(qos, publish_qos), qos)
+            continue
         if (
             min(qos, publish_qos) == 0
             and inline
@@ -240,9 +258,24 @@ async def deliver(
                 _FAILURE_LOG.note("delivery on %r to %r failed: %r", topic, session.client_id, exc)
             continue
         outbox.before_task(writer, service.meter)
-        running_tasks.append(
-            asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
-        )
+        task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+        if flow is not None:
+            track(task, flow, size)  # held against the session's bound until it ends
+        running_tasks.append(task)
+
+
+async def _not_admitted(
+    broker: DeliveryPath, broadcast: dict[str, Any], session: Session, qos: int, granted: int
+) -> None:
+    """A delivery to a session over its outgoing bound (:mod:`~blendsm.broker._backpressure`):
+    QoS 1/2 to a persistent session goes to its offline queue (bounded there), anything else
+    is dropped; counted either way, nothing reserved or charged."""
+    stats = broker.service.stats
+    if qos and not session.clean_session and not session.is_anonymous:
+        stats.deliveries_queued_slow_consumer += 1
+        await broker._retain_broadcast_message(broadcast, granted, session)
+    else:
+        stats.deliveries_dropped_slow_consumer += 1
 
 
 def _deliver_qos0(
@@ -275,14 +308,22 @@ def _deliver_qos0(
             _add_notice(outbox, session, writer, request)
 
 
-def write_to_session(writer: StreamWriterAdapter, data: bytes) -> bool:
-    """Hand ``data`` to a session's transport without waiting for it to drain: True when the
-    transport took it. The one place the fan-out writes to a session, so a bound on what a
-    session may have buffered belongs here."""
+def write_to_session(writer: StreamWriterAdapter, data: bytes, messages: int = 1) -> bool:
+    """Hand ``data`` (``messages`` packets) to a session's transport without waiting for it
+    to drain: True when the transport took it. The one place the fan-out writes to a session:
+    a write to a session already at its outgoing bound is refused and counted
+    (:meth:`~blendsm.broker._backpressure.Flow.may_write`), so a transport holds at most
+    ``sessions.max_outgoing_bytes`` plus one write."""
     transport = writer._writer.transport
     if writer.is_closed or transport.is_closing():
         return False
+    flow = getattr(writer, "blendsm_flow", None)
+    if flow is not None and not flow.may_write(len(data), messages):
+        flow.refused(messages)
+        return False
     transport.write(data)
+    if flow is not None:
+        flow.wrote(len(data), messages)
     return not transport.is_closing()  # a failed send closes the transport at once
 
 

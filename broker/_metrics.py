@@ -214,6 +214,38 @@ class BrokerCollector(Collector):
             stats.keepalive_timeouts,
         )
         yield counter(
+            "deliveries_dropped_slow_consumer",
+            "Deliveries not sent (nor charged): the session was over its outgoing bound"
+            " (sessions.max_outgoing_bytes / max_outgoing_messages).",
+            stats.deliveries_dropped_slow_consumer,
+        )
+        yield counter(
+            "deliveries_queued_slow_consumer",
+            "QoS 1/2 deliveries to a persistent session over its outgoing bound put in its"
+            " offline queue.",
+            stats.deliveries_queued_slow_consumer,
+        )
+        yield counter(
+            "notices_dropped_slow_consumer",
+            "Notices not sent: the session was over its outgoing bound.",
+            stats.notices_dropped_slow_consumer,
+        )
+        yield counter(
+            "slow_consumers_paused",
+            "Times a session went over its outgoing bound and was paused.",
+            stats.slow_consumers_paused,
+        )
+        yield counter(
+            "slow_consumers_disconnected",
+            "Connections aborted: paused for sessions.slow_consumer_seconds without draining.",
+            stats.slow_consumers_disconnected,
+        )
+        yield gauge(
+            "sessions_paused",
+            "Connected sessions now paused over their outgoing bound.",
+            service.backpressure.paused,
+        )
+        yield counter(
             "revocation_disconnects",
             "Sessions closed because their participant or device was revoked on chain.",
             stats.disconnects_revoked,

@@ -27,6 +27,7 @@ from web3 import AsyncWeb3
 from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._anchor_records import AnchorRecord
 from blendsm.broker._anchors import AnchorConfig, Anchorer
+from blendsm.broker._backpressure import Backpressure, publish_size
 from blendsm.broker._chain_errors import (
     CHAIN_ERROR_SOURCES,
     ChainErrors,
@@ -136,6 +137,8 @@ class MarketplaceService(EnvelopeIntake):
             w3, deployment, operator, confirmations=config.chain.confirmations
         )
         self.stats = ServiceStats()
+        self.backpressure = Backpressure(config.sessions, self.stats)
+        self.backpressure.on_resume = self._resume_replay
         self.dedup = DedupWindow(config.payments.dedup_max_pairs)
         self._duplicates_log = LogLimiter(self.log, interval=DUPLICATE_LOG_INTERVAL)
         self._control_log = LogLimiter(self.log, logging.WARNING)
@@ -410,17 +413,34 @@ class MarketplaceService(EnvelopeIntake):
     async def send_notice(
         self, handler: BrokerProtocolHandler, ident: Identity, notice: AnyNotice
     ) -> None:
-        """Send a notice straight to this session (never broadcast), QoS 0."""
+        """Send a notice straight to this session (never broadcast), QoS 0. It shares the
+        session's outgoing bound with its deliveries (:mod:`~blendsm.broker._backpressure`):
+        not sent to a session over it (counted), held against it while being written."""
         from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
         if not ident.key or handler.session is None or handler.writer is None:
             return
+        topic = control_topic(ident.key, NOTICE)
+        payload = encode_notice(notice)
+        size = publish_size(topic, payload)
+        flow = self.backpressure.flow(handler.writer)
+        if flow is not None:
+            if not flow.admits(handler.session, size):
+                self.stats.notices_dropped_slow_consumer += 1
+                return
+            flow.task_started(size)
         try:
-            await BrokerProtocolHandler.mqtt_publish(
-                handler, control_topic(ident.key, NOTICE), encode_notice(notice), 0, False
-            )
+            await BrokerProtocolHandler.mqtt_publish(handler, topic, payload, 0, False)
         except Exception as exc:
             self.log.info("notice to %s not sent: %s", ident.address, exc)
+        finally:
+            if flow is not None:
+                flow.task_ended(size)
+
+    def _resume_replay(self, session: Session) -> None:
+        """A session paused over its outgoing bound drained: replay what was queued."""
+        if self.broker is not None:
+            self.broker.resume_offline_replay(session)
 
     # --- chain events --------------------------------------------------------------------
 

@@ -84,3 +84,16 @@ class ServiceStats:
     """Deliveries on public (non-market) topics admitted by the gate: free, never metered."""
     free_market_deliveries: int = 0
     """Deliveries on market topics priced 0 admitted by the gate (entitled, not charged)."""
+    deliveries_dropped_slow_consumer: int = 0
+    """Deliveries not sent (nor charged) to a connected session over its outgoing bound
+    (``sessions.max_outgoing_bytes`` / ``max_outgoing_messages``): a client not reading."""
+    deliveries_queued_slow_consumer: int = 0
+    """QoS 1/2 deliveries to a persistent session over its outgoing bound put in its offline
+    queue instead (bounded by ``sessions.max_queued_*``; sent when it drains or reconnects)."""
+    notices_dropped_slow_consumer: int = 0
+    """Notices (quotes, receipts, payment requests, refusals) not sent to a session over its
+    outgoing bound."""
+    slow_consumers_paused: int = 0
+    """Times a connected session went over its outgoing bound and was paused."""
+    slow_consumers_disconnected: int = 0
+    """Connections aborted: paused for ``sessions.slow_consumer_seconds`` without draining."""
