@@ -157,6 +157,14 @@ class Flow:
 
     # --- admission ---------------------------------------------------------------------
 
+    def idle(self) -> bool:
+        """Nothing held for this connection and it is not paused (the cheap check)."""
+        return (
+            self.paused_since is None
+            and not self.task_messages
+            and not self.transport.get_write_buffer_size()
+        )
+
     def admits(
         self,
         session: Any,

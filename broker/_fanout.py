@@ -107,10 +107,14 @@ class Outbox:
     what was queued for it is written first, and its later deliveries of the batch take the
     task path too, behind that one."""
 
-    __slots__ = ("_pending", "_sent", "_tasked", "listeners")
+    __slots__ = ("_pending", "_sent", "_tasked", "count", "listeners", "size")
 
     def __init__(self, listeners: bool) -> None:
         self._pending: dict[int, _Pending] = {}
+        self.size = 0
+        """Bytes queued here for all sessions (an upper bound of any one session's share)."""
+        self.count = 0
+        """Packets queued here for all sessions."""
         self._tasked: set[int] = set()
         self._sent: list[tuple[Session, PublishPacket]] = []
         self.listeners = listeners
@@ -135,6 +139,8 @@ class Outbox:
             pending = self._pending[id(writer)] = _Pending(session, writer)
         pending.chunks.append(data)
         pending.size += len(data)
+        self.size += len(data)
+        self.count += 1
         if charge is not None:
             pending.charges.append(charge)
         if self.listeners:
@@ -157,6 +163,7 @@ class Outbox:
         """Write every session's bytes; commit the charges of what was written, release the
         rest. Returns the (session, packet) pairs written, for PACKET_SENT listeners."""
         pending_all, self._pending = self._pending, {}
+        self.size = self.count = 0
         for pending in pending_all.values():
             self._write(pending, meter)
         sent, self._sent = self._sent, []
@@ -237,8 +244,18 @@ async def deliver(
         if handler is None:
             continue
         writer = handler.writer
-        flow = bound.flow(writer)
-        if flow is not None and not flow.admits(session, size, 1, *outbox.pending(writer)):
+        flow = getattr(writer, "blendsm_flow", None) or bound.flow(writer)
+        if (
+            flow is not None
+            # the common case first: nothing waiting for this session, and the whole batch
+            # so far fits its bounds (else: its own share of the batch is looked up)
+            and not (
+                outbox.size + size <= bound.max_bytes
+                and outbox.count < bound.max_messages
+                and flow.idle()
+            )
+            and not flow.admits(session, size, 1, *outbox.pending(writer))
+        ):
             await _not_admitted(broker, broadcast, session, min(qos, publish_qos), qos)
             continue
         if (
