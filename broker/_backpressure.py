@@ -36,8 +36,10 @@ Bounds (``sessions`` config): ``max_outgoing_bytes`` and ``max_outgoing_messages
   (bounded by ``sessions.max_queued_messages`` / ``max_queued_bytes``, gated and charged when
   replayed) rather than dropped, as mosquitto queues QoS 1/2 beyond its in-flight window; the
   queue is replayed when the session drains below half its bounds, or at its reconnect after a
-  slow-consumer disconnect. (A live delivery admitted at the instant of the resume may overtake
-  the queued ones.) QoS 0, clean and anonymous sessions: dropped and counted.
+  slow-consumer disconnect. (After a resume without a reconnect, live deliveries are admitted
+  again at once and may overtake queued ones still being replayed: MQTT's ordering holds per
+  connection only for what was sent; a reconnect replays the queue first.) QoS 0, clean and
+  anonymous sessions: dropped and counted.
 
 Memory per connection is therefore at most ``max_outgoing_bytes`` + one write (at most
 ``MAX_BATCH`` messages of at most ``limits.max_packet_bytes``; in practice the batch admitted
