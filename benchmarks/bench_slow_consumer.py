@@ -124,6 +124,10 @@ def _blendsm_main(conn: Any, data_dir: str) -> None:
 
 
 # --------------------------------------------------------------------------- honest subscribers
+def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _honest_main(port: int, ready: Any, control: Any, results: Any) -> None:
     """N_HONEST paho subscribers; send ("ready",) once subscribed, then on "stop" the latencies
     (seconds) of every delivery."""
@@ -146,7 +150,7 @@ def _honest_main(port: int, ready: Any, control: Any, results: Any) -> None:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"honest-{i}")
         c.on_message = on_message
         c.on_subscribe = lambda *_a: subscribed.release()
-        c.on_socket_open = lambda _c, _u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.on_socket_open = _nodelay
         c.connect("127.0.0.1", port, 60)
         c.loop_start()
         c.subscribe(TOPIC, 0)
@@ -299,6 +303,7 @@ def run_one(broker: str, scenario: str, seconds: float, rate: float, size: int) 
         elif scenario == "f":
             disturber, out["filters_granted"] = _filter_flood(port)
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="publisher")
+        publisher.on_socket_open = _nodelay  # else Nagle holds back small publishes (~40 ms)
         publisher.connect("127.0.0.1", port, 60)
         publisher.loop_start()
         peak = 0

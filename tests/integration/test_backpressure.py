@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 from support import Client, connect_packet, eventually, publish_packet, subscribe_packet
 
-from blendsm.broker._backpressure import Flow
-from blendsm.broker._config_sessions import SessionsConfig
+from blendsm.broker import SessionsConfig
 
 from .conftest import PRICE, Market, StartMarket, voucher_payload
 
@@ -124,7 +123,7 @@ class Peak:
         while True:
             if not transport.is_closing():
                 self.buffered = max(self.buffered, transport.get_write_buffer_size())
-                flow: Flow | None = getattr(self.writer, "blendsm_flow", None)
+                flow: Any = getattr(self.writer, "blendsm_flow", None)
                 if flow is not None:
                     self.held = max(self.held, flow.held()[0])
             self.tasks = max(self.tasks, len(asyncio.all_tasks()))
@@ -262,7 +261,7 @@ async def test_a_non_reading_buyer_is_charged_only_for_what_its_transport_took(
 
         transport.write = counting
         charged_at_pause: list[int] = []
-        flow: Flow | None = None
+        flow: Any = None
 
         async def watch() -> None:
             nonlocal flow
