@@ -2,7 +2,7 @@
 stock amqtt, same clients, same run.
 
 Run as ``python benchmarks/bench_slow_consumer.py [seconds]`` (default 20 s of publishing per
-run; six runs, about 3 minutes on a 2-core machine; ``--rate``, ``--payload``, ``--brokers``,
+run; six runs, about 3.5 minutes on a 2-core machine; ``--rate``, ``--payload``, ``--brokers``,
 ``--scenarios`` to vary it).
 
 Each run starts a broker in its own process on 127.0.0.1, connects ``N_HONEST`` (10) plain paho
