@@ -76,10 +76,6 @@ PUBLISH_OVERHEAD: Final = 9
 (2), packet id (2)."""
 
 _log = logging.getLogger("blendsm.broker")
-_PAUSE_LOG: Final = LogLimiter(_log)
-"""Sessions paused over their outgoing bound: one INFO line a minute, with a count."""
-_DISCONNECT_LOG: Final = LogLimiter(_log, logging.WARNING)
-"""Slow consumers disconnected: one WARNING line a minute, with a count."""
 
 
 def publish_size(topic: str, data: bytes | bytearray | None) -> int:
@@ -252,7 +248,7 @@ class Flow:
         self.timer = loop.call_later(bound.seconds, self._deadline)
         bound.paused += 1
         bound.stats.slow_consumers_paused += 1
-        _PAUSE_LOG.note(
+        bound.pause_log.note(
             "client %r paused: %d bytes / %d messages outstanding (sessions.max_outgoing_bytes"
             " %d, max_outgoing_messages %d); deliveries not sent nor charged until it reads",
             getattr(self.session, "client_id", None),
@@ -291,7 +287,7 @@ class Flow:
         self.paused_since = None
         bound.paused -= 1
         bound.stats.slow_consumers_disconnected += 1
-        _DISCONNECT_LOG.note(
+        bound.disconnect_log.note(
             "client %r disconnected as a slow consumer: %d bytes / %d messages outstanding"
             " for %.1fs (sessions.slow_consumer_seconds)",
             getattr(self.session, "client_id", None),
@@ -306,7 +302,16 @@ class Flow:
 class Backpressure:
     """The outgoing bounds of one broker's sessions (``sessions`` config), and their counts."""
 
-    __slots__ = ("max_bytes", "max_messages", "on_resume", "paused", "seconds", "stats")
+    __slots__ = (
+        "disconnect_log",
+        "max_bytes",
+        "max_messages",
+        "on_resume",
+        "pause_log",
+        "paused",
+        "seconds",
+        "stats",
+    )
 
     def __init__(self, config: SessionsConfig, stats: ServiceStats) -> None:
         self.max_bytes = config.max_outgoing_bytes
@@ -317,6 +322,11 @@ class Backpressure:
         """Connections paused now (a gauge)."""
         self.on_resume: Any = None
         """Called with a session whose offline queue has messages when its pause ends."""
+        self.pause_log = LogLimiter(_log)
+        """Sessions paused over their outgoing bound: one INFO line a minute, with a count."""
+        self.disconnect_log = LogLimiter(_log, logging.WARNING)
+        """Slow consumers disconnected: one WARNING line a minute (the first at once), with a
+        count: a client can make itself a slow consumer over and over."""
 
     def flow(self, writer: Any) -> Flow | None:
         """The connection's Flow (made at its first use); None for a writer without an
