@@ -119,8 +119,9 @@ class Flow:
         self.session: Any = None
         self._handed = 0
         """Bytes handed to the transport through :meth:`wrote` since its buffer was last empty."""
-        self._marks: deque[tuple[int, int]] = deque()
-        """(end offset in ``_handed``, messages) of each write not yet sent past."""
+        self._marks: deque[tuple[int, int]] | None = None
+        """(end offset in ``_handed``, messages) of each write not yet sent past; made at the
+        first write the kernel did not take at once (an empty deque is ~600 bytes)."""
         self._marked = 0
         """Messages in ``_marks``."""
         self.task_bytes = 0
@@ -224,6 +225,8 @@ class Flow:
         if self.transport.get_write_buffer_size() == 0:
             return  # all taken by the kernel at once
         self._handed += nbytes
+        if self._marks is None:
+            self._marks = deque()
         self._marks.append((self._handed, messages))
         self._marked += messages
 
