@@ -7,18 +7,20 @@ calls :func:`run_broadcast` instead):
 
 * the matching sessions come from the topic trie (:class:`SubscriptionTable`), once per
   session at its highest granted QoS;
-* a QoS 0 delivery to a connected session on a TCP or TLS transport is decided and metered
-  inline, with no task: the gate (``service.admit``, which reserves a paid delivery), then the
-  PUBLISH bytes, encoded once per broadcast, queued in the batch's :class:`Outbox`. The
+* a delivery to a connected session on a TCP or TLS transport is decided and metered inline,
+  with no task: the gate (``service.admit``, which reserves a paid delivery), then the PUBLISH
+  bytes, encoded once per broadcast, queued in the batch's :class:`Outbox`. At QoS 1/2 the
+  packet id is taken and the message recorded in flight as well, the header and topic encoded
+  once per broadcast and QoS (:mod:`blendsm.broker._fanout_acked`). The
   broadcasts already waiting in amqtt's queue are taken as one batch (up to
   :data:`MAX_BATCH`), and at its end each session's bytes are handed to its transport in one
   write, then its charges committed (or released when the transport is closing): charged
   exactly when written, as on amqtt's path, and a burst to one session costs one system call.
   A quote goes right before the first charged delivery of a price, a payment request when
   the credit ran out, both queued the same way;
-* QoS 1/2 deliveries (which hold a packet id and wait for acknowledgements), WebSocket
-  transports, a session whose reconnect is still redelivering its messages in flight and
-  replaying its queue (``blendsm_hold``: those go first), every delivery while
+* WebSocket transports, a session whose reconnect is still redelivering its messages in
+  flight and replaying its queue (``blendsm_hold``: those go first) or that still has a
+  delivery pending on this path (a later one must not overtake it), every delivery while
   ``MeteredHandler.mqtt_publish`` is replaced by a wrapper, and anything else keep amqtt's
   path: one Task running the handler's ``mqtt_publish``, gated and metered by
   :class:`MeteredHandler`;
@@ -43,6 +45,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 
 from blendsm.broker._access import Verdict
+from blendsm.broker._fanout_acked import AckedFrames, deliver_acked, tasked, track_task
 from blendsm.broker._handler import MeteredHandler, PublishedPayload
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
@@ -59,7 +62,7 @@ MAX_BATCH: Final = 64
 Task per call, so a burst is handled in batches rather than one task per message."""
 
 _METERED_PUBLISH: Final = MeteredHandler.mqtt_publish
-"""What the inline QoS 0 path stands in for: if ``MeteredHandler.mqtt_publish`` was replaced
+"""What the inline path stands in for: if ``MeteredHandler.mqtt_publish`` was replaced
 (wrapped by an extension, or by a test playing a hostile broker), every delivery calls the
 replacement instead."""
 
@@ -93,7 +96,7 @@ class _Pending:
 
 
 class Outbox:
-    """The QoS 0 deliveries of one batch of broadcasts, per session: each session's bytes
+    """The inline deliveries of one batch of broadcasts, per session: each session's bytes
     are handed to its transport in one write when the batch ends (a burst of N messages to a
     session costs one system call, not N), and its charges committed right after.
 
@@ -169,7 +172,7 @@ class Outbox:
 
 async def run_broadcast(broker: DeliveryPath, running_tasks: deque[asyncio.Task[Any]]) -> None:
     """One pass of amqtt's broadcast loop: the next broadcast and those already queued behind
-    it (up to :data:`MAX_BATCH`), then every session's QoS 0 bytes written at once."""
+    it (up to :data:`MAX_BATCH`), then every session's queued bytes written at once."""
     queue = broker._broadcast_queue
     broadcast = await queue.get()
     plugins = broker.plugins_manager
@@ -192,8 +195,8 @@ async def deliver(
     running_tasks: deque[asyncio.Task[Any]],
     outbox: Outbox,
 ) -> None:
-    """Send one broadcast to every session subscribed to its topic (see the module doc): QoS
-    0 deliveries into ``outbox``, the others as tasks on amqtt's path."""
+    """Send one broadcast to every session subscribed to its topic (see the module doc):
+    inline deliveries into ``outbox``, the others as tasks on amqtt's path."""
     topic = broadcast.get("topic")
     if not topic:
         return
@@ -207,6 +210,7 @@ async def deliver(
     screened = broker.other_topic_plugins()
     inline = MeteredHandler.mqtt_publish is _METERED_PUBLISH
     frame: _Frame | None = None
+    acked: AckedFrames | None = None
     for session, granted in targets:
         qos = granted if forced is None else forced
         connected = session.transitions.state == "connected"
@@ -224,25 +228,31 @@ async def deliver(
             continue
         writer = handler.writer
         if (
-            min(qos, publish_qos) == 0
-            and inline
+            inline
             and data is not None
             and type(handler) is MeteredHandler
             and type(writer) is StreamWriterAdapter
             and getattr(session, "blendsm_hold", None) is None
             and outbox.takes(writer)
+            and not tasked(session)
         ):
-            if frame is None:
-                frame = _Frame(topic, bytes(data))
             try:
-                _deliver_qos0(service, session, writer, topic, frame, outbox)
+                delivered_qos = min(qos, publish_qos)
+                if delivered_qos == 0:
+                    if frame is None:
+                        frame = _Frame(topic, bytes(data))
+                    _deliver_qos0(service, session, writer, topic, frame, outbox)
+                else:
+                    if acked is None:
+                        acked = AckedFrames(topic, bytes(data))
+                    deliver_acked(handler, session, writer, acked.at(delivered_qos), outbox)
             except Exception as exc:
                 _FAILURE_LOG.note("delivery on %r to %r failed: %r", topic, session.client_id, exc)
             continue
         outbox.before_task(writer, service.meter)
-        running_tasks.append(
-            asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
-        )
+        task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
+        running_tasks.append(task)
+        track_task(session, task)
 
 
 def _deliver_qos0(
