@@ -215,6 +215,7 @@ def _blendsm_stats(running: Any) -> dict[str, int]:
         "vouchers_refused": service.stats.vouchers_refused,
         "payment_requests": service.stats.payment_requests,
         "quotes": service.stats.quotes,
+        "inflight_dropped": service.stats.inflight_dropped,
     }
 
 
@@ -849,7 +850,8 @@ def main() -> None:
                     f" {out['denied_no_credit']}, vouchers sent {out.get('sub_vouchers_sent', 0)}"
                     f" / accepted {out['vouchers_accepted']} / refused {out['vouchers_refused']},"
                     f" receipts seen {out.get('sub_receipts', 0)}, payment requests"
-                    f" {out['payment_requests']}, chain set-up {out['setup_s']:.1f} s"
+                    f" {out['payment_requests']}, in-flight window full"
+                    f" {out.get('inflight_dropped', 0)}, chain set-up {out['setup_s']:.1f} s"
                     + (f" (+ anvil start {out['anvil_start_s']:.1f} s)" if k == "e" else "")
                     + "".join(
                         f", {name[4:]} {n}"
