@@ -33,7 +33,9 @@ def _close_sockets() -> Iterator[None]:
 
 async def test_qos1_and_qos2_fan_out_start_no_task_per_delivery(market: Market) -> None:
     """Tasks are counted by wrapping the loop's task factory (a measurement, nothing is
-    replaced): amqtt's path started one ``mqtt_publish`` Task per delivery (here 3 x 10)."""
+    replaced): amqtt's path started one ``mqtt_publish`` Task per delivery (here 3 x 10). What
+    remains is amqtt's reader, one Task per packet read (each PUBACK, PUBREC, PUBCOMP too), and
+    one ``_run_broadcast`` per batch."""
     subs = [market.client(None) for _ in range(3)]
     pub = market.client(None)
     for c in (*subs, pub):
