@@ -334,8 +334,8 @@ def _report_missed(
     last = sum(1 for t in before_kill if t > -0.2)
     print(
         f"stored as leaves while the buyer was subscribed and never delivered to it:"
-        f" {len(during)}, {last} of them in the last 0.2 s before a kill (stored, so acknowledged"
-        f" or, re-sent after the restart, dropped as a duplicate; never written to the buyer)"
+        f" {len(during)}, {last} of them in the last 0.2 s before a kill (compare with"
+        f" deliveries_denied_no_credit below: refused for credit, counted and logged)"
     )
 
 
