@@ -47,6 +47,7 @@ from amqtt.session import Session
 from blendsm.broker._access import Verdict
 from blendsm.broker._fanout_acked import AckedFrames, deliver_acked, tasked, track_task
 from blendsm.broker._handler import MeteredHandler, PublishedPayload
+from blendsm.broker._handoff import Ticket, claim, handed
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
 from blendsm.device_sdk import NOTICE, AnyNotice, control_topic, encode_notice
@@ -177,14 +178,17 @@ async def run_broadcast(broker: DeliveryPath, running_tasks: deque[asyncio.Task[
     broadcast = await queue.get()
     plugins = broker.plugins_manager
     outbox = Outbox(MQTTEvents.PACKET_SENT in plugins._event_plugin_callbacks)
+    claimed: list[Ticket] = []  # market messages handed on (_handoff): acked after the write
     try:
         for _ in range(MAX_BATCH):
-            await deliver(broker, broadcast, running_tasks, outbox)
+            if claim(broadcast, claimed):
+                await deliver(broker, broadcast, running_tasks, outbox)
             if queue.empty():
                 break
             broadcast = queue.get_nowait()
     finally:
         sent = outbox.flush(broker.service.meter)
+        handed(claimed)
     for session, packet in sent:
         await plugins.fire_event(MQTTEvents.PACKET_SENT, packet=packet, session=session)
 
