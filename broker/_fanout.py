@@ -8,7 +8,8 @@ calls :func:`run_broadcast` instead):
 * the matching sessions come from the topic trie (:class:`SubscriptionTable`), once per
   session at its highest granted QoS;
 * a QoS 0 delivery to a connected session on a TCP or TLS transport is decided and metered
-  inline, with no task: the gate (``service.admit``, which reserves a paid delivery), then the
+  inline, with no task: the gate (``service.gate``, ``admit`` with the topic's half decided
+  once per broadcast; it reserves a paid delivery), then the
   PUBLISH bytes, encoded once per broadcast, queued in the batch's :class:`Outbox`. The
   broadcasts already waiting in amqtt's queue are taken as one batch (up to
   :data:`MAX_BATCH`), and at its end each session's bytes are handed to its transport in one
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from amqtt.adapters import StreamWriterAdapter
@@ -207,10 +209,12 @@ async def deliver(
     screened = broker.other_topic_plugins()
     inline = MeteredHandler.mqtt_publish is _METERED_PUBLISH
     frame: _Frame | None = None
+    gate: Callable[[Session], Charge | Verdict] | None = None
     for session, granted in targets:
         qos = granted if forced is None else forced
         connected = session.transitions.state == "connected"
         if screened or not connected:
+            gate = None  # decided again after the await: the chain view may have changed
             if not await broker._topic_filtering(session, topic, Action.RECEIVE):
                 continue
             connected = session.transitions.state == "connected"
@@ -234,8 +238,10 @@ async def deliver(
         ):
             if frame is None:
                 frame = _Frame(topic, bytes(data))
+            if gate is None:
+                gate = service.gate(topic)
             try:
-                _deliver_qos0(service, session, writer, topic, frame, outbox)
+                _deliver_qos0(service, gate, session, writer, frame, outbox)
             except Exception as exc:
                 _FAILURE_LOG.note("delivery on %r to %r failed: %r", topic, session.client_id, exc)
             continue
@@ -247,17 +253,18 @@ async def deliver(
 
 def _deliver_qos0(
     service: MarketplaceService,
+    gate: Callable[[Session], Charge | Verdict],
     session: Session,
     writer: StreamWriterAdapter,
-    topic: str,
     frame: _Frame,
     outbox: Outbox,
 ) -> None:
-    """Gate one QoS 0 delivery synchronously and queue it (with its quote, or the payment
-    request that replaces it) in ``outbox``; a charge is settled when the outbox is written."""
+    """Gate one QoS 0 delivery synchronously (``gate``: ``service.gate`` of the broadcast's
+    topic) and queue it (with its quote, or the payment request that replaces it) in
+    ``outbox``; a charge is settled when the outbox is written."""
     if writer.is_closed or writer._writer.transport.is_closing():
         return  # nothing can be written: not admitted, nothing reserved
-    verdict = service.admit(session, topic)
+    verdict = gate(session)
     if verdict is Verdict.FREE:
         outbox.add(session, writer, frame.packet, frame.data)
     elif type(verdict) is Charge:
