@@ -53,6 +53,10 @@ Configurations:
      the broker's CPU keeps only its own side (signing, JSON-RPC calls). The cost of the
      embedded EVM is (c) against (e).
 
+``--latency`` rounds also report the broker's event-loop lag over the measured window (how
+late a 1 ms timer in the broker process fires: p99, maximum, and the seconds spent in lags
+over 10 ms), to tell a stall inside the broker from queueing elsewhere.
+
 Environment (for profiling and diagnosis, not for published figures unless said so):
 ``BENCH_PROFILE=file`` runs cProfile in each BlendSM broker process over the measured window
 (first to last "cpu" command) and writes it to ``file`` (the last configuration wins; run one
@@ -144,6 +148,41 @@ def _run_child(conn: Any, run: Any) -> None:
         gc.collect()
 
 
+class _LoopLag:
+    """How late the broker's event loop runs a 1 ms timer, over the measured window: a stall
+    (a long synchronous step: the embedded EVM executing a transaction, a big batch) delays
+    every delivery behind it, so it shows in the subscribers' latency tail."""
+
+    PERIOD = 0.001
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.PERIOD
+            await asyncio.sleep(self.PERIOD)
+            self.lags.append(loop.time() - due)
+
+    def stop(self) -> dict[str, float]:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        lags = sorted(self.lags)
+        if not lags:
+            return {}
+        return {
+            "lag_p99_ms": lags[min(len(lags) - 1, int(0.99 * len(lags)))] * 1e3,
+            "lag_max_ms": lags[-1] * 1e3,
+            "lag_over_10ms_s": sum(x for x in lags if x > 0.010),
+        }
+
+
 async def _serve(conn: Any, stats: Any, stop: Any) -> None:
     """Answer the driver's commands until "stop": "cpu" -> process CPU seconds so far,
     "stats" -> the broker's counters."""
@@ -151,12 +190,19 @@ async def _serve(conn: Any, stats: Any, stop: Any) -> None:
     loop = asyncio.get_running_loop()
     profile_to = os.environ.get("BENCH_PROFILE")  # cProfile of the measured window, to a file
     profiler: Any = None
+    lag: _LoopLag | None = None
+    lag_stats: dict[str, float] = {}
     while True:
         ready = await loop.run_in_executor(None, conn.poll, 60)
         if not ready:
             break  # the driver is gone
         cmd = conn.recv()
         if cmd == "cpu":
+            if lag is None:
+                lag = _LoopLag()
+                lag.start()
+            elif not lag_stats:
+                lag_stats = lag.stop()
             if profile_to and profiler is None:
                 import cProfile
 
@@ -168,7 +214,7 @@ async def _serve(conn: Any, stats: Any, stop: Any) -> None:
                 profile_to = None
             conn.send(_cpu())
         elif cmd == "stats":
-            conn.send(stats())
+            conn.send({**stats(), **lag_stats})
         elif cmd == "stop":
             break
     try:
@@ -971,6 +1017,9 @@ def latency_main(messages: int, rounds: int, configs: str, fraction: float = 0.5
                 f"  round {r + 1} {k}: p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms"
                 f"  {out['rate']:7.0f} deliveries/s  broker {out['cpu_us']:5.1f} us/delivery"
                 f"  dropped {out['dropped']}"
+                f"  broker loop lag p99 {out.get('lag_p99_ms', float('nan')):.1f} ms,"
+                f" max {out.get('lag_max_ms', float('nan')):.1f} ms,"
+                f" {out.get('lag_over_10ms_s', float('nan')):.2f} s in lags > 10 ms"
                 + (
                     f"  denied_no_credit {out['denied_no_credit']}, vouchers refused"
                     f" {out['vouchers_refused']}"
