@@ -157,6 +157,13 @@ class Outbox:
         if pending is not None:
             self._write(pending, meter)
 
+    def write_now(self, writer: object, meter: Meter) -> None:
+        """Write what is queued for this writer now and settle its charges (its later
+        deliveries of the batch are queued again as usual)."""
+        pending = self._pending.pop(id(writer), None)
+        if pending is not None:
+            self._write(pending, meter)
+
     def flush(self, meter: Meter) -> list[tuple[Session, PublishPacket]]:
         """Write every session's bytes; commit the charges of what was written, release the
         rest. Returns the (session, packet) pairs written, for PACKET_SENT listeners."""
@@ -305,6 +312,11 @@ def _deliver_qos0(
             raise
         outbox.add(session, writer, frame.packet, frame.data, verdict)
     elif verdict is Verdict.NO_CREDIT:
+        # The request states what was charged: the deliveries queued ahead of it in this
+        # batch are only reserved until written, so write them first (a batch may hold
+        # several broadcasts) and ask for the full amount, not for what an earlier write
+        # committed.
+        outbox.write_now(writer, service.meter)
         request = service.payment_request_for(session)
         if request is not None:
             _add_notice(outbox, session, writer, request)
