@@ -29,6 +29,7 @@ from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge
 from blendsm.broker._service import MarketplaceService
 from blendsm.broker._shutdown import stop_reader
+from blendsm.broker._topics import TopicClass, classify_topic
 from blendsm.errors import LeafBudgetError
 
 __all__ = [
@@ -133,6 +134,19 @@ class MeteredHandler(InflightHandler):
         topic = publish_packet.topic_name
         session = self.session
         service = self._blendsm
+        if (
+            publish_packet.qos == 0
+            and topic
+            and session is not None
+            and publish_packet.data is not None
+            and not publish_packet.dup_flag  # amqtt ignores those (MQTT-3.3.1-2)
+            and classify_topic(topic) is TopicClass.CONTROL
+        ):
+            # A voucher (QoS 0, as the SDK sends them) goes to the service here, as
+            # BlendBroker._handle_message_delivery would hand it on: without amqtt's queue to
+            # the client loop and its wait there (~20 us per voucher). Never broadcast.
+            service.on_control_publish(session, self, topic, publish_packet.data)
+            return
         earlier = None
         if session is not None and publish_packet.qos == 2 and publish_packet.packet_id:
             earlier = session.inflight_in.get(publish_packet.packet_id)
