@@ -127,12 +127,12 @@ class EnvelopeIntake(AccessDecisions):
                 self.stats.resends_delivered += 1
                 self.log.info(
                     "re-sent envelope on %r from %s, sequence %d: stored but never handed to"
-                    " subscribers (the broker stopped in between): delivered now",
+                    " subscribers (the broker stopped in between): delivered now, uncharged",
                     topic,
                     envelope.device_address,
                     sequence,
                 )
-                return hand_off.ticket(leaf)
+                return hand_off.ticket(leaf, resend=True)
             self._duplicate(topic, envelope)
             return None
         anchorer = self.anchorer

@@ -50,7 +50,7 @@ from amqtt.session import Session
 from blendsm.broker._access import Verdict
 from blendsm.broker._fanout_acked import AckedFrames, deliver_acked, tasked, track_task
 from blendsm.broker._handler import MeteredHandler, PublishedPayload
-from blendsm.broker._handoff import Ticket, claim, handed
+from blendsm.broker._handoff import Ticket, claim, handed, is_resend, uncharged
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
 from blendsm.device_sdk import NOTICE, AnyNotice, control_topic, encode_notice
@@ -286,11 +286,20 @@ async def deliver(
                         frame = _Frame(topic, bytes(data))
                     if gate is None:
                         gate = service.gate(topic)
+                        if is_resend(data):
+                            gate = _uncharged_gate(gate, service.meter)
                     _deliver_qos0(service, gate, session, writer, frame, outbox)
                 else:
                     if acked is None:
                         acked = AckedFrames(topic, bytes(data))
-                    deliver_acked(handler, session, writer, acked.at(delivered_qos), outbox)
+                    deliver_acked(
+                        handler,
+                        session,
+                        writer,
+                        acked.at(delivered_qos),
+                        outbox,
+                        resend=is_resend(data),
+                    )
             except Exception as exc:
                 _FAILURE_LOG.note("delivery on %r to %r failed: %r", topic, session.client_id, exc)
             continue
@@ -298,6 +307,13 @@ async def deliver(
         task = asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False))
         running_tasks.append(task)
         track_task(session, task)
+
+
+def _uncharged_gate(
+    gate: Callable[[Session], Charge | Verdict], meter: Meter
+) -> Callable[[Session], Charge | Verdict]:
+    """``gate`` for a re-send after a crash: paid deliveries go free (:func:`uncharged`)."""
+    return lambda session: uncharged(gate(session), meter)
 
 
 def _deliver_qos0(

@@ -35,6 +35,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OutgoingApplicationMessage, Session
 
 from blendsm.broker._access import Verdict
+from blendsm.broker._handoff import uncharged
 from blendsm.broker._inflight import note_window_full
 from blendsm.broker._meter import Charge
 from blendsm.device_sdk import NOTICE, AnyNotice, control_topic, encode_notice
@@ -120,10 +121,13 @@ def deliver_acked(
     writer: StreamWriterAdapter,
     frame: AckedFrame,
     outbox: _Outbox,
+    *,
+    resend: bool = False,
 ) -> None:
     """Gate one QoS 1/2 delivery synchronously, record it in flight and queue it (with its
     quote, or the payment request that replaces it) in ``outbox``; a charge is settled when
-    the outbox is written (see the module doc)."""
+    the outbox is written (see the module doc). A ``resend`` after a crash goes uncharged
+    (:func:`~blendsm.broker._handoff.uncharged`)."""
     if writer.is_closed or writer._writer.transport.is_closing():
         return  # nothing can be written: not admitted, nothing reserved (amqtt: not sent)
     service = handler._blendsm
@@ -132,6 +136,8 @@ def deliver_acked(
         note_window_full(service, session, frame.topic)
         return
     verdict = service.admit(session, frame.topic)
+    if resend:
+        verdict = uncharged(verdict, service.meter)
     if verdict is Verdict.NO_CREDIT:
         request = service.payment_request_for(session)
         if request is not None:

@@ -23,7 +23,7 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage
 
 from blendsm.broker._access import Verdict
-from blendsm.broker._handoff import Ticket
+from blendsm.broker._handoff import Ticket, is_resend, uncharged
 from blendsm.broker._inflight import InflightHandler
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge
@@ -100,6 +100,8 @@ class MeteredHandler(InflightHandler):
         if session is None:
             return Verdict.DENY
         verdict = service.admit(session, topic)
+        if is_resend(data):
+            verdict = uncharged(verdict, service.meter)
         if verdict is Verdict.FREE:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
         if not isinstance(verdict, Charge):

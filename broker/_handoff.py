@@ -14,7 +14,8 @@ restart was dropped as a duplicate of the stored leaf. Now (see docs/integrity.m
   QoS 1 PUBACK is written, the ticket resolves and the leaf is marked handed in the leaf
   store (lazily: after its PUBACK no honest device re-sends a message);
 * a duplicate whose leaf is stored but was never handed on (not claimed in this run, not
-  marked in the store) is let through once (:meth:`HandOff.resend_deliverable`).
+  marked in the store) is let through once (:meth:`HandOff.resend_deliverable`), uncharged
+  (:func:`uncharged`: it may have reached its subscribers before the crash).
 
 What a kill can still do: a PUBACK written but lost with the connection, while the leaf's
 mark is not yet durable (the next commit, at most ``MARK_LINGER`` later), makes the device
@@ -32,10 +33,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from blendsm.broker._access import Verdict
+from blendsm.broker._meter import Charge, Meter
+
 if TYPE_CHECKING:
     from blendsm.broker._leaf_store import AsyncLeafStore
 
-__all__ = ["CLAIMED_CAP", "HandOff", "Ticket", "claim", "handed"]
+__all__ = ["CLAIMED_CAP", "HandOff", "Ticket", "claim", "handed", "is_resend", "uncharged"]
 
 CLAIMED_CAP: Final = 65_536
 """Leaves remembered as claimed in memory (the store's mark covers older ones, durable within
@@ -45,11 +49,15 @@ CLAIMED_CAP: Final = 65_536
 class Ticket:
     """One admitted market message on its way to the fan-out."""
 
-    __slots__ = ("ack", "done", "leaf", "owner")
+    __slots__ = ("ack", "done", "leaf", "owner", "resend")
 
-    def __init__(self, owner: HandOff, leaf: bytes) -> None:
+    def __init__(self, owner: HandOff, leaf: bytes, resend: bool = False) -> None:
         self.owner = owner
         self.leaf = leaf
+        self.resend = resend
+        """A device's re-send of a leaf stored in an earlier run and never recorded as handed
+        on: its subscribers may have got it already (the mark lags the write), so it is
+        delivered uncharged, as a redelivery (:func:`uncharged`)."""
         self.ack: Callable[[], None] | None = None
         """Writes the QoS 1 PUBACK that waits for the hand-off (set by the handler)."""
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -66,8 +74,8 @@ class HandOff:
         self.store = store
         self._claimed: OrderedDict[bytes, None] = OrderedDict()
 
-    def ticket(self, leaf: bytes) -> Ticket:
-        return Ticket(self, leaf)
+    def ticket(self, leaf: bytes, *, resend: bool = False) -> Ticket:
+        return Ticket(self, leaf, resend)
 
     def _claim(self, leaf: bytes) -> bool:
         if leaf in self._claimed:
@@ -120,3 +128,21 @@ def _settle(ticket: Ticket) -> None:
         if ticket.ack is not None:
             ticket.ack()
         ticket.done.set_result(None)
+
+
+def is_resend(data: object) -> bool:
+    """Whether a broadcast's payload is a re-send after a crash (:attr:`Ticket.resend`)."""
+    ticket = getattr(data, "ticket", None)
+    return ticket is not None and bool(ticket.resend)
+
+
+def uncharged(verdict: Charge | Verdict, meter: Meter) -> Charge | Verdict:
+    """The gate's verdict for a re-send after a crash: a paid delivery is let through free
+    (its reservation released), as a redelivery is. Its subscribers may have got and paid for
+    it before the kill (a PUBACK lost with the connection before the leaf's mark was durable):
+    charging it again would bill one message twice; the seller forgoes at most that one
+    message per crash instead. A refusal (no entitlement, no credit) stays a refusal."""
+    if type(verdict) is Charge:
+        meter.release(verdict)
+        return Verdict.FREE
+    return verdict
