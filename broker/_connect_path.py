@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from amqtt.broker import BrokerEvents, Server
@@ -50,6 +51,7 @@ from blendsm.broker._listeners import certificate_subject
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._session_state import BlendSession
 from blendsm.broker._sessions import SessionKeeper, is_persistent
+from blendsm.broker._small_queue import SmallQueue
 
 if TYPE_CHECKING:
     from amqtt.plugins.manager import PluginManager
@@ -63,13 +65,16 @@ _CERTIFICATE_LOG: Final = LogLimiter(_log)
 """CONNECTs over a verified client certificate: one log line a minute, with a count."""
 _MQTT_3_1_1: Final = 4
 """The protocol level amqtt 0.12.1 speaks."""
+_AMQTT_DELIVER: Final = BrokerProtocolHandler.mqtt_deliver_next_message
+"""amqtt's own: a handler class that overrides it keeps its coroutine (and its Task)."""
 
 
 async def read_connect(
     reader: Any, writer: Any, plugins_manager: PluginManager[Any]
 ) -> tuple[BrokerProtocolHandler, Session]:
     """amqtt's ``BrokerProtocolHandler.init_from_connect``, check for check, making a
-    :class:`BlendSession` instead of a Session with its own state Machine."""
+    :class:`BlendSession` instead of a Session with its own state Machine, and a handler
+    whose pending SUBSCRIBE/UNSUBSCRIBE queues are :class:`SmallQueue`s."""
     connect = await ConnectPacket.from_stream(reader)
     await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
     if connect.variable_header is None:
@@ -126,7 +131,10 @@ async def read_connect(
     session.remote_port = remote_port
     session.ssl_object = writer.get_ssl_info()
     session.keep_alive = max(connect.keep_alive, 0)
-    return BrokerProtocolHandler(plugins_manager), session
+    handler = BrokerProtocolHandler(plugins_manager)
+    handler._pending_subscriptions = SmallQueue()
+    handler._pending_unsubscriptions = SmallQueue()
+    return handler, session
 
 
 class ConnectPath(DeliveryPath):
@@ -343,10 +351,10 @@ class ConnectPath(DeliveryPath):
         """amqtt's loop over a session's DISCONNECT, SUBSCRIBE, UNSUBSCRIBE and PUBLISH,
         without formatting the whole subscription table after each SUBSCRIBE (amqtt's
         ``logger.debug(repr(self._subscriptions))``, evaluated whatever the log level)."""
-        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
-        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
-        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        disconnect_waiter = _disconnect_of(handler)
+        subscribe_waiter = _next_of(handler, "_pending_subscriptions")
+        unsubscribe_waiter = _next_of(handler, "_pending_unsubscriptions")
+        wait_deliver = _next_delivery(handler)
         connected = True
         while connected:
             try:
@@ -359,24 +367,56 @@ class ConnectPath(DeliveryPath):
                     connected = False
                 if subscribe_waiter in done:
                     await self._handle_subscription(client_session, handler, subscribe_waiter)
-                    subscribe_waiter = asyncio.ensure_future(
-                        handler.get_next_pending_subscription()
-                    )
+                    subscribe_waiter = _next_of(handler, "_pending_subscriptions")
                 if unsubscribe_waiter in done:
                     await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
-                    unsubscribe_waiter = asyncio.ensure_future(
-                        handler.get_next_pending_unsubscription()
-                    )
+                    unsubscribe_waiter = _next_of(handler, "_pending_unsubscriptions")
                 if wait_deliver in done:
                     if not await self._handle_message_delivery(
                         client_session, handler, wait_deliver
                     ):
                         break
-                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                    wait_deliver = _next_delivery(handler)
             except asyncio.CancelledError:
                 self.logger.debug("Client loop cancelled")
                 break
-        waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        waiters = [subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        if disconnect_waiter is not getattr(handler, "_disconnect_waiter", None):
+            waiters.append(disconnect_waiter)  # ours to cancel, not the handler's own future
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
+
+
+def _disconnect_of(handler: BrokerProtocolHandler) -> asyncio.Future[Any]:
+    """``handler.wait_disconnect()`` as a future: the handler's own disconnect future (no
+    Task around it), or one resolved with None when it has none (already closed)."""
+    waiter: object = handler._disconnect_waiter
+    if isinstance(waiter, asyncio.Future):
+        return waiter
+    return _task(handler.wait_disconnect())
+
+
+def _next_of(handler: BrokerProtocolHandler, name: str) -> asyncio.Future[Any]:
+    """The next pending SUBSCRIBE or UNSUBSCRIBE of ``handler``: a future of its
+    :class:`SmallQueue`, or amqtt's coroutine in a Task for a handler made elsewhere."""
+    queue = getattr(handler, name)
+    if isinstance(queue, SmallQueue):
+        return queue.next_item()
+    if name == "_pending_subscriptions":
+        return _task(handler.get_next_pending_subscription())
+    return _task(handler.get_next_pending_unsubscription())
+
+
+def _next_delivery(handler: BrokerProtocolHandler) -> asyncio.Future[Any]:
+    """``handler.mqtt_deliver_next_message()`` (the session's next incoming PUBLISH) as a
+    future of its :class:`SmallQueue` when it has one."""
+    session = handler.session
+    queue = getattr(session, "delivered_message_queue", None)
+    if type(handler).mqtt_deliver_next_message is _AMQTT_DELIVER and isinstance(queue, SmallQueue):
+        return queue.next_item()
+    return _task(handler.mqtt_deliver_next_message())
+
+
+def _task(coroutine: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+    return asyncio.ensure_future(coroutine)

@@ -8,16 +8,19 @@ Machine's interface amqtt and BlendSM use (``state``, ``connect()``, ``disconnec
 ``is_connected()``...), with the same rules: ``connect`` from ``connected`` raises
 ``MachineError`` (amqtt's take-over path relies on it), ``disconnect`` is allowed from every
 state, and entering a state runs the Session's own ``_on_enter_*`` bookkeeping
-(``last_connect_time``, ``last_disconnect_time``). Sessions made elsewhere (amqtt's
-``create_offline_session``) keep the Machine; both kinds work side by side.
+(``last_connect_time``, ``last_disconnect_time``). Its two queues are
+:class:`~blendsm.broker._small_queue.SmallQueue`s (no deque while empty). Sessions made elsewhere (amqtt's
+``create_offline_session``) keep the Machine and asyncio Queues; both kinds work side by side.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from amqtt.session import Session
 from transitions import MachineError
+
+from blendsm.broker._small_queue import SmallQueue
 
 __all__ = ["BlendSession", "SessionState"]
 
@@ -60,7 +63,18 @@ class SessionState:
 
 
 class BlendSession(Session):  # type: ignore[misc]  # amqtt ships no types: Session is Any
-    """amqtt's Session with :class:`SessionState` (see the module docstring)."""
+    """amqtt's Session with :class:`SessionState` and :class:`SmallQueue` queues (see the
+    module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retained_messages: SmallQueue[Any] = SmallQueue()
+        self.delivered_message_queue: SmallQueue[Any] = SmallQueue()
 
     def _init_states(self) -> None:
         self.transitions = SessionState(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.retained_messages = SmallQueue()
+        self.delivered_message_queue = SmallQueue()
