@@ -21,7 +21,9 @@ S is. Reported per (broker, S):
 
 * connect time: from the start signal until every subscriber has its CONNACK and SUBACK
   (all S clients start at once, at most ``CONNECT_CONCURRENCY`` CONNECTs in flight per client
-  process; a client that has no SUBACK within ``READY_TIMEOUT_S`` counts as failed);
+  process; a client that has no SUBACK within ``READY_TIMEOUT_S`` counts as failed), and the
+  broker's CPU time over the same span (on a shared machine the wall time also shows what
+  other processes took);
 * RSS per session: the broker process's resident memory after all subscribed, less before
   the first client, over S;
 * broker CPU per delivery: CPU seconds (user + system, all threads, ``psutil`` or /proc,
@@ -371,6 +373,7 @@ def run_one(kind: str, size: int, rate: int, seconds: float, qos: int = 0) -> di
             proc.start()
             procs.append((proc, parent))
         time.sleep(1.0)  # the client processes import and start their loops
+        cpu_go = broker.cpu()
         for _, parent in procs:
             parent.send("go")
         connect_s, failed = 0.0, 0
@@ -381,6 +384,7 @@ def run_one(kind: str, size: int, rate: int, seconds: float, qos: int = 0) -> di
             connect_s, failed = max(connect_s, took), failed + bad
             if bad:
                 print(f"    {kind} S={size}: {bad} subscriber(s) failed, e.g. {first}", flush=True)
+        connect_cpu = broker.cpu() - cpu_go
         time.sleep(1.0)
         rss1 = broker.rss()
         cpu0 = broker.cpu()
@@ -398,6 +402,7 @@ def run_one(kind: str, size: int, rate: int, seconds: float, qos: int = 0) -> di
         cpu = broker.cpu() - cpu0
         return {
             "connect_s": connect_s,
+            "connect_cpu_s": connect_cpu,
             "rss_per_session": (rss1 - rss0) / size,
             "cpu_us": cpu / max(got, 1) * 1e6,
             "received": got,
@@ -437,7 +442,7 @@ def main() -> None:
         flush=True,
     )
     print(
-        f"  {'broker':10s} {'S':>6s} {'connect s':>10s} {'RSS/session':>12s}"
+        f"  {'broker':10s} {'S':>6s} {'connect s':>10s} {'(CPU s)':>8s} {'RSS/session':>12s}"
         f" {'CPU us/delivery':>16s} {'received':>10s} {'lost':>7s} {'no SUBACK':>9s}"
     )
     results: dict[tuple[str, int], dict[str, Any]] = {}
@@ -451,7 +456,7 @@ def main() -> None:
                 continue
             results[(kind, size)] = r
             print(
-                f"  {kind:10s} {size:>6d} {r['connect_s']:>10.2f}"
+                f"  {kind:10s} {size:>6d} {r['connect_s']:>10.2f} {r['connect_cpu_s']:>8.2f}"
                 f" {r['rss_per_session'] / 1024:>9.1f} KB {r['cpu_us']:>16.1f}"
                 f" {r['received']:>10d} {r['lost']:>7d} {r['failed']:>9d}",
                 flush=True,
