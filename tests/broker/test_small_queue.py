@@ -82,3 +82,23 @@ async def test_blend_session_state_follows_amqtts_rules() -> None:
     assert session.transitions.state == "connected"
     assert isinstance(session.retained_messages, SmallQueue)
     assert isinstance(session.delivered_message_queue, SmallQueue)
+
+
+def test_blend_session_keeps_a_small_dict_and_pickles_its_slots() -> None:
+    import pickle
+    import sys
+
+    session = BlendSession()
+    session.client_id = "c"
+    empty = sys.getsizeof(session.__dict__)
+    session.blendsm = "identity"
+    session.blendsm_authenticated = True
+    session.blendsm_queued_bytes = 10
+    assert sys.getsizeof(session.__dict__) == empty  # BlendSM's attributes are slots
+    assert getattr(session, "blendsm_hold", None) is None  # unset slots read as absent
+    session.transitions.connect()
+    copy = pickle.loads(pickle.dumps(session))
+    assert copy.blendsm == "identity"
+    assert copy.blendsm_queued_bytes == 10
+    assert copy.transitions.state == "connected"
+    assert isinstance(copy.retained_messages, SmallQueue)
