@@ -9,7 +9,8 @@ is charged for exactly what was sent. The subclass also fixes three amqtt behavi
 would leak data or let a stranger disturb a session:
 
 * CONNECT is authenticated *before* amqtt takes over or deletes a session with that client
-  id, and a client id bound to one address cannot be resumed by another;
+  id, and a client id bound to one address cannot be resumed by another; setting a session up
+  costs O(its own state) (both in :mod:`blendsm.broker._connect_path`);
 * retained messages go out only on a SUBSCRIBE, to the subscribing session, at its granted
   QoS (amqtt sends them to every filter of every client on each CONNECT); no client leaves one
   in the reserved ``blendsm/`` tree (but a seller its wrapped topic keys), and the retained
