@@ -53,6 +53,16 @@ Configurations:
      the broker's CPU keeps only its own side (signing, JSON-RPC calls). The cost of the
      embedded EVM is (c) against (e).
 
+``--latency`` rounds also report the broker's event-loop lag over the measured window (how
+late a 1 ms timer in the broker process fires: p99, maximum, and the seconds spent in lags
+over 10 ms), to tell a stall inside the broker from queueing elsewhere.
+
+Environment (for profiling and diagnosis, not for published figures unless said so):
+``BENCH_PROFILE=file`` runs cProfile in each BlendSM broker process over the measured window
+(first to last "cpu" command) and writes it to ``file`` (the last configuration wins; run one
+configuration at a time); ``BENCH_CREDIT`` and ``BENCH_PAY_EVERY`` override the credit (50) and
+the subscribers' ``pay_every`` (10).
+
 The in-process EVM cannot be shared across processes, so the broker process of (c) and (d)
 builds its own chain (that of (e) does the same on anvil): deploys the suite, enrols seller,
 device and buyers (the deployer is the oracle), creates the topic and opens the 10 channels
@@ -93,8 +103,12 @@ LATENCY_SAMPLE = 20_000  # per subscriber process: end-to-end latencies kept (th
 TOPIC = "bench/t"
 PRICE = 1_000  # wei per message on the paid topic
 DEPOSIT = 10**18  # per channel: far more than a run can spend
-CREDIT_MESSAGES = 50  # broker: unpaid messages a channel may owe before delivery pauses
-PAY_EVERY = 10  # SDK Subscriber: a voucher every 10 paid messages
+CREDIT_MESSAGES = int(
+    os.environ.get("BENCH_CREDIT", "50")
+)  # broker: unpaid messages a channel may owe before delivery pauses
+PAY_EVERY = int(
+    os.environ.get("BENCH_PAY_EVERY", "10")
+)  # SDK Subscriber: a voucher every 10 paid messages
 IDLE_STOP_S = 2.0  # a subscriber stops this long after its last message
 RUN_DEADLINE_S = 20.0  # per configuration, from subscriber start
 START_TIMEOUT_S = 40.0  # broker start-up (chain set-up included)
@@ -134,20 +148,73 @@ def _run_child(conn: Any, run: Any) -> None:
         gc.collect()
 
 
+class _LoopLag:
+    """How late the broker's event loop runs a 1 ms timer, over the measured window: a stall
+    (a long synchronous step: the embedded EVM executing a transaction, a big batch) delays
+    every delivery behind it, so it shows in the subscribers' latency tail."""
+
+    PERIOD = 0.001
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.PERIOD
+            await asyncio.sleep(self.PERIOD)
+            self.lags.append(loop.time() - due)
+
+    def stop(self) -> dict[str, float]:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        lags = sorted(self.lags)
+        if not lags:
+            return {}
+        return {
+            "lag_p99_ms": lags[min(len(lags) - 1, int(0.99 * len(lags)))] * 1e3,
+            "lag_max_ms": lags[-1] * 1e3,
+            "lag_over_10ms_s": sum(x for x in lags if x > 0.010),
+        }
+
+
 async def _serve(conn: Any, stats: Any, stop: Any) -> None:
     """Answer the driver's commands until "stop": "cpu" -> process CPU seconds so far,
     "stats" -> the broker's counters."""
     _quiet()  # again: eth_tester's backend set-up resets the warning filters
     loop = asyncio.get_running_loop()
+    profile_to = os.environ.get("BENCH_PROFILE")  # cProfile of the measured window, to a file
+    profiler: Any = None
+    lag: _LoopLag | None = None
+    lag_stats: dict[str, float] = {}
     while True:
         ready = await loop.run_in_executor(None, conn.poll, 60)
         if not ready:
             break  # the driver is gone
         cmd = conn.recv()
         if cmd == "cpu":
+            if lag is None:
+                lag = _LoopLag()
+                lag.start()
+            elif not lag_stats:
+                lag_stats = lag.stop()
+            if profile_to and profiler is None:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+            elif profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(profile_to)
+                profile_to = None
             conn.send(_cpu())
         elif cmd == "stats":
-            conn.send(stats())
+            conn.send({**stats(), **lag_stats})
         elif cmd == "stop":
             break
     try:
@@ -215,6 +282,7 @@ def _blendsm_stats(running: Any) -> dict[str, int]:
         "vouchers_refused": service.stats.vouchers_refused,
         "payment_requests": service.stats.payment_requests,
         "quotes": service.stats.quotes,
+        "inflight_dropped": service.stats.inflight_dropped,
     }
 
 
@@ -849,7 +917,8 @@ def main() -> None:
                     f" {out['denied_no_credit']}, vouchers sent {out.get('sub_vouchers_sent', 0)}"
                     f" / accepted {out['vouchers_accepted']} / refused {out['vouchers_refused']},"
                     f" receipts seen {out.get('sub_receipts', 0)}, payment requests"
-                    f" {out['payment_requests']}, chain set-up {out['setup_s']:.1f} s"
+                    f" {out['payment_requests']}, in-flight window full"
+                    f" {out.get('inflight_dropped', 0)}, chain set-up {out['setup_s']:.1f} s"
                     + (f" (+ anvil start {out['anvil_start_s']:.1f} s)" if k == "e" else "")
                     + "".join(
                         f", {name[4:]} {n}"
@@ -875,11 +944,19 @@ def main() -> None:
         cpu = statistics.median(x["cpu_us"] for x in res[k])
         dropped = statistics.median(x["dropped"] for x in res[k])
         sub_cpu = statistics.median(x["sub_cpu_us"] for x in res[k])
+        every = statistics.median(x["cpu_us"] + x["sub_cpu_us"] + x["pub_cpu_us"] for x in res[k])
         print(
             f"  {k} {label:38s} {rate:7.0f} deliveries/s  broker {cpu:5.1f} us/delivery"
-            f" (subscribers {sub_cpu:5.1f})  dropped {dropped:5.0f}"
+            f" (subscribers {sub_cpu:5.1f}, all processes {every:5.1f})  dropped {dropped:5.0f}"
             f"  rate {k}/a {rate / base:4.2f}  broker CPU {k}/a {cpu / base_cpu:4.2f}"
+            f"  broker-bound rate {k}/a {base_cpu / cpu:4.2f}"
         )
+    print(
+        "  (broker-bound rate = a's broker CPU per delivery / this one's: the rate ratio if the"
+        " broker alone bounded it. Broker, subscribers and publisher share this machine's"
+        f" {os.cpu_count()} cores, so when 'all processes' exceeds a's the clients bound the"
+        " measured rate.)"
+    )
     if res["c"] and res["d"]:
         rate_c = statistics.median(x["rate"] for x in res["c"])
         cpu_c = statistics.median(x["cpu_us"] for x in res["c"])
@@ -942,6 +1019,9 @@ def latency_main(messages: int, rounds: int, configs: str, fraction: float = 0.5
                 f"  round {r + 1} {k}: p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms"
                 f"  {out['rate']:7.0f} deliveries/s  broker {out['cpu_us']:5.1f} us/delivery"
                 f"  dropped {out['dropped']}"
+                f"  broker loop lag p99 {out.get('lag_p99_ms', float('nan')):.1f} ms,"
+                f" max {out.get('lag_max_ms', float('nan')):.1f} ms,"
+                f" {out.get('lag_over_10ms_s', float('nan')):.2f} s in lags > 10 ms"
                 + (
                     f"  denied_no_credit {out['denied_no_credit']}, vouchers refused"
                     f" {out['vouchers_refused']}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -32,6 +33,8 @@ from blendsm.errors import ConnectTokenError
 if TYPE_CHECKING:
     from amqtt.session import Session
     from eth_account.signers.local import LocalAccount
+
+    from blendsm.contracts import TopicInfo
 
 
 __all__ = ["AccessDecisions", "Identity", "Verdict"]
@@ -303,6 +306,54 @@ class AccessDecisions:
         if not key or not view.can_subscribe(key, topic.topic_id):
             self.stats.deliveries_denied += 1
             return Verdict.DENY
+        return self._admit_entitled(ident, topic_name, topic)
+
+    def gate(self, topic_name: str) -> Callable[[Session], Charge | Verdict]:
+        """:meth:`admit` for every session of one broadcast of ``topic_name``, deciding what
+        depends on the topic alone once (its class, the view's health and topic record,
+        whether it runs and its seller is active) instead of once per delivery: at ten
+        subscribers that was most of the gate's cost. Use it within one loop turn (the view
+        changes only between turns): the fan-out makes a new one after any await. Anything
+        other than a live public or market topic takes :meth:`admit` per session."""
+        admit = self.admit
+        if classify_topic(topic_name) is not TopicClass.OPEN:
+            return lambda session: admit(session, topic_name)
+        view = self.view
+        topic = view.topic_for_name(topic_name)
+        if topic is None:
+            if not self.public_topics or view.is_market_topic(topic_name):
+                return lambda session: admit(session, topic_name)  # denied: counted there
+            stats = self.stats
+
+            def public(session: Session) -> Charge | Verdict:
+                if getattr(session, "blendsm", None) is None:
+                    return Verdict.DENY
+                stats.public_deliveries += 1
+                return Verdict.FREE
+
+            return public
+        if not view.topic_sells(topic):
+            return lambda session: admit(session, topic_name)  # denied: counted there
+        admits_buyer, entitled, stats = view.admits_buyer, self._admit_entitled, self.stats
+
+        def market(session: Session) -> Charge | Verdict:
+            ident: Identity | None = getattr(session, "blendsm", None)
+            if ident is None:
+                return Verdict.DENY
+            if not ident.key or not admits_buyer(topic, ident.key):
+                stats.deliveries_denied += 1
+                return Verdict.DENY
+            return entitled(ident, topic_name, topic)
+
+        return market
+
+    def _admit_entitled(
+        self, ident: Identity, topic_name: str, topic: TopicInfo
+    ) -> Charge | Verdict:
+        """The gate's second half, for a subscriber ``canSubscribe`` admits: free, or a
+        reservation on its channel (credit and deposit)."""
+        view = self.view
+        key = ident.key
         if not topic.price:
             self.stats.free_market_deliveries += 1
             if self.meter.on_delivered is not None:

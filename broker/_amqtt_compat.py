@@ -14,6 +14,7 @@ from typing import Final
 import amqtt
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
 
 from blendsm.errors import ConfigError
 
@@ -32,6 +33,16 @@ _EXPECTED: Final = {
         "remote_port",
     ],
     (Broker, "_authenticate"): ["self", "session", "_"],
+    (Broker, "_handle_client_session"): [
+        "self",
+        "reader",
+        "writer",
+        "client_session",
+        "handler",
+        "server",
+        "listener_name",
+    ],
+    (Broker, "_client_message_loop"): ["self", "client_session", "handler"],
     (Broker, "_topic_filtering"): ["self", "session", "topic", "action"],
     (Broker, "_handle_message_delivery"): ["self", "client_session", "handler", "wait_deliver"],
     (Broker, "_handle_subscription"): ["self", "client_session", "handler", "subscribe_waiter"],
@@ -68,6 +79,7 @@ _EXPECTED: Final = {
     (BrokerProtocolHandler, "handle_read_timeout"): ["self"],
     (BrokerProtocolHandler, "stop"): ["self"],
     (BrokerProtocolHandler, "init_from_connect"): ["reader", "writer", "plugins_manager", "loop"],
+    (Session, "_init_states"): ["self"],
     (BrokerProtocolHandler, "_retry_deliveries"): ["self"],
     (BrokerProtocolHandler, "_handle_qos1_message_flow"): ["self", "app_message"],
     (BrokerProtocolHandler, "_handle_qos2_message_flow"): ["self", "app_message"],

@@ -9,7 +9,8 @@ is charged for exactly what was sent. The subclass also fixes three amqtt behavi
 would leak data or let a stranger disturb a session:
 
 * CONNECT is authenticated *before* amqtt takes over or deletes a session with that client
-  id, and a client id bound to one address cannot be resumed by another;
+  id, and a client id bound to one address cannot be resumed by another; setting a session up
+  costs O(its own state) (both in :mod:`blendsm.broker._connect_path`);
 * retained messages go out only on a SUBSCRIBE, to the subscribing session, at its granted
   QoS (amqtt sends them to every filter of every client on each CONNECT); no client leaves one
   in the reserved ``blendsm/`` tree (but a seller its wrapped topic keys), and the retained
@@ -27,34 +28,27 @@ at import so an upgrade fails loudly instead of silently bypassing the meter.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from amqtt.broker import Action, Broker
 from amqtt.contexts import ListenerConfig as AmqttListener
 from amqtt.contexts import ListenerType
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from blendsm.broker._access import Identity, Verdict
-from blendsm.broker._admission import Admission
 from blendsm.broker._amqtt_compat import AMQTT_VERSION, check_amqtt_compatibility
 from blendsm.broker._config_listeners import ListenerConfig
-from blendsm.broker._delivery import DeliveryPath
+from blendsm.broker._connect_path import ConnectPath
 from blendsm.broker._handler import (
-    KEEPALIVE_GRACE,
     MeteredHandler,
     PublishedPayload,
-    abort_connection,
 )
 from blendsm.broker._inflight import release_hold
-from blendsm.broker._listeners import certificate_subject, open_server
-from blendsm.broker._log_limit import LogLimiter
+from blendsm.broker._listeners import open_server
 from blendsm.broker._service import MarketplaceService
-from blendsm.broker._sessions import SessionKeeper, is_persistent
+from blendsm.broker._sessions import SessionKeeper
 from blendsm.broker._shutdown import close_connections, wait_bounded
 from blendsm.broker._topics import TopicClass, classify_topic, is_reserved
 from blendsm.errors import ConfigError
@@ -64,14 +58,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AMQTT_VERSION", "BlendBroker", "MeteredHandler", "check_amqtt_compatibility"]
 
-_log = logging.getLogger("blendsm.broker")
-_CONNECT_TIMEOUT_LOG: Final = LogLimiter(_log)
-"""Idle sockets are client-controlled: one log line a minute for them, with a count."""
-_CERTIFICATE_LOG: Final = LogLimiter(_log)
-"""CONNECTs over a verified client certificate: one log line a minute, with a count."""
 
-
-class BlendBroker(DeliveryPath):
+class BlendBroker(ConnectPath):
     """The amqtt Broker serving a :class:`MarketplaceService` (see the module docstring).
 
     Built by ``blendsm broker``; a plain amqtt Broker is turned into one by
@@ -80,9 +68,6 @@ class BlendBroker(DeliveryPath):
     _blendsm: MarketplaceService | None = None
     _other_topic_plugins: bool | None = None
     _other_auth_plugins: bool | None = None
-    _admission: Admission | None = None
-    """Connection caps and rates (created on the first connection, so a broker made by the
-    plugin's class swap has one too)."""
     _unlisten_market: Callable[[], None] | None = None
     _market_retained: set[str] | None = None
     """Names whose retained message was kept while they were market topics (by a device)."""
@@ -200,154 +185,6 @@ class BlendBroker(DeliveryPath):
             stream_connected=self.stream_connected,
             ws_connected=self.ws_connected,
         )
-
-    # --- CONNECT: authenticate before touching any existing session -------------------
-
-    async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
-        """Every new connection, on every listener: admitted within the connect rate of its
-        address and the connection caps, or closed at once, before it costs more than its
-        socket; its packets are read within ``limits.max_packet_bytes``
-        (:mod:`blendsm.broker._admission`)."""
-        admission = self._admission
-        if admission is None:
-            admission = Admission(self.service.config.limits, self.service.stats)
-            self._admission = admission
-        peer = writer.get_peer_info() if writer is not None else None
-        address = str(peer[0]) if peer else "unknown"
-        if not admission.enter(address, writer):
-            return
-        try:
-            limited = admission.reader(reader, writer, address)
-            await super()._client_connected(listener_name, limited, writer)
-        finally:
-            admission.leave(address)
-
-    async def _initialize_client_session(
-        self, reader: Any, writer: Any, remote_address: str, remote_port: int
-    ) -> tuple[BrokerProtocolHandler, Session]:
-        timeout = self.service.config.limits.connect_timeout_seconds
-        try:
-            handler, session = await asyncio.wait_for(
-                BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager),
-                timeout,
-            )
-        except TimeoutError as exc:
-            self.service.stats.connect_timeouts += 1
-            _CONNECT_TIMEOUT_LOG.note(
-                "%s:%s sent no complete CONNECT within %.1fs: closed",
-                remote_address,
-                remote_port,
-                timeout,
-            )
-            abort_connection(writer)
-            raise AMQTTError("CONNECT timeout") from exc
-        except AMQTTError as exc:
-            self.logger.warning(
-                "%s:%s: first packet is not a CONNECT: %s", remote_address, remote_port, exc
-            )
-            raise AMQTTError(exc) from exc
-        except MQTTError as exc:
-            self.logger.warning("%s:%s: invalid CONNECT: %s", remote_address, remote_port, exc)
-            await writer.close()
-            raise MQTTError(exc) from exc
-        except NoDataError as exc:
-            self.logger.warning("%s:%s: no data: %s", remote_address, remote_port, exc)
-            raise AMQTTError(exc) from exc
-        # Our decision first: a refused CONNECT must not take over or delete anything.
-        accepted = self.service.authenticate(session)
-        if accepted and self._has_other("_auth_plugins"):
-            accepted = await super()._authenticate(session, None)
-        return_code = NOT_AUTHORIZED
-        if accepted and session.client_id in self._sessions and not session.clean_session:
-            existing = self._sessions[session.client_id][0]
-            mine: Identity | None = getattr(existing, "blendsm", None)
-            new: Identity = session.blendsm
-            if mine is not None and mine.key != new.key:
-                self.logger.warning(
-                    "CONNECT refused: client id %r belongs to another identity", session.client_id
-                )
-                accepted = False
-                return_code = IDENTIFIER_REJECTED
-        if (
-            accepted
-            and is_persistent(session)
-            and session.client_id not in self._sessions
-            and not self.keeper.admit_new(
-                session.client_id, session.blendsm.key, self._sessions.__contains__
-            )
-        ):
-            accepted, return_code = False, IDENTIFIER_REJECTED  # sessions.max_per_identity
-        if not accepted:
-            await self._refuse(writer, return_code)
-            raise AMQTTError(f"CONNECT from {remote_address}:{remote_port} refused")
-        self._install(handler)
-        session.blendsm_authenticated = True
-        subject = certificate_subject(session)
-        if subject is not None:
-            _CERTIFICATE_LOG.note(
-                "client %r (%s) connected with client certificate %s",
-                session.client_id,
-                session.username,
-                subject,
-            )
-        if session.clean_session:
-            if session.client_id:
-                existing_pair = self._sessions.get(session.client_id)
-                if existing_pair is not None:
-                    other: Identity | None = getattr(existing_pair[0], "blendsm", None)
-                    if other is not None and other.key != session.blendsm.key:
-                        self.logger.warning(
-                            "CONNECT refused: client id %r belongs to another identity",
-                            session.client_id,
-                        )
-                        await self._refuse(writer, IDENTIFIER_REJECTED)
-                        raise AMQTTError("client id taken by another identity")
-                await self._delete_session(session.client_id)
-            else:
-                from amqtt.broker import gen_client_id
-
-                session.client_id = gen_client_id()
-            session.parent = 0
-        elif session.client_id in self._sessions:
-            existing_session, _ = self._sessions[session.client_id]
-            for name in (
-                "will_flag",
-                "will_message",
-                "will_topic",
-                "will_qos",
-                "keep_alive",
-                "username",
-                "password",
-            ):
-                setattr(existing_session, name, getattr(session, name))
-            existing_session.blendsm = session.blendsm
-            existing_session.is_anonymous = session.is_anonymous
-            existing_session.blendsm_authenticated = True
-            session = existing_session
-            session.parent = 1
-            self.keeper.connected(session.client_id)
-            release_hold(session)  # a take-over: deliveries held for the last one go out
-            session.blendsm_hold = asyncio.Event()  # released once redelivery and replay ran
-        else:
-            session.parent = 0
-        # The reader's timeout: 1.5 x the keepalive the client asked for (MQTT-3.1.2-24), plus
-        # amqtt's optional extra delay; 0 means the client asked for no keepalive.
-        delay = self.config.get("timeout-disconnect-delay", 0)
-        if session.keep_alive > 0:
-            extra = delay if isinstance(delay, int) else 0
-            session.keep_alive = session.keep_alive * KEEPALIVE_GRACE + extra
-        return handler, session
-
-    async def _refuse(self, writer: Any, return_code: int) -> None:
-        try:
-            await ConnackPacket.build(0, return_code).to_stream(writer)
-        except Exception as exc:  # the client may already be gone
-            self.logger.debug("CONNACK refusal not sent: %s", exc)
-        await writer.close()
-
-    async def _authenticate(self, session: Session, _: Any) -> bool:
-        # Decided in _initialize_client_session, before any session take-over.
-        return bool(getattr(session, "blendsm_authenticated", False))
 
     def create_offline_session(self, client_id: str) -> tuple[BrokerProtocolHandler, Session]:
         handler, session = super().create_offline_session(client_id)

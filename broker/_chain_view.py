@@ -274,13 +274,22 @@ class ChainView:
         """``Market.canSubscribe``: topic runs, seller and buyer active in their roles, and
         the policy (Open/Allowlist/Denylist/MinRating) admits the buyer."""
         t = self._running_topic(topic_id)
-        if t is None:
+        if t is None or not self.topic_sells(t):
             return False
-        if not self._has_active_role(t.seller.lower(), Role.SELLER):
-            return False
-        key = buyer.lower()
+        return self.admits_buyer(t, buyer.lower())
+
+    def topic_sells(self, t: TopicInfo) -> bool:
+        """The topic half of ``canSubscribe`` for a record this healthy view just returned:
+        not paused, its seller an active Seller. The delivery gate reads it once per
+        broadcast, then :meth:`admits_buyer` per subscriber."""
+        return not t.paused and self._has_active_role(t.seller.lower(), Role.SELLER)
+
+    def admits_buyer(self, t: TopicInfo, key: str) -> bool:
+        """The buyer half of ``canSubscribe`` (``key`` lower-case): an active Buyer whom the
+        topic's policy admits."""
         if not self._has_active_role(key, Role.BUYER):
             return False
+        topic_id = t.topic_id
         policy = t.policy
         if policy is Policy.OPEN:
             return True

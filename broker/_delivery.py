@@ -4,8 +4,9 @@ It overrides amqtt 0.12.1's subscription bookkeeping (``add_subscription``,
 ``_del_subscription``, ``_del_all_subscriptions``) so that amqtt's table and BlendSM's topic
 trie stay equal and the filter caps apply (:mod:`blendsm.broker._subscriptions`), and its
 broadcast step (``_run_broadcast``) with BlendSM's fan-out (:mod:`blendsm.broker._fanout`).
-A class of its own keeps ``BlendBroker`` (CONNECT, retained messages, offline queues) apart
-from the delivery path; the overridden signatures are checked with the others at import.
+A class of its own keeps ``BlendBroker`` (retained messages, offline queues) and
+``ConnectPath`` (CONNECT, :mod:`blendsm.broker._connect_path`) apart from the delivery path;
+the overridden signatures are checked with the others at import.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from blendsm.broker._access import AccessDecisions
 from blendsm.broker._anchors import Anchorer
 from blendsm.broker._dedup import DedupWindow
+from blendsm.broker._handoff import HandOff, Ticket
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.device_sdk import Envelope, MessageDomain, decode_envelope, verify_envelope_leaf
 from blendsm.errors import EnvelopeError
@@ -30,6 +31,7 @@ class EnvelopeIntake(AccessDecisions):
     dedup: DedupWindow
     anchorer: Anchorer | None
     _duplicates_log: LogLimiter
+    _hand_off: HandOff | None = None
 
     def seller_of(self, topic: str) -> str | None:
         """The seller whose leaf budget ``topic``'s leaves count against (the chain view's)."""
@@ -77,10 +79,37 @@ class EnvelopeIntake(AccessDecisions):
             return False
         return envelope, leaf
 
-    async def admit_envelope(self, topic: str, envelope: Envelope, leaf: bytes, qos: int) -> bool:
+    def hand_off(self) -> HandOff:
+        """This run's record of the leaves handed to the fan-out (over the current store)."""
+        store = self.anchorer.store if self.anchorer is not None else None
+        hand_off = self._hand_off
+        if hand_off is None or hand_off.store is not store:
+            hand_off = self._hand_off = HandOff(store)
+        return hand_off
+
+    async def report_unhanded(self) -> None:
+        """At a start: count and log the leaves an earlier run stored and never handed to
+        the fan-out (killed in between): anchored, but no live subscriber got them unless
+        their device sends them again (then they are delivered)."""
+        store = self.anchorer.store if self.anchorer is not None else None
+        found = 0 if store is None else await store.report_unhanded()
+        if found:
+            self.stats.leaves_unhanded_at_start += found
+            self.log.warning(
+                "%d messages stored before the restart were never recorded as handed to"
+                " subscribers (the broker stopped first; marks lag up to 50 ms, so at most):"
+                " anchored; delivered only if their device re-sends them",
+                found,
+            )
+
+    async def admit_envelope(
+        self, topic: str, envelope: Envelope, leaf: bytes, qos: int
+    ) -> Ticket | None:
         """Admit a verified envelope once per (device, topic, sequence): store its leaf (awaited
-        for QoS 1/2, before the PUBACK) and return True; False for a duplicate or a replay
-        older than the window, which is counted and must be dropped (still acknowledged).
+        for QoS 1/2, before the PUBACK) and return the ticket the fan-out claims
+        (:mod:`blendsm.broker._handoff`); None for a duplicate or a replay older than the
+        window, which is counted and must be dropped (still acknowledged), unless its leaf
+        is stored and was never handed on (a re-send after a crash: delivered this time).
         Raises LeafBudgetError (nothing stored or admitted) while the topic's seller has
         ``anchoring.max_pending_leaves_per_seller`` leaves waiting for an anchor."""
         device, sequence, dedup = envelope.device, envelope.sequence, self.dedup
@@ -93,8 +122,19 @@ class EnvelopeIntake(AccessDecisions):
             if high is not None:
                 dedup.seed(device, topic, high)
         if not dedup.admit(device, topic, sequence):
+            hand_off = self.hand_off()
+            if await hand_off.resend_deliverable(leaf):
+                self.stats.resends_delivered += 1
+                self.log.info(
+                    "re-sent envelope on %r from %s, sequence %d: stored but never handed to"
+                    " subscribers (the broker stopped in between): delivered now, uncharged",
+                    topic,
+                    envelope.device_address,
+                    sequence,
+                )
+                return hand_off.ticket(leaf, resend=True)
             self._duplicate(topic, envelope)
-            return False
+            return None
         anchorer = self.anchorer
         if anchorer is not None:
             try:
@@ -105,7 +145,7 @@ class EnvelopeIntake(AccessDecisions):
             except BaseException:
                 dedup.forget(device, topic, sequence)  # not acknowledged: it will come again
                 raise
-        return True
+        return self.hand_off().ticket(leaf)
 
     def _duplicate(self, topic: str, envelope: Envelope) -> None:
         stats = self.stats

@@ -16,24 +16,41 @@ import contextvars
 import logging
 from typing import Any, Final
 
+from amqtt.adapters import StreamWriterAdapter
+from amqtt.events import MQTTEvents
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
-from amqtt.session import OutgoingApplicationMessage
+from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage
 
 from blendsm.broker._access import Verdict
+from blendsm.broker._handoff import Ticket, is_resend, uncharged
 from blendsm.broker._inflight import InflightHandler
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge
 from blendsm.broker._service import MarketplaceService
 from blendsm.broker._shutdown import stop_reader
+from blendsm.broker._topics import TopicClass, classify_topic
 from blendsm.errors import LeafBudgetError
 
-__all__ = ["KEEPALIVE_GRACE", "MeteredHandler", "PublishedPayload", "abort_connection"]
+__all__ = [
+    "HANDOFF_TIMEOUT",
+    "KEEPALIVE_GRACE",
+    "MeteredHandler",
+    "PublishedPayload",
+    "abort_connection",
+]
 
 _log = logging.getLogger("blendsm.broker")
 _KEEPALIVE_LOG: Final = LogLimiter(_log)
 """Silent clients are client-controlled: one log line a minute for them, with a count."""
 _UNHEALTHY_LOG: Final = LogLimiter(_log)
 """Market PUBLISHes refused while the chain view is unhealthy: one log line a minute."""
+_HANDOFF_LOG: Final = LogLimiter(_log)
+"""QoS 1 market PUBLISHes acknowledged after HANDOFF_TIMEOUT: one log line a minute."""
+
+HANDOFF_TIMEOUT: Final = 10.0
+"""Seconds a QoS 1 market PUBLISH waits for the fan-out before it is acknowledged anyway
+(counted): a message the broker did not broadcast must not hold the device's slot forever."""
 
 KEEPALIVE_GRACE: Final = 1.5
 """A client silent for this many keepalive periods is disconnected (MQTT-3.1.2-24)."""
@@ -83,6 +100,8 @@ class MeteredHandler(InflightHandler):
         if session is None:
             return Verdict.DENY
         verdict = service.admit(session, topic)
+        if is_resend(data):
+            verdict = uncharged(verdict, service.meter)
         if verdict is Verdict.FREE:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
         if not isinstance(verdict, Charge):
@@ -108,7 +127,8 @@ class MeteredHandler(InflightHandler):
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         """A client's PUBLISH: on a market topic the signed envelope is checked, de-duplicated
         by (device, topic, sequence), and its leaf stored before amqtt acknowledges it (durably
-        for QoS 1/2, queued for QoS 0); an invalid or duplicate one is marked so the broker
+        for QoS 1/2, queued for QoS 0); a QoS 1 one is acknowledged only once the fan-out wrote
+        it (:meth:`_handle_qos1_message_flow`); an invalid or duplicate one is marked so the broker
         drops it instead of broadcasting it (a duplicate is still acknowledged). Over the
         seller's leaf budget a QoS 0 message is dropped and a QoS 1/2 one is not acknowledged:
         the connection is closed, so the device keeps it in its outbox for a later try; so is
@@ -116,6 +136,19 @@ class MeteredHandler(InflightHandler):
         topic = publish_packet.topic_name
         session = self.session
         service = self._blendsm
+        if (
+            publish_packet.qos == 0
+            and topic
+            and session is not None
+            and publish_packet.data is not None
+            and not publish_packet.dup_flag  # amqtt ignores those (MQTT-3.3.1-2)
+            and classify_topic(topic) is TopicClass.CONTROL
+        ):
+            # A voucher (QoS 0, as the SDK sends them) goes to the service here, as
+            # BlendBroker._handle_message_delivery would hand it on: without amqtt's queue to
+            # the client loop and its wait there (~20 us per voucher). Never broadcast.
+            service.on_control_publish(session, self, topic, publish_packet.data)
+            return
         earlier = None
         if session is not None and publish_packet.qos == 2 and publish_packet.packet_id:
             earlier = session.inflight_in.get(publish_packet.packet_id)
@@ -125,6 +158,8 @@ class MeteredHandler(InflightHandler):
             publish_packet.blendsm_rejected = getattr(
                 earlier.publish_packet, "blendsm_rejected", False
             )
+            if type(earlier.data) is PublishedPayload:
+                publish_packet.data = earlier.data  # and its ticket: one hand-off per leaf
         elif topic and session is not None and service.view.is_market_topic(topic):
             if publish_packet.qos and not service.view.healthy:
                 # Undecidable (the chain view cannot be trusted): acknowledging would drop a
@@ -140,19 +175,65 @@ class MeteredHandler(InflightHandler):
                 )
                 abort_connection(self.writer)
                 return
-            checked = service.inspect_publish(session, topic, publish_packet.data or b"")
+            data = publish_packet.data or b""
+            checked = service.inspect_publish(session, topic, data)
             try:
-                if checked is False or (
-                    checked is not None
-                    and not await service.admit_envelope(topic, *checked, publish_packet.qos or 0)
-                ):
+                ticket = None
+                if checked is not None and checked is not False:
+                    ticket = await service.admit_envelope(topic, *checked, publish_packet.qos or 0)
+                if checked is False or (checked is not None and ticket is None):
                     publish_packet.blendsm_rejected = True
+                elif ticket is not None:  # the fan-out claims it; the PUBACK waits for that
+                    publish_packet.data = PublishedPayload.of(data, publish_packet.qos, ticket)
             except LeafBudgetError:  # the seller's backlog of unanchored leaves is full
                 if publish_packet.qos:  # unacknowledged: the device keeps it and resends later
                     abort_connection(self.writer)
                     return
                 publish_packet.blendsm_rejected = True  # QoS 0 promised nothing: dropped
         await super().handle_publish(publish_packet)
+
+    async def _handle_qos1_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        """A device's QoS 1 market message is acknowledged once the fan-out wrote it to the
+        subscribers (:mod:`blendsm.broker._handoff`), not when it was queued: a PUBACK means
+        stored and handed on, so a broker killed before that gets the message again from the
+        device. amqtt queued it and acknowledged at once."""
+        ticket = getattr(app_message.data, "ticket", None)
+        session = self.session
+        if (
+            type(ticket) is not Ticket
+            or app_message.direction != INCOMING
+            or session is None
+            or app_message.packet_id is None
+            or app_message.puback_packet
+        ):
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        puback = PubackPacket.build(app_message.packet_id)
+        writer = self.writer
+        if type(writer) is StreamWriterAdapter:  # WebSocket: written by this task instead
+            ticket.ack = lambda: _write_ack(writer, puback)
+        await session.delivered_message_queue.put(app_message)
+        try:
+            await asyncio.wait_for(asyncio.shield(ticket.done), HANDOFF_TIMEOUT)
+        except TimeoutError:
+            ticket.ack = None  # and written here
+            self._blendsm.stats.handoff_timeouts += 1
+            _HANDOFF_LOG.note(
+                "QoS 1 PUBLISH on %r from client %r not handed to subscribers within %.0fs:"
+                " acknowledged anyway (stored and anchored)",
+                app_message.topic,
+                session.client_id,
+                HANDOFF_TIMEOUT,
+            )
+        if ticket.ack is None:
+            await self._send_packet(puback)
+        else:
+            await self.plugins_manager.fire_event(
+                MQTTEvents.PACKET_SENT, packet=puback, session=session
+            )
+        app_message.puback_packet = puback
 
     def handle_read_timeout(self) -> None:
         """Nothing arrived for 1.5 x the client's keepalive (the reader's timeout, set at
@@ -215,8 +296,6 @@ class MeteredHandler(InflightHandler):
                 self._keepalive_task = self._loop.call_later(
                     self.keepalive_timeout, self.handle_write_timeout
                 )
-        from amqtt.events import MQTTEvents
-
         await self.plugins_manager.fire_event(
             MQTTEvents.PACKET_SENT, packet=packet, session=self.session
         )
@@ -232,12 +311,28 @@ class PublishedPayload(bytes):
     (MQTT 3.1.1, 3.8.4). One object per PUBLISH, not per delivery."""
 
     publish_qos: int
+    ticket: Ticket | None = None
+    """A market message's hand-off to the fan-out (:mod:`blendsm.broker._handoff`)."""
 
     @classmethod
-    def of(cls, data: bytes | bytearray, qos: int | None) -> PublishedPayload:
-        payload = cls(data)
+    def of(
+        cls, data: bytes | bytearray, qos: int | None, ticket: Ticket | None = None
+    ) -> PublishedPayload:
+        """``data`` with its publish QoS (the same object if it already is one, so its
+        ticket stays with it)."""
+        payload = data if type(data) is cls else cls(data)
         payload.publish_qos = qos or 0
+        if ticket is not None:
+            payload.ticket = ticket
         return payload
+
+
+def _write_ack(writer: StreamWriterAdapter, puback: PubackPacket) -> None:
+    """Hand a PUBACK to the transport now (a whole packet in one write, so it cannot split
+    another's bytes); nothing when the connection is closing (the device re-sends)."""
+    transport = writer._writer.transport
+    if not writer.is_closed and not transport.is_closing():
+        transport.write(puback.to_bytes())
 
 
 def abort_connection(writer: Any) -> None:

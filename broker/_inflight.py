@@ -9,9 +9,10 @@ mosquitto does.
 
 Here the outgoing flow is a state machine kept in ``inflight_out`` (insertion order is send
 order) and driven by the acknowledgements, with no task waiting per message: a PUBLISH is
-written and recorded, a PUBACK or PUBCOMP removes it, a PUBREC turns it into a PUBREL. On
-reconnect, :meth:`InflightHandler._retry_deliveries` (amqtt calls it from ``start()``, before
-the offline queue is replayed) re-sends what is left. A redelivery is never charged again: it
+written and recorded (here, or inline by the fan-out: :mod:`blendsm.broker._fanout_acked`),
+a PUBACK or PUBCOMP removes it, a PUBREC turns it into a PUBREL. On reconnect,
+:meth:`InflightHandler._retry_deliveries` (amqtt calls it from ``start()``, before the offline
+queue is replayed) re-sends what is left. A redelivery is never charged again: it
 does not pass the gate, and the meter skips DUP packets (:class:`MeteredHandler`).
 
 The window is bounded by ``sessions.max_inflight_messages``: a client that never acknowledges
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
     from blendsm.broker._service import MarketplaceService
 
-__all__ = ["InflightHandler", "release_hold"]
+__all__ = ["InflightHandler", "note_window_full", "release_hold"]
 
 _log = logging.getLogger("blendsm.broker")
 _UNKNOWN_ACK_LOG: Final = LogLimiter(_log)
@@ -50,6 +51,19 @@ INCOMING_RETRY_SECONDS: Final = 10.0
 
 _retrying: set[asyncio.Task[Any]] = set()
 """Incoming QoS 2 flows resumed on reconnect (a reference, so they are not collected)."""
+
+
+def note_window_full(service: MarketplaceService, session: Any, topic: str) -> None:
+    """A delivery not sent (nor charged) because the client's in-flight window is full: the
+    one count and log line for it, whichever path (task or inline fan-out) refused it."""
+    service.stats.inflight_dropped += 1
+    _WINDOW_LOG.note(
+        "client %r has %d messages unacknowledged (sessions.max_inflight_messages):"
+        " a message on %r not sent, not charged",
+        session.client_id,
+        len(session.inflight_out),
+        topic,
+    )
 
 
 def release_hold(session: Any) -> None:
@@ -94,14 +108,7 @@ class InflightHandler(BrokerProtocolHandler):
         if message.packet_id not in inflight:
             limit = self._blendsm.config.sessions.max_inflight_messages
             if len(inflight) >= limit:
-                self._blendsm.stats.inflight_dropped += 1
-                _WINDOW_LOG.note(
-                    "client %r has %d messages unacknowledged (sessions.max_inflight_messages):"
-                    " a message on %r not sent, not charged",
-                    session.client_id,
-                    len(inflight),
-                    message.topic,
-                )
+                note_window_full(self._blendsm, session, message.topic)
                 return
             inflight[message.packet_id] = message
         packet = message.build_publish_packet(dup=message.publish_packet is not None)

@@ -13,10 +13,13 @@ Durability rules this module enforces (the same patterns as the voucher store,
   state ``intent``, before any transaction is signed. So a batch never gets other leaves
   and its id and root never change.
 * At most one batch is open (``intent`` or ``sent``) at a time.
+* A leaf is stored ``handed = 0``, set to 1 (lazily) once its message reached the fan-out,
+  so a re-send of one never handed on is delivered (:mod:`blendsm.broker._handoff`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -40,7 +43,7 @@ __all__ = [
     "LeafStore",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """``PRAGMA user_version`` of the schema below; a newer file is refused, not guessed at."""
 
 APPLICATION_ID = 0x424C4C46
@@ -82,6 +85,14 @@ CREATE UNIQUE INDEX leaves_by_batch ON leaves (batch_id, position) WHERE batch_i
 CREATE INDEX batches_open ON batches (state) WHERE state IN ('intent', 'sent');
 """
 
+_V1_TO_V2 = """
+-- 0 stored, not known handed to the fan-out, 1 handed on, 2 found at 0 by a start (counted).
+-- Version 1 rows were handed on before their PUBACK (as far as it knew). No semicolons here.
+ALTER TABLE leaves ADD COLUMN handed INTEGER NOT NULL DEFAULT 1 CHECK (handed IN (0, 1, 2));
+"""
+
+_MARK = "UPDATE leaves SET handed = 1 WHERE leaf = ?"
+
 
 class LeafStore(DurableStore):
     """Blocking leaf and batch store (one SQLite file); use it from one thread (the async
@@ -97,7 +108,8 @@ class LeafStore(DurableStore):
             kind="leaf store",
             application_id=APPLICATION_ID,
             schema_version=SCHEMA_VERSION,
-            schema=_SCHEMA_V1,
+            schema=_SCHEMA_V1 + _V1_TO_V2,
+            migrations={1: _V1_TO_V2},
         )
         # Added after schema 1 shipped; idempotent, and older brokers ignore it: the sold
         # leaves of one topic are found without scanning every unsold leaf before them.
@@ -110,19 +122,21 @@ class LeafStore(DurableStore):
 
     # -- leaves --------------------------------------------------------------
 
-    def add_many(self, rows: Sequence[LeafRow]) -> list[bool]:
+    def add_many(self, rows: Sequence[LeafRow], handed: Sequence[bytes] = ()) -> list[bool]:
         """Store every row in ONE transaction (one fsync); per row, True if it was new
-        (a leaf already stored, e.g. a QoS 1 retransmission, is kept once)."""
+        (a leaf already stored, e.g. a QoS 1 retransmission, is kept once). ``handed``
+        leaves are marked handed on in the same transaction, after the rows."""
         for row in rows:
             row.check()
         if not rows:
             return []
 
         def body() -> list[bool]:
-            return [
+            new = [
                 self._db.execute(
-                    "INSERT INTO leaves (topic, device, sequence, leaf, envelope, received_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (leaf) DO NOTHING",
+                    "INSERT INTO leaves"
+                    " (topic, device, sequence, leaf, envelope, received_at, handed)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT (leaf) DO NOTHING",
                     (
                         r.topic,
                         r.device,
@@ -135,8 +149,29 @@ class LeafStore(DurableStore):
                 == 1
                 for r in rows
             ]
+            self._db.executemany(_MARK, [(leaf,) for leaf in handed])
+            return new
 
         return self._write(body)
+
+    def mark_handed(self, leaves: Sequence[bytes]) -> None:
+        """These leaves' messages were handed to the fan-out (one transaction)."""
+        self._write(lambda: self._db.executemany(_MARK, [(leaf,) for leaf in leaves]))
+
+    def handed_state(self, leaf: bytes) -> int | None:
+        """``leaves.handed`` of ``leaf`` (0 or 2: never handed on; 1: handed on), None if it
+        is not stored."""
+        row = self._db.execute("SELECT handed FROM leaves WHERE leaf = ?", (leaf,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def report_unhanded(self) -> int:
+        """At a start: how many leaves an earlier run stored and never handed on (left at 0,
+        e.g. killed in between); they are set to 2 so each is counted once."""
+        return int(
+            self._write(
+                lambda: self._db.execute("UPDATE leaves SET handed = 2 WHERE handed = 0").rowcount
+            )
+        )
 
     def pending(self) -> tuple[int, float | None]:
         """``(count, received_at of the oldest)`` of the leaves not in any batch yet."""
@@ -392,6 +427,8 @@ docs/benchmarks.md found about 1.5 leaves per fsync without it. A crash can lose
 QoS 0 leaves, which ``add_nowait`` never promised to keep."""
 NOWAIT_GROUP: Final = 256
 """Queued leaves that commit at once, lingering or not."""
+MARK_LINGER: Final = 0.05
+"""Seconds handed-on marks wait for a leaves' commit to ride with (then commit on their own)."""
 
 
 class AsyncLeafStore(AsyncDurableStore[LeafStore]):
@@ -407,7 +444,7 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
         super().__init__(executor, store)
         self.log = logger or logging.getLogger("blendsm.broker.anchors")
         self._adds: GroupCommit[LeafRow, bool] = GroupCommit(
-            lambda rows: self._run(self._store.add_many, rows),
+            self._commit_adds,
             task_name="blendsm-leaves-group-commit",
             linger=NOWAIT_LINGER,
             group_size=NOWAIT_GROUP,
@@ -416,6 +453,8 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
         )
         self.on_durable: Callable[[int], None] | None = None
         """Called on the loop with the number of NEW leaves after each group commit."""
+        self._marks: list[bytes] = []  # handed-on marks: they ride with the next leaves' commit
+        self._marking: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: str | Path, logger: logging.Logger | None = None) -> AsyncLeafStore:
@@ -458,8 +497,39 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
         """Commit every queued add now (no lingering) and wait for it (or its failure)."""
         await self._adds.drain()
 
+    def mark_handed_soon(self, leaves: Sequence[bytes]) -> None:
+        """Record that ``leaves`` were handed on: in the next leaves' commit, or on their
+        own within :data:`MARK_LINGER` (not awaited)."""
+        self._marks += leaves
+        if self._marking is None or self._marking.done():
+            self._marking = asyncio.get_running_loop().create_task(
+                self._mark_later(), name="blendsm-leaves-handed"
+            )
+
+    async def _commit_adds(self, rows: list[LeafRow]) -> list[bool]:
+        marks, self._marks = self._marks, []  # their rows are in this group or committed
+        return await self._run(self._store.add_many, rows, marks)
+
+    async def _mark_later(self, delay: float = MARK_LINGER) -> None:
+        await asyncio.sleep(delay)
+        await self.drain()  # queued leaves (a QoS 0 one may linger) take the marks along
+        marks, self._marks = self._marks, []
+        if marks:
+            try:
+                await self._run(self._store.mark_handed, marks)
+            except Exception as exc:  # a lost mark: one re-send may be delivered again
+                self.log.error("anchors: could not mark %d leaves handed on: %s", len(marks), exc)
+
     async def _finish_writes(self) -> None:
-        await self.drain()
+        if self._marking is not None:
+            self._marking.cancel()
+        await self._mark_later(0)
+
+    async def handed_state(self, leaf: bytes) -> int | None:
+        return await self._run(self._store.handed_state, leaf)
+
+    async def report_unhanded(self) -> int:
+        return await self._run(self._store.report_unhanded)
 
     async def add_many(self, rows: Sequence[LeafRow]) -> list[bool]:
         return await self._run(self._store.add_many, list(rows))

@@ -25,7 +25,13 @@ from websockets.asyncio.server import Server as WebSocketServer
 from blendsm.broker._config_listeners import ListenerConfig, server_ssl_context
 from blendsm.broker._log_limit import LogLimiter
 
-__all__ = ["WS_MAX_MESSAGE", "bound_port", "certificate_subject", "open_server"]
+__all__ = ["LISTEN_BACKLOG", "WS_MAX_MESSAGE", "bound_port", "certificate_subject", "open_server"]
+
+LISTEN_BACKLOG: Final = 1024
+"""Pending connections the kernel queues per listener (asyncio's default is 100, and asyncio
+also accepts at most that many per wake-up): after a broker restart thousands of clients
+reconnect at once, and a full backlog drops their SYNs, which they retry only after 1, 3, 7 s.
+Capped by the kernel's ``net.core.somaxconn``; admission still applies to each one."""
 
 WS_MAX_MESSAGE: Final = 1 << 20
 """Largest WebSocket message a client may send (bytes; websockets' default, stated here so it
@@ -61,6 +67,7 @@ async def open_server(
             open_timeout=handshake_timeout,
             max_size=WS_MAX_MESSAGE,
             logger=_WebSocketLog(),  # one limiter per listener
+            backlog=LISTEN_BACKLOG,
         )
     options: dict[str, Any] = {}
     if ssl_context is not None:
@@ -71,6 +78,7 @@ async def open_server(
         port,
         reuse_address=True,
         ssl=ssl_context,
+        backlog=LISTEN_BACKLOG,
         **options,
     )
 

@@ -168,6 +168,21 @@ class BrokerCollector(Collector):
             stats.duplicates_dropped,
         )
         yield counter(
+            "resends_delivered",
+            "Device re-sends delivered: stored before but never handed to subscribers.",
+            stats.resends_delivered,
+        )
+        yield counter(
+            "leaves_unhanded_at_start",
+            "Messages found at a start stored but never handed to subscribers (crash).",
+            stats.leaves_unhanded_at_start,
+        )
+        yield counter(
+            "handoff_timeouts",
+            "QoS 1 market publishes acknowledged before being handed to subscribers.",
+            stats.handoff_timeouts,
+        )
+        yield counter(
             "control_dropped",
             "Control publishes dropped unprocessed (a session flooding the control tree).",
             stats.control_dropped,

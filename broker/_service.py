@@ -223,6 +223,7 @@ class MarketplaceService(EnvelopeIntake):
             seller_of=self.seller_of,
         )
         self.meter.on_delivered = self.anchorer.delivered
+        await self.report_unhanded()
         self._anchor_task = asyncio.create_task(
             self.anchorer.run(), name="blendsm-anchors", context=self._chain_source("anchors")
         )

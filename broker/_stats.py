@@ -54,6 +54,16 @@ class ServiceStats:
     duplicates_dropped: int = 0
     """Market envelopes dropped as a (device, topic, sequence) already admitted: not
     delivered, charged or anchored again (still acknowledged)."""
+    resends_delivered: int = 0
+    """Duplicates let through to the fan-out: their leaf was stored but never handed on (the
+    broker stopped in between), so the device's re-send is the message's one delivery (the
+    fan-out still hands each leaf on once per run)."""
+    leaves_unhanded_at_start: int = 0
+    """Leaves found at a start stored but never handed to the fan-out (anchored; no live
+    subscriber got them unless re-sent)."""
+    handoff_timeouts: int = 0
+    """QoS 1 market publishes acknowledged without being handed to the fan-out within
+    ``HANDOFF_TIMEOUT`` (never broadcast, or the fan-out that far behind)."""
     control_dropped: int = 0
     """Control publishes dropped unprocessed: the session already had its maximum in process."""
     connections_refused_at_limit: int = 0

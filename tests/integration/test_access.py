@@ -208,3 +208,67 @@ async def test_chain_max_staleness_from_the_config_reaches_the_chain_view(
     market = await start_market(chain=chain)
     assert market.service.view.max_staleness == 7.5
     assert market.service.view.healthy
+
+
+async def test_the_broadcast_gate_decides_as_admit_does(market: Market) -> None:
+    """``service.gate(topic)`` (the fan-out's gate, made once per broadcast) must answer
+    exactly what ``service.admit`` answers per session: an allowlisted buyer is charged, one
+    not listed, an unknown member, a session without identity and an anonymous one are not;
+    public, reserved and control topics as admit says."""
+    from amqtt.session import Session
+
+    from blendsm.broker import Identity, Verdict
+
+    seller = market.mp("seller")
+    created = await seller.market.create_topic(
+        "paid/gated", market.price, None, Policy.ALLOWLIST, 0
+    )
+    await seller.market.set_access(created.topic_id, [market.chain.addr("buyer")], True)
+    for label in ("buyer", "buyer2"):
+        await market.wait_channel(await market.open_channel(label))
+    service = market.service
+    await market.wait_view(
+        lambda: (
+            service.view.topic_for_name("paid/gated") is not None
+            and bool(service.view._listed.get(created.topic_id))
+        )
+    )
+
+    def session(ident: Identity | None) -> Session:
+        made = Session()
+        if ident is not None:
+            made.blendsm = ident
+        return made
+
+    def member(label: str) -> Identity:
+        address = market.chain.addr(label)
+        return Identity("participant", address, address.lower())
+
+    sessions = [
+        session(member("buyer")),
+        session(member("buyer2")),
+        session(member("seller")),
+        session(Identity("anonymous")),
+        session(None),
+    ]
+    buyer_key = market.chain.addr("buyer").lower()
+    topics = ["paid/gated", "public/t", f"blendsm/ctl/{buyer_key}/notice", "blendsm/anchors"]
+    seen: list[str] = []
+    for topic in topics:
+        gate = service.gate(topic)
+        for s in sessions:
+            expected, got = service.admit(s, topic), gate(s)
+            for verdict in (expected, got):
+                if not isinstance(verdict, Verdict):
+                    service.meter.release(verdict)  # a Charge: nothing is delivered here
+            if isinstance(expected, Verdict):
+                assert got is expected, (topic, s.blendsm if hasattr(s, "blendsm") else None)
+            else:
+                assert not isinstance(got, Verdict)
+                assert (got.account, got.price, got.topic) == (
+                    expected.account,
+                    expected.price,
+                    expected.topic,
+                )
+            seen.append(type(got).__name__ if not isinstance(got, Verdict) else got.name)
+    assert {"Charge", "DENY", "FREE"} <= set(seen)  # every branch was taken

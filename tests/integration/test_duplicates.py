@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from blendsm.broker import ChainConnection, PaymentsConfig, SettlementConfig, start_broker
 from blendsm.device_sdk import ReceivedMessage, Subscriber, decode_envelope
@@ -118,6 +122,62 @@ async def test_an_envelope_replayed_after_a_broker_restart_is_not_delivered_agai
         assert account.charged == 4 * market.price  # the 3 paid before, and the new one
         assert service.stats.duplicates_dropped == 2
         assert await service.anchorer.store.leaf_count() == 4
+    finally:
+        await asyncio.to_thread(sub.disconnect)
+
+
+async def test_a_message_stored_but_never_handed_on_before_a_restart_is_delivered_when_resent(
+    market: Market, until: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker killed after storing a device's message and before its fan-out wrote it
+    never acknowledged it (the PUBACK waits for the fan-out), so the device sends it again
+    after the restart: it is delivered, not dropped as a duplicate of its stored leaf, and
+    not charged (its subscribers may have got and paid for it before the kill, when the
+    PUBACK went out but the leaf's mark was not yet durable: a redelivery is never charged);
+    what was handed on before is still dropped, and a second copy too. The
+    restarted broker counts and logs the leaves it found never handed on."""
+    caplog.set_level(logging.INFO)
+    device = await market.connected_device()
+    signer = market.envelope_signer("device")
+    now = int(time.time() * 1000)
+    sent = [signer.sign(market.topic, b"reading %d" % i, i, now).encode() for i in (1, 2, 3)]
+    try:
+        for data in sent[:2]:
+            await device.publish(market.topic, data, qos=1, sign=False)
+    finally:
+        device.close()
+    old = market.running
+    await old.stop()
+    # What a broker killed between storing message 2 and handing it on leaves behind.
+    leaves = old.service.config.data_dir / "leaves.sqlite3"
+    with contextlib.closing(sqlite3.connect(leaves)) as db, db:
+        states = dict(db.execute("SELECT sequence, handed FROM leaves ORDER BY leaf_index"))
+        assert list(states.values()) == [1, 1]  # both handed on (no subscriber), marked at stop
+        db.execute("UPDATE leaves SET handed = 0 WHERE sequence = ?", ((2).to_bytes(8, "big"),))
+    chain = market.chain
+    market.running = await start_broker(
+        old.service.config,
+        chain=ChainConnection(
+            old.service.w3, chain.deployment, chain.accounts["operator"], owned=False
+        ),
+    )
+    service = market.service
+    assert service.stats.leaves_unhanded_at_start == 1
+    assert any("never recorded as handed to subscribers" in r.getMessage() for r in caplog.records)
+    received: list[ReceivedMessage] = []
+    sub = await _paying_subscriber(market, received)
+    device = await market.connected_device()
+    try:
+        # The device's outbox after the kill: 1 (acknowledged before: not re-sent by an
+        # honest device, replayed here) and 2 (never acknowledged), 2 once more, then 3.
+        for data in (sent[0], sent[1], sent[1], sent[2]):
+            await device.publish(market.topic, data, qos=1, sign=False)
+        await _settle(until, lambda: len(received) >= 2)
+        assert _sequences(received) == [2, 3]
+        assert (service.stats.resends_delivered, service.stats.duplicates_dropped) == (1, 2)
+        (account,) = service.meter.accounts.values()
+        assert account.charged == market.price  # 3 only: the re-sent 2 went uncharged
+        assert await service.anchorer.store.leaf_count() == 3
     finally:
         await asyncio.to_thread(sub.disconnect)
 
