@@ -86,10 +86,12 @@ class Chain:
         return int(self.w3.eth.get_block("latest")["timestamp"])
 
     def time_travel(self, seconds: int) -> None:
-        """Mine a block ``seconds`` after the latest one."""
+        """Mine a block ``seconds`` after the latest one (or later: eth-tester's pending block
+        takes the wall clock, and a block cannot go back behind it on a slow machine)."""
         target = self.now() + seconds
         if self.tester is not None:
-            self.tester.time_travel(target)  # the pending block gets `target`
+            pending = int(self.tester.get_block_by_number("pending")["timestamp"])
+            self.tester.time_travel(max(target, pending))  # the pending block gets `target`
             self.tester.mine_blocks(1)
         else:
             self.w3.provider.make_request("evm_setNextBlockTimestamp", [target])  # type: ignore[arg-type]

@@ -434,7 +434,13 @@ async def test_probes_of_a_websocket_listener_do_not_flood_the_log(
     with caplog.at_level(logging.DEBUG, logger="websockets"):
         await asyncio.to_thread(probe, 20)
         await asyncio.sleep(0.5)
-    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # The chain view's own health lines (a loaded machine can make it lag) are not the
+    # probes' doing: every other warning counts.
+    loud = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and not r.name.startswith("blendsm.broker.chain_view")
+    ]
     assert len(loud) == 1, [r.getMessage() for r in loud]
     assert "opening handshake failed" in loud[0].getMessage()
     assert loud[0].exc_info is None
