@@ -315,8 +315,16 @@ async def deliver(
             and outbox.takes(writer)
             and not tasked(session)
         ):
+            delivered_qos = min(qos, publish_qos)
+            if writer.is_closed or writer._writer.transport.is_closing():
+                # Aborted (a slow consumer, a lost connection) before amqtt marked the session
+                # disconnected: what a persistent session keeps while away is queued for its
+                # reconnect, as for a disconnected one, not dropped here.
+                if delivered_qos and not session.clean_session and not session.is_anonymous:
+                    await broker._retain_broadcast_message(broadcast, qos, session)
+                    gate = None  # decided again after the await
+                continue
             try:
-                delivered_qos = min(qos, publish_qos)
                 if delivered_qos == 0:
                     if frame is None:
                         frame = _Frame(topic, bytes(data))

@@ -148,3 +148,25 @@ async def test_a_delivery_held_on_amqtts_path_is_not_overtaken(
     got = await _read(sock, 2)
     assert [(p.kind, p.payload) for p in got] == [(PUBLISH, b"m0"), (PUBLISH, b"m1")]
     assert len({p.packet_id for p in got}) == 2
+
+
+async def test_a_persistent_session_aborted_but_not_yet_disconnected_keeps_its_qos1_message(
+    running_broker: RunningBroker, raw_sockets: list[socket.socket]
+) -> None:
+    """Between its transport being aborted (a slow consumer, a reset) and amqtt marking the
+    session disconnected, a QoS 1 delivery to a persistent session goes to its offline queue
+    for the reconnect, as it would a moment later; it used to be dropped without a trace."""
+    broker: Any = running_broker.broker
+    await _subscriber(running_broker, raw_sockets, "aborted", "public/a")
+    session = broker.sessions["aborted"][0]
+    session.clean_session = False  # what a member's CONNECT with clean session 0 sets
+    session.is_anonymous = False
+    broker._get_handler(session).writer._writer.transport.abort()
+    assert session.transitions.state == "connected", "amqtt has not seen the abort yet"
+    tasks: deque[asyncio.Task[Any]] = deque()
+    outbox = Outbox(listeners=False)
+    await deliver(broker, _broadcast("public/a", b"kept", 1), tasks, outbox)
+    outbox.flush(broker.service.meter)
+    assert not tasks
+    queued = list(session.retained_messages._queue)
+    assert [bytes(m.data) for m in queued] == [b"kept"]
