@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 import bench_paid_delivery as paid  # the same market set-up as configuration c
+from broker_process import quiet
 
 N_SESSIONS = 10
 
@@ -52,7 +53,7 @@ async def main(broadcasts: int, repeats: int) -> None:
     from blendsm.broker import ChainConnection, Identity, Verdict, start_broker
     from blendsm.contracts import EMBEDDED, connect, new_embedded_chain
 
-    paid._quiet()
+    quiet()
     deployer, operator, seller, device, buyers = paid._market_accounts(N_SESSIONS)
     tester = new_embedded_chain(
         fund=[a.address for a in (deployer, operator, seller, device, *buyers)], amount=10**21

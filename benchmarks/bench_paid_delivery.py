@@ -77,14 +77,10 @@ processes are always terminated.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import gc
 import multiprocessing as mp
 import os
-import resource
 import shutil
-import socket
 import statistics
 import struct
 import sys
@@ -92,6 +88,20 @@ import tempfile
 import threading
 import time
 from typing import Any
+
+# A sibling module (its folder is first on sys.path when run as a script): the broker child
+# process and the driver's side of it, shared with the other broker benchmarks.
+from broker_process import (
+    ask,
+    nodelay,
+    own_cpu,
+    percentile,
+    proc_cpu,
+    quiet,
+    run_child,
+    serve,
+    stock_main,
+)
 
 N_SUBSCRIBERS = 10
 SUB_PROCS = 2
@@ -120,132 +130,6 @@ POLL_INTERVAL_S = 0.1  # (d): 10x the dashboard's 1 s poll
 
 
 # --------------------------------------------------------------------------- broker process
-def _quiet() -> None:
-    import logging
-    import warnings
-
-    warnings.simplefilter("ignore")
-    logging.disable(logging.WARNING)
-
-
-def _cpu() -> float:
-    """CPU seconds (user + system) of this process so far, all threads, microsecond resolution."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _run_child(conn: Any, run: Any) -> None:
-    """Run the broker process's coroutine; a failure is reported to the driver at once."""
-    try:
-        asyncio.run(run())
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            conn.send(("error", repr(exc)))
-        raise
-    finally:
-        # amqtt leaves client transports to the garbage collector; collect them while the
-        # warning filters still hold, not at interpreter teardown (ResourceWarning noise).
-        gc.collect()
-
-
-class _LoopLag:
-    """How late the broker's event loop runs a 1 ms timer, over the measured window: a stall
-    (a long synchronous step: the embedded EVM executing a transaction, a big batch) delays
-    every delivery behind it, so it shows in the subscribers' latency tail."""
-
-    PERIOD = 0.001
-
-    def __init__(self) -> None:
-        self.lags: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + self.PERIOD
-            await asyncio.sleep(self.PERIOD)
-            self.lags.append(loop.time() - due)
-
-    def stop(self) -> dict[str, float]:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        lags = sorted(self.lags)
-        if not lags:
-            return {}
-        return {
-            "lag_p99_ms": lags[min(len(lags) - 1, int(0.99 * len(lags)))] * 1e3,
-            "lag_max_ms": lags[-1] * 1e3,
-            "lag_over_10ms_s": sum(x for x in lags if x > 0.010),
-        }
-
-
-async def _serve(conn: Any, stats: Any, stop: Any) -> None:
-    """Answer the driver's commands until "stop": "cpu" -> process CPU seconds so far,
-    "stats" -> the broker's counters."""
-    _quiet()  # again: eth_tester's backend set-up resets the warning filters
-    loop = asyncio.get_running_loop()
-    profile_to = os.environ.get("BENCH_PROFILE")  # cProfile of the measured window, to a file
-    profiler: Any = None
-    lag: _LoopLag | None = None
-    lag_stats: dict[str, float] = {}
-    while True:
-        ready = await loop.run_in_executor(None, conn.poll, 60)
-        if not ready:
-            break  # the driver is gone
-        cmd = conn.recv()
-        if cmd == "cpu":
-            if lag is None:
-                lag = _LoopLag()
-                lag.start()
-            elif not lag_stats:
-                lag_stats = lag.stop()
-            if profile_to and profiler is None:
-                import cProfile
-
-                profiler = cProfile.Profile()
-                profiler.enable()
-            elif profiler is not None:
-                profiler.disable()
-                profiler.dump_stats(profile_to)
-                profile_to = None
-            conn.send(_cpu())
-        elif cmd == "stats":
-            conn.send({**stats(), **lag_stats})
-        elif cmd == "stop":
-            break
-    try:
-        await asyncio.wait_for(stop(), 8)
-    except Exception as exc:  # a slow shutdown must not hang the benchmark
-        conn.send(("stopped", repr(exc)))
-        return
-    conn.send(("stopped", None))
-
-
-def _stock_main(conn: Any) -> None:
-    _quiet()
-    from amqtt.broker import Broker
-
-    async def run() -> None:
-        port = _free_port()
-        broker = Broker(
-            {
-                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-                "plugins": {
-                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-                },
-            }
-        )
-        await broker.start()
-        conn.send(("ready", {"port": port}))
-        await _serve(conn, lambda: {}, broker.shutdown)
-
-    _run_child(conn, run)
-
-
 def _blendsm_config(data_dir: str, http: bool = False, node: dict[str, Any] | None = None) -> Any:
     """The broker config of (b)-(e). ``node`` (e): ``{"endpoint": url, "deployment": path,
     "key_env": VAR}`` puts the broker on that JSON-RPC node instead of the embedded chain,
@@ -288,15 +172,15 @@ def _blendsm_stats(running: Any) -> dict[str, int]:
 
 def _public_main(conn: Any, data_dir: str) -> None:
     """(b): ``start_broker`` with the embedded chain it creates itself; no market topics."""
-    _quiet()
+    quiet()
     from blendsm.broker import start_broker
 
     async def run() -> None:
         running = await start_broker(_blendsm_config(data_dir))
         conn.send(("ready", {"port": running.port}))
-        await _serve(conn, lambda: _blendsm_stats(running), running.stop)
+        await serve(conn, lambda: _blendsm_stats(running), running.stop)
 
-    _run_child(conn, run)
+    run_child(conn, run)
 
 
 def _market_accounts(n_buyers: int) -> tuple[Any, Any, Any, Any, list[Any]]:
@@ -357,7 +241,7 @@ def _market_ready(running: Any, deployment: Any, operator: Any, setup_s: float) 
 def _market_main(conn: Any, data_dir: str, n_buyers: int, http: bool = False) -> None:
     """(c), and (d) with ``http``: build the chain and the market here (the in-process EVM
     cannot cross processes), then start the broker on it."""
-    _quiet()
+    quiet()
     from blendsm.broker import ChainConnection, start_broker
     from blendsm.contracts import EMBEDDED, connect, new_embedded_chain
 
@@ -376,9 +260,9 @@ def _market_main(conn: Any, data_dir: str, n_buyers: int, http: bool = False) ->
             chain=ChainConnection(w3, deployment, operator, tester, owned=False),
         )
         conn.send(_market_ready(running, deployment, operator, setup_s))
-        await _serve(conn, lambda: _blendsm_stats(running), running.stop)
+        await serve(conn, lambda: _blendsm_stats(running), running.stop)
 
-    _run_child(conn, run)
+    run_child(conn, run)
 
 
 def _anvil_market_main(conn: Any, data_dir: str, n_buyers: int, url: str) -> None:
@@ -386,7 +270,7 @@ def _anvil_market_main(conn: Any, data_dir: str, n_buyers: int, url: str) -> Non
     the driver): fund the accounts (anvil_setBalance), deploy and enrol exactly as (c), write
     the deployment file, then ``start_broker`` from its config alone (``chain.endpoint`` =
     ``url``, the operator key from an environment variable), as a production broker starts."""
-    _quiet()
+    quiet()
     from blendsm.broker import start_broker
     from blendsm.contracts import connect, disconnect
 
@@ -407,18 +291,12 @@ def _anvil_market_main(conn: Any, data_dir: str, n_buyers: int, url: str) -> Non
         node = {"endpoint": url, "deployment": deployment_file, "key_env": OPERATOR_KEY_ENV}
         running = await start_broker(_blendsm_config(data_dir, node=node))
         conn.send(_market_ready(running, deployment, operator, setup_s))
-        await _serve(conn, lambda: _blendsm_stats(running), running.stop)
+        await serve(conn, lambda: _blendsm_stats(running), running.stop)
 
-    _run_child(conn, run)
+    run_child(conn, run)
 
 
 # --------------------------------------------------------------------------- subscriber process
-def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
-    # The SDK sets TCP_NODELAY (paho does not); set it here too so (a)/(b) use the same socket
-    # options as (c).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _subscriber_main(
     kind: str,
     port: int,
@@ -430,7 +308,7 @@ def _subscriber_main(
     results: Any,
     deadline: float,
 ) -> None:
-    _quiet()
+    quiet()
     counts = [0] * n_clients
     last = [0.0] * n_clients
     stop_clients: list[Any] = []
@@ -498,7 +376,7 @@ def _subscriber_main(
 
                 c.on_message = on_msg
                 c.on_subscribe = on_subscribe
-                c.on_socket_open = _nodelay
+                c.on_socket_open = nodelay
                 c.connect("127.0.0.1", port)
                 c.loop_start()
                 c.subscribe(TOPIC, QOS)
@@ -510,7 +388,7 @@ def _subscriber_main(
         print(f"subscriber process: {exc!r}", file=sys.stderr, flush=True)
         ok = False
     ready.put(ok)
-    cpu0 = _cpu()
+    cpu0 = own_cpu()
     while ok and time.time() < deadline:
         total = sum(counts)
         if total >= expected * n_clients:
@@ -519,7 +397,7 @@ def _subscriber_main(
         if total and time.time() - newest > IDLE_STOP_S:
             break
         time.sleep(0.01)
-    extra["cpu_us"] = int((_cpu() - cpu0) * 1e6)
+    extra["cpu_us"] = int((own_cpu() - cpu0) * 1e6)
     for sub in subs:
         s = sub.stats
         for name in ("vouchers_sent", "receipts", "refusals", "payment_requests"):
@@ -531,12 +409,6 @@ def _subscriber_main(
 
 
 # --------------------------------------------------------------------------- driver
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
     """A connected publisher and its publish function: plain paho for (a)/(b), the SDK
     Publisher of the seller's registered device for (c)."""
@@ -570,7 +442,7 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
     from paho.mqtt.enums import CallbackAPIVersion
 
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pub")
-    c.on_socket_open = _nodelay
+    c.on_socket_open = nodelay
     c.connect("127.0.0.1", port)
     c.loop_start()
 
@@ -659,33 +531,6 @@ class _Poller:
         }
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of another process so far (e: the anvil node), via psutil
-    when installed, else /proc/<pid>/stat; clock-tick resolution (10 ms) either way."""
-    try:
-        import psutil  # type: ignore[import-untyped,unused-ignore]
-    except ImportError:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system)
-
-
-def _ask(conn: Any, cmd: str, timeout: float = 10.0) -> Any:
-    conn.send(cmd)
-    if not conn.poll(timeout):
-        raise RuntimeError(f"broker did not answer {cmd!r}")
-    return conn.recv()
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    """The ``q`` quantile of sorted values (nearest rank); NaN if there are none."""
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
 def run_one(
     kind: str, messages: int, hard_end: float = float("inf"), rate: float = 0.0
 ) -> dict[str, Any]:
@@ -706,7 +551,7 @@ def run_one(
         anvil = AnvilNode().start(timeout=left(20))  # automine: every transaction mined at once
         anvil_start_s = time.time() - t_anvil
     target: Any = {
-        "a": _stock_main,
+        "a": stock_main,
         "b": _public_main,
         "c": _market_main,
         "d": _market_main,
@@ -758,9 +603,9 @@ def run_one(
         time.sleep(0.2)
         if poller is not None:
             poller.go.set()  # polling covers the whole measured window
-        cpu0 = _ask(parent, "cpu", left(10))
-        anvil_cpu0 = _proc_cpu(anvil.process.pid) if anvil is not None else 0.0
-        pub_cpu0 = _cpu()
+        cpu0 = ask(parent, "cpu", left(10))
+        anvil_cpu0 = proc_cpu(anvil.process.pid) if anvil is not None else 0.0
+        pub_cpu0 = own_cpu()
         poll_cpu0 = poller.cpu if poller is not None else 0.0
         t0 = time.time()
         body = PAYLOAD[:-8]
@@ -780,19 +625,19 @@ def run_one(
             t_last = max(t_last, tl)
             for k, v in ex.items():
                 extra[k] = extra.get(k, 0) + v
-        pub_cpu = _cpu() - pub_cpu0
+        pub_cpu = own_cpu() - pub_cpu0
         if poller is not None:  # the poller thread's CPU is not the publisher's
             pub_cpu -= poller.cpu - poll_cpu0
-        cpu1 = _ask(parent, "cpu", left(10))
-        anvil_cpu = _proc_cpu(anvil.process.pid) - anvil_cpu0 if anvil is not None else 0.0
+        cpu1 = ask(parent, "cpu", left(10))
+        anvil_cpu = proc_cpu(anvil.process.pid) - anvil_cpu0 if anvil is not None else 0.0
         polled = poller.stop() if poller is not None else {}
         poller = None
-        stats = _ask(parent, "stats", left(10))
+        stats = ask(parent, "stats", left(10))
         elapsed = max(t_last - t0, 1e-9)
         latencies.sort()
         return {
-            "p50_ms": _percentile(latencies, 0.50) * 1e3,
-            "p99_ms": _percentile(latencies, 0.99) * 1e3,
+            "p50_ms": percentile(latencies, 0.50) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3,
             "deliveries": got,
             "expected": messages * N_SUBSCRIBERS,
             "dropped": messages * N_SUBSCRIBERS - got,

@@ -63,16 +63,20 @@ import tempfile
 import time
 from typing import Any
 
-# A sibling script (its folder is first on sys.path when run as a script): the same broker
+# A sibling module (its folder is first on sys.path when run as a script): the same broker
 # processes as bench_paid_delivery.py, so configuration "amqtt" is its (a).
-from bench_paid_delivery import (
-    _ask,
-    _free_port,
-    _proc_cpu,
-    _quiet,
-    _run_child,
-    _serve,
-    _stock_main,
+from broker_process import (
+    ask,
+    connect_packet,
+    free_port,
+    proc_cpu,
+    publish_packet,
+    quiet,
+    rss_kb,
+    run_child,
+    serve,
+    stock_main,
+    subscribe_packet,
 )
 
 PER_TOPIC = 10
@@ -86,35 +90,12 @@ CONNECT_TIMEOUT_S = 600.0
 READY_TIMEOUT_S = 120.0
 
 
-# --------------------------------------------------------------------------- MQTT encoding
-# amqtt's packet codec: the clients need no MQTT library of their own.
-def connect_packet(client_id: str) -> bytes:
-    """MQTT 3.1.1 CONNECT, clean session, keepalive 0 (none)."""
-    from amqtt.mqtt.connect import ConnectPacket, ConnectPayload, ConnectVariableHeader
-
-    header = ConnectVariableHeader(connect_flags=0x02, keep_alive=0)
-    return ConnectPacket(variable_header=header, payload=ConnectPayload(client_id)).to_bytes()
-
-
-def subscribe_packet(topic: str, qos: int) -> bytes:
-    from amqtt.mqtt.subscribe import SubscribePacket
-
-    return SubscribePacket.build([(topic, qos)], 1).to_bytes()
-
-
-def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
-    from amqtt.mqtt.publish import PublishPacket
-
-    pid = packet_id if qos else None
-    return PublishPacket.build(topic, payload, pid, False, qos, False).to_bytes()
-
-
 # --------------------------------------------------------------------------- broker processes
 def _blendsm_main(conn: Any, data_dir: str, sessions: int) -> None:
     """BlendSM on public topics: ``start_broker`` with the embedded chain; connection caps and
     the per-address connect rate raised so every benchmark client fits (all of them come from
     127.0.0.1)."""
-    _quiet()
+    quiet()
     from blendsm.broker import parse_config, start_broker
 
     cap = max(1_000, sessions + 100)
@@ -138,9 +119,9 @@ def _blendsm_main(conn: Any, data_dir: str, sessions: int) -> None:
     async def run() -> None:
         running = await start_broker(config)
         conn.send(("ready", {"port": running.port}))
-        await _serve(conn, lambda: {}, running.stop)
+        await serve(conn, lambda: {}, running.stop)
 
-    _run_child(conn, run)
+    run_child(conn, run)
 
 
 class _Broker:
@@ -153,7 +134,7 @@ class _Broker:
         self.proc: Any = None
         ctx = mp.get_context("spawn")
         if kind == "mosquitto":
-            self.port = _free_port()
+            self.port = free_port()
             conf = os.path.join(self.folder, "mosquitto.conf")
             with open(conf, "w") as f:
                 f.write(
@@ -166,7 +147,7 @@ class _Broker:
             return
         parent, child = ctx.Pipe()
         target, args = (
-            (_stock_main, (child,))
+            (stock_main, (child,))
             if kind == "amqtt"
             else (_blendsm_main, (child, self.folder, sessions))
         )
@@ -184,20 +165,16 @@ class _Broker:
         self.pid = self.proc.pid
 
     def cpu(self) -> float:
-        return _proc_cpu(self.pid)
+        return proc_cpu(self.pid)
 
     def rss(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return rss_kb(self.pid) * 1024
 
     def stop(self) -> None:
         try:
             if self.conn is not None:
                 with contextlib.suppress(Exception):
-                    _ask(self.conn, "stop", 15)
+                    ask(self.conn, "stop", 15)
             if self.kind == "mosquitto":
                 self.proc.terminate()
                 self.proc.wait(10)
@@ -267,7 +244,7 @@ class _Subscriber(asyncio.Protocol):
             elif kind == 2:  # CONNACK
                 if buf[i + 1] != 0 and not self.ready.done():
                     self.ready.set_exception(RuntimeError(f"CONNACK {buf[i + 1]}"))
-                self.transport.write(subscribe_packet(self.topic, self.qos))
+                self.transport.write(subscribe_packet([(self.topic, self.qos)]))
             elif kind == 9 and not self.ready.done():  # SUBACK
                 if buf[i + 2] == 0x80:
                     self.ready.set_exception(RuntimeError("SUBACK refused"))

@@ -48,7 +48,17 @@ import threading
 import time
 from typing import Any
 
-from bench_paid_delivery import _free_port, _run_child, _serve
+from broker_process import (
+    connect_packet,
+    nodelay,
+    percentile,
+    quiet,
+    rss_kb,
+    run_child,
+    serve,
+    stock_main,
+    subscribe_packet,
+)
 
 N_HONEST = 10
 TOPIC = "bench/t"
@@ -58,40 +68,8 @@ START_TIMEOUT_S = 40.0
 
 
 # --------------------------------------------------------------------------- broker processes
-def _quiet() -> None:
-    """No log output from the broker processes: stock amqtt logs an ERROR per task it cancels
-    at shutdown, thousands after a slow-consumer run."""
-    import logging
-    import warnings
-
-    warnings.simplefilter("ignore")
-    logging.disable(logging.CRITICAL)
-    logging.getLogger().addHandler(logging.NullHandler())  # outlives _serve's own _quiet()
-
-
-def _stock_main(conn: Any) -> None:
-    _quiet()
-    from amqtt.broker import Broker
-
-    async def run() -> None:
-        port = _free_port()
-        broker = Broker(
-            {
-                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-                "plugins": {
-                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-                },
-            }
-        )
-        await broker.start()
-        conn.send(("ready", {"port": port}))
-        await _serve(conn, lambda: {}, broker.shutdown)
-
-    _run_child(conn, run)
-
-
 def _blendsm_main(conn: Any, data_dir: str) -> None:
-    _quiet()
+    quiet(silent=True)
     from blendsm.broker import parse_config, start_broker
 
     config = parse_config(
@@ -118,20 +96,16 @@ def _blendsm_main(conn: Any, data_dir: str) -> None:
             }
 
         conn.send(("ready", {"port": running.port}))
-        await _serve(conn, counters, running.stop)
+        await serve(conn, counters, running.stop)
 
-    _run_child(conn, run)
+    run_child(conn, run)
 
 
 # --------------------------------------------------------------------------- honest subscribers
-def _nodelay(_c: Any, _u: Any, sock: Any) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _honest_main(port: int, ready: Any, control: Any, results: Any) -> None:
     """N_HONEST paho subscribers; send ("ready",) once subscribed, then on "stop" the latencies
     (seconds) of every delivery."""
-    _quiet()
+    quiet(silent=True)
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -150,7 +124,7 @@ def _honest_main(port: int, ready: Any, control: Any, results: Any) -> None:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"honest-{i}")
         c.on_message = on_message
         c.on_subscribe = lambda *_a: subscribed.release()
-        c.on_socket_open = _nodelay
+        c.on_socket_open = nodelay
         c.connect("127.0.0.1", port, 60)
         c.loop_start()
         c.subscribe(TOPIC, 0)
@@ -169,29 +143,6 @@ def _honest_main(port: int, ready: Any, control: Any, results: Any) -> None:
 
 
 # --------------------------------------------------------------------------- disturbers
-def _subscribe(packet_id: int, filters: list[str]) -> bytes:
-    body = struct.pack("!H", packet_id)
-    for f in filters:
-        data = f.encode()
-        body += struct.pack("!H", len(data)) + data + b"\x00"
-    return b"\x82" + _remaining(len(body)) + body
-
-
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _connect(client_id: str) -> bytes:
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack("!H", len(cid)) + cid
-    return b"\x10" + _remaining(len(body)) + body
-
-
 def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
     def exactly(n: int) -> bytes:
         data = b""
@@ -219,9 +170,9 @@ def _slow_consumer(port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(10)
     sock.connect(("127.0.0.1", port))
-    sock.sendall(_connect("slow-consumer"))
+    sock.sendall(connect_packet("slow-consumer", keep_alive=60))
     _read_packet(sock)
-    sock.sendall(_subscribe(1, [TOPIC]))
+    sock.sendall(subscribe_packet([(TOPIC, 0)], 1))
     _read_packet(sock)
     return sock
 
@@ -232,12 +183,12 @@ def _filter_flood(port: int) -> tuple[socket.socket, int]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(30)
     sock.connect(("127.0.0.1", port))
-    sock.sendall(_connect("filter-flood"))
+    sock.sendall(connect_packet("filter-flood", keep_alive=60))
     _read_packet(sock)
     granted = 0
     for p in range(FLOOD_FILTERS // FILTERS_PER_PACKET):
         filters = [f"flood/{p * FILTERS_PER_PACKET + i}/+/#" for i in range(FILTERS_PER_PACKET)]
-        sock.sendall(_subscribe(p + 1, filters))
+        sock.sendall(subscribe_packet([(f, 0) for f in filters], p + 1))
         kind, body = _read_packet(sock)
         assert kind >> 4 == 9, kind
         granted += sum(1 for code in body[2:] if code != 0x80)
@@ -252,20 +203,6 @@ def _filter_flood(port: int) -> tuple[socket.socket, int]:
 
 
 # --------------------------------------------------------------------------- one run
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
 def run_one(broker: str, scenario: str, seconds: float, rate: float, size: int) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -273,9 +210,10 @@ def run_one(broker: str, scenario: str, seconds: float, rate: float, size: int) 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     data_dir = tempfile.mkdtemp(prefix="bench-slow-")
-    target: Any = _stock_main if broker == "amqtt" else _blendsm_main
-    args = (child,) if broker == "amqtt" else (child, data_dir)
-    proc = ctx.Process(target=target, args=args, daemon=True)
+    if broker == "amqtt":  # silent: thousands of ERROR lines at shutdown otherwise
+        proc = ctx.Process(target=stock_main, args=(child,), kwargs={"silent": True}, daemon=True)
+    else:
+        proc = ctx.Process(target=_blendsm_main, args=(child, data_dir), daemon=True)
     proc.start()
     procs = [proc]
     disturber: socket.socket | None = None
@@ -297,13 +235,13 @@ def run_one(broker: str, scenario: str, seconds: float, rate: float, size: int) 
         if not ready_r.poll(20) or ready_r.recv()[0] != "ready":
             raise RuntimeError("honest subscribers did not subscribe")
         time.sleep(0.5)
-        out["rss_before_kb"] = _rss_kb(proc.pid)
+        out["rss_before_kb"] = rss_kb(proc.pid)
         if scenario == "s":
             disturber = _slow_consumer(port)
         elif scenario == "f":
             disturber, out["filters_granted"] = _filter_flood(port)
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="publisher")
-        publisher.on_socket_open = _nodelay  # else Nagle holds back small publishes (~40 ms)
+        publisher.on_socket_open = nodelay  # else Nagle holds back small publishes (~40 ms)
         publisher.connect("127.0.0.1", port, 60)
         publisher.loop_start()
         peak = 0
@@ -319,20 +257,20 @@ def run_one(broker: str, scenario: str, seconds: float, rate: float, size: int) 
                 time.sleep(due - now)
             publisher.publish(TOPIC, struct.pack("!d", time.time()) + padding, qos=0)
             if now >= next_rss:
-                peak = max(peak, _rss_kb(proc.pid))
+                peak = max(peak, rss_kb(proc.pid))
                 next_rss = now + 0.1
         time.sleep(2.0)  # the last deliveries arrive
-        peak = max(peak, _rss_kb(proc.pid))
+        peak = max(peak, rss_kb(proc.pid))
         out["rss_peak_kb"] = peak
-        out["rss_end_kb"] = _rss_kb(proc.pid)
+        out["rss_end_kb"] = rss_kb(proc.pid)
         publisher.disconnect()
         publisher.loop_stop()
         ctrl_w.send("stop")
         latencies = sorted(res_r.recv() if res_r.poll(20) else [])
         out["expected"] = count * N_HONEST
         out["received"] = len(latencies)
-        out["p50_ms"] = _percentile(latencies, 0.50) * 1000
-        out["p99_ms"] = _percentile(latencies, 0.99) * 1000
+        out["p50_ms"] = percentile(latencies, 0.50) * 1000
+        out["p99_ms"] = percentile(latencies, 0.99) * 1000
         parent.send("stats")
         if parent.poll(10):
             out["counters"] = parent.recv()

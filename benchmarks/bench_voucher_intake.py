@@ -38,16 +38,8 @@ import threading
 import time
 from typing import Any
 
-from bench_paid_delivery import (
-    _ask,
-    _blendsm_config,
-    _build_market,
-    _market_accounts,
-    _nodelay,
-    _quiet,
-    _run_child,
-    _serve,
-)
+from bench_paid_delivery import _blendsm_config, _build_market, _market_accounts
+from broker_process import ask, nodelay, quiet, run_child, serve
 
 PACED_RATE = 100.0  # vouchers/s per payer in the paced scenario
 START_TIMEOUT_S = 40.0
@@ -71,7 +63,7 @@ def _intake_stats(running: Any) -> dict[str, Any]:
 
 
 def _broker_main(conn: Any, data_dir: str, n_payers: int) -> None:
-    _quiet()
+    quiet()
     from blendsm.broker import ChainConnection, start_broker
     from blendsm.contracts import EMBEDDED, connect, new_embedded_chain
 
@@ -101,11 +93,11 @@ def _broker_main(conn: Any, data_dir: str, n_payers: int) -> None:
                 },
             )
         )
-        await _serve(conn, lambda: _intake_stats(running), running.stop)
+        await serve(conn, lambda: _intake_stats(running), running.stop)
 
     profile = os.environ.get(PROFILE_ENV)
     if not profile:
-        _run_child(conn, run)
+        run_child(conn, run)
         return
     import cProfile
 
@@ -114,7 +106,7 @@ def _broker_main(conn: Any, data_dir: str, n_payers: int) -> None:
     signal.signal(signal.SIGUSR1, lambda *_: profiler.enable())
     signal.signal(signal.SIGUSR2, lambda *_: profiler.disable())
     try:
-        _run_child(conn, run)
+        run_child(conn, run)
     finally:
         profiler.disable()
         profiler.dump_stats(profile)
@@ -150,7 +142,7 @@ class _Payer:
         token = ConnectTokenSigner(key, info["chain_id"], info["operator"]).token(client_id)
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         c.username_pw_set(account.address, token)
-        c.on_socket_open = _nodelay
+        c.on_socket_open = nodelay
         c.on_message = self._on_message
         subscribed = threading.Event()
         c.on_subscribe = lambda *_a: subscribed.set()
@@ -202,8 +194,8 @@ def _scenario(
     profiling = name == "paced" and bool(os.environ.get(PROFILE_ENV))
     if profiling:
         os.kill(pid, signal.SIGUSR1)
-    before = _ask(parent, "stats")
-    cpu0 = _ask(parent, "cpu")
+    before = ask(parent, "stats")
+    cpu0 = ask(parent, "cpu")
     t0 = time.time()
     if name == "burst":
         for i in range(per_payer):
@@ -218,10 +210,10 @@ def _scenario(
             time.sleep(max(0.0, tick + gap - time.time()))
     ok = all(p.wait(amount, WAIT_S) for p, amount in zip(payers, last, strict=True))
     elapsed = time.time() - t0
-    cpu = _ask(parent, "cpu") - cpu0
+    cpu = ask(parent, "cpu") - cpu0
     if profiling:
         os.kill(pid, signal.SIGUSR2)
-    after = _ask(parent, "stats")
+    after = ask(parent, "stats")
     sent = per_payer * len(payers)
     out = {k: after[k] - before[k] for k in after}
     out.update(
@@ -259,9 +251,9 @@ def main() -> None:
             f"voucher intake: {n_payers} payers x {per_payer} vouchers, QoS 0;"
             f" paced at {PACED_RATE:.0f}/s per payer"
         )
-        cpu0, t0 = _ask(parent, "cpu"), time.time()
+        cpu0, t0 = ask(parent, "cpu"), time.time()
         time.sleep(IDLE_S)
-        idle = (_ask(parent, "cpu") - cpu0) / (time.time() - t0)
+        idle = (ask(parent, "cpu") - cpu0) / (time.time() - t0)
         print(
             f"  idle   broker {idle * 1e3:6.1f} ms CPU per s (chain view polling the embedded EVM)"
         )

@@ -1,0 +1,271 @@
+"""The broker child process of the benchmarks that run a broker in a process of its own, and
+the driver's side of it.
+
+``bench_paid_delivery.py``, ``bench_scale.py``, ``bench_slow_consumer.py``,
+``bench_voucher_intake.py`` and ``bench_gate.py`` compare BlendSM with stock amqtt or with
+itself across runs, so they must start stock amqtt the same way, talk to the broker process over
+the same pipe protocol and read its CPU and memory the same way; they share this module so that
+a change to the method lands in all of them (it was copied between them before). Also here: the
+few pieces their clients share (TCP_NODELAY for paho, raw MQTT packets encoded by amqtt's own
+codec, a nearest-rank percentile). Imported as ``broker_process`` because a script's own folder
+is first on ``sys.path`` (``python benchmarks/bench_scale.py``); spawned children start with
+the parent's ``sys.path``, so they import it too.
+
+The pipe protocol: the child sends ``("ready", info)`` (``info["port"]`` at least) once its
+broker listens, or ``("error", repr(exc))`` if it failed; then :func:`serve` answers "cpu" (the
+child's CPU seconds so far), "stats" (the broker's counters) and "stop" (``("stopped", None)``,
+or the shutdown error in place of None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import resource
+import socket
+import warnings
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = [
+    "ask",
+    "connect_packet",
+    "free_port",
+    "nodelay",
+    "own_cpu",
+    "percentile",
+    "proc_cpu",
+    "publish_packet",
+    "quiet",
+    "rss_kb",
+    "run_child",
+    "serve",
+    "stock_main",
+    "subscribe_packet",
+]
+
+
+# --------------------------------------------------------------------------- the child's side
+def quiet(*, silent: bool = False) -> None:
+    """No warnings and no log records below ERROR from this process. ``silent``: none at all,
+    not even after a later ``quiet()`` lowers the bar to ERROR again (a root NullHandler keeps
+    Python's last-resort handler from printing them): stock amqtt logs an ERROR per task it
+    cancels at shutdown, thousands after a slow-consumer run."""
+    warnings.simplefilter("ignore")
+    if silent:
+        logging.disable(logging.CRITICAL)
+        logging.getLogger().addHandler(logging.NullHandler())
+    else:
+        logging.disable(logging.WARNING)
+
+
+def own_cpu() -> float:
+    """CPU seconds (user + system) of this process so far, all threads, microsecond resolution."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_child(conn: Connection, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run the broker process's coroutine; a failure is reported to the driver at once."""
+    try:
+        asyncio.run(run())
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            conn.send(("error", repr(exc)))
+        raise
+    finally:
+        # amqtt leaves client transports to the garbage collector; collect them while the
+        # warning filters still hold, not at interpreter teardown (ResourceWarning noise).
+        gc.collect()
+
+
+class _LoopLag:
+    """How late the broker's event loop runs a 1 ms timer, over the measured window: a stall
+    (a long synchronous step: the embedded EVM executing a transaction, a big batch) delays
+    every delivery behind it, so it shows in the subscribers' latency tail."""
+
+    PERIOD = 0.001
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.PERIOD
+            await asyncio.sleep(self.PERIOD)
+            self.lags.append(loop.time() - due)
+
+    def stop(self) -> dict[str, float]:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        lags = sorted(self.lags)
+        if not lags:
+            return {}
+        return {
+            "lag_p99_ms": lags[min(len(lags) - 1, int(0.99 * len(lags)))] * 1e3,
+            "lag_max_ms": lags[-1] * 1e3,
+            "lag_over_10ms_s": sum(x for x in lags if x > 0.010),
+        }
+
+
+async def serve(
+    conn: Connection,
+    stats: Callable[[], dict[str, Any]],
+    stop: Callable[[], Awaitable[Any]],
+) -> None:
+    """Answer the driver's commands until "stop": "cpu" -> process CPU seconds so far,
+    "stats" -> the broker's counters (with the event-loop lag of the window between the first
+    two "cpu" commands). ``BENCH_PROFILE=file``: cProfile of that window, written to ``file``."""
+    quiet()  # again: eth_tester's backend set-up resets the warning filters
+    loop = asyncio.get_running_loop()
+    profile_to = os.environ.get("BENCH_PROFILE")  # cProfile of the measured window, to a file
+    profiler: Any = None
+    lag: _LoopLag | None = None
+    lag_stats: dict[str, float] = {}
+    while True:
+        ready = await loop.run_in_executor(None, conn.poll, 60)
+        if not ready:
+            break  # the driver is gone
+        cmd = conn.recv()
+        if cmd == "cpu":
+            if lag is None:
+                lag = _LoopLag()
+                lag.start()
+            elif not lag_stats:
+                lag_stats = lag.stop()
+            if profile_to and profiler is None:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+            elif profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(profile_to)
+                profile_to = None
+            conn.send(own_cpu())
+        elif cmd == "stats":
+            conn.send({**stats(), **lag_stats})
+        elif cmd == "stop":
+            break
+    try:
+        await asyncio.wait_for(stop(), 8)
+    except Exception as exc:  # a slow shutdown must not hang the benchmark
+        conn.send(("stopped", repr(exc)))
+        return
+    conn.send(("stopped", None))
+
+
+def stock_main(conn: Connection, *, silent: bool = False) -> None:
+    """The stock amqtt 0.12.1 ``Broker`` (a child process's target): one TCP listener on a free
+    port of 127.0.0.1 and ``AnonymousAuthPlugin`` (allow_anonymous) only; amqtt refuses every
+    CONNECT without an auth plugin, so this is "no plugins". ``silent``: see :func:`quiet`."""
+    quiet(silent=silent)
+    from amqtt.broker import Broker
+
+    async def run() -> None:
+        port = free_port()
+        broker = Broker(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                "plugins": {
+                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+                },
+            }
+        )
+        await broker.start()
+        conn.send(("ready", {"port": port}))
+        await serve(conn, lambda: {}, broker.shutdown)
+
+    run_child(conn, run)
+
+
+# --------------------------------------------------------------------------- the driver's side
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free at the time of asking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ask(conn: Connection, cmd: str, timeout: float = 10.0) -> Any:
+    """Send ``cmd`` to the broker process and return its answer; RuntimeError after
+    ``timeout`` seconds without one."""
+    conn.send(cmd)
+    if not conn.poll(timeout):
+        raise RuntimeError(f"broker did not answer {cmd!r}")
+    return conn.recv()
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process so far (a broker, the anvil node), via
+    psutil when installed, else /proc/<pid>/stat; clock-tick resolution (10 ms) either way."""
+    try:
+        import psutil  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (``/proc/<pid>/status`` VmRSS); 0 if absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values (nearest rank); NaN if there are none."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+# --------------------------------------------------------------------------- clients
+def nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
+    """A paho ``on_socket_open`` callback setting TCP_NODELAY: the SDK sets it and paho does
+    not, and without it Nagle holds back small publishes (~40 ms)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# amqtt's packet codec: raw-socket clients need no MQTT library (nor encoder) of their own.
+def connect_packet(client_id: str, keep_alive: int = 0) -> bytes:
+    """MQTT 3.1.1 CONNECT, clean session, anonymous; keepalive 0 is none."""
+    from amqtt.mqtt.connect import ConnectPacket, ConnectPayload, ConnectVariableHeader
+
+    header = ConnectVariableHeader(connect_flags=0x02, keep_alive=keep_alive)
+    data: bytes = ConnectPacket(
+        variable_header=header, payload=ConnectPayload(client_id)
+    ).to_bytes()
+    return data
+
+
+def subscribe_packet(filters: Sequence[tuple[str, int]], packet_id: int = 1) -> bytes:
+    """A SUBSCRIBE of ``filters`` (topic filter, QoS) pairs."""
+    from amqtt.mqtt.subscribe import SubscribePacket
+
+    data: bytes = SubscribePacket.build(list(filters), packet_id).to_bytes()
+    return data
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 1) -> bytes:
+    """A PUBLISH, not retained; ``packet_id`` only at QoS 1 and 2."""
+    from amqtt.mqtt.publish import PublishPacket
+
+    pid = packet_id if qos else None
+    data: bytes = PublishPacket.build(topic, payload, pid, False, qos, False).to_bytes()
+    return data
