@@ -5,11 +5,11 @@ honoured. Real broker, real paho clients, real chain."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import tasks_started
 
 from blendsm.broker import BlendBroker, LimitsConfig
 
@@ -102,22 +102,12 @@ async def test_qos0_fan_out_starts_no_task_per_delivery(market: Market) -> None:
         assert await c.connect() == 0
     for s in subs:
         assert await s.subscribe("public/fan") == [0]
-    loop = asyncio.get_running_loop()
-    started: list[str] = []
-
-    def count_tasks(loop: Any, coro: Any, **options: Any) -> asyncio.Task[Any]:
-        started.append(getattr(coro, "__qualname__", ""))
-        return asyncio.Task(coro, loop=loop, **options)
-
-    loop.set_task_factory(count_tasks)
-    try:
+    with tasks_started() as started:
         for n in range(5):
             await pub.publish("public/fan", b"m%d" % n, qos=1)
         for s in subs:
             got = await s.got.drain(within=1.0, until=5)
             assert [m.payload for m in got] == [b"m%d" % n for n in range(5)]
-    finally:
-        loop.set_task_factory(None)
     assert started, "the broker's own tasks are counted"
     assert not [name for name in started if "mqtt_publish" in name]  # amqtt: 15
 

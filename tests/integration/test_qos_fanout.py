@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import RawPacket, ack_packet, connect_packet, eventually, read_packet
+from support import RawPacket, ack_packet, connect_packet, eventually, read_packet, tasks_started
 from support import subscribe_packet as subscribe
 
 from blendsm.broker import SessionsConfig
@@ -42,22 +42,12 @@ async def test_qos1_and_qos2_fan_out_start_no_task_per_delivery(market: Market) 
         assert await c.connect() == 0
     for s, qos in zip(subs, (1, 1, 2), strict=True):
         assert await s.subscribe("public/acked", qos) == [qos]
-    loop = asyncio.get_running_loop()
-    started: list[str] = []
-
-    def count_tasks(loop: Any, coro: Any, **options: Any) -> asyncio.Task[Any]:
-        started.append(getattr(coro, "__qualname__", ""))
-        return asyncio.Task(coro, loop=loop, **options)
-
-    loop.set_task_factory(count_tasks)
-    try:
+    with tasks_started() as started:
         for n in range(10):
             await pub.publish("public/acked", b"m%d" % n, qos=2)
         for s, qos in zip(subs, (1, 1, 2), strict=True):
             got = await s.got.drain(within=1.0, until=10)
             assert [(m.payload, m.qos) for m in got] == [(b"m%d" % n, qos) for n in range(10)]
-    finally:
-        loop.set_task_factory(None)
     assert started, "the broker's own tasks are counted"
     assert not [name for name in started if "mqtt_publish" in name]  # before: 30
 

@@ -33,7 +33,7 @@ from support.stores import (
     open_claims,
     stored_voucher,
 )
-from support.tasks import running
+from support.tasks import running, tasks_started
 
 __all__ = [
     "Client",
@@ -63,5 +63,6 @@ __all__ = [
     "seconds_until_closed",
     "stored_voucher",
     "subscribe_packet",
+    "tasks_started",
     "wait_until",
 ]
