@@ -53,12 +53,17 @@ from amqtt.session import Session
 
 from blendsm.broker._access import Verdict
 from blendsm.broker._backpressure import publish_size, track
-from blendsm.broker._fanout_acked import AckedFrames, deliver_acked, tasked, track_task
+from blendsm.broker._fanout_acked import (
+    AckedFrames,
+    add_notice,
+    deliver_acked,
+    tasked,
+    track_task,
+)
 from blendsm.broker._handler import MeteredHandler, PublishedPayload
 from blendsm.broker._handoff import Ticket, claim, handed, is_resend, uncharged
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
-from blendsm.device_sdk import NOTICE, AnyNotice, control_topic, encode_notice
 
 if TYPE_CHECKING:
     from blendsm.broker._delivery import DeliveryPath
@@ -396,7 +401,7 @@ def _deliver_qos0(
         try:
             quote = service.quote_for(session, verdict)
             if quote is not None:
-                _add_notice(outbox, session, writer, quote)
+                add_notice(outbox, session, writer, quote)
         except BaseException:
             service.meter.release(verdict)  # not delivered: nothing reserved stays behind
             raise
@@ -409,7 +414,7 @@ def _deliver_qos0(
         outbox.write_now(writer, service.meter)
         request = service.payment_request_for(session)
         if request is not None:
-            _add_notice(outbox, session, writer, request)
+            add_notice(outbox, session, writer, request)
 
 
 def write_to_session(writer: StreamWriterAdapter, data: bytes, messages: int = 1) -> bool:
@@ -429,17 +434,3 @@ def write_to_session(writer: StreamWriterAdapter, data: bytes, messages: int = 1
     if flow is not None:
         flow.wrote(len(data), messages)
     return not transport.is_closing()  # a failed send closes the transport at once
-
-
-def _add_notice(
-    outbox: Outbox, session: Session, writer: StreamWriterAdapter, notice: AnyNotice
-) -> None:
-    """A quote or payment request to this session, QoS 0, queued right before what it is
-    about (as ``MarketplaceService.send_notice`` does on amqtt's path)."""
-    ident = getattr(session, "blendsm", None)
-    if ident is None or not ident.key:
-        return
-    packet = PublishPacket.build(
-        control_topic(ident.key, NOTICE), encode_notice(notice), None, False, 0, False
-    )
-    outbox.add(session, writer, packet, packet.to_bytes())

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from blendsm.broker._handler import MeteredHandler
 
-__all__ = ["AckedFrame", "AckedFrames", "deliver_acked", "tasked", "track_task"]
+__all__ = ["AckedFrame", "AckedFrames", "add_notice", "deliver_acked", "tasked", "track_task"]
 
 
 _PUBLISH: Final = 0x30
@@ -53,7 +53,8 @@ _PUBLISH: Final = 0x30
 
 
 class _Outbox(Protocol):
-    """What this module needs of :class:`blendsm.broker._fanout.Outbox` (which imports it)."""
+    """What this module needs of :class:`blendsm.broker._fanout.Outbox` (which imports this
+    module, and whose module mypy knows under its folder name: a Protocol, not an import)."""
 
     def add(
         self,
@@ -141,7 +142,7 @@ def deliver_acked(
     if verdict is Verdict.NO_CREDIT:
         request = service.payment_request_for(session)
         if request is not None:
-            _add_notice(outbox, session, writer, request)
+            add_notice(outbox, session, writer, request)
         return
     charge = verdict if type(verdict) is Charge else None
     if charge is None and verdict is not Verdict.FREE:
@@ -150,7 +151,7 @@ def deliver_acked(
         if charge is not None:
             quote = service.quote_for(session, charge)
             if quote is not None:
-                _add_notice(outbox, session, writer, quote)
+                add_notice(outbox, session, writer, quote)
         packet_id = session.next_packet_id
         message = OutgoingApplicationMessage(
             packet_id, frame.topic, frame.qos, frame.payload, False
@@ -166,7 +167,7 @@ def deliver_acked(
     outbox.add(session, writer, packet, data, charge)
 
 
-def _add_notice(
+def add_notice(
     outbox: _Outbox, session: Session, writer: StreamWriterAdapter, notice: AnyNotice
 ) -> None:
     """A quote or payment request, QoS 0, queued right before what it is about (as the QoS 0
