@@ -10,7 +10,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -530,9 +532,29 @@ def _start_broker_process(config: Path, env: dict[str, str]) -> subprocess.Popen
             break
         lines.append(line)
         if "listening on" in line:
+            _drain_in_background(proc)
             return proc
     proc.kill()
     raise AssertionError("broker did not start:\n" + "".join(lines))
+
+
+def _drain_in_background(proc: subprocess.Popen[str]) -> None:
+    """Keep reading the broker's output after it listens: a pipe nobody reads fills (64 KiB)
+    and a chatty broker then blocks in its next log write, which a crash test would take for
+    a hung broker. The last lines are kept on ``proc.output_tail`` for failure messages."""
+    tail: deque[str] = deque(maxlen=200)
+    proc.output_tail = tail  # type: ignore[attr-defined]
+    stream = proc.stdout
+    assert stream is not None
+
+    def drain() -> None:
+        try:
+            for line in stream:
+                tail.append(line)
+        except (OSError, ValueError):  # the pipe was closed by the test's clean-up
+            return
+
+    threading.Thread(target=drain, name=f"broker-{proc.pid}-output", daemon=True).start()
 
 
 @dataclass
