@@ -108,6 +108,7 @@ from ._merkle import (
     verify_proof,
 )
 from ._mqtt import Disconnection
+from ._multi_publisher import BrokerLeg, MultiHomedPublisher
 from ._outbox import OutboxFullError
 from ._publisher import Encryptor, Publisher
 from ._publisher_events import Acknowledgement, PublisherCallbackAPI
@@ -184,6 +185,7 @@ __all__ = [
     "AnchorNotice",
     "AnyNotice",
     "BrokerEndpoint",
+    "BrokerLeg",
     "ChainReader",
     "ChannelState",
     "ClientTls",
@@ -200,6 +202,7 @@ __all__ = [
     "MerkleTree",
     "MessageDomain",
     "MessageVerifier",
+    "MultiHomedPublisher",
     "NoTopicKeyError",
     "Notice",
     "OutboxFullError",

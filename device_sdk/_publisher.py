@@ -269,6 +269,14 @@ class Publisher(_MqttClient):
         self._wake.set()
         return envelope.sequence
 
+    def _put_sealed(self, topic: str, data: bytes, qos: int, retain: bool, sequence: int) -> None:
+        """Queue an envelope sealed elsewhere (a :class:`MultiHomedPublisher`'s, signed once
+        for every broker) exactly as :meth:`publish` queues its own."""
+        if self._closed:
+            raise StoreError("publisher is closed")
+        self._outbox.put(topic, data, qos, retain, sequence)
+        self._wake.set()
+
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until the outbox is empty (every queued message acknowledged);
         :class:`BrokerConnectionError` if messages remain after ``timeout`` seconds."""

@@ -20,11 +20,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 from eth_account import Account
 from paho.mqtt.enums import CallbackAPIVersion
+from support.stock_amqtt import StockBroker as _StockBroker
 
 from blendsm.device_sdk import (
     FLAG_ENCRYPTED,
@@ -69,64 +69,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class StoppableStockBroker(Broker):
-    """Stock amqtt with one repair: on Python 3.11 ``asyncio.wait_for`` swallows the cancel of
-    a connection's reader when a packet (a PUBACK of an in-flight delivery) arrives with it,
-    and amqtt's shutdown then waits for that reader forever (20-40 % of stops mid-stream).
-    BlendBroker's own handler cancels until the reader is gone
-    (tests/integration/test_shutdown.py); the SDK is tested against a stock broker, so this
-    one does the same."""
-
-    async def _stop_handler(self, handler: Any) -> None:
-        task = handler._reader_task
-        for _ in range(100):  # 5 s at most
-            if task is None or task.done() or task is asyncio.current_task():
-                break
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.05)
-        await super()._stop_handler(handler)
-
-
-class StockBroker:
-    """A stock amqtt broker on its own event loop thread; can stop and start on one port."""
-
-    def __init__(self, port: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.broker: Any = None
-        self.hung: Any = None  # a broker whose shutdown never finished
-        self.port = port
-
-    def start(self) -> StockBroker:
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {f"{__name__}.RecordingAuth": {}},
-        }
-
-        async def start() -> Any:
-            broker = StoppableStockBroker(config)
-            await broker.start()
-            return broker
-
-        self.broker = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.broker is not None:
-            fut = asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop)
-            broker, self.broker = self.broker, None
-            try:
-                fut.result(timeout)
-            except TimeoutError:
-                self.hung = broker
-                raise
-
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+def StockBroker(port: int) -> _StockBroker:  # noqa: N802 (stands for the class it makes)
+    """The shared stock broker, with this module's recording auth plugin."""
+    return _StockBroker(port, {f"{__name__}.RecordingAuth": {}})
 
 
 class Reader:
@@ -176,7 +121,7 @@ def _reset_auth() -> Iterator[None]:
 
 
 @pytest.fixture
-def broker() -> Iterator[StockBroker]:
+def broker() -> Iterator[_StockBroker]:
     running = StockBroker(free_port()).start()
     try:
         yield running
@@ -186,7 +131,7 @@ def broker() -> Iterator[StockBroker]:
 
 
 @pytest.fixture
-def reader(broker: StockBroker, closing: Callable[[Reader], Reader]) -> Reader:
+def reader(broker: _StockBroker, closing: Callable[[Reader], Reader]) -> Reader:
     return closing(Reader(broker.port))
 
 
@@ -210,7 +155,7 @@ def make(port: int, state_dir: Path, **kwargs: Any) -> Publisher:
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_every_message_is_a_verified_envelope_with_increasing_sequence(
-    broker: StockBroker, reader: Reader, state_dir: Path, qos: int
+    broker: _StockBroker, reader: Reader, state_dir: Path, qos: int
 ) -> None:
     payloads = [b"\x00\x01binary", b"", bytes(range(256)) * 4]
     with make(broker.port, state_dir) as pub:
@@ -230,7 +175,7 @@ def test_every_message_is_a_verified_envelope_with_increasing_sequence(
     assert abs(stamps[0] - time.time() * 1000) < 60_000
 
 
-def test_sequences_are_per_topic(broker: StockBroker, reader: Reader, state_dir: Path) -> None:
+def test_sequences_are_per_topic(broker: _StockBroker, reader: Reader, state_dir: Path) -> None:
     with make(broker.port, state_dir) as pub:
         got = [pub.publish(t, b"x") for t in ("data/a", "data/b", "data/a", "data/b", "data/a")]
         pub.flush(5)
@@ -246,7 +191,7 @@ def test_sequences_are_per_topic(broker: StockBroker, reader: Reader, state_dir:
 
 
 def test_encryptor_hook_sets_the_flag_and_signs_the_ciphertext(
-    broker: StockBroker, reader: Reader, state_dir: Path
+    broker: _StockBroker, reader: Reader, state_dir: Path
 ) -> None:
     def xor(topic: str, plaintext: bytes) -> bytes:  # a toy cipher, keyed by the topic
         key = topic.encode()
@@ -263,7 +208,7 @@ def test_encryptor_hook_sets_the_flag_and_signs_the_ciphertext(
 
 
 def test_connects_with_address_and_fresh_single_use_tokens(
-    broker: StockBroker, state_dir: Path
+    broker: _StockBroker, state_dir: Path
 ) -> None:
     pub = make(broker.port, state_dir, client_id="device-7")
     pub.connect(5)
@@ -281,7 +226,7 @@ def test_connects_with_address_and_fresh_single_use_tokens(
         verifier.verify(DEVICE.address, "device-7", passwords[0], now)
 
 
-def test_refused_connect_raises(broker: StockBroker, state_dir: Path) -> None:
+def test_refused_connect_raises(broker: _StockBroker, state_dir: Path) -> None:
     REFUSED_USERS.add(DEVICE.address)
     pub = make(broker.port, state_dir)
     with pytest.raises(BrokerRefusedError) as info:
@@ -420,7 +365,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close(): exact counters never written
 
 
 def test_kill_restart_never_reuses_a_sequence_and_keeps_the_outbox(
-    broker: StockBroker, reader: Reader, state_dir: Path
+    broker: _StockBroker, reader: Reader, state_dir: Path
 ) -> None:
     DEVICE_GATE.set()
     dead = free_port()  # the crashing device never reaches a broker
@@ -475,7 +420,7 @@ def test_from_env_and_keystore(state_dir: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_on_acknowledged_reports_each_acknowledged_message_with_its_sequence(
-    broker: StockBroker, reader: Reader, state_dir: Path
+    broker: _StockBroker, reader: Reader, state_dir: Path
 ) -> None:
     """PUBACK (QoS 1) and PUBCOMP (QoS 2) are reported once per message, with the sequence
     number publish() returned, after the message left the outbox; QoS 0 has no ack."""
@@ -501,7 +446,7 @@ def test_on_acknowledged_reports_each_acknowledged_message_with_its_sequence(
 
 
 def test_on_acknowledged_errors_are_logged_and_delivery_goes_on(
-    broker: StockBroker, reader: Reader, state_dir: Path, caplog: pytest.LogCaptureFixture
+    broker: _StockBroker, reader: Reader, state_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     def boom(_p: Any, _a: Acknowledgement) -> None:
         raise RuntimeError("callback bug")
