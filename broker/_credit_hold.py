@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
@@ -59,7 +60,15 @@ _ATTR: Final = "blendsm_credit_hold"
 """The session attribute holding its :class:`CreditHold` (set at its first hold)."""
 
 _log = logging.getLogger("blendsm.broker")
-_drop_log = LogLimiter(_log)
+_drop_logs: weakref.WeakKeyDictionary[Any, LogLimiter] = weakref.WeakKeyDictionary()
+"""Per service: held deliveries dropped, one INFO line a minute with a count."""
+
+
+def _drop_log(service: MarketplaceService) -> LogLimiter:
+    limiter = _drop_logs.get(service)
+    if limiter is None:
+        limiter = _drop_logs[service] = LogLimiter(service.log)
+    return limiter
 
 
 class _Held:
@@ -328,7 +337,7 @@ class CreditHold:
         stats.deliveries_held_dropped += 1
         stats.deliveries_denied += 1
         self._service.meter.dropped_for_credit(item.account)
-        _drop_log.note(
+        _drop_log(self._service).note(
             "paid message on %r to client %r dropped after waiting for credit: %s (not charged)",
             item.topic,
             getattr(self.session, "client_id", None),
