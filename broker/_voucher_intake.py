@@ -281,7 +281,10 @@ class VoucherIntake:
                 waiters, account.waiters = account.waiters, []
                 for waiter in waiters:
                     if isinstance(waiter, CreditHold):
-                        waiter.resume()  # live deliveries held for credit: sent now, in order
+                        try:  # live deliveries held for credit: sent now, in order
+                            waiter.resume()
+                        except Exception:  # never let one session's hold stop the batch
+                            service.log.exception("deliveries held for credit: resume failed")
                     elif service.broker is not None:
                         service.broker.resume_offline_replay(waiter)
             self._repeated(repeats, voucher)
