@@ -153,7 +153,7 @@ async def end_credit_hold(broker: Any, session: Session) -> None:
 class CreditHold:
     """One connected session's deliveries waiting for credit (see the module doc)."""
 
-    __slots__ = ("_flow", "_service", "_timer", "items", "session", "topics")
+    __slots__ = ("_accounts", "_flow", "_service", "_timer", "items", "session", "topics")
 
     def __init__(self, service: MarketplaceService, session: Session) -> None:
         self._service = service
@@ -161,6 +161,8 @@ class CreditHold:
         self.items: deque[_Held] = deque()
         self.topics: dict[str, int] = {}
         """Held messages per topic: a new delivery of one of them queues behind."""
+        self._accounts: dict[str, Account | None] = {}
+        """Per held topic, the account its latest refusal was on (one queued behind: that)."""
         self._flow: Flow | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -190,7 +192,9 @@ class CreditHold:
         config = self._service.config.payments
         loop = asyncio.get_running_loop()
         if account is None:
-            account = next((i.account for i in reversed(self.items) if i.topic == topic), None)
+            account = self._accounts.get(topic)
+        else:
+            self._accounts[topic] = account
         while len(self.items) >= config.hold_messages:
             self._drop(self.items.popleft(), "payments.hold_messages reached")
         self.items.append(_Held(broadcast, topic, data, qos, granted, size, loop.time(), account))
@@ -262,12 +266,19 @@ class CreditHold:
             except Exception as exc:
                 _log.warning("held delivery on %r failed: %r", item.topic, exc)
                 continue
+            if verdict is None and (writer.is_closed or writer._writer.transport.is_closing()):
+                # The connection failed under this write: the rest ends with it (evacuated).
+                self._keep(item)
+                kept.append(item)
+                kept.extend(self.items)
+                self.items.clear()
+                break
             if verdict is Verdict.NO_CREDIT:
-                meter.held(item.account)  # still held: the gate counted a denial
-                service.stats.deliveries_denied -= 1
                 ident = getattr(session, "blendsm", None)
                 if ident is not None and ident.owing is not None:
                     item.account = ident.owing
+                meter.held(item.account)  # still held: the gate counted a denial
+                service.stats.deliveries_denied -= 1
                 self._keep(item)
                 kept.append(item)
                 blocked.add(item.topic)
@@ -276,6 +287,8 @@ class CreditHold:
         if not self.items and self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.items and (writer.is_closed or writer._writer.transport.is_closing()):
+            service._spawn(self.evacuate(broker), "blendsm-credit-hold-end")
         for s, packet in sent:
             service._spawn(
                 plugins.fire_event(MQTTEvents.PACKET_SENT, packet=packet, session=s),
@@ -351,12 +364,14 @@ class CreditHold:
             self.topics[item.topic] = count
         else:
             del self.topics[item.topic]
+            self._accounts.pop(item.topic, None)
         if self._flow is not None:
             self._flow.task_ended(item.size)
 
     def _keep(self, item: _Held) -> None:
         """``item`` stays (refused again on resume): counted back in."""
         self.topics[item.topic] = self.topics.get(item.topic, 0) + 1
+        self._accounts[item.topic] = item.account
         if self._flow is not None:
             self._flow.task_started(item.size)
         account = item.account
