@@ -41,6 +41,7 @@ from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._amqtt_compat import AMQTT_VERSION, check_amqtt_compatibility
 from blendsm.broker._config_listeners import ListenerConfig
 from blendsm.broker._connect_path import ConnectPath
+from blendsm.broker._credit_hold import end_credit_hold
 from blendsm.broker._handler import (
     MeteredHandler,
     PublishedPayload,
@@ -200,6 +201,7 @@ class BlendBroker(ConnectPath):
         disconnect_waiter: asyncio.Future[Any],
     ) -> None:
         try:
+            await end_credit_hold(self, client_session)  # held for credit: offline queue or dropped
             await super()._handle_disconnect(client_session, handler, disconnect_waiter)
         finally:
             release_hold(client_session)

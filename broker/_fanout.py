@@ -53,6 +53,7 @@ from amqtt.session import Session
 
 from blendsm.broker._access import Verdict
 from blendsm.broker._backpressure import publish_size, track
+from blendsm.broker._credit_hold import hold_for_credit, holding
 from blendsm.broker._fanout_acked import (
     AckedFrames,
     add_notice,
@@ -69,7 +70,7 @@ if TYPE_CHECKING:
     from blendsm.broker._delivery import DeliveryPath
     from blendsm.broker._service import MarketplaceService
 
-__all__ = ["MAX_BATCH", "Outbox", "run_broadcast", "write_to_session"]
+__all__ = ["MAX_BATCH", "Outbox", "deliver_qos0_now", "run_broadcast", "write_to_session"]
 
 MAX_BATCH: Final = 64
 """Broadcasts taken from amqtt's queue per ``_run_broadcast`` call: amqtt's loop starts one
@@ -311,6 +312,12 @@ async def deliver(
             await _not_admitted(broker, broadcast, session, min(qos, publish_qos), qos)
             gate = None  # decided again after the await: the chain view may have changed
             continue
+        held = holding(session, topic)
+        if held is not None:
+            # A message of this topic waits for credit: this one queues behind it (gated when
+            # its turn comes), so the order per topic is kept (:mod:`._credit_hold`).
+            held.push(broadcast, topic, data, min(qos, publish_qos), qos, size)
+            continue
         if (
             inline
             and data is not None
@@ -337,17 +344,22 @@ async def deliver(
                         gate = service.gate(topic)
                         if is_resend(data):
                             gate = _uncharged_gate(gate, service.meter)
-                    _deliver_qos0(service, gate, session, writer, frame, outbox)
+                    verdict = _deliver_qos0(service, gate, session, writer, frame, outbox)
                 else:
                     if acked is None:
                         acked = AckedFrames(topic, bytes(data))
-                    deliver_acked(
+                    verdict = deliver_acked(
                         handler,
                         session,
                         writer,
                         acked.at(delivered_qos),
                         outbox,
                         resend=is_resend(data),
+                    )
+                if verdict is Verdict.NO_CREDIT:
+                    outbox.write_now(writer, service.meter)  # what is queued goes first
+                    hold_for_credit(
+                        service, session, broadcast, topic, data, delivered_qos, qos, size, flow
                     )
             except Exception as exc:
                 _FAILURE_LOG.note("delivery on %r to %r failed: %r", topic, session.client_id, exc)
@@ -388,12 +400,13 @@ def _deliver_qos0(
     writer: StreamWriterAdapter,
     frame: _Frame,
     outbox: Outbox,
-) -> None:
+) -> Charge | Verdict | None:
     """Gate one QoS 0 delivery synchronously (``gate``: ``service.gate`` of the broadcast's
     topic) and queue it (with its quote, or the payment request that replaces it) in
-    ``outbox``; a charge is settled when the outbox is written."""
+    ``outbox``; a charge is settled when the outbox is written. Returns the gate's verdict
+    (None: not gated, nothing can be written): NO_CREDIT is for the caller to hold."""
     if writer.is_closed or writer._writer.transport.is_closing():
-        return  # nothing can be written: not admitted, nothing reserved
+        return None  # nothing can be written: not admitted, nothing reserved
     verdict = gate(session)
     if verdict is Verdict.FREE:
         outbox.add(session, writer, frame.packet, frame.data)
@@ -415,6 +428,26 @@ def _deliver_qos0(
         request = service.payment_request_for(session)
         if request is not None:
             add_notice(outbox, session, writer, request)
+    return verdict
+
+
+def deliver_qos0_now(
+    service: MarketplaceService,
+    gate: Callable[[Session], Charge | Verdict],
+    session: Session,
+    writer: StreamWriterAdapter,
+    topic: str,
+    payload: bytes,
+    outbox: Outbox,
+    *,
+    resend: bool = False,
+) -> Charge | Verdict | None:
+    """One QoS 0 delivery of ``payload`` gated and queued in ``outbox`` as the fan-out does
+    (a ``resend`` after a crash uncharged): for deliveries held for credit
+    (:mod:`~blendsm.broker._credit_hold`), which are sent when a voucher lands."""
+    if resend:
+        gate = _uncharged_gate(gate, service.meter)
+    return _deliver_qos0(service, gate, session, writer, _Frame(topic, payload), outbox)
 
 
 def write_to_session(writer: StreamWriterAdapter, data: bytes, messages: int = 1) -> bool:

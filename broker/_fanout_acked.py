@@ -124,18 +124,19 @@ def deliver_acked(
     outbox: _Outbox,
     *,
     resend: bool = False,
-) -> None:
+) -> Charge | Verdict | None:
     """Gate one QoS 1/2 delivery synchronously, record it in flight and queue it (with its
     quote, or the payment request that replaces it) in ``outbox``; a charge is settled when
     the outbox is written (see the module doc). A ``resend`` after a crash goes uncharged
-    (:func:`~blendsm.broker._handoff.uncharged`)."""
+    (:func:`~blendsm.broker._handoff.uncharged`). Returns the gate's verdict (None: not
+    gated); NO_CREDIT is for the caller to hold (:mod:`~blendsm.broker._credit_hold`)."""
     if writer.is_closed or writer._writer.transport.is_closing():
-        return  # nothing can be written: not admitted, nothing reserved (amqtt: not sent)
+        return None  # nothing can be written: not admitted, nothing reserved (amqtt: not sent)
     service = handler._blendsm
     inflight = session.inflight_out
     if len(inflight) >= service.config.sessions.max_inflight_messages:
         note_window_full(service, session, frame.topic)
-        return
+        return None
     verdict = service.admit(session, frame.topic)
     if resend:
         verdict = uncharged(verdict, service.meter)
@@ -143,10 +144,10 @@ def deliver_acked(
         request = service.payment_request_for(session)
         if request is not None:
             add_notice(outbox, session, writer, request)
-        return
+        return verdict
     charge = verdict if type(verdict) is Charge else None
     if charge is None and verdict is not Verdict.FREE:
-        return  # denied
+        return verdict  # denied
     try:
         if charge is not None:
             quote = service.quote_for(session, charge)
@@ -165,6 +166,7 @@ def deliver_acked(
             service.meter.release(charge)  # not delivered: nothing reserved stays behind
         raise
     outbox.add(session, writer, packet, data, charge)
+    return verdict
 
 
 def add_notice(

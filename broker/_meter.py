@@ -56,7 +56,8 @@ class Account:
     denied_no_credit: int = 0
     """Deliveries to this channel's payer not sent (nor charged): its credit was used up."""
     waiters: list[object] = field(default_factory=list)
-    """Sessions whose offline replay paused on this account's credit."""
+    """Sessions whose offline replay paused on this account's credit, and the credit holds
+    (:class:`~blendsm.broker._credit_hold.CreditHold`) of live deliveries waiting on it."""
 
     @property
     def unpaid(self) -> int:
@@ -229,6 +230,19 @@ class Meter:
             return
         charge.done = True
         charge.account.reserved -= charge.price
+
+    def held(self, account: Account | None) -> None:
+        """A delivery :meth:`reserve` refused for credit is held for a voucher instead of
+        dropped (:mod:`~blendsm.broker._credit_hold`): not a denial, uncounted."""
+        self.denied_no_credit -= 1
+        if account is not None:
+            account.denied_no_credit -= 1
+
+    def dropped_for_credit(self, account: Account | None) -> None:
+        """A held delivery was dropped (hold bound or age): a denial for credit after all."""
+        self.denied_no_credit += 1
+        if account is not None:
+            account.denied_no_credit += 1
 
     def credit_of(self, price: int) -> int:
         return self.credit_messages * price

@@ -119,8 +119,20 @@ class BrokerCollector(Collector):
         )
         yield counter(
             "deliveries_denied_no_credit",
-            "Paid deliveries paused because the channel's credit ran out.",
+            "Paid deliveries not sent (nor charged) because the channel's credit ran out"
+            " (held ones: once dropped from the hold).",
             meter.denied_no_credit,
+        )
+        yield counter(
+            "deliveries_held_for_credit",
+            "Live paid deliveries held for a voucher instead of dropped for credit.",
+            stats.deliveries_held_for_credit,
+        )
+        yield counter(
+            "deliveries_held_dropped",
+            "Deliveries held for credit then dropped, never charged: hold bound or age"
+            " (payments.hold_messages, hold_seconds) or their session disconnected.",
+            stats.deliveries_held_dropped,
         )
         yield counter(
             "offline_dropped",

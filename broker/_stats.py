@@ -33,6 +33,13 @@ class ServiceStats:
     payment_requests: int = 0
     quotes: int = 0
     disconnects_revoked: int = 0
+    deliveries_held_for_credit: int = 0
+    """Live paid deliveries refused for credit (or queued behind one of their topic) and held
+    for a voucher instead of dropped (``payments.hold_messages``)."""
+    deliveries_held_dropped: int = 0
+    """Held deliveries dropped, never charged: past ``payments.hold_messages`` or
+    ``hold_seconds``, or their session disconnected (QoS 1/2 of a persistent session go to its
+    offline queue instead)."""
     offline_dropped: int = 0
     """Paid messages dropped (not charged) because an offline session's queue was full."""
     offline_dropped_public: int = 0

@@ -23,7 +23,8 @@ at once as a *batch*:
    charged since the last write (so a restart never takes a prepayment for delivered value).
    While it is in flight the next batch queues;
 4. only after the commit: ``paid`` rises in the meter, the settler and paused offline replays
-   are told, and receipts are scheduled. Vouchers are processed batch after batch, in arrival
+   are told, deliveries held for credit (:mod:`~blendsm.broker._credit_hold`) are sent, and
+   receipts are scheduled. Vouchers are processed batch after batch, in arrival
    order, so the meter is never behind a voucher being checked and no two of one channel race.
 
 Receipts (``payments.intake``): a Receipt is cumulative, so the broker sends one per channel and
@@ -42,6 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from blendsm.broker._credit_hold import CreditHold
 from blendsm.broker._intake_config import IntakeConfig
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.device_sdk import (
@@ -277,9 +279,14 @@ class VoucherIntake:
                 service.settler.notify_voucher(voucher.channel_id, voucher.cumulative_amount)
             if account is not None and account.waiters:
                 waiters, account.waiters = account.waiters, []
-                if service.broker is not None:
-                    for session in waiters:
-                        service.broker.resume_offline_replay(session)
+                for waiter in waiters:
+                    if isinstance(waiter, CreditHold):
+                        try:  # live deliveries held for credit: sent now, in order
+                            waiter.resume()
+                        except Exception:  # never let one session's hold stop the batch
+                            service.log.exception("deliveries held for credit: resume failed")
+                    elif service.broker is not None:
+                        service.broker.resume_offline_replay(waiter)
             self._repeated(repeats, voucher)
             seen = {id(entry.ident)}
             self._owe_receipt(entry, voucher, 1 + len(covered))

@@ -64,6 +64,7 @@ def test_empty_mapping_gives_all_defaults() -> None:
     assert config.chain.confirmations == 2
     assert config.operator_key is None
     assert config.payments.credit_messages == 5
+    assert (config.payments.hold_messages, config.payments.hold_seconds) == (1000, 5.0)
     assert config.public_topics is False
     assert config.data_dir == Path("blendsm-data")
     assert config.log_level == "INFO"
@@ -209,6 +210,10 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
         ({"payments": {"credit_messages": 0}}, "payments.credit_messages: must be >= 1, got 0"),
         ({"payments": {"credit_messages": "5"}}, "payments.credit_messages: must be int"),
         ({"payments": {"credit_messages": True}}, "payments.credit_messages: must be int"),
+        ({"payments": {"hold_messages": -1}}, "payments.hold_messages: must be >= 0, got -1"),
+        ({"payments": {"hold_messages": 10_001}}, "payments.hold_messages: must be <= 10000"),
+        ({"payments": {"hold_seconds": 0}}, "payments.hold_seconds: must be > 0"),
+        ({"payments": {"hold_seconds": 61}}, "payments.hold_seconds: must be <= 60, got 61"),
         ({"listen": {"port": 70000}}, "listen.port: must be <= 65535, got 70000"),
         ({"listen": {"port": -1}}, "listen.port: must be >= 0"),
         ({"listen": {"host": ""}}, "listen.host: must not be empty"),

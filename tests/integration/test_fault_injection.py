@@ -43,6 +43,7 @@ from support import (
 )
 from support.raw import PUBACK
 
+from blendsm.broker import PaymentsConfig, SettlementConfig
 from blendsm.contracts import free_port
 from blendsm.device_sdk import (
     ConnectTokenSigner,
@@ -493,9 +494,14 @@ async def test_a_paid_message_refused_for_credit_is_counted_per_channel_and_logg
     start_market: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A connected subscriber that does not pay gets its credit's worth; each message past
-    it is not sent, counted on its channel and logged (rate-limited), never silently lost."""
+    it is held for a voucher, then (none came within ``payments.hold_seconds``) dropped,
+    counted on its channel and logged (rate-limited), never silently lost."""
     caplog.set_level(logging.INFO)
-    market = await start_market()
+    market = await start_market(
+        payments=PaymentsConfig(
+            credit_messages=5, hold_seconds=0.3, settlement=SettlementConfig(interval_seconds=3600)
+        )
+    )
     buyer, channel = await market.channel_client("buyer")
     assert await buyer.subscribe(market.topic) == [0]
     device = await market.connected_device()
@@ -505,7 +511,14 @@ async def test_a_paid_message_refused_for_credit_is_counted_per_channel_and_logg
     got = [m for m in await buyer.got.drain(within=1.0) if m.topic == market.topic]
     assert len(got) == credit
     account = market.service.meter.accounts[channel]
+    for _ in range(300):
+        if account.denied_no_credit == 3:
+            break
+        await asyncio.sleep(0.01)
     assert account.denied_no_credit == 3
+    assert market.service.stats.deliveries_held_dropped == 3
+    dropped = [r.getMessage() for r in caplog.records if "waiting for credit" in r.getMessage()]
+    assert len(dropped) == 1, dropped  # rate-limited too
     lines = [r.getMessage() for r in caplog.records if "refused for credit" in r.getMessage()]
     assert len(lines) == 1, lines  # rate-limited: one line, the rest counted
     assert market.topic in lines[0]

@@ -35,6 +35,8 @@ EXPECTED = {
     "blendsm_connects_accepted_total",
     "blendsm_paid_deliveries_total",
     "blendsm_deliveries_denied_total",
+    "blendsm_deliveries_held_for_credit_total",
+    "blendsm_deliveries_held_dropped_total",
     "blendsm_vouchers_accepted_total",
     "blendsm_vouchers_refused_total",
     "blendsm_payment_requests_total",
@@ -125,7 +127,7 @@ async def test_metrics_endpoint_follows_the_broker(
     assert await buyer.subscribe(f"blendsm/ctl/{market.chain.addr('buyer').lower()}/notice") == [0]
     device = market.client("device")
     assert await device.connect() == 0
-    for i in range(7):  # credit_messages = 5: five delivered, then denied
+    for i in range(7):  # credit_messages = 5: five delivered, then two held for credit
         await device.publish(market.topic, b"m%d" % i)
     await buyer.got.drain(within=1.0)
     domain = VoucherDomain(
@@ -142,9 +144,13 @@ async def test_metrics_endpoint_follows_the_broker(
     after = await _scrape(market)
     assert after["blendsm_connected_sessions"] == 2
     assert after["blendsm_connects_accepted_total"] >= 2
-    assert after["blendsm_paid_deliveries_total"] == 5
-    assert after["blendsm_deliveries_denied_total"] >= 1
-    assert after["blendsm_deliveries_denied_no_credit_total"] >= 1
+    # The voucher sent the two held ones.
+    assert await until(lambda: market.service.meter.delivered == 7)
+    after = await _scrape(market)
+    assert after["blendsm_paid_deliveries_total"] == 7
+    assert after["blendsm_deliveries_held_for_credit_total"] == 2
+    assert after["blendsm_deliveries_held_dropped_total"] == 0
+    assert after["blendsm_deliveries_denied_no_credit_total"] == 0
     assert after["blendsm_payment_requests_total"] >= 1
     assert after["blendsm_vouchers_accepted_total"] == 1
     assert after["blendsm_vouchers_refused_total"] == 1

@@ -1,0 +1,191 @@
+"""Deliveries refused for credit are held for a voucher, not dropped (broker/_credit_hold.py):
+a slow payer gets every message in order and pays exactly for them; one that never pays gets
+its credit's worth and nothing more is kept or charged; a disconnect ends the hold."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from blendsm.broker import PaymentsConfig, SettlementConfig
+from blendsm.device_sdk import PaymentRequest, ReceivedMessage, decode_envelope
+
+from .conftest import Payer, split_messages
+
+Market = Any
+
+
+def _payments(**options: Any) -> PaymentsConfig:
+    """The test market's payments section (credit 5) with ``options``."""
+    intake = options.pop("intake", {})
+    base = PaymentsConfig(credit_messages=5, settlement=SettlementConfig(interval_seconds=3600))
+    return dataclasses.replace(base, intake=dataclasses.replace(base.intake, **intake), **options)
+
+
+async def test_a_slow_sdk_payer_gets_every_message_in_order_and_pays_exactly(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    # Every voucher takes >= 0.2 s to count (the intake lingers): with a credit of 5 messages,
+    # a burst of 40 used to lose most of them to the credit gate.
+    market = await start_market(payments=_payments(intake={"linger_seconds": 0.2}))
+    service = market.service
+    received: list[ReceivedMessage] = []
+    sub = market.sdk_subscriber("buyer")
+    channel = await sub.open_channel(market.mp("buyer"), market.chain.addr("seller"), 10**15)
+    await market.wait_channel(channel)
+    sub.on_message = lambda _s, m: received.append(m)
+    await asyncio.to_thread(sub.connect)
+    try:
+        assert await asyncio.to_thread(sub.subscribe, market.topic) == 0
+        device = await market.connected_device()
+        sent = [b"r%02d" % i for i in range(40)]
+        for payload in sent:
+            await device.publish(market.topic, payload)
+        assert await until(lambda: len(received) >= len(sent), 20.0), len(received)
+        await asyncio.sleep(0.3)  # nothing more (a duplicate) arrives
+        assert [decode_envelope(m.payload).payload for m in received] == sent
+        account = service.meter.accounts[channel]
+        assert service.meter.denied_no_credit == 0
+        assert account.denied_no_credit == 0
+        assert service.stats.deliveries_held_for_credit > 0
+        assert service.stats.deliveries_held_dropped == 0
+        assert account.delivered == len(sent)
+        assert account.charged == len(sent) * market.price
+        assert account.reserved == 0
+        assert await until(lambda: account.paid == account.charged == sub.vouchered(channel))
+    finally:
+        await asyncio.to_thread(sub.disconnect)
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_a_late_voucher_sends_the_held_messages_in_order(
+    start_market: Callable[..., Any], qos: int
+) -> None:
+    market = await start_market(payments=_payments())
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic, qos=qos) == [qos]
+    device = await market.connected_device()
+    for i in range(12):
+        await device.publish(market.topic, b"m%d" % i, qos=qos)
+    data, notices = split_messages(await buyer.got.drain(within=1.0), market.topic)
+    assert data == [b"m%d" % i for i in range(5)]  # the credit's worth, then held
+    assert sum(isinstance(n, PaymentRequest) for n in notices) == 1
+    account = market.service.meter.accounts[channel]
+    assert (account.charged, account.reserved) == (5 * market.price, 0)  # held: not reserved
+
+    payer = Payer(market, "buyer", buyer)
+    await payer.pay(channel, 5 * market.price)
+    data, notices = split_messages(await buyer.got.drain(within=1.0), market.topic)
+    assert data == [b"m%d" % i for i in range(5, 10)]  # in order, within the credit
+    assert any(isinstance(n, PaymentRequest) for n in notices)  # asked again for the rest
+    await payer.pay(channel, 10 * market.price)
+    data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
+    assert data == [b"m10", b"m11"]
+    assert account.charged == 12 * market.price
+    assert account.delivered == 12
+    assert market.service.meter.denied_no_credit == 0
+    assert market.service.stats.deliveries_held_dropped == 0
+
+
+async def test_a_member_that_never_pays_gets_its_credit_and_the_held_ones_are_dropped(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    market = await start_market(payments=_payments(hold_messages=3, hold_seconds=2.0))
+    service = market.service
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    for i in range(10):
+        await device.publish(market.topic, b"m%d" % i)
+    data, _ = split_messages(await buyer.got.drain(within=0.3), market.topic)
+    assert data == [b"m%d" % i for i in range(5)]
+    # 5 held: 2 dropped at once (3 at most), held against the session's outgoing bound ...
+    session = market.running.broker._sessions[buyer.client_id][0]
+    hold = session.blendsm_credit_hold
+    flow = session_flow(market, buyer.client_id)
+    assert service.stats.deliveries_held_dropped == 2
+    assert [item.topic for item in hold.items] == [market.topic] * 3
+    assert flow.task_messages == 3
+    assert flow.task_bytes == sum(item.size for item in hold.items) > 0
+    # ... and the other 3 dropped once 2 s old.
+    assert await until(lambda: service.stats.deliveries_held_dropped == 5, 8.0)
+    assert service.stats.deliveries_held_for_credit == 5
+    assert service.meter.denied_no_credit == 5  # dropped for credit, as before the hold
+    account = service.meter.accounts[channel]
+    assert (account.charged, account.reserved, account.delivered) == (5 * market.price, 0, 5)
+    assert account.waiters == []  # nothing of the session kept alive by the account
+    assert (len(hold.items), hold.topics) == (0, {})
+    assert (flow.task_bytes, flow.task_messages) == (0, 0)  # no share of the bound left
+    # A voucher now sends nothing of what was dropped, and charges nothing more.
+    await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == []
+    assert account.charged == 5 * market.price
+
+
+def session_flow(market: Market, client_id: str) -> Any:
+    """The backpressure Flow of a connected client's writer."""
+    _session, handler = market.running.broker._sessions[client_id]
+    return handler.writer.blendsm_flow
+
+
+async def test_a_subscriber_that_disconnects_is_not_charged_for_what_was_held(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    market = await start_market(payments=_payments())
+    service = market.service
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    for i in range(10):
+        await device.publish(market.topic, b"m%d" % i)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == [b"m%d" % i for i in range(5)]
+    assert service.stats.deliveries_held_for_credit == 5
+    buyer.close()
+    assert await until(lambda: service.stats.deliveries_held_dropped == 5, 5.0)
+    account = service.meter.accounts[channel]
+    assert account.waiters == []
+    # It comes back and pays what it got: nothing held is sent or charged.
+    again = market.client("buyer")
+    assert await again.connect() == 0
+    assert await again.subscribe(f"blendsm/ctl/{market.chain.addr('buyer').lower()}/notice") == [0]
+    assert await again.subscribe(market.topic) == [0]
+    await Payer(market, "buyer", again).pay(channel, 5 * market.price)
+    assert await until(lambda: account.paid == 5 * market.price)
+    data, _ = split_messages(await again.got.drain(within=0.5), market.topic)
+    assert data == []
+    assert (account.charged, account.reserved, account.delivered) == (5 * market.price, 0, 5)
+
+
+async def test_held_qos1_messages_of_a_persistent_session_go_to_its_offline_queue(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    market = await start_market(payments=_payments())
+    service = market.service
+    buyer, channel = await market.channel_client(
+        "buyer", client_id="buyer-persistent", clean_session=False
+    )
+    assert await buyer.subscribe(market.topic, qos=1) == [1]
+    device = await market.connected_device()
+    for i in range(10):
+        await device.publish(market.topic, b"q%d" % i, qos=1)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == [b"q%d" % i for i in range(5)]
+    buyer.close()
+    session = market.running.broker._sessions["buyer-persistent"][0]
+    assert await until(lambda: session.retained_messages.qsize() == 5, 5.0)
+    assert service.stats.deliveries_held_dropped == 0
+    account = service.meter.accounts[channel]
+    assert account.charged == 5 * market.price  # queued, not charged
+
+    again = market.client("buyer", client_id="buyer-persistent", clean_session=False)
+    assert await again.connect() == 0
+    await Payer(market, "buyer", again).pay(channel, 5 * market.price)
+    data, _ = split_messages(await again.got.drain(within=1.0), market.topic)
+    assert data == [b"q%d" % i for i in range(5, 10)]  # replayed in order once paid
+    assert account.charged == 10 * market.price
