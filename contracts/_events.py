@@ -311,7 +311,7 @@ class _Batch:
 class EventFollower:
     """Delivers the suite's events once each, ``confirmations`` blocks deep, in chain order.
 
-    ``select``: None for every event of the five contracts, else names such as ``"Market"``
+    ``select``: None for every event of the suite's contracts, else names such as ``"Market"``
     (all its events), ``"PaymentChannels.ChannelOpened"`` or ``"ChannelOpened"``.
     ``start_block`` (default: the deployment block) applies when the store has no cursor.
     Use ``async for event in follower.events()`` (an event counts as delivered once yielded) or
