@@ -53,6 +53,7 @@ from blendsm.contracts._deploy import (
     Deployment,
     contract_at,
     deploy_contract,
+    deploy_later_contracts,
     deploy_suite,
 )
 from blendsm.contracts._devchain import (
@@ -169,6 +170,7 @@ __all__ = [
     "contract_at",
     "decode_revert",
     "deploy_contract",
+    "deploy_later_contracts",
     "deploy_suite",
     "disconnect",
     "enrol_operator",

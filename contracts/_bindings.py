@@ -296,8 +296,8 @@ class Marketplace:
         if self._brokers is None:
             if "Brokers" not in self.deployment.addresses:
                 raise ConfigError(
-                    "this deployment has no Brokers contract (it predates it): redeploy the"
-                    " suite, or add its address to the deployment file"
+                    "this deployment has no Brokers contract (it predates it): add one with"
+                    " `blendsm deploy --chain URL --upgrade FILE`"
                 )
             self._brokers = Brokers(self.w3, self.deployment.address("Brokers"), self.transactor)
         return self._brokers

@@ -7,6 +7,7 @@ broker or client needs to find them again (chain id, addresses, block), saved as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from blendsm.contracts._artifacts import (
     load_artifact,
     load_manifest,
 )
+from blendsm.contracts._revert import chain_errors
 from blendsm.contracts._transactor import Transactor
 from blendsm.errors import ConfigError, TransactionFailedError
 
@@ -33,6 +35,7 @@ __all__ = [
     "Deployment",
     "contract_at",
     "deploy_contract",
+    "deploy_later_contracts",
     "deploy_suite",
 ]
 
@@ -146,3 +149,29 @@ async def deploy_suite(
         challenge_period=challenge_period,
         compiler_version=str(load_manifest()["compilerVersion"]),
     )
+
+
+async def deploy_later_contracts(
+    w3: AsyncWeb3[Any], deployer: LocalAccount, deployment: Deployment, *, confirmations: int = 0
+) -> Deployment:
+    """Deploy the suite contracts an older ``deployment`` lacks (``LATER_CONTRACTS``: Brokers),
+    wired to its Registry and Market; the deployment with their addresses added.
+
+    Anyone may do it: Brokers has no admin, and clients trust the deployment file they are
+    given, not whoever deployed. The deployment block stays: events of the new contracts come
+    later, so following from the old block sees them all.
+    """
+    with chain_errors("chain id"):
+        chain_id = int(await w3.eth.chain_id)
+    if chain_id != deployment.chain_id:
+        raise ConfigError(
+            f"deployment is for chain id {deployment.chain_id}, the endpoint is chain id {chain_id}"
+        )
+    addresses = dict(deployment.addresses)
+    tx = Transactor(w3, deployer, confirmations=confirmations)
+    if "Brokers" not in addresses:
+        brokers = await deploy_contract(
+            tx, "Brokers", deployment.address("Registry"), deployment.address("Market")
+        )
+        addresses["Brokers"] = brokers.address
+    return dataclasses.replace(deployment, addresses=addresses)
