@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blendsm.contracts import (
+    Market,
     Marketplace,
     Role,
     Transactor,
@@ -184,6 +185,8 @@ async def measure() -> list[Row]:
             "operator's first anchor" if batch_id == 1 else "latestBatchId already non-zero",
         )
 
+    await _broker_rows(mp, addr, row)
+
     row(
         "Ratings: rate the other party",
         "Ratings.rate",
@@ -191,6 +194,44 @@ async def measure() -> list[Row]:
         "ratee's first rating",
     )
     return rows
+
+
+async def _broker_rows(mp: dict[str, Marketplace], addr: dict[str, str], row: Any) -> None:
+    """The Brokers contract: an operator's broker registrations, a seller's operator choice."""
+    endpoints = "mqtt://b1.example:1883 mqtts://b1.example:8883 wss://b1.example/mqtt"
+    key, key2 = test_account("gas-broker-1").address, test_account("gas-broker-2").address
+    brokers = mp["operator"].brokers
+    row(
+        "Brokers: register a broker",
+        "Brokers.registerBroker",
+        await brokers.register_broker(key, endpoints),
+        f"operator's first broker, {len(endpoints)}-byte endpoint list",
+    )
+    row(
+        "Brokers: register another broker",
+        "Brokers.registerBroker",
+        await brokers.register_broker(key2, endpoints.replace("b1", "b2")),
+        "operator's list already non-empty",
+    )
+    row(
+        "Brokers: update a broker's endpoints",
+        "Brokers.updateEndpoints",
+        await brokers.update_endpoints(key, endpoints.replace("b1", "c1")),
+        "same length",
+    )
+    row("Brokers: retire a broker", "Brokers.retireBroker", await brokers.retire_broker(key2))
+    row(
+        "Brokers: set a seller's default operators",
+        "Brokers.setSellerOperators",
+        await mp["seller"].brokers.set_seller_operators([addr["operator"]]),
+        "one operator",
+    )
+    row(
+        "Brokers: set a topic's operators",
+        "Brokers.setTopicOperators",
+        await mp["seller"].brokers.set_topic_operators(Market.topic_id(TOPIC), [addr["operator"]]),
+        "one operator",
+    )
 
 
 async def _deploy_token(w3: Any, owner: Any) -> Any:

@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
+from blendsm.broker._broker_directory import BrokerDirectory, DirectorySnapshot
 from blendsm.broker._config_listeners import TlsConfig, server_ssl_context
-from blendsm.contracts import ChannelInfo, TopicInfo
+from blendsm.contracts import BrokerInfo, ChannelInfo, ServingOperators, TopicInfo
 from blendsm.errors import ChainError
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ ANCHORS_MAX: Final = 500
 _VERIFY_TIMEOUT: Final = 10.0
 """Seconds the one ``DataAnchors.verify`` call of a proof request may take."""
 _HEX32 = re.compile(r"0x[0-9a-fA-F]{64}")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _STATIC_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _CONTENT_TYPES: Final = {
     ".html": "text/html; charset=utf-8",
@@ -68,6 +70,24 @@ _CONTENT_TYPES: Final = {
 }
 _STATUS: Final = {"intent": "pending", "sent": "pending", "confirmed": "confirmed"}
 """Leaf store batch states as the API names them (others, e.g. ``failed``, as they are)."""
+
+
+def _broker_json(info: BrokerInfo) -> dict[str, Any]:
+    return {
+        "broker": info.broker_key,
+        "operator": info.operator,
+        "status": info.status.name.lower(),
+        "active": info.active,
+        "registered_at": info.registered_at,
+        "endpoints": list(info.endpoints),
+    }
+
+
+def _serving_json(serving: ServingOperators | None) -> dict[str, Any] | None:
+    """None when not known (no Brokers contract, or not read yet)."""
+    if serving is None:
+        return None
+    return {"any_operator": serving.any_operator, "operators": list(serving.operators)}
 
 
 class _BadRequestError(Exception):
@@ -152,6 +172,11 @@ class HttpServer:
         self.app.router.add_get("/api/channels/{channel_id}", self._channel)
         self.app.router.add_get("/api/anchors", self._anchors)
         self.app.router.add_get("/api/proofs/{leaf}", self._proof)
+        self.app.router.add_get("/api/brokers", self._brokers)
+        self.directory = BrokerDirectory(
+            service.marketplace, lambda: [t.topic_id for t in service.view.all_topics()]
+        )
+        """The Brokers contract's brokers and serving operators, cached (``/api/brokers``)."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -177,6 +202,7 @@ class HttpServer:
     async def stop(self) -> None:
         """Close the listener and open connections, then the read-only store connection."""
         runner, self._runner = self._runner, None
+        await self.directory.close()
         try:
             if runner is not None:
                 await runner.cleanup()
@@ -276,6 +302,7 @@ class HttpServer:
     async def _topics(self, request: web.Request) -> web.Response:
         view = self.service.view
         ratings: dict[str, tuple[int, int]] = {}
+        directory = await self.directory.snapshot()
 
         def row(t: TopicInfo) -> dict[str, Any]:
             count, total = ratings.setdefault(t.seller, view.rating_of(t.seller))
@@ -291,10 +318,31 @@ class HttpServer:
                 "encrypted": t.encrypted,
                 # Ratings.averageX100 / 100: the contract's rounding, as MinRating checks it
                 "rating": {"count": count, "average": (total * 100 // count) / 100 if count else 0},
+                "serving": _serving_json(directory.serving.get(t.topic_id)),
             }
 
         topics = sorted(view.all_topics(), key=lambda t: t.name)
         return _json({"topics": [row(t) for t in topics]})
+
+    async def _brokers(self, request: web.Request) -> web.Response:
+        operator = request.query.get("operator")
+        if operator is not None and not _ADDRESS.fullmatch(operator):
+            raise _BadRequestError(f"operator: must be 0x and 40 hex digits, got {operator[:80]!r}")
+        snapshot = await self.directory.snapshot()
+        rows = [
+            _broker_json(b)
+            for b in snapshot.brokers
+            if operator is None or b.operator.lower() == operator.lower()
+        ]
+        return _json({"brokers": rows, **self._directory_meta(snapshot)})
+
+    def _directory_meta(self, snapshot: DirectorySnapshot) -> dict[str, Any]:
+        age = self.directory.age(snapshot)
+        return {
+            "age_s": None if age is None else round(age, 3),
+            "error": snapshot.error,
+            "truncated": snapshot.truncated,
+        }
 
     async def _channels(self, request: web.Request) -> web.Response:
         return _json({"channels": [self._channel_row(c) for c in self._own_channels()]})

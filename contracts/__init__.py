@@ -1,7 +1,7 @@
 """blendsm.contracts: the on-chain half of BlendSM.
 
 Solidity sources and their committed artifacts, deployment, connection, typed async bindings
-of the five marketplace contracts, the event follower, and development chains (TEST keys only),
+of the marketplace contracts, the event follower, and development chains (TEST keys only),
 in process or served over JSON-RPC (:func:`start_dev_node`, what ``blendsm node`` runs).
 Importing this package imports web3; the device SDK never does.
 """
@@ -13,6 +13,7 @@ from blendsm.contracts._artifacts import (
     COMPILER_SETTINGS,
     CONTRACT_NAMES,
     EVM_VERSION,
+    LATER_CONTRACTS,
     MANIFEST_NAME,
     SOURCES_DIR,
     SUITE_CONTRACTS,
@@ -27,6 +28,11 @@ from blendsm.contracts._bindings import (
     Marketplace,
     Ratings,
     Registry,
+)
+from blendsm.contracts._brokers import (
+    MAX_LISTED_BROKERS,
+    Brokers,
+    split_endpoints,
 )
 from blendsm.contracts._channels import (
     Erc20,
@@ -47,6 +53,7 @@ from blendsm.contracts._deploy import (
     Deployment,
     contract_at,
     deploy_contract,
+    deploy_later_contracts,
     deploy_suite,
 )
 from blendsm.contracts._devchain import (
@@ -77,6 +84,8 @@ from blendsm.contracts._records import (
     ORACLE_ROLE,
     ZERO_ADDRESS,
     AnchorInfo,
+    BrokerInfo,
+    BrokerStatus,
     ChannelInfo,
     ChannelOpening,
     ClaimReceipt,
@@ -86,6 +95,7 @@ from blendsm.contracts._records import (
     Policy,
     RatingInfo,
     Role,
+    ServingOperators,
     Settlement,
     Status,
     TopicCreation,
@@ -108,13 +118,18 @@ __all__ = [
     "DEV_ACCOUNT_LABELS",
     "EMBEDDED",
     "EVM_VERSION",
+    "LATER_CONTRACTS",
     "MANIFEST_NAME",
+    "MAX_LISTED_BROKERS",
     "ORACLE_ROLE",
     "SOURCES_DIR",
     "SUITE_CONTRACTS",
     "ZERO_ADDRESS",
     "AnchorInfo",
     "AnvilNode",
+    "BrokerInfo",
+    "BrokerStatus",
+    "Brokers",
     "CallbackCursorStore",
     "ChainEvent",
     "ChannelInfo",
@@ -142,6 +157,7 @@ __all__ = [
     "Ratings",
     "Registry",
     "Role",
+    "ServingOperators",
     "Settlement",
     "Status",
     "TopicCreation",
@@ -154,6 +170,7 @@ __all__ = [
     "contract_at",
     "decode_revert",
     "deploy_contract",
+    "deploy_later_contracts",
     "deploy_suite",
     "disconnect",
     "enrol_operator",
@@ -165,6 +182,7 @@ __all__ = [
     "repository_root",
     "solc_version",
     "source_hashes",
+    "split_endpoints",
     "start_dev_node",
     "test_account",
     "verify_manifest",

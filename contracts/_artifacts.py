@@ -20,6 +20,7 @@ __all__ = [
     "COMPILER_SETTINGS",
     "CONTRACT_NAMES",
     "EVM_VERSION",
+    "LATER_CONTRACTS",
     "MANIFEST_NAME",
     "SOURCES_DIR",
     "SUITE_CONTRACTS",
@@ -46,7 +47,17 @@ COMPILER_SETTINGS: Final[dict[str, Any]] = {
 }
 
 #: The marketplace suite, in deployment order.
-SUITE_CONTRACTS: Final = ("Registry", "PaymentChannels", "Ratings", "Market", "DataAnchors")
+SUITE_CONTRACTS: Final = (
+    "Registry",
+    "PaymentChannels",
+    "Ratings",
+    "Market",
+    "DataAnchors",
+    "Brokers",
+)
+#: Suite contracts added after the first deployments: a deployment file may lack them (it
+#: predates them), and what needs one says so when asked (e.g. ``Marketplace.brokers``).
+LATER_CONTRACTS: Final = ("Brokers",)
 #: Every contract with an artifact; the last two are TEST ONLY.
 CONTRACT_NAMES: Final = (*SUITE_CONTRACTS, "BlendsmTestToken", "ReentrantToken")
 

@@ -1,7 +1,7 @@
 """Typed async bindings of the marketplace contracts, for the broker and the SDK.
 
 One class per contract, each a web3 contract object plus an optional
-:class:`~blendsm.contracts.Transactor` for writes; :class:`Marketplace` bundles the five from a
+:class:`~blendsm.contracts.Transactor` for writes; :class:`Marketplace` bundles them from a
 :class:`~blendsm.contracts.Deployment`. This module holds membership (Registry), the catalogue
 (Market), anchors and ratings, and the bundle; the money side is in :mod:`._channels`, the
 shared machinery in :mod:`._binding_base`, the returned values in :mod:`._records`.
@@ -32,6 +32,7 @@ from blendsm.contracts._binding_base import (
     none_if_zero,
     tx_fields,
 )
+from blendsm.contracts._brokers import Brokers
 from blendsm.contracts._channels import Erc20, PaymentChannels
 from blendsm.contracts._deploy import Deployment
 from blendsm.contracts._records import (
@@ -263,7 +264,7 @@ class Ratings(Binding):
 
 
 class Marketplace:
-    """The five bindings of one deployment, sharing one Transactor (so nonces never collide).
+    """The bindings of one deployment, sharing one Transactor (so nonces never collide).
 
     Without ``account`` (or ``transactor``) the bundle is read-only and writes raise ConfigError.
     """
@@ -287,6 +288,19 @@ class Marketplace:
         self.channels = PaymentChannels(w3, deployment.address("PaymentChannels"), transactor)
         self.anchors = DataAnchors(w3, deployment.address("DataAnchors"), transactor)
         self.ratings = Ratings(w3, deployment.address("Ratings"), transactor)
+        self._brokers: Brokers | None = None
+
+    @property
+    def brokers(self) -> Brokers:
+        """The Brokers binding; ConfigError if the deployment predates that contract."""
+        if self._brokers is None:
+            if "Brokers" not in self.deployment.addresses:
+                raise ConfigError(
+                    "this deployment has no Brokers contract (it predates it): add one with"
+                    " `blendsm deploy --chain URL --upgrade FILE`"
+                )
+            self._brokers = Brokers(self.w3, self.deployment.address("Brokers"), self.transactor)
+        return self._brokers
 
     @property
     def address(self) -> str | None:

@@ -1,12 +1,13 @@
 """Deploying the marketplace suite and remembering where it went.
 
-:func:`deploy_suite` deploys Registry, PaymentChannels, Ratings, Market and DataAnchors in
+:func:`deploy_suite` deploys Registry, PaymentChannels, Ratings, Market, DataAnchors and Brokers in
 one call, to the embedded chain or any JSON-RPC endpoint; :class:`Deployment` is what a
 broker or client needs to find them again (chain id, addresses, block), saved as JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,13 @@ from web3 import AsyncWeb3
 from web3.contract import AsyncContract
 
 from blendsm import atomic_write_text
-from blendsm.contracts._artifacts import SUITE_CONTRACTS, load_artifact, load_manifest
+from blendsm.contracts._artifacts import (
+    LATER_CONTRACTS,
+    SUITE_CONTRACTS,
+    load_artifact,
+    load_manifest,
+)
+from blendsm.contracts._revert import chain_errors
 from blendsm.contracts._transactor import Transactor
 from blendsm.errors import ConfigError, TransactionFailedError
 
@@ -28,6 +35,7 @@ __all__ = [
     "Deployment",
     "contract_at",
     "deploy_contract",
+    "deploy_later_contracts",
     "deploy_suite",
 ]
 
@@ -72,7 +80,9 @@ class Deployment:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"invalid deployment file: {exc}") from exc
-        missing = [n for n in SUITE_CONTRACTS if n not in dep.addresses]
+        missing = [
+            n for n in SUITE_CONTRACTS if n not in dep.addresses and n not in LATER_CONTRACTS
+        ]
         if missing:
             raise ConfigError(f"deployment file lacks addresses for {', '.join(missing)}")
         return dep
@@ -113,7 +123,7 @@ async def deploy_suite(
     challenge_period: int = DEFAULT_CHALLENGE_PERIOD,
     confirmations: int = 0,
 ) -> Deployment:
-    """Deploy the five marketplace contracts; ``deployer`` becomes the Registry's oracle."""
+    """Deploy the six marketplace contracts; ``deployer`` becomes the Registry's oracle."""
     if challenge_period <= 0:
         raise ConfigError("challenge_period must be positive")
     tx = Transactor(w3, deployer, confirmations=confirmations)
@@ -122,6 +132,7 @@ async def deploy_suite(
     ratings = await deploy_contract(tx, "Ratings", channels.address, registry.address)
     market = await deploy_contract(tx, "Market", registry.address, ratings.address)
     anchors = await deploy_contract(tx, "DataAnchors", registry.address)
+    brokers = await deploy_contract(tx, "Brokers", registry.address, market.address)
     block = await w3.eth.block_number
     return Deployment(
         chain_id=await w3.eth.chain_id,
@@ -131,9 +142,36 @@ async def deploy_suite(
             "Ratings": ratings.address,
             "Market": market.address,
             "DataAnchors": anchors.address,
+            "Brokers": brokers.address,
         },
         block=block,
         deployer=deployer.address,
         challenge_period=challenge_period,
         compiler_version=str(load_manifest()["compilerVersion"]),
     )
+
+
+async def deploy_later_contracts(
+    w3: AsyncWeb3[Any], deployer: LocalAccount, deployment: Deployment, *, confirmations: int = 0
+) -> Deployment:
+    """Deploy the suite contracts an older ``deployment`` lacks (``LATER_CONTRACTS``: Brokers),
+    wired to its Registry and Market; the deployment with their addresses added.
+
+    Anyone may do it: Brokers has no admin, and clients trust the deployment file they are
+    given, not whoever deployed. The deployment block stays: events of the new contracts come
+    later, so following from the old block sees them all.
+    """
+    with chain_errors("chain id"):
+        chain_id = int(await w3.eth.chain_id)
+    if chain_id != deployment.chain_id:
+        raise ConfigError(
+            f"deployment is for chain id {deployment.chain_id}, the endpoint is chain id {chain_id}"
+        )
+    addresses = dict(deployment.addresses)
+    tx = Transactor(w3, deployer, confirmations=confirmations)
+    if "Brokers" not in addresses:
+        brokers = await deploy_contract(
+            tx, "Brokers", deployment.address("Registry"), deployment.address("Market")
+        )
+        addresses["Brokers"] = brokers.address
+    return dataclasses.replace(deployment, addresses=addresses)

@@ -40,7 +40,7 @@ from web3 import AsyncWeb3
 from web3.types import FilterParams, LogReceipt
 
 from blendsm import Jitter, atomic_write_text, backoff_delay
-from blendsm.contracts._artifacts import SUITE_CONTRACTS, load_artifact
+from blendsm.contracts._artifacts import LATER_CONTRACTS, SUITE_CONTRACTS, load_artifact
 from blendsm.contracts._deploy import Deployment
 from blendsm.contracts._records import Policy, Role, Status
 from blendsm.contracts._revert import chain_errors
@@ -206,6 +206,8 @@ class EventDecoder:
                 item["name"]: item for item in load_artifact(name)["abi"] if item["type"] == "event"
             }
             for name in SUITE_CONTRACTS
+            # a deployment older than a later contract (Brokers) has no events of it
+            if name in deployment.addresses or name not in LATER_CONTRACTS
         }
         chosen = _select(by_contract, select)
         self.addresses: dict[str, str] = {}  # lower-case address -> contract name
@@ -309,7 +311,7 @@ class _Batch:
 class EventFollower:
     """Delivers the suite's events once each, ``confirmations`` blocks deep, in chain order.
 
-    ``select``: None for every event of the five contracts, else names such as ``"Market"``
+    ``select``: None for every event of the suite's contracts, else names such as ``"Market"``
     (all its events), ``"PaymentChannels.ChannelOpened"`` or ``"ChannelOpened"``.
     ``start_block`` (default: the deployment block) applies when the store has no cursor.
     Use ``async for event in follower.events()`` (an event counts as delivered once yielded) or

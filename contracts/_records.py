@@ -20,6 +20,8 @@ __all__ = [
     "ORACLE_ROLE",
     "ZERO_ADDRESS",
     "AnchorInfo",
+    "BrokerInfo",
+    "BrokerStatus",
     "ChannelInfo",
     "ChannelOpening",
     "ClaimReceipt",
@@ -29,6 +31,7 @@ __all__ = [
     "Policy",
     "RatingInfo",
     "Role",
+    "ServingOperators",
     "Settlement",
     "Status",
     "TopicCreation",
@@ -69,6 +72,14 @@ class Policy(IntEnum):
     ALLOWLIST = 1
     DENYLIST = 2
     MIN_RATING = 3
+
+
+class BrokerStatus(IntEnum):
+    """``Brokers.BrokerStatus``: a broker key's standing; RETIRED is final."""
+
+    NONE = 0
+    ACTIVE = 1
+    RETIRED = 2
 
 
 # --- results -----------------------------------------------------------------------------
@@ -226,3 +237,32 @@ class RatingInfo:
     def average_x100(self) -> int:
         """The average times 100, rounded down as the contract does; 0 if unrated."""
         return self.total * 100 // self.count if self.count else 0
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerInfo:
+    """``Brokers.broker``: one broker process of an operator. ``endpoints`` are the URLs
+    clients connect to; ``active`` is ``Brokers.isActiveBroker`` (registered, not retired,
+    its operator active), read with the record."""
+
+    broker_key: str
+    operator: str
+    status: BrokerStatus
+    registered_at: int
+    endpoints: tuple[str, ...]
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ServingOperators:
+    """``Brokers.servingOperators``: ``any_operator`` when the seller chose nobody (every
+    active operator may serve), else the chosen operators still active (empty: nobody)."""
+
+    any_operator: bool
+    operators: tuple[str, ...]
+
+    def serves(self, operator: str, operator_active: bool = True) -> bool:
+        """Whether ``operator`` (active or not, as the caller knows) may serve the topic."""
+        if not operator_active:
+            return False
+        return self.any_operator or operator.lower() in {o.lower() for o in self.operators}

@@ -251,8 +251,37 @@
       name.title = t.topic_id;
       let policy = String(t.policy ?? "–").toLowerCase();
       if (t.min_rating) policy += ` (rating ≥ ${t.min_rating})`;
-      return [name, code(t.seller), amount(t.price, t.token), policy, stars(t.rating), flags(t)];
+      return [name, code(t.seller), amount(t.price, t.token), policy, stars(t.rating), flags(t),
+        servedBy(t.serving)];
     });
+  }
+
+  /** Brokers.servingOperators: any active operator, the chosen ones, or nobody (fail closed). */
+  function servedBy(serving) {
+    if (!serving) return "–";
+    if (serving.any_operator) return "any operator";
+    if (!serving.operators.length) return pill("nobody", "bad");
+    const span = document.createElement("span");
+    serving.operators.forEach((op, i) => {
+      if (i) span.appendChild(text(", "));
+      span.appendChild(code(op));
+    });
+    return span;
+  }
+
+  function brokerState(b) {
+    if (b.status === "retired") return pill("retired", "muted");
+    if (!b.active) return pill("operator inactive", "bad");
+    return pill("active", "ok");
+  }
+
+  function renderBrokers(brokers) {
+    fillTable("brokers", brokers, (b) => b.broker, (b) => [
+      code(b.broker),
+      code(b.operator),
+      brokerState(b),
+      (b.endpoints || []).join(" "),
+    ]);
   }
 
   function channelState(ch) {
@@ -344,6 +373,7 @@
       ["api/topics", "topics", (body) => renderTopics(body.topics || [])],
       ["api/channels", "channels", (body) => renderChannels(body.channels || [])],
       [`api/anchors?limit=${ANCHOR_LIMIT}`, "anchors", (body) => renderAnchors(body.anchors || [])],
+      ["api/brokers", "brokers", (body) => renderBrokers(body.brokers || [])],
     ];
     const results = await Promise.allSettled(sources.map(([path]) => getJson(path)));
     let statusError = null;

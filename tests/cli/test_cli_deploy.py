@@ -3,6 +3,7 @@ environment or a keystore, and the errors a first-time user runs into."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -108,3 +109,49 @@ def test_deploy_errors_are_one_clear_line(
     monkeypatch.setenv("DEPLOYER_KEY", "0x" + chain.accounts["stranger"].key.hex())
     assert main(["deploy", "--chain", "http://127.0.0.1:1", "--key-env", "DEPLOYER_KEY"]) == 2
     assert "chain endpoint unavailable" in capsys.readouterr().err
+
+
+@ANVIL
+def test_upgrade_adds_brokers_to_a_deployment_that_predates_it(
+    chain: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deployment file written before the Brokers contract: `--upgrade` deploys only Brokers,
+    wired to that deployment's Registry and Market, and writes the file back; a second run adds
+    nothing."""
+    old = dataclasses.replace(
+        chain.deployment,
+        addresses={k: v for k, v in chain.deployment.addresses.items() if k != "Brokers"},
+    )
+    path = tmp_path / "deployment.json"
+    old.save(path)
+    monkeypatch.setenv("DEPLOYER_KEY", "0x" + chain.accounts["stranger"].key.hex())
+    argv = [
+        "deploy",
+        "--chain",
+        chain.anvil.url,
+        "--key-env",
+        "DEPLOYER_KEY",
+        "--upgrade",
+        str(path),
+    ]
+    assert main(argv) == 0
+    human = capsys.readouterr().out
+    assert human.startswith(f"Added Brokers\nCompleted the BlendSM suite on {chain.anvil.url}")
+    upgraded = Deployment.load(path)
+    assert set(upgraded.addresses) == set(SUITE_CONTRACTS)
+    for name in old.addresses:
+        assert upgraded.address(name) == old.address(name)
+    assert upgraded.block == old.block
+    brokers = chain.w3.eth.contract(address=upgraded.address("Brokers"), abi=chain.Brokers.abi)
+    assert brokers.functions.registry().call() == old.address("Registry")
+    assert brokers.functions.market().call() == old.address("Market")
+    assert upgraded.address("Brokers") != chain.deployment.address("Brokers")  # a new one
+
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("Nothing to add: the suite is complete\n")
+    assert Deployment.load(path) == upgraded
+
+    other = dataclasses.replace(old, chain_id=old.chain_id + 1)
+    other.save(path)
+    assert main(argv) == 2
+    assert "deployment is for chain id" in capsys.readouterr().err

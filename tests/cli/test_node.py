@@ -502,6 +502,40 @@ def test_registry_command_with_the_printed_environment(node: Node, snapshot: Non
     assert (Role(role), Status(status)) == (Role.BUYER, Status.PENDING)
 
 
+def test_operator_registers_a_broker_on_the_node(node: Node, snapshot: None) -> None:
+    """The node's enrolled operator registers a broker with `blendsm operator broker add`;
+    `list --all` and the Brokers contract (plain web3) show it."""
+    env = {
+        **os.environ,
+        "BLENDSM_CHAIN": node.url,
+        "BLENDSM_DEPLOYMENT": node.info["deployment"],
+        "BLENDSM_KEY": node.key("operator"),
+    }
+    key = test_account("node-broker").address
+
+    def blendsm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "blendsm.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+
+    added = blendsm("operator", "broker", "add", key, "--endpoint", "mqtt://127.0.0.1:1883")
+    assert added.returncode == 0, added.stderr
+    listed = blendsm("operator", "broker", "list", "--all", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)["brokers"]
+    operator = node.account("operator").address
+    assert (row["broker"], row["operator"], row["active"]) == (key, operator, True)
+    brokers = node.w3().eth.contract(
+        address=node.deployment.address("Brokers"), abi=load_artifact("Brokers")["abi"]
+    )
+    assert brokers.functions.isActiveBroker(key).call()
+    assert brokers.functions.operatorBrokers(operator).call() == [key]
+
+
 # --- (6) human output and a clean stop ----------------------------------------------------------
 
 

@@ -17,7 +17,8 @@ other under ``--import-mode=importlib``).
 - ``voucher(payer_label, channel_id, amount)``: the payer's 65-byte voucher signature of the
   on-chain ``voucherDigest`` (signed with coincurve, independently of the device SDK).
 - ``open_channel(payer, payee, amount=...)``: open a native-coin channel; the channel id.
-- ``reg``, ``mkt``, ``da``, ``rt``: the functions of Registry, Market, DataAnchors, Ratings.
+- ``reg``, ``mkt``, ``da``, ``rt``, ``brk``: the functions of Registry, Market, DataAnchors,
+  Ratings, Brokers.
 """
 
 from __future__ import annotations
@@ -285,3 +286,4 @@ reg = _functions_of("Registry")
 mkt = _functions_of("Market")
 da = _functions_of("DataAnchors")
 rt = _functions_of("Ratings")
+brk = _functions_of("Brokers")

@@ -23,6 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from blendsm.broker import RunningBroker, parse_config
+from blendsm.contracts import test_account
 from blendsm.device_sdk import (
     ConnectTokenSigner,
     EnvelopeSigner,
@@ -239,6 +240,9 @@ async def test_dashboard_shows_live_market_in_headless_chromium(
             await device.publish(TOPIC, b"reading %d" % i, qos=1)
         assert len([m for m in await buyer.got.drain(within=1.0) if m.topic == TOPIC]) == 3
 
+        broker_key = test_account("dashboard-broker").address
+        await mp("operator").brokers.register_broker(broker_key, "mqtt://b1:1883 wss://b1/mqtt")
+
         page = Page(browser)
         await page.run(lambda: browser.get(dashboard.url))
         await page.until("the paid deliveries", _text_is("#counter-deliveries", "3"), 10)
@@ -258,6 +262,18 @@ async def test_dashboard_shows_live_market_in_headless_chromium(
         seller = chain.addr("seller")
         assert topics[0][1] == f"{seller[:6]}…{seller[-4:]}"
         assert "open" in topics[0][3].lower()
+        assert topics[0][6] == "any operator"  # Brokers.servingOperators: no list set
+        # the broker registered on chain, with its endpoints
+        brokers = await page.rows("brokers")
+        operator = chain.addr("operator")
+        assert brokers == [
+            [
+                f"{broker_key[:6]}…{broker_key[-4:]}",
+                f"{operator[:6]}…{operator[-4:]}",
+                "active",
+                "mqtt://b1:1883 wss://b1/mqtt",
+            ]
+        ]
         assert await page.attr("#health", "data-state") == "healthy"
         assert await page.text("#health") == "chain healthy"
         assert await page.text("#chain-id") == str(deployment.chain_id)

@@ -169,6 +169,8 @@ async def test_status_topics_and_channels_follow_paid_traffic_and_the_chain(
             "paused": on_chain.paused,
             "encrypted": await seller.market.is_encrypted(topic_id),
             "rating": {"count": 0, "average": 0},
+            # no operator list set: any active operator may serve (Brokers.servingOperators)
+            "serving": {"any_operator": True, "operators": []},
         }
     assert topics[0]["policy"] == "min_rating"
     assert topics[0]["min_rating"] == 4.5

@@ -49,12 +49,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds a payee has to claim after a close request (default: %(default)s)",
     )
     deploy.add_argument("--out", type=Path, metavar="FILE", help="write the deployment file here")
+    deploy.add_argument(
+        "--upgrade",
+        type=Path,
+        metavar="FILE",
+        help="deploy only the contracts this older deployment file lacks (Brokers) and write it"
+        " back (or to --out)",
+    )
     deploy.add_argument("--json", action="store_true", help="print one JSON object")
     deploy.set_defaults(func=_cmd_deploy)
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from blendsm.contracts import EMBEDDED, connect, deploy_suite, new_embedded_chain, test_account
+    from blendsm.contracts import (
+        EMBEDDED,
+        Deployment,
+        connect,
+        deploy_later_contracts,
+        deploy_suite,
+        new_embedded_chain,
+        test_account,
+    )
 
     account = signing_account(args, required=False)
     if args.chain == EMBEDDED:
@@ -65,7 +80,17 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         w3 = connect(args.chain)
         if account is None:
             raise ConfigError("deploying to a JSON-RPC endpoint needs --key-env or --keystore")
-    deployment = asyncio.run(deploy_suite(w3, account, challenge_period=args.challenge_period))
+    if args.upgrade is not None:
+        if args.chain == EMBEDDED:
+            raise ConfigError("--upgrade needs --chain URL: the embedded chain starts empty")
+        old = Deployment.load(args.upgrade)
+        deployment = asyncio.run(deploy_later_contracts(w3, account, old))
+        args.out = args.out or args.upgrade
+        added = sorted(set(deployment.addresses) - set(old.addresses))
+        if not args.json:
+            print(f"Added {', '.join(added)}" if added else "Nothing to add: the suite is complete")
+    else:
+        deployment = asyncio.run(deploy_suite(w3, account, challenge_period=args.challenge_period))
     if args.out:
         deployment.save(args.out)
     if args.json:
@@ -76,7 +101,12 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
             if args.chain == EMBEDDED
             else args.chain
         )
-        print(f"Deployed the BlendSM suite to {where}")
+        verb = (
+            "Completed the BlendSM suite on"
+            if args.upgrade is not None
+            else "Deployed the BlendSM suite to"
+        )
+        print(f"{verb} {where}")
         print(
             f"  chain id  {deployment.chain_id}   block {deployment.block}   oracle {deployment.deployer}"
         )

@@ -27,6 +27,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "_contracts",
     "_node",
     "_registry",
+    "_operator",
     "_market",
     "_channel",
     "_rate",

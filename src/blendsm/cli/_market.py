@@ -13,6 +13,7 @@ import argparse
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
+from blendsm.cli._serve import register_serve
 from blendsm.cli._support import (
     Output,
     add_chain_command,
@@ -42,7 +43,7 @@ _TOPIC_ARG = arg("topic", metavar="TOPIC", help="topic name, or its 0x id")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``market`` and its actions to the ``blendsm`` parser."""
     actions = add_command_group(
-        sub, "market", help="topics: list, show, create, update, pause, access"
+        sub, "market", help="topics: list, show, create, update, pause, access, serve"
     )
 
     add_chain_command(
@@ -144,6 +145,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ],
         one_of_required=True,
     )
+    register_serve(actions)
 
 
 # --- values ------------------------------------------------------------------------------
