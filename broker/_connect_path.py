@@ -44,6 +44,7 @@ from transitions import MachineError
 
 from blendsm.broker._access import Identity
 from blendsm.broker._admission import Admission
+from blendsm.broker._conn_reader import PacketStream, read_connect_packet
 from blendsm.broker._delivery import DeliveryPath
 from blendsm.broker._handler import KEEPALIVE_GRACE, abort_connection
 from blendsm.broker._inflight import release_hold
@@ -74,8 +75,13 @@ async def read_connect(
 ) -> tuple[BrokerProtocolHandler, Session]:
     """amqtt's ``BrokerProtocolHandler.init_from_connect``, check for check, making a
     :class:`BlendSession` instead of a Session with its own state Machine, and a handler
-    whose pending SUBSCRIBE/UNSUBSCRIBE queues are :class:`SmallQueue`s."""
-    connect = await ConnectPacket.from_stream(reader)
+    whose pending SUBSCRIBE/UNSUBSCRIBE queues are :class:`SmallQueue`s and that holds no
+    Event until it is stopped. A TCP/TLS connection's CONNECT is cut from its
+    :class:`PacketStream` (whatever follows it stays buffered for the handler)."""
+    if type(reader) is PacketStream:
+        connect = await read_connect_packet(reader)
+    else:
+        connect = await ConnectPacket.from_stream(reader)
     await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
     if connect.variable_header is None:
         raise MQTTError("CONNECT packet: variable header not initialized.")
@@ -134,6 +140,7 @@ async def read_connect(
     handler = BrokerProtocolHandler(plugins_manager)
     handler._pending_subscriptions = SmallQueue()
     handler._pending_unsubscriptions = SmallQueue()
+    handler._reader_stopped = None  # made by start() or stop(): no Event per idle session
     return handler, session
 
 

@@ -1,0 +1,115 @@
+"""The broker's TCP reader (:mod:`blendsm.broker._conn_reader`) over raw sockets.
+
+It cuts packets out of a buffer instead of reading byte by byte, so what it must get right is
+framing at every boundary: a packet split across many segments (here one byte per segment),
+and many packets in one segment. And it handles packets in the reader's own coroutine: the
+Tasks started while a client sends are counted (amqtt 0.12.1 started one per packet, plus one
+``wait_for`` Task per read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from support import connect_packet, publish_packet, subscribe_packet, tasks_started
+
+from .conftest import StartMarket
+
+PINGREQ, PINGRESP = b"\xc0\x00", b"\xd0\x00"
+CONNACK_OK = b"\x20\x02\x00\x00"
+
+
+async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(first byte, body) of the next packet from the broker, within 5 s."""
+
+    async def one() -> tuple[int, bytes]:
+        first = (await reader.readexactly(1))[0]
+        length, shift = 0, 0
+        while True:
+            byte = (await reader.readexactly(1))[0]
+            length += (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        return first, await reader.readexactly(length)
+
+    return await asyncio.wait_for(one(), 5)
+
+
+def _publish_qos1(topic: str, packet_id: int, payload: bytes) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic.encode() + packet_id.to_bytes(2, "big") + payload
+    assert len(body) < 128
+    return bytes([0x32, len(body)]) + body
+
+
+async def test_packets_split_at_every_byte_are_all_handled(start_market: StartMarket) -> None:
+    market = await start_market()
+    reader, writer = await asyncio.open_connection("127.0.0.1", market.port)
+    payload = b"p" * 200  # a remaining length of two bytes, split between them too
+    stream = (
+        connect_packet("split-client", 30)
+        + subscribe_packet(7, "public/split", 0)
+        + PINGREQ
+        + publish_packet("public/split", payload)
+    )
+    for n in range(len(stream)):
+        writer.write(stream[n : n + 1])
+        await writer.drain()
+        await asyncio.sleep(0.002)  # one segment each: the broker reads them one by one
+    first, body = await _packet(reader)
+    assert bytes([first]) + bytes([len(body)]) + body == CONNACK_OK
+    first, body = await _packet(reader)
+    assert first >> 4 == 9
+    assert body == b"\x00\x07\x00"
+    first, body = await _packet(reader)
+    assert first >> 4 == 13  # PINGRESP
+    first, body = await _packet(reader)
+    assert first >> 4 == 3
+    assert body == b"\x00\x0cpublic/split" + payload
+    writer.close()
+
+
+async def test_many_packets_in_one_segment_are_all_handled(start_market: StartMarket) -> None:
+    market = await start_market()
+    reader, writer = await asyncio.open_connection("127.0.0.1", market.port)
+    pings = 40
+    messages = 10
+    stream = connect_packet("batch-client", 30) + subscribe_packet(1, "public/batch", 0)
+    stream += PINGREQ * pings
+    stream += b"".join(_publish_qos1("public/batch", 100 + n, b"m%d" % n) for n in range(messages))
+    writer.write(stream)  # one write: one segment on loopback
+    await writer.drain()
+    kinds: dict[int, int] = {}
+    acked: list[int] = []
+    delivered: list[bytes] = []
+    while len(acked) < messages or len(delivered) < messages or kinds.get(13, 0) < pings:
+        first, body = await _packet(reader)
+        kinds[first >> 4] = kinds.get(first >> 4, 0) + 1
+        if first >> 4 == 4:
+            acked.append(int.from_bytes(body, "big"))
+        elif first >> 4 == 3:
+            delivered.append(body[2 + len("public/batch") :])
+    assert kinds[2] == 1
+    assert kinds[9] == 1
+    assert kinds[13] == pings
+    assert sorted(acked) == [100 + n for n in range(messages)]
+    assert sorted(delivered) == sorted(b"m%d" % n for n in range(messages))
+    writer.close()
+
+
+async def test_no_task_per_received_packet(start_market: StartMarket) -> None:
+    market = await start_market()
+    reader, writer = await asyncio.open_connection("127.0.0.1", market.port)
+    writer.write(connect_packet("counted-client", 30) + subscribe_packet(1, "public/other", 0))
+    assert (await _packet(reader))[0] >> 4 == 2
+    assert (await _packet(reader))[0] >> 4 == 9
+    packets = 60
+    with tasks_started() as started:
+        for n in range(packets // 2):
+            writer.write(PINGREQ + publish_packet("public/nobody", b"x%d" % n))
+            await writer.drain()
+            assert (await _packet(reader))[0] >> 4 == 13
+    assert started, "Tasks are counted (this test's own reads, at least)"
+    per_packet = [name for name in started if "handle_" in name or "from_stream" in name]
+    assert per_packet == []  # amqtt: 60 handler Tasks and 60 wait_for Tasks
+    writer.close()
