@@ -113,3 +113,25 @@ async def test_no_task_per_received_packet(start_market: StartMarket) -> None:
     per_packet = [name for name in started if "handle_" in name or "from_stream" in name]
     assert per_packet == []  # amqtt: 60 handler Tasks and 60 wait_for Tasks
     writer.close()
+
+
+async def test_publishes_sent_with_the_disconnect_all_go_out(start_market: StartMarket) -> None:
+    """PUBLISHes and the DISCONNECT after them arrive in one segment, so the session's loop
+    finds them all ready at once: every PUBLISH is handled before the disconnect."""
+    market = await start_market()
+    sub_reader, sub_writer = await asyncio.open_connection("127.0.0.1", market.port)
+    sub_writer.write(connect_packet("last-words-sub", 30) + subscribe_packet(1, "public/last", 0))
+    assert (await _packet(sub_reader))[0] >> 4 == 2
+    assert (await _packet(sub_reader))[0] >> 4 == 9
+    reader, writer = await asyncio.open_connection("127.0.0.1", market.port)
+    writer.write(connect_packet("last-words-pub", 30))
+    assert (await _packet(reader))[0] >> 4 == 2
+    count = 5
+    writer.write(
+        b"".join(publish_packet("public/last", b"w%d" % n) for n in range(count)) + b"\xe0\x00"
+    )
+    await writer.drain()
+    got = [(await _packet(sub_reader))[1][2 + len("public/last") :] for _ in range(count)]
+    assert got == [b"w%d" % n for n in range(count)]
+    writer.close()
+    sub_writer.close()
