@@ -314,8 +314,12 @@ class MeteredHandler(InflightHandler):
         task = self._reader_task
         running = task is not None and task is not asyncio.current_task() and not task.done()
         stopped: asyncio.Event | None = getattr(self, "_reader_stopped", None)
-        if running and stopped is None:  # a PacketStream reader: made on demand
-            stopped = self._reader_stopped = asyncio.Event()
+        if running and task is not None and stopped is None:
+            # A PacketStream reader: made on demand, and set when the reader's task ends too,
+            # since the reader may already be past the point where it sets it (in its own
+            # final stop()), and would otherwise be waited for in vain.
+            made = self._reader_stopped = stopped = asyncio.Event()
+            task.add_done_callback(lambda _: made.set())
         if running and stopped is not None and not await stop_reader(task, stopped, self.writer):
             self._blendsm.stats.connections_aborted += 1
             stopped.set()  # aborted; amqtt's stop must not wait for it

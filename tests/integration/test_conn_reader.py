@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from support import connect_packet, publish_packet, subscribe_packet, tasks_started
+from support import connect_packet, poll, publish_packet, subscribe_packet, tasks_started
 
 from .conftest import StartMarket
 
@@ -135,3 +135,20 @@ async def test_publishes_sent_with_the_disconnect_all_go_out(start_market: Start
     assert got == [b"w%d" % n for n in range(count)]
     writer.close()
     sub_writer.close()
+
+
+async def test_a_client_that_just_closes_is_cleaned_up_at_once(start_market: StartMarket) -> None:
+    """The reader ends at EOF and stops its handler while the session's loop stops it too:
+    the loop must not wait for a reader that has already finished (it waited 2 s, then
+    counted the connection as aborted and logged a reader that "ignored cancels")."""
+    market = await start_market()
+    broker = market.running.broker
+    stats = market.running.service.stats
+    aborted = stats.connections_aborted
+    reader, writer = await asyncio.open_connection("127.0.0.1", market.port)
+    writer.write(connect_packet("just-closes", 30) + subscribe_packet(1, "public/gone", 0))
+    assert (await _packet(reader))[0] >> 4 == 2
+    assert (await _packet(reader))[0] >> 4 == 9
+    writer.close()  # no DISCONNECT
+    assert await poll(lambda: "just-closes" not in broker._sessions, 1.0)
+    assert stats.connections_aborted == aborted
