@@ -200,6 +200,7 @@ class ConnectPath(DeliveryPath):
             self.logger.warning(
                 "%s:%s: first packet is not a CONNECT: %s", remote_address, remote_port, exc
             )
+            abort_connection(writer)  # MQTT-3.1.0-1: the server closes the connection
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
             self.logger.warning("%s:%s: invalid CONNECT: %s", remote_address, remote_port, exc)
@@ -207,6 +208,9 @@ class ConnectPath(DeliveryPath):
             raise MQTTError(exc) from exc
         except NoDataError as exc:
             self.logger.warning("%s:%s: no data: %s", remote_address, remote_port, exc)
+            # Ended (or refused) before a CONNECT: our side is closed too. amqtt left it to
+            # the garbage collector, and its descriptor with it (a port probe, a health check).
+            abort_connection(writer)
             raise AMQTTError(exc) from exc
         # Our decision first: a refused CONNECT must not take over or delete anything.
         accepted = self.service.authenticate(session)

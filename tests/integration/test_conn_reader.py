@@ -152,3 +152,16 @@ async def test_a_client_that_just_closes_is_cleaned_up_at_once(start_market: Sta
     writer.close()  # no DISCONNECT
     assert await poll(lambda: "just-closes" not in broker._sessions, 1.0)
     assert stats.connections_aborted == aborted
+
+
+async def test_a_connection_that_ends_before_its_connect_is_closed(
+    start_market: StartMarket,
+) -> None:
+    """A port probe or health check: the client half-closes before sending a CONNECT. The
+    broker closes its side (the client reads EOF) instead of leaving the socket to the
+    garbage collector, which held it (and its descriptor) until a full collection."""
+    market = await start_market()
+    reader, writer = await asyncio.open_connection("127.0.0.1", market.port)
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 2.0) == b""
+    writer.close()
