@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Final
 
+from amqtt.adapters import StreamReaderAdapter
+
 from blendsm.broker._config import LimitsConfig
 from blendsm.broker._conn_limits import ConnectionLimits
 from blendsm.broker._conn_rate import ConnectRate
+from blendsm.broker._conn_reader import PacketStream
 from blendsm.broker._handler import abort_connection
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._packet_limit import PacketSizeLimit
@@ -60,9 +63,11 @@ class Admission:
         """A connection admitted by :meth:`enter` has ended."""
         self.limits.leave(address)
 
-    def reader(self, reader: Any, writer: Any, address: str) -> PacketSizeLimit:
+    def reader(self, reader: Any, writer: Any, address: str) -> PacketStream | PacketSizeLimit:
         """``reader`` refusing any packet over ``limits.max_packet_bytes`` once its fixed
-        header is read: the connection is then aborted, the body never read."""
+        header is read: the connection is then aborted, the body never read. A TCP or TLS
+        connection (amqtt's ``StreamReaderAdapter``) is read as whole packets
+        (:class:`PacketStream`); others (WebSocket) through amqtt's reader."""
         limit = self.config.max_packet_bytes
 
         def too_large(size: int) -> None:
@@ -75,4 +80,6 @@ class Admission:
             )
             abort_connection(writer)
 
+        if type(reader) is StreamReaderAdapter:
+            return PacketStream(reader._reader, limit, too_large)
         return PacketSizeLimit(reader, limit, too_large)

@@ -44,6 +44,7 @@ from transitions import MachineError
 
 from blendsm.broker._access import Identity
 from blendsm.broker._admission import Admission
+from blendsm.broker._conn_reader import PacketStream, read_connect_packet
 from blendsm.broker._delivery import DeliveryPath
 from blendsm.broker._handler import KEEPALIVE_GRACE, abort_connection
 from blendsm.broker._inflight import release_hold
@@ -74,8 +75,13 @@ async def read_connect(
 ) -> tuple[BrokerProtocolHandler, Session]:
     """amqtt's ``BrokerProtocolHandler.init_from_connect``, check for check, making a
     :class:`BlendSession` instead of a Session with its own state Machine, and a handler
-    whose pending SUBSCRIBE/UNSUBSCRIBE queues are :class:`SmallQueue`s."""
-    connect = await ConnectPacket.from_stream(reader)
+    whose pending SUBSCRIBE/UNSUBSCRIBE queues are :class:`SmallQueue`s and that holds no
+    Event until it is stopped. A TCP/TLS connection's CONNECT is cut from its
+    :class:`PacketStream` (whatever follows it stays buffered for the handler)."""
+    if type(reader) is PacketStream:
+        connect = await read_connect_packet(reader)
+    else:
+        connect = await ConnectPacket.from_stream(reader)
     await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
     if connect.variable_header is None:
         raise MQTTError("CONNECT packet: variable header not initialized.")
@@ -134,6 +140,7 @@ async def read_connect(
     handler = BrokerProtocolHandler(plugins_manager)
     handler._pending_subscriptions = SmallQueue()
     handler._pending_unsubscriptions = SmallQueue()
+    handler._reader_stopped = None  # made by start() or stop(): no Event per idle session
     return handler, session
 
 
@@ -193,6 +200,7 @@ class ConnectPath(DeliveryPath):
             self.logger.warning(
                 "%s:%s: first packet is not a CONNECT: %s", remote_address, remote_port, exc
             )
+            abort_connection(writer)  # MQTT-3.1.0-1: the server closes the connection
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
             self.logger.warning("%s:%s: invalid CONNECT: %s", remote_address, remote_port, exc)
@@ -200,6 +208,9 @@ class ConnectPath(DeliveryPath):
             raise MQTTError(exc) from exc
         except NoDataError as exc:
             self.logger.warning("%s:%s: no data: %s", remote_address, remote_port, exc)
+            # Ended (or refused) before a CONNECT: our side is closed too. amqtt left it to
+            # the garbage collector, and its descriptor with it (a port probe, a health check).
+            abort_connection(writer)
             raise AMQTTError(exc) from exc
         # Our decision first: a refused CONNECT must not take over or delete anything.
         accepted = self.service.authenticate(session)
@@ -350,7 +361,13 @@ class ConnectPath(DeliveryPath):
     ) -> None:
         """amqtt's loop over a session's DISCONNECT, SUBSCRIBE, UNSUBSCRIBE and PUBLISH,
         without formatting the whole subscription table after each SUBSCRIBE (amqtt's
-        ``logger.debug(repr(self._subscriptions))``, evaluated whatever the log level)."""
+        ``logger.debug(repr(self._subscriptions))``, evaluated whatever the log level). When
+        the session's queues are :class:`SmallQueue`s, the loop waits on them with one future
+        (:meth:`_small_message_loop`), instead of one per queue and ``asyncio.wait``."""
+        queues = _small_queues(client_session, handler)
+        if queues is not None:
+            await self._small_message_loop(client_session, handler, *queues)
+            return
         disconnect_waiter = _disconnect_of(handler)
         subscribe_waiter = _next_of(handler, "_pending_subscriptions")
         unsubscribe_waiter = _next_of(handler, "_pending_unsubscriptions")
@@ -386,6 +403,101 @@ class ConnectPath(DeliveryPath):
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _small_message_loop(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        disconnect: asyncio.Future[Any],
+        subscriptions: SmallQueue[Any],
+        unsubscriptions: SmallQueue[Any],
+        deliveries: SmallQueue[Any],
+    ) -> None:
+        """amqtt's rounds (at most one SUBSCRIBE, one UNSUBSCRIBE and one PUBLISH of those
+        ready, in that order), the items handed on as resolved futures, as amqtt's handlers
+        expect. Once the disconnect is seen, what the client sent before it is handled first,
+        all of it (bounded: what is queued at that moment), then the disconnect: amqtt handled
+        the disconnect first and at most one more PUBLISH, so a PUBLISH sent just before a
+        DISCONNECT could be lost. While nothing is ready the loop waits on one future that a
+        put on any queue, or the disconnect, resolves."""
+        loop = asyncio.get_running_loop()
+        queues = (subscriptions, unsubscriptions, deliveries)
+        try:
+            while True:
+                if disconnect.done():
+                    for _ in range(max(queue.qsize() for queue in queues)):
+                        if not await self._message_round(client_session, handler, *queues):
+                            break
+                    await self._handle_disconnect(client_session, handler, disconnect)
+                    break
+                if not await self._message_round(client_session, handler, *queues):
+                    break
+                if disconnect.done() or any(queue.qsize() for queue in queues):
+                    continue
+                wake: asyncio.Future[None] = loop.create_future()
+                for queue in queues:
+                    queue.watch(wake)
+
+                def woken(_: asyncio.Future[Any], wake: asyncio.Future[None] = wake) -> None:
+                    if not wake.done():
+                        wake.set_result(None)
+
+                disconnect.add_done_callback(woken)
+                try:
+                    await wake
+                finally:
+                    disconnect.remove_done_callback(woken)
+                    for queue in queues:
+                        queue.watch(None)
+        except asyncio.CancelledError:
+            self.logger.debug("Client loop cancelled")
+
+    async def _message_round(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        subscriptions: SmallQueue[Any],
+        unsubscriptions: SmallQueue[Any],
+        deliveries: SmallQueue[Any],
+    ) -> bool:
+        """One round of :meth:`_small_message_loop`; False when the loop must end."""
+        loop = asyncio.get_running_loop()
+        if subscriptions.qsize():
+            item = _resolved(loop, subscriptions.get_nowait())
+            await self._handle_subscription(client_session, handler, item)
+        if unsubscriptions.qsize():
+            item = _resolved(loop, unsubscriptions.get_nowait())
+            await self._handle_unsubscription(client_session, handler, item)
+        if deliveries.qsize():
+            item = _resolved(loop, deliveries.get_nowait())
+            return bool(await self._handle_message_delivery(client_session, handler, item))
+        return True
+
+
+def _small_queues(
+    session: Session, handler: BrokerProtocolHandler
+) -> tuple[asyncio.Future[Any], SmallQueue[Any], SmallQueue[Any], SmallQueue[Any]] | None:
+    """The handler's disconnect future and the session's three queues, when all three are
+    :class:`SmallQueue`s and amqtt's own methods read them; else None."""
+    disconnect: object = handler._disconnect_waiter
+    subscriptions = handler._pending_subscriptions
+    unsubscriptions = handler._pending_unsubscriptions
+    deliveries = getattr(session, "delivered_message_queue", None)
+    if (
+        isinstance(disconnect, asyncio.Future)
+        and type(handler).mqtt_deliver_next_message is _AMQTT_DELIVER
+        and isinstance(subscriptions, SmallQueue)
+        and isinstance(unsubscriptions, SmallQueue)
+        and isinstance(deliveries, SmallQueue)
+    ):
+        return disconnect, subscriptions, unsubscriptions, deliveries
+    return None
+
+
+def _resolved(loop: asyncio.AbstractEventLoop, item: Any) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = loop.create_future()
+    future.set_result(item)
+    return future
 
 
 def _disconnect_of(handler: BrokerProtocolHandler) -> asyncio.Future[Any]:

@@ -17,12 +17,19 @@ import logging
 from typing import Any, Final
 
 from amqtt.adapters import StreamWriterAdapter
+from amqtt.errors import AMQTTError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
-from amqtt.session import INCOMING, IncomingApplicationMessage, OutgoingApplicationMessage
+from amqtt.session import (
+    INCOMING,
+    IncomingApplicationMessage,
+    OutgoingApplicationMessage,
+    Session,
+)
 
 from blendsm.broker._access import Verdict
+from blendsm.broker._conn_reader import PacketStream, read_packets
 from blendsm.broker._handoff import Ticket, is_resend, uncharged
 from blendsm.broker._inflight import InflightHandler
 from blendsm.broker._log_limit import LogLimiter
@@ -41,6 +48,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("blendsm.broker")
+_AMQTT_LOG: Final = logging.getLogger("amqtt.mqtt.protocol.handler")
+"""The logger amqtt's handlers write to, shared by every connection."""
 _KEEPALIVE_LOG: Final = LogLimiter(_log)
 """Silent clients are client-controlled: one log line a minute for them, with a count."""
 _UNHEALTHY_LOG: Final = LogLimiter(_log)
@@ -69,6 +78,49 @@ class MeteredHandler(InflightHandler):
     are :class:`~blendsm.broker._inflight.InflightHandler`'s."""
 
     _blendsm: MarketplaceService
+    _blendsm_idle: asyncio.TimerHandle | None = None
+    """The keepalive check of a :class:`PacketStream` connection (None: no keepalive)."""
+
+    def _init_session(self, session: Session) -> None:
+        """amqtt's, without its ``LoggerAdapter`` per connection (about 0.8 KB each, and the
+        client id it carries reached no log line with the default format)."""
+        if not session:
+            raise AMQTTError("Session cannot be None")
+        self.session = session
+        self.logger = _AMQTT_LOG
+        self.keepalive_timeout = session.keep_alive if session.keep_alive > 0 else None
+
+    async def start(self) -> None:
+        """Start reading. A TCP/TLS connection is read by :func:`read_packets` (one Task for
+        the connection, none per packet; :mod:`blendsm.broker._conn_reader`) with one
+        keepalive timer; a WebSocket connection by amqtt's reader. amqtt's write-timeout
+        timer, rescheduled on every packet sent, is not started: a broker's does nothing."""
+        packets = self.reader
+        if type(packets) is not PacketStream:
+            await super().start()
+            return
+        loop = self._loop
+        waiter: asyncio.Future[Any] | None = getattr(self, "_disconnect_waiter", None)
+        if waiter is None or waiter.done():
+            self._disconnect_waiter = loop.create_future()
+        self._reader_task = loop.create_task(read_packets(self, packets))
+        if self.keepalive_timeout is not None:
+            self._blendsm_idle = loop.call_later(self.keepalive_timeout, self._check_idle)
+        await self._retry_deliveries()
+
+    def _check_idle(self) -> None:
+        """The keepalive timer: silent for the whole timeout since the last bytes read, the
+        client is dropped (:meth:`handle_read_timeout`); else checked again when it would be."""
+        packets = self.reader
+        timeout = self.keepalive_timeout
+        self._blendsm_idle = None
+        if type(packets) is not PacketStream or timeout is None:
+            return
+        idle = self._loop.time() - packets.last_read
+        if idle < timeout:
+            self._blendsm_idle = self._loop.call_later(timeout - idle, self._check_idle)
+            return
+        self.handle_read_timeout()
 
     async def mqtt_publish(
         self,
@@ -256,11 +308,21 @@ class MeteredHandler(InflightHandler):
         a bound, but on Python 3.11 a packet arriving with the cancel makes ``wait_for``
         swallow it and the wait never ends (:mod:`blendsm.broker._shutdown`): cancel until
         the reader has stopped, abort the socket if it will not."""
+        if self._blendsm_idle is not None:
+            self._blendsm_idle.cancel()
+            self._blendsm_idle = None
         task = self._reader_task
         running = task is not None and task is not asyncio.current_task() and not task.done()
-        if running and not await stop_reader(task, self._reader_stopped, self.writer):
+        stopped: asyncio.Event | None = getattr(self, "_reader_stopped", None)
+        if running and task is not None and stopped is None:
+            # A PacketStream reader: made on demand, and set when the reader's task ends too,
+            # since the reader may already be past the point where it sets it (in its own
+            # final stop()), and would otherwise be waited for in vain.
+            made = self._reader_stopped = stopped = asyncio.Event()
+            task.add_done_callback(lambda _: made.set())
+        if running and stopped is not None and not await stop_reader(task, stopped, self.writer):
             self._blendsm.stats.connections_aborted += 1
-            self._reader_stopped.set()  # aborted; amqtt's stop must not wait for it
+            stopped.set()  # aborted; amqtt's stop must not wait for it
         await super().stop()
 
     async def _send_packet(self, packet: Any) -> None:

@@ -20,6 +20,7 @@ from blendsm.broker._blend_broker import BlendBroker
 from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import EMBEDDED, BrokerConfig, resolve_operator_account
 from blendsm.broker._config_listeners import ListenerConfig
+from blendsm.broker._gc_tuning import tune_collector
 from blendsm.broker._listeners import bound_port
 from blendsm.broker._metrics import MetricsServer
 from blendsm.broker._service import MarketplaceService
@@ -165,6 +166,7 @@ async def start_broker(
     """Start the marketplace service and the broker; returns once it accepts connections.
 
     ``view`` and ``settler_options`` override the chain view and settlement tuning (tests)."""
+    tune_collector()
     if chain is None:
         chain = await connect_chain(config)
     service = MarketplaceService(

@@ -24,7 +24,7 @@ T = TypeVar("T")
 class SmallQueue(Generic[T]):
     """FIFO, unbounded; ``put``/``put_nowait``/``get``/``get_nowait``/``empty``/``qsize``."""
 
-    __slots__ = ("_getters", "_items")
+    __slots__ = ("_getters", "_items", "_watcher")
 
     maxsize = 0
     """Unbounded, as amqtt's queues (``full()`` is always False)."""
@@ -32,6 +32,7 @@ class SmallQueue(Generic[T]):
     def __init__(self) -> None:
         self._items: deque[T] | None = None
         self._getters: list[asyncio.Future[None]] | None = None
+        self._watcher: asyncio.Future[None] | None = None
 
     @property
     def _queue(self) -> deque[T]:
@@ -52,7 +53,19 @@ class SmallQueue(Generic[T]):
 
     def put_nowait(self, item: T) -> None:
         self._queue.append(item)
+        watcher = self._watcher
+        if watcher is not None:
+            self._watcher = None
+            if not watcher.done():
+                watcher.set_result(None)
         self._wake_next()
+
+    def watch(self, waker: asyncio.Future[None] | None) -> None:
+        """Resolve ``waker`` at the next put (None: stop watching). One future can watch
+        several queues: a session's message loop waits on all of its queues with one,
+        where ``next_item`` would cost two futures and two callbacks per queue. The watcher
+        takes nothing off the queue; it only says that something arrived."""
+        self._watcher = waker
 
     async def put(self, item: T) -> None:
         self.put_nowait(item)
