@@ -230,12 +230,18 @@ async def run_broadcast(broker: DeliveryPath, running_tasks: deque[asyncio.Task[
     clock = asyncio.get_running_loop().time
     until = clock() + COALESCE_WINDOW
     try:
-        for _ in range(MAX_BATCH):
+        taken = 1
+        while True:
             if claim(broadcast, claimed):
                 await deliver(broker, broadcast, running_tasks, outbox)
+            # Take the next one only if this batch will deliver it: one taken off the queue
+            # at the batch's bound and not delivered would be lost.
+            if taken >= MAX_BATCH:
+                break
             if queue.empty() and not await _next_within(queue, until, clock):
                 break
             broadcast = queue.get_nowait()
+            taken += 1
     finally:
         sent = outbox.flush(broker.service.meter)
         handed(claimed)

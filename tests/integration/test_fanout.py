@@ -5,11 +5,14 @@ honoured. Real broker, real paho clients, real chain."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import tasks_started
+from support import connect_packet, publish_packet, read_packet, tasks_started
 
 from blendsm.broker import BlendBroker, LimitsConfig
 
@@ -145,3 +148,27 @@ async def test_third_party_topic_and_event_plugins_keep_working(
         await until(lambda: (buyer.client_id, "paid/third") in PublishSentRecorder.sent, 5)
         assert (anon.client_id, "public/a") in PublishSentRecorder.sent
         assert (anon.client_id, "blocked/a") not in PublishSentRecorder.sent
+
+
+async def test_a_burst_longer_than_a_batch_is_delivered_whole(market: Market) -> None:
+    """More broadcasts queued than one fan-out batch takes (64): the batch that ends at its
+    bound must not take one more off the queue and leave it undelivered (the 65th message of
+    such a burst was lost without a trace)."""
+    sub = market.client(None)
+    assert await sub.connect() == 0
+    assert await sub.subscribe("public/burst") == [0]
+    count = 3 * 64 + 5
+    burst = b"".join(publish_packet("public/burst", b"m%d" % n) for n in range(count))
+
+    def send() -> None:
+        with socket.create_connection((market.host, market.port), 5) as sock:
+            sock.sendall(connect_packet(f"burst-{time.monotonic_ns()}", 60))
+            connack = read_packet(sock)
+            assert connack is not None
+            assert connack.body[-1] == 0
+            sock.sendall(burst)  # one write: the connection reader takes it in one go
+            time.sleep(0.5)
+
+    await asyncio.to_thread(send)
+    got = await sub.got.drain(within=1.0, until=count)
+    assert [m.payload for m in got] == [b"m%d" % n for n in range(count)]
