@@ -24,11 +24,16 @@ def _flood(port: int, connect: bytes, topic: str, done: threading.Event) -> None
     """Connect as a member, then publish FLOOD wrong-topic control messages without ever
     reading what the broker sends back; keep the socket open until ``done`` (closing with
     unread data resets the connection, and the broker would lose what it has not read)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A small receive buffer set before connecting, so the window is small from the start:
+    # shrunk on an open connection, Linux can stall the flood's own sending for good once the
+    # unread refusals fill it (a zero window whose updates are lost, probes backing off).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
     try:
         sock.sendall(connect)
         assert sock.recv(4) == b"\x20\x02\x00\x00"
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         packet = publish_packet(topic, b"x")
         sock.sendall(packet * FLOOD)
         done.wait(60.0)
