@@ -224,10 +224,11 @@ class _Round:
         """``messages`` back to back: the broker's saturation rate with these clients."""
         time.sleep(0.3)
         self.clients.send(("from", 0.0))
+        packets = [self.pub.prepare(TOPIC, BODY) for _ in range(messages)]
         cpu0 = ask(self.conn, "cpu")
         t0 = time.time()
-        for _ in range(messages):
-            self.pub.publish(TOPIC, BODY)
+        for packet in packets:  # one send each, as a client library publishes
+            self.pub.sock.sendall(packet)
         return self._collect(cpu0, messages, t0, time.time() - t0)
 
     def _collect(self, cpu0: float, messages: int, t0: float, publish_s: float) -> dict[str, Any]:
@@ -298,7 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", type=int, default=5000, help="messages of the saturation run")
     parser.add_argument("--configs", default="abc")
     parser.add_argument("--chain", choices=("anvil", "embedded"), default="anvil")
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="instead: a burst of --burst messages per configuration and round (saturation"
+        " deliveries/s and broker CPU per delivery, ratios to stock)",
+    )
     args = parser.parse_args(argv)
+    if args.throughput:
+        throughput(args)
+        return
     pin("clients")  # the driver (publisher) and every child it spawns, until they re-pin
     start = time.time()
     print(f"latency: 1 pub -> {N_SUBSCRIBERS} raw subs, QoS 0, 64 B; {pinning()}", flush=True)
@@ -357,6 +367,55 @@ def main(argv: list[str] | None = None) -> None:
                 f" (per round {', '.join(f'{d:+.2f}' for d in paired)})"
             )
         print(line)
+    print(f"  load average after: {os.getloadavg()}; total {time.time() - start:.0f} s")
+
+
+def throughput(args: Any) -> None:
+    """Saturation with these clients: a burst per configuration, rounds interleaved."""
+    pin("clients")
+    start = time.time()
+    print(
+        f"throughput: 1 pub -> {N_SUBSCRIBERS} raw subs, QoS 0, 64 B, bursts of {args.burst}"
+        f" messages; paid topic on {args.chain}; {pinning()}; load average {os.getloadavg()}",
+        flush=True,
+    )
+    res: dict[str, list[dict[str, Any]]] = {k: [] for k in args.configs}
+    for r in range(args.rounds):
+        for k in args.configs:
+            try:
+                out = one(k, args.chain, "burst", args.burst)
+            except Exception as exc:
+                print(f"  round {r + 1} {k}: FAILED {exc!r}", flush=True)
+                continue
+            res[k].append(out)
+            print(
+                f"  round {r + 1} {k}: {out['rate']:7.0f} deliveries/s  broker"
+                f" {out['cpu_us']:5.1f} us/delivery  {out['received']}/{out['expected']} received"
+                + (
+                    f"  vouchers {out.get('vouchers_sent', 0)} sent / {out['vouchers_accepted']}"
+                    f" accepted / {out['vouchers_refused']} refused, denied_no_credit"
+                    f" {out['denied_no_credit']}, metered {out['metered']}"
+                    if "denied_no_credit" in out
+                    else ""
+                ),
+                flush=True,
+            )
+    print("median over rounds:")
+    base = {
+        key: statistics.median(x[key] for x in res["a"]) if res.get("a") else float("nan")
+        for key in ("rate", "cpu_us")
+    }
+    for k, rows in res.items():
+        if not rows:
+            continue
+        rate = statistics.median(x["rate"] for x in rows)
+        cpu = statistics.median(x["cpu_us"] for x in rows)
+        rates = [x["rate"] for x in rows]
+        print(
+            f"  {k} {LABELS[k]:28s} {rate:7.0f} deliveries/s ({min(rates):.0f}-{max(rates):.0f})"
+            f"  broker {cpu:5.1f} us/delivery  rate {k}/a {rate / base['rate']:4.2f}"
+            f"  broker-bound {k}/a {base['cpu_us'] / cpu:4.2f}"
+        )
     print(f"  load average after: {os.getloadavg()}; total {time.time() - start:.0f} s")
 
 

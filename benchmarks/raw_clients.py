@@ -307,6 +307,13 @@ class RawPublisher:
         self.build_s += time.perf_counter() - t
         self.sock.sendall(packet)
 
+    def prepare(self, topic: str, body: bytes) -> bytes:
+        """A PUBLISH built (and signed) now, stamped now, to send later (a burst)."""
+        payload = body + TIMESTAMP.pack(time.time())
+        if self._sign is not None:
+            payload = self._sign(topic, payload)
+        return publish_packet(topic, payload)
+
     def close(self) -> None:
         try:
             self.sock.sendall(b"\xe0\x00")  # DISCONNECT
