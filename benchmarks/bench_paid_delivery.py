@@ -6,6 +6,13 @@ run ends within about 210 s even if something hangs, and rounds that would not f
 skipped and said so). The budget was 100 s (+ cleanup) before configuration (d) was added,
 150 s with (d), and is now 200 s (+ cleanup) because (e) costs as much as (c).
 
+Pinned: every broker process runs on one CPU and the driver, the subscriber processes and the
+anvil node on the other(s) (``broker_process.pin``; ``BENCH_PIN=0`` turns it off), so the
+ratios compare brokers, not how the scheduler placed them. On a 2-core machine the 10 paho /
+SDK subscribers then share one core, so the measured rates here are bounded by the clients
+(see the broker CPU per delivery, and ``bench_latency.py --throughput`` for the rate with raw
+clients that cost little).
+
 Each configuration starts its broker in its own process on 127.0.0.1, connects 10 subscribers
 (two processes, five clients each) to ``bench/t`` at QoS 0, then one publisher in the driver
 process sends ``messages`` 64-byte QoS 0 PUBLISHes as fast as it can. Reported per
@@ -27,7 +34,10 @@ Configurations:
      embedded chain, public_topics true) on a public (non-market) topic, with the same plain
      paho clients as (a), anonymous: the cost of our CONNECT identity, access decisions and
      delivery gate on free traffic.
-  c  the BlendSM broker on a paid market topic (``bench/t`` created on chain by the seller,
+  c  the BlendSM broker on a paid market topic, its chain chosen by ``--chain``: ``anvil``
+     (default: an anvil node in its own process, started by the driver, the broker on
+     JSON-RPC exactly as (e) was before, so anchor transactions and chain polling run outside
+     the broker process) or ``embedded`` (the in-process EVM) (``bench/t`` created on chain by the seller,
      price 1000 wei per message): 10 SDK ``Subscriber``s, each its own funded TEST-ONLY key and
      an open channel to the seller naming the broker operator, paying a voucher every
      ``PAY_EVERY`` messages as they arrive; the broker lets a channel owe
@@ -41,8 +51,9 @@ Configurations:
      loop shared with the publisher) GETting /api/status, /api/topics, /api/channels and
      /api/anchors every 100 ms: 10x the dashboard's 1 s poll. Its thread CPU is left out of
      the publisher's CPU figure. The cost of the API is (d) against (c).
-  e  exactly (c), broker and clients alike, but the broker talks to an anvil node over
-     JSON-RPC instead of running the embedded EVM in its own process. The driver starts anvil
+  e  exactly (c) on the embedded EVM inside the broker process, whatever ``--chain`` says
+     (before, (e) was (c) on anvil and (c) was on the embedded EVM; the flag swapped the
+     default). On anvil (``--chain anvil``) the driver starts anvil
      (``AnvilNode``, automine, from ``npm ci``'s node_modules) before the round; the broker
      process funds the same TEST-ONLY accounts with ``anvil_setBalance``, deploys and enrols
      exactly as (c) over JSON-RPC, writes the deployment file and starts the broker from its
@@ -51,9 +62,10 @@ Configurations:
      the operator key from the environment variable ``BENCH_OPERATOR_KEY``. Anchor
      transactions and chain polling then execute in anvil, whose CPU is reported separately;
      the broker's CPU keeps only its own side (signing, JSON-RPC calls). The cost of the
-     embedded EVM is (c) against (e).
+     embedded EVM is (e) against (c) on anvil.
 
-``--latency`` rounds also report the broker's event-loop lag over the measured window (how
+``--latency`` runs ``bench_latency.py`` (raw paced clients; see there). Its rounds also
+report the broker's event-loop lag over the measured window (how
 late a 1 ms timer in the broker process fires: p99, maximum, and the seconds spent in lags
 over 10 ms), to tell a stall inside the broker from queueing elsewhere.
 
