@@ -302,7 +302,8 @@ class _Broker:
         self.proc = ctx.Process(target=target, args=args, daemon=True)
         self.proc.start()
         self.conn = parent
-        if not parent.poll(START_TIMEOUT_S + (sessions / 20 if kind == "paid" else 0)):
+        # paid: the market is set up first (about 3 transactions per member, ~0.15 s each)
+        if not parent.poll(START_TIMEOUT_S + (sessions * 0.3 if kind == "paid" else 0)):
             self.stop()
             raise RuntimeError(f"{kind}: broker did not start in time")
         tag, info = parent.recv()
@@ -449,9 +450,13 @@ def _publish(port: int, topics: list[str], rate: int, seconds: float, qos: int =
 
 def _publish_signed(
     port: int, info: dict[str, Any], topics: list[str], rate: int, seconds: float
-) -> int:
+) -> tuple[int, RawPublisher]:
     """Paid topics: the seller's registered device (CONNECT token) publishes signed envelopes
-    (64-byte payloads), ``rate`` a second in 100 batches a second, like ``_publish``."""
+    (64-byte payloads), ``rate`` a second in 100 batches a second, like ``_publish``. The
+    device stays connected (the caller closes it once the subscribers have counted): a QoS 0
+    PUBLISH still being handled when its publisher's DISCONNECT arrives can be lost without
+    a counter (seen: 1-344 messages of 900 when the device disconnected right after its
+    last publish; reported, not fixed here)."""
     from blendsm.contracts import test_account
 
     pub = RawPublisher(
@@ -472,9 +477,10 @@ def _publish_signed(
                 pub.publish(topics[n % len(topics)], body)
             sent = due
             time.sleep(max(0.0, start + tick / 100 - time.perf_counter()))
-    finally:
+    except BaseException:
         pub.close()
-    return sent
+        raise
+    return sent, pub
 
 
 def run_one(
@@ -515,8 +521,9 @@ def run_one(
         time.sleep(1.0)
         rss1 = broker.rss()
         cpu0 = broker.cpu()
+        device: RawPublisher | None = None
         if kind == "paid":
-            published = _publish_signed(broker.port, broker.info, topics, rate, seconds)
+            published, device = _publish_signed(broker.port, broker.info, topics, rate, seconds)
         else:
             published = _publish(broker.port, topics, rate, seconds, qos)
         expected = published * PER_TOPIC
@@ -530,6 +537,8 @@ def run_one(
             if got != last:
                 last, last_change = got, time.time()
         cpu = broker.cpu() - cpu0
+        if device is not None:
+            device.close()
         extra: dict[str, Any] = {}
         if kind == "paid":
             for _, parent in procs:
@@ -560,18 +569,20 @@ def run_one(
         broker.stop()
 
 
-_OTHER_COUNTERS = (
-    "deliveries_denied",
-    "notices_dropped",
-    "envelopes_refused",
-    "duplicates_dropped",
-    "control_dropped",
-    "inflight_dropped",
-    "connections_aborted",
-    "payment_requests",
-    "vouchers_superseded",
-    "receipts_sent",
-)
+_SHOWN = {  # printed in their own columns or words; every other non-zero counter follows
+    "received",
+    "expected",
+    "lost",
+    "failed",
+    "vouchers_sent",
+    "vouchers_accepted",
+    "vouchers_refused",
+    "receipts",
+    "quotes",
+    "denied_no_credit",
+    "metered",
+    "connects_accepted",
+}
 
 
 def main() -> None:
@@ -631,7 +642,11 @@ def main() -> None:
                     f" {r['vouchers_refused']}, receipts {r.get('receipts', 0)}, quotes"
                     f" {r.get('quotes', 0)}, denied_no_credit {r['denied_no_credit']},"
                     f" metered {r['metered']}; other counters: "
-                    + ", ".join(f"{k} {v}" for k, v in r.items() if k in _OTHER_COUNTERS)
+                    + ", ".join(
+                        f"{k} {v}"
+                        for k, v in r.items()
+                        if k not in _SHOWN and isinstance(v, int) and not isinstance(v, bool) and v
+                    )
                     if kind == "paid"
                     else ""
                 ),
