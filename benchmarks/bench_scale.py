@@ -39,11 +39,22 @@ Brokers:
              ``connect_rate_per_ip`` and ``connect_burst_per_ip`` raised to S + 100 (all
              clients come from 127.0.0.1; the defaults, 10,000 / 1,000 / 50 per s / 1,000,
              would rightly refuse most of them);
-  mosquitto  the Debian ``mosquitto`` binary when installed (skipped, and said so, when not).
+  mosquitto  the Debian ``mosquitto`` binary when installed (skipped, and said so, when not);
+  paid       BlendSM on paid topics: S members (TEST-ONLY keys ``scale-buyer-<i>``), each
+             enrolled as a buyer with a channel open to the seller naming the operator, the S/10
+             topics created on chain (price 1000 wei); set up before the broker starts on an
+             anvil node in its own process (``--chain anvil``, the default; about 3
+             transactions per member) or on the embedded EVM inside the broker process
+             (``--chain embedded``). The subscribers are raw clients that connect with a
+             CONNECT token, take their Quote and pay a voucher every 10 paid messages
+             (``raw_clients.Payer``), credit 50 messages; the publisher is the seller's
+             registered device, signing every envelope. Also printed: set-up time, vouchers,
+             receipts, drops for credit and every other non-zero broker counter. RSS per
+             session is less telling here: the set-up (chain view of S members and channels)
+             grows the broker process before the baseline is read.
 
-Not measured yet: BlendSM on paid topics at this scale (S members, each with a CONNECT token
-and an open channel, paying vouchers from raw clients; set-up on the embedded chain is about
-3 transactions per member). ``bench_paid_delivery.py`` measures the paid path at S = 10.
+Every broker runs pinned to one CPU, the clients, the publisher and the chain node on the
+other(s) (``broker_process.pin``).
 
 The machine is usually shared: figures are indicative; ratios measured in one run travel
 better than absolute numbers.
