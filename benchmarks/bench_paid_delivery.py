@@ -843,9 +843,9 @@ def main() -> None:
         )
     print(
         "  (broker-bound rate = a's broker CPU per delivery / this one's: the rate ratio if the"
-        " broker alone bounded it. Broker, subscribers and publisher share this machine's"
-        f" {os.cpu_count()} cores, so when 'all processes' exceeds a's the clients bound the"
-        " measured rate.)"
+        " broker alone bounded it. The broker has its own core when pinned; subscribers,"
+        " publisher and chain node share the other(s), so when 'all processes' exceeds a's the"
+        " clients bound the measured rate.)"
     )
     if res["c"] and res["d"]:
         rate_c = statistics.median(x["rate"] for x in res["c"])
