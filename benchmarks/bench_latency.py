@@ -39,7 +39,11 @@ default: the chain is an anvil node in its own process, so anchor transactions d
 the broker's event loop; ``--chain embedded``: the in-process EVM of the demo and tests);
 (e) is (c) on the embedded chain whatever ``--chain`` says, to compare the two in one run.
 ``credit_messages`` 50 and ``pay_every`` 10 as in ``bench_paid_delivery.py`` (``BENCH_CREDIT``,
-``BENCH_PAY_EVERY``).
+``BENCH_PAY_EVERY``). ``BENCH_STAGGER=1``: the paying subscribers pay out of phase (member j
+pays its first voucher after ``pay_every - j`` messages) instead of all on the same message.
+``--rate N``: publish N messages/s instead of a fraction of the saturation just measured
+(stock's saturation moves between runs on a shared machine, and the rate with it), to compare
+runs at one rate.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ async def _clients(conn: Any, port: int, kind: str, info: dict[str, Any], n: int
                     info["operator"],
                     info["channels"],
                     paid.PAY_EVERY,
+                    j if STAGGER else 0,
                 )
             ready: asyncio.Future[None] = loop.create_future()
             transport, _ = await loop.create_connection(
@@ -141,6 +146,7 @@ async def _clients(conn: Any, port: int, kind: str, info: dict[str, Any], n: int
         transport.abort()
 
 
+STAGGER = os.environ.get("BENCH_STAGGER", "0") == "1"  # members pay out of phase
 STALL_MS = 20.0  # a round whose broker or client loop ran this late once is marked
 
 
@@ -306,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window per round")
     parser.add_argument("--warmup", type=float, default=1.0, help="not sampled, per round")
     parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--rate", type=float, default=0.0, help="messages/s (0: --fraction)")
     parser.add_argument("--burst", type=int, default=5000, help="messages of the saturation run")
     parser.add_argument("--configs", default="abc")
     parser.add_argument("--chain", choices=("anvil", "embedded"), default="anvil")
@@ -324,11 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"latency: 1 pub -> {N_SUBSCRIBERS} raw subs, QoS 0, 64 B; {pinning()}", flush=True)
     print(f"  load average before: {os.getloadavg()}", flush=True)
     sat = one("a", args.chain, "burst", args.burst)
-    rate = args.fraction * sat["rate"] / N_SUBSCRIBERS
+    rate = args.rate or args.fraction * sat["rate"] / N_SUBSCRIBERS
     print(
         f"  stock saturation {sat['rate']:.0f} deliveries/s ({sat['received']}/{sat['expected']}"
         f" received, broker {sat['cpu_us']:.1f} us/delivery); fixed rate {rate:.0f} messages/s"
-        f" ({args.fraction:.0%}), {rate * N_SUBSCRIBERS:.0f} deliveries/s; warm-up"
+        f" ({rate * N_SUBSCRIBERS / sat['rate']:.0%}), {rate * N_SUBSCRIBERS:.0f} deliveries/s; warm-up"
         f" {args.warmup:.0f} s, measured {args.seconds:.0f} s per round; paid topic on"
         f" {args.chain}",
         flush=True,

@@ -83,7 +83,13 @@ class Payer:
     payer, learnt from the Quote)."""
 
     def __init__(
-        self, key: bytes, chain_id: int, broker: str, channels_contract: str, pay_every: int
+        self,
+        key: bytes,
+        chain_id: int,
+        broker: str,
+        channels_contract: str,
+        pay_every: int,
+        phase: int = 0,
     ) -> None:
         from blendsm.device_sdk import (
             NOTICE,
@@ -100,6 +106,9 @@ class Payer:
         self.notice_topic = control_topic(self.address, NOTICE)
         self.voucher_topic = control_topic(self.address, VOUCHER)
         self.pay_every = pay_every
+        # The first voucher after pay_every - phase messages, then every pay_every: members
+        # that joined together would otherwise all pay on the same message.
+        self._first = max(1, pay_every - phase % pay_every)
         self.channel: bytes | None = None
         self.price = 0
         self.received = 0  # value received (price x paid messages)
@@ -114,7 +123,8 @@ class Payer:
         if self.channel is None or not self.price:
             return None
         self.received += self.price
-        if self.received - self.vouchered >= self.pay_every * self.price:
+        due = self.pay_every if self.vouchered else self._first
+        if self.received - self.vouchered >= due * self.price:
             return self._voucher(self.received, tally)
         return None
 
