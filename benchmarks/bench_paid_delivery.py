@@ -6,6 +6,13 @@ run ends within about 210 s even if something hangs, and rounds that would not f
 skipped and said so). The budget was 100 s (+ cleanup) before configuration (d) was added,
 150 s with (d), and is now 200 s (+ cleanup) because (e) costs as much as (c).
 
+Pinned: every broker process runs on one CPU and the driver, the subscriber processes and the
+anvil node on the other(s) (``broker_process.pin``; ``BENCH_PIN=0`` turns it off), so the
+ratios compare brokers, not how the scheduler placed them. On a 2-core machine the 10 paho /
+SDK subscribers then share one core, so the measured rates here are bounded by the clients
+(see the broker CPU per delivery, and ``bench_latency.py --throughput`` for the rate with raw
+clients that cost little).
+
 Each configuration starts its broker in its own process on 127.0.0.1, connects 10 subscribers
 (two processes, five clients each) to ``bench/t`` at QoS 0, then one publisher in the driver
 process sends ``messages`` 64-byte QoS 0 PUBLISHes as fast as it can. Reported per
@@ -27,7 +34,10 @@ Configurations:
      embedded chain, public_topics true) on a public (non-market) topic, with the same plain
      paho clients as (a), anonymous: the cost of our CONNECT identity, access decisions and
      delivery gate on free traffic.
-  c  the BlendSM broker on a paid market topic (``bench/t`` created on chain by the seller,
+  c  the BlendSM broker on a paid market topic, its chain chosen by ``--chain``: ``anvil``
+     (default: an anvil node in its own process, started by the driver, the broker on
+     JSON-RPC exactly as (e) was before, so anchor transactions and chain polling run outside
+     the broker process) or ``embedded`` (the in-process EVM) (``bench/t`` created on chain by the seller,
      price 1000 wei per message): 10 SDK ``Subscriber``s, each its own funded TEST-ONLY key and
      an open channel to the seller naming the broker operator, paying a voucher every
      ``PAY_EVERY`` messages as they arrive; the broker lets a channel owe
@@ -41,8 +51,9 @@ Configurations:
      loop shared with the publisher) GETting /api/status, /api/topics, /api/channels and
      /api/anchors every 100 ms: 10x the dashboard's 1 s poll. Its thread CPU is left out of
      the publisher's CPU figure. The cost of the API is (d) against (c).
-  e  exactly (c), broker and clients alike, but the broker talks to an anvil node over
-     JSON-RPC instead of running the embedded EVM in its own process. The driver starts anvil
+  e  exactly (c) on the embedded EVM inside the broker process, whatever ``--chain`` says
+     (before, (e) was (c) on anvil and (c) was on the embedded EVM; the flag swapped the
+     default). On anvil (``--chain anvil``) the driver starts anvil
      (``AnvilNode``, automine, from ``npm ci``'s node_modules) before the round; the broker
      process funds the same TEST-ONLY accounts with ``anvil_setBalance``, deploys and enrols
      exactly as (c) over JSON-RPC, writes the deployment file and starts the broker from its
@@ -51,9 +62,10 @@ Configurations:
      the operator key from the environment variable ``BENCH_OPERATOR_KEY``. Anchor
      transactions and chain polling then execute in anvil, whose CPU is reported separately;
      the broker's CPU keeps only its own side (signing, JSON-RPC calls). The cost of the
-     embedded EVM is (c) against (e).
+     embedded EVM is (e) against (c) on anvil.
 
-``--latency`` rounds also report the broker's event-loop lag over the measured window (how
+``--latency`` runs ``bench_latency.py`` (raw paced clients; see there). Its rounds also
+report the broker's event-loop lag over the measured window (how
 late a 1 ms timer in the broker process fires: p99, maximum, and the seconds spent in lags
 over 10 ms), to tell a stall inside the broker from queueing elsewhere.
 
@@ -96,6 +108,8 @@ from broker_process import (
     nodelay,
     own_cpu,
     percentile,
+    pin,
+    pinning,
     proc_cpu,
     quiet,
     run_child,
@@ -124,6 +138,7 @@ RUN_DEADLINE_S = 20.0  # per configuration, from subscriber start
 START_TIMEOUT_S = 40.0  # broker start-up (chain set-up included)
 TOTAL_BUDGET_S = 200.0  # every wait is clamped to end by then; cleanup adds at most ~10 s
 EST_RUN_S = {"a": 10.0, "b": 14.0, "c": 28.0, "d": 28.0, "e": 30.0}  # worst case, for the budget
+CHAIN = os.environ.get("BENCH_CHAIN", "anvil")  # (c), (d): "anvil" (a node) or "embedded"
 OPERATOR_KEY_ENV = "BENCH_OPERATOR_KEY"  # (e): the broker reads its TEST-ONLY key from here
 POLL_PATHS = ("/api/status", "/api/topics", "/api/channels", "/api/anchors")
 POLL_INTERVAL_S = 0.1  # (d): 10x the dashboard's 1 s poll
@@ -265,7 +280,9 @@ def _market_main(conn: Any, data_dir: str, n_buyers: int, http: bool = False) ->
     run_child(conn, run)
 
 
-def _anvil_market_main(conn: Any, data_dir: str, n_buyers: int, url: str) -> None:
+def _anvil_market_main(
+    conn: Any, data_dir: str, n_buyers: int, url: str, http: bool = False
+) -> None:
     """(e): the market of (c), built over JSON-RPC on the anvil node at ``url`` (started by
     the driver): fund the accounts (anvil_setBalance), deploy and enrol exactly as (c), write
     the deployment file, then ``start_broker`` from its config alone (``chain.endpoint`` =
@@ -289,7 +306,7 @@ def _anvil_market_main(conn: Any, data_dir: str, n_buyers: int, url: str) -> Non
         os.environ[OPERATOR_KEY_ENV] = operator.key.hex()  # TEST-ONLY key, this process only
         setup_s = time.time() - t_setup
         node = {"endpoint": url, "deployment": deployment_file, "key_env": OPERATOR_KEY_ENV}
-        running = await start_broker(_blendsm_config(data_dir, node=node))
+        running = await start_broker(_blendsm_config(data_dir, http, node=node))
         conn.send(_market_ready(running, deployment, operator, setup_s))
         await serve(conn, lambda: _blendsm_stats(running), running.stop)
 
@@ -544,7 +561,8 @@ def run_one(
     parent, child = ctx.Pipe()
     data_dir = tempfile.mkdtemp(prefix="bench-paid-")
     anvil: Any = None
-    if kind == "e":
+    on_anvil = kind in ("c", "d") and CHAIN == "anvil"
+    if on_anvil:
         from blendsm.contracts import AnvilNode
 
         t_anvil = time.time()
@@ -555,15 +573,18 @@ def run_one(
         "b": _public_main,
         "c": _market_main,
         "d": _market_main,
-        "e": _anvil_market_main,
+        "e": _market_main,
     }[kind]
     args: tuple[Any, ...] = {
         "a": (child,),
         "b": (child, data_dir),
         "c": (child, data_dir, N_SUBSCRIBERS),
         "d": (child, data_dir, N_SUBSCRIBERS, True),
-        "e": (child, data_dir, N_SUBSCRIBERS, anvil.url if anvil is not None else ""),
+        "e": (child, data_dir, N_SUBSCRIBERS),
     }[kind]
+    if on_anvil:  # the chain is a node of its own: the broker starts from its config alone
+        target = _anvil_market_main
+        args = (child, data_dir, N_SUBSCRIBERS, anvil.url, kind == "d")
     clients = "c" if kind in ("d", "e") else kind  # (d) and (e) use exactly the clients of (c)
     broker = ctx.Process(target=target, args=args, daemon=True)
     try:
@@ -687,7 +708,7 @@ LABELS = {
     "b": "BlendSM, public topic, paho",
     "c": "BlendSM, paid topic, SDK (vouchers)",
     "d": "BlendSM, paid topic + HTTP API polled",
-    "e": "BlendSM, paid topic, SDK, anvil node",
+    "e": "BlendSM, paid, SDK, embedded EVM",
 }
 
 
@@ -703,10 +724,17 @@ def _options() -> Any:
     parser.add_argument("--payload", type=int, default=len(PAYLOAD), help="payload bytes (>= 8)")
     parser.add_argument("--configs", default="".join(LABELS), help="which of abcde to run")
     parser.add_argument(
+        "--chain",
+        choices=("anvil", "embedded"),
+        default=CHAIN,
+        help="the chain of (c) and (d): an anvil node in its own process (default) or the"
+        " embedded EVM inside the broker process; (e) is always the embedded EVM",
+    )
+    parser.add_argument(
         "--latency",
         action="store_true",
-        help="measure stock's saturation rate (a), then run --configs (default abc) at 50%% of"
-        " it and report p50/p99 end-to-end latency",
+        help="run bench_latency.py instead (paced raw clients, p50/p99 at --fraction of stock's"
+        " saturation; rounds = the positional rounds, --configs default abc)",
     )
     parser.add_argument(
         "--fraction",
@@ -718,13 +746,25 @@ def _options() -> Any:
 
 
 def main() -> None:
-    global QOS, PAYLOAD
+    global QOS, PAYLOAD, CHAIN
     options = _options()
-    QOS, PAYLOAD = options.qos, b"x" * max(8, options.payload)
+    QOS, PAYLOAD, CHAIN = options.qos, b"x" * max(8, options.payload), options.chain
     os.environ["BENCH_QOS"], os.environ["BENCH_PAYLOAD"] = str(QOS), str(len(PAYLOAD))
+    os.environ["BENCH_CHAIN"] = CHAIN
     if options.latency:
-        latency_main(options.messages, options.rounds, options.configs, options.fraction)
+        import bench_latency
+
+        configs = options.configs if options.configs != "".join(LABELS) else "abc"
+        bench_latency.main(
+            [
+                f"--rounds={options.rounds}",
+                f"--fraction={options.fraction}",
+                f"--configs={configs}",
+                f"--chain={CHAIN}",
+            ]
+        )
         return
+    pin("clients")  # the driver and its children; each broker process re-pins itself
     messages, rounds = options.messages, options.rounds
     configs = {k: v for k, v in LABELS.items() if k in options.configs}
     start = time.time()
@@ -732,7 +772,8 @@ def main() -> None:
     print(
         f"1 pub -> {N_SUBSCRIBERS} subs, QoS {QOS}, {len(PAYLOAD)} B, {messages} messages,"
         f" {rounds} round(s); paid topic: credit_messages {CREDIT_MESSAGES},"
-        f" pay_every {PAY_EVERY}, price {PRICE} wei",
+        f" pay_every {PAY_EVERY}, price {PRICE} wei; (c)/(d) chain: {CHAIN}\n  {pinning()};"
+        f" load average {os.getloadavg()}",
         flush=True,
     )
     for r in range(rounds):
@@ -754,7 +795,7 @@ def main() -> None:
                 f"  latency p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms"
                 f"  publish {out['publish_s']:.2f} s, last receipt {out['elapsed_s']:.2f} s"
             )
-            if k == "e":
+            if "anvil_cpu_us" in out:
                 line += f"  anvil {out['anvil_cpu_us']:5.1f} us"
             if k in ("c", "d", "e"):
                 line += (
@@ -764,7 +805,11 @@ def main() -> None:
                     f" receipts seen {out.get('sub_receipts', 0)}, payment requests"
                     f" {out['payment_requests']}, in-flight window full"
                     f" {out.get('inflight_dropped', 0)}, chain set-up {out['setup_s']:.1f} s"
-                    + (f" (+ anvil start {out['anvil_start_s']:.1f} s)" if k == "e" else "")
+                    + (
+                        f" (+ anvil start {out['anvil_start_s']:.1f} s)"
+                        if "anvil_start_s" in out
+                        else ""
+                    )
                     + "".join(
                         f", {name[4:]} {n}"
                         for name, n in out.items()
@@ -798,9 +843,9 @@ def main() -> None:
         )
     print(
         "  (broker-bound rate = a's broker CPU per delivery / this one's: the rate ratio if the"
-        " broker alone bounded it. Broker, subscribers and publisher share this machine's"
-        f" {os.cpu_count()} cores, so when 'all processes' exceeds a's the clients bound the"
-        " measured rate.)"
+        " broker alone bounded it. The broker has its own core when pinned; subscribers,"
+        " publisher and chain node share the other(s), so when 'all processes' exceeds a's the"
+        " clients bound the measured rate.)"
     )
     if res["c"] and res["d"]:
         rate_c = statistics.median(x["rate"] for x in res["c"])
@@ -814,79 +859,22 @@ def main() -> None:
             f"  broker CPU {cpu_d / cpu_c:4.2f}  poller {rps:.1f} requests/s (median),"
             f" {failures} failure(s) in all"
         )
-    if res["e"]:
+    if res["c"] and res["e"]:
+        rate_c = statistics.median(x["rate"] for x in res["c"])
+        cpu_c = statistics.median(x["cpu_us"] for x in res["c"])
         rate_e = statistics.median(x["rate"] for x in res["e"])
         cpu_e = statistics.median(x["cpu_us"] for x in res["e"])
-        anvil_e = statistics.median(x["anvil_cpu_us"] for x in res["e"])
-        line = (
-            f"  e (anvil): anvil {anvil_e:5.1f} us/delivery (median; its own process, not in the"
-            f" broker's figure)  e/a: rate {rate_e / base:4.2f}  broker CPU {cpu_e / base_cpu:4.2f}"
+        print(
+            f"  e/c (embedded EVM in the broker process vs chain {CHAIN}): rate"
+            f" {rate_e / rate_c:4.2f}  broker CPU {cpu_e / cpu_c:4.2f}"
         )
-        if res["c"]:
-            rate_c = statistics.median(x["rate"] for x in res["c"])
-            cpu_c = statistics.median(x["cpu_us"] for x in res["c"])
-            line += f"  e/c: rate {rate_e / rate_c:4.2f}  broker CPU {cpu_e / cpu_c:4.2f}"
-        print(line)
-    print(f"total {time.time() - start:.1f} s")
-
-
-def latency_main(messages: int, rounds: int, configs: str, fraction: float = 0.5) -> None:
-    """p50/p99 end-to-end latency (publisher send -> subscriber callback) at a fixed rate:
-    ``fraction`` (50 %) of the messages/s stock amqtt (a) reaches at full speed, measured first
-    in the same run. A configuration that cannot keep up with that rate queues, and its latency
-    then grows with the run's length: compare its deliveries/s with the rate."""
-    kinds = [k for k in (configs if configs != "".join(LABELS) else "abc") if k in LABELS]
-    start = time.time()
-    print(
-        f"latency: 1 pub -> {N_SUBSCRIBERS} subs, QoS {QOS}, {len(PAYLOAD)} B, {messages}"
-        f" messages, {rounds} round(s); paid topic: credit_messages {CREDIT_MESSAGES},"
-        f" pay_every {PAY_EVERY}",
-        flush=True,
-    )
-    saturation = run_one("a", messages, start + TOTAL_BUDGET_S)
-    rate = fraction * saturation["rate"] / N_SUBSCRIBERS
-    print(
-        f"  stock saturation {saturation['rate']:.0f} deliveries/s"
-        f" ({saturation['rate'] / N_SUBSCRIBERS:.0f} messages/s); fixed rate {rate:.0f} messages/s"
-        f" ({fraction:.0%}), {rate * N_SUBSCRIBERS:.0f} deliveries/s",
-        flush=True,
-    )
-    res: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-    for r in range(rounds):
-        for k in kinds:
-            try:
-                out = run_one(k, messages, start + TOTAL_BUDGET_S * 2, rate=rate)
-            except Exception as exc:
-                print(f"  round {r + 1} {k}: FAILED {exc!r}", flush=True)
-                continue
-            res[k].append(out)
-            print(
-                f"  round {r + 1} {k}: p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms"
-                f"  {out['rate']:7.0f} deliveries/s  broker {out['cpu_us']:5.1f} us/delivery"
-                f"  dropped {out['dropped']}"
-                f"  broker loop lag p99 {out.get('lag_p99_ms', float('nan')):.1f} ms,"
-                f" max {out.get('lag_max_ms', float('nan')):.1f} ms,"
-                f" {out.get('lag_over_10ms_s', float('nan')):.2f} s in lags > 10 ms"
-                + (
-                    f"  denied_no_credit {out['denied_no_credit']}, vouchers refused"
-                    f" {out['vouchers_refused']}"
-                    if "denied_no_credit" in out
-                    else ""
-                ),
-                flush=True,
-            )
-    print("median:")
-    p99 = {k: statistics.median(x["p99_ms"] for x in v) for k, v in res.items() if v}
-    p50 = {k: statistics.median(x["p50_ms"] for x in v) for k, v in res.items() if v}
-    for k in p99:
-        line = f"  {k} {LABELS[k]:38s} p50 {p50[k]:6.2f} ms  p99 {p99[k]:6.2f} ms"
-        if "a" in p99 and k != "a":
-            line += (
-                f"  added p99 over a {p99[k] - p99['a']:+6.2f} ms"
-                f"  ratio p50 {p50[k] / p50['a']:4.2f} p99 {p99[k] / p99['a']:4.2f}"
-            )
-        print(line)
-    print(f"total {time.time() - start:.1f} s")
+    anvil_rows = [x["anvil_cpu_us"] for v in res.values() for x in v if "anvil_cpu_us" in x]
+    if anvil_rows:
+        print(
+            f"  anvil node: {statistics.median(anvil_rows):5.1f} us/delivery (median; its own"
+            " process, not in the broker's figure)"
+        )
+    print(f"load average {os.getloadavg()}; total {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -32,12 +32,16 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 __all__ = [
+    "BROKER_CPUS",
+    "CLIENT_CPUS",
     "ask",
     "connect_packet",
     "free_port",
     "nodelay",
     "own_cpu",
     "percentile",
+    "pin",
+    "pinning",
     "proc_cpu",
     "publish_packet",
     "quiet",
@@ -47,6 +51,44 @@ __all__ = [
     "stock_main",
     "subscribe_packet",
 ]
+
+
+# --------------------------------------------------------------------------- CPU pinning
+def _split_cpus() -> tuple[set[int], set[int]]:
+    """The broker's CPUs and the clients' CPUs: the last CPU this process may use for the
+    broker under test, the others for everything else (clients, publisher, chain node).
+    ``BENCH_PIN=0`` (or a single CPU) turns pinning off: both sets are then every CPU."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if os.environ.get("BENCH_PIN", "1") == "0" or len(cpus) < 2:
+        return set(cpus), set(cpus)
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+BROKER_CPUS, CLIENT_CPUS = _split_cpus()
+"""Every broker under test (stock amqtt, BlendSM, mosquitto) runs on ``BROKER_CPUS`` and
+every client process (and the driver, and a chain node) on ``CLIENT_CPUS``, so that a ratio
+between two brokers measures the brokers rather than how the scheduler placed a broker next
+to its own clients. Computed at import, in the driver and (spawned) children alike, from the
+driver's affinity, which children inherit until they pin themselves."""
+
+
+def pin(role: str, pid: int = 0) -> None:
+    """Pin process ``pid`` (0: this one) to the broker's CPUs (``role`` "broker") or the
+    clients' (any other role); a no-op where affinity cannot be set."""
+    cpus = BROKER_CPUS if role == "broker" else CLIENT_CPUS
+    if cpus and hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, cpus)
+
+
+def pinning() -> str:
+    """One line for a benchmark's header: how brokers and clients were placed."""
+    if BROKER_CPUS == CLIENT_CPUS:
+        return f"not pinned (CPUs {sorted(BROKER_CPUS)} shared by broker and clients)"
+    return (
+        f"broker under test pinned to CPU {sorted(BROKER_CPUS)}, clients, publisher and chain"
+        f" node to CPU {sorted(CLIENT_CPUS)} (taskset equivalent: sched_setaffinity)"
+    )
 
 
 # --------------------------------------------------------------------------- the child's side
@@ -70,7 +112,9 @@ def own_cpu() -> float:
 
 
 def run_child(conn: Connection, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run the broker process's coroutine; a failure is reported to the driver at once."""
+    """Run the broker process's coroutine, pinned to the broker's CPUs; a failure is
+    reported to the driver at once."""
+    pin("broker")
     try:
         asyncio.run(run())
     except BaseException as exc:
@@ -243,14 +287,17 @@ def nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
 
 
 # amqtt's packet codec: raw-socket clients need no MQTT library (nor encoder) of their own.
-def connect_packet(client_id: str, keep_alive: int = 0) -> bytes:
-    """MQTT 3.1.1 CONNECT, clean session, anonymous; keepalive 0 is none."""
+def connect_packet(
+    client_id: str, keep_alive: int = 0, username: str | None = None, password: str | None = None
+) -> bytes:
+    """MQTT 3.1.1 CONNECT, clean session; anonymous unless ``username`` (and ``password``, e.g.
+    a BlendSM CONNECT token) are given; keepalive 0 is none."""
     from amqtt.mqtt.connect import ConnectPacket, ConnectPayload, ConnectVariableHeader
 
-    header = ConnectVariableHeader(connect_flags=0x02, keep_alive=keep_alive)
-    data: bytes = ConnectPacket(
-        variable_header=header, payload=ConnectPayload(client_id)
-    ).to_bytes()
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    header = ConnectVariableHeader(connect_flags=flags, keep_alive=keep_alive)
+    payload = ConnectPayload(client_id, username=username, password=password)
+    data: bytes = ConnectPacket(variable_header=header, payload=payload).to_bytes()
     return data
 
 

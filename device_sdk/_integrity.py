@@ -209,9 +209,12 @@ class MessageVerifier:
         self.chain = chain_reader
         self.tracker = tracker if tracker is not None else SequenceTracker()
 
-    def check(self, topic: str, data: bytes) -> Verification:
+    def check(self, topic: str, data: bytes, signed: Envelope | None = None) -> Verification:
         """Every check but the proof (see :meth:`check_proof`); never raises for bad data
-        or an unreachable chain: findings are in the result."""
+        or an unreachable chain: findings are in the result. ``signed``: the envelope of
+        ``data``, already decoded and its signature verified for ``topic`` under this
+        verifier's domain by the caller (the Subscriber does so before paying): the signer is
+        then not recovered a second time; every chain check still runs."""
         error: ChainError | None = None
         try:
             seller = self.chain.seller_of_topic(topic)
@@ -221,7 +224,7 @@ class MessageVerifier:
         if market is False:
             return Verification(topic, False, data)
         try:
-            envelope = decode_envelope(data)
+            envelope = decode_envelope(data) if signed is None else signed
         except EnvelopeError as exc:
             if market is None:  # maybe not a market topic at all: do not accuse anybody
                 return Verification(topic, None, data, error=error)
@@ -251,7 +254,8 @@ class MessageVerifier:
             )
 
         try:
-            verify_envelope(self.domain, topic, envelope)
+            if signed is None:
+                verify_envelope(self.domain, topic, envelope)
         except EnvelopeError as exc:
             return failed(IntegrityKind.BAD_SIGNATURE, str(exc))
         verified: bool | None = None

@@ -64,7 +64,7 @@ from ._control import (
     is_control_topic,
 )
 from ._endpoint import BrokerEndpoint, EndpointArgs, resolve_endpoint
-from ._envelope import decode_envelope, verify_envelope
+from ._envelope import Envelope, decode_envelope, verify_envelope
 from ._integrity import MessageVerifier
 from ._mqtt import Disconnection, ReconnectPolicy, _MqttClient
 from ._payment_book import Book, check_amount
@@ -339,6 +339,7 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
             self._on_anchor_notice(payload)
             return
         events: list[PaymentEvent] = []
+        checked: Envelope | None = None  # a paid envelope whose signature was checked here
         with self._lock:
             self._messages += 1
             quote = self._quotes.get(topic)
@@ -346,7 +347,7 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
                 received = ReceivedMessage(
                     topic, payload, message.qos, bool(message.retain), False, 0, None
                 )
-            elif not self._authentic(topic, payload):
+            elif not (authentic := self._authentic(topic, payload))[0]:
                 # A paid message whose envelope is not validly signed is never paid for: the
                 # broker (which checks every envelope) delivered something it should not have.
                 # The worker reports BAD_SIGNATURE; the dispute is capped by the broker's credit.
@@ -355,6 +356,7 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
                     topic, payload, message.qos, bool(message.retain), False, 0, None
                 )
             else:
+                checked = authentic[1]
                 self._paid_messages += 1
                 book = self._book(quote.channel_id)
                 book.received += quote.price
@@ -374,20 +376,22 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
             self._report(events)
         else:
             self._report(events)
-            self._verification.message_received(received, time.time())
+            self._verification.message_received(received, time.time(), checked)
 
-    def _authentic(self, topic: str, payload: bytes) -> bool:
+    def _authentic(self, topic: str, payload: bytes) -> tuple[bool, Envelope | None]:
         """With verification on: is this a well-formed envelope signed by its device for this
         topic? (~100 us, on paho's thread, before paying; the chain checks follow on the
-        worker.) Always True without a verifier."""
+        worker.) With the envelope when it is, so the worker reuses it instead of decoding it
+        and recovering its signer a second time. Always (True, None) without a verifier."""
         verifier = self.verifier
         if verifier is None:
-            return True
+            return True, None
         try:
-            verify_envelope(verifier.domain, topic, decode_envelope(payload))
+            envelope = decode_envelope(payload)
+            verify_envelope(verifier.domain, topic, envelope)
         except EnvelopeError:
-            return False
-        return True
+            return False, None
+        return True, envelope
 
     # --- integrity (delegated to the verification worker) ------------------------------
 

@@ -162,9 +162,14 @@ class VerificationWorker:
 
     # --- from paho's thread --------------------------------------------------------------
 
-    def message_received(self, message: ReceivedMessage, received_at: float) -> None:
-        """Verify (and decrypt) ``message`` on the worker, then deliver it to the host."""
-        self.submit(lambda: self._verify_message(message, received_at))
+    def message_received(
+        self, message: ReceivedMessage, received_at: float, signed: Envelope | None = None
+    ) -> None:
+        """Verify (and decrypt) ``message`` on the worker, then deliver it to the host.
+        ``signed``: its envelope, already decoded from ``message.payload`` and its signature
+        checked for ``message.topic`` (the host does so before paying for it); the worker
+        then does the chain checks only."""
+        self.submit(lambda: self._verify_message(message, received_at, signed))
 
     def anchor_noticed(self, notice: AnchorNotice) -> None:
         """A batch was anchored: ask for the proofs of the pending sampled messages."""
@@ -202,10 +207,12 @@ class VerificationWorker:
 
     # --- messages ------------------------------------------------------------------------
 
-    def _verify_message(self, message: ReceivedMessage, received_at: float) -> None:
+    def _verify_message(
+        self, message: ReceivedMessage, received_at: float, signed: Envelope | None
+    ) -> None:
         host = self._host
         assert host.verifier is not None
-        checked: Verification = host.verifier.check(message.topic, message.payload)
+        checked: Verification = host.verifier.check(message.topic, message.payload, signed)
         if checked.market is not False and self._record is not None:
             self._record.message(
                 message.topic,

@@ -504,6 +504,53 @@ async def test_a_paid_message_with_a_broken_signature_is_not_paid_for(
         await asyncio.to_thread(sub.disconnect)
 
 
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_a_paid_message_signature_is_recovered_once_by_a_verifying_buyer(
+    market: Market, until: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verifying buyer checks a paid envelope's signature before paying for it (paho's
+    thread); the worker's full check then reuses that envelope instead of decoding it and
+    recovering its signer a second time (one ECDSA recovery per message, not two)."""
+    from blendsm.device_sdk import verify_envelope as real
+
+    recoveries: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:  # the real check, counted
+        recoveries.append(1)
+        return real(*args, **kwargs)
+
+    for module in ("_integrity", "_subscriber"):  # the SDK's two callers of the check
+        monkeypatch.setattr(f"blendsm.device_sdk.{module}.verify_envelope", counting)
+    deployment = market.chain.deployment
+    assert market.chain.anvil is not None
+    sub = market.sdk_subscriber(
+        "buyer",
+        pay_every=1,
+        registry=deployment.address("Registry"),
+        chain_reader=Web3ChainReader(market.chain.anvil.url, deployment),
+    )
+    got: list[ReceivedMessage] = []
+    sub.on_message = lambda _s, m: got.append(m)
+    channel = await sub.open_channel(market.mp("buyer"), market.chain.addr("seller"), 10**15)
+    await market.wait_channel(channel)
+    device = market.sdk_publisher(tmp_path / "device")
+    try:
+        await asyncio.to_thread(sub.connect)
+        assert await asyncio.to_thread(sub.subscribe, market.topic) == 0
+        await asyncio.to_thread(device.connect)
+        for i in (1, 2, 3):
+            await asyncio.to_thread(device.publish, market.topic, b"r%d" % i, qos=1)
+            assert await until(lambda n=i: len(got) == n, 10), got
+        assert await asyncio.to_thread(sub.wait_idle, 10)
+        assert [m.verified for m in got] == [True, True, True]
+        assert [m.paid for m in got] == [True, True, True]
+        assert sub.vouchered(channel) == 3 * market.price
+        assert len(recoveries) == 3  # before: 6, each paid message checked twice
+    finally:
+        await asyncio.to_thread(device.close)
+        await asyncio.to_thread(sub.disconnect)
+
+
 # --------------------------------------------------------------------------- chain reader
 
 
