@@ -27,7 +27,7 @@ from web3 import AsyncWeb3
 from blendsm.broker._access import Identity, Verdict
 from blendsm.broker._anchor_records import AnchorRecord
 from blendsm.broker._anchors import AnchorConfig, Anchorer
-from blendsm.broker._backpressure import Backpressure
+from blendsm.broker._backpressure import Backpressure, publish_size
 from blendsm.broker._chain_errors import (
     CHAIN_ERROR_SOURCES,
     ChainErrors,
@@ -425,7 +425,11 @@ class MarketplaceService(EnvelopeIntake):
         if not ident.key or handler.session is None or handler.writer is None:
             return
         writer = handler.writer
-        transport = writer._writer.transport  # amqtt's StreamWriterAdapter over asyncio's
+        stream = getattr(writer, "_writer", None)  # amqtt's StreamWriterAdapter over asyncio's
+        if stream is None:  # a WebSocket session: its frames are amqtt's to write
+            await self._send_notice_framed(handler, ident, notice)
+            return
+        transport = stream.transport
         if getattr(writer, "is_closed", False) or transport.is_closing():
             return
         data = _publish_qos0(control_topic(ident.key, NOTICE), encode_notice(notice))
@@ -440,6 +444,33 @@ class MarketplaceService(EnvelopeIntake):
             return
         if flow is not None:
             flow.wrote(len(data), 1)
+
+    async def _send_notice_framed(
+        self, handler: BrokerProtocolHandler, ident: Identity, notice: AnyNotice
+    ) -> None:
+        """:meth:`send_notice` for a session whose writer is not an asyncio transport (MQTT
+        over WebSocket): through amqtt's ``mqtt_publish``, which frames and drains, held
+        against the session's outgoing bound while it is written."""
+        from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+        if not ident.key or handler.session is None:
+            return
+        topic = control_topic(ident.key, NOTICE)
+        payload = encode_notice(notice)
+        size = publish_size(topic, payload)
+        flow = self.backpressure.flow(handler.writer)
+        if flow is not None:
+            if not flow.admits(handler.session, size):
+                self.stats.notices_dropped_slow_consumer += 1
+                return
+            flow.task_started(size)
+        try:
+            await BrokerProtocolHandler.mqtt_publish(handler, topic, payload, 0, False)
+        except Exception as exc:
+            self.log.info("notice to %s not sent: %s", ident.address, exc)
+        finally:
+            if flow is not None:
+                flow.task_ended(size)
 
     def _resume_replay(self, session: Session) -> None:
         """A session paused over its outgoing bound drained: replay what was queued."""
