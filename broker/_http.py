@@ -39,7 +39,7 @@ from aiohttp import web
 
 from blendsm.broker._broker_directory import BrokerDirectory, DirectorySnapshot
 from blendsm.broker._config_listeners import TlsConfig, server_ssl_context
-from blendsm.contracts import BrokerInfo, ChannelInfo, ServingOperators, TopicInfo
+from blendsm.contracts import ChannelInfo, ServingOperators, TopicInfo
 from blendsm.errors import ChainError
 
 if TYPE_CHECKING:
@@ -70,17 +70,6 @@ _CONTENT_TYPES: Final = {
 }
 _STATUS: Final = {"intent": "pending", "sent": "pending", "confirmed": "confirmed"}
 """Leaf store batch states as the API names them (others, e.g. ``failed``, as they are)."""
-
-
-def _broker_json(info: BrokerInfo) -> dict[str, Any]:
-    return {
-        "broker": info.broker_key,
-        "operator": info.operator,
-        "status": info.status.name.lower(),
-        "active": info.active,
-        "registered_at": info.registered_at,
-        "endpoints": list(info.endpoints),
-    }
 
 
 def _serving_json(serving: ServingOperators | None) -> dict[str, Any] | None:
@@ -330,7 +319,7 @@ class HttpServer:
             raise _BadRequestError(f"operator: must be 0x and 40 hex digits, got {operator[:80]!r}")
         snapshot = await self.directory.snapshot()
         rows = [
-            _broker_json(b)
+            b.as_json()
             for b in snapshot.brokers
             if operator is None or b.operator.lower() == operator.lower()
         ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from eth_utils import keccak
 
@@ -251,6 +251,17 @@ class BrokerInfo:
     registered_at: int
     endpoints: tuple[str, ...]
     active: bool
+
+    def as_json(self) -> dict[str, Any]:
+        """The broker as the CLI's ``--json`` output and the HTTP API show it."""
+        return {
+            "broker": self.broker_key,
+            "operator": self.operator,
+            "status": self.status.name.lower(),
+            "active": self.active,
+            "registered_at": self.registered_at,
+            "endpoints": list(self.endpoints),
+        }
 
 
 @dataclass(frozen=True, slots=True)

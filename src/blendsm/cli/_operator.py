@@ -11,7 +11,7 @@ passes through this command.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from blendsm.cli._support import (
     DEFAULT_KEY_ENV,
@@ -30,7 +30,7 @@ from blendsm.errors import ConfigError
 if TYPE_CHECKING:
     from blendsm.contracts import BrokerInfo, Marketplace
 
-__all__ = ["broker_json", "register"]
+__all__ = ["register"]
 
 _BROKER_ARG = arg("broker", metavar="BROKER", help="the broker's key address")
 _ENDPOINT_ARG = arg(
@@ -87,18 +87,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
 
 
-def broker_json(info: BrokerInfo) -> dict[str, Any]:
-    """One broker as the ``--json`` output (and the HTTP API) shows it."""
-    return {
-        "broker": info.broker_key,
-        "operator": info.operator,
-        "status": info.status.name.lower(),
-        "active": info.active,
-        "registered_at": info.registered_at,
-        "endpoints": list(info.endpoints),
-    }
-
-
 def _broker_lines(info: BrokerInfo) -> list[str]:
     state = info.status.name.lower()
     if info.status.name == "ACTIVE" and not info.active:
@@ -136,7 +124,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
         info = await _record(mp, broker)
         return tx_output(
             result,
-            {"action": "add", **broker_json(info)},
+            {"action": "add", **info.as_json()},
             f"broker {broker} registered to {info.operator}: {' '.join(info.endpoints)}",
         )
 
@@ -152,7 +140,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
         info = await _record(mp, broker)
         return tx_output(
             result,
-            {"action": "update", **broker_json(info)},
+            {"action": "update", **info.as_json()},
             f"broker {broker} now at {' '.join(info.endpoints)}",
         )
 
@@ -167,7 +155,7 @@ def _cmd_retire(args: argparse.Namespace) -> int:
         info = await _record(mp, broker)
         return tx_output(
             result,
-            {"action": "retire", **broker_json(info)},
+            {"action": "retire", **info.as_json()},
             f"broker {broker} retired for good (clients see it on chain and move)",
         )
 
@@ -202,6 +190,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
         lines = [f"{len(found)} broker{'' if len(found) == 1 else 's'} of {whose}, {active} active"]
         for info in found:
             lines += _broker_lines(info)
-        return {"operator": operator, "brokers": [broker_json(b) for b in found]}, lines
+        return {"operator": operator, "brokers": [b.as_json() for b in found]}, lines
 
     return run_chain_command(args, body, signing=False)

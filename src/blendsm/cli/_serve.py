@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from blendsm.cli._operator import broker_json
 from blendsm.cli._support import (
     Output,
     add_chain_command,
@@ -111,7 +110,7 @@ def _cmd_serving(args: argparse.Namespace) -> int:
             "seller": topic.seller,
             "any_operator": serving.any_operator,
             "operators": list(serving.operators),
-            "brokers": [broker_json(b) for b in brokers],
+            "brokers": [b.as_json() for b in brokers],
         }
         if serving.any_operator:
             head = f"{topic.name}: any active operator may serve"
