@@ -4,18 +4,14 @@ broker, so a broker that is down holds back only its own leg. Real stock amqtt b
 
 from __future__ import annotations
 
-import queue
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from eth_account import Account
-from paho.mqtt.enums import CallbackAPIVersion
-from support.stock_amqtt import StockBroker
+from support.stock_amqtt import EnvelopeReader, StockBroker
 
 from blendsm.device_sdk import (
     BrokerEndpoint,
@@ -23,8 +19,6 @@ from blendsm.device_sdk import (
     MessageDomain,
     MultiHomedPublisher,
     OutboxFullError,
-    decode_envelope,
-    verify_envelope,
 )
 from blendsm.errors import BrokerConnectionError, ConfigError
 
@@ -41,41 +35,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Reader:
-    """A paho subscriber on ``data/#`` (QoS 1) that resubscribes on every connect and
-    verifies each envelope."""
+class Reader(EnvelopeReader):
+    """The shared envelope reader for this module's device; :meth:`envelopes` without topics."""
 
     def __init__(self, port: int) -> None:
-        self.got: queue.Queue[Envelope] = queue.Queue()
-        self.subscribed = threading.Event()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"reader-{port}")
-        c.on_connect = lambda cl, *_a: cl.subscribe("data/#", 1)
-        c.on_subscribe = lambda *_a: self.subscribed.set()
-        c.on_message = self._on_message
-        c.reconnect_delay_set(1, 1)
-        c.connect("127.0.0.1", port, 30)
-        c.loop_start()
-        assert self.subscribed.wait(5)
-        self.mqtt = c
+        super().__init__(port, DOMAIN, DEVICE.address)
 
-    def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
-        envelope = decode_envelope(m.payload)
-        assert verify_envelope(DOMAIN, m.topic, envelope) == DEVICE.address
-        self.got.put(envelope)
-
-    def take(self, n: int, timeout: float = 10.0) -> list[Envelope]:
-        return [self.got.get(timeout=timeout) for _ in range(n)]
-
-    def quiet(self, within: float = 0.3) -> bool:
-        try:
-            self.got.get(timeout=within)
-        except queue.Empty:
-            return True
-        return False
-
-    def close(self) -> None:
-        self.mqtt.disconnect()
-        self.mqtt.loop_stop()
+    def envelopes(self, n: int, timeout: float = 10.0) -> list[Envelope]:
+        return [envelope for _, envelope in self.take(n, timeout)]
 
 
 @pytest.fixture
@@ -115,7 +82,7 @@ def test_every_broker_gets_the_same_signed_stream(
         pub.connect(5)
         sequences = [pub.publish("data/t", b"%d" % i) for i in range(20)]
         pub.flush(10)
-        got = [reader.take(20) for reader in readers]
+        got = [reader.envelopes(20) for reader in readers]
     assert sequences == list(range(1, 21))
     # One signature for both brokers: the same (device, topic, sequence) and the same bytes,
     # which is what lets a subscriber that fails over keep each message once.
@@ -131,12 +98,12 @@ def test_a_broker_down_holds_back_only_its_own_leg_and_loses_nothing(
         pub.connect(5)
         pub.publish("data/t", b"before")
         pub.flush(10)
-        assert [len(r.take(1)) for r in readers] == [1, 1]
+        assert [len(r.envelopes(1)) for r in readers] == [1, 1]
 
         down.stop(5)
         sequences = [pub.publish("data/t", b"%d" % i) for i in range(30)]
         # The live broker's reader gets all 30 while the other broker is away.
-        assert [e.sequence for e in readers[0].take(30)] == sequences
+        assert [e.sequence for e in readers[0].envelopes(30)] == sequences
         leg_up, leg_down = pub.legs
         assert leg_down.pending == 30
         assert not leg_down.connected
@@ -148,7 +115,7 @@ def test_a_broker_down_holds_back_only_its_own_leg_and_loses_nothing(
         assert readers[1].subscribed.wait(10)
         pub.flush(15)
         assert pub.pending == {leg_up.name: 0, leg_down.name: 0}
-    received = [e.sequence for e in readers[1].take(30)]
+    received = [e.sequence for e in readers[1].envelopes(30)]
     assert sorted(set(received)) == sequences  # nothing lost; a resend may repeat one
     assert all(leg.missed == 0 for leg in pub.legs)
 
@@ -163,7 +130,7 @@ def test_a_full_leg_misses_messages_counted_without_blocking_the_others(
         pub.connect(5)  # one broker is enough
         assert pub.connected
         sequences = [pub.publish("data/t", b"%d" % i) for i in range(25)]
-        assert [e.sequence for e in readers[0].take(25)] == sequences
+        assert [e.sequence for e in readers[0].envelopes(25)] == sequences
         leg_down = pub.legs[1]
         assert (leg_down.pending, leg_down.missed) == (10, 15)
         assert pub.legs[0].missed == 0
@@ -203,7 +170,7 @@ def test_backlog_survives_a_device_restart(
     pub = make(ports, tmp_path / "device")
     pub.connect(5)
     sequences = [pub.publish("data/t", b"%d" % i) for i in range(5)]
-    assert [e.sequence for e in readers[0].take(5)] == sequences
+    assert [e.sequence for e in readers[0].envelopes(5)] == sequences
     pub.close()  # the down broker's 5 stay in its leg's outbox on disk
 
     down.start()
@@ -214,7 +181,7 @@ def test_backlog_survives_a_device_restart(
         nxt = again.publish("data/t", b"after restart")
         again.flush(15)
     assert nxt == 6  # no sequence reused after the restart
-    assert sorted({e.sequence for e in readers[1].take(6)}) == [*sequences, 6]
+    assert sorted({e.sequence for e in readers[1].envelopes(6)}) == [*sequences, 6]
 
 
 def test_bad_endpoint_lists_are_config_errors(tmp_path: Path) -> None:

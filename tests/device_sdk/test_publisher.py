@@ -18,25 +18,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 from eth_account import Account
-from paho.mqtt.enums import CallbackAPIVersion
+from support.stock_amqtt import EnvelopeReader
 from support.stock_amqtt import StockBroker as _StockBroker
 
 from blendsm.device_sdk import (
     FLAG_ENCRYPTED,
     Acknowledgement,
     ConnectTokenVerifier,
-    Envelope,
     MessageDomain,
     OutboxFullError,
     Publisher,
     PublisherCallbackAPI,
-    decode_envelope,
-    verify_envelope,
 )
 from blendsm.errors import BrokerConnectionError, BrokerRefusedError, ConfigError
 
@@ -74,41 +70,9 @@ def StockBroker(port: int) -> _StockBroker:  # noqa: N802 (stands for the class 
     return _StockBroker(port, {f"{__name__}.RecordingAuth": {}})
 
 
-class Reader:
-    """A raw paho subscriber on ``data/#`` (QoS 1) that resubscribes on every connect and
-    decodes + verifies each envelope."""
-
-    def __init__(self, port: int) -> None:
-        self.got: queue.Queue[tuple[str, Envelope]] = queue.Queue()
-        self.subscribed = threading.Event()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-reader")
-        c.on_connect = lambda cl, *_a: cl.subscribe("data/#", 1)
-        c.on_subscribe = lambda *_a: self.subscribed.set()
-        c.on_message = self._on_message
-        c.reconnect_delay_set(1, 1)
-        c.connect("127.0.0.1", port, 30)
-        c.loop_start()
-        assert self.subscribed.wait(5)
-        self.mqtt = c
-
-    def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
-        envelope = decode_envelope(m.payload)
-        assert verify_envelope(DOMAIN, m.topic, envelope) == DEVICE.address
-        self.got.put((m.topic, envelope))
-
-    def take(self, n: int, timeout: float = 5.0) -> list[tuple[str, Envelope]]:
-        return [self.got.get(timeout=timeout) for _ in range(n)]
-
-    def quiet(self, within: float = 0.3) -> bool:
-        try:
-            self.got.get(timeout=within)
-        except queue.Empty:
-            return True
-        return False
-
-    def close(self) -> None:
-        self.mqtt.disconnect()
-        self.mqtt.loop_stop()
+def Reader(port: int) -> EnvelopeReader:  # noqa: N802 (stands for the class it makes)
+    """The shared envelope reader, checking this module's device and domain."""
+    return EnvelopeReader(port, DOMAIN, DEVICE.address)
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,15 @@ for testing the device SDK against a broker that is not ours."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from typing import Any
 
+import paho.mqtt.client as mqtt
 from amqtt.broker import Broker
+from paho.mqtt.enums import CallbackAPIVersion
+
+from blendsm.device_sdk import Envelope, MessageDomain, decode_envelope, verify_envelope
 
 
 class StoppableStockBroker(Broker):
@@ -76,3 +81,42 @@ class StockBroker:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
+
+
+class EnvelopeReader:
+    """A raw paho subscriber on ``data/#`` (QoS 1) that resubscribes on every connect and
+    decodes each envelope, checking it was signed by ``device`` in ``domain``; ``got`` holds
+    (topic, envelope) pairs."""
+
+    def __init__(self, port: int, domain: MessageDomain, device: str) -> None:
+        self.domain, self.device = domain, device
+        self.got: queue.Queue[tuple[str, Envelope]] = queue.Queue()
+        self.subscribed = threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-reader-{port}")
+        c.on_connect = lambda cl, *_a: cl.subscribe("data/#", 1)
+        c.on_subscribe = lambda *_a: self.subscribed.set()
+        c.on_message = self._on_message
+        c.reconnect_delay_set(1, 1)
+        c.connect("127.0.0.1", port, 30)
+        c.loop_start()
+        assert self.subscribed.wait(5)
+        self.mqtt = c
+
+    def _on_message(self, _c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
+        envelope = decode_envelope(m.payload)
+        assert verify_envelope(self.domain, m.topic, envelope) == self.device
+        self.got.put((m.topic, envelope))
+
+    def take(self, n: int, timeout: float = 5.0) -> list[tuple[str, Envelope]]:
+        return [self.got.get(timeout=timeout) for _ in range(n)]
+
+    def quiet(self, within: float = 0.3) -> bool:
+        try:
+            self.got.get(timeout=within)
+        except queue.Empty:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.mqtt.disconnect()
+        self.mqtt.loop_stop()
