@@ -215,6 +215,8 @@ class LimitsConfig:
     """Subscription filters one session holds (>= 1); a SUBSCRIBE past it gets 0x80."""
     max_filters_per_identity: int = 1_000
     """Subscription filters all sessions of one member address hold together (>= 1)."""
+    max_incoming_inflight: int = 1_000
+    """QoS 2 messages one session may leave awaiting their PUBREL (>= 1); one more closes it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +526,7 @@ def _parse_limits(data: Mapping[str, Any]) -> LimitsConfig:
         shutdown_seconds=stop,
         max_filters_per_session=_int_limit(data, "max_filters_per_session"),
         max_filters_per_identity=_int_limit(data, "max_filters_per_identity"),
+        max_incoming_inflight=_int_limit(data, "max_incoming_inflight"),
     )
 
 

@@ -55,6 +55,7 @@ _KEEPALIVE_LOG: Final = LogLimiter(_log)
 _UNHEALTHY_LOG: Final = LogLimiter(_log)
 """Market PUBLISHes refused while the chain view is unhealthy: one log line a minute."""
 _HANDOFF_LOG: Final = LogLimiter(_log)
+_INFLIGHT_LOG: Final = LogLimiter(_log)
 """QoS 1 market PUBLISHes acknowledged after HANDOFF_TIMEOUT: one log line a minute."""
 
 HANDOFF_TIMEOUT: Final = 10.0
@@ -80,6 +81,8 @@ class MeteredHandler(InflightHandler):
     _blendsm: MarketplaceService
     _blendsm_idle: asyncio.TimerHandle | None = None
     """The keepalive check of a :class:`PacketStream` connection (None: no keepalive)."""
+    _blendsm_over_inflight: bool = False
+    """Closed for ``limits.max_incoming_inflight``: the packets still buffered are ignored."""
 
     def _init_session(self, session: Session) -> None:
         """amqtt's, without its ``LoggerAdapter`` per connection (about 0.8 KB each, and the
@@ -204,6 +207,23 @@ class MeteredHandler(InflightHandler):
         earlier = None
         if session is not None and publish_packet.qos == 2 and publish_packet.packet_id:
             earlier = session.inflight_in.get(publish_packet.packet_id)
+            limit = service.config.limits.max_incoming_inflight
+            if earlier is None and len(session.inflight_in) >= limit:
+                # Each unreleased QoS 2 message waits for its PUBREL with its payload held:
+                # without a bound, 65,535 packet ids x max_packet_bytes per connection.
+                if self._blendsm_over_inflight:
+                    return
+                self._blendsm_over_inflight = True
+                service.stats.incoming_inflight_refused += 1
+                _INFLIGHT_LOG.note(
+                    "client %r left %d QoS 2 messages awaiting PUBREL"
+                    " (limits.max_incoming_inflight %d): connection closed",
+                    session.client_id,
+                    len(session.inflight_in),
+                    limit,
+                )
+                abort_connection(self.writer)
+                return
         if earlier is not None and (earlier.topic, earlier.data) == (topic, publish_packet.data):
             # A QoS 2 re-send awaiting PUBREL: amqtt delivers it instead of the first copy,
             # so it keeps that copy's verdict (not dropped as that copy's duplicate).

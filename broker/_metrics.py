@@ -226,6 +226,12 @@ class BrokerCollector(Collector):
             stats.packets_too_large,
         )
         yield counter(
+            "incoming_inflight_refused",
+            "Connections closed for leaving over limits.max_incoming_inflight QoS 2 messages"
+            " unreleased.",
+            stats.incoming_inflight_refused,
+        )
+        yield counter(
             "connections_aborted",
             "Connections aborted at a stop instead of closed cleanly.",
             stats.connections_aborted,

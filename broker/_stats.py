@@ -90,6 +90,9 @@ class ServiceStats:
     packets_too_large: int = 0
     """Connections closed for announcing a packet over ``limits.max_packet_bytes`` (its body
     never read)."""
+    incoming_inflight_refused: int = 0
+    """Connections closed for leaving more than ``limits.max_incoming_inflight`` QoS 2
+    messages awaiting their PUBREL."""
     publishes_unacknowledged_unhealthy: int = 0
     """QoS 1/2 PUBLISHes on a market topic not acknowledged (connection closed, the device
     resends) because the chain view was unhealthy."""

@@ -9,7 +9,13 @@ import socket
 import time
 from typing import Any
 
-from support import connect_packet, oversized_publish, seconds_until_closed
+from support import (
+    connect_packet,
+    oversized_publish,
+    publish_packet,
+    read_packet,
+    seconds_until_closed,
+)
 
 from blendsm.broker import LimitsConfig
 
@@ -167,3 +173,54 @@ async def test_connections_over_the_connect_rate_are_closed_at_once(
         c.close()
     await asyncio.sleep(2.1)  # one token back
     assert len(await _connected(market, 1)) == 1
+
+
+def _unreleased_qos2(port: int, count: int) -> tuple[int, bool]:
+    """Send ``count`` QoS 2 PUBLISHes (distinct packet ids) and never a PUBREL: (PUBRECs
+    read, whether the broker closed the connection)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        sock.sendall(connect_packet(f"q2-{time.monotonic_ns()}", 60))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        for packet_id in range(1, count + 1):
+            try:
+                sock.sendall(publish_packet("public/q2", b"x" * 1024, 2, packet_id))
+            except OSError:
+                break
+        pubrecs = 0
+        while True:
+            try:
+                packet = read_packet(sock, 3.0)
+            except (ConnectionError, OSError):
+                return pubrecs, True
+            if packet is None:
+                return pubrecs, False
+            assert packet.kind == 5, packet  # PUBREC
+            pubrecs += 1
+    finally:
+        sock.close()
+
+
+async def test_qos2_publishes_never_released_are_bounded_per_session(
+    start_market: StartMarket,
+) -> None:
+    """A client may leave at most ``limits.max_incoming_inflight`` QoS 2 messages awaiting
+    their PUBREL; one more closes its connection. Without the bound each waits forever, its
+    payload held (65,535 packet ids x ``max_packet_bytes`` per connection)."""
+    market = await start_market(limits=LimitsConfig(max_incoming_inflight=20))
+    sub = market.client(None)
+    assert await sub.connect() == 0
+    assert await sub.subscribe("public/q2", 0) == [0]
+    pubrecs, closed = await asyncio.to_thread(_unreleased_qos2, market.port, 100)
+    assert closed, f"100 unreleased QoS 2 messages held open ({pubrecs} PUBRECs; limit 20)"
+    assert pubrecs <= 20
+    assert market.service.stats.incoming_inflight_refused == 1
+    assert not await sub.got.drain(until=1, within=0.5)  # none was released, none delivered
+    # the same limit leaves a client that releases its messages alone
+    pub = market.client(None)
+    assert await pub.connect() == 0
+    for i in range(50):
+        await pub.publish("public/q2", b"%d" % i, qos=2)
+    got = await sub.got.drain(until=50, within=10)
+    assert len(got) == 50
+    assert market.service.stats.incoming_inflight_refused == 1

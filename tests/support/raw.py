@@ -66,10 +66,10 @@ def connect_packet(
     return b"\x10" + remaining_length(len(body)) + body
 
 
-def publish_packet(topic: str, payload: bytes) -> bytes:
-    """A QoS 0 PUBLISH."""
-    body = _utf8(topic) + payload
-    return b"\x30" + remaining_length(len(body)) + body
+def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0) -> bytes:
+    """A PUBLISH (QoS 0 unless ``qos``; a QoS 1/2 one carries ``packet_id``)."""
+    body = _utf8(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return bytes([0x30 | qos << 1]) + remaining_length(len(body)) + body
 
 
 def subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
