@@ -83,6 +83,46 @@ _HANDLERS: Final = {
 }
 """amqtt's reader dispatch: packet type -> the handler method it calls (the same methods)."""
 
+_FIXED_FLAGS: Final = {
+    CONNECT: 0,
+    PUBACK: 0,
+    PUBREC: 0,
+    PUBREL: 2,
+    PUBCOMP: 0,
+    SUBSCRIBE: 2,
+    UNSUBSCRIBE: 2,
+    PINGREQ: 0,
+    DISCONNECT: 0,
+}
+"""The fixed-header flags MQTT 3.1.1 requires of each packet a client may send other than
+PUBLISH (MQTT-2.2.2-2: any other value is a protocol violation)."""
+_SERVER_ONLY: Final = frozenset((CONNACK, SUBACK, UNSUBACK, PINGRESP))
+"""Packets only a server sends: from a client, a protocol violation."""
+
+
+def violation(header: MQTTFixedHeader, packet: Any) -> str | None:
+    """Why this packet from a client breaks MQTT 3.1.1 (which then requires the connection
+    closed, section 4.8), or None. amqtt's decoder accepts these; its handlers would act on
+    them (a SUBSCRIBE asking QoS 3 got a SUBACK)."""
+    kind, flags = header.packet_type, header.flags
+    if kind in _SERVER_ONLY:
+        return f"a client sent packet type {kind}, which only a server sends"
+    if kind == CONNECT:
+        return "a second CONNECT (MQTT-3.1.0-2)"
+    if kind == PUBLISH:
+        return "PUBLISH with QoS 3 (MQTT-3.3.1-4)" if flags & 0x06 == 0x06 else None
+    if flags != _FIXED_FLAGS.get(kind, flags):
+        return f"packet type {kind} with reserved flags {flags:#x} (MQTT-2.2.2-2)"
+    if kind == SUBSCRIBE:
+        topics = packet.payload.topics
+        if not topics:
+            return "SUBSCRIBE without a topic filter (MQTT-3.8.3-3)"
+        if any(qos > 2 for _, qos in topics):
+            return "SUBSCRIBE requesting QoS > 2 or reserved bits set (MQTT-3-8.3-4)"
+    if kind == UNSUBSCRIBE and not packet.payload.topics:
+        return "UNSUBSCRIBE without a topic filter (MQTT-3.10.3-2)"
+    return None
+
 
 class PacketStream:
     """A connection's incoming MQTT packets, cut from an ``asyncio.StreamReader``.
@@ -219,9 +259,17 @@ async def read_packets(handler: BrokerProtocolHandler, packets: PacketStream) ->
                 break
             try:
                 packet = await decode(header, body)
-            except (MQTTError, NoDataError) as exc:
-                _log.debug("malformed packet discarded: %s", exc)
-                continue
+                wrong = violation(header, packet)
+            except (MQTTError, NoDataError, ValueError, IndexError) as exc:
+                wrong = f"malformed packet of type {kind}: {exc!r}"
+            if wrong is not None:  # MQTT 3.1.1 section 4.8: close the connection
+                stats = getattr(getattr(handler, "_blendsm", None), "stats", None)
+                if stats is not None:
+                    stats.protocol_violations += 1
+                _HANDLER_ERROR_LOG.note(
+                    "client %r: %s: closing", getattr(session, "client_id", None), wrong
+                )
+                break
             await plugins.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=session)
             if kind == PUBLISH and header.flags & 0x06:  # QoS 1 or 2: its flow waits, a Task
                 if flows is None:

@@ -226,6 +226,11 @@ class BrokerCollector(Collector):
             stats.packets_too_large,
         )
         yield counter(
+            "protocol_violations",
+            "Connections closed for a malformed packet or another MQTT protocol violation.",
+            stats.protocol_violations,
+        )
+        yield counter(
             "incoming_inflight_refused",
             "Connections closed for leaving over limits.max_incoming_inflight QoS 2 messages"
             " unreleased.",

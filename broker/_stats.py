@@ -90,6 +90,8 @@ class ServiceStats:
     packets_too_large: int = 0
     """Connections closed for announcing a packet over ``limits.max_packet_bytes`` (its body
     never read)."""
+    protocol_violations: int = 0
+    """Connections closed for a malformed packet or another MQTT 3.1.1 protocol violation."""
     incoming_inflight_refused: int = 0
     """Connections closed for leaving more than ``limits.max_incoming_inflight`` QoS 2
     messages awaiting their PUBREL."""

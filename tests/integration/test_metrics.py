@@ -58,6 +58,7 @@ EXPECTED = {
     "blendsm_publishes_unacknowledged_unhealthy_total",
     "blendsm_packets_too_large_total",
     "blendsm_incoming_inflight_refused_total",
+    "blendsm_protocol_violations_total",
     "blendsm_connections_aborted_total",
     "blendsm_subscriptions_refused_at_limit_total",
     "blendsm_control_dropped_total",
