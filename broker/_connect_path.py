@@ -52,7 +52,7 @@ from blendsm.broker._listeners import certificate_subject
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._session_state import BlendSession
 from blendsm.broker._sessions import SessionKeeper, is_persistent
-from blendsm.broker._small_queue import SmallQueue
+from blendsm.broker._small_queue import ArrivalQueue, SmallQueue
 
 if TYPE_CHECKING:
     from amqtt.plugins.manager import PluginManager
@@ -138,8 +138,8 @@ async def read_connect(
     session.ssl_object = writer.get_ssl_info()
     session.keep_alive = max(connect.keep_alive, 0)
     handler = BrokerProtocolHandler(plugins_manager)
-    handler._pending_subscriptions = SmallQueue()
-    handler._pending_unsubscriptions = SmallQueue()
+    handler._pending_subscriptions = ArrivalQueue()
+    handler._pending_unsubscriptions = ArrivalQueue()
     handler._reader_stopped = None  # made by start() or stop(): no Event per idle session
     return handler, session
 
@@ -460,14 +460,22 @@ class ConnectPath(DeliveryPath):
         unsubscriptions: SmallQueue[Any],
         deliveries: SmallQueue[Any],
     ) -> bool:
-        """One round of :meth:`_small_message_loop`; False when the loop must end."""
+        """One round of :meth:`_small_message_loop`; False when the loop must end. Up to two
+        of the pending SUBSCRIBEs and UNSUBSCRIBEs, in the order the client sent them (amqtt
+        took one SUBSCRIBE, then one UNSUBSCRIBE: an UNSUBSCRIBE and a SUBSCRIBE of the same
+        filter sent together ended unsubscribed), then one PUBLISH."""
         loop = asyncio.get_running_loop()
-        if subscriptions.qsize():
-            item = _resolved(loop, subscriptions.get_nowait())
-            await self._handle_subscription(client_session, handler, item)
-        if unsubscriptions.qsize():
-            item = _resolved(loop, unsubscriptions.get_nowait())
-            await self._handle_unsubscription(client_session, handler, item)
+        for _ in range(2):
+            subscribed = _arrival(subscriptions)
+            unsubscribed = _arrival(unsubscriptions)
+            if subscribed is None and unsubscribed is None:
+                break
+            if unsubscribed is None or (subscribed is not None and subscribed < unsubscribed):
+                item = _resolved(loop, subscriptions.get_nowait())
+                await self._handle_subscription(client_session, handler, item)
+            else:
+                item = _resolved(loop, unsubscriptions.get_nowait())
+                await self._handle_unsubscription(client_session, handler, item)
         if deliveries.qsize():
             item = _resolved(loop, deliveries.get_nowait())
             return bool(await self._handle_message_delivery(client_session, handler, item))
@@ -492,6 +500,14 @@ def _small_queues(
     ):
         return disconnect, subscriptions, unsubscriptions, deliveries
     return None
+
+
+def _arrival(queue: SmallQueue[Any]) -> int | None:
+    """When the oldest pending item of ``queue`` arrived; a plain :class:`SmallQueue` (a
+    handler made elsewhere) counts as older than any :class:`ArrivalQueue`."""
+    if not queue.qsize():
+        return None
+    return queue.head_arrival() if isinstance(queue, ArrivalQueue) else -1
 
 
 def _resolved(loop: asyncio.AbstractEventLoop, item: Any) -> asyncio.Future[Any]:

@@ -13,10 +13,11 @@ queues by :mod:`blendsm.broker._sessions`, a connection's packets by its reader)
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from typing import Generic, TypeVar
 
-__all__ = ["SmallQueue"]
+__all__ = ["ArrivalQueue", "SmallQueue"]
 
 T = TypeVar("T")
 
@@ -141,3 +142,38 @@ class SmallQueue(Generic[T]):
                 break
         if not getters:
             self._getters = None
+
+
+_ARRIVALS = itertools.count()
+"""One order for every :class:`ArrivalQueue` of the process."""
+
+
+class ArrivalQueue(SmallQueue[T]):
+    """A :class:`SmallQueue` that knows when its oldest item arrived relative to any other
+    ArrivalQueue's: a connection's pending SUBSCRIBEs and UNSUBSCRIBEs are two queues (amqtt's
+    handler API), but they must take effect in the order the client sent them (an UNSUBSCRIBE
+    then a SUBSCRIBE of the same filter leaves it subscribed)."""
+
+    __slots__ = ("_arrivals",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._arrivals: deque[int] | None = None
+
+    def put_nowait(self, item: T) -> None:
+        if self._arrivals is None:
+            self._arrivals = deque()
+        self._arrivals.append(next(_ARRIVALS))
+        super().put_nowait(item)
+
+    def head_arrival(self) -> int | None:
+        """When the oldest item arrived (a process-wide order), None if empty."""
+        return self._arrivals[0] if self._arrivals else None
+
+    def _pop(self) -> T:
+        arrivals = self._arrivals
+        assert arrivals  # every item was put with its arrival
+        arrivals.popleft()
+        if not arrivals:
+            self._arrivals = None
+        return super()._pop()

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from blendsm.broker._session_state import BlendSession
-from blendsm.broker._small_queue import SmallQueue
+from blendsm.broker._small_queue import ArrivalQueue, SmallQueue
 
 
 async def test_fifo_and_nowait() -> None:
@@ -102,3 +102,24 @@ def test_blend_session_keeps_a_small_dict_and_pickles_its_slots() -> None:
     assert copy.blendsm_queued_bytes == 10
     assert copy.transitions.state == "connected"
     assert isinstance(copy.retained_messages, SmallQueue)
+
+
+async def test_arrival_queues_share_one_order() -> None:
+    subscriptions: ArrivalQueue[str] = ArrivalQueue()
+    unsubscriptions: ArrivalQueue[str] = ArrivalQueue()
+    assert subscriptions.head_arrival() is None
+    unsubscriptions.put_nowait("unsubscribe a")
+    subscriptions.put_nowait("subscribe a")
+    unsubscriptions.put_nowait("unsubscribe b")
+    order = []
+    while subscriptions.qsize() or unsubscriptions.qsize():
+        s, u = subscriptions.head_arrival(), unsubscriptions.head_arrival()
+        queue = subscriptions if u is None or (s is not None and s < u) else unsubscriptions
+        order.append(queue.get_nowait())
+    assert order == ["unsubscribe a", "subscribe a", "unsubscribe b"]
+    assert subscriptions.head_arrival() is None
+    assert unsubscriptions.head_arrival() is None
+    # get() hands items over with their arrivals, too
+    subscriptions.put_nowait("later")
+    assert await subscriptions.get() == "later"
+    assert subscriptions.head_arrival() is None

@@ -165,3 +165,36 @@ async def test_a_connection_that_ends_before_its_connect_is_closed(
     writer.write_eof()
     assert await asyncio.wait_for(reader.read(), 2.0) == b""
     writer.close()
+
+
+def _unsubscribe(packet_id: int, topic: str) -> bytes:
+    body = packet_id.to_bytes(2, "big") + len(topic).to_bytes(2, "big") + topic.encode()
+    return bytes([0xA2, len(body)]) + body
+
+
+async def test_unsubscribe_then_subscribe_in_one_segment_ends_subscribed(
+    start_market: StartMarket,
+) -> None:
+    """Control packets take effect in the order the client sent them: an UNSUBSCRIBE and a
+    SUBSCRIBE of the same filter sent together (a client changing its QoS) leave the client
+    subscribed. amqtt's session loop handled the SUBSCRIBE of a round before its UNSUBSCRIBE."""
+    market = await start_market()
+    reader, writer = await asyncio.open_connection("127.0.0.1", market.port)
+    writer.write(connect_packet("resubscriber", 30) + subscribe_packet(1, "public/order", 0))
+    await writer.drain()
+    assert (await _packet(reader))[0] >> 4 == 2
+    assert (await _packet(reader))[0] >> 4 == 9
+    for round_ in range(3):
+        writer.write(
+            _unsubscribe(10 + round_, "public/order") + subscribe_packet(20, "public/order", 1)
+        )
+        await writer.drain()
+        answers = [(await _packet(reader))[0] >> 4 for _ in range(2)]
+        assert answers == [11, 9], answers  # UNSUBACK, then SUBACK: in the order sent
+    pub = market.client(None)
+    assert await pub.connect() == 0
+    await pub.publish("public/order", b"still subscribed", qos=1)
+    first, body = await _packet(reader)
+    assert first >> 4 == 3, "the UNSUBSCRIBE took effect after the later SUBSCRIBE"
+    assert body.endswith(b"still subscribed")
+    writer.close()
