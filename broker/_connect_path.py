@@ -64,6 +64,25 @@ _CONNECT_TIMEOUT_LOG: Final = LogLimiter(_log)
 """Idle sockets are client-controlled: one log line a minute for them, with a count."""
 _CERTIFICATE_LOG: Final = LogLimiter(_log)
 """CONNECTs over a verified client certificate: one log line a minute, with a count."""
+_PRE_CONNECT_LOG: Final = LogLimiter(_log, logging.WARNING)
+"""Connections that end, or send something else, before a valid CONNECT (port probes, health
+checks, scanners): one line a minute, with a count."""
+_CLIENT_ID_LOG: Final = LogLimiter(_log, logging.WARNING)
+"""CONNECTs refused for a client id another identity holds: one line a minute."""
+_TAKEOVER_LOG: Final = LogLimiter(_log)
+"""Session take-overs and too-quick reconnects: one line a minute."""
+
+
+class _DropAmqttSessionFailure(logging.Filter):
+    """amqtt logs one more WARNING per connection that failed before its session existed
+    ("Failed to initialize client session: ..."), unbounded; the broker's own line for it is
+    rate-limited (:data:`_PRE_CONNECT_LOG`) and says the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to initialize client session")
+
+
+logging.getLogger("amqtt.broker").addFilter(_DropAmqttSessionFailure())
 _MQTT_3_1_1: Final = 4
 """The protocol level amqtt 0.12.1 speaks."""
 _AMQTT_DELIVER: Final = BrokerProtocolHandler.mqtt_deliver_next_message
@@ -197,17 +216,17 @@ class ConnectPath(DeliveryPath):
             abort_connection(writer)
             raise AMQTTError("CONNECT timeout") from exc
         except AMQTTError as exc:
-            self.logger.warning(
+            _PRE_CONNECT_LOG.note(
                 "%s:%s: first packet is not a CONNECT: %s", remote_address, remote_port, exc
             )
             abort_connection(writer)  # MQTT-3.1.0-1: the server closes the connection
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
-            self.logger.warning("%s:%s: invalid CONNECT: %s", remote_address, remote_port, exc)
+            _PRE_CONNECT_LOG.note("%s:%s: invalid CONNECT: %s", remote_address, remote_port, exc)
             await writer.close()
             raise MQTTError(exc) from exc
         except NoDataError as exc:
-            self.logger.warning("%s:%s: no data: %s", remote_address, remote_port, exc)
+            _PRE_CONNECT_LOG.note("%s:%s: no data: %s", remote_address, remote_port, exc)
             # Ended (or refused) before a CONNECT: our side is closed too. amqtt left it to
             # the garbage collector, and its descriptor with it (a port probe, a health check).
             abort_connection(writer)
@@ -222,7 +241,7 @@ class ConnectPath(DeliveryPath):
             mine: Identity | None = getattr(existing, "blendsm", None)
             new: Identity = session.blendsm
             if mine is not None and mine.key != new.key:
-                self.logger.warning(
+                _CLIENT_ID_LOG.note(
                     "CONNECT refused: client id %r belongs to another identity", session.client_id
                 )
                 accepted = False
@@ -255,7 +274,7 @@ class ConnectPath(DeliveryPath):
                 if existing_pair is not None:
                     other: Identity | None = getattr(existing_pair[0], "blendsm", None)
                     if other is not None and other.key != session.blendsm.key:
-                        self.logger.warning(
+                        _CLIENT_ID_LOG.note(
                             "CONNECT refused: client id %r belongs to another identity",
                             session.client_id,
                         )
@@ -329,16 +348,17 @@ class ConnectPath(DeliveryPath):
                 break
             except (MachineError, ValueError):
                 if client_session.transitions.is_connected():
-                    self.logger.warning(
-                        "Client %s is already connected, performing take-over.",
+                    _TAKEOVER_LOG.note(
+                        "client %r is already connected: taken over by its new connection",
                         client_session.client_id,
                     )
                     old_session = self._sessions[client_session.client_id]
                     await old_session[1].handle_connection_closed()
                     await old_session[1].stop()
                     break
-                self.logger.warning(
-                    "Client %s is reconnecting too quickly, make it wait", client_session.client_id
+                _TAKEOVER_LOG.note(
+                    "client %r is reconnecting too quickly: made to wait 1 s",
+                    client_session.client_id,
                 )
                 await asyncio.sleep(1)
         handler.attach(client_session, reader, writer)
