@@ -143,6 +143,8 @@ class MarketplaceService(EnvelopeIntake):
         self._duplicates_log = LogLimiter(self.log, interval=DUPLICATE_LOG_INTERVAL)
         self._control_log = LogLimiter(self.log, logging.WARNING)
         self._denied_log = LogLimiter(self.log)
+        self._serving_log = LogLimiter(self.log)
+        self.view.serve_as(operator.address)
         self.chain_errors = ChainErrors()
         self.store: AsyncVoucherStore | None = None
         self.settler: Settler | None = None
