@@ -307,7 +307,7 @@ class AccessDecisions:
             ident.address or "anonymous",
             self.operator.address,
             "any operator" if any_operator else f"seller chose {sorted(chosen)}",
-            self.view.role_of(self.operator.address) is not None,
+            self.view.operator_active(),
         )
 
     # --- the delivery gate (hot path) ----------------------------------------------------

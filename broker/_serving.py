@@ -76,6 +76,11 @@ class ServingLists:
             chosen = self._seller_lists.get(topic.seller.lower())
         return chosen is None or operator in chosen
 
+    def operator_active(self) -> bool:
+        """Whether this view's operator is an active Operator now (for log lines: uncounted)."""
+        key = self.operator_key
+        return key is not None and self._has_active_role(key, Role.OPERATOR)
+
     def serving_lists(self, topic: TopicInfo) -> tuple[bool, frozenset[str]]:
         """``(any_operator, chosen)`` as set on chain for ``topic`` (unfiltered; listings)."""
         chosen = self._topic_lists.get(topic.topic_id)
