@@ -1,10 +1,11 @@
 """The broker's in-memory view of chain state, read synchronously by the delivery hot path.
 
 Why: a chain read costs milliseconds and may hang on a sick node, so the hot path never
-awaits the chain. :class:`ChainView` rebuilds registry, market, channel and rating state by
-replaying the suite's events from the deployment block (:meth:`ChainView.sync`) and then
-applies each new event as it arrives (:meth:`ChainView.run`), through one handler, so the
-replayed and the live state cannot diverge.
+awaits the chain. :class:`ChainView` rebuilds registry, market, channel and rating state and
+the Brokers operator lists (:mod:`~blendsm.broker._serving`) by replaying the suite's events
+from the deployment block (:meth:`ChainView.sync`) and then applies each new event as it
+arrives (:meth:`ChainView.run`), through one handler, so the replayed and the live state
+cannot diverge.
 
 Fail closed: a cache miss answers "no" (False/None), and while the view is not synced, was
 stopped, or has not been caught up with the chain for longer than ``max_staleness`` seconds,
