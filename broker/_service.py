@@ -196,6 +196,12 @@ class MarketplaceService(EnvelopeIntake):
                 "chain view not synced after %.0fs; market decisions answer no until it is",
                 sync_timeout,
             )
+        elif self.view.brokers_deployed and not self.view.operator_active():
+            self.log.warning(
+                "operator %s is not an active Operator in the Registry: Brokers.isServing is"
+                " false for it, so every market topic is refused here until the oracle admits it",
+                self.operator.address,
+            )
         self.settler = Settler(
             self.store,
             self.marketplace,

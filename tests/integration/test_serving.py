@@ -6,8 +6,10 @@ is revoked; the chain view goes stale (fail closed, as every market decision).""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 from support import Client, enrol
 
 from blendsm.contracts import Role
@@ -102,7 +104,10 @@ async def test_the_topic_list_wins_over_the_sellers_default_list(market: Market)
     assert await buyer.subscribe(market.topic) == [0]
 
 
-async def test_a_revoked_operator_serves_nothing(market: Market) -> None:
+async def test_a_revoked_operator_serves_nothing(
+    market: Market, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="blendsm.broker")
     buyer = await buyer_with_channel(market)
     assert await buyer.subscribe(market.topic) == [0]
     device = await market.connected_device()
@@ -113,6 +118,10 @@ async def test_a_revoked_operator_serves_nothing(market: Market) -> None:
     other = await buyer_with_channel(market, "buyer2")
     assert await other.subscribe(market.topic) == [0x80]
     assert [n.code for n in refusals(await other.got.drain(within=1.0))] == ["not_serving"]
+    # The log says why, once a minute at most (the rest are counted).
+    why = [r.getMessage() for r in caplog.records if "does not serve it" in r.getMessage()]
+    assert len(why) == 1
+    assert "any operator; operator active: False" in why[0]
 
 
 async def test_a_stale_chain_view_refuses_like_every_market_decision(market: Market) -> None:
