@@ -27,7 +27,7 @@ from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Account, Charge, Meter, Reservation
 from blendsm.broker._stats import ServiceStats
 from blendsm.broker._topics import TopicClass, classify_topic
-from blendsm.device_sdk import CONTROL_ROOT, ConnectTokenVerifier, parse_key_topic
+from blendsm.device_sdk import CONTROL_ROOT, ConnectTokenVerifier, Refusal, parse_key_topic
 from blendsm.errors import ConnectTokenError
 
 if TYPE_CHECKING:
@@ -37,7 +37,10 @@ if TYPE_CHECKING:
     from blendsm.contracts import TopicInfo
 
 
-__all__ = ["AccessDecisions", "Identity", "Verdict"]
+__all__ = ["MAX_PENDING_REFUSALS", "AccessDecisions", "Identity", "Verdict"]
+
+MAX_PENDING_REFUSALS = 8
+"""Refusal notices one SUBSCRIBE may queue for its session (the rest are only logged)."""
 
 
 class Verdict(enum.Enum):
@@ -76,6 +79,9 @@ class Identity:
     ``MAX_CONTROL_TASKS``. Vouchers take no task: they queue in the voucher intake."""
     receipted: dict[bytes, float] = field(default_factory=dict)
     """channel id -> loop time this session was last sent a Receipt (receipt batching)."""
+    pending_refusals: list[Refusal] = field(default_factory=list)
+    """Refusals of the SUBSCRIBE being handled (``not_serving``), sent after its SUBACK;
+    at most ``MAX_PENDING_REFUSALS``."""
 
 
 class AccessDecisions:
@@ -91,6 +97,8 @@ class AccessDecisions:
     stats: ServiceStats
     _denied_log: LogLimiter
     """Paid deliveries not sent for credit or deposit: one line a minute, the rest counted."""
+    _serving_log: LogLimiter
+    """PUBLISH and SUBSCRIBE refused because this operator does not serve the topic."""
 
     # --- identity ----------------------------------------------------------------------
 
@@ -214,6 +222,13 @@ class AccessDecisions:
                 )
                 return False
             return self.public_topics
+        if not view.serves(topic):
+            self.stats.subscribes_refused_not_serving += 1
+            self._not_serving("SUBSCRIBE", topic_filter, ident, topic)
+            if ident.key and len(ident.pending_refusals) < MAX_PENDING_REFUSALS:
+                detail = f"operator {self.operator.address} does not serve {topic_filter[:200]!r}"
+                ident.pending_refusals.append(Refusal("not_serving", detail))
+            return False
         if not ident.key or not view.can_subscribe(ident.key, topic.topic_id):
             self.log.info(
                 "SUBSCRIBE %r refused for %s: Market.canSubscribe is false",
@@ -249,6 +264,10 @@ class AccessDecisions:
                 self.log.info("PUBLISH %r refused: chain view unhealthy", topic_name)
                 return False
             return self.public_topics
+        if not view.serves(topic):
+            self.stats.publishes_refused_not_serving += 1
+            self._not_serving("PUBLISH", topic_name, ident, topic)
+            return False
         if ident.key and view.can_publish(ident.key, topic.topic_id):
             return True
         self.log.info(
@@ -277,6 +296,19 @@ class AccessDecisions:
         if topic is None:
             return self.public_topics and not view.is_market_topic(topic_name)
         return bool(ident.key) and view.can_subscribe(ident.key, topic.topic_id)
+
+    def _not_serving(self, action: str, topic_name: str, ident: Identity, topic: TopicInfo) -> None:
+        any_operator, chosen = self.view.serving_lists(topic)
+        self._serving_log.note(
+            "%s %r refused for %s: operator %s does not serve it (Brokers: %s; operator active:"
+            " %s)",
+            action,
+            topic_name[:200],
+            ident.address or "anonymous",
+            self.operator.address,
+            "any operator" if any_operator else f"seller chose {sorted(chosen)}",
+            self.view.operator_active(),
+        )
 
     # --- the delivery gate (hot path) ----------------------------------------------------
 

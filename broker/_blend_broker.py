@@ -283,6 +283,10 @@ class BlendBroker(ConnectPath):
         finally:
             if ident is not None:
                 ident.subscribing = False
+        if ident is not None and ident.pending_refusals:  # after the SUBACK (0x80) went out
+            refusals, ident.pending_refusals = ident.pending_refusals, []
+            for refusal in refusals:
+                await self.service.send_notice(handler, ident, refusal)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session

@@ -1,10 +1,11 @@
 """The broker's in-memory view of chain state, read synchronously by the delivery hot path.
 
 Why: a chain read costs milliseconds and may hang on a sick node, so the hot path never
-awaits the chain. :class:`ChainView` rebuilds registry, market, channel and rating state by
-replaying the suite's events from the deployment block (:meth:`ChainView.sync`) and then
-applies each new event as it arrives (:meth:`ChainView.run`), through one handler, so the
-replayed and the live state cannot diverge.
+awaits the chain. :class:`ChainView` rebuilds registry, market, channel and rating state and
+the Brokers operator lists (:mod:`~blendsm.broker._serving`) by replaying the suite's events
+from the deployment block (:meth:`ChainView.sync`) and then applies each new event as it
+arrives (:meth:`ChainView.run`), through one handler, so the replayed and the live state
+cannot diverge.
 
 Fail closed: a cache miss answers "no" (False/None), and while the view is not synced, was
 stopped, or has not been caught up with the chain for longer than ``max_staleness`` seconds,
@@ -36,6 +37,7 @@ from web3 import AsyncWeb3
 
 from blendsm import backoff_delay
 from blendsm.broker._config import ChainConfig, default_staleness
+from blendsm.broker._serving import ServingLists
 from blendsm.broker._topics import is_reserved
 from blendsm.contracts import (
     ChainEvent,
@@ -86,8 +88,8 @@ _CHAIN_DEFAULTS: Final = ChainConfig()
 ChangeListener = Callable[[ChainEvent], Awaitable[None] | None]
 
 
-class ChainView:
-    """Registry, Market, PaymentChannels and Ratings state mirrored from contract events.
+class ChainView(ServingLists):
+    """Registry, Market, PaymentChannels, Ratings and Brokers' serving lists, mirrored.
 
     Lookups are plain dict reads keyed by lower-case address (callers may pass any case) and
     never touch the chain. ``confirmations`` is the event depth (0 only on instantly final
@@ -120,10 +122,11 @@ class ChainView:
         self.backoff_max = backoff_max
         self.log = logger or _log
         self._clock = clock
+        serving_events = self._init_serving(deployment)  # see blendsm.broker._serving
         self.follower = EventFollower(
             w3,
             deployment,
-            select=EVENTS,
+            select=EVENTS + serving_events,
             confirmations=confirmations,
             poll_interval=poll_interval,
             max_range=max_range,
@@ -259,12 +262,13 @@ class ChainView:
             self.misses_unhealthy += 1
             return None
         t = self._count(self._topics.get(topic_id))
-        if t is None or t.paused:
+        if t is None or t.paused or not self.serves(t):
             return None
         return t
 
     def can_publish(self, device: str, topic_id: bytes) -> bool:
-        """``Market.canPublish``: the topic runs and ``device`` acts for its seller."""
+        """``Market.canPublish`` (the topic runs, ``device`` acts for its seller) and this
+        broker's operator serves the topic (:meth:`serves`)."""
         t = self._running_topic(topic_id)
         if t is None:
             return False
@@ -272,7 +276,7 @@ class ChainView:
 
     def can_subscribe(self, buyer: str, topic_id: bytes) -> bool:
         """``Market.canSubscribe``: topic runs, seller and buyer active in their roles, and
-        the policy (Open/Allowlist/Denylist/MinRating) admits the buyer."""
+        the policy (Open/Allowlist/Denylist/MinRating) admits the buyer; and served here."""
         t = self._running_topic(topic_id)
         if t is None or not self.topic_sells(t):
             return False
@@ -280,9 +284,10 @@ class ChainView:
 
     def topic_sells(self, t: TopicInfo) -> bool:
         """The topic half of ``canSubscribe`` for a record this healthy view just returned:
-        not paused, its seller an active Seller. The delivery gate reads it once per
+        not paused, its seller an active Seller, served here. The delivery gate reads it once per
         broadcast, then :meth:`admits_buyer` per subscriber."""
-        return not t.paused and self._has_active_role(t.seller.lower(), Role.SELLER)
+        seller_active = self._has_active_role(t.seller.lower(), Role.SELLER)
+        return not t.paused and seller_active and self.serves(t)
 
     def admits_buyer(self, t: TopicInfo, key: str) -> bool:
         """The buyer half of ``canSubscribe`` (``key`` lower-case): an active Buyer whom the
@@ -556,6 +561,8 @@ class ChainView:
             elif name == "ChannelSettled":
                 c = dataclasses.replace(c, settled=True)
             self._channels[channel_id] = c
+        elif event.contract == "Brokers":
+            self._apply_brokers(event)
         elif event.contract == "Ratings" and name == "Rated":
             key = a["ratee"].lower()
             count, total = self._ratings.get(key, (0, 0))

@@ -221,6 +221,16 @@ class BrokerCollector(Collector):
             stats.publishes_unacknowledged_unhealthy,
         )
         yield counter(
+            "publishes_refused_not_serving",
+            "Market PUBLISHes refused: the seller did not choose this broker's operator.",
+            stats.publishes_refused_not_serving,
+        )
+        yield counter(
+            "subscribes_refused_not_serving",
+            "Market SUBSCRIBEs refused: the seller did not choose this broker's operator.",
+            stats.subscribes_refused_not_serving,
+        )
+        yield counter(
             "packets_too_large",
             "Connections closed for announcing a packet over limits.max_packet_bytes.",
             stats.packets_too_large,

@@ -143,6 +143,8 @@ class MarketplaceService(EnvelopeIntake):
         self._duplicates_log = LogLimiter(self.log, interval=DUPLICATE_LOG_INTERVAL)
         self._control_log = LogLimiter(self.log, logging.WARNING)
         self._denied_log = LogLimiter(self.log)
+        self._serving_log = LogLimiter(self.log)
+        self.view.serve_as(operator.address)
         self.chain_errors = ChainErrors()
         self.store: AsyncVoucherStore | None = None
         self.settler: Settler | None = None
@@ -193,6 +195,12 @@ class MarketplaceService(EnvelopeIntake):
             self.log.warning(
                 "chain view not synced after %.0fs; market decisions answer no until it is",
                 sync_timeout,
+            )
+        elif self.view.brokers_deployed and not self.view.operator_active():
+            self.log.warning(
+                "operator %s is not an active Operator in the Registry: Brokers.isServing is"
+                " false for it, so every market topic is refused here until the oracle admits it",
+                self.operator.address,
             )
         self.settler = Settler(
             self.store,

@@ -58,6 +58,10 @@ class ServiceStats:
     """CONNECTs refused: the identity already held ``sessions.max_per_identity`` persistent
     sessions."""
     envelopes_refused: int = 0
+    publishes_refused_not_serving: int = 0
+    """Market PUBLISHes refused: this broker's operator does not serve the topic (Brokers)."""
+    subscribes_refused_not_serving: int = 0
+    """Market SUBSCRIBEs refused (SUBACK 0x80, notice ``not_serving``): not served here."""
     duplicates_dropped: int = 0
     """Market envelopes dropped as a (device, topic, sequence) already admitted: not
     delivered, charged or anchored again (still acknowledged)."""

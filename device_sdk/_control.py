@@ -107,6 +107,7 @@ RefusalCode = Literal[
     "channel_closing",
     "store_unavailable",
     "proof_unavailable",
+    "not_serving",
 ]
 
 

@@ -491,7 +491,12 @@ async def plain_amqtt_market(
     ``MarketplacePlugin`` reading a BlendSM YAML (``sections`` added to it), then ``plugins``."""
     from amqtt.broker import Broker
 
-    for label, role in (("seller", Role.SELLER), ("buyer", Role.BUYER)):
+    # The broker's operator is an active Operator, as Brokers.isServing requires of it.
+    for label, role in (
+        ("seller", Role.SELLER),
+        ("buyer", Role.BUYER),
+        ("operator", Role.OPERATOR),
+    ):
         await enrol(mp, chain, label, role)
     await mp("seller").registry.add_device(chain.addr("device"))
     await mp("seller").market.create_topic(topic, PRICE, None, Policy.OPEN)
