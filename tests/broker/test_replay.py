@@ -24,11 +24,14 @@ def test_keeps_the_newest_per_topic_and_serves_after_a_sequence() -> None:
     for seq in range(1, 6):
         ring.append("t", DEV_A, seq, b"x" * 10, 0)
     assert [e.sequence for e in ring.entries("t")] == [3, 4, 5]
-    assert len(ring) == 3 and ring.evicted == 2
+    assert len(ring) == 3
+    assert ring.evicted == 2
     found, lowest = ring.after("t", DEV_A, 3, ring.serial)
-    assert [e.sequence for e in found] == [4, 5] and lowest == 3
+    assert [e.sequence for e in found] == [4, 5]
+    assert lowest == 3
     found, lowest = ring.after("t", DEV_B, 0, ring.serial)
-    assert found == [] and lowest is None
+    assert found == []
+    assert lowest is None
 
 
 def test_the_subscribe_mark_excludes_what_came_after_it() -> None:
@@ -38,7 +41,8 @@ def test_the_subscribe_mark_excludes_what_came_after_it() -> None:
     mark = ring.serial
     ring.append("t", DEV_A, 4, b"x", 0)
     found, lowest = ring.after("t", DEV_A, 0, mark)
-    assert [e.sequence for e in found] == [1, 2, 3] and lowest == 1
+    assert [e.sequence for e in found] == [1, 2, 3]
+    assert lowest == 1
 
 
 def test_the_byte_cap_evicts_the_oldest_over_all_topics() -> None:
@@ -56,7 +60,9 @@ def test_the_byte_cap_evicts_the_oldest_over_all_topics() -> None:
 def test_disabled_keeps_nothing() -> None:
     ring = ReplayRing(ReplayConfig(messages=0))
     ring.append("t", DEV_A, 1, b"x", 0)
-    assert not ring.enabled and len(ring) == 0 and ring.topics() == 0
+    assert not ring.enabled
+    assert len(ring) == 0
+    assert ring.topics() == 0
 
 
 def test_config_bounds() -> None:
@@ -93,6 +99,9 @@ def test_matches_a_model_of_both_bounds(appends: list[tuple[str, int]], per_topi
 
 
 def test_topic_matches() -> None:
-    assert topic_matches("a/+/c", "a/b/c") and topic_matches("a/#", "a/b/c")
-    assert topic_matches("#", "a") and not topic_matches("a/+", "a/b/c")
-    assert not topic_matches("+/x", "$SYS/x") and topic_matches("a/b", "a/b")
+    assert topic_matches("a/+/c", "a/b/c")
+    assert topic_matches("a/#", "a/b/c")
+    assert topic_matches("#", "a")
+    assert not topic_matches("a/+", "a/b/c")
+    assert not topic_matches("+/x", "$SYS/x")
+    assert topic_matches("a/b", "a/b")

@@ -30,7 +30,8 @@ def test_request_round_trip_and_the_control_topic() -> None:
     payload = encode_resume_request(request)
     assert orjson.loads(payload)["after"] == {DEV: "42", DEV2: "0"}
     back = decode_resume_request(payload)
-    assert back.request_id == "r1" and back.topic == "sensors/t"
+    assert back.request_id == "r1"
+    assert back.topic == "sensors/t"
     assert sorted(back.after.values()) == [-1, 41]
     topic = control_topic(DEV, RESUME)
     assert parse_control_topic(topic) == (DEV, RESUME)
@@ -62,8 +63,11 @@ def test_answer_round_trip() -> None:
     payload = encode_resumed(notice)
     assert is_resumed_payload(payload)
     back = decode_resumed(payload)
-    assert back.served == 7 and back.unserved[0].first == 3 and back.unserved[0].last == 9
-    assert back.unserved[0].device.lower() == DEV and back.refused is None
+    assert back.served == 7
+    assert back.unserved[0].first == 3
+    assert back.unserved[0].last == 9
+    assert back.unserved[0].device.lower() == DEV
+    assert back.refused is None
     refused = decode_resumed(encode_resumed(Resumed("r2", "t", 0, refused="disabled")))
     assert refused.refused == "disabled"
     bad = orjson.loads(payload)
