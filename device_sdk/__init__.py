@@ -4,6 +4,7 @@ Imports only paho-mqtt, eth-account/coincurve, orjson, pycryptodome and the stdl
 web3 or amqtt), so it runs on a gateway and the broker can reuse it on its hot path.
 """
 
+from ._broker_discovery import serving_endpoints
 from ._chain_reader import ChainReader, Web3ChainReader
 from ._connect_token import (
     CONNECT_DOMAIN_NAME,
@@ -82,6 +83,13 @@ from ._envelope import (
     message_typed_data,
     verify_envelope,
     verify_envelope_leaf,
+)
+from ._failover_subscriber import (
+    FailoverCallbackAPI,
+    FailoverEvent,
+    FailoverStats,
+    FailoverSubscriber,
+    Gap,
 )
 from ._integrity import (
     IntegrityEvent,
@@ -213,6 +221,11 @@ __all__ = [
     "Encryptor",
     "Envelope",
     "EnvelopeSigner",
+    "FailoverCallbackAPI",
+    "FailoverEvent",
+    "FailoverStats",
+    "FailoverSubscriber",
+    "Gap",
     "IntegrityEvent",
     "IntegrityKind",
     "MerkleTree",
@@ -296,6 +309,7 @@ __all__ = [
     "seal",
     "sealed_epoch",
     "sender_public_key",
+    "serving_endpoints",
     "sign_voucher",
     "topic_id_of",
     "unwrap_topic_key",
