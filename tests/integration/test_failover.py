@@ -1,0 +1,234 @@
+"""A paying buyer fails over between brokers of two operators without losing a message.
+
+Two real ``blendsm broker`` processes on one anvil chain, run by different operators (each
+buyer channel is with one operator), both registered in the ``Brokers`` contract; a
+``MultiHomedPublisher`` device streams signed envelopes to both; a ``FailoverSubscriber``
+built from the chain (``from_chain``: the serving brokers in registration order) pays on
+the first. The first broker is SIGKILLed mid-stream: the buyer must be on the second within
+5 s (measured and printed), and after the second broker's replay and the SDK's
+de-duplication the application has every sequence exactly once, no gap reported, and the
+buyer paid for each message once (beyond the documented bound of one credit window).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from eth_account import Account
+from support import enrol, poll
+
+from blendsm.contracts import Role, free_port
+from blendsm.device_sdk import (
+    BrokerEndpoint,
+    FailoverEvent,
+    FailoverSubscriber,
+    Gap,
+    MultiHomedPublisher,
+    PaymentEvent,
+    PaymentEventKind,
+    ReceivedMessage,
+    Subscriber,
+    decode_envelope,
+)
+from blendsm.errors import BrokerConnectionError, BrokerRefusedError
+
+from .conftest import OPERATOR_KEY_ENV, BrokerProcess, enrol_market, open_channel
+
+PRICE = 1_000
+CREDIT = 5
+TOPIC = "paid/failover"
+RATE = 0.02  # seconds between messages (~50/s)
+FAILOVER_BOUND = 5.0
+
+
+def _broker(chain: Any, folder: Path, operator: str) -> BrokerProcess:
+    """A broker process config for ``operator`` in its own folder (data dir, port)."""
+    folder.mkdir()
+    chain.deployment.save(folder / "deployment.json")
+    port = free_port()
+    config = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "chain": {
+            "endpoint": chain.anvil.url,
+            "deployment": "deployment.json",
+            "confirmations": 0,
+            "poll_interval": 0.05,
+        },
+        "operator_key": {"env": OPERATOR_KEY_ENV},
+        "data_dir": "data",
+        "log_level": "WARNING",
+        "payments": {"credit_messages": CREDIT},
+    }
+    (folder / "broker.yaml").write_text(yaml.safe_dump(config))
+    env = {OPERATOR_KEY_ENV: chain.accounts[operator].key.hex()}  # TEST ONLY
+    return BrokerProcess(folder / "broker.yaml", port, env)
+
+
+async def _wait_admitted(chain: Any, port: int, endpoints: tuple[BrokerEndpoint, ...]) -> None:
+    endpoint = next(e for e in endpoints if e.port == port)
+    probe = Subscriber(
+        chain.accounts["buyer"],
+        endpoint=endpoint,
+        channels_contract=chain.deployment.address("PaymentChannels"),
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            probe.connect(5)
+            probe.disconnect()
+            return
+        except (BrokerRefusedError, BrokerConnectionError):
+            assert time.monotonic() < deadline, f"broker on {port} never admitted the buyer"
+            await poll(lambda: False, 0.3)
+
+
+class Tape:
+    """What the FailoverSubscriber reported (callbacks run on its members' threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sequences: list[int] = []
+        self.by_broker: dict[int, int] = {}
+        self.gaps: list[Gap] = []
+        self.failovers: list[tuple[float, FailoverEvent]] = []
+        self.refusals: list[str] = []
+
+    def attach(self, fsub: FailoverSubscriber) -> None:
+        fsub.on_message = self.message
+        fsub.on_gap = lambda _f, gap: self._add(self.gaps, gap)
+        fsub.on_failover = lambda _f, e: self._add(self.failovers, (time.monotonic(), e))
+        fsub.on_payment = self.payment
+
+    def _add(self, items: list[Any], item: Any) -> None:
+        with self.lock:
+            items.append(item)
+
+    def message(self, _f: FailoverSubscriber, m: ReceivedMessage, broker: BrokerEndpoint) -> None:
+        assert m.paid, m
+        sequence = decode_envelope(m.payload).sequence  # no verifier: the envelope as sent
+        with self.lock:
+            self.sequences.append(sequence)
+            self.by_broker[broker.port] = self.by_broker.get(broker.port, 0) + 1
+
+    def payment(self, _f: FailoverSubscriber, event: PaymentEvent, _b: BrokerEndpoint) -> None:
+        if event.kind is PaymentEventKind.REFUSAL:
+            self._add(self.refusals, event.detail)
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_paid_failover_between_operators_replays_the_gap_and_pays_once(
+    chain: Any, mp: Any, tmp_path: Path
+) -> None:
+    topic_id = await enrol_market(mp, chain, TOPIC, price=PRICE, buyers=("buyer",))
+    await enrol(mp, chain, "validator", Role.OPERATOR)
+    ch_a = await open_channel(mp, chain, "buyer")  # through "operator"
+    ch_b = (
+        await mp("buyer").channels.open(
+            chain.addr("seller"), chain.addr("validator"), None, 10**15, 0
+        )
+    ).channel_id
+    brokers = [
+        _broker(chain, tmp_path / "a", "operator"),
+        _broker(chain, tmp_path / "b", "validator"),
+    ]
+    for broker, operator in zip(brokers, ("operator", "validator"), strict=True):
+        key = Account.create().address
+        await mp(operator).brokers.register_broker(key, f"mqtt://127.0.0.1:{broker.port}")
+    procs = [b.start() for b in brokers]
+    deployment = chain.deployment
+    fsub = FailoverSubscriber.from_chain(
+        chain.accounts["buyer"],
+        endpoint_url=chain.anvil.url,
+        deployment=tmp_path / "a" / "deployment.json",
+        topic_id=topic_id,
+        channels_contract=deployment.address("PaymentChannels"),
+        connect_timeout=1.0,
+    )
+    assert [e.port for e in fsub.endpoints] == [b.port for b in brokers]
+    assert [e.broker for e in fsub.endpoints] == [chain.addr("operator"), chain.addr("validator")]
+    tape = Tape()
+    tape.attach(fsub)
+    pub = MultiHomedPublisher(
+        chain.accounts["device"],
+        registry=deployment.address("Registry"),
+        state_dir=tmp_path / "device",
+        endpoints=list(fsub.endpoints),
+    )
+    stop = threading.Event()
+    published: list[int] = []
+
+    def stream() -> None:
+        while not stop.wait(RATE):
+            published.append(pub.publish(TOPIC, b"m%d" % len(published)))
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    try:
+        for broker in brokers:  # each fresh broker reads the chain before it admits anyone
+            await _wait_admitted(chain, broker.port, fsub.endpoints)
+        fsub.connect(10)
+        fsub.subscribe(TOPIC, qos=1)
+        assert fsub.active is not None
+        assert fsub.active.port == brokers[0].port
+        pub.connect(10)
+        streamer.start()
+        assert await poll(lambda: len(tape.sequences) >= 40, 20)
+        killed = time.monotonic()
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        assert await poll(lambda: bool(tape.failovers), FAILOVER_BOUND + 5)
+        at, event = tape.failovers[0]
+        print(
+            f"\nfailover: on {event.to.port if event.to else None} {at - killed:.2f} s after the"
+            f" SIGKILL ({event.seconds:.2f} s from the loss seen to subscribed and resumed)"
+        )
+        assert event.to is not None
+        assert event.to.port == brokers[1].port
+        assert at - killed < FAILOVER_BOUND
+        await poll(lambda: False, 2.0)  # keep streaming on the second broker
+        stop.set()
+        streamer.join(5)
+        want = set(published)
+        assert await poll(lambda: want <= set(tape.sequences), 20), sorted(
+            want - set(tape.sequences)
+        )[:20]
+        await poll(lambda: False, 0.5)  # late copies would show up now
+        with tape.lock:
+            got = list(tape.sequences)
+        stats = fsub.stats
+        print(
+            f"published {len(published)}, delivered {len(got)} (by broker port {tape.by_broker}),"
+            f" duplicates dropped {stats.duplicates_dropped}, replayed {stats.replayed},"
+            f" resumes {stats.resumes_sent}, gaps {len(tape.gaps)}"
+        )
+        assert len(got) == len(set(got))  # the application saw each envelope once
+        assert set(got) == want
+        assert tape.gaps == []
+        assert stats.replayed > 0  # the second broker filled the gap from its ring
+        assert tape.refusals == []
+        # Money: each member paid for what it delivered to the application, once.
+        a, b = fsub.member(fsub.endpoints[0]), fsub.member(fsub.endpoints[1])
+        assert a is not None
+        assert b is not None
+        received = a.received_value(ch_a) + b.received_value(ch_b)
+        assert received == len(got) * PRICE
+        paid = a.vouchered(ch_a) + b.vouchered(ch_b)
+        assert a.vouchered(ch_a) <= a.received_value(ch_a) + CREDIT * PRICE
+        assert b.vouchered(ch_b) <= b.received_value(ch_b) + CREDIT * PRICE
+        print(f"paid {paid} for {len(got)} messages at {PRICE}: excess {paid - received}")
+        assert received - CREDIT * PRICE <= paid <= received + CREDIT * PRICE
+        assert b.wait_confirmed(ch_b, b.vouchered(ch_b), 10)  # the second broker stored it
+    finally:
+        stop.set()
+        fsub.disconnect()
+        pub.close()
+        for proc in procs:
+            if proc.poll() is None:
+                BrokerProcess.stop(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
