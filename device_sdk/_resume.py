@@ -95,7 +95,7 @@ def encode_resume_request(request: ResumeRequest) -> bytes:
             "type": "resume",
             "request_id": request.request_id,
             "topic": request.topic,
-            "after": {device.lower(): str(seq + 1) for device, seq in request.after.items()},
+            "from": {device.lower(): str(seq + 1) for device, seq in request.after.items()},
         }
     )
     decode_resume_request(payload)
@@ -105,17 +105,17 @@ def encode_resume_request(request: ResumeRequest) -> bytes:
 def decode_resume_request(payload: bytes | bytearray | memoryview) -> ResumeRequest:
     """Parse a resume request (WireError if malformed, empty or naming too many devices).
 
-    On the wire ``after`` holds ``last seen + 1`` per device (the first sequence wanted), so
+    On the wire ``from`` holds ``last seen + 1`` per device (the first sequence wanted), so
     that it stays a non-negative decimal string for a device never seen."""
     data = _load(payload)
     kind = _str(data, "type")
     if kind != "resume":
         raise WireError(f"type: expected 'resume', got {kind[:80]!r}")
-    after = data.get("after")
+    after = data.get("from")
     if not isinstance(after, dict) or not after:
-        raise WireError("after: must be a non-empty object of device -> first wanted sequence")
+        raise WireError("from: must be a non-empty object of device -> first wanted sequence")
     if len(after) > MAX_RESUME_DEVICES:
-        raise WireError(f"after: {len(after)} devices, at most {MAX_RESUME_DEVICES}")
+        raise WireError(f"from: {len(after)} devices, at most {MAX_RESUME_DEVICES}")
     parsed: dict[str, int] = {}
     for device, first in after.items():
         address = _address({"device": device}, "device")

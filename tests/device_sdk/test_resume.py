@@ -28,7 +28,7 @@ DEV2 = "0x" + "cd" * 20
 def test_request_round_trip_and_the_control_topic() -> None:
     request = ResumeRequest("r1", "sensors/t", {DEV: 41, DEV2: -1})
     payload = encode_resume_request(request)
-    assert orjson.loads(payload)["after"] == {DEV: "42", DEV2: "0"}
+    assert orjson.loads(payload)["from"] == {DEV: "42", DEV2: "0"}
     back = decode_resume_request(payload)
     assert back.request_id == "r1"
     assert back.topic == "sensors/t"
@@ -40,16 +40,16 @@ def test_request_round_trip_and_the_control_topic() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        {"type": "resume", "request_id": "r", "topic": "t", "after": {}},
-        {"type": "resume", "request_id": "r", "topic": "t/#", "after": {DEV: "1"}},
-        {"type": "resume", "request_id": "r", "topic": "t", "after": {"0x12": "1"}},
-        {"type": "resume", "request_id": "r", "topic": "t", "after": {DEV: "-1"}},
-        {"type": "resume", "request_id": "r", "topic": "t", "after": [DEV]},
+        {"type": "resume", "request_id": "r", "topic": "t", "from": {}},
+        {"type": "resume", "request_id": "r", "topic": "t/#", "from": {DEV: "1"}},
+        {"type": "resume", "request_id": "r", "topic": "t", "from": {"0x12": "1"}},
+        {"type": "resume", "request_id": "r", "topic": "t", "from": {DEV: "-1"}},
+        {"type": "resume", "request_id": "r", "topic": "t", "from": [DEV]},
         {
             "type": "resume",
             "request_id": "r",
             "topic": "t",
-            "after": {"0x" + f"{i:040x}": "1" for i in range(MAX_RESUME_DEVICES + 1)},
+            "from": {"0x" + f"{i:040x}": "1" for i in range(MAX_RESUME_DEVICES + 1)},
         },
     ],
 )
