@@ -9,7 +9,7 @@ from typing import Any
 
 from support import poll
 
-from blendsm.broker._replay import ReplayConfig
+from blendsm.broker import ReplayConfig
 from blendsm.device_sdk import (
     RESUME,
     PaymentRequest,
