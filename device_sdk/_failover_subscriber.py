@@ -15,10 +15,13 @@ integrity checks and proofs all stay per broker) and keeps one of them connected
 * **Resume.** Per topic seen, the request names each device and the highest sequence ``s``
   such that everything from the first one seen up to ``s`` arrived (:mod:`._resume`); the
   broker replays the newer envelopes it holds as paid deliveries and answers with the ranges
-  it could not serve, reported as gaps (``source="broker"``).
+  it could not serve, reported as gaps (``source="broker"``). At most :data:`MAX_RESUMES`
+  requests per failover (the broker's per-session control bound), most recent topics first.
 * **De-duplication before value.** Every market envelope is checked against a per
   (device, topic) window (:mod:`._sequence_window`) *before* the member counts its value or
-  the application sees it: a repeat is dropped, never paid for. A repeat the new broker did
+  the application sees it: a repeat is dropped, never paid for. With a verifier, the
+  signature is checked here first (a forgery must not shadow the real envelope), so a paid
+  message is verified twice on paho's thread (~100 us each). A repeat the new broker did
   deliver and charge (an envelope admitted there just before the SUBSCRIBE and broadcast just
   after it, or a re-request of one seen above a hole) stays unpaid on that channel: the
   broker's credit gate lets at most ``payments.credit_messages`` of them be outstanding, and
@@ -86,6 +89,10 @@ _log = logging.getLogger("blendsm.device_sdk")
 
 MAX_ENDPOINTS: Final = 64
 """Most endpoints one FailoverSubscriber takes."""
+MAX_RESUMES: Final = 16
+"""Most resume requests sent per failover: the broker processes at most 16 control messages of
+one session at a time and drops the excess (a flood), so the topics most recently seen go
+first and the others are left to gap reports."""
 _WAKE_SECONDS: Final = 0.5
 """The failover thread's idle wait (it wakes at once on a loss)."""
 
@@ -421,17 +428,25 @@ class FailoverSubscriber:
     def _send_resumes(self, member: _Member) -> None:
         """Per topic with devices seen: resume after the contiguous high-water marks."""
         with self._lock:
-            topics = {topic for (_, topic) in self._windows._pairs}
+            topics = list(dict.fromkeys(t for (_, t) in reversed(self._windows._pairs)))
             points = {topic: self._windows.resume_points(topic) for topic in topics}
         leaf = control_topic(member.address, RESUME)
-        for topic, after in points.items():
+        requests: list[ResumeRequest] = []
+        for topic, after in points.items():  # most recently seen first
             devices = sorted(after.items())
             for start in range(0, len(devices), MAX_RESUME_DEVICES):
                 chunk = dict(devices[start : start + MAX_RESUME_DEVICES])
-                request = ResumeRequest(f"r{next(self._ids)}", topic, chunk)
-                member._publish(leaf, encode_resume_request(request), 0, False)
-                with self._lock:
-                    self._resumes += 1
+                requests.append(ResumeRequest(f"r{next(self._ids)}", topic, chunk))
+        if len(requests) > MAX_RESUMES:
+            _log.warning(
+                "%d resume requests due, %d sent (the rest: reported as gaps)",
+                len(requests),
+                MAX_RESUMES,
+            )
+        for request in requests[:MAX_RESUMES]:
+            member._publish(leaf, encode_resume_request(request), 0, False)
+            with self._lock:
+                self._resumes += 1
 
     # --- messages (members' threads) ------------------------------------------------------
 
