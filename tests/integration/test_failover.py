@@ -7,7 +7,8 @@ built from the chain (``from_chain``: the serving brokers in registration order)
 the first. The first broker is SIGKILLed mid-stream: the buyer must be on the second within
 5 s (measured and printed), and after the second broker's replay and the SDK's
 de-duplication the application has every sequence exactly once, no gap reported, and the
-buyer paid for each message once (beyond the documented bound of one credit window).
+buyer paid for each message once (beyond the documented bound of one credit window), and
+what the brokers claim on chain is at most what the buyer vouchered (the live one: exactly).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _broker(chain: Any, folder: Path, operator: str) -> BrokerProcess:
         "operator_key": {"env": OPERATOR_KEY_ENV},
         "data_dir": "data",
         "log_level": "WARNING",
-        "payments": {"credit_messages": CREDIT},
+        "payments": {"credit_messages": CREDIT, "settlement": {"interval_seconds": 1.0}},
     }
     (folder / "broker.yaml").write_text(yaml.safe_dump(config))
     env = {OPERATOR_KEY_ENV: chain.accounts[operator].key.hex()}  # TEST ONLY
@@ -230,6 +231,21 @@ async def test_paid_failover_between_operators_replays_the_gap_and_pays_once(
         print(f"paid {paid} for {len(got)} messages at {PRICE}: excess {paid - received}")
         assert received - CREDIT * PRICE <= paid <= received + CREDIT * PRICE
         assert b.wait_confirmed(ch_b, b.vouchered(ch_b), 10)  # the second broker stored it
+        # On chain: the live broker claims exactly what the buyer vouchered to it; the killed
+        # one at most that (what it claimed before it died); nothing counted twice.
+        claimed_b = 0
+        for _ in range(60):
+            info = await mp("seller").channels.channel(ch_b)
+            claimed_b = info.claimed if info is not None else 0
+            if claimed_b == b.vouchered(ch_b):
+                break
+            await poll(lambda: False, 0.5)
+        info_a = await mp("seller").channels.channel(ch_a)
+        claimed_a = info_a.claimed if info_a is not None else 0
+        print(f"claimed on chain: {claimed_a} (killed broker) + {claimed_b} (live broker)")
+        assert claimed_b == b.vouchered(ch_b)
+        assert claimed_a <= a.vouchered(ch_a)
+        assert claimed_a + claimed_b <= paid
     finally:
         stop.set()
         fsub.disconnect()
