@@ -16,7 +16,7 @@ request, counted against ``MAX_CONTROL_TASKS``); nothing here runs per live deli
 
 from __future__ import annotations
 
-import logging
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 from amqtt.adapters import StreamWriterAdapter
@@ -50,8 +50,14 @@ __all__ = ["MARKS_ATTR", "forget_subscribed", "mark_subscribed", "serve_resume"]
 
 MARKS_ATTR: Final = "blendsm_replay_marks"
 """Session attribute: filter -> the ring's serial when the session subscribed to it."""
-
-_log = logging.getLogger("blendsm.broker")
+BUCKET_ATTR: Final = "blendsm_resume_bucket"
+"""Session attribute: its resume token bucket ``[tokens, last refill time]``."""
+RESUME_BURST: Final = 16
+"""Resume requests a session may send at once (the SDK sends at most 16 per failover)."""
+RESUME_PER_SECOND: Final = 1.0
+"""Sustained resume requests per session and second: a request scans up to 16 devices over a
+topic's ring (~0.3 ms per device at 1000 entries), so a client cannot make the broker spend
+more than a few ms a second on them; beyond it the answer is ``refused: rate_limited``."""
 
 
 def mark_subscribed(service: MarketplaceService, session: Session, topic_filter: str) -> None:
@@ -85,20 +91,45 @@ async def serve_resume(
     try:
         request = decode_resume_request(payload)
     except WireError as exc:
+        service._control_log.note("resume request from %s refused: %s", ident.address, exc)
         await service.send_notice(handler, ident, Refusal("malformed", str(exc)[:300]))
         return
     service.stats.replay_requests += 1
     try:
-        answer = _serve(service, handler, request)
-    except Exception as exc:  # an answer always goes back: the SDK reports the gap
+        if not _take_token(handler.session):
+            answer = Resumed(request.request_id, request.topic, 0, refused="rate_limited")
+        else:
+            answer = _serve(service, handler, request)
+    except Exception:  # an answer always goes back: the SDK reports the gap
         service.log.exception("resume request from %s failed", ident.address)
         answer = Resumed(request.request_id, request.topic, 0, refused="internal_error")
-        del exc
     if answer.refused is not None:
-        service.log.info(
-            "resume request from %s on %r refused: %s", ident.address, request.topic, answer.refused
+        service._control_log.note(
+            "resume request from %s on %r refused: %s",
+            ident.address,
+            request.topic[:200],
+            answer.refused,
         )
     await service.send_notice(handler, ident, answer)
+
+
+def _take_token(session: Session | None) -> bool:
+    """One resume request off the session's bucket (:data:`RESUME_BURST`, refilled at
+    :data:`RESUME_PER_SECOND`); False when it is empty."""
+    if session is None:
+        return False
+    now = time.monotonic()
+    bucket: list[float] | None = getattr(session, BUCKET_ATTR, None)
+    if bucket is None:
+        bucket = [float(RESUME_BURST), now]
+        setattr(session, BUCKET_ATTR, bucket)
+    tokens = min(float(RESUME_BURST), bucket[0] + (now - bucket[1]) * RESUME_PER_SECOND)
+    bucket[1] = now
+    if tokens < 1.0:
+        bucket[0] = tokens
+        return False
+    bucket[0] = tokens - 1.0
+    return True
 
 
 def _serve(

@@ -78,7 +78,8 @@ class Resumed:
     envelopes were handed to the delivery gate (each delivered, charged and paid like a live
     one, or held for credit like one), ``unserved`` the ranges it could not serve;
     ``refused`` names why nothing was served (``disabled``, ``not_subscribed``,
-    ``not_market``), else None."""
+    ``not_market``, ``unsupported_transport``, ``rate_limited``, ``internal_error``), else
+    None."""
 
     request_id: str
     topic: str

@@ -105,6 +105,14 @@ async def test_resume_refusals(start_market: Any) -> None:
     answers = [(n.request_id, n.refused) for n in notices if isinstance(n, Resumed)]
     assert answers == [("disabled", "disabled")]
     assert any(isinstance(n, Refusal) and n.code == "malformed" for n in notices)
+    refused: list[str | None] = []
+    for batch in range(3):  # 24 requests in about 2 s: 16 at once, then about one a second
+        for i in range(8):  # (8 at a time: within the control-task bound, none dropped)
+            await _resume(market, buyer, 0, f"flood-{batch}-{i}")
+        _, notices = _split(await buyer.got.drain(within=0.5), market.topic)
+        refused += [n.refused for n in notices if isinstance(n, Resumed)]
+    assert len(refused) == 24
+    assert 3 <= refused.count("rate_limited") <= 9
     assert market.service.meter.accounts.get(channel) is None or (
         market.service.meter.accounts[channel].charged == 0
     )
