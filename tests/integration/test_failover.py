@@ -182,9 +182,11 @@ async def test_paid_failover_between_operators_replays_the_gap_and_pays_once(
         pub.connect(10)
         streamer.start()
         assert await poll(lambda: len(tape.sequences) >= 40, 20)
+        hung_from = len(published)
         if frozen:
             procs[0].send_signal(signal.SIGSTOP)
             await poll(lambda: False, frozen)
+        hung = len(published) - hung_from  # published while the first broker was hung
         killed = time.monotonic()
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
@@ -211,13 +213,16 @@ async def test_paid_failover_between_operators_replays_the_gap_and_pays_once(
         print(
             f"published {len(published)}, delivered {len(got)} (by broker port {tape.by_broker}),"
             f" duplicates dropped {stats.duplicates_dropped}, replayed {stats.replayed},"
-            f" resumes {stats.resumes_sent}, gaps {len(tape.gaps)}"
+            f" resumes {stats.resumes_sent}, gaps {len(tape.gaps)}, {hung} published while hung"
         )
         assert len(got) == len(set(got))  # the application saw each envelope once
         assert set(got) == want
         assert tape.gaps == []
-        if frozen:  # the second broker filled the gap from its ring (~50 a second frozen)
-            assert stats.replayed >= int(frozen / RATE / 2)
+        if frozen:  # the second broker filled the gap from its ring
+            assert hung >= 10, f"only {hung} published while hung (a loaded machine?)"
+            # (all of them, unless the second broker admitted some only after the buyer had
+            # subscribed there: those came live; half leaves room for a loaded machine)
+            assert stats.replayed >= hung // 2, (stats.replayed, hung)
         assert tape.refusals == []
         # Money: each member paid for what it delivered to the application, once.
         a, b = fsub.member(fsub.endpoints[0]), fsub.member(fsub.endpoints[1])
