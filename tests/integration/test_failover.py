@@ -13,6 +13,7 @@ what the brokers claim on chain is at most what the buyer vouchered (the live on
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -36,8 +37,9 @@ from blendsm.device_sdk import (
     ReceivedMessage,
     Subscriber,
     decode_envelope,
+    serving_endpoints,
 )
-from blendsm.errors import BrokerConnectionError, BrokerRefusedError
+from blendsm.errors import BrokerConnectionError, BrokerRefusedError, ConfigError
 
 from .conftest import OPERATOR_KEY_ENV, BrokerProcess, enrol_market, open_channel
 
@@ -260,3 +262,45 @@ async def test_paid_failover_between_operators_replays_the_gap_and_pays_once(
                 BrokerProcess.stop(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_serving_endpoints_follow_the_sellers_operator_order(
+    chain: Any, mp: Any, tmp_path: Path
+) -> None:
+    """The failover order read from ``Brokers``: the topic's operators in the seller's order,
+    each operator's active brokers in registration order, mqtt/mqtts URLs only."""
+    topic_id = await enrol_market(mp, chain, TOPIC, price=PRICE, buyers=("buyer",))
+    await enrol(mp, chain, "validator", Role.OPERATOR)
+    keys = [Account.create().address for _ in range(4)]
+    ops, vals = mp("operator").brokers, mp("validator").brokers
+    await ops.register_broker(keys[0], "mqtt://a1:1883 wss://a1/mqtt")
+    await ops.register_broker(keys[1], "mqtt://a2:1884")
+    await vals.register_broker(keys[2], "mqtts://v1:8883 mqtt://v1:1883")
+    await vals.register_broker(keys[3], "mqtt://v2:1883")
+    await vals.retire_broker(keys[3])
+    await mp("seller").brokers.set_topic_operators(
+        topic_id, [chain.addr("validator"), chain.addr("operator")]
+    )
+    path = tmp_path / "deployment.json"
+    chain.deployment.save(path)
+    found = await asyncio.to_thread(serving_endpoints, chain.anvil.url, path, topic_id)
+    assert [(e.host, e.port, e.tls is not None) for e in found] == [
+        ("v1", 8883, True),
+        ("v1", 1883, False),
+        ("a1", 1883, False),
+        ("a2", 1884, False),
+    ]
+    assert [e.broker for e in found] == [chain.addr("validator")] * 2 + [chain.addr("operator")] * 2
+    await mp("oracle").registry.revoke(chain.addr("validator"))
+    again = await asyncio.to_thread(serving_endpoints, chain.anvil.url, path, topic_id)
+    assert [e.host for e in again] == ["a1", "a2"]  # a revoked operator's brokers drop out
+    await mp("oracle").registry.revoke(chain.addr("operator"))
+    with pytest.raises(ConfigError):  # nobody active serves it: fail closed, not "anyone"
+        FailoverSubscriber.from_chain(
+            chain.accounts["buyer"],
+            endpoint_url=chain.anvil.url,
+            deployment=path,
+            topic_id=topic_id,
+            channels_contract=chain.deployment.address("PaymentChannels"),
+        )
