@@ -9,7 +9,7 @@ from typing import Any
 
 from support import poll
 
-from blendsm.broker import ReplayConfig
+from blendsm.broker import PaymentsConfig, ReplayConfig, SessionsConfig
 from blendsm.device_sdk import (
     RESUME,
     PaymentRequest,
@@ -116,3 +116,26 @@ async def test_resume_refusals(start_market: Any) -> None:
     assert market.service.meter.accounts.get(channel) is None or (
         market.service.meter.accounts[channel].charged == 0
     )
+
+
+async def test_what_does_not_fit_the_sessions_outgoing_bound_is_reported_unserved(
+    start_market: Any,
+) -> None:
+    market = await start_market(
+        sessions=SessionsConfig(max_outgoing_bytes=4096),
+        payments=PaymentsConfig(credit_messages=50),
+    )
+    device = await market.connected_device()
+    for i in range(1, 11):
+        await device.publish(market.topic, b"%04d" % i + b"x" * 1000)
+    assert await poll(lambda: len(market.service.replay) == 10, 10)
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    await _resume(market, buyer, 0)
+    data, notices = _split(await buyer.got.drain(within=1.0), market.topic)
+    answer = next(n for n in notices if isinstance(n, Resumed))
+    assert 1 <= answer.served < 10
+    assert [(u.first, u.last) for u in answer.unserved] == [(answer.served + 1, 10)]
+    assert [d[:4] for d in data] == [b"%04d" % i for i in range(1, answer.served + 1)]
+    account = market.service.meter.accounts[channel]
+    assert account.charged == answer.served * market.price  # only what was written
