@@ -38,6 +38,7 @@ from blendsm.broker._config import (
     resolve_operator_account,
 )
 from blendsm.broker._config_sessions import SessionsConfig
+from blendsm.broker._replay import ReplayConfig
 from blendsm.broker._runner import (
     ChainConnection,
     RunningBroker,
@@ -67,6 +68,7 @@ __all__ = [
     "MetricsConfig",
     "OperatorKeyConfig",
     "PaymentsConfig",
+    "ReplayConfig",
     "RunningBroker",
     "ServiceStats",
     "SessionsConfig",

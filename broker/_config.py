@@ -44,6 +44,7 @@ from blendsm.broker._config_fields import (
 from blendsm.broker._config_listeners import ListenerConfig, TlsConfig, parse_listeners, parse_tls
 from blendsm.broker._config_sessions import SessionsConfig, parse_sessions
 from blendsm.broker._intake_config import IntakeConfig, parse_intake
+from blendsm.broker._replay import ReplayConfig, parse_replay
 from blendsm.device_sdk import account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 
@@ -264,6 +265,8 @@ class BrokerConfig:
     """Bounds on what clients control (CONNECT time)."""
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     """Persistent sessions: expiry, cap per identity, queue and in-flight bounds."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Recent envelopes kept per market topic for subscribers that resume here."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Prometheus endpoint (disabled by default)."""
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -352,6 +355,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
         anchoring=_parse_anchoring(section(root, "anchoring")),
         limits=_parse_limits(section(root, "limits")),
         sessions=parse_sessions(section(root, "sessions")),
+        replay=parse_replay(section(root, "replay")),
         metrics=_parse_metrics(section(root, "metrics"), base),
         http=_parse_http(section(root, "http"), base),
         data_dir=path_field(root, "data_dir", "", base) or resolve(_DEFAULTS.data_dir, base),

@@ -83,6 +83,11 @@ class DedupWindow:
         state[1] = seen | 1 << bit
         return True
 
+    def high(self, device: bytes, topic: str) -> int | None:
+        """The highest sequence admitted for this pair while it is in memory, else None."""
+        state = self._pairs.get((device, topic))
+        return None if state is None else state[0]
+
     def forget(self, device: bytes, topic: str, sequence: int) -> None:
         """Undo :meth:`admit` of ``sequence`` (its leaf could not be stored, so the message
         was not acknowledged and the device will send it again). The high-water mark stays:

@@ -19,7 +19,8 @@ from amqtt.broker import Broker
 from amqtt.session import Session
 
 from blendsm.broker._fanout import run_broadcast
-from blendsm.broker._subscriptions import SubscriptionTable
+from blendsm.broker._replay_serve import forget_subscribed, mark_subscribed
+from blendsm.broker._subscriptions import SUBSCRIBE_REFUSED, SubscriptionTable
 
 if TYPE_CHECKING:
     from blendsm.broker._service import MarketplaceService
@@ -58,15 +59,22 @@ class DeliveryPath(Broker):  # type: ignore[misc]  # amqtt ships no types: Broke
         return table
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        """amqtt's checks within the filter caps; the trie follows what amqtt stored."""
-        return await self.subscription_table().subscribe(
+        """amqtt's checks within the filter caps; the trie follows what amqtt stored. A
+        granted filter marks the replay ring (:mod:`~blendsm.broker._replay`): a resume
+        serves only what was admitted before it."""
+        code = await self.subscription_table().subscribe(
             subscription, session, super().add_subscription
         )
+        if code < SUBSCRIBE_REFUSED:
+            mark_subscribed(self.service, session, subscription[0])
+        return code
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
+        forget_subscribed(session, a_filter)
         return self.subscription_table().unsubscribe(a_filter, session)
 
     async def _del_all_subscriptions(self, session: Session) -> None:
+        forget_subscribed(session)
         self.subscription_table().unsubscribe_all(session)
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:

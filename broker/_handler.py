@@ -256,6 +256,14 @@ class MeteredHandler(InflightHandler):
                 if checked is False or (checked is not None and ticket is None):
                     publish_packet.blendsm_rejected = True
                 elif ticket is not None:  # the fan-out claims it; the PUBACK waits for that
+                    envelope = checked[0]  # type: ignore[index]
+                    service.replay.append(
+                        topic,
+                        envelope.device,
+                        envelope.sequence,
+                        data if type(data) is bytes else bytes(data),
+                        publish_packet.qos or 0,
+                    )
                     publish_packet.data = PublishedPayload.of(data, publish_packet.qos, ticket)
             except LeafBudgetError:  # the seller's backlog of unanchored leaves is full
                 if publish_packet.qos:  # unacknowledged: the device keeps it and resends later

@@ -293,6 +293,28 @@ class BrokerCollector(Collector):
             "Connected sessions now paused over their outgoing bound.",
             service.backpressure.paused,
         )
+        replay = service.replay
+        yield counter(
+            "replay_requests",
+            "Resume requests answered from the replay ring.",
+            stats.replay_requests,
+        )
+        yield counter(
+            "replay_served",
+            "Envelopes resume requests handed to the delivery gate (written or held for credit).",
+            stats.replay_served,
+        )
+        yield counter(
+            "replay_unserved_ranges",
+            "Sequence ranges resume answers reported as not served (evicted or over the bound).",
+            stats.replay_unserved_ranges,
+        )
+        yield gauge("replay_entries", "Envelopes held in the replay rings.", len(replay))
+        yield gauge(
+            "replay_bytes",
+            "Bytes held in the replay rings (payloads + per-entry overhead).",
+            replay.size,
+        )
         yield counter(
             "revocation_disconnects",
             "Sessions closed because their participant or device was revoked on chain.",

@@ -41,6 +41,7 @@ from blendsm.broker._envelope_intake import EnvelopeIntake
 from blendsm.broker._leaf_store import AsyncLeafStore
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
+from blendsm.broker._replay import ReplayRing
 from blendsm.broker._shutdown import wait_bounded
 from blendsm.broker._stats import ServiceStats
 from blendsm.broker._store import AsyncVoucherStore
@@ -50,6 +51,7 @@ from blendsm.device_sdk import (
     ANCHORS_TOPIC,
     NOTICE,
     PROOF,
+    RESUME,
     VOUCHER,
     AnyNotice,
     ConnectTokenVerifier,
@@ -57,12 +59,14 @@ from blendsm.device_sdk import (
     PaymentRequest,
     Quote,
     Refusal,
+    Resumed,
     VoucherDomain,
     VoucherVerifier,
     control_topic,
     decode_proof_request,
     encode_anchor_notice,
     encode_notice,
+    encode_resumed,
     parse_control_topic,
 )
 from blendsm.errors import (
@@ -140,6 +144,7 @@ class MarketplaceService(EnvelopeIntake):
         self.backpressure = Backpressure(config.sessions, self.stats)
         self.backpressure.on_resume = self._resume_replay
         self.dedup = DedupWindow(config.payments.dedup_max_pairs)
+        self.replay = ReplayRing(config.replay)
         self._duplicates_log = LogLimiter(self.log, interval=DUPLICATE_LOG_INTERVAL)
         self._control_log = LogLimiter(self.log, logging.WARNING)
         self._denied_log = LogLimiter(self.log)
@@ -371,6 +376,12 @@ class MarketplaceService(EnvelopeIntake):
         if ident is not None and ident.key and parsed == (ident.key, PROOF):
             self._spawn(self._answer_proof(handler, ident, bytes(data)), "blendsm-proof", ident)
             return
+        if ident is not None and ident.key and parsed == (ident.key, RESUME):
+            from blendsm.broker._replay_serve import serve_resume  # imports the fan-out
+
+            host: Any = self  # mypy sees this file as broker._service, the import as blendsm's
+            self._spawn(serve_resume(host, handler, ident, bytes(data)), "blendsm-resume", ident)
+            return
         self.stats.vouchers_refused += 1
         who = ident.address if ident is not None else None
         self._control_log.note(
@@ -420,7 +431,7 @@ class MarketplaceService(EnvelopeIntake):
         )
 
     async def send_notice(
-        self, handler: BrokerProtocolHandler, ident: Identity, notice: AnyNotice
+        self, handler: BrokerProtocolHandler, ident: Identity, notice: AnyNotice | Resumed
     ) -> None:
         """Send a notice straight to this session (never broadcast), QoS 0: encoded here and
         handed to the session's transport in one write, as the fan-out writes its quotes and
@@ -440,7 +451,7 @@ class MarketplaceService(EnvelopeIntake):
         transport = stream.transport
         if getattr(writer, "is_closed", False) or transport.is_closing():
             return
-        data = _publish_qos0(control_topic(ident.key, NOTICE), encode_notice(notice))
+        data = _publish_qos0(control_topic(ident.key, NOTICE), _notice_payload(notice))
         flow = self.backpressure.flow(writer)
         if flow is not None and not flow.admits(handler.session, len(data)):
             self.stats.notices_dropped_slow_consumer += 1
@@ -454,7 +465,7 @@ class MarketplaceService(EnvelopeIntake):
             flow.wrote(len(data), 1)
 
     async def _send_notice_framed(
-        self, handler: BrokerProtocolHandler, ident: Identity, notice: AnyNotice
+        self, handler: BrokerProtocolHandler, ident: Identity, notice: AnyNotice | Resumed
     ) -> None:
         """:meth:`send_notice` for a session whose writer is not an asyncio transport (MQTT
         over WebSocket): through amqtt's ``mqtt_publish``, which frames and drains, held
@@ -464,7 +475,7 @@ class MarketplaceService(EnvelopeIntake):
         if not ident.key or handler.session is None:
             return
         topic = control_topic(ident.key, NOTICE)
-        payload = encode_notice(notice)
+        payload = _notice_payload(notice)
         size = publish_size(topic, payload)
         flow = self.backpressure.flow(handler.writer)
         if flow is not None:
@@ -511,6 +522,11 @@ class MarketplaceService(EnvelopeIntake):
             return
         count = await self.broker.disconnect_matching(match, reason)
         self.stats.disconnects_revoked += count
+
+
+def _notice_payload(notice: AnyNotice | Resumed) -> bytes:
+    """A notice's payload (a resume answer is encoded by :mod:`blendsm.device_sdk._resume`)."""
+    return encode_resumed(notice) if isinstance(notice, Resumed) else encode_notice(notice)
 
 
 def _publish_qos0(topic: str, payload: bytes) -> bytes:

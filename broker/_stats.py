@@ -13,6 +13,15 @@ class ServiceStats:
     """Counters for logs, tests, the demo and metrics."""
 
     connects_accepted: int = 0
+    replay_requests: int = 0
+    """Resume requests answered (:mod:`~blendsm.broker._replay_serve`)."""
+    replay_served: int = 0
+    """Envelopes a resume request handed to the delivery gate (written or held for credit)."""
+    replay_unserved_ranges: int = 0
+    """Sequence ranges resume answers reported as not served (older than the ring, or over
+    the session's outgoing bound)."""
+    replay_over_bound: int = 0
+    """Resumes cut short by the session's outgoing bound."""
     connects_refused: int = 0
     deliveries_denied: int = 0
     vouchers_accepted: int = 0

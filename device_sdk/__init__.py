@@ -4,6 +4,7 @@ Imports only paho-mqtt, eth-account/coincurve, orjson, pycryptodome and the stdl
 web3 or amqtt), so it runs on a gateway and the broker can reuse it on its hot path.
 """
 
+from ._broker_discovery import serving_endpoints
 from ._chain_reader import ChainReader, Web3ChainReader
 from ._connect_token import (
     CONNECT_DOMAIN_NAME,
@@ -28,6 +29,7 @@ from ._control import (
     MAX_PROOF_PAYLOAD,
     NOTICE,
     PROOF,
+    RESUME,
     VOUCHER,
     AnchorNotice,
     AnyNotice,
@@ -82,6 +84,13 @@ from ._envelope import (
     verify_envelope,
     verify_envelope_leaf,
 )
+from ._failover_subscriber import (
+    FailoverCallbackAPI,
+    FailoverEvent,
+    FailoverStats,
+    FailoverSubscriber,
+    Gap,
+)
 from ._integrity import (
     IntegrityEvent,
     IntegrityKind,
@@ -112,6 +121,18 @@ from ._multi_publisher import BrokerLeg, MultiHomedPublisher
 from ._outbox import OutboxFullError
 from ._publisher import Encryptor, Publisher
 from ._publisher_events import Acknowledgement, PublisherCallbackAPI
+from ._resume import (
+    MAX_RESUME_DEVICES,
+    MAX_UNSERVED,
+    Resumed,
+    ResumeRequest,
+    Unserved,
+    decode_resume_request,
+    decode_resumed,
+    encode_resume_request,
+    encode_resumed,
+    is_resumed_payload,
+)
 from ._subscriber import Subscriber
 from ._subscriber_events import (
     Decryptor,
@@ -168,11 +189,14 @@ __all__ = [
     "MAX_CONTROL_PAYLOAD",
     "MAX_PROOF_DEPTH",
     "MAX_PROOF_PAYLOAD",
+    "MAX_RESUME_DEVICES",
+    "MAX_UNSERVED",
     "MESSAGE_DOMAIN_NAME",
     "MESSAGE_DOMAIN_VERSION",
     "MESSAGE_TYPEHASH",
     "NOTICE",
     "PROOF",
+    "RESUME",
     "SECP256K1_HALF_N",
     "SECP256K1_N",
     "TOPIC_KEYS_STATE_FILE",
@@ -197,6 +221,11 @@ __all__ = [
     "Encryptor",
     "Envelope",
     "EnvelopeSigner",
+    "FailoverCallbackAPI",
+    "FailoverEvent",
+    "FailoverStats",
+    "FailoverSubscriber",
+    "Gap",
     "IntegrityEvent",
     "IntegrityKind",
     "MerkleTree",
@@ -219,12 +248,15 @@ __all__ = [
     "RecordVerdict",
     "Refusal",
     "RefusalCode",
+    "ResumeRequest",
+    "Resumed",
     "SequenceTracker",
     "Subscriber",
     "SubscriberCallbackAPI",
     "SubscriberStats",
     "TopicKeyService",
     "TopicKeyring",
+    "Unserved",
     "Verification",
     "Voucher",
     "VoucherDomain",
@@ -245,15 +277,20 @@ __all__ = [
     "decode_key_message",
     "decode_notice",
     "decode_proof_request",
+    "decode_resume_request",
+    "decode_resumed",
     "decode_voucher",
     "encode_anchor_notice",
     "encode_key_message",
     "encode_notice",
     "encode_proof_request",
+    "encode_resume_request",
+    "encode_resumed",
     "encode_voucher",
     "hash_pair",
     "high_s_twin",
     "is_control_topic",
+    "is_resumed_payload",
     "keccak256",
     "keccak256_backends",
     "key_topic",
@@ -272,6 +309,7 @@ __all__ = [
     "seal",
     "sealed_epoch",
     "sender_public_key",
+    "serving_endpoints",
     "sign_voucher",
     "topic_id_of",
     "unwrap_topic_key",

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_PROOF_PAYLOAD",
     "NOTICE",
     "PROOF",
+    "RESUME",
     "VOUCHER",
     "AnchorNotice",
     "AnyNotice",
@@ -77,6 +78,8 @@ NOTICE: Final = "notice"
 """Leaf the broker sends quotes, payment requests, receipts and refusals to."""
 PROOF: Final = "proof"
 """Leaf a client publishes proof requests to (the answer comes on :data:`NOTICE`)."""
+RESUME: Final = "resume"
+"""Leaf a subscriber publishes resume requests to (:mod:`._resume`; answered on :data:`NOTICE`)."""
 ANCHORS_TOPIC: Final = "blendsm/anchors"
 """Reserved broadcast topic of anchor notices: anyone may subscribe, only the broker publishes."""
 MAX_CONTROL_PAYLOAD: Final = 2048
@@ -147,7 +150,7 @@ def parse_control_topic(topic: str) -> tuple[str, str] | None:
     parts = topic.split("/")
     if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != CONTROL_ROOT:
         return None
-    if not _ADDRESS.fullmatch(parts[2]) or parts[3] not in (VOUCHER, NOTICE, PROOF):
+    if not _ADDRESS.fullmatch(parts[2]) or parts[3] not in (VOUCHER, NOTICE, PROOF, RESUME):
         return None
     return parts[2], parts[3]
 

@@ -34,6 +34,7 @@ from blendsm.device_sdk import (
     MESSAGE_TYPEHASH,
     NOTICE,
     PROOF,
+    RESUME,
     VOUCHER,
     VOUCHER_TYPEHASH,
     AnchorNotice,
@@ -48,6 +49,9 @@ from blendsm.device_sdk import (
     Quote,
     Receipt,
     Refusal,
+    Resumed,
+    ResumeRequest,
+    Unserved,
     VoucherDomain,
     VoucherSigner,
     checksum_address,
@@ -59,10 +63,14 @@ from blendsm.device_sdk import (
     decode_envelope,
     decode_key_message,
     decode_proof_request,
+    decode_resume_request,
+    decode_resumed,
     decode_voucher,
     encode_anchor_notice,
     encode_notice,
     encode_proof_request,
+    encode_resume_request,
+    encode_resumed,
     encode_voucher,
     hash_pair,
     keccak256,
@@ -336,6 +344,8 @@ def build_vectors() -> dict[str, Any]:
             ProofRequest("req-1", topic=TOPIC, sequence=3, device=device.address)
         ),
         "proof_request_by_leaf": encode_proof_request(ProofRequest("req-3", leaf=leaves[2])),
+        "resume": encode_resume_request(ResumeRequest("req-4", TOPIC, {device.address: 3})),
+        "resumed": encode_resumed(Resumed("req-4", TOPIC, 1, (Unserved(device.address, 4, 4),))),
         "proof": encode_notice(
             Proof(
                 "req-1",
@@ -356,6 +366,7 @@ def build_vectors() -> dict[str, Any]:
             "voucher": control_topic(payer_address, VOUCHER),
             "notice": control_topic(payer_address, NOTICE),
             "proof": control_topic(payer_address, PROOF),
+            "resume": control_topic(payer_address, RESUME),
             "anchors": ANCHORS_TOPIC,
         },
         "payloads": {name: payload.decode() for name, payload in payloads.items()},
@@ -539,6 +550,8 @@ def test_control_payloads_decode(stored: dict[str, Any]) -> None:
         assert encode_anchor_notice(decode_anchor_notice(payloads[name])) == payloads[name]
     for name in ("proof_request", "proof_request_by_leaf"):
         assert encode_proof_request(decode_proof_request(payloads[name])) == payloads[name]
+    assert encode_resume_request(decode_resume_request(payloads["resume"])) == payloads["resume"]
+    assert encode_resumed(decode_resumed(payloads["resumed"])) == payloads["resumed"]
 
 
 def test_key_message_unwraps(stored: dict[str, Any]) -> None:

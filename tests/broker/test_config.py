@@ -29,6 +29,7 @@ from blendsm.broker._config import (
     resolve_operator_account,
 )
 from blendsm.broker._config_sessions import SessionsConfig
+from blendsm.broker._replay import ReplayConfig
 from blendsm.device_sdk import UINT256_MAX
 from blendsm.errors import ConfigError
 
@@ -101,6 +102,7 @@ def test_documented_example_parses_and_covers_every_field(tmp_path: Path) -> Non
     assert config.listen == ListenConfig()
     assert config.payments == PaymentsConfig()
     assert config.sessions == SessionsConfig()
+    assert config.replay == ReplayConfig()
     assert config.data_dir == tmp_path / "blendsm-data"
     assert (config.public_topics, config.log_level) == (False, "INFO")
     # Every field of the tree appears in the example, live or commented out.
@@ -118,6 +120,8 @@ def test_documented_example_parses_and_covers_every_field(tmp_path: Path) -> Non
     for f in dataclasses.fields(SettlementConfig):
         assert f"{f.name}:" in example
     for f in dataclasses.fields(SessionsConfig):
+        assert re.search(rf"^\s+{f.name}:", example, flags=re.M), f.name
+    for f in dataclasses.fields(ReplayConfig):
         assert re.search(rf"^\s+{f.name}:", example, flags=re.M), f.name
 
 
