@@ -56,7 +56,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--duration: must be > 0 seconds, got {args.duration:g}")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     if args.brokers != 1:
-        from blendsm.cli._demo_many import MAX_BROKERS, format_many_summary, run_many_brokers_demo
+        from blendsm.cli._demo_many import run_many_brokers_demo
+        from blendsm.cli._demo_many_parts import MAX_BROKERS
+        from blendsm.cli._demo_many_report import format_many_summary
 
         if not 2 <= args.brokers <= MAX_BROKERS:
             raise ConfigError(f"--brokers: must be 1 to {MAX_BROKERS}, got {args.brokers}")

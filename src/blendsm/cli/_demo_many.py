@@ -32,88 +32,54 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from blendsm.cli._demo_brokers import BrokerProcess
+from blendsm.cli._demo_many_parts import (
+    BUYERS,
+    CREDIT,
+    DEPOSIT,
+    DEVICES,
+    FAILOVER_BOUND,
+    LABELS,
+    OPERATORS,
+    PAY_EVERY,
+    RATE_HZ,
+    SETTLE_SECONDS,
+    TOPICS,
+    ManyRun,
+    Tape,
+    Timeline,
+    lost,
+)
+from blendsm.cli._demo_many_report import many_report
 from blendsm.cli._demo_parts import CHALLENGE_PERIOD, FEE_BPS, Progress, until
 from blendsm.cli._demo_report import DemoReport
 
-__all__ = ["MAX_BROKERS", "run_many_brokers_demo"]
-
-MAX_BROKERS = 4
-"""More broker processes than this on a laptop measure the scheduler, not the product."""
-OPERATORS = ("operator", "operator-b")
-"""Operator ``A`` (enrolled by the development node) and operator ``B``."""
-TOPICS = {"demo/temperature": 1_000, "demo/humidity": 700}
-"""Price per message (wei); one device per topic."""
-DEVICES = ("device-1", "device-2")
-BUYERS = ("buyer-1", "buyer-2", "buyer-3", "buyer-4")
-DEPOSIT = 10**17
-"""Per channel: each buyer funds one channel with each operator."""
-RATE_HZ = 10.0
-CREDIT = 50
-PAY_EVERY = 5
-FAILOVER_BOUND = 5.0
-SETTLE_SECONDS = 1.0
-"""Each broker claims what it holds this often (what the end of the demo waits for)."""
-LABELS = ("oracle", *OPERATORS, "seller", *BUYERS)
-"""The accounts the chain funds (devices never send a transaction)."""
-
-
-@dataclass
-class _Tape:
-    """What one buyer's FailoverSubscriber reported (its callbacks run on paho threads)."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    seen: set[tuple[str, str, int]] = field(default_factory=set)
-    by_broker: dict[str, int] = field(default_factory=dict)
-    failovers: list[tuple[float, Any]] = field(default_factory=list)
-    gaps: list[Any] = field(default_factory=list)
-    unverified: int = 0
-
-
-@dataclass
-class _Run:
-    """The demo's parties and state (closed in :func:`_close`)."""
-
-    tmp: Path
-    view: Progress
-    node: Any = None
-    w3: Any = None
-    deployment: Any = None
-    mps: dict[str, Any] = field(default_factory=dict)
-    topic_ids: dict[str, bytes] = field(default_factory=dict)
-    brokers: list[BrokerProcess] = field(default_factory=list)
-    channels: dict[tuple[str, str], bytes] = field(default_factory=dict)
-    """(buyer, operator label) -> channel id."""
-    subs: dict[str, Any] = field(default_factory=dict)
-    tapes: dict[str, _Tape] = field(default_factory=dict)
-    devices: dict[str, Any] = field(default_factory=dict)
-    published: dict[str, list[int]] = field(default_factory=dict)
-    by_port: dict[int, str] = field(default_factory=dict)
-    accounts: dict[str, Any] = field(default_factory=dict)
-    """Every party's TEST-ONLY account by label."""
+__all__ = ["run_many_brokers_demo"]
 
 
 async def run_many_brokers_demo(
     brokers: int = 3,
     duration: float = 12.0,
     *,
+    chain_url: str | None = None,
     progress: IO[str] | None = None,
     quiet: bool = False,
 ) -> DemoReport:
     """Run the many-broker scenario (see the module doc) with ``brokers`` processes (2 to
-    :data:`MAX_BROKERS`) streaming for ``duration`` seconds; the report."""
+    :data:`MAX_BROKERS`) streaming for ``duration`` seconds; the report. ``chain_url``: a
+    development node to use instead of the demo's own (anvil: it must answer
+    ``anvil_setBalance``, ``evm_increaseTime`` and ``evm_mine``; a fresh suite is deployed)."""
     import sys
 
     view = Progress(progress or sys.stderr, quiet=quiet)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="blendsm-demo-brokers-") as tmp:
-        run = _Run(Path(tmp), view)
+        run = ManyRun(Path(tmp), view)
         try:
-            await _set_up_chain(run)
+            await _set_up_chain(run, chain_url)
             await _start_brokers(run, brokers)
             await _connect_buyers(run)
             await _connect_devices(run)
@@ -126,32 +92,46 @@ async def run_many_brokers_demo(
 # --- chain and brokers -----------------------------------------------------------------------
 
 
-async def _set_up_chain(run: _Run) -> None:
+async def _set_up_chain(run: ManyRun, chain_url: str | None) -> None:
+    """The chain (the demo's own development node, or ``chain_url``), the suite deployed,
+    two operators, a seller with two devices and two topics served by both, four buyers."""
     from blendsm.contracts import (
         Marketplace,
         Policy,
         Role,
         connect,
+        deploy_suite,
         enrol_operator,
         start_dev_node,
         test_account,
     )
 
-    run.view.say("serving a development chain over JSON-RPC (TEST-ONLY accounts)")
     path = run.tmp / "deployment.json"
-    node = run.node = await start_dev_node(
-        "127.0.0.1", 0, labels=LABELS, challenge_period=CHALLENGE_PERIOD, deployment_path=path
-    )
-    assert node.deployment is not None  # deploy=True
-    run.deployment = node.deployment
-    w3 = run.w3 = connect(node.url)
-    accounts = run.accounts = {
-        **node.accounts,
-        **{d: test_account(f"demo-brokers:{d}") for d in DEVICES},  # TEST ONLY
-    }
-    run.mps = {label: Marketplace(w3, node.deployment, accounts[label]) for label in LABELS}
+    devices = {d: test_account(f"demo-brokers:{d}") for d in DEVICES}  # TEST ONLY
+    if chain_url is None:
+        run.view.say("serving a development chain over JSON-RPC (TEST-ONLY accounts)")
+        node = run.node = await start_dev_node(
+            "127.0.0.1", 0, labels=LABELS, challenge_period=CHALLENGE_PERIOD, deployment_path=path
+        )
+        assert node.deployment is not None  # deploy=True
+        run.url, run.deployment, w3 = node.url, node.deployment, connect(node.url)
+        run.accounts = {**node.accounts, **devices}
+    else:
+        run.view.say(f"deploying the suite on {chain_url} (TEST-ONLY accounts)")
+        run.url, w3 = chain_url, connect(chain_url)
+        run.accounts = {**{x: test_account(f"demo-brokers:{x}") for x in LABELS}, **devices}
+        for label in LABELS:
+            address = run.accounts[label].address
+            await w3.provider.make_request("anvil_setBalance", [address, hex(10**23)])
+        run.deployment = await deploy_suite(
+            w3, run.accounts["oracle"], challenge_period=CHALLENGE_PERIOD
+        )
+        run.deployment.save(path)
+        await enrol_operator(w3, run.deployment, run.accounts["operator"], run.accounts["oracle"])
+    run.w3, accounts = w3, run.accounts
+    run.mps = {label: Marketplace(w3, run.deployment, accounts[label]) for label in LABELS}
     mps, oracle = run.mps, accounts["oracle"]
-    await enrol_operator(w3, node.deployment, accounts["operator-b"], oracle)
+    await enrol_operator(w3, run.deployment, accounts["operator-b"], oracle)
     for label, role in (("seller", Role.SELLER), *((b, Role.BUYER) for b in BUYERS)):
         await mps[label].registry.apply_for_role(role)
         await mps["oracle"].registry.approve(accounts[label].address)
@@ -164,7 +144,7 @@ async def _set_up_chain(run: _Run) -> None:
     run.view.say("two operators enrolled; the seller lets both serve its two topics")
 
 
-async def _start_brokers(run: _Run, count: int) -> None:
+async def _start_brokers(run: ManyRun, count: int) -> None:
     from blendsm.contracts import free_port, test_account
 
     accounts = run.accounts
@@ -175,7 +155,7 @@ async def _start_brokers(run: _Run, count: int) -> None:
             name, operator, free_port(), run.tmp / name, accounts[operator].key.hex()
         )
         broker.write_config(
-            run.node.url,
+            run.url,
             run.tmp / "deployment.json",
             {
                 "payments": {
@@ -210,7 +190,7 @@ def _order(endpoints: Sequence[Any], names: dict[int, str], first: str) -> list[
     return chosen
 
 
-async def _connect_buyers(run: _Run) -> None:
+async def _connect_buyers(run: ManyRun) -> None:
     from blendsm.device_sdk import FailoverSubscriber, Web3ChainReader, serving_endpoints
 
     accounts, deployment = run.accounts, run.deployment
@@ -222,13 +202,13 @@ async def _connect_buyers(run: _Run) -> None:
             run.channels[buyer, operator] = opened.channel_id
     path = run.tmp / "deployment.json"
     topic_id = next(iter(run.topic_ids.values()))
-    endpoints = await asyncio.to_thread(serving_endpoints, run.node.url, path, topic_id)
+    endpoints = await asyncio.to_thread(serving_endpoints, run.url, path, topic_id)
     names = run.by_port
     firsts = [b.name for b in run.brokers]
-    reader = Web3ChainReader(run.node.url, path)
+    reader = Web3ChainReader(run.url, path)
     for number, buyer in enumerate(BUYERS):
         first = firsts[0] if number < 2 else firsts[(number - 1) % len(firsts)]
-        tape = run.tapes[buyer] = _Tape()
+        tape = run.tapes[buyer] = Tape()
         sub = FailoverSubscriber(
             accounts[buyer],
             _order(endpoints, names, first),
@@ -249,7 +229,7 @@ async def _connect_buyers(run: _Run) -> None:
     )
 
 
-def _attach(sub: Any, tape: _Tape, names: dict[int, str]) -> None:
+def _attach(sub: Any, tape: Tape, names: dict[int, str]) -> None:
     def message(_s: Any, m: Any, broker: Any) -> None:
         with tape.lock:
             if m.verified is not True:
@@ -270,12 +250,12 @@ def _attach(sub: Any, tape: _Tape, names: dict[int, str]) -> None:
     sub.on_message, sub.on_failover, sub.on_gap = message, failover, gap
 
 
-async def _connect_devices(run: _Run) -> None:
+async def _connect_devices(run: ManyRun) -> None:
     from blendsm.device_sdk import MultiHomedPublisher, serving_endpoints
 
     path = run.tmp / "deployment.json"
     topic_id = next(iter(run.topic_ids.values()))
-    endpoints = await asyncio.to_thread(serving_endpoints, run.node.url, path, topic_id)
+    endpoints = await asyncio.to_thread(serving_endpoints, run.url, path, topic_id)
     for device in DEVICES:
         pub = MultiHomedPublisher(
             run.accounts[device],
@@ -292,16 +272,7 @@ async def _connect_devices(run: _Run) -> None:
 # --- the stream, the kill, the restart -------------------------------------------------------
 
 
-@dataclass
-class _Timeline:
-    killed: str
-    moved: dict[str, float]
-    """Buyers that were on the killed broker -> seconds from the SIGKILL to resumed."""
-    rejoined_seconds: float | None
-    """From the restart command to the devices' outboxes to it being empty again."""
-
-
-async def _stream_kill_restart(run: _Run, duration: float) -> _Timeline:
+async def _stream_kill_restart(run: ManyRun, duration: float) -> Timeline:
     """Stream for ``duration`` s; SIGKILL the busiest broker at 40 % of it, start it again at
     70 %; then wait until every buyer holds every sequence published (bounded)."""
     stop = threading.Event()
@@ -360,11 +331,11 @@ async def _stream_kill_restart(run: _Run, duration: float) -> _Timeline:
     rejoined = await _rejoined(run, victim.port, restarted_at)
     total = sum(len(s) for s in run.published.values())
     run.view.say(f"stream stopped: {total} readings published; waiting for the buyers to hold all")
-    await until(lambda: not any(_lost(run, b) for b in BUYERS), 20, 0.1)
-    return _Timeline(victim_name, moved, rejoined)
+    await until(lambda: not any(lost(run, b) for b in BUYERS), 20, 0.1)
+    return Timeline(victim_name, moved, rejoined)
 
 
-async def _rejoined(run: _Run, port: int, since: float) -> float | None:
+async def _rejoined(run: ManyRun, port: int, since: float) -> float | None:
     """Seconds from the restart until every device's outbox to the restarted broker is empty
     (it has every reading again); None if not within 20 s."""
 
@@ -381,22 +352,10 @@ async def _rejoined(run: _Run, port: int, since: float) -> float | None:
     return None
 
 
-def _lost(run: _Run, buyer: str) -> int:
-    """Sequences published that ``buyer`` has not received (after de-duplication)."""
-    tape = run.tapes[buyer]
-    with tape.lock:
-        seen = set(tape.seen)
-    lost = 0
-    for device, topic in zip(DEVICES, TOPICS, strict=True):
-        address = run.accounts[device].address.lower()
-        lost += sum((address, topic, s) not in seen for s in run.published[device])
-    return lost
-
-
 # --- settle, close, report -------------------------------------------------------------------
 
 
-def _settle_up(run: _Run, buyer: str) -> int:
+def _settle_up(run: ManyRun, buyer: str) -> int:
     """Reconnect the buyer's members on brokers it left whose last voucher was never
     confirmed (the broker died before storing it): on connect a member sends its latest
     voucher again, and the broker, back from its data directory, stores and claims it.
@@ -426,7 +385,7 @@ def _settle_up(run: _Run, buyer: str) -> int:
     return count
 
 
-def _members(run: _Run, buyer: str, operator: str) -> list[Any]:
+def _members(run: ManyRun, buyer: str, operator: str) -> list[Any]:
     """The buyer's member Subscribers on brokers of ``operator`` (each pays on its channel)."""
     sub, address = run.subs[buyer], run.accounts[operator].address
     found = [sub.member(e) for e in sub.endpoints if e.broker == address]
@@ -434,7 +393,7 @@ def _members(run: _Run, buyer: str, operator: str) -> list[Any]:
 
 
 async def _settle_and_report(
-    run: _Run, timeline: _Timeline, *, duration: float, started: float
+    run: ManyRun, timeline: Timeline, *, duration: float, started: float
 ) -> DemoReport:
     run.view.say("paying what is outstanding; the brokers claim on chain")
     for buyer in BUYERS:
@@ -490,17 +449,17 @@ async def _settle_and_report(
             }
         )
     await _close_channels(run, rows)
-    return _report(run, timeline, rows, duration=duration, started=started)
+    return many_report(run, timeline, rows, duration=duration, started=started)
 
 
-async def _close_channels(run: _Run, rows: list[dict[str, Any]]) -> None:
+async def _close_channels(run: ManyRun, rows: list[dict[str, Any]]) -> None:
     """Every buyer closes both channels; the clock jumps past the challenge period; they
     withdraw the rest. Adds payout, fee and refund to each row."""
     run.view.say("closing the channels and withdrawing the rest after the challenge period")
     for buyer, operator in run.channels:
         await run.mps[buyer].channels.request_close(run.channels[buyer, operator])
-    run.node.rpc.call("evm_increaseTime", [CHALLENGE_PERIOD + 1])
-    run.node.rpc.call("evm_mine", [])
+    await run.w3.provider.make_request("evm_increaseTime", [CHALLENGE_PERIOD + 1])
+    await run.w3.provider.make_request("evm_mine", [])
     refunds = {}
     for buyer, operator in run.channels:
         settled = await run.mps[buyer].channels.withdraw(run.channels[buyer, operator])
@@ -516,113 +475,7 @@ async def _close_channels(run: _Run, rows: list[dict[str, Any]]) -> None:
         row["deposit"] = DEPOSIT
 
 
-def _report(
-    run: _Run, timeline: _Timeline, rows: list[dict[str, Any]], *, duration: float, started: float
-) -> DemoReport:
-    problems: list[str] = []
-    lost = {b: _lost(run, b) for b in BUYERS}
-    gaps = {b: len(run.tapes[b].gaps) for b in BUYERS}
-    unverified = sum(t.unverified for t in run.tapes.values())
-    slowest = max(timeline.moved.values(), default=None)
-    if not timeline.moved:
-        problems.append(f"no buyer moved off the killed broker {timeline.killed}")
-    elif slowest is not None and slowest > FAILOVER_BOUND:
-        problems.append(f"a buyer took {slowest} s to resume (bound {FAILOVER_BOUND} s)")
-    if any(lost.values()):
-        problems.append(f"sequences lost after de-duplication: {lost}")
-    if unverified:
-        problems.append(f"{unverified} messages not verified (signature or device)")
-    if timeline.rejoined_seconds is None:
-        problems.append(f"broker {timeline.killed} did not catch up after its restart")
-    bound = CREDIT * max(TOPICS.values())
-    for row in rows:
-        name = f"channel of {row['buyer']} with operator {row['operator']}"
-        received, vouchered, settled = (
-            row["received_value"],
-            row["vouchered"],
-            row["settled_onchain"],
-        )
-        # The killed broker never claims deliveries whose count died with it (it cannot show
-        # them; the buyer keeps that money): at most what it had not yet written, within the
-        # credit. Every other channel: equal.
-        slack = bound if row["on_killed_broker"] else 0
-        if not (received == vouchered and 0 <= vouchered - settled <= slack):
-            problems.append(
-                f"{name}: received {received}, vouchered {vouchered}, settled on chain"
-                f" {settled} (allowed shortfall {slack})"
-            )
-        if row["payout_to_seller"] + row["fee_to_operator"] != row["settled_onchain"]:
-            problems.append(f"{name}: payout + fee != settled on chain")
-        if row["payout_to_seller"] + row["fee_to_operator"] + row["refund"] != DEPOSIT:
-            problems.append(f"{name}: payout + fee + refund != deposit")
-    per_operator = {}
-    for letter in "AB":
-        mine = [r for r in rows if r["operator"] == letter]
-        per_operator[letter] = {
-            k: sum(r[k] for r in mine)
-            for k in ("received_value", "vouchered", "settled_onchain", "fee_to_operator")
-        }
-    if sum(r["settled_onchain"] for r in rows) == 0:
-        problems.append("nothing was settled on chain")
-    figures: dict[str, Any] = {
-        "brokers": [
-            {"name": b.name, "operator": "AB"[OPERATORS.index(b.operator)], "starts": b.starts}
-            for b in run.brokers
-        ],
-        "duration_seconds": duration,
-        "elapsed_seconds": round(time.monotonic() - started, 2),
-        "killed_broker": timeline.killed,
-        "failover_seconds": timeline.moved,
-        "failover_seconds_max": slowest,
-        "rejoined_seconds": timeline.rejoined_seconds,
-        "messages_published": sum(len(s) for s in run.published.values()),
-        "delivered_per_broker": {b: dict(sorted(run.tapes[b].by_broker.items())) for b in BUYERS},
-        "lost_after_dedup": lost,
-        "gaps_reported": gaps,
-        "duplicates_dropped": {b: run.subs[b].stats.duplicates_dropped for b in BUYERS},
-        "replayed": {b: run.subs[b].stats.replayed for b in BUYERS},
-        "per_operator": per_operator,
-        "amount_settled_onchain": sum(r["settled_onchain"] for r in rows),
-        "uncounted_at_kill": sum(r["vouchered"] - r["settled_onchain"] for r in rows),
-        "paid_to_seller": sum(r["payout_to_seller"] for r in rows),
-        "fees_to_operators": sum(r["fee_to_operator"] for r in rows),
-        "refunded_to_buyers": sum(r["refund"] for r in rows),
-        "deposits": DEPOSIT * len(rows),
-    }
-    return DemoReport(figures, rows, problems)
-
-
-def format_many_summary(report: DemoReport) -> str:
-    """The human summary of a many-broker run."""
-    f = report.figures
-    brokers = ", ".join(f"{b['name']} (operator {b['operator']})" for b in f["brokers"])
-    moved = ", ".join(f"{b} {s:.2f} s" for b, s in f["failover_seconds"].items()) or "none"
-    lines = [
-        f"blendsm demo --brokers {len(f['brokers'])}: {brokers}",
-        f"  killed {f['killed_broker']} mid-stream; buyers resumed elsewhere: {moved}"
-        f" (bound {FAILOVER_BOUND:g} s); restarted, caught up in {f['rejoined_seconds']} s",
-        f"  {f['messages_published']} readings published; lost after de-duplication:"
-        f" {sum(f['lost_after_dedup'].values())}; gaps reported: {sum(f['gaps_reported'].values())}",
-    ]
-    for letter, money in f["per_operator"].items():
-        lines.append(
-            f"  operator {letter}: received {money['received_value']}, vouchered"
-            f" {money['vouchered']}, settled {money['settled_onchain']} wei"
-            f" (fees {money['fee_to_operator']})"
-        )
-    lines.append(
-        f"  not claimable after the kill: {f['uncounted_at_kill']} wei (deliveries whose count"
-        " died with the killed broker; the buyers keep it)"
-    )
-    lines.append(
-        f"  total: payouts {f['paid_to_seller']} + fees {f['fees_to_operators']} + refunds"
-        f" {f['refunded_to_buyers']} = deposits {f['deposits']}"
-        f" -> {'invariants hold' if report.ok else 'INVARIANTS BROKEN'}"
-    )
-    return "\n".join(lines)
-
-
-async def _close(run: _Run) -> None:
+async def _close(run: ManyRun) -> None:
     """Disconnect the clients, stop the brokers (SIGTERM), stop the chain node."""
     for sub in run.subs.values():
         await asyncio.to_thread(sub.disconnect)
