@@ -91,6 +91,7 @@ def many_report(
         "per_operator": per_operator,
         "amount_settled_onchain": sum(r["settled_onchain"] for r in rows),
         "uncounted_at_kill": sum(r["vouchered"] - r["settled_onchain"] for r in rows),
+        "uncounted_bound_per_channel": bound,
         "paid_to_seller": sum(r["payout_to_seller"] for r in rows),
         "fees_to_operators": sum(r["fee_to_operator"] for r in rows),
         "refunded_to_buyers": sum(r["refund"] for r in rows),
