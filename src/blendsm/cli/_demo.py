@@ -36,6 +36,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo.add_argument(
         "--json", action="store_true", help="print one JSON object with the figures (wei)"
     )
+    demo.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve the market with N broker processes of two operators (2-4) on a chain"
+        " the demo serves itself; one is killed mid-stream and the buyers move"
+        " (default: %(default)s, the embedded single-broker demo)",
+    )
+    demo.add_argument(
+        "--chain",
+        metavar="URL",
+        help="with --brokers: a development node to run on (anvil: it must answer"
+        " anvil_setBalance, evm_increaseTime, evm_mine) instead of the demo's own",
+    )
     demo.set_defaults(func=_cmd_demo)
 
 
@@ -46,11 +61,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.duration > 0:
         raise ConfigError(f"--duration: must be > 0 seconds, got {args.duration:g}")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    report = asyncio.run(run_demo(args.duration, quiet=False))
+    if args.chain is not None and args.brokers == 1:
+        raise ConfigError("--chain: only with --brokers (the single-broker demo is embedded)")
+    if args.brokers != 1:
+        from blendsm.cli._demo_many import run_many_brokers_demo
+        from blendsm.cli._demo_many_parts import MAX_BROKERS
+        from blendsm.cli._demo_many_report import format_many_summary
+
+        if not 2 <= args.brokers <= MAX_BROKERS:
+            raise ConfigError(f"--brokers: must be 1 to {MAX_BROKERS}, got {args.brokers}")
+        if not args.duration >= 5:
+            raise ConfigError(f"--duration: must be >= 5 s with --brokers, got {args.duration:g}")
+        report = asyncio.run(
+            run_many_brokers_demo(args.brokers, args.duration, chain_url=args.chain)
+        )
+        summary = format_many_summary(report)
+    else:
+        report = asyncio.run(run_demo(args.duration, quiet=False))
+        summary = format_summary(report)
     if args.json:
         print(json.dumps(report.to_json(), sort_keys=True), flush=True)
     else:
-        print(format_summary(report), flush=True)
+        print(summary, flush=True)
     if not report.ok:
         print("blendsm demo: invariants broken: " + "; ".join(report.problems), file=sys.stderr)
         return 1
