@@ -324,6 +324,33 @@ class FailoverSubscriber:
             member.disconnect()
         self._active = None
 
+    def settle_up(self, timeout: float = 10.0) -> int:
+        """Send the brokers this subscriber left the vouchers they never confirmed, and wait
+        (up to ``timeout`` s each) for their Receipts. Why: a broker killed just after a
+        voucher was sent may not have stored it; when it is back (from its data directory)
+        it can still claim what it delivered, but only once it holds the voucher. Each such
+        member connects (it re-sends its latest voucher on connect), waits, and is halted
+        again; it never subscribes. Returns how many brokers still hold an unconfirmed
+        voucher (down, or not answering): call again later, before the channel closes."""
+        with self._lock:
+            active = self._active
+            members = [m for m in self._members.values() if m is not active]
+        owing = 0
+        for member in members:
+            due = member.unconfirmed()
+            if not due:
+                continue
+            try:
+                member.connect(min(timeout, self.connect_timeout * 5))
+                for channel_id, amount in due.items():
+                    member.wait_confirmed(channel_id, amount, timeout)
+            except BlendsmError as exc:
+                _log.info("settle-up with %s:%d failed: %s", member.host, member.port, exc)
+            finally:
+                member.halt()
+            owing += bool(member.unconfirmed())
+        return owing
+
     def missing(self, device: str, topic: str) -> list[int]:
         """Sequences of ``device`` on ``topic`` inside the window not received yet."""
         with self._lock:

@@ -212,6 +212,17 @@ class SubscriberPayments:
         else:  # lost with the connection; the broker's PaymentRequest will get it resent
             _log.info("%s: voucher not sent (%s)", self.client_id, mqtt.error_string(info.rc))
 
+    def unconfirmed(self) -> dict[bytes, int]:
+        """Per channel, the latest amount vouchered that the broker has not confirmed with a
+        Receipt yet (a broker that died before storing it never will, until it is back and
+        the voucher is sent again: :meth:`FailoverSubscriber.settle_up`)."""
+        with self._lock:
+            return {
+                channel_id: book.vouchered
+                for channel_id, book in self._books.items()
+                if book.last is not None and book.confirmed < book.vouchered
+            }
+
     def _reconfirm(self) -> int:
         """After a (re)connect: re-send the latest voucher of every channel not confirmed up
         to it, so the broker answers with a Receipt (see the module docstring). Costs nothing

@@ -43,6 +43,7 @@ def test_three_brokers_one_killed_buyers_move_and_every_wei_is_accounted_for() -
     assert 0 < d["failover_seconds_max"] < 5
     assert d["messages_published"] > 0
     assert set(d["lost_after_dedup"].values()) == {0}
+    assert d["owed_after_settle_up"] == 0  # the restarted broker got the vouchers it lost
     for buyer, per_broker in d["delivered_per_broker"].items():
         if buyer in d["failover_seconds"]:  # served by the killed broker, then another one
             assert len(per_broker) == 2, per_broker

@@ -84,6 +84,8 @@ class ManyRun:
     devices: dict[str, Any] = field(default_factory=dict)
     published: dict[str, list[int]] = field(default_factory=dict)
     by_port: dict[int, str] = field(default_factory=dict)
+    owed_after_settle_up: int = 0
+    """Brokers still holding a buyer's unconfirmed voucher after ``settle_up``."""
     accounts: dict[str, Any] = field(default_factory=dict)
     """Every party's TEST-ONLY account by label."""
 

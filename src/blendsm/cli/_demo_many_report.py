@@ -35,6 +35,8 @@ def many_report(
         problems.append(f"no buyer moved off the killed broker {timeline.killed}")
     elif slowest is not None and slowest > FAILOVER_BOUND:
         problems.append(f"a buyer took {slowest} s to resume (bound {FAILOVER_BOUND} s)")
+    if run.owed_after_settle_up:
+        problems.append(f"{run.owed_after_settle_up} brokers never confirmed a buyer's voucher")
     if any(missing.values()):
         problems.append(f"sequences lost after de-duplication: {missing}")
     if unverified:
@@ -92,6 +94,7 @@ def many_report(
         "amount_settled_onchain": sum(r["settled_onchain"] for r in rows),
         "uncounted_at_kill": sum(r["vouchered"] - r["settled_onchain"] for r in rows),
         "uncounted_bound_per_channel": bound,
+        "owed_after_settle_up": run.owed_after_settle_up,
         "paid_to_seller": sum(r["payout_to_seller"] for r in rows),
         "fees_to_operators": sum(r["fee_to_operator"] for r in rows),
         "refunded_to_buyers": sum(r["refund"] for r in rows),
