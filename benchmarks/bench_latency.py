@@ -364,6 +364,13 @@ def main(argv: list[str] | None = None) -> None:
                     f" refused {out['vouchers_refused']}"
                     if "denied_no_credit" in out
                     else ""
+                )
+                + (
+                    f"\n           broker callbacks >= BENCH_SLOW_MS: {out['slow_callbacks']},"
+                    f" {out['slow_callbacks_s'] * 1e3:.0f} ms in all; "
+                    + "; ".join(out["slow_callbacks_top"])
+                    if "slow_callbacks" in out
+                    else ""
                 ),
                 flush=True,
             )
