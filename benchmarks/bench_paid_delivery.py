@@ -182,7 +182,54 @@ def _blendsm_stats(running: Any) -> dict[str, int]:
         "payment_requests": service.stats.payment_requests,
         "quotes": service.stats.quotes,
         "inflight_dropped": service.stats.inflight_dropped,
+        # Where deliveries that were neither metered nor refused for credit went:
+        "deliveries_denied": service.stats.deliveries_denied,
+        "view_misses_unhealthy": service.view.misses_unhealthy,
+        **{
+            name: getattr(service.stats, name)
+            for name in _LOSS_COUNTERS
+            if hasattr(service.stats, name)
+        },
+        **_stuck(running),
     }
+
+
+def _stuck(running: Any) -> dict[str, int]:
+    """What is still inside the broker when a round ends: broadcasts not yet fanned out,
+    deliveries on amqtt's path (tasks), held for credit, in flight (QoS 1/2 unacknowledged)."""
+    broker = running.broker
+    sessions = [s for s, _h in getattr(broker, "_sessions", {}).values()]
+    return {
+        "stuck_broadcasts": broker._broadcast_queue.qsize(),
+        "stuck_tasked": sum(getattr(s, "blendsm_tasks", 0) for s in sessions),
+        "stuck_held": sum(
+            len(h.items) for s in sessions if (h := getattr(s, "blendsm_credit_hold", None))
+        ),
+        "stuck_inflight": sum(len(getattr(s, "inflight_out", ())) for s in sessions),
+        "deliveries_held_for_credit": service_stat(running, "deliveries_held_for_credit"),
+    }
+
+
+def service_stat(running: Any, name: str) -> int:
+    return int(getattr(running.service.stats, name, 0))
+
+
+_LOSS_COUNTERS = (
+    "deliveries_denied",
+    "view_misses_unhealthy",
+    "deliveries_dropped_slow_consumer",
+    "deliveries_queued_slow_consumer",
+    "slow_consumers_paused",
+    "slow_consumers_disconnected",
+    "deliveries_held_dropped",
+    "duplicates_dropped",
+    "envelopes_refused",
+    "stuck_broadcasts",
+    "stuck_tasked",
+    "stuck_held",
+    "stuck_inflight",
+    "deliveries_held_for_credit",
+)
 
 
 def _public_main(conn: Any, data_dir: str) -> None:
@@ -324,6 +371,8 @@ def _subscriber_main(
     ready: Any,
     results: Any,
     deadline: float,
+    published: Any = None,
+    window: Any = None,
 ) -> None:
     quiet()
     counts = [0] * n_clients
@@ -406,15 +455,32 @@ def _subscriber_main(
         ok = False
     ready.put(ok)
     cpu0 = own_cpu()
-    while ok and time.time() < deadline:
+    cut = 0
+    while ok:
+        # Until the driver starts publishing, the set-up deadline (+ a window); then the
+        # measured window's end, which it sets at its first publish: a slow set-up on a
+        # loaded machine must not eat the window (the subscribers used to stop 20 s after
+        # they started, mid-stream, which looked like a broker stall).
+        limit = window.value if window is not None and window.value else deadline
+        if window is not None and not window.value:
+            limit += RUN_DEADLINE_S
+        if time.time() >= limit:
+            cut = 1
+            break
         total = sum(counts)
         if total >= expected * n_clients:
             break
+        # Idle: IDLE_STOP_S after the last message, counted from the end of publishing at
+        # the earliest (a device still publishing, or still waiting for its PUBACKs, is not
+        # done: its stall is measured, not mistaken for the end of the stream).
         newest = max(last)
+        if published is not None:
+            newest = max(newest, published.value) if published.value else time.time()
         if total and time.time() - newest > IDLE_STOP_S:
             break
         time.sleep(0.01)
     extra["cpu_us"] = int((own_cpu() - cpu0) * 1e6)
+    extra["cut_by_deadline"] = cut
     for sub in subs:
         s = sub.stats
         for name in ("vouchers_sent", "receipts", "refusals", "payment_requests"):
@@ -426,9 +492,10 @@ def _subscriber_main(
 
 
 # --------------------------------------------------------------------------- driver
-def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
-    """A connected publisher and its publish function: plain paho for (a)/(b), the SDK
-    Publisher of the seller's registered device for (c)."""
+def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A connected publisher: its publish, close and flush (wait, at most the given seconds,
+    until the broker acknowledged every QoS 1 message) functions; plain paho for (a)/(b), the
+    SDK Publisher of the seller's registered device for (c)."""
     if kind == "c":
         import tempfile
 
@@ -454,7 +521,7 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
             pub.close()
             shutil.rmtree(state, ignore_errors=True)
 
-        return publish_signed, close_signed
+        return publish_signed, close_signed, (pub.flush if QOS else None)
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -467,10 +534,18 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
         c.disconnect()
         c.loop_stop()
 
-    def publish(topic: str, payload: bytes) -> Any:
-        return c.publish(topic, payload, qos=QOS)
+    infos: list[Any] = []
 
-    return publish, close
+    def publish(topic: str, payload: bytes) -> Any:
+        info = c.publish(topic, payload, qos=QOS)
+        infos[:] = [info]
+        return info
+
+    def flush(timeout: float) -> None:
+        if infos:  # paho sends in order: the last one acknowledged, all were
+            infos[0].wait_for_publish(timeout)
+
+    return publish, close, (flush if QOS else None)
 
 
 class _Poller:
@@ -603,20 +678,35 @@ def run_one(
         if tag != "ready":
             raise RuntimeError(f"broker failed to start: {info}")
         port = int(info["port"])
-        deadline = time.time() + left(RUN_DEADLINE_S)
+        t_clients = time.time()
+        deadline = t_clients + left(RUN_DEADLINE_S)
         ready, results = ctx.Queue(), ctx.Queue()
+        published = ctx.Value("d", 0.0)  # time.time() when the publisher is done, else 0
+        window = ctx.Value("d", 0.0)  # the measured window's end, set at the first publish
         per = N_SUBSCRIBERS // SUB_PROCS
         for p_index in range(SUB_PROCS):
             p = ctx.Process(
                 target=_subscriber_main,
-                args=(clients, port, p_index * per, per, info, messages, ready, results, deadline),
+                args=(
+                    clients,
+                    port,
+                    p_index * per,
+                    per,
+                    info,
+                    messages,
+                    ready,
+                    results,
+                    deadline,
+                    published,
+                    window,
+                ),
                 daemon=True,
             )
             p.start()
             subs.append(p)
         if not all(ready.get(timeout=max(1.0, deadline - time.time())) for _ in subs):
             raise RuntimeError("subscribers not ready")
-        publish, close_pub = _publisher(clients, port, info)
+        publish, close_pub, flush_pub = _publisher(clients, port, info)
         if kind == "d":
             if not info.get("http_port"):
                 raise RuntimeError("broker started without its HTTP API")
@@ -629,13 +719,22 @@ def run_one(
         pub_cpu0 = own_cpu()
         poll_cpu0 = poller.cpu if poller is not None else 0.0
         t0 = time.time()
+        deadline = window.value = t0 + left(RUN_DEADLINE_S)
         body = PAYLOAD[:-8]
         gap = 1.0 / rate if rate else 0.0
+        pub_max_s = 0.0  # the longest publish() call (a device's outbox insert, at QoS 1)
         for k in range(messages):
-            publish(TOPIC, body + struct.pack("!d", time.time()))
+            t_call = time.time()
+            publish(TOPIC, body + struct.pack("!d", t_call))
+            pub_max_s = max(pub_max_s, time.time() - t_call)
             if gap:  # a fixed rate: the schedule, not the previous send, sets the next one
                 time.sleep(max(0.0, t0 + (k + 1) * gap - time.time()))
         t_pub = time.time() - t0
+        if flush_pub is not None:  # QoS 1/2: done once the broker acknowledged everything
+            with contextlib.suppress(Exception):
+                flush_pub(max(1.0, deadline - time.time()))
+        t_acked = time.time() - t0
+        published.value = time.time()
         got, t_last = 0, t0
         extra: dict[str, int] = {}
         latencies: list[float] = []
@@ -667,6 +766,9 @@ def run_one(
             "sub_cpu_us": extra.pop("cpu_us", 0) / max(got, 1),
             "pub_cpu_us": pub_cpu / max(got, 1) * 1e6,
             "publish_s": t_pub,
+            "acked_s": t_acked,
+            "clients_s": t0 - t_clients,  # subscribers started and publisher connected
+            "pub_max_ms": pub_max_s * 1e3,
             "elapsed_s": elapsed,
             "setup_s": float(info.get("setup_s", 0.0)),
             **stats,
@@ -793,7 +895,15 @@ def main() -> None:
                 f" {out['sub_cpu_us']:5.1f} us, publisher {out['pub_cpu_us']:4.1f} us"
                 f"\n           received {out['deliveries']}/{out['expected']} (dropped {out['dropped']})"
                 f"  latency p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms"
-                f"  publish {out['publish_s']:.2f} s, last receipt {out['elapsed_s']:.2f} s"
+                f"  publish {out['publish_s']:.2f} s (longest call {out['pub_max_ms']:.0f} ms,"
+                f" all acknowledged {out['acked_s']:.2f} s), last receipt {out['elapsed_s']:.2f} s"
+                + (
+                    f"  CUT: {out['sub_cut_by_deadline']} subscriber process(es) reached the"
+                    f" {RUN_DEADLINE_S:.0f} s window"
+                    if out.get("sub_cut_by_deadline")
+                    else ""
+                )
+                + f"; clients ready in {out['clients_s']:.1f} s"
             )
             if "anvil_cpu_us" in out:
                 line += f"  anvil {out['anvil_cpu_us']:5.1f} us"
@@ -815,6 +925,7 @@ def main() -> None:
                         for name, n in out.items()
                         if name.startswith("sub_refused:")
                     )
+                    + "".join(f", {name} {out[name]}" for name in _LOSS_COUNTERS if out.get(name))
                 )
             if k == "d":
                 line += (
