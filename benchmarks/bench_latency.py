@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 + (
                     f"\n           broker callbacks >= BENCH_SLOW_MS: {out['slow_callbacks']},"
-                    f" {out['slow_callbacks_s'] * 1e3:.0f} ms in all; "
+                    f" {out['slow_callbacks_s'] * 1e3:.0f} ms in all"
+                    f" (CPU {out['slow_callbacks_cpu_s'] * 1e3:.0f}); "
                     + "; ".join(out["slow_callbacks_top"])
                     if "slow_callbacks" in out
                     else ""

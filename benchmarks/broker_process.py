@@ -166,27 +166,29 @@ class _LoopLag:
 class _SlowCallbacks:
     """``BENCH_SLOW_MS=N``: every event-loop callback of the broker process that ran N ms or
     longer over the measured window, grouped by what ran (a task's coroutine, or the
-    callback's name), so a latency tail can be traced to the loop iterations that caused it.
-    Wraps ``asyncio.Handle._run`` (one ``perf_counter`` pair per callback) in this process
-    only, for the window only."""
+    callback's name), with their wall time and this thread's CPU time (a callback whose CPU
+    is far below its wall time was descheduled: the machine, not the broker), so a latency
+    tail can be traced to the loop iterations that caused it. Wraps ``asyncio.Handle._run``
+    (two clock pairs per callback) in this process only, for the window only."""
 
     def __init__(self, threshold_ms: float) -> None:
         self.threshold = threshold_ms / 1e3
-        self.found: list[tuple[float, str]] = []
+        self.found: list[tuple[float, float, str]] = []
         self._orig: Any = None
 
     def start(self) -> None:
         from asyncio import events
 
         orig = self._orig = events.Handle._run
-        threshold, found, clock = self.threshold, self.found, time.perf_counter
+        threshold, found = self.threshold, self.found
+        clock, cpu_clock = time.perf_counter, time.thread_time
 
         def _run(handle: Any) -> None:
-            t = clock()
+            t, c = clock(), cpu_clock()
             orig(handle)
             took = clock() - t
             if took >= threshold and len(found) < 100_000:
-                found.append((took, _describe(handle)))
+                found.append((took, cpu_clock() - c, _describe(handle)))
 
         events.Handle._run = _run  # type: ignore[method-assign]
 
@@ -196,15 +198,18 @@ class _SlowCallbacks:
         if self._orig is not None:
             events.Handle._run = self._orig  # type: ignore[method-assign]
             self._orig = None
-        groups: dict[str, list[float]] = {}
-        for took, what in self.found:
-            groups.setdefault(what, []).append(took)
-        top = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:8]
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for took, cpu, what in self.found:
+            groups.setdefault(what, []).append((took, cpu))
+        top = sorted(groups.items(), key=lambda kv: -sum(t for t, _ in kv[1]))[:8]
         return {
             "slow_callbacks": len(self.found),
-            "slow_callbacks_s": sum(t for t, _ in self.found),
+            "slow_callbacks_s": sum(t for t, _, _ in self.found),
+            "slow_callbacks_cpu_s": sum(c for _, c, _ in self.found),
             "slow_callbacks_top": [
-                f"{what}: {len(ts)} x, max {max(ts) * 1e3:.1f} ms, sum {sum(ts) * 1e3:.0f} ms"
+                f"{what}: {len(ts)} x, max {max(t for t, _ in ts) * 1e3:.1f} ms"
+                f" (CPU {max(c for _, c in ts) * 1e3:.1f}), sum {sum(t for t, _ in ts) * 1e3:.0f}"
+                f" ms (CPU {sum(c for _, c in ts) * 1e3:.0f})"
                 for what, ts in top
             ],
         }
