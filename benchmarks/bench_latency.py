@@ -43,7 +43,9 @@ the broker's event loop; ``--chain embedded``: the in-process EVM of the demo an
 pays its first voucher after ``pay_every - j`` messages) instead of all on the same message.
 ``--rate N``: publish N messages/s instead of a fraction of the saturation just measured
 (stock's saturation moves between runs on a shared machine, and the rate with it), to compare
-runs at one rate.
+runs at one rate. ``BENCH_SLOW_MS=N``: each round also lists the broker's event-loop callbacks
+of N ms or more, grouped by task, with their CPU time (``broker_process._SlowCallbacks``):
+where a latency tail comes from, and whether it was broker work or the broker descheduled.
 """
 
 from __future__ import annotations

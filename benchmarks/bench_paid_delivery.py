@@ -82,9 +82,12 @@ before starting the broker; the SDK Subscriber learns its channel from the broke
 All keys are TEST-ONLY (``test_account``), on chains that hold no value.
 
 Subscribers count only data messages on ``bench/t`` (never control notices) and stop once they
-have everything, or 2 s after the last message arrived (QoS 0 messages the gate refused for
-lack of credit never come), or at the run's deadline. Every wait has a deadline and child
-processes are always terminated.
+have everything, or 2 s after the last message arrived and the publisher is done (QoS 0
+messages the gate refused for lack of credit never come; at QoS 1 "done" is its last PUBACK),
+or at the end of the measured window, ``RUN_DEADLINE_S`` from the first publish (a round the
+window cut is marked ``CUT``; before, the window ran from the subscribers' start, and a slow
+start on a loaded machine cut QoS 1 rounds mid-stream, which looked like a broker stall).
+Every wait has a deadline and child processes are always terminated.
 """
 
 from __future__ import annotations
