@@ -432,6 +432,12 @@ def throughput(args: Any) -> None:
                     f" {out['denied_no_credit']}, metered {out['metered']}"
                     if "denied_no_credit" in out
                     else ""
+                )
+                + (
+                    f"; {out['commits']} voucher commits, p50 {out['commit_p50_ms']:.1f} /"
+                    f" p90 {out['commit_p90_ms']:.1f} / max {out['commit_max_ms']:.1f} ms"
+                    if "commits" in out
+                    else ""
                 ),
                 flush=True,
             )

@@ -194,6 +194,40 @@ def _blendsm_stats(running: Any) -> dict[str, int]:
             if hasattr(service.stats, name)
         },
         **_stuck(running),
+        **_commit_times(running),
+    }
+
+
+def _time_commits(running: Any) -> None:
+    """Record how long each voucher batch's commit takes, from the loop's side (the worker
+    thread's transaction with its fsync, and the wait for it): a voucher counts only once
+    durable, so this is part of every voucher's round trip, which the credit must cover."""
+    store = running.service.store
+    if store is None:
+        return
+    inner = store.accept_many
+    times: list[float] = []
+
+    async def accept_many(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return await inner(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - t)
+
+    store.accept_many = accept_many
+    running.blendsm_commit_times = times
+
+
+def _commit_times(running: Any) -> dict[str, float]:
+    times = sorted(getattr(running, "blendsm_commit_times", []))
+    if not times:
+        return {}
+    return {
+        "commits": len(times),
+        "commit_p50_ms": percentile(times, 0.5) * 1e3,
+        "commit_p90_ms": percentile(times, 0.9) * 1e3,
+        "commit_max_ms": times[-1] * 1e3,
     }
 
 
@@ -324,6 +358,7 @@ def _market_main(conn: Any, data_dir: str, n_buyers: int, http: bool = False) ->
             _blendsm_config(data_dir, http),
             chain=ChainConnection(w3, deployment, operator, tester, owned=False),
         )
+        _time_commits(running)
         conn.send(_market_ready(running, deployment, operator, setup_s))
         await serve(conn, lambda: _blendsm_stats(running), running.stop)
 
@@ -357,6 +392,7 @@ def _anvil_market_main(
         setup_s = time.time() - t_setup
         node = {"endpoint": url, "deployment": deployment_file, "key_env": OPERATOR_KEY_ENV}
         running = await start_broker(_blendsm_config(data_dir, http, node=node))
+        _time_commits(running)
         conn.send(_market_ready(running, deployment, operator, setup_s))
         await serve(conn, lambda: _blendsm_stats(running), running.stop)
 
