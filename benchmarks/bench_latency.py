@@ -43,7 +43,9 @@ the broker's event loop; ``--chain embedded``: the in-process EVM of the demo an
 pays its first voucher after ``pay_every - j`` messages) instead of all on the same message.
 ``--rate N``: publish N messages/s instead of a fraction of the saturation just measured
 (stock's saturation moves between runs on a shared machine, and the rate with it), to compare
-runs at one rate.
+runs at one rate. ``BENCH_SLOW_MS=N``: each round also lists the broker's event-loop callbacks
+of N ms or more, grouped by task, with their CPU time (``broker_process._SlowCallbacks``):
+where a latency tail comes from, and whether it was broker work or the broker descheduled.
 """
 
 from __future__ import annotations
@@ -364,6 +366,14 @@ def main(argv: list[str] | None = None) -> None:
                     f" refused {out['vouchers_refused']}"
                     if "denied_no_credit" in out
                     else ""
+                )
+                + (
+                    f"\n           broker callbacks >= BENCH_SLOW_MS: {out['slow_callbacks']},"
+                    f" {out['slow_callbacks_s'] * 1e3:.0f} ms in all"
+                    f" (CPU {out['slow_callbacks_cpu_s'] * 1e3:.0f}); "
+                    + "; ".join(out["slow_callbacks_top"])
+                    if "slow_callbacks" in out
+                    else ""
                 ),
                 flush=True,
             )
@@ -421,6 +431,12 @@ def throughput(args: Any) -> None:
                     f" accepted / {out['vouchers_refused']} refused, denied_no_credit"
                     f" {out['denied_no_credit']}, metered {out['metered']}"
                     if "denied_no_credit" in out
+                    else ""
+                )
+                + (
+                    f"; {out['commits']} voucher commits, p50 {out['commit_p50_ms']:.1f} /"
+                    f" p90 {out['commit_p90_ms']:.1f} / max {out['commit_max_ms']:.1f} ms"
+                    if "commits" in out
                     else ""
                 ),
                 flush=True,

@@ -82,9 +82,12 @@ before starting the broker; the SDK Subscriber learns its channel from the broke
 All keys are TEST-ONLY (``test_account``), on chains that hold no value.
 
 Subscribers count only data messages on ``bench/t`` (never control notices) and stop once they
-have everything, or 2 s after the last message arrived (QoS 0 messages the gate refused for
-lack of credit never come), or at the run's deadline. Every wait has a deadline and child
-processes are always terminated.
+have everything, or 2 s after the last message arrived and the publisher is done (QoS 0
+messages the gate refused for lack of credit never come; at QoS 1 "done" is its last PUBACK),
+or at the end of the measured window, ``RUN_DEADLINE_S`` from the first publish (a round the
+window cut is marked ``CUT``; before, the window ran from the subscribers' start, and a slow
+start on a loaded machine cut QoS 1 rounds mid-stream, which looked like a broker stall).
+Every wait has a deadline and child processes are always terminated.
 """
 
 from __future__ import annotations
@@ -182,7 +185,88 @@ def _blendsm_stats(running: Any) -> dict[str, int]:
         "payment_requests": service.stats.payment_requests,
         "quotes": service.stats.quotes,
         "inflight_dropped": service.stats.inflight_dropped,
+        # Where deliveries that were neither metered nor refused for credit went:
+        "deliveries_denied": service.stats.deliveries_denied,
+        "view_misses_unhealthy": service.view.misses_unhealthy,
+        **{
+            name: getattr(service.stats, name)
+            for name in _LOSS_COUNTERS
+            if hasattr(service.stats, name)
+        },
+        **_stuck(running),
+        **_commit_times(running),
     }
+
+
+def _time_commits(running: Any) -> None:
+    """Record how long each voucher batch's commit takes, from the loop's side (the worker
+    thread's transaction with its fsync, and the wait for it): a voucher counts only once
+    durable, so this is part of every voucher's round trip, which the credit must cover."""
+    store = running.service.store
+    if store is None:
+        return
+    inner = store.accept_many
+    times: list[float] = []
+
+    async def accept_many(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return await inner(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - t)
+
+    store.accept_many = accept_many
+    running.blendsm_commit_times = times
+
+
+def _commit_times(running: Any) -> dict[str, float]:
+    times = sorted(getattr(running, "blendsm_commit_times", []))
+    if not times:
+        return {}
+    return {
+        "commits": len(times),
+        "commit_p50_ms": percentile(times, 0.5) * 1e3,
+        "commit_p90_ms": percentile(times, 0.9) * 1e3,
+        "commit_max_ms": times[-1] * 1e3,
+    }
+
+
+def _stuck(running: Any) -> dict[str, int]:
+    """What is still inside the broker when a round ends: broadcasts not yet fanned out,
+    deliveries on amqtt's path (tasks), held for credit, in flight (QoS 1/2 unacknowledged)."""
+    broker = running.broker
+    sessions = [s for s, _h in getattr(broker, "_sessions", {}).values()]
+    return {
+        "stuck_broadcasts": broker._broadcast_queue.qsize(),
+        "stuck_tasked": sum(getattr(s, "blendsm_tasks", 0) for s in sessions),
+        "stuck_held": sum(
+            len(h.items) for s in sessions if (h := getattr(s, "blendsm_credit_hold", None))
+        ),
+        "stuck_inflight": sum(len(getattr(s, "inflight_out", ())) for s in sessions),
+        "deliveries_held_for_credit": service_stat(running, "deliveries_held_for_credit"),
+    }
+
+
+def service_stat(running: Any, name: str) -> int:
+    return int(getattr(running.service.stats, name, 0))
+
+
+_LOSS_COUNTERS = (
+    "deliveries_denied",
+    "view_misses_unhealthy",
+    "deliveries_dropped_slow_consumer",
+    "deliveries_queued_slow_consumer",
+    "slow_consumers_paused",
+    "slow_consumers_disconnected",
+    "deliveries_held_dropped",
+    "duplicates_dropped",
+    "envelopes_refused",
+    "stuck_broadcasts",
+    "stuck_tasked",
+    "stuck_held",
+    "stuck_inflight",
+    "deliveries_held_for_credit",
+)
 
 
 def _public_main(conn: Any, data_dir: str) -> None:
@@ -274,6 +358,7 @@ def _market_main(conn: Any, data_dir: str, n_buyers: int, http: bool = False) ->
             _blendsm_config(data_dir, http),
             chain=ChainConnection(w3, deployment, operator, tester, owned=False),
         )
+        _time_commits(running)
         conn.send(_market_ready(running, deployment, operator, setup_s))
         await serve(conn, lambda: _blendsm_stats(running), running.stop)
 
@@ -307,6 +392,7 @@ def _anvil_market_main(
         setup_s = time.time() - t_setup
         node = {"endpoint": url, "deployment": deployment_file, "key_env": OPERATOR_KEY_ENV}
         running = await start_broker(_blendsm_config(data_dir, http, node=node))
+        _time_commits(running)
         conn.send(_market_ready(running, deployment, operator, setup_s))
         await serve(conn, lambda: _blendsm_stats(running), running.stop)
 
@@ -324,6 +410,8 @@ def _subscriber_main(
     ready: Any,
     results: Any,
     deadline: float,
+    published: Any = None,
+    window: Any = None,
 ) -> None:
     quiet()
     counts = [0] * n_clients
@@ -406,15 +494,32 @@ def _subscriber_main(
         ok = False
     ready.put(ok)
     cpu0 = own_cpu()
-    while ok and time.time() < deadline:
+    cut = 0
+    while ok:
+        # Until the driver starts publishing, the set-up deadline (+ a window); then the
+        # measured window's end, which it sets at its first publish: a slow set-up on a
+        # loaded machine must not eat the window (the subscribers used to stop 20 s after
+        # they started, mid-stream, which looked like a broker stall).
+        limit = window.value if window is not None and window.value else deadline
+        if window is not None and not window.value:
+            limit += RUN_DEADLINE_S
+        if time.time() >= limit:
+            cut = 1
+            break
         total = sum(counts)
         if total >= expected * n_clients:
             break
+        # Idle: IDLE_STOP_S after the last message, counted from the end of publishing at
+        # the earliest (a device still publishing, or still waiting for its PUBACKs, is not
+        # done: its stall is measured, not mistaken for the end of the stream).
         newest = max(last)
+        if published is not None:
+            newest = max(newest, published.value) if published.value else time.time()
         if total and time.time() - newest > IDLE_STOP_S:
             break
         time.sleep(0.01)
     extra["cpu_us"] = int((own_cpu() - cpu0) * 1e6)
+    extra["cut_by_deadline"] = cut
     for sub in subs:
         s = sub.stats
         for name in ("vouchers_sent", "receipts", "refusals", "payment_requests"):
@@ -426,9 +531,10 @@ def _subscriber_main(
 
 
 # --------------------------------------------------------------------------- driver
-def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
-    """A connected publisher and its publish function: plain paho for (a)/(b), the SDK
-    Publisher of the seller's registered device for (c)."""
+def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A connected publisher: its publish, close and flush (wait, at most the given seconds,
+    until the broker acknowledged every QoS 1 message) functions; plain paho for (a)/(b), the
+    SDK Publisher of the seller's registered device for (c)."""
     if kind == "c":
         import tempfile
 
@@ -454,7 +560,7 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
             pub.close()
             shutil.rmtree(state, ignore_errors=True)
 
-        return publish_signed, close_signed
+        return publish_signed, close_signed, (pub.flush if QOS else None)
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -467,10 +573,18 @@ def _publisher(kind: str, port: int, info: dict[str, Any]) -> tuple[Any, Any]:
         c.disconnect()
         c.loop_stop()
 
-    def publish(topic: str, payload: bytes) -> Any:
-        return c.publish(topic, payload, qos=QOS)
+    infos: list[Any] = []
 
-    return publish, close
+    def publish(topic: str, payload: bytes) -> Any:
+        info = c.publish(topic, payload, qos=QOS)
+        infos[:] = [info]
+        return info
+
+    def flush(timeout: float) -> None:
+        if infos:  # paho sends in order: the last one acknowledged, all were
+            infos[0].wait_for_publish(timeout)
+
+    return publish, close, (flush if QOS else None)
 
 
 class _Poller:
@@ -603,20 +717,35 @@ def run_one(
         if tag != "ready":
             raise RuntimeError(f"broker failed to start: {info}")
         port = int(info["port"])
-        deadline = time.time() + left(RUN_DEADLINE_S)
+        t_clients = time.time()
+        deadline = t_clients + left(RUN_DEADLINE_S)
         ready, results = ctx.Queue(), ctx.Queue()
+        published = ctx.Value("d", 0.0)  # time.time() when the publisher is done, else 0
+        window = ctx.Value("d", 0.0)  # the measured window's end, set at the first publish
         per = N_SUBSCRIBERS // SUB_PROCS
         for p_index in range(SUB_PROCS):
             p = ctx.Process(
                 target=_subscriber_main,
-                args=(clients, port, p_index * per, per, info, messages, ready, results, deadline),
+                args=(
+                    clients,
+                    port,
+                    p_index * per,
+                    per,
+                    info,
+                    messages,
+                    ready,
+                    results,
+                    deadline,
+                    published,
+                    window,
+                ),
                 daemon=True,
             )
             p.start()
             subs.append(p)
         if not all(ready.get(timeout=max(1.0, deadline - time.time())) for _ in subs):
             raise RuntimeError("subscribers not ready")
-        publish, close_pub = _publisher(clients, port, info)
+        publish, close_pub, flush_pub = _publisher(clients, port, info)
         if kind == "d":
             if not info.get("http_port"):
                 raise RuntimeError("broker started without its HTTP API")
@@ -629,13 +758,22 @@ def run_one(
         pub_cpu0 = own_cpu()
         poll_cpu0 = poller.cpu if poller is not None else 0.0
         t0 = time.time()
+        deadline = window.value = t0 + left(RUN_DEADLINE_S)
         body = PAYLOAD[:-8]
         gap = 1.0 / rate if rate else 0.0
+        pub_max_s = 0.0  # the longest publish() call (a device's outbox insert, at QoS 1)
         for k in range(messages):
-            publish(TOPIC, body + struct.pack("!d", time.time()))
+            t_call = time.time()
+            publish(TOPIC, body + struct.pack("!d", t_call))
+            pub_max_s = max(pub_max_s, time.time() - t_call)
             if gap:  # a fixed rate: the schedule, not the previous send, sets the next one
                 time.sleep(max(0.0, t0 + (k + 1) * gap - time.time()))
         t_pub = time.time() - t0
+        if flush_pub is not None:  # QoS 1/2: done once the broker acknowledged everything
+            with contextlib.suppress(Exception):
+                flush_pub(max(1.0, deadline - time.time()))
+        t_acked = time.time() - t0
+        published.value = time.time()
         got, t_last = 0, t0
         extra: dict[str, int] = {}
         latencies: list[float] = []
@@ -667,6 +805,9 @@ def run_one(
             "sub_cpu_us": extra.pop("cpu_us", 0) / max(got, 1),
             "pub_cpu_us": pub_cpu / max(got, 1) * 1e6,
             "publish_s": t_pub,
+            "acked_s": t_acked,
+            "clients_s": t0 - t_clients,  # subscribers started and publisher connected
+            "pub_max_ms": pub_max_s * 1e3,
             "elapsed_s": elapsed,
             "setup_s": float(info.get("setup_s", 0.0)),
             **stats,
@@ -793,7 +934,15 @@ def main() -> None:
                 f" {out['sub_cpu_us']:5.1f} us, publisher {out['pub_cpu_us']:4.1f} us"
                 f"\n           received {out['deliveries']}/{out['expected']} (dropped {out['dropped']})"
                 f"  latency p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms"
-                f"  publish {out['publish_s']:.2f} s, last receipt {out['elapsed_s']:.2f} s"
+                f"  publish {out['publish_s']:.2f} s (longest call {out['pub_max_ms']:.0f} ms,"
+                f" all acknowledged {out['acked_s']:.2f} s), last receipt {out['elapsed_s']:.2f} s"
+                + (
+                    f"  CUT: {out['sub_cut_by_deadline']} subscriber process(es) reached the"
+                    f" {RUN_DEADLINE_S:.0f} s window"
+                    if out.get("sub_cut_by_deadline")
+                    else ""
+                )
+                + f"; clients ready in {out['clients_s']:.1f} s"
             )
             if "anvil_cpu_us" in out:
                 line += f"  anvil {out['anvil_cpu_us']:5.1f} us"
@@ -815,6 +964,7 @@ def main() -> None:
                         for name, n in out.items()
                         if name.startswith("sub_refused:")
                     )
+                    + "".join(f", {name} {out[name]}" for name in _LOSS_COUNTERS if out.get(name))
                 )
             if k == "d":
                 line += (

@@ -26,6 +26,7 @@ import logging
 import os
 import resource
 import socket
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from multiprocessing.connection import Connection
@@ -162,6 +163,68 @@ class _LoopLag:
         }
 
 
+class _SlowCallbacks:
+    """``BENCH_SLOW_MS=N``: every event-loop callback of the broker process that ran N ms or
+    longer over the measured window, grouped by what ran (a task's coroutine, or the
+    callback's name), with their wall time and this thread's CPU time (a callback whose CPU
+    is far below its wall time was descheduled: the machine, not the broker), so a latency
+    tail can be traced to the loop iterations that caused it. Wraps ``asyncio.Handle._run``
+    (two clock pairs per callback) in this process only, for the window only."""
+
+    def __init__(self, threshold_ms: float) -> None:
+        self.threshold = threshold_ms / 1e3
+        self.found: list[tuple[float, float, str]] = []
+        self._orig: Any = None
+
+    def start(self) -> None:
+        from asyncio import events
+
+        orig = self._orig = events.Handle._run
+        threshold, found = self.threshold, self.found
+        clock, cpu_clock = time.perf_counter, time.thread_time
+
+        def _run(handle: Any) -> None:
+            t, c = clock(), cpu_clock()
+            orig(handle)
+            took = clock() - t
+            if took >= threshold and len(found) < 100_000:
+                found.append((took, cpu_clock() - c, _describe(handle)))
+
+        events.Handle._run = _run  # type: ignore[method-assign]
+
+    def stop(self) -> dict[str, Any]:
+        from asyncio import events
+
+        if self._orig is not None:
+            events.Handle._run = self._orig  # type: ignore[method-assign]
+            self._orig = None
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for took, cpu, what in self.found:
+            groups.setdefault(what, []).append((took, cpu))
+        top = sorted(groups.items(), key=lambda kv: -sum(t for t, _ in kv[1]))[:8]
+        return {
+            "slow_callbacks": len(self.found),
+            "slow_callbacks_s": sum(t for t, _, _ in self.found),
+            "slow_callbacks_cpu_s": sum(c for _, c, _ in self.found),
+            "slow_callbacks_top": [
+                f"{what}: {len(ts)} x, max {max(t for t, _ in ts) * 1e3:.1f} ms"
+                f" (CPU {max(c for _, c in ts) * 1e3:.1f}), sum {sum(t for t, _ in ts) * 1e3:.0f}"
+                f" ms (CPU {sum(c for _, c in ts) * 1e3:.0f})"
+                for what, ts in top
+            ],
+        }
+
+
+def _describe(handle: Any) -> str:
+    """What an event-loop callback runs: a task's coroutine, or the callback itself."""
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        return f"task {getattr(coro, '__qualname__', repr(coro))}"
+    return str(getattr(callback, "__qualname__", repr(callback)))
+
+
 async def serve(
     conn: Connection,
     stats: Callable[[], dict[str, Any]],
@@ -169,11 +232,16 @@ async def serve(
 ) -> None:
     """Answer the driver's commands until "stop": "cpu" -> process CPU seconds so far,
     "stats" -> the broker's counters (with the event-loop lag of the window between the first
-    two "cpu" commands). ``BENCH_PROFILE=file``: cProfile of that window, written to ``file``."""
+    two "cpu" commands). ``BENCH_PROFILE=file``: cProfile of that window, written to ``file``;
+    ``BENCH_SLOW_MS=N``: the loop callbacks of that window that ran N ms or longer
+    (:class:`_SlowCallbacks`), in the stats."""
     quiet()  # again: eth_tester's backend set-up resets the warning filters
     loop = asyncio.get_running_loop()
     profile_to = os.environ.get("BENCH_PROFILE")  # cProfile of the measured window, to a file
     profiler: Any = None
+    slow_ms = float(os.environ.get("BENCH_SLOW_MS", "0") or 0)  # callbacks this long, traced
+    slow: _SlowCallbacks | None = None
+    slow_stats: dict[str, Any] = {}
     lag: _LoopLag | None = None
     lag_stats: dict[str, float] = {}
     while True:
@@ -185,8 +253,13 @@ async def serve(
             if lag is None:
                 lag = _LoopLag()
                 lag.start()
+                if slow_ms > 0:
+                    slow = _SlowCallbacks(slow_ms)
+                    slow.start()
             elif not lag_stats:
                 lag_stats = lag.stop()
+                if slow is not None:
+                    slow_stats = slow.stop()
             if profile_to and profiler is None:
                 import cProfile
 
@@ -198,7 +271,7 @@ async def serve(
                 profile_to = None
             conn.send(own_cpu())
         elif cmd == "stats":
-            conn.send({**stats(), **lag_stats})
+            conn.send({**stats(), **lag_stats, **slow_stats})
         elif cmd == "stop":
             break
     try:

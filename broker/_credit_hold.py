@@ -37,7 +37,7 @@ import contextlib
 import logging
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from amqtt.adapters import StreamWriterAdapter
@@ -235,7 +235,18 @@ class CreditHold:
         meter = service.meter
         blocked: set[str] = set()
         kept: deque[_Held] = deque()
+        # The topic's half of the gate, decided once per topic for this resume (synchronous:
+        # the chain view cannot change under it), as the fan-out does once per broadcast.
+        gates: dict[str, Callable[[Session], Any]] = {}
         while self.items:
+            if blocked and len(blocked) == len(self.topics):
+                # Every topic still held is refused again: the rest stays, in order, without
+                # being looked at (a burst holds up to ``hold_messages`` of one topic, and a
+                # voucher frees a few: walking all of them per voucher cost more than the
+                # deliveries it released).
+                kept.extend(self.items)
+                self.items.clear()
+                break
             item = self.items.popleft()
             if item.topic in blocked:
                 kept.append(item)
@@ -244,15 +255,19 @@ class CreditHold:
             resend = is_resend(item.data)
             try:
                 if item.qos == 0:
+                    gate = gates.get(item.topic)
+                    if gate is None:
+                        gate = gates[item.topic] = service.gate(item.topic)
                     verdict = deliver_qos0_now(
                         service,
-                        service.gate(item.topic),
+                        gate,
                         session,
                         writer,
                         item.topic,
                         bytes(item.data),
                         outbox,
                         resend=resend,
+                        broadcast=item.broadcast,
                     )
                 else:
                     verdict = deliver_acked(

@@ -99,12 +99,17 @@ _FAILURE_LOG: Final = LogLimiter(_log, logging.ERROR)
 """A delivery that raised: logged once a minute at most (it may repeat per message)."""
 
 
+_HELD_FRAME: Final = "blendsm_held_frame"
+"""The key of amqtt's broadcast dict under which a held delivery's encoded PUBLISH is kept."""
+
+
 class _Frame:
     """One broadcast's QoS 0 PUBLISH, encoded once and written to every session."""
 
-    __slots__ = ("data", "packet")
+    __slots__ = ("data", "packet", "topic")
 
     def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic = topic
         self.packet = PublishPacket.build(topic, payload, None, False, 0, False)
         self.data = self.packet.to_bytes()
 
@@ -447,13 +452,23 @@ def deliver_qos0_now(
     outbox: Outbox,
     *,
     resend: bool = False,
+    broadcast: dict[str, Any] | None = None,
 ) -> Charge | Verdict | None:
     """One QoS 0 delivery of ``payload`` gated and queued in ``outbox`` as the fan-out does
     (a ``resend`` after a crash uncharged): for deliveries held for credit
-    (:mod:`~blendsm.broker._credit_hold`), which are sent when a voucher lands."""
+    (:mod:`~blendsm.broker._credit_hold`), which are sent when a voucher lands. With the
+    ``broadcast`` it came from, its PUBLISH is encoded once for every session it was held
+    for (kept in the broadcast while any of them still holds it), not once per session."""
     if resend:
         gate = _uncharged_gate(gate, service.meter)
-    return _deliver_qos0(service, gate, session, writer, _Frame(topic, payload), outbox)
+    kept = None if broadcast is None else broadcast.get(_HELD_FRAME)
+    if type(kept) is _Frame and kept.topic == topic:
+        frame: _Frame = kept
+    else:
+        frame = _Frame(topic, payload)
+        if broadcast is not None:
+            broadcast[_HELD_FRAME] = frame
+    return _deliver_qos0(service, gate, session, writer, frame, outbox)
 
 
 def write_to_session(writer: StreamWriterAdapter, data: bytes, messages: int = 1) -> bool:

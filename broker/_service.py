@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from eth_account.signers.local import LocalAccount
@@ -441,14 +442,35 @@ class MarketplaceService(EnvelopeIntake):
         plugin waits for it. It shares the session's outgoing bound with its deliveries
         (:mod:`~blendsm.broker._backpressure`): not sent to a session over it (counted).
         Kept ``async`` for its callers; it never waits."""
+        if not self.write_notices(handler, ident, (notice,)):
+            # a WebSocket session: its frames are amqtt's to write
+            await self._send_notice_framed(handler, ident, notice)
+
+    def write_notices(
+        self, handler: BrokerProtocolHandler, ident: Identity, notices: Sequence[AnyNotice]
+    ) -> bool:
+        """:meth:`send_notice` for each of ``notices``, now, with no task: the voucher intake
+        answers every batch with receipts, and a Task per answer cost more than the write.
+        False (nothing written) when the session's writer is not an asyncio transport (MQTT
+        over WebSocket): the caller then awaits :meth:`send_notice`, which frames them."""
         if not ident.key or handler.session is None or handler.writer is None:
-            return
+            return True  # no one to send to: done
         writer = handler.writer
         stream = getattr(writer, "_writer", None)  # amqtt's StreamWriterAdapter over asyncio's
-        if stream is None:  # a WebSocket session: its frames are amqtt's to write
-            await self._send_notice_framed(handler, ident, notice)
-            return
-        transport = stream.transport
+        if stream is None:
+            return False
+        for notice in notices:
+            self._write_notice(handler, ident, writer, stream.transport, notice)
+        return True
+
+    def _write_notice(
+        self,
+        handler: BrokerProtocolHandler,
+        ident: Identity,
+        writer: Any,
+        transport: Any,
+        notice: AnyNotice,
+    ) -> None:
         if getattr(writer, "is_closed", False) or transport.is_closing():
             return
         data = _publish_qos0(control_topic(ident.key, NOTICE), _notice_payload(notice))

@@ -101,6 +101,10 @@ class IntakeHost(Protocol):
         self, handler: BrokerProtocolHandler, ident: Identity, notice: AnyNotice
     ) -> None: ...
 
+    def write_notices(
+        self, handler: BrokerProtocolHandler, ident: Identity, notices: list[AnyNotice]
+    ) -> bool: ...
+
 
 _MAX_CACHED_STATES: Final = 100_000
 """Channel states kept for verification; past it the cache starts over (a bound, not a policy)."""
@@ -454,7 +458,8 @@ class VoucherIntake:
     def _send(
         self, handler: BrokerProtocolHandler, ident: Identity, notices: list[AnyNotice]
     ) -> None:
-        """Send ``notices`` to the session in one task, within its control-task bound."""
+        """Send ``notices`` to the session now (a TCP or TLS session: written in this call,
+        within its outgoing bound), or in one task (WebSocket), within its control-task bound."""
         service = self._service
         if ident.control_tasks >= MAX_CONTROL_TASKS:
             service.stats.notices_dropped += len(notices)
@@ -463,6 +468,8 @@ class VoucherIntake:
                 ident.address,
                 ident.control_tasks,
             )
+            return
+        if service.write_notices(handler, ident, notices):
             return
         service._spawn(_send_all(service, handler, ident, notices), "blendsm-notice", ident)
 
