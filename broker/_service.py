@@ -447,7 +447,10 @@ class MarketplaceService(EnvelopeIntake):
             await self._send_notice_framed(handler, ident, notice)
 
     def write_notices(
-        self, handler: BrokerProtocolHandler, ident: Identity, notices: Sequence[AnyNotice]
+        self,
+        handler: BrokerProtocolHandler,
+        ident: Identity,
+        notices: Sequence[AnyNotice | Resumed],
     ) -> bool:
         """:meth:`send_notice` for each of ``notices``, now, with no task: the voucher intake
         answers every batch with receipts, and a Task per answer cost more than the write.
@@ -469,7 +472,7 @@ class MarketplaceService(EnvelopeIntake):
         ident: Identity,
         writer: Any,
         transport: Any,
-        notice: AnyNotice,
+        notice: AnyNotice | Resumed,
     ) -> None:
         if getattr(writer, "is_closed", False) or transport.is_closing():
             return
