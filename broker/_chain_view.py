@@ -37,6 +37,7 @@ from web3 import AsyncWeb3
 
 from blendsm import backoff_delay
 from blendsm.broker._config import ChainConfig, default_staleness
+from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._serving import ServingLists
 from blendsm.broker._topics import is_reserved
 from blendsm.contracts import (
@@ -150,6 +151,9 @@ class ChainView(ServingLists):
         self._caught_up_at = float("-inf")
         self._stopping = asyncio.Event()
         self._last_reason: str | None = "not synced"
+        # A view flapping at the staleness bound (a slow node) would log twice per poll.
+        self._unhealthy_log = LogLimiter(self.log, logging.WARNING)
+        self._healthy_log = LogLimiter(self.log, logging.INFO)
         self.hits = 0
         """Decision lookups answered from a healthy view's records."""
         self.misses_unknown = 0
@@ -163,14 +167,16 @@ class ChainView(ServingLists):
     def healthy(self) -> bool:
         """Whether decisions may be trusted: synced, following, caught up recently."""
         reason = self.unhealthy_reason
-        if reason != self._last_reason:
+        # Logged once per change of *kind* (the text carries a lag that grows per lookup).
+        kind = None if reason is None else reason.partition(",")[0]
+        if kind != self._last_reason:
             if reason is None:
-                self.log.info("chain view: healthy again")
+                self._healthy_log.note("chain view: healthy again")
             else:
-                self.log.warning(
+                self._unhealthy_log.note(
                     "chain view: unhealthy, answering no to market decisions: %s", reason
                 )
-            self._last_reason = reason
+            self._last_reason = kind
         return reason is None
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -466,3 +467,24 @@ async def test_a_topic_squatted_under_the_reserved_tree_is_ignored(chain: Any, w
     assert view.topic_for_name("blendsm/anchors") is None
     assert view.topic(topic_id) is None
     assert view.all_topics() == []
+
+
+async def test_a_stale_view_logs_its_unhealthiness_once_not_per_lookup(
+    chain: Any, w3: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reason text carries the lag, which grows with every lookup while the view is
+    stale: one WARNING when it turns unhealthy (and one INFO when healthy again), not a line
+    per lookup on the delivery path (which was one per 0.1 s of lag, per lookup)."""
+    clock = FakeClock()
+    view = make_view(chain, w3, clock=clock, max_staleness=5.0)
+    await view.sync()
+    assert view.healthy
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=view.log.name):
+        for _ in range(300):  # 30 s of lookups, the lag growing by 0.1 s each
+            clock.now += 0.1
+            view.topic_for_name("h/t")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings[:5]]
+    assert "last caught up" in warnings[0].getMessage()
+    assert not view.healthy
