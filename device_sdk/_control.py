@@ -103,6 +103,7 @@ RefusalCode = Literal[
     "not_payer",
     "bad_signature",
     "not_newer",
+    "wrong_lane",
     "over_deposit",
     "channel_closing",
     "store_unavailable",
@@ -202,6 +203,14 @@ def _address(data: dict[str, Any], name: str) -> str:
     return checksum_address(bytes.fromhex(text[2:]))
 
 
+def _lane_field(lane: str | None) -> dict[str, str]:
+    return {} if lane is None else {"lane": lane}
+
+
+def _optional_lane(data: dict[str, Any]) -> str | None:
+    return _address(data, "lane") if "lane" in data else None
+
+
 def _dumps(data: dict[str, Any]) -> bytes:
     return orjson.dumps({"v": PROTOCOL_VERSION, **data})
 
@@ -214,6 +223,7 @@ def encode_voucher(voucher: Voucher) -> bytes:
     return _dumps(
         {
             "channel": "0x" + voucher.channel_id.hex(),
+            "lane": voucher.lane,
             "amount": str(voucher.cumulative_amount),
             "signature": "0x" + voucher.signature.hex(),
         }
@@ -226,7 +236,12 @@ def decode_voucher(payload: bytes | bytearray | memoryview) -> Voucher:
     signature = _str(data, "signature")
     if not _HEX_SIG.fullmatch(signature):
         raise WireError(f"signature: must be 0x + 130 hex digits, got {signature[:80]!r}")
-    return Voucher(_bytes32(data, "channel"), _amount(data, "amount"), bytes.fromhex(signature[2:]))
+    return Voucher(
+        _bytes32(data, "channel"),
+        _address(data, "lane"),
+        _amount(data, "amount"),
+        bytes.fromhex(signature[2:]),
+    )
 
 
 # --------------------------------------------------------------------------- notices
@@ -245,25 +260,31 @@ class Quote:
     """Most the broker lets the channel owe, in base units."""
     charged: int
     paid: int
+    lane: str | None = None
+    """The broker key this broker meters on (its lane of the channel); ``charged`` and
+    ``paid`` are that lane's. None only from a broker before lanes."""
 
 
 @dataclass(frozen=True, slots=True)
 class PaymentRequest:
-    """Delivery on ``channel_id`` paused: the credit is used up; pay ``charged`` to resume."""
+    """Delivery on ``channel_id`` paused: the credit on ``lane`` is used up; pay ``charged``
+    on that lane to resume."""
 
     channel_id: bytes
     charged: int
     paid: int
     credit: int
     topic: str
+    lane: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """A voucher was verified and stored durably; ``amount`` now counts as paid."""
+    """A voucher was verified and stored durably; ``amount`` now counts as paid on ``lane``."""
 
     channel_id: bytes
     amount: int
+    lane: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +371,7 @@ def encode_notice(notice: AnyNotice) -> bytes:
                 "credit": str(notice.credit),
                 "charged": str(notice.charged),
                 "paid": str(notice.paid),
+                **_lane_field(notice.lane),
             }
         )
     if isinstance(notice, PaymentRequest):
@@ -361,6 +383,7 @@ def encode_notice(notice: AnyNotice) -> bytes:
                 "paid": str(notice.paid),
                 "credit": str(notice.credit),
                 "topic": notice.topic,
+                **_lane_field(notice.lane),
             }
         )
     if isinstance(notice, Receipt):
@@ -369,6 +392,7 @@ def encode_notice(notice: AnyNotice) -> bytes:
                 "type": "receipt",
                 "channel": "0x" + notice.channel_id.hex(),
                 "amount": str(notice.amount),
+                **_lane_field(notice.lane),
             }
         )
     body: dict[str, Any] = {"type": "refused", "code": notice.code, "detail": notice.detail}
@@ -398,6 +422,7 @@ def _notice_from(data: dict[str, Any]) -> Notice:
             credit=_amount(data, "credit"),
             charged=_amount(data, "charged"),
             paid=_amount(data, "paid"),
+            lane=_optional_lane(data),
         )
     if kind == "payment_request":
         return PaymentRequest(
@@ -406,9 +431,14 @@ def _notice_from(data: dict[str, Any]) -> Notice:
             paid=_amount(data, "paid"),
             credit=_amount(data, "credit"),
             topic=_str(data, "topic"),
+            lane=_optional_lane(data),
         )
     if kind == "receipt":
-        return Receipt(channel_id=_bytes32(data, "channel"), amount=_amount(data, "amount"))
+        return Receipt(
+            channel_id=_bytes32(data, "channel"),
+            amount=_amount(data, "amount"),
+            lane=_optional_lane(data),
+        )
     if kind == "refused":
         code = _str(data, "code")
         if code not in _REFUSAL_CODES:
