@@ -139,6 +139,7 @@ class ChainView:
         self._reserved_ids: set[bytes] = set()
         self._ratings: dict[str, tuple[int, int]] = {}  # ratee (lower) -> (count, total)
         self._channels: dict[bytes, ChannelInfo] = {}
+        self._lanes: dict[tuple[bytes, str], int] = {}  # (channel, lane lower) -> laneClaimed
         self._by_payer: dict[str, list[bytes]] = {}  # payer (lower) -> channel ids, oldest first
         self._listeners: list[ChangeListener] = []
         self._synced = False
@@ -306,6 +307,11 @@ class ChainView:
             self.misses_unhealthy += 1
             return None
         return self._count(self._channels.get(channel_id))
+
+    def lane_claimed(self, channel_id: bytes, lane: str) -> int:
+        """What ``lane`` claimed on the channel, as of the last applied event (lanes, issue
+        14: with the channel's ``claimed`` over all lanes it bounds what the lane can reach)."""
+        return self._lanes.get((channel_id, lane.lower()), 0)
 
     def channel_record(self, channel_id: bytes) -> ChannelInfo | None:
         """The channel as last seen, healthy or not: bookkeeping only, never a decision."""
@@ -550,7 +556,8 @@ class ChainView:
             if name == "ChannelToppedUp":
                 c = dataclasses.replace(c, deposit=int(a["deposit"]))
             elif name == "ChannelClaimed":
-                c = dataclasses.replace(c, claimed=int(a["claimed"]))
+                c = dataclasses.replace(c, claimed=int(a["totalClaimed"]))
+                self._lanes[(channel_id, a["lane"].lower())] = int(a["laneClaimed"])
             elif name == "CloseRequested":
                 c = dataclasses.replace(c, closes_at=int(a["closesAt"]) or None)
             elif name == "ChannelSettled":
