@@ -31,6 +31,7 @@ import orjson
 from blendsm.errors import WireError
 
 from ._keccak import checksum_address
+from ._key_topics import KEYS_ROOT, key_topic, parse_key_topic
 from ._voucher import UINT256_MAX, Voucher
 
 __all__ = [
@@ -116,27 +117,6 @@ def control_topic(address: str, leaf: str) -> str:
     return f"{CONTROL_ROOT}/{address.lower()}/{leaf}"
 
 
-KEYS_ROOT: Final = "blendsm/keys"
-"""Root of the topic-key tree: ``blendsm/keys/<topic id hex>/<address>`` carries the topic
-key wrapped (ECIES) to that address's public key. Only the topic's seller publishes there
-(retained), and only ``<address>`` may subscribe to it."""
-
-
-def key_topic(topic_id: bytes, address: str) -> str:
-    """``blendsm/keys/<topic id, 64 hex>/<address lower>``."""
-    return f"{KEYS_ROOT}/{topic_id.hex()}/{address.lower()}"
-
-
-def parse_key_topic(topic: str) -> tuple[bytes, str] | None:
-    """``(topic id, address lower)`` for a well-formed key topic name, else None."""
-    parts = topic.split("/")
-    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != KEYS_ROOT:
-        return None
-    if not re.fullmatch(r"[0-9a-f]{64}", parts[2]) or not _ADDRESS.fullmatch(parts[3]):
-        return None
-    return bytes.fromhex(parts[2]), parts[3]
-
-
 def is_control_topic(topic: str) -> bool:
     """Whether ``topic`` (a name or a filter) lies in the reserved tree."""
     return topic == CONTROL_ROOT or topic.startswith(CONTROL_ROOT + "/")
@@ -203,7 +183,7 @@ def _address(data: dict[str, Any], name: str) -> str:
     return checksum_address(bytes.fromhex(text[2:]))
 
 
-def _lane_field(lane: str | None) -> dict[str, str]:
+def _lane_field(lane: str | None) -> dict[str, str]:  # None: a broker before lanes
     return {} if lane is None else {"lane": lane}
 
 
@@ -260,15 +240,12 @@ class Quote:
     """Most the broker lets the channel owe, in base units."""
     charged: int
     paid: int
-    lane: str | None = None
-    """The broker key this broker meters on (its lane of the channel); ``charged`` and
-    ``paid`` are that lane's. None only from a broker before lanes."""
+    lane: str | None = None  # the broker's lane (its key); charged/paid are that lane's
 
 
 @dataclass(frozen=True, slots=True)
 class PaymentRequest:
-    """Delivery on ``channel_id`` paused: the credit on ``lane`` is used up; pay ``charged``
-    on that lane to resume."""
+    """Delivery on ``channel_id`` paused: the credit on ``lane`` is used up; pay ``charged``."""
 
     channel_id: bytes
     charged: int
