@@ -103,12 +103,15 @@ class Meter:
         self.on_delivered: Callable[[str], None] | None = None
         """Told the topic of every market delivery: committed charges here, free (price-0)
         ones by the gate. The anchorer's "sold" signal: what was delivered gets anchored."""
-        self.lane_claimed: Callable[[bytes], int] = lambda _channel_id: 0
+        self.lane_claimed: Callable[[bytes], int] | None = None
         """What this broker's lane claimed on a channel (the chain view's): lanes share the
-        deposit, so this lane can deliver up to ``deposit - (claimed - lane_claimed)``."""
+        deposit, so this lane can deliver up to ``deposit - (claimed - lane_claimed)``.
+        None: one lane per channel, everything claimed is this lane's."""
 
     def _lane_deposit(self, info: ChannelInfo) -> int:
         """The part of the deposit this broker's lane can still be paid (issue 14)."""
+        if self.lane_claimed is None:
+            return info.deposit
         return info.deposit - max(0, info.claimed - self.lane_claimed(info.channel_id))
 
     # --- chain state ---------------------------------------------------------------

@@ -18,7 +18,7 @@ from support import eventually
 
 from blendsm.broker import ChainConnection, OperatorKeyConfig, start_broker
 from blendsm.contracts import test_account
-from blendsm.device_sdk import Quote, Receipt, Refusal
+from blendsm.device_sdk import Quote, Receipt, Refusal, VoucherDomain, sign_voucher
 
 from .conftest import Market, Payer, broker_config, enrol_market, split_messages
 
@@ -120,6 +120,46 @@ async def test_two_brokers_each_meter_and_claim_their_own_lane(
         for market in (a, b):
             market.close_clients()
             await market.running.stop()
+
+
+async def test_a_lane_is_counted_only_up_to_what_the_deposit_still_holds(
+    chain: Any, w3: Any, mp: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A payer that overcommits: lane A claimed 5 of a 6-message deposit, so broker B counts
+    at most 1 message's worth on its lane (as its chain view sees it): a voucher for 3 is
+    refused ``over_deposit`` and B delivers 1 message, never more than it can be paid."""
+    topic_id = await enrol_market(mp, chain, TOPIC, buyers=("buyer",))
+    for key, name in ((KEY_A, "a"), (KEY_B, "b")):
+        await mp("operator").brokers.register_broker(key.address, f"mqtt://{name}.example:1883")
+    b = await _broker(chain, w3, mp, tmp_path / "b", "LANES_BROKER_KEY_B", topic_id, monkeypatch)
+    try:
+        price = b.price
+        channel = await b.open_channel("buyer", deposit=6 * price)
+        # Lane A's 5 messages, claimed (by anyone: here the operator, as A would).
+        domain = VoucherDomain(
+            chain.deployment.chain_id, chain.deployment.address("PaymentChannels")
+        )
+        voucher = sign_voucher(
+            bytes(chain.accounts["buyer"].key), domain, channel, KEY_A.address, 5 * price
+        )
+        claim = await mp("operator").channels.claim(
+            channel, KEY_A.address, 5 * price, voucher.signature
+        )
+        assert (claim.lane_claimed, claim.claimed) == (5 * price, 5 * price)
+        await b.wait_view(lambda: (c := b.service.view.channel(channel)) is not None and c.claimed)
+        buyer, _ = await _buyer(b)
+        await Payer(b, "buyer", buyer).pay(channel, 3 * price, lane=KEY_B.address)
+        _, notices = split_messages(await buyer.got.drain(within=1.0, until=1), TOPIC)
+        assert [n.code for n in notices if isinstance(n, Refusal)] == ["over_deposit"]
+        device = await b.connected_device()
+        for i in range(3):
+            await device.publish(TOPIC, b"b%d" % i)
+        data, _ = split_messages(await buyer.got.drain(within=1.0), TOPIC)
+        assert data == [b"b0"]  # the lane can be paid 1 message's worth: the rest waits
+        assert b.service.meter.accounts[channel].charged == price
+    finally:
+        b.close_clients()
+        await b.running.stop()
 
 
 async def _buyer(market: Market) -> tuple[Any, bytes]:
