@@ -32,8 +32,11 @@ def main() -> None:
     channel = ChannelState(signer.address, deposit=10**30, claimed=0)
     amounts = [10**18 + i for i in range(POOL)]
     channel_ids = [i.to_bytes(32, "big") for i in range(POOL)]
-    vouchers = [signer.sign(c, a) for c, a in zip(channel_ids, amounts, strict=True)]
-    messages = [voucher_typed_data(domain, c, a) for c, a in zip(channel_ids, amounts, strict=True)]
+    lane = signer.address  # any address: the broker key the vouchers name
+    vouchers = [signer.sign(c, lane, a) for c, a in zip(channel_ids, amounts, strict=True)]
+    messages = [
+        voucher_typed_data(domain, c, lane, a) for c, a in zip(channel_ids, amounts, strict=True)
+    ]
     encoded: list[SignableMessage] = [encode_typed_data(full_message=m) for m in messages]
     signatures = [v.signature for v in vouchers]
     assert Account.recover_message(encoded[0], signature=signatures[0]) == signer.address
@@ -60,8 +63,8 @@ def main() -> None:
 
     print("\nsign")
     theirs_sign = measure(lambda i: Account.sign_typed_data(KEY, full_message=messages[i]))
-    ours_oneoff = measure(lambda i: sign_voucher(KEY, domain, channel_ids[i], amounts[i]))
-    ours_sign = measure(lambda i: signer.sign(channel_ids[i], amounts[i]))
+    ours_oneoff = measure(lambda i: sign_voucher(KEY, domain, channel_ids[i], lane, amounts[i]))
+    ours_sign = measure(lambda i: signer.sign(channel_ids[i], lane, amounts[i]))
     row("eth_account Account.sign_typed_data", theirs_sign)
     row("ours: sign_voucher (one-off, key set up per call)", ours_oneoff, theirs_sign)
     row("ours: VoucherSigner.sign (key set up once)", ours_sign, theirs_sign)

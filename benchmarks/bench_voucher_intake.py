@@ -132,6 +132,7 @@ class _Payer:
         self.channel_id: bytes = info["channels"][account.address]
         key = bytes(account.key)
         self.signer = VoucherSigner(key, VoucherDomain(info["chain_id"], info["channels_contract"]))
+        self.lane: str = info["operator"]  # the broker's lane: the operator's own
         self.voucher_topic = control_topic(account.address, VOUCHER)
         self.notice_topic = control_topic(account.address, NOTICE)
         self.confirmed = 0
@@ -171,7 +172,8 @@ class _Payer:
         from blendsm.device_sdk import encode_voucher
 
         self.vouchers = [
-            encode_voucher(self.signer.sign(self.channel_id, first + i + 1)) for i in range(count)
+            encode_voucher(self.signer.sign(self.channel_id, self.lane, first + i + 1))
+            for i in range(count)
         ]
         return first + count
 

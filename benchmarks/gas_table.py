@@ -139,12 +139,32 @@ async def measure() -> list[Row]:
         ),
         start=1,
     ):
-        voucher = sign_voucher(key, domain, opened.channel_id, 100 * n * PRICE)
+        voucher = sign_voucher(key, domain, opened.channel_id, addr["operator"], 100 * n * PRICE)
         claim = await mp["operator"].channels.claim(
-            opened.channel_id, voucher.cumulative_amount, voucher.signature
+            opened.channel_id, voucher.lane, voucher.cumulative_amount, voucher.signature
         )
         row(
             f"Channels: claim a voucher ({label})",
+            "PaymentChannels.claim",
+            claim,
+            notes + " (native coin, the operator's own lane)",
+        )
+    # A lane of a registered broker: one more external call (Brokers.brokerOperator).
+    lane = test_account("gas-table-broker-lane").address  # TEST ONLY: never sends anything
+    await mp["operator"].brokers.register_broker(lane, "mqtt://lane.example:1883")
+    for n, (label, notes) in enumerate(
+        (
+            ("first", "lane claimed 0 -> non-zero; Brokers lookup"),
+            ("subsequent", "lane claimed already non-zero; Brokers lookup"),
+        ),
+        start=1,
+    ):
+        voucher = sign_voucher(key, domain, opened.channel_id, lane, 10 * n * PRICE)
+        claim = await mp["operator"].channels.claim(
+            opened.channel_id, lane, voucher.cumulative_amount, voucher.signature
+        )
+        row(
+            f"Channels: claim a voucher on a broker's lane ({label})",
             "PaymentChannels.claim",
             claim,
             notes + " (native coin)",
@@ -166,12 +186,14 @@ async def measure() -> list[Row]:
         "refund to payer (native coin)",
     )
 
-    final = sign_voucher(bytes(accounts["buyer2"].key), domain, opened_erc20.channel_id, 50 * PRICE)
+    final = sign_voucher(
+        bytes(accounts["buyer2"].key), domain, opened_erc20.channel_id, addr["operator"], 50 * PRICE
+    )
     row(
         "Channels: cooperative close",
         "PaymentChannels.cooperativeClose",
         await mp["seller"].channels.cooperative_close(
-            opened_erc20.channel_id, final.cumulative_amount, final.signature
+            opened_erc20.channel_id, final.lane, final.cumulative_amount, final.signature
         ),
         "payee; claims a final voucher then refunds (ERC-20)",
     )

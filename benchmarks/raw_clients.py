@@ -103,6 +103,7 @@ class Payer:
         self._tokens = ConnectTokenSigner(key, chain_id, broker)
         self.address = self._tokens.address
         self._signer = VoucherSigner(key, VoucherDomain(chain_id, channels_contract))
+        self._lane = self._tokens.broker  # the broker's lane: the operator's own
         self.notice_topic = control_topic(self.address, NOTICE)
         self.voucher_topic = control_topic(self.address, VOUCHER)
         self.pay_every = pay_every
@@ -155,7 +156,7 @@ class Payer:
 
         assert self.channel is not None
         packet = publish_packet(
-            self.voucher_topic, encode_voucher(self._signer.sign(self.channel, amount))
+            self.voucher_topic, encode_voucher(self._signer.sign(self.channel, self._lane, amount))
         )
         self.vouchered, self._latest = amount, packet
         tally.count("vouchers_sent")

@@ -37,9 +37,9 @@ from web3 import AsyncWeb3
 
 from blendsm import backoff_delay
 from blendsm.broker._config import ChainConfig, default_staleness
-from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._serving import ServingLists
 from blendsm.broker._topics import is_reserved
+from blendsm.broker._view_health import ViewHealth
 from blendsm.contracts import (
     ChainEvent,
     ChannelInfo,
@@ -89,7 +89,7 @@ _CHAIN_DEFAULTS: Final = ChainConfig()
 ChangeListener = Callable[[ChainEvent], Awaitable[None] | None]
 
 
-class ChainView(ServingLists):
+class ChainView(ViewHealth, ServingLists):
     """Registry, Market, PaymentChannels, Ratings and Brokers' serving lists, mirrored.
 
     Lookups are plain dict reads keyed by lower-case address (callers may pass any case) and
@@ -143,6 +143,7 @@ class ChainView(ServingLists):
         self._reserved_ids: set[bytes] = set()
         self._ratings: dict[str, tuple[int, int]] = {}  # ratee (lower) -> (count, total)
         self._channels: dict[bytes, ChannelInfo] = {}
+        self._lanes: dict[tuple[bytes, str], int] = {}  # (channel, lane lower) -> laneClaimed
         self._by_payer: dict[str, list[bytes]] = {}  # payer (lower) -> channel ids, oldest first
         self._listeners: list[ChangeListener] = []
         self._synced = False
@@ -150,53 +151,13 @@ class ChainView(ServingLists):
         self._broken: str | None = None  # set when applying an event failed: state unknown
         self._caught_up_at = float("-inf")
         self._stopping = asyncio.Event()
-        self._last_reason: str | None = "not synced"
-        # A view flapping at the staleness bound (a slow node) would log twice per poll.
-        self._unhealthy_log = LogLimiter(self.log, logging.WARNING)
-        self._healthy_log = LogLimiter(self.log, logging.INFO)
+        self._init_health()
         self.hits = 0
         """Decision lookups answered from a healthy view's records."""
         self.misses_unknown = 0
         """Decision lookups answered no because the healthy view holds no such record."""
         self.misses_unhealthy = 0
         """Decision lookups answered no because the view is unhealthy (fail closed)."""
-
-    # --- health ------------------------------------------------------------------------
-
-    @property
-    def healthy(self) -> bool:
-        """Whether decisions may be trusted: synced, following, caught up recently."""
-        reason = self.unhealthy_reason
-        # Logged once per change of *kind* (the text carries a lag that grows per lookup).
-        kind = None if reason is None else reason.partition(",")[0]
-        if kind != self._last_reason:
-            if reason is None:
-                self._healthy_log.note("chain view: healthy again")
-            else:
-                self._unhealthy_log.note(
-                    "chain view: unhealthy, answering no to market decisions: %s", reason
-                )
-            self._last_reason = kind
-        return reason is None
-
-    @property
-    def unhealthy_reason(self) -> str | None:
-        """Why the view is unhealthy, None when it is healthy."""
-        if self._broken is not None:
-            return self._broken
-        if not self._synced:
-            return "not synced"
-        lag = self._clock() - self._caught_up_at
-        if lag > self.max_staleness:
-            state = "following" if self._running else "not following"
-            return (
-                f"{state}, last caught up with the chain {lag:.1f}s ago (> {self.max_staleness}s)"
-            )
-        return None
-
-    @property
-    def synced(self) -> bool:
-        return self._synced
 
     # --- hot-path lookups (synchronous, never touch the chain) --------------------------
 
@@ -317,6 +278,11 @@ class ChainView(ServingLists):
             self.misses_unhealthy += 1
             return None
         return self._count(self._channels.get(channel_id))
+
+    def lane_claimed(self, channel_id: bytes, lane: str) -> int:
+        """What ``lane`` claimed on the channel, as of the last applied event (lanes, issue
+        14: with the channel's ``claimed`` over all lanes it bounds what the lane can reach)."""
+        return self._lanes.get((channel_id, lane.lower()), 0)
 
     def channel_record(self, channel_id: bytes) -> ChannelInfo | None:
         """The channel as last seen, healthy or not: bookkeeping only, never a decision."""
@@ -561,7 +527,8 @@ class ChainView(ServingLists):
             if name == "ChannelToppedUp":
                 c = dataclasses.replace(c, deposit=int(a["deposit"]))
             elif name == "ChannelClaimed":
-                c = dataclasses.replace(c, claimed=int(a["claimed"]))
+                c = dataclasses.replace(c, claimed=int(a["totalClaimed"]))
+                self._lanes[(channel_id, a["lane"].lower())] = int(a["laneClaimed"])
             elif name == "CloseRequested":
                 c = dataclasses.replace(c, closes_at=int(a["closesAt"]) or None)
             elif name == "ChannelSettled":

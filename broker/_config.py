@@ -31,8 +31,8 @@ from blendsm.broker._config_fields import (
     PRIVATE_KEY,
     amount,
     check_keys,
-    env_name,
     integer,
+    key_account,
     mapping,
     path_field,
     refuse_inline_keys,
@@ -41,11 +41,11 @@ from blendsm.broker._config_fields import (
     section,
     typed,
 )
+from blendsm.broker._config_keys import OperatorKeyConfig, parse_key_config
 from blendsm.broker._config_listeners import ListenerConfig, TlsConfig, parse_listeners, parse_tls
 from blendsm.broker._config_sessions import SessionsConfig, parse_sessions
 from blendsm.broker._intake_config import IntakeConfig, parse_intake
 from blendsm.broker._replay import ReplayConfig, parse_replay
-from blendsm.device_sdk import account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "default_staleness",
     "load_config",
     "parse_config",
+    "resolve_broker_account",
     "resolve_operator_account",
 ]
 
@@ -117,18 +118,6 @@ def default_staleness(poll_interval: float) -> float:
     """Seconds without catching up before the chain view fails closed, when not configured:
     long enough for a few missed polls, never under 10 s (a slow node is not a dead one)."""
     return max(10.0, 5 * poll_interval)
-
-
-@dataclass(frozen=True, slots=True)
-class OperatorKeyConfig:
-    """Where the broker operator's private key comes from: exactly one source."""
-
-    env: str | None = None
-    """Name of the environment variable holding the hex private key."""
-    keystore: Path | None = None
-    """Web3 Secret Storage (v3) keystore file, decrypted with ``$password_env``."""
-    password_env: str | None = None
-    """Name of the environment variable holding the keystore password."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +246,9 @@ class BrokerConfig:
     """Chain endpoint and deployment."""
     operator_key: OperatorKeyConfig | None = None
     """Operator key reference; required unless the chain is embedded."""
+    broker_key: OperatorKeyConfig | None = None
+    """This broker's own key, its lane of every channel (registered in Brokers to the
+    operator); ``None``: the operator key, lane = the operator address (one broker)."""
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     """Metering credit and settlement policy."""
     anchoring: AnchoringConfig = field(default_factory=AnchoringConfig)
@@ -337,7 +329,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
     base = None if base_dir is None else Path(base_dir)
     check_keys(root, BrokerConfig, "")
     chain = _parse_chain(section(root, "chain"), base)
-    operator_key = _parse_operator_key(root.get("operator_key"), base)
+    operator_key = parse_key_config(root.get("operator_key"), base)
     if operator_key is None and chain.endpoint != EMBEDDED:
         raise ConfigError(
             "operator_key: required when chain.endpoint is not embedded "
@@ -351,6 +343,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | Path | None = None)
         listeners=parse_listeners(root, base),
         chain=chain,
         operator_key=operator_key,
+        broker_key=parse_key_config(root.get("broker_key"), base, "broker_key"),
         payments=_parse_payments(section(root, "payments")),
         anchoring=_parse_anchoring(section(root, "anchoring")),
         limits=_parse_limits(section(root, "limits")),
@@ -370,14 +363,12 @@ def resolve_operator_account(config: BrokerConfig) -> LocalAccount | None:
     ``None`` happens only with the embedded chain, whose runner uses a pre-funded test
     account. Raises :class:`ConfigError` if the variable is unset or the key is invalid.
     """
-    key = config.operator_key
-    if key is None:
-        return None
-    if key.env is not None:
-        return account_from_env(key.env)
-    if key.keystore is None or key.password_env is None:
-        raise ConfigError("operator_key: give env, or keystore with password_env")
-    return account_from_keystore(key.keystore, key.password_env)
+    return key_account(config.operator_key, "operator_key")
+
+
+def resolve_broker_account(config: BrokerConfig) -> LocalAccount | None:
+    """This broker's own key (its lane), ``None`` when it uses the operator key."""
+    return key_account(config.broker_key, "broker_key")
 
 
 # --------------------------------------------------------------------------- sections
@@ -445,31 +436,6 @@ def _parse_chain(data: Mapping[str, Any], base: Path | None) -> ChainConfig:
         poll_interval=poll_interval,
         max_staleness=max_staleness,
     )
-
-
-def _parse_operator_key(value: Any, base: Path | None) -> OperatorKeyConfig | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        raise ConfigError(
-            "operator_key: must be a mapping (env: VAR_NAME, or keystore: path + "
-            "password_env: VAR_NAME); keys go in environment variables or keystores"
-        )
-    data = mapping(value, "operator_key")
-    check_keys(data, OperatorKeyConfig, "operator_key")
-    env = env_name(data, "env")
-    keystore = path_field(data, "keystore", "operator_key", base)
-    password_env = env_name(data, "password_env")
-    if (env is None) == (keystore is None):
-        raise ConfigError(
-            "operator_key: give exactly one of env (variable holding the hex key) "
-            "or keystore (with password_env)"
-        )
-    if keystore is not None and password_env is None:
-        raise ConfigError("operator_key.password_env: required with operator_key.keystore")
-    if env is not None and password_env is not None:
-        raise ConfigError("operator_key.password_env: only used with operator_key.keystore")
-    return OperatorKeyConfig(env=env, keystore=keystore, password_env=password_env)
 
 
 def _parse_anchoring(data: Mapping[str, Any]) -> AnchoringConfig:

@@ -15,7 +15,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from blendsm.device_sdk import UINT256_MAX
+from eth_account.signers.local import LocalAccount
+
+from blendsm.device_sdk import UINT256_MAX, account_from_env, account_from_keystore
 from blendsm.errors import ConfigError
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "dotted",
     "env_name",
     "integer",
+    "key_account",
     "mapping",
     "path_field",
     "refuse_inline_keys",
@@ -201,3 +204,14 @@ def env_name(data: Mapping[str, Any], name: str) -> str | None:
             f"got {type_name(value)}; the key itself goes in that variable"
         )
     return value
+
+
+def key_account(key: Any, what: str) -> LocalAccount | None:
+    """The account of a key reference (``env`` or ``keystore`` + ``password_env``), or None."""
+    if key is None:
+        return None
+    if key.env is not None:
+        return account_from_env(key.env)
+    if key.keystore is None or key.password_env is None:
+        raise ConfigError(f"{what}: give env, or keystore with password_env")
+    return account_from_keystore(key.keystore, key.password_env)

@@ -103,6 +103,16 @@ class Meter:
         self.on_delivered: Callable[[str], None] | None = None
         """Told the topic of every market delivery: committed charges here, free (price-0)
         ones by the gate. The anchorer's "sold" signal: what was delivered gets anchored."""
+        self.lane_claimed: Callable[[bytes], int] | None = None
+        """What this broker's lane claimed on a channel (the chain view's): lanes share the
+        deposit, so this lane can deliver up to ``deposit - (claimed - lane_claimed)``.
+        None: one lane per channel, everything claimed is this lane's."""
+
+    def _lane_deposit(self, info: ChannelInfo) -> int:
+        """The part of the deposit this broker's lane can still be paid (issue 14)."""
+        if self.lane_claimed is None:
+            return info.deposit
+        return info.deposit - max(0, info.claimed - self.lane_claimed(info.channel_id))
 
     # --- chain state ---------------------------------------------------------------
 
@@ -172,7 +182,7 @@ class Meter:
                 payer=info.payer,
                 seller=info.payee,
                 token=info.token,
-                deposit=info.deposit,
+                deposit=self._lane_deposit(info),
                 usable=not info.settled and info.closes_at is None,
                 charged=self._restored.get(info.channel_id, 0),
                 paid=self._durable_paid.get(info.channel_id, 0),
@@ -184,7 +194,7 @@ class Meter:
         """A channel event arrived: refresh deposit/usability and forget cached choices."""
         account = self.accounts.get(info.channel_id)
         if account is not None:
-            account.deposit = info.deposit
+            account.deposit = self._lane_deposit(info)
             account.usable = not info.settled and info.closes_at is None
         payer = info.payer.lower()
         for key in [k for k in self._choice if k[0] == payer]:

@@ -48,6 +48,11 @@ _SETTLER_COUNTERS: Final = (
         "Claim attempts that failed (reverted, refused, node unreachable): chain errors.",
         "failures",
     ),
+    (
+        "claims_cut_short",
+        "Lane claims the shared deposit paid short (the payer overcommitted its lanes).",
+        "claims_cut_short",
+    ),
 )
 """``(metric, documentation, Settler attribute)`` of the settlement counters."""
 

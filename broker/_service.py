@@ -36,9 +36,10 @@ from blendsm.broker._chain_errors import (
     count_chain_errors,
 )
 from blendsm.broker._chain_view import ChainView
-from blendsm.broker._config import BrokerConfig
+from blendsm.broker._config import BrokerConfig, resolve_broker_account
 from blendsm.broker._dedup import DedupWindow
 from blendsm.broker._envelope_intake import EnvelopeIntake
+from blendsm.broker._lanes import check_lane
 from blendsm.broker._leaf_store import AsyncLeafStore
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
@@ -130,7 +131,12 @@ class MarketplaceService(EnvelopeIntake):
             max_staleness=config.chain.staleness_limit,
             logger=self.log.getChild("chain"),
         )
+        broker_key = resolve_broker_account(config)
+        self.lane: str = (broker_key or operator).address
+        """This broker's lane of every channel: its own key (``broker_key``), by default the
+        operator's. It meters, stores and claims that lane only (issue 14)."""
         self.meter = Meter(operator.address, config.payments.credit_messages)
+        self.meter.lane_claimed = lambda channel_id: self.view.lane_claimed(channel_id, self.lane)
         self.tokens = ConnectTokenVerifier(
             deployment.chain_id, operator.address, validity=token_validity
         )
@@ -176,7 +182,10 @@ class MarketplaceService(EnvelopeIntake):
 
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = await AsyncVoucherStore.open(data_dir / "vouchers.sqlite3")
+        self.store = await AsyncVoucherStore.open(
+            data_dir / "vouchers.sqlite3", lane=self.lane, legacy_lane=self.operator.address
+        )
+        await check_lane(self)
         paid = []
         for channel_id in await self.store.channels():
             latest = await self.store.latest(channel_id)
@@ -329,6 +338,7 @@ class MarketplaceService(EnvelopeIntake):
             credit=self.meter.credit_of(charge.price),
             charged=account.charged,
             paid=account.paid,
+            lane=self.lane,
         )
 
     def payment_request_for(self, session: Session) -> PaymentRequest | None:
@@ -351,6 +361,7 @@ class MarketplaceService(EnvelopeIntake):
             paid=account.paid,
             credit=credit,
             topic=topic,
+            lane=self.lane,
         )
 
     # --- control topics: vouchers in, notices out ---------------------------------------

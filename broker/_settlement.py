@@ -22,6 +22,10 @@ comparing the channel's on-chain ``claimed`` with the intent, and a channel gets
 claim while one is open. Even a duplicate could not pay twice (the contract pays only the
 delta over ``claimed``), but it would burn gas and double count.
 
+Lanes (issue 14): claims name this broker's lane (its key); covered means the lane's on-chain
+``laneClaimed``. Lanes share the deposit: a claim paid short (an overcommitting payer) is
+logged and counted (``claims_cut_short``); the stored vouchers are the payer's evidence.
+
 Failures never end the loop: a revert or an unreachable node is logged, the intent is
 failed with an exponential ``retry_at`` (or left open when the transaction may be out),
 and the claim is retried once the node answers again.
@@ -118,6 +122,9 @@ class Settler:
         """Payouts (fee included) of this settler's confirmed claims, in token base units."""
         self.failures = 0
         """Claim attempts that failed (reverted, refused, node unreachable)."""
+        self.claims_cut_short = 0
+        """Confirmed claims the shared deposit paid short (other lanes took the rest)."""
+        self.amount_cut_short = 0  # what those vouchers asked for and the deposit did not pay
         self.low_gas = False
         """True while the operator's native balance is below ``min_gas_balance_wei``."""
         self.low_gas_warnings = 0
@@ -383,7 +390,7 @@ class Settler:
         if intent is None:
             return None
         call = self.marketplace.channels.contract.functions.claim(
-            intent.channel_id, intent.amount, intent.signature
+            intent.channel_id, intent.lane, intent.amount, intent.signature
         )
         sent: list[bytes] = []
         intent_id = intent.intent_id
@@ -436,6 +443,7 @@ class Settler:
                 "sent",
                 bytes(tx_hash),
                 intent.created_at,
+                intent.lane,
             )
             try:
                 result = await self._resolve(intent)
@@ -494,13 +502,15 @@ class Settler:
             for e in events
             if e["address"] == self.marketplace.channels.address
             and bytes(e["args"]["channelId"]) == intent.channel_id
+            and str(e["args"]["lane"]).lower() == intent.lane.lower()
         ]
         if ours:
             args = ours[0]["args"]
-            claimed, payout, fee = int(args["claimed"]), int(args["payout"]), int(args["fee"])
-        else:  # not our claim's receipt shape; trust the channel's state
-            info = await self.marketplace.channels.channel(intent.channel_id)
-            claimed, payout, fee = (0 if info is None else info.claimed), 0, 0
+            claimed, payout, fee = int(args["laneClaimed"]), int(args["payout"]), int(args["fee"])
+            if claimed < int(args["cumulativeAmount"]):
+                self._cut_short(intent, claimed, int(args["totalClaimed"]))
+        else:  # not our claim's receipt shape; trust the lane's state
+            claimed, payout, fee = await self._lane_claimed(intent), 0, 0
         return await self._confirmed(
             intent, claimed, bytes(receipt["transactionHash"]), payout, fee, int(receipt["gasUsed"])
         )
@@ -535,12 +545,26 @@ class Settler:
             channel_id, intent.amount, "confirmed", tx_hash, claimed, payout, fee, gas_used
         )
 
+    async def _lane_claimed(self, intent: ClaimIntent) -> int:
+        return await self.marketplace.channels.lane_claimed(intent.channel_id, intent.lane)
+
+    def _cut_short(self, intent: ClaimIntent, lane_claimed: int, total: int) -> None:
+        """The shared deposit paid this lane less than its voucher (payer overcommitted)."""
+        self.claims_cut_short += 1
+        self.amount_cut_short += intent.amount - lane_claimed
+        args = (intent.channel_id.hex(), intent.lane, intent.amount, lane_claimed, total)
+        self.log.warning(
+            "settlement: claim of %s on lane %s cut short by the deposit: voucher %d, lane paid"
+            " %d (all lanes %d): the payer overcommitted; its voucher is the evidence",
+            *args,
+        )
+
     async def _resolve(self, intent: ClaimIntent) -> ClaimResult:
         """Decide an open intent from the chain (the reconciliation rule of the store).
 
         A successful receipt confirms it. Otherwise, if the node still knows the
-        transaction it stays pending; if the channel's on-chain ``claimed`` covers the
-        intent (its amount, capped by the deposit) it is confirmed; else it failed.
+        transaction it stays pending; if the lane's on-chain ``laneClaimed`` covers the
+        intent, or the deposit is all claimed, it is confirmed; else it failed.
         """
         reverted = False
         if intent.tx_hash is not None:
@@ -558,18 +582,19 @@ class Settler:
                     )
             reverted = receipt is not None
         info = await self.marketplace.channels.channel(intent.channel_id)
-        if info is not None and info.claimed >= min(intent.amount, info.deposit):
-            # Covered on chain (by this claim, an earlier one, or the payee's own).
-            return await self._confirmed(intent, info.claimed, intent.tx_hash)
+        lane_claimed = 0 if info is None else await self._lane_claimed(intent)
+        if info is not None and (lane_claimed >= intent.amount or info.claimed >= info.deposit):
+            # Covered on chain (by this claim, an earlier one, or the payee's own), or the
+            # deposit is gone (other lanes took it): nothing more can be paid on this lane.
+            return await self._confirmed(intent, lane_claimed, intent.tx_hash)
         if info is None:
             why = "channel unknown on chain"
         elif info.settled:
             why = "channel settled"
         else:
             why = "reverted" if reverted else "never mined"
-        claimed = 0 if info is None else info.claimed
         return await self._failed(
             intent,
-            f"claim {why} (on-chain claimed {claimed})",
+            f"claim {why} (on-chain lane claimed {lane_claimed})",
             backoff=reverted or info is None or info.settled,
         )

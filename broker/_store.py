@@ -2,6 +2,14 @@
 
 Money rules this module enforces:
 
+* Lanes (issue 14): a store belongs to one broker, which meters and claims one lane of each
+  channel, its own broker key (``lane``). Every row names its lane and rows are keyed by
+  (channel, lane); every method works on the store's own lane only, and a voucher naming
+  another lane is refused (the voucher intake refuses it first, ``wrong_lane``). Rows of a
+  file from before lanes belong to the operator's own lane (``legacy_lane``), named once when
+  the file is opened; rows of another lane (the broker key changed) are kept, never dropped,
+  and :meth:`VoucherStore.other_lanes` reports what they hold.
+
 * A voucher counts only once :meth:`VoucherStore.accept` has returned: the row is
   committed with ``journal_mode=WAL`` and ``synchronous=FULL``, so the WAL is fsynced
   before the call returns and the voucher survives a crash of the broker or the host.
@@ -51,14 +59,26 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from blendsm.broker._durable import AsyncDurableStore, GroupCommit, open_on_worker
 from blendsm.broker._sqlite import DurableStore
-from blendsm.broker._voucher_schema import APPLICATION_ID, MIGRATIONS, SCHEMA, SCHEMA_VERSION
-from blendsm.device_sdk import Voucher
+from blendsm.broker._store_records import (
+    ChannelBalance,
+    ClaimIntent,
+    ClaimState,
+    _int,
+    _lane_bytes,
+    _u256,
+)
+from blendsm.broker._voucher_schema import (
+    APPLICATION_ID,
+    LANE_TABLES,
+    MIGRATIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
+from blendsm.device_sdk import Voucher, checksum_address
 
 __all__ = [
     "APPLICATION_ID",
@@ -74,54 +94,9 @@ __all__ = [
 KEEP_VOUCHERS = 64
 """Default cap of the accepted vouchers kept per channel above its claim (see the rules)."""
 
-ClaimState = Literal["intent", "sent", "confirmed", "failed"]
-
 _OPEN_STATES = ("intent", "sent")
 
 _IN_CHUNK = 500
-
-
-def _u256(value: int) -> bytes:
-    """32-byte big-endian form of a uint256, whose byte order is its numeric order."""
-    if not 0 <= value < 2**256:
-        raise ValueError(f"amount {value} is not a uint256")
-    return value.to_bytes(32, "big")
-
-
-def _int(blob: bytes) -> int:
-    return int.from_bytes(blob, "big")
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimIntent:
-    """One attempt to claim ``amount`` on ``channel_id`` with the voucher that signs it."""
-
-    intent_id: int
-    channel_id: bytes
-    amount: int
-    signature: bytes
-    state: ClaimState
-    tx_hash: bytes | None
-    created_at: float
-
-    @property
-    def voucher(self) -> Voucher:
-        """The voucher to submit to ``claim``."""
-        return Voucher(self.channel_id, self.amount, self.signature)
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelBalance:
-    """A channel's latest accepted voucher amount and what we know was claimed on chain."""
-
-    channel_id: bytes
-    amount: int
-    claimed_onchain: int
-
-    @property
-    def unclaimed(self) -> int:
-        """What a claim of the latest voucher could still pay (before the deposit cap)."""
-        return max(0, self.amount - self.claimed_onchain)
 
 
 class VoucherStore(DurableStore):
@@ -131,11 +106,22 @@ class VoucherStore(DurableStore):
     _STATE_KEY = "intent_id"
     _STATE_NOUN = "claim intent"
 
-    def __init__(self, path: str | Path, *, keep: int = KEEP_VOUCHERS) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        lane: str,
+        legacy_lane: str | None = None,
+        keep: int = KEEP_VOUCHERS,
+    ) -> None:
         if keep < 2:
             raise ValueError(f"keep {keep}: need room for a claimable voucher and the latest")
         self.keep = keep
         """At most this many accepted vouchers are kept per channel."""
+        self._lane = _lane_bytes(lane)
+        self.lane: str = checksum_address(self._lane)
+        """This broker's lane (its broker key): the only one it stores, meters and claims."""
+        legacy = self._lane if legacy_lane is None else _lane_bytes(legacy_lane)
         super().__init__(
             path,
             kind="voucher store",
@@ -144,6 +130,29 @@ class VoucherStore(DurableStore):
             schema=SCHEMA,
             migrations=MIGRATIONS,
         )
+        self._name_legacy_rows(legacy)
+
+    def _name_legacy_rows(self, legacy: bytes) -> None:
+        """Rows migrated from before lanes belong to the operator's own lane: name it."""
+
+        def body() -> None:
+            for table in LANE_TABLES:
+                self._db.execute(f"UPDATE {table} SET lane = ? WHERE lane = x''", (legacy,))
+
+        if self._db.execute("SELECT 1 FROM channels WHERE lane = x'' LIMIT 1").fetchone() or (
+            self._db.execute("SELECT 1 FROM delivered WHERE lane = x'' LIMIT 1").fetchone()
+        ):
+            self._write(body)
+
+    def other_lanes(self) -> list[tuple[bytes, str, int]]:
+        """``(channel, lane, unclaimed)`` of rows of lanes other than this broker's with
+        vouchers above their claim (kept after a broker key change; never claimed here)."""
+        rows = self._db.execute(
+            "SELECT channel_id, lane, amount, claimed_onchain FROM channels"
+            " WHERE lane != ? AND amount > claimed_onchain ORDER BY 1, 2",
+            (self._lane,),
+        )
+        return [(r[0], checksum_address(r[1]), _int(r[2]) - _int(r[3])) for r in rows]
 
     # -- vouchers ------------------------------------------------------------
 
@@ -170,6 +179,9 @@ class VoucherStore(DurableStore):
         (``(channel_id, charged)``) are recorded in the same transaction
         (:meth:`record_delivered`), so they cost no fsync of their own.
         """
+        for voucher, _hint in vouchers:
+            if voucher.lane != self.lane:  # fail closed: this broker meters one lane only
+                raise ValueError(f"voucher for lane {voucher.lane}, this store is {self.lane}")
         rows = [
             (
                 voucher.channel_id,
@@ -202,43 +214,47 @@ class VoucherStore(DurableStore):
     ) -> bool:
         accepted = (
             self._db.execute(
-                "INSERT INTO channels (channel_id, amount, signature, delta_hint, accepted_at)"
-                " VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (channel_id) DO UPDATE SET amount = excluded.amount,"
+                "INSERT INTO channels"
+                " (channel_id, lane, amount, signature, delta_hint, accepted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (channel_id, lane) DO UPDATE SET amount = excluded.amount,"
                 "  signature = excluded.signature, delta_hint = excluded.delta_hint,"
                 "  accepted_at = excluded.accepted_at"
                 " WHERE excluded.amount > channels.amount",
-                (channel_id, amount, signature, hint, now),
+                (channel_id, self._lane, amount, signature, hint, now),
             ).rowcount
             == 1
         )
         if accepted:
             self._db.execute(
-                "INSERT INTO vouchers (channel_id, amount, signature, accepted_at)"
-                " VALUES (?, ?, ?, ?)",
-                (channel_id, amount, signature, now),
+                "INSERT INTO vouchers (channel_id, lane, amount, signature, accepted_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (channel_id, self._lane, amount, signature, now),
             )
         return accepted
 
     def _prune(self, channel_id: bytes) -> None:
         """Drop the channel's kept vouchers that can never be its best claim (module rules)."""
         self._db.execute(
-            "DELETE FROM vouchers WHERE channel_id = ?1"
-            " AND (amount <= (SELECT claimed_onchain FROM channels WHERE channel_id = ?1)"
-            "  OR amount < (SELECT max(amount) FROM vouchers WHERE channel_id = ?1"
-            "   AND amount <= (SELECT charged FROM delivered WHERE channel_id = ?1)))",
-            (channel_id,),
+            "DELETE FROM vouchers WHERE channel_id = ?1 AND lane = ?2"
+            " AND (amount <= (SELECT claimed_onchain FROM channels"
+            "   WHERE channel_id = ?1 AND lane = ?2)"
+            "  OR amount < (SELECT max(amount) FROM vouchers WHERE channel_id = ?1 AND lane = ?2"
+            "   AND amount <= (SELECT charged FROM delivered"
+            "    WHERE channel_id = ?1 AND lane = ?2)))",
+            (channel_id, self._lane),
         )
         count = self._db.execute(
-            "SELECT count(*) FROM vouchers WHERE channel_id = ?", (channel_id,)
+            "SELECT count(*) FROM vouchers WHERE channel_id = ? AND lane = ?",
+            (channel_id, self._lane),
         ).fetchone()[0]
         if count > self.keep:
             self._db.execute(
-                "DELETE FROM vouchers WHERE channel_id = ?1 AND amount IN ("
-                " SELECT amount FROM vouchers WHERE channel_id = ?1"
-                "  AND amount < (SELECT amount FROM channels WHERE channel_id = ?1)"
+                "DELETE FROM vouchers WHERE channel_id = ?1 AND lane = ?3 AND amount IN ("
+                " SELECT amount FROM vouchers WHERE channel_id = ?1 AND lane = ?3"
+                "  AND amount < (SELECT amount FROM channels WHERE channel_id = ?1 AND lane = ?3)"
                 "  ORDER BY amount DESC LIMIT ?2)",
-                (channel_id, count - self.keep),
+                (channel_id, count - self.keep, self._lane),
             )
 
     def record_delivered(self, delivered: Iterable[tuple[bytes, int]]) -> None:
@@ -251,39 +267,47 @@ class VoucherStore(DurableStore):
 
     def _record_delivered(self, values: Sequence[tuple[bytes, bytes]], now: float) -> None:
         self._db.executemany(
-            "INSERT INTO delivered (channel_id, charged, updated_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (channel_id) DO UPDATE SET charged = excluded.charged,"
+            "INSERT INTO delivered (channel_id, lane, charged, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (channel_id, lane) DO UPDATE SET charged = excluded.charged,"
             "  updated_at = excluded.updated_at WHERE excluded.charged > delivered.charged",
-            [(channel_id, charged, now) for channel_id, charged in values],
+            [(channel_id, self._lane, charged, now) for channel_id, charged in values],
         )
 
     def delivered(self) -> list[tuple[bytes, int]]:
         """Every channel's stored delivered value, in id order (the meter's restart seed)."""
-        rows = self._db.execute("SELECT channel_id, charged FROM delivered ORDER BY 1")
+        rows = self._db.execute(
+            "SELECT channel_id, charged FROM delivered WHERE lane = ? ORDER BY 1", (self._lane,)
+        )
         return [(r[0], _int(r[1])) for r in rows]
 
     def latest(self, channel_id: bytes) -> Voucher | None:
         """The newest accepted voucher of the channel, or None."""
         row = self._db.execute(
-            "SELECT amount, signature FROM channels WHERE channel_id = ?", (channel_id,)
+            "SELECT amount, signature FROM channels WHERE channel_id = ? AND lane = ?",
+            (channel_id, self._lane),
         ).fetchone()
-        return None if row is None else Voucher(channel_id, _int(row[0]), row[1])
+        return None if row is None else Voucher(channel_id, self.lane, _int(row[0]), row[1])
 
     def accepted(self, channel_id: bytes) -> list[int]:
         """The amounts of the channel's kept vouchers (those a claim may still use), ascending."""
         rows = self._db.execute(
-            "SELECT amount FROM vouchers WHERE channel_id = ? ORDER BY amount", (channel_id,)
+            "SELECT amount FROM vouchers WHERE channel_id = ? AND lane = ? ORDER BY amount",
+            (channel_id, self._lane),
         )
         return [_int(r[0]) for r in rows]
 
     def channels(self) -> list[bytes]:
         """Every channel with an accepted voucher, in id order."""
-        return [r[0] for r in self._db.execute("SELECT channel_id FROM channels ORDER BY 1")]
+        rows = self._db.execute(
+            "SELECT channel_id FROM channels WHERE lane = ? ORDER BY 1", (self._lane,)
+        )
+        return [r[0] for r in rows]
 
     def claimed_onchain(self, channel_id: bytes) -> int:
         """The highest on-chain ``claimed`` we have confirmed for the channel (0 if none)."""
         row = self._db.execute(
-            "SELECT claimed_onchain FROM channels WHERE channel_id = ?", (channel_id,)
+            "SELECT claimed_onchain FROM channels WHERE channel_id = ? AND lane = ?",
+            (channel_id, self._lane),
         ).fetchone()
         return 0 if row is None else _int(row[0])
 
@@ -295,18 +319,19 @@ class VoucherStore(DurableStore):
         ``channel_ids`` limits the answer to those channels (unknown ones are left out);
         ``unclaimed_only`` keeps only channels whose latest voucher is above the claim.
         """
-        sql = "SELECT channel_id, amount, claimed_onchain FROM channels WHERE 1"
+        sql = "SELECT channel_id, amount, claimed_onchain FROM channels WHERE lane = ?"
         if unclaimed_only:
             sql += " AND amount > claimed_onchain"
         if channel_ids is None:
-            rows = self._db.execute(sql + " ORDER BY channel_id").fetchall()
+            rows = self._db.execute(sql + " ORDER BY channel_id", (self._lane,)).fetchall()
         else:
             ids = list(dict.fromkeys(channel_ids))
             rows = []
             for start in range(0, len(ids), _IN_CHUNK):  # stay under SQLite's variable limit
                 chunk = ids[start : start + _IN_CHUNK]
                 rows += self._db.execute(
-                    f"{sql} AND channel_id IN ({', '.join('?' * len(chunk))})", chunk
+                    f"{sql} AND channel_id IN ({', '.join('?' * len(chunk))})",
+                    (self._lane, *chunk),
                 ).fetchall()
             rows.sort()
         return [ChannelBalance(r[0], _int(r[1]), _int(r[2])) for r in rows]
@@ -340,12 +365,16 @@ class VoucherStore(DurableStore):
 
         def body() -> ClaimIntent | None:
             row = self._db.execute(
-                "SELECT claimed_onchain FROM channels WHERE channel_id = ?", (channel_id,)
+                "SELECT claimed_onchain FROM channels WHERE channel_id = ? AND lane = ?",
+                (channel_id, self._lane),
             ).fetchone()
             if row is None:
                 return None
-            sql = "SELECT amount, signature FROM vouchers WHERE channel_id = ? AND amount > ?"
-            params: tuple[bytes, ...] = (channel_id, row[0])
+            sql = (
+                "SELECT amount, signature FROM vouchers"
+                " WHERE channel_id = ? AND lane = ? AND amount > ?"
+            )
+            params: tuple[bytes, ...] = (channel_id, self._lane, row[0])
             if known is not None:
                 sql, params = sql + " AND amount <= ?", (*params, known)
             best = self._db.execute(sql + " ORDER BY amount DESC LIMIT 1", params).fetchone()
@@ -353,9 +382,9 @@ class VoucherStore(DurableStore):
                 return None
             amount, signature = best[0], best[1]
             last = self._db.execute(
-                "SELECT state, retry_at FROM claims WHERE channel_id = ?"
+                "SELECT state, retry_at FROM claims WHERE channel_id = ? AND lane = ?"
                 " ORDER BY intent_id DESC LIMIT 1",
-                (channel_id,),
+                (channel_id, self._lane),
             ).fetchone()
             if last is not None and (
                 last[0] in _OPEN_STATES
@@ -363,21 +392,23 @@ class VoucherStore(DurableStore):
             ):
                 return None
             done = self._db.execute(
-                "SELECT 1 FROM claims WHERE channel_id = ? AND amount = ? AND state = 'confirmed'",
-                (channel_id, amount),
+                "SELECT 1 FROM claims WHERE channel_id = ? AND lane = ? AND amount = ?"
+                " AND state = 'confirmed'",
+                (channel_id, self._lane, amount),
             ).fetchone()
             if done is not None:
                 return None
             if known is not None:
                 self._record_delivered([(channel_id, known)], at)
             cur = self._db.execute(
-                "INSERT INTO claims (channel_id, amount, signature, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'intent', ?, ?)",
-                (channel_id, amount, signature, at, at),
+                "INSERT INTO claims"
+                " (channel_id, lane, amount, signature, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, 'intent', ?, ?)",
+                (channel_id, self._lane, amount, signature, at, at),
             )
             assert cur.lastrowid is not None
             return ClaimIntent(
-                cur.lastrowid, channel_id, _int(amount), signature, "intent", None, at
+                cur.lastrowid, channel_id, _int(amount), signature, "intent", None, at, self.lane
             )
 
         return self._write(body)
@@ -396,7 +427,7 @@ class VoucherStore(DurableStore):
         self._write(body)
 
     def claim_confirmed(self, intent_id: int, claimed_onchain: int) -> None:
-        """The channel's on-chain ``claimed`` is now ``claimed_onchain``; the intent is done.
+        """The lane's on-chain ``laneClaimed`` is now ``claimed_onchain``; the intent is done.
 
         Valid from ``intent`` too (reconciliation may find a claim broadcast just before
         a crash). The channel's recorded on-chain amount only ever rises.
@@ -411,13 +442,13 @@ class VoucherStore(DurableStore):
                 "claimed_onchain = ?",
                 (claimed,),
             )
-            (channel_id,) = self._db.execute(
-                "SELECT channel_id FROM claims WHERE intent_id = ?", (intent_id,)
+            (channel_id, lane) = self._db.execute(
+                "SELECT channel_id, lane FROM claims WHERE intent_id = ?", (intent_id,)
             ).fetchone()
             self._db.execute(
-                "UPDATE channels SET claimed_onchain = ? WHERE channel_id = ?"
+                "UPDATE channels SET claimed_onchain = ? WHERE channel_id = ? AND lane = ?"
                 " AND claimed_onchain < ?",
-                (claimed, channel_id, claimed),
+                (claimed, channel_id, lane, claimed),
             )
             self._prune(channel_id)
 
@@ -434,10 +465,13 @@ class VoucherStore(DurableStore):
     def pending_claims(self) -> list[ClaimIntent]:
         """Open intents (``intent`` or ``sent``) to reconcile after a restart, oldest first."""
         rows = self._db.execute(
-            "SELECT intent_id, channel_id, amount, signature, state, tx_hash, created_at"
+            "SELECT intent_id, channel_id, amount, signature, state, tx_hash, created_at, lane"
             " FROM claims WHERE state IN ('intent', 'sent') ORDER BY intent_id"
         ).fetchall()
-        return [ClaimIntent(r[0], r[1], _int(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+        return [
+            ClaimIntent(r[0], r[1], _int(r[2]), r[3], r[4], r[5], r[6], checksum_address(r[7]))
+            for r in rows
+        ]
 
 
 class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
@@ -456,9 +490,29 @@ class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
         )
 
     @classmethod
-    async def open(cls, path: str | Path, *, keep: int = KEEP_VOUCHERS) -> AsyncVoucherStore:
-        """Open (or create) the store on a fresh worker thread."""
-        return cls(*await open_on_worker(lambda: VoucherStore(path, keep=keep), "blendsm-store"))
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        lane: str,
+        legacy_lane: str | None = None,
+        keep: int = KEEP_VOUCHERS,
+    ) -> AsyncVoucherStore:
+        """Open (or create) the store of ``lane`` on a fresh worker thread."""
+        store = await open_on_worker(
+            lambda: VoucherStore(path, lane=lane, legacy_lane=legacy_lane, keep=keep),
+            "blendsm-store",
+        )
+        return cls(*store)
+
+    @property
+    def lane(self) -> str:
+        """See :attr:`VoucherStore.lane`."""
+        return self._store.lane
+
+    async def other_lanes(self) -> list[tuple[bytes, str, int]]:
+        """See :meth:`VoucherStore.other_lanes`."""
+        return await self._run(self._store.other_lanes)
 
     async def accept(self, voucher: Voucher, payout_delta_hint: int | None = None) -> bool:
         """See :meth:`VoucherStore.accept`; concurrent calls share one transaction.

@@ -57,6 +57,7 @@ from blendsm.device_sdk import (
 )
 from blendsm.errors import (
     VoucherChannelError,
+    VoucherLaneError,
     VoucherNotNewerError,
     VoucherSignatureError,
     WireError,
@@ -94,6 +95,7 @@ class IntakeHost(Protocol):
     store: AsyncVoucherStore | None
     settler: Settler | None
     broker: Any
+    lane: str
 
     def _spawn(self, coro: Any, name: str, ident: Identity | None = None) -> None: ...
 
@@ -336,6 +338,12 @@ class VoucherIntake:
                 "not_metered_here",
                 f"channel names operator {info.operator}, not this broker",
             )
+        if voucher.lane != service.lane:
+            return _refusal(
+                voucher,
+                "wrong_lane",
+                f"voucher is for lane {voucher.lane}, this broker meters lane {service.lane}",
+            )
         if info.payer.lower() != ident.key:
             return _refusal(
                 voucher, "not_payer", f"channel is paid by {info.payer}, not {ident.address}"
@@ -347,11 +355,14 @@ class VoucherIntake:
             return _refusal(
                 voucher, "channel_closing", f"channel is {state}: vouchers are not accepted"
             )
-        if voucher.cumulative_amount > info.deposit:
+        # Lanes share the deposit: this lane can reach what it claimed plus what is left.
+        cap = info.deposit - info.claimed + view.lane_claimed(voucher.channel_id, service.lane)
+        if voucher.cumulative_amount > cap:
             return _refusal(
                 voucher,
                 "over_deposit",
-                f"amount {voucher.cumulative_amount} exceeds the deposit {info.deposit}",
+                f"amount {voucher.cumulative_amount} exceeds what this lane can be paid, {cap}"
+                f" (deposit {info.deposit}, claimed by other lanes {info.deposit - cap})",
             )
         paid = service.meter.paid_of(voucher.channel_id)
         if voucher.cumulative_amount == paid and paid:
@@ -375,7 +386,13 @@ class VoucherIntake:
             state = cached[1]
         else:  # the view replaces a channel's record on every change: rebuild on a new one
             state = ChannelState(
-                info.payer, info.deposit, info.claimed, info.closes_at, info.settled
+                info.payer,
+                info.deposit,
+                info.claimed,
+                info.closes_at,
+                info.settled,
+                lane=service.lane,
+                lane_claimed=service.view.lane_claimed(voucher.channel_id, service.lane),
             )
             if len(self._states) >= _MAX_CACHED_STATES:
                 self._states.clear()
@@ -388,6 +405,8 @@ class VoucherIntake:
             return _refusal(voucher, "not_newer", str(exc))
         except VoucherChannelError as exc:
             return _refusal(voucher, "channel_closing", str(exc))
+        except VoucherLaneError as exc:
+            return _refusal(voucher, "wrong_lane", str(exc))
         return None
 
     # --- out: receipts and refusals -----------------------------------------------------
@@ -406,7 +425,9 @@ class VoucherIntake:
             stats.vouchers_repeated += 1
             stats.receipts_sent += 1
             self._send(
-                entry.handler, entry.ident, [Receipt(voucher.channel_id, voucher.cumulative_amount)]
+                entry.handler,
+                entry.ident,
+                [Receipt(voucher.channel_id, voucher.cumulative_amount, self._service.lane)],
             )
 
     def _owe_receipt(self, entry: _Entry, voucher: Voucher, count: int) -> None:
@@ -450,7 +471,7 @@ class VoucherIntake:
             self._send(
                 first.handler,
                 first.ident,
-                [Receipt(p.channel_id, p.amount) for p in receipts],
+                [Receipt(p.channel_id, p.amount, self._service.lane) for p in receipts],
             )
         if later is not None and self._timer is None:
             self._timer = loop.call_at(later, self._flush_receipts)

@@ -150,11 +150,15 @@ class PaymentChannels(Binding):
         )
 
     async def claim(
-        self, channel_id: bytes, cumulative_amount: int, signature: bytes
+        self, channel_id: bytes, lane: str, cumulative_amount: int, signature: bytes
     ) -> ClaimReceipt:
-        """Pay out a voucher; anyone may submit it."""
+        """Pay out a voucher of ``lane``; anyone may submit it."""
         receipt = await self._write(
-            "claim", bytes32(channel_id, "channel_id"), cumulative_amount, bytes(signature)
+            "claim",
+            bytes32(channel_id, "channel_id"),
+            addr(lane),
+            cumulative_amount,
+            bytes(signature),
         )
         args = self._one_event(receipt, "ChannelClaimed")["args"]
         return ClaimReceipt(
@@ -163,7 +167,9 @@ class PaymentChannels(Binding):
             cumulative_amount=int(args["cumulativeAmount"]),
             payout=int(args["payout"]),
             fee=int(args["fee"]),
-            claimed=int(args["claimed"]),
+            claimed=int(args["totalClaimed"]),
+            lane=addr(args["lane"]),
+            lane_claimed=int(args["laneClaimed"]),
         )
 
     async def request_close(self, channel_id: bytes) -> CloseRequest:
@@ -177,12 +183,18 @@ class PaymentChannels(Binding):
         return self._settlement(receipt, channel_id)
 
     async def cooperative_close(
-        self, channel_id: bytes, cumulative_amount: int = 0, signature: bytes = b""
+        self,
+        channel_id: bytes,
+        lane: str | None = None,
+        cumulative_amount: int = 0,
+        signature: bytes = b"",
     ) -> Settlement:
-        """Settle at once (payee only), claiming the final voucher if it pays anything new."""
+        """Settle at once (payee only), claiming the final voucher of ``lane`` if it pays
+        anything new. What other lanes did not claim yet is refunded to the payer."""
         receipt = await self._write(
             "cooperativeClose",
             bytes32(channel_id, "channel_id"),
+            addr_or_zero(lane),
             cumulative_amount,
             bytes(signature),
         )
@@ -229,11 +241,29 @@ class PaymentChannels(Binding):
             settled=bool(settled),
         )
 
-    async def voucher_digest(self, channel_id: bytes, cumulative_amount: int) -> bytes:
+    async def voucher_digest(self, channel_id: bytes, lane: str, cumulative_amount: int) -> bytes:
         """The EIP-712 digest the payer signs, as the contract computes it."""
         return bytes(
-            await self._read("voucherDigest", bytes32(channel_id, "channel_id"), cumulative_amount)
+            await self._read(
+                "voucherDigest", bytes32(channel_id, "channel_id"), addr(lane), cumulative_amount
+            )
         )
+
+    async def lane_claimed(self, channel_id: bytes, lane: str) -> int:
+        """What ``lane`` has claimed on the channel so far."""
+        return int(await self._read("laneClaimed", bytes32(channel_id, "channel_id"), addr(lane)))
+
+    async def is_lane(self, channel_id: bytes, lane: str) -> bool:
+        """Whether ``lane`` may claim on the channel (the operator or one of its brokers)."""
+        return bool(await self._read("isLane", bytes32(channel_id, "channel_id"), addr(lane)))
+
+    async def brokers_address(self) -> str | None:
+        """The Brokers contract lanes are checked against; None until the deployer wired it."""
+        return none_if_zero(await self._read("brokers"))
+
+    async def set_brokers(self, brokers: str) -> TxResult:
+        """Wire the Brokers contract, once (deployer only)."""
+        return await self._simple("setBrokers", addr(brokers))
 
     async def domain_separator(self) -> bytes:
         return bytes(await self._read("domainSeparator"))

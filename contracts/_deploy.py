@@ -133,6 +133,9 @@ async def deploy_suite(
     market = await deploy_contract(tx, "Market", registry.address, ratings.address)
     anchors = await deploy_contract(tx, "DataAnchors", registry.address)
     brokers = await deploy_contract(tx, "Brokers", registry.address, market.address)
+    # Brokers is built on Market, Market on Ratings, Ratings on PaymentChannels: the channel
+    # contract cannot take Brokers in its constructor, so its deployer wires it once here.
+    await tx.send(channels.functions.setBrokers(brokers.address))
     block = await w3.eth.block_number
     return Deployment(
         chain_id=await w3.eth.chain_id,
@@ -157,9 +160,13 @@ async def deploy_later_contracts(
     """Deploy the suite contracts an older ``deployment`` lacks (``LATER_CONTRACTS``: Brokers),
     wired to its Registry and Market; the deployment with their addresses added.
 
-    Anyone may do it: Brokers has no admin, and clients trust the deployment file they are
-    given, not whoever deployed. The deployment block stays: events of the new contracts come
-    later, so following from the old block sees them all.
+    Lanes: PaymentChannels checks a lane against the one Brokers contract wired into it. If it
+    is wired already, that address is adopted (never a second Brokers); if not, a new Brokers
+    is deployed and wired, which only the PaymentChannels deployer may do. A PaymentChannels
+    from before lanes (voucher domain version 1) cannot be upgraded in place (it holds the
+    deposits, and Ratings is bound to it): that is refused, deploy a fresh suite.
+    Otherwise anyone may run it: Brokers has no admin. The deployment block stays: events of
+    the new contracts come later, so following from the old block sees them all.
     """
     with chain_errors("chain id"):
         chain_id = int(await w3.eth.chain_id)
@@ -169,9 +176,33 @@ async def deploy_later_contracts(
         )
     addresses = dict(deployment.addresses)
     tx = Transactor(w3, deployer, confirmations=confirmations)
+    channels = contract_at(w3, "PaymentChannels", deployment.address("PaymentChannels"))
+    with chain_errors("PaymentChannels.eip712Domain"):
+        version = str((await channels.functions.eip712Domain().call())[2])
+    if version != "2":
+        raise ConfigError(
+            f"PaymentChannels at {channels.address} has voucher domain version {version!r},"
+            " before lanes: it cannot be upgraded in place (it holds the deposits); deploy a"
+            " fresh suite"
+        )
+    with chain_errors("PaymentChannels.brokers"):
+        wired = str(await channels.functions.brokers().call())
+    if int(wired, 16) != 0:
+        if addresses.get("Brokers", wired) != to_checksum_address(wired):
+            raise ConfigError(
+                f"the deployment names Brokers {addresses['Brokers']}, its PaymentChannels"
+                f" checks lanes against {wired}"
+            )
+        addresses["Brokers"] = to_checksum_address(wired)
+        return dataclasses.replace(deployment, addresses=addresses)
+    with chain_errors("PaymentChannels.deployer"):
+        owner = str(await channels.functions.deployer().call())
+    if owner.lower() != deployer.address.lower():
+        raise ConfigError(f"only the PaymentChannels deployer {owner} can wire its Brokers")
     if "Brokers" not in addresses:
         brokers = await deploy_contract(
             tx, "Brokers", deployment.address("Registry"), deployment.address("Market")
         )
         addresses["Brokers"] = brokers.address
+    await tx.send(channels.functions.setBrokers(addresses["Brokers"]))
     return dataclasses.replace(deployment, addresses=addresses)

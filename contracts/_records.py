@@ -112,13 +112,22 @@ class ChannelOpening(TxResult):
 
 @dataclass(frozen=True, slots=True)
 class ClaimReceipt(TxResult):
-    """A voucher paid out: ``payout`` in total (``fee`` of it to the operator), ``claimed`` now."""
+    """A voucher of ``lane`` paid out: ``payout`` in total (``fee`` of it to the operator);
+    ``lane_claimed`` is the lane's total now, ``claimed`` the channel's over all lanes. A
+    ``lane_claimed`` below ``cumulative_amount`` means the deposit cut the claim short."""
 
     channel_id: bytes
     cumulative_amount: int
     payout: int
     fee: int
     claimed: int
+    lane: str = ""
+    lane_claimed: int = 0
+
+    @property
+    def cut_short(self) -> bool:
+        """The deposit (shared by every lane) paid less than the voucher asked."""
+        return self.lane_claimed < self.cumulative_amount
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +191,7 @@ class ChannelInfo:
     operator: str | None
     token: str | None
     deposit: int
-    claimed: int
+    claimed: int  # over all lanes (the contract's totalClaimed)
     fee_bps: int
     closes_at: int | None
     settled: bool

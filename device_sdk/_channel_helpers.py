@@ -37,9 +37,13 @@ class ChannelHelpers:
 
         def pay_outstanding(self, channel_id: bytes | None = None) -> int: ...
 
-        def vouchered(self, channel_id: bytes) -> int: ...
+        def vouchered(self, channel_id: bytes, lane: str | None = None) -> int: ...
 
-        def wait_confirmed(self, channel_id: bytes, amount: int, timeout: float) -> bool: ...
+        def wait_confirmed(
+            self, channel_id: bytes, amount: int, timeout: float, lane: str | None = None
+        ) -> bool: ...
+
+        def set_deposit(self, channel_id: bytes, deposit: int) -> None: ...
 
     def _check_marketplace(self, marketplace: Marketplace) -> None:
         if marketplace.address is None or marketplace.address.lower() != self.address.lower():
@@ -68,12 +72,17 @@ class ChannelHelpers:
         opened = await marketplace.channels.open(
             seller, self.broker, token, deposit, fee_bps, approve=token is not None
         )
+        self.set_deposit(opened.channel_id, deposit)  # lanes together never sign over it
         return opened.channel_id
 
     async def top_up(self, marketplace: Marketplace, channel_id: bytes, amount: int) -> TxResult:
         """Add ``amount`` to the channel's deposit (an ERC-20 is approved first)."""
         self._check_marketplace(marketplace)
-        return await marketplace.channels.top_up(channel_id, amount, approve=True)
+        result = await marketplace.channels.top_up(channel_id, amount, approve=True)
+        info = await marketplace.channels.channel(channel_id)
+        if info is not None:
+            self.set_deposit(channel_id, info.deposit)
+        return result
 
     async def close_channel(
         self, marketplace: Marketplace, channel_id: bytes, *, settle_timeout: float = 5.0

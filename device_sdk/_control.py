@@ -31,6 +31,7 @@ import orjson
 from blendsm.errors import WireError
 
 from ._keccak import checksum_address
+from ._key_topics import KEYS_ROOT, key_topic, parse_key_topic
 from ._voucher import UINT256_MAX, Voucher
 
 __all__ = [
@@ -106,6 +107,7 @@ RefusalCode = Literal[
     "not_payer",
     "bad_signature",
     "not_newer",
+    "wrong_lane",
     "over_deposit",
     "channel_closing",
     "store_unavailable",
@@ -117,27 +119,6 @@ RefusalCode = Literal[
 def control_topic(address: str, leaf: str) -> str:
     """``blendsm/ctl/<address lower>/<leaf>``."""
     return f"{CONTROL_ROOT}/{address.lower()}/{leaf}"
-
-
-KEYS_ROOT: Final = "blendsm/keys"
-"""Root of the topic-key tree: ``blendsm/keys/<topic id hex>/<address>`` carries the topic
-key wrapped (ECIES) to that address's public key. Only the topic's seller publishes there
-(retained), and only ``<address>`` may subscribe to it."""
-
-
-def key_topic(topic_id: bytes, address: str) -> str:
-    """``blendsm/keys/<topic id, 64 hex>/<address lower>``."""
-    return f"{KEYS_ROOT}/{topic_id.hex()}/{address.lower()}"
-
-
-def parse_key_topic(topic: str) -> tuple[bytes, str] | None:
-    """``(topic id, address lower)`` for a well-formed key topic name, else None."""
-    parts = topic.split("/")
-    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != KEYS_ROOT:
-        return None
-    if not re.fullmatch(r"[0-9a-f]{64}", parts[2]) or not _ADDRESS.fullmatch(parts[3]):
-        return None
-    return bytes.fromhex(parts[2]), parts[3]
 
 
 def is_control_topic(topic: str) -> bool:
@@ -206,6 +187,14 @@ def _address(data: dict[str, Any], name: str) -> str:
     return checksum_address(bytes.fromhex(text[2:]))
 
 
+def _lane_field(lane: str | None) -> dict[str, str]:  # None: a broker before lanes
+    return {} if lane is None else {"lane": lane}
+
+
+def _optional_lane(data: dict[str, Any]) -> str | None:
+    return _address(data, "lane") if "lane" in data else None
+
+
 def _dumps(data: dict[str, Any]) -> bytes:
     return orjson.dumps({"v": PROTOCOL_VERSION, **data})
 
@@ -218,6 +207,7 @@ def encode_voucher(voucher: Voucher) -> bytes:
     return _dumps(
         {
             "channel": "0x" + voucher.channel_id.hex(),
+            "lane": voucher.lane,
             "amount": str(voucher.cumulative_amount),
             "signature": "0x" + voucher.signature.hex(),
         }
@@ -230,7 +220,12 @@ def decode_voucher(payload: bytes | bytearray | memoryview) -> Voucher:
     signature = _str(data, "signature")
     if not _HEX_SIG.fullmatch(signature):
         raise WireError(f"signature: must be 0x + 130 hex digits, got {signature[:80]!r}")
-    return Voucher(_bytes32(data, "channel"), _amount(data, "amount"), bytes.fromhex(signature[2:]))
+    return Voucher(
+        _bytes32(data, "channel"),
+        _address(data, "lane"),
+        _amount(data, "amount"),
+        bytes.fromhex(signature[2:]),
+    )
 
 
 # --------------------------------------------------------------------------- notices
@@ -249,25 +244,28 @@ class Quote:
     """Most the broker lets the channel owe, in base units."""
     charged: int
     paid: int
+    lane: str | None = None  # the broker's lane (its key); charged/paid are that lane's
 
 
 @dataclass(frozen=True, slots=True)
 class PaymentRequest:
-    """Delivery on ``channel_id`` paused: the credit is used up; pay ``charged`` to resume."""
+    """Delivery on ``channel_id`` paused: the credit on ``lane`` is used up; pay ``charged``."""
 
     channel_id: bytes
     charged: int
     paid: int
     credit: int
     topic: str
+    lane: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """A voucher was verified and stored durably; ``amount`` now counts as paid."""
+    """A voucher was verified and stored durably; ``amount`` now counts as paid on ``lane``."""
 
     channel_id: bytes
     amount: int
+    lane: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +352,7 @@ def encode_notice(notice: AnyNotice) -> bytes:
                 "credit": str(notice.credit),
                 "charged": str(notice.charged),
                 "paid": str(notice.paid),
+                **_lane_field(notice.lane),
             }
         )
     if isinstance(notice, PaymentRequest):
@@ -365,6 +364,7 @@ def encode_notice(notice: AnyNotice) -> bytes:
                 "paid": str(notice.paid),
                 "credit": str(notice.credit),
                 "topic": notice.topic,
+                **_lane_field(notice.lane),
             }
         )
     if isinstance(notice, Receipt):
@@ -373,6 +373,7 @@ def encode_notice(notice: AnyNotice) -> bytes:
                 "type": "receipt",
                 "channel": "0x" + notice.channel_id.hex(),
                 "amount": str(notice.amount),
+                **_lane_field(notice.lane),
             }
         )
     body: dict[str, Any] = {"type": "refused", "code": notice.code, "detail": notice.detail}
@@ -402,6 +403,7 @@ def _notice_from(data: dict[str, Any]) -> Notice:
             credit=_amount(data, "credit"),
             charged=_amount(data, "charged"),
             paid=_amount(data, "paid"),
+            lane=_optional_lane(data),
         )
     if kind == "payment_request":
         return PaymentRequest(
@@ -410,9 +412,14 @@ def _notice_from(data: dict[str, Any]) -> Notice:
             paid=_amount(data, "paid"),
             credit=_amount(data, "credit"),
             topic=_str(data, "topic"),
+            lane=_optional_lane(data),
         )
     if kind == "receipt":
-        return Receipt(channel_id=_bytes32(data, "channel"), amount=_amount(data, "amount"))
+        return Receipt(
+            channel_id=_bytes32(data, "channel"),
+            amount=_amount(data, "amount"),
+            lane=_optional_lane(data),
+        )
     if kind == "refused":
         code = _str(data, "code")
         if code not in _REFUSAL_CODES:

@@ -342,8 +342,8 @@ class FailoverSubscriber:
                 continue
             try:
                 member.connect(min(timeout, self.connect_timeout * 5))
-                for channel_id, amount in due.items():
-                    member.wait_confirmed(channel_id, amount, timeout)
+                for (channel_id, lane), amount in due.items():
+                    member.wait_confirmed(channel_id, amount, timeout, lane)
             except BlendsmError as exc:
                 _log.info("settle-up with %s:%d failed: %s", member.host, member.port, exc)
             finally:

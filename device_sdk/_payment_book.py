@@ -1,4 +1,4 @@
-"""The subscriber's per-channel payment book and the rule it answers payment requests by.
+"""The subscriber's per-(channel, lane) payment book and the rule it answers payment requests by.
 
 Why a rule for requests at all: the subscriber pays for what it received, the broker
 charges what it wrote to the connection. The two differ only by messages that were in flight
@@ -32,7 +32,8 @@ __all__ = ["Book", "check_amount", "request_target"]
 
 @dataclass(slots=True)
 class Book:
-    """Per-channel amounts, all cumulative in base units."""
+    """Per (channel, lane) amounts, all cumulative in base units: one counter per broker key
+    the channel was paid through (lanes, issue 14)."""
 
     received: int = 0
     """Value received, plus what :func:`request_target` wrote off."""

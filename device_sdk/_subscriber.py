@@ -203,7 +203,8 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
 
         self._lock = threading.Condition()
         self._quotes: dict[str, Quote] = {}
-        self._books: dict[bytes, Book] = {}
+        self._books: dict[tuple[bytes, str], Book] = {}
+        self._deposits: dict[bytes, int] = {}
         self._epoch = 0  # connections so far: the payment book's write-off rule needs it
         self._spent = 0  # sum over channels of (vouchered - baseline): what the budget caps
         self._exhausted = False
@@ -269,30 +270,35 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
 
     # --- introspection -----------------------------------------------------------------
 
-    def received_value(self, channel_id: bytes) -> int:
-        """Value received on ``channel_id`` (cumulative, including a resumed baseline)."""
+    def _sum(self, channel_id: bytes, lane: str | None, field: str) -> int:
+        """A book field on one lane of the channel, or summed over its lanes (lane None)."""
         with self._lock:
-            book = self._books.get(channel_id)
-            return 0 if book is None else book.received
+            if lane is not None:
+                book = self._books.get((channel_id, lane))
+                return 0 if book is None else int(getattr(book, field))
+            return sum(int(getattr(b, field)) for b in self._lanes_of(channel_id))
 
-    def vouchered(self, channel_id: bytes) -> int:
-        """Cumulative amount of the latest voucher signed for ``channel_id``."""
-        with self._lock:
-            book = self._books.get(channel_id)
-            return 0 if book is None else book.vouchered
+    def received_value(self, channel_id: bytes, lane: str | None = None) -> int:
+        """Value received on ``channel_id`` (cumulative, including a resumed baseline), on
+        one ``lane`` (broker key) or over all lanes."""
+        return self._sum(channel_id, lane, "received")
 
-    def confirmed(self, channel_id: bytes) -> int:
-        """Largest amount the broker confirmed with a Receipt on ``channel_id``."""
-        with self._lock:
-            book = self._books.get(channel_id)
-            return 0 if book is None else book.confirmed
+    def vouchered(self, channel_id: bytes, lane: str | None = None) -> int:
+        """Cumulative amount of the latest voucher signed for ``channel_id`` on ``lane``, or
+        the sum over its lanes."""
+        return self._sum(channel_id, lane, "vouchered")
 
-    def wait_confirmed(self, channel_id: bytes, amount: int, timeout: float) -> bool:
-        """Wait until the broker confirmed at least ``amount`` on ``channel_id``."""
+    def confirmed(self, channel_id: bytes, lane: str | None = None) -> int:
+        """What the broker(s) confirmed with Receipts on ``channel_id`` (one lane or all)."""
+        return self._sum(channel_id, lane, "confirmed")
+
+    def wait_confirmed(
+        self, channel_id: bytes, amount: int, timeout: float, lane: str | None = None
+    ) -> bool:
+        """Wait until at least ``amount`` is confirmed on ``channel_id`` (one lane or all)."""
         with self._lock:
             return self._lock.wait_for(
-                lambda: (b := self._books.get(channel_id)) is not None and b.confirmed >= amount,
-                timeout,
+                lambda: self._sum(channel_id, lane, "confirmed") >= amount, timeout
             )
 
     def quote(self, topic: str) -> Quote | None:
@@ -358,10 +364,11 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
             else:
                 checked = authentic[1]
                 self._paid_messages += 1
-                book = self._book(quote.channel_id)
+                lane = self._lane(quote.lane)
+                book = self._book(quote.channel_id, lane)
                 book.received += quote.price
                 if book.received - book.vouchered >= self.pay_every * quote.price:
-                    self._pay(quote.channel_id, book, book.received, events)
+                    self._pay(quote.channel_id, lane, book, book.received, events)
                 received = ReceivedMessage(
                     topic,
                     payload,

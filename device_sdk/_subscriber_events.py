@@ -103,6 +103,9 @@ class PaymentEventKind(enum.StrEnum):
     (cumulative), None if it paid nothing more."""
     BUDGET_EXHAUSTED = "budget_exhausted"
     """Paying ``amount`` (cumulative) on ``channel_id`` would exceed the budget: payment stopped."""
+    DEPOSIT_EXHAUSTED = "deposit_exhausted"
+    """Paying ``amount`` (cumulative) on one lane would take the channel's lanes together over
+    its deposit (:meth:`Subscriber.set_deposit`): that voucher is not signed (top up)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,12 @@ re-sends the latest voucher of each channel the broker has not confirmed up to i
 (:meth:`SubscriberPayments._reconfirm`). The broker answers a voucher equal to the one it holds
 with a Receipt, and takes a higher one (lost in flight) as new: either way ``confirmed``
 catches up, with no new message type (docs/protocol.md, "Receipts after a reconnect").
+
+Lanes (issue 14): a channel is paid per broker key (its lane); the books are kept per
+(channel, lane), the lane named by the broker's quotes, payment requests and receipts (a
+broker from before lanes names none: its lane is the operator's, ``broker``). Lanes share
+the deposit, so when the deposit is known (:meth:`SubscriberPayments.set_deposit`) no voucher
+is signed that would take the lanes together over it.
 """
 
 from __future__ import annotations
@@ -58,7 +64,9 @@ class SubscriberPayments:
     _mqtt: mqtt.Client
     _lock: threading.Condition
     _quotes: dict[str, Quote]
-    _books: dict[bytes, Book]
+    _books: dict[tuple[bytes, str], Book]
+    _deposits: dict[bytes, int]
+    broker: str
     _epoch: int
     _spent: int
     _exhausted: bool
@@ -76,11 +84,27 @@ class SubscriberPayments:
 
         def _guard(self, callback: Any, *args: Any) -> None: ...
 
-    def _book(self, channel_id: bytes) -> Book:
-        """The channel's book, opened on this connection if new. Caller holds the lock."""
-        if (book := self._books.get(channel_id)) is None:
-            book = self._books[channel_id] = Book(epoch=self._epoch)
+    def _lane(self, lane: str | None) -> str:
+        """The lane a notice concerns: named, or the operator's (a broker before lanes)."""
+        return self.broker if lane is None else lane
+
+    def _book(self, channel_id: bytes, lane: str | None) -> Book:
+        """The (channel, lane) book, opened on this connection if new. Caller holds the lock."""
+        key = (channel_id, self._lane(lane))
+        if (book := self._books.get(key)) is None:
+            book = self._books[key] = Book(epoch=self._epoch)
         return book
+
+    def _lanes_of(self, channel_id: bytes) -> list[Book]:
+        """Every book of the channel, one per lane. Caller holds the lock."""
+        return [b for (cid, _lane), b in self._books.items() if cid == channel_id]
+
+    def set_deposit(self, channel_id: bytes, deposit: int) -> None:
+        """The channel's deposit (after opening or a top-up): vouchers over all its lanes
+        together never exceed it (an honest payer never overcommits the shared deposit)."""
+        check_amount("deposit", deposit, 0, optional=False)
+        with self._lock:
+            self._deposits[channel_id] = deposit
 
     def pay_outstanding(self, channel_id: bytes | None = None) -> int:
         """Voucher everything received but not yet paid (on one channel, or all): the last
@@ -88,21 +112,21 @@ class SubscriberPayments:
         the number of vouchers sent."""
         events: list[PaymentEvent] = []
         with self._lock:
-            for cid, book in list(self._books.items()):
+            for (cid, lane), book in list(self._books.items()):
                 if (channel_id is None or cid == channel_id) and book.received > book.vouchered:
-                    self._pay(cid, book, book.received, events)
+                    self._pay(cid, lane, book, book.received, events)
         self._report(events)
         return sum(1 for e in events if e.kind is PaymentEventKind.VOUCHER_SENT)
 
-    def resume_channel(self, channel_id: bytes, paid: int) -> None:
-        """Continue a channel this account already paid ``paid`` on (cumulative), e.g. after a
-        restart: later vouchers build on it. Call before messages arrive on that channel;
-        ``paid`` does not count against ``budget``."""
+    def resume_channel(self, channel_id: bytes, paid: int, lane: str | None = None) -> None:
+        """Continue a channel this account already paid ``paid`` on (cumulative) on ``lane``
+        (None: the operator's own), e.g. after a restart: later vouchers build on it. Call
+        before messages arrive on that channel; ``paid`` does not count against ``budget``."""
         if not isinstance(channel_id, bytes) or len(channel_id) != 32:
             raise ConfigError("channel_id: must be 32 bytes")
         check_amount("paid", paid, 0, optional=False)
         with self._lock:
-            book = self._book(channel_id)
+            book = self._book(channel_id, lane)
             if book.vouchered > book.baseline or book.received > book.baseline:
                 raise ConfigError("resume_channel: the channel is already in use here")
             book.received = book.vouchered = book.baseline = paid
@@ -133,14 +157,15 @@ class SubscriberPayments:
                 # No resend on a quote even if its ``paid`` lags: a voucher may be in flight,
                 # and the broker asks with a PaymentRequest when it really lacks one.
                 self._quotes[notice.topic] = notice
-                self._book(notice.channel_id)
+                self._book(notice.channel_id, notice.lane)
             elif isinstance(notice, PaymentRequest):
                 self._payment_requests += 1
-                book = self._book(notice.channel_id)
+                lane = self._lane(notice.lane)
+                book = self._book(notice.channel_id, lane)
                 before, written_off = book.vouchered, book.written_off
                 target = request_target(book, notice, self._epoch, self.max_write_off)
                 if target > book.vouchered:
-                    self._pay(notice.channel_id, book, target, events)
+                    self._pay(notice.channel_id, lane, book, target, events)
                 else:
                     self._resend_if_behind(book, notice.paid)
                 paid = book.vouchered if book.vouchered > before else None
@@ -156,7 +181,7 @@ class SubscriberPayments:
                 )
             elif isinstance(notice, Receipt):
                 self._receipts += 1
-                book = self._book(notice.channel_id)
+                book = self._book(notice.channel_id, notice.lane)
                 book.confirmed = max(book.confirmed, notice.amount)
                 self._lock.notify_all()
                 events.append(
@@ -175,12 +200,29 @@ class SubscriberPayments:
                 )
         self._report(events)
 
-    def _pay(self, channel_id: bytes, book: Book, target: int, events: list[PaymentEvent]) -> None:
-        """Sign and publish a voucher for ``target`` (cumulative) if the budget allows.
-        Caller holds the lock; ``target`` never exceeds the received value."""
+    def _pay(
+        self, channel_id: bytes, lane: str, book: Book, target: int, events: list[PaymentEvent]
+    ) -> None:
+        """Sign and publish a voucher for ``target`` (cumulative) on ``lane`` if the budget
+        and the deposit allow. Caller holds the lock; ``target`` never exceeds the received
+        value."""
         if target <= book.vouchered or self._exhausted:
             return
         increase = target - book.vouchered
+        deposit = self._deposits.get(channel_id)
+        if deposit is not None:
+            others = sum(b.vouchered for b in self._lanes_of(channel_id) if b is not book)
+            if others + target > deposit:
+                events.append(
+                    PaymentEvent(
+                        PaymentEventKind.DEPOSIT_EXHAUSTED,
+                        channel_id,
+                        target,
+                        detail=f"lane {lane}: {target} + {others} on other lanes would exceed"
+                        f" the deposit {deposit}; not signed (top up the channel)",
+                    )
+                )
+                return
         if self.budget is not None and self._spent + increase > self.budget:
             self._exhausted = True
             events.append(
@@ -192,7 +234,7 @@ class SubscriberPayments:
                 )
             )
             return
-        voucher = self._signer.sign(channel_id, target)
+        voucher = self._signer.sign(channel_id, lane, target)
         book.vouchered = target
         book.last = voucher
         self._spent += increase
@@ -212,14 +254,14 @@ class SubscriberPayments:
         else:  # lost with the connection; the broker's PaymentRequest will get it resent
             _log.info("%s: voucher not sent (%s)", self.client_id, mqtt.error_string(info.rc))
 
-    def unconfirmed(self) -> dict[bytes, int]:
-        """Per channel, the latest amount vouchered that the broker has not confirmed with a
-        Receipt yet (a broker that died before storing it never will, until it is back and
-        the voucher is sent again: :meth:`FailoverSubscriber.settle_up`)."""
+    def unconfirmed(self) -> dict[tuple[bytes, str], int]:
+        """Per (channel, lane), the latest amount vouchered that the broker has not confirmed
+        with a Receipt yet (a broker that died before storing it never will, until it is back
+        and the voucher is sent again: :meth:`FailoverSubscriber.settle_up`)."""
         with self._lock:
             return {
-                channel_id: book.vouchered
-                for channel_id, book in self._books.items()
+                key: book.vouchered
+                for key, book in self._books.items()
                 if book.last is not None and book.confirmed < book.vouchered
             }
 

@@ -173,7 +173,9 @@ def build_vectors() -> dict[str, Any]:
             "Connect(address broker,string clientId,uint64 issuedAt,bytes16 nonce)": _hex(
                 CONNECT_TYPEHASH
             ),
-            "Voucher(bytes32 channelId,uint256 cumulativeAmount)": _hex(VOUCHER_TYPEHASH),
+            "Voucher(bytes32 channelId,address lane,uint256 cumulativeAmount)": _hex(
+                VOUCHER_TYPEHASH
+            ),
             "Message(bytes32 topicHash,address device,uint64 sequence,uint64 timestamp,"
             "bytes32 payloadHash,uint8 flags)": _hex(MESSAGE_TYPEHASH),
         },
@@ -216,22 +218,30 @@ def build_vectors() -> dict[str, Any]:
         "token": ConnectToken(ISSUED_AT, CONNECT_NONCE, signature).encode(),
     }
 
-    # Voucher: the payer pays on a channel of the PaymentChannels contract.
+    # Voucher: the payer pays the broker's lane of a channel of the PaymentChannels contract.
     voucher_domain = VoucherDomain(CHAIN_ID, PAYMENT_CHANNELS)
-    voucher = VoucherSigner(KEYS["payer"], voucher_domain).sign(CHANNEL_ID, CUMULATIVE_AMOUNT)
+    lane = broker_address
+    voucher = VoucherSigner(KEYS["payer"], voucher_domain).sign(CHANNEL_ID, lane, CUMULATIVE_AMOUNT)
     vectors["voucher"] = {
         "inputs": {
             "signer": "payer",
             "chain_id": CHAIN_ID,
             "verifying_contract": voucher_domain.verifying_contract,
             "channel_id": _hex(CHANNEL_ID),
+            "lane": lane,
             "cumulative_amount": str(CUMULATIVE_AMOUNT),
         },
         "domain_separator": _hex(voucher_domain.separator),
         "struct_hash": _hex(
-            keccak256(VOUCHER_TYPEHASH + CHANNEL_ID + CUMULATIVE_AMOUNT.to_bytes(32, "big"))
+            keccak256(
+                VOUCHER_TYPEHASH
+                + CHANNEL_ID
+                + bytes(12)
+                + bytes.fromhex(lane[2:])
+                + CUMULATIVE_AMOUNT.to_bytes(32, "big")
+            )
         ),
-        "digest": _hex(voucher_domain.digest(CHANNEL_ID, CUMULATIVE_AMOUNT)),
+        "digest": _hex(voucher_domain.digest(CHANNEL_ID, lane, CUMULATIVE_AMOUNT)),
         "signature": _hex(voucher.signature),
     }
 
@@ -329,9 +339,13 @@ def build_vectors() -> dict[str, Any]:
     tx_hash = keccak256(b"blendsm test-only anchor tx")
     payloads = {
         "voucher": encode_voucher(voucher),
-        "quote": encode_notice(Quote(TOPIC, seller, CHANNEL_ID, 1000, 50_000, 3000, 2000)),
-        "payment_request": encode_notice(PaymentRequest(CHANNEL_ID, 52_000, 2000, 50_000, TOPIC)),
-        "receipt": encode_notice(Receipt(CHANNEL_ID, CUMULATIVE_AMOUNT)),
+        "quote": encode_notice(
+            Quote(TOPIC, seller, CHANNEL_ID, 1000, 50_000, 3000, 2000, lane=broker_address)
+        ),
+        "payment_request": encode_notice(
+            PaymentRequest(CHANNEL_ID, 52_000, 2000, 50_000, TOPIC, lane=broker_address)
+        ),
+        "receipt": encode_notice(Receipt(CHANNEL_ID, CUMULATIVE_AMOUNT, lane=broker_address)),
         "refused": encode_notice(
             Refusal("not_newer", "voucher pays nothing new", CHANNEL_ID, 1000)
         ),
@@ -483,12 +497,13 @@ def test_voucher_against_eth_account(stored: dict[str, Any]) -> None:
     inputs = vector["inputs"]
     domain = VoucherDomain(inputs["chain_id"], inputs["verifying_contract"])
     channel_id = bytes.fromhex(inputs["channel_id"][2:])
-    typed = voucher_typed_data(domain, channel_id, int(inputs["cumulative_amount"]))
+    typed = voucher_typed_data(domain, channel_id, inputs["lane"], int(inputs["cumulative_amount"]))
     key = stored["keys"][inputs["signer"]]["private_key"]
     assert _eth_account_sign(typed, key) == (vector["digest"], vector["signature"])
     voucher = decode_voucher(stored["control"]["payloads"]["voucher"].encode())
     assert _hex(voucher.signature) == vector["signature"]
     assert recover_voucher_signer(domain, voucher) == stored["keys"]["payer"]["address"]
+    assert voucher.lane == inputs["lane"]
 
 
 def test_envelopes_against_eth_account(stored: dict[str, Any]) -> None:

@@ -141,6 +141,12 @@ contract Brokers {
         return _brokers[brokerKey];
     }
 
+    /// @notice The operator that registered `brokerKey` (address(0) if none did); retired
+    /// brokers keep theirs. PaymentChannels reads it to check a lane.
+    function brokerOperator(address brokerKey) external view returns (address) {
+        return _brokers[brokerKey].operator;
+    }
+
     /// @notice Whether the broker is registered, not retired, and its operator is active.
     function isActiveBroker(address brokerKey) public view returns (bool) {
         Broker storage b = _brokers[brokerKey];

@@ -8,27 +8,39 @@ import {Math} from "@openzeppelin/contracts/utils/math/Math.sol";
 import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {Brokers} from "./Brokers.sol";
 
 /// @title BlendSM PaymentChannels: unidirectional buyer -> seller channels paid by vouchers.
 /// @notice A payer (buyer) locks a deposit in ERC-20 tokens or the native coin for a payee
 /// (seller), naming the broker operator that meters the channel and its fee in basis points.
-/// The payer signs EIP-712 vouchers for a cumulative amount; anyone may submit the newest one
-/// to pay the payee (minus the operator's fee) the delta over what was already claimed, capped
-/// by the deposit. The payer leaves by requesting a close: during the challenge period claims
-/// still work, after it the payer withdraws the rest. The payee may close at once
-/// cooperatively. Check order for a voucher (mirrored by the Python verifier): channel state,
-/// then signature, then amount.
+/// The channel is split into lanes, one per broker that meters it (issue 14): a lane is the
+/// operator's own address or the key of a broker the operator registered in `Brokers`. The
+/// payer signs EIP-712 vouchers for a cumulative amount per lane; anyone may submit the newest
+/// one of a lane to pay the payee (minus the operator's fee) the delta over what that lane
+/// already claimed, capped by what the deposit still holds over all lanes, so the lanes
+/// together never take more than the deposit and no voucher is paid twice. The payer leaves by
+/// requesting a close: during the challenge period every lane may still claim, after it the
+/// payer withdraws the rest. The payee may close at once cooperatively (it forfeits what other
+/// lanes did not claim yet). Check order for a voucher (mirrored by the Python verifier):
+/// channel state, then lane, then signature, then amount.
 contract PaymentChannels is EIP712, ReentrancyGuard {
     using SafeERC20 for IERC20;
 
     /// @notice The highest operator fee a channel may carry: 10 %.
     uint16 public constant MAX_FEE_BPS = 1_000;
     uint16 private constant _BPS = 10_000;
-    /// @notice EIP-712 type hash of a voucher.
-    bytes32 public constant VOUCHER_TYPEHASH = keccak256("Voucher(bytes32 channelId,uint256 cumulativeAmount)");
+    /// @notice EIP-712 type hash of a voucher (domain version "2": lanes).
+    bytes32 public constant VOUCHER_TYPEHASH =
+        keccak256("Voucher(bytes32 channelId,address lane,uint256 cumulativeAmount)");
 
     /// @notice Seconds between a payer's close request and its withdrawal.
     uint64 public immutable challengePeriod;
+    /// @notice The one account that may wire `brokers`, once (Brokers is deployed after this
+    /// contract: Ratings and Market, which Brokers needs, are built on this one).
+    address public immutable deployer;
+    /// @notice Who runs which broker: a lane other than the operator's own address must be a
+    /// broker the channel's operator registered there. Zero until the deployer wires it.
+    Brokers public brokers;
 
     struct Channel {
         address payer;
@@ -39,10 +51,11 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
         address operator;
         address token; // address(0) for the native coin
         uint256 deposit;
-        uint256 claimed;
+        uint256 totalClaimed; // over all lanes, never above deposit
     }
 
     mapping(bytes32 channelId => Channel) private _channels;
+    mapping(bytes32 channelId => mapping(address lane => uint256)) private _laneClaimed;
     /// @notice Channels opened so far by each payer; part of the next channel id.
     mapping(address payer => uint256) public nonces;
 
@@ -76,8 +89,13 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
     error PaymentChannelsInvalidSignature();
     /// @notice The voucher was signed by someone other than the payer.
     error PaymentChannelsInvalidSigner(address signer);
-    /// @notice The voucher pays nothing over what was already claimed.
+    /// @notice The voucher pays nothing over what its lane already claimed, or the deposit is
+    /// fully claimed.
     error PaymentChannelsNothingToClaim(uint256 cumulativeAmount, uint256 claimed);
+    /// @notice The lane is neither the channel's operator nor a broker that operator registered.
+    error PaymentChannelsInvalidLane(address lane);
+    /// @notice Only the deployer may wire Brokers, and only once, to a contract.
+    error PaymentChannelsBrokersNotSettable(address caller);
 
     /// @notice Emitted when a channel was opened.
     event ChannelOpened(
@@ -91,18 +109,38 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
     );
     /// @notice Emitted when the payer added `amount`; `deposit` is the new total.
     event ChannelToppedUp(bytes32 indexed channelId, uint256 amount, uint256 deposit);
-    /// @notice Emitted when a voucher paid `payout` (of which `fee` to the operator); the receipt.
+    /// @notice Emitted when a voucher of `lane` paid `payout` (of which `fee` to the operator);
+    /// the receipt. `laneClaimed` below `cumulativeAmount` means the deposit cut the claim short.
     event ChannelClaimed(
-        bytes32 indexed channelId, uint256 cumulativeAmount, uint256 payout, uint256 fee, uint256 claimed
+        bytes32 indexed channelId,
+        address indexed lane,
+        uint256 cumulativeAmount,
+        uint256 payout,
+        uint256 fee,
+        uint256 laneClaimed,
+        uint256 totalClaimed
     );
+
     /// @notice Emitted when the payer requested a close; claims work until `closesAt`.
     event CloseRequested(bytes32 indexed channelId, uint64 closesAt);
     /// @notice Emitted when the channel was settled and `refund` went back to the payer.
     event ChannelSettled(bytes32 indexed channelId, uint256 refund);
 
     /// @param challengePeriod_ Seconds a payee has to claim after the payer's close request.
-    constructor(uint64 challengePeriod_) EIP712("BlendSM PaymentChannels", "1") {
+    constructor(uint64 challengePeriod_) EIP712("BlendSM PaymentChannels", "2") {
         challengePeriod = challengePeriod_;
+        deployer = msg.sender;
+    }
+
+    /// @notice Wire the Brokers contract, once (deployer only). Until then only the operator's
+    /// own lane can claim, so nothing is accepted that a later wiring would refuse. No event:
+    /// it happens in the deployment itself and `brokers` is public and final.
+    /// @param brokers_ The suite's Brokers contract.
+    function setBrokers(Brokers brokers_) external {
+        if (msg.sender != deployer || address(brokers) != address(0) || address(brokers_).code.length == 0) {
+            revert PaymentChannelsBrokersNotSettable(msg.sender);
+        }
+        brokers = brokers_;
     }
 
     /// @notice Open a channel to `payee` with a deposit of `amount` of `token`.
@@ -135,7 +173,7 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
             operator: operator,
             token: token,
             deposit: amount,
-            claimed: 0
+            totalClaimed: 0
         });
         emit ChannelOpened(channelId, msg.sender, payee, operator, token, amount, feeBps);
         _receive(token, amount);
@@ -155,18 +193,20 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
         _receive(c.token, amount);
     }
 
-    /// @notice Pay out a voucher: the payee gets the delta over what was claimed, capped by
-    /// the deposit, minus the operator's fee. Anyone may call; the channel stays open.
+    /// @notice Pay out a voucher of one lane: the payee gets the delta over what the lane
+    /// claimed, capped by what the deposit still holds, minus the operator's fee. Anyone may
+    /// call; the channel stays open.
     /// @param channelId The channel.
-    /// @param cumulativeAmount The total the payer has authorised so far.
+    /// @param lane The broker key the voucher names (or the operator's own address).
+    /// @param cumulativeAmount The total the payer has authorised on this lane so far.
     /// @param signature The payer's 65-byte EIP-712 signature (r, s, v) of the voucher.
-    function claim(bytes32 channelId, uint256 cumulativeAmount, bytes calldata signature)
+    function claim(bytes32 channelId, address lane, uint256 cumulativeAmount, bytes calldata signature)
         external
         nonReentrant
     {
         Channel storage c = _live(channelId);
         _requireClaimable(c);
-        (uint256 payout, uint256 fee) = _settleVoucher(channelId, c, cumulativeAmount, signature);
+        (uint256 payout, uint256 fee) = _settleVoucher(channelId, c, lane, cumulativeAmount, signature);
         _payOut(c, payout, fee);
     }
 
@@ -193,25 +233,31 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
         _settle(channelId, c);
     }
 
-    /// @notice Close at once with the payee's consent (payee only): claim the final voucher if
-    /// it pays anything new, then settle and refund the rest to the payer.
+    /// @notice Close at once with the payee's consent (payee only): claim the final voucher of
+    /// one lane if it pays anything new, then settle and refund the rest to the payer. Other
+    /// lanes should claim first: what they did not claim is refunded (the payee, who would
+    /// have received it, gives it up by closing).
     /// @param channelId The channel.
-    /// @param cumulativeAmount The final voucher's amount; when it pays nothing new (its amount,
-    /// capped by the deposit, is at or below `claimed`) nothing is paid and `signature` is not read.
+    /// @param lane The lane of the final voucher.
+    /// @param cumulativeAmount The final voucher's amount; when it pays nothing new (the lane
+    /// is at or above it, or the deposit is fully claimed) nothing is paid and `signature` is
+    /// not read.
     /// @param signature The payer's signature of the final voucher.
-    function cooperativeClose(bytes32 channelId, uint256 cumulativeAmount, bytes calldata signature)
-        external
-        nonReentrant
-    {
+    function cooperativeClose(
+        bytes32 channelId,
+        address lane,
+        uint256 cumulativeAmount,
+        bytes calldata signature
+    ) external nonReentrant {
         Channel storage c = _live(channelId);
         if (msg.sender != c.payee) revert PaymentChannelsNotPayee(msg.sender);
         _requireClaimable(c);
         uint256 payout;
         uint256 fee;
-        if (Math.min(cumulativeAmount, c.deposit) > c.claimed) {
-            (payout, fee) = _settleVoucher(channelId, c, cumulativeAmount, signature);
+        if (cumulativeAmount > _laneClaimed[channelId][lane] && c.totalClaimed < c.deposit) {
+            (payout, fee) = _settleVoucher(channelId, c, lane, cumulativeAmount, signature);
         }
-        uint256 refund = c.deposit - c.claimed;
+        uint256 refund = c.deposit - c.totalClaimed;
         c.settled = true;
         emit ChannelSettled(channelId, refund);
         _payOut(c, payout, fee);
@@ -223,9 +269,27 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
         return _channels[channelId];
     }
 
-    /// @notice The EIP-712 digest the payer signs for `cumulativeAmount` on `channelId`.
-    function voucherDigest(bytes32 channelId, uint256 cumulativeAmount) public view returns (bytes32) {
-        return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)));
+    /// @notice What `lane` has claimed on `channelId` so far.
+    function laneClaimed(bytes32 channelId, address lane) external view returns (uint256) {
+        return _laneClaimed[channelId][lane];
+    }
+
+    /// @notice Whether `lane` may claim on `channelId`: the operator's own address, or a broker
+    /// the operator registered (retired brokers still are: they may be paid for past delivery).
+    function isLane(bytes32 channelId, address lane) public view returns (bool) {
+        address operator = _channels[channelId].operator;
+        if (lane == operator) return true;
+        Brokers b = brokers;
+        return operator != address(0) && address(b) != address(0) && b.brokerOperator(lane) == operator;
+    }
+
+    /// @notice The EIP-712 digest the payer signs for `cumulativeAmount` on `lane` of `channelId`.
+    function voucherDigest(bytes32 channelId, address lane, uint256 cumulativeAmount)
+        public
+        view
+        returns (bytes32)
+    {
+        return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, lane, cumulativeAmount)));
     }
 
     /// @notice The EIP-712 domain separator of this contract on this chain.
@@ -245,27 +309,33 @@ contract PaymentChannels is EIP712, ReentrancyGuard {
     }
 
     /// @dev Checks the voucher and records the claim; returns what to pay. Effects only.
+    /// The lane gets min(cumulative, laneClaimed + (deposit - totalClaimed)) - laneClaimed.
     function _settleVoucher(
         bytes32 channelId,
         Channel storage c,
+        address lane,
         uint256 cumulativeAmount,
         bytes calldata signature
     ) private returns (uint256 payout, uint256 fee) {
+        if (!isLane(channelId, lane)) revert PaymentChannelsInvalidLane(lane);
         (address signer, ECDSA.RecoverError err,) =
-            ECDSA.tryRecoverCalldata(voucherDigest(channelId, cumulativeAmount), signature);
+            ECDSA.tryRecoverCalldata(voucherDigest(channelId, lane, cumulativeAmount), signature);
         if (err != ECDSA.RecoverError.NoError) revert PaymentChannelsInvalidSignature();
         if (signer != c.payer) revert PaymentChannelsInvalidSigner(signer);
-        uint256 claimed = c.claimed;
-        uint256 payable_ = Math.min(cumulativeAmount, c.deposit);
+        uint256 claimed = _laneClaimed[channelId][lane];
+        uint256 total = c.totalClaimed;
+        uint256 payable_ = Math.min(cumulativeAmount, claimed + (c.deposit - total));
         if (payable_ <= claimed) revert PaymentChannelsNothingToClaim(cumulativeAmount, claimed);
         payout = payable_ - claimed;
         fee = Math.mulDiv(payout, c.feeBps, _BPS); // no overflow, whatever the deposit
-        c.claimed = payable_;
-        emit ChannelClaimed(channelId, cumulativeAmount, payout, fee, payable_);
+        _laneClaimed[channelId][lane] = payable_;
+        total += payout;
+        c.totalClaimed = total;
+        emit ChannelClaimed(channelId, lane, cumulativeAmount, payout, fee, payable_, total);
     }
 
     function _settle(bytes32 channelId, Channel storage c) private {
-        uint256 refund = c.deposit - c.claimed;
+        uint256 refund = c.deposit - c.totalClaimed;
         c.settled = true;
         emit ChannelSettled(channelId, refund);
         _send(c.token, c.payer, refund);

@@ -59,7 +59,7 @@ contract Ratings {
         } else {
             revert RatingsNotParty(channelId, msg.sender);
         }
-        if (c.claimed == 0 && !c.settled) revert RatingsChannelNotEligible(channelId);
+        if (c.totalClaimed == 0 && !c.settled) revert RatingsChannelNotEligible(channelId);
         if (!registry.isActive(msg.sender)) revert RatingsRaterNotActive(msg.sender);
         if (_rated[channelId][msg.sender]) revert RatingsAlreadyRated(channelId, msg.sender);
         _rated[channelId][msg.sender] = true;

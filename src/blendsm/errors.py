@@ -52,6 +52,7 @@ __all__ = [
     "TransactionFailedError",
     "VoucherChannelError",
     "VoucherError",
+    "VoucherLaneError",
     "VoucherNotNewerError",
     "VoucherSignatureError",
     "WireError",
@@ -84,6 +85,10 @@ class VoucherNotNewerError(VoucherError):
 
 class VoucherChannelError(VoucherError):
     """The channel is unknown, already settled, or past its challenge period."""
+
+
+class VoucherLaneError(VoucherError):
+    """The voucher names another lane (broker key) than the one that meters it here."""
 
 
 class ConnectTokenError(WireError):

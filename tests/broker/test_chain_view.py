@@ -90,8 +90,11 @@ async def rated_channel(chain: Any, mp: MakeMp, buyer: str, seller: str, score: 
     """A claimed channel buyer -> seller, the seller rating the buyer ``score``."""
     opened = await mp("buyer").channels.open(seller, None, None, DEPOSIT)
     domain = (await mp("buyer").channels.domain()).voucher_domain()
-    v = sign_voucher(bytes(chain.accounts["buyer"].key), domain, opened.channel_id, PRICE)
-    await mp("seller").channels.claim(opened.channel_id, v.cumulative_amount, v.signature)
+    no_operator = "0x" + "00" * 20  # a channel with no operator has one lane, address zero
+    v = sign_voucher(
+        bytes(chain.accounts["buyer"].key), domain, opened.channel_id, no_operator, PRICE
+    )
+    await mp("seller").channels.claim(opened.channel_id, v.lane, v.cumulative_amount, v.signature)
     await mp("seller").ratings.rate(opened.channel_id, score)
     return opened.channel_id
 
@@ -195,14 +198,17 @@ async def test_live_changes_are_followed(chain: Any, mp: MakeMp, running: ChainV
     assert view.channel(opened.channel_id) == await ch.channel(opened.channel_id)
     assert view.channel(opened.channel_id).deposit == 2 * DEPOSIT  # type: ignore[union-attr]
     domain = (await ch.domain()).voucher_domain()
-    v = sign_voucher(bytes(chain.accounts["buyer"].key), domain, opened.channel_id, 5 * PRICE)
-    await mp("operator").channels.claim(opened.channel_id, v.cumulative_amount, v.signature)
+    lane = chain.addr("operator")
+    v = sign_voucher(bytes(chain.accounts["buyer"].key), domain, opened.channel_id, lane, 5 * PRICE)
+    await mp("operator").channels.claim(opened.channel_id, lane, v.cumulative_amount, v.signature)
     await ch.request_close(opened.channel_id)
     await caught_up(view, chain)
     info = view.channel(opened.channel_id)
     assert info == await ch.channel(opened.channel_id)
     assert info is not None
     assert info.claimed == 5 * PRICE
+    assert view.lane_claimed(opened.channel_id, lane) == 5 * PRICE
+    assert view.lane_claimed(opened.channel_id, chain.addr("seller")) == 0
     assert info.closing
     await mp("seller").channels.cooperative_close(opened.channel_id)
     await caught_up(view, chain)

@@ -18,7 +18,7 @@ from blendsm.broker._chain_view import ChainView
 from blendsm.broker._config import SettlementConfig
 from blendsm.broker._settlement import Settler
 from blendsm.broker._store import AsyncVoucherStore
-from blendsm.contracts import Marketplace
+from blendsm.contracts import Marketplace, test_account
 from blendsm.device_sdk import Voucher, sign_voucher
 
 BOTH = pytest.mark.parametrize("chain", ["embedded", "anvil"], indirect=True)
@@ -29,13 +29,16 @@ DEPOSIT = 10**18
 FEE_BPS = 250
 NEVER = 10**6  # an interval no test reaches
 
+#: The broker here meters the operator's own lane (one broker: no broker_key).
+LANE = test_account("operator").address
+
 
 # --- helpers ------------------------------------------------------------------------------
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[AsyncVoucherStore]:
-    s = await AsyncVoucherStore.open(tmp_path / "vouchers.sqlite3")
+    s = await AsyncVoucherStore.open(tmp_path / "vouchers.sqlite3", lane=LANE)
     yield s
     await s.close()
 
@@ -74,7 +77,7 @@ async def open_channel(chain: Any, mp: MakeMp, deposit: int = DEPOSIT) -> bytes:
 
 async def signed(chain: Any, mp: MakeMp, channel_id: bytes, amount: int) -> Voucher:
     domain = (await mp("buyer").channels.domain()).voucher_domain()
-    return sign_voucher(bytes(chain.accounts["buyer"].key), domain, channel_id, amount)
+    return sign_voucher(bytes(chain.accounts["buyer"].key), domain, channel_id, LANE, amount)
 
 
 async def accept(
@@ -112,7 +115,7 @@ async def restarted(path: Path, mp: MakeMp, *, claimed: int) -> AsyncIterator[Se
     """A broker restarted on the store at ``path``: its settler reconciles the one open
     intent, which the chain covers at ``claimed``, and (past any backoff) claims nothing
     again. Yields that settler while the store is still open."""
-    store = await AsyncVoucherStore.open(path)
+    store = await AsyncVoucherStore.open(path, lane=LANE)
     try:
         s = settler(store, mp)
         results = await s.reconcile()
@@ -235,11 +238,11 @@ async def test_exactly_once_across_crash(chain: Any, mp: MakeMp, tmp_path: Path)
     the receipt and confirms it; nothing is claimed twice."""
     path = tmp_path / "vouchers.sqlite3"
     cid = await open_channel(chain, mp)
-    store = await AsyncVoucherStore.open(path)
+    store = await AsyncVoucherStore.open(path, lane=LANE)
     await accept(store, None, chain, mp, cid, 77)
     intent = await store.begin_claim(cid)
     assert intent is not None
-    call = mp("operator").channels.contract.functions.claim(cid, 77, intent.signature)
+    call = mp("operator").channels.contract.functions.claim(cid, LANE, 77, intent.signature)
 
     async def record(tx_hash: bytes) -> None:
         await store.claim_sent(intent.intent_id, tx_hash)
@@ -270,7 +273,7 @@ async def test_reconcile_intent_without_hash(
     second = await store.begin_claim(lost)
     assert first is not None
     assert second is not None
-    await mp("seller").channels.claim(covered, 50, first.signature)  # went out somehow
+    await mp("seller").channels.claim(covered, LANE, 50, first.signature)  # went out somehow
     await store.claim_sent(second.intent_id, b"\x42" * 32)  # hash recorded, never broadcast
 
     s = settler(store, mp)
@@ -307,13 +310,13 @@ async def test_reconcile_deposit_capped_intent_after_crash(
     the intent is covered. Reconciliation confirms it and nothing is claimed again."""
     path = tmp_path / "vouchers.sqlite3"
     cid = await open_channel(chain, mp, deposit=100)
-    store = await AsyncVoucherStore.open(path)
+    store = await AsyncVoucherStore.open(path, lane=LANE)
     await accept(store, None, chain, mp, cid, 150)
     intent = await store.begin_claim(cid)
     assert intent is not None
     await store.claim_sent(intent.intent_id, b"\x42" * 32)  # recorded, then the crash
     await store.close()
-    await mp("seller").channels.claim(cid, 150, intent.signature)  # pays the deposit, 100
+    await mp("seller").channels.claim(cid, LANE, 150, intent.signature)  # pays the deposit, 100
     assert claimed_onchain(chain, cid) == 100
 
     async with restarted(path, mp, claimed=100) as s:
@@ -346,7 +349,9 @@ async def test_confirmations_wait_for_depth(
 @BOTH
 async def test_reverted_claim_backs_off(chain: Any, mp: MakeMp, store: AsyncVoucherStore) -> None:
     cid = await open_channel(chain, mp)
-    forged = Voucher(cid, 500, b"\x11" * 32 + b"\x22" * 32 + b"\x1b")  # the store trusts its caller
+    forged = Voucher(
+        cid, LANE, 500, b"\x11" * 32 + b"\x22" * 32 + b"\x1b"
+    )  # the store trusts its caller
     assert await store.accept(forged)
     s = settler(store, mp, threshold=1, backoff_base=0.1, backoff_max=0.4)
     (result,) = await s.settle_now()
@@ -374,7 +379,7 @@ async def test_payee_claimed_first_and_deadline_passed(
     await accept(store, s, chain, mp, claimed_by_payee, 20)
     await accept(store, s, chain, mp, expired, 30)
     v = await signed(chain, mp, claimed_by_payee, 20)
-    await mp("seller").channels.claim(claimed_by_payee, 20, v.signature)
+    await mp("seller").channels.claim(claimed_by_payee, LANE, 20, v.signature)
     request = await mp("buyer").channels.request_close(expired)
     chain.time_travel(request.closes_at - chain.now() + 1)
     results = {r.channel_id: r for r in await s.settle_now()}

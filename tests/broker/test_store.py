@@ -30,13 +30,16 @@ from blendsm.errors import BlendsmError, StoreError
 
 SIG = bytes(range(65))
 
+#: TEST ONLY: the broker key whose lane the store keeps (any address).
+LANE = "0x" + "ab" * 20
+
 
 def cid(n: int) -> bytes:
     return n.to_bytes(32, "big")
 
 
 def v(channel: int, amount: int, sig: bytes = SIG) -> Voucher:
-    return Voucher(cid(channel), amount, sig)
+    return Voucher(cid(channel), LANE, amount, sig)
 
 
 @pytest.fixture
@@ -46,7 +49,7 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(db: Path) -> Iterator[VoucherStore]:
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         yield s
 
 
@@ -68,25 +71,25 @@ def test_pragmas_and_schema_version(store: VoucherStore, db: Path) -> None:
 
 
 def test_reopen_keeps_data(db: Path) -> None:
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         assert s.accept(v(1, 5))
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         assert s.latest(cid(1)) == v(1, 5)
 
 
 def test_newer_schema_refused(db: Path) -> None:
-    VoucherStore(db).close()
+    VoucherStore(db, lane=LANE).close()
     with sqlite3.connect(db) as conn:
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer than this broker supports"):
-        VoucherStore(db)
+        VoucherStore(db, lane=LANE)
 
 
 def test_foreign_sqlite_file_refused(db: Path) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE other (x)")
     with pytest.raises(StoreError, match="not a BlendSM voucher store"):
-        VoucherStore(db)
+        VoucherStore(db, lane=LANE)
     # Untouched: still just the foreign table.
     with sqlite3.connect(db) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_schema")] == ["other"]
@@ -95,18 +98,18 @@ def test_foreign_sqlite_file_refused(db: Path) -> None:
 def test_garbage_file_refused(db: Path) -> None:
     db.write_bytes(b"this is not sqlite at all\n" * 200)
     with pytest.raises(StoreError, match="not a readable SQLite database") as info:
-        VoucherStore(db)
+        VoucherStore(db, lane=LANE)
     assert isinstance(info.value, BlendsmError)
 
 
 def test_truncated_store_refused(db: Path) -> None:
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         for i in range(200):
             s.accept(v(i, 1))
     data = db.read_bytes()
     db.write_bytes(data[:100] + b"\xff" * (len(data) - 100))  # header kept, pages smashed
     with pytest.raises(StoreError, match="malformed"):
-        VoucherStore(db)
+        VoucherStore(db, lane=LANE)
 
 
 # -- vouchers --------------------------------------------------------------------------
@@ -130,7 +133,7 @@ def test_uint256_max_round_trip(store: VoucherStore, db: Path) -> None:
     assert store.accept(v(1, UINT256_MAX))
     assert not store.accept(v(1, 2**255))  # byte order = numeric order, no string compare
     store.close()
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         assert s.latest(cid(1)) == v(1, UINT256_MAX)
 
 
@@ -142,7 +145,7 @@ def test_order_is_numeric_not_lexical(store: VoucherStore) -> None:
 
 
 async def test_async_concurrent_accepts_keep_max(db: Path) -> None:
-    store = await AsyncVoucherStore.open(db)
+    store = await AsyncVoucherStore.open(db, lane=LANE)
     try:
         amounts = list(range(1, 201))
         random.Random(7).shuffle(amounts)
@@ -157,7 +160,7 @@ async def test_async_concurrent_accepts_keep_max(db: Path) -> None:
 
 
 async def test_async_does_not_block_loop(db: Path) -> None:
-    store = await AsyncVoucherStore.open(db)
+    store = await AsyncVoucherStore.open(db, lane=LANE)
     ticks = 0
 
     async def ticker() -> None:
@@ -183,12 +186,13 @@ _WRITER = textwrap.dedent(
     import sys
     from blendsm.broker._store import VoucherStore
     from blendsm.device_sdk import Voucher
-    store = VoucherStore(sys.argv[1])
+    LANE = "0x" + "ab" * 20
+    store = VoucherStore(sys.argv[1], lane=LANE)
     n = 0
     while True:
         n += 1
         ch = (n % 3).to_bytes(32, "big")
-        assert store.accept(Voucher(ch, n, b"\\x11" * 65))
+        assert store.accept(Voucher(ch, LANE, n, b"\\x11" * 65))
         print(f"ACK {n}", flush=True)
     """
 )
@@ -214,7 +218,7 @@ def test_acked_vouchers_survive_sigkill(db: Path) -> None:
     acked += [int(line.split()[1]) for line in rest.splitlines() if line.startswith("ACK ")]
     assert len(acked) >= 60, err
     assert proc.returncode == -signal.SIGKILL
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         for ch in range(3):
             last_ack = max(n for n in acked if n % 3 == ch)
             latest = s.latest(cid(ch))
@@ -310,7 +314,7 @@ def test_unknown_intent(store: VoucherStore) -> None:
 
 
 def test_restart_resumes_pending_claims(db: Path) -> None:
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         for ch in (1, 2, 3):
             s.accept(v(ch, 100 * ch))
         sent = s.begin_claim(cid(1))
@@ -324,7 +328,7 @@ def test_restart_resumes_pending_claims(db: Path) -> None:
         s.claim_confirmed(done.intent_id, 300)
 
     onchain = {cid(1): 100, cid(2): 0}  # chain: claim 1 mined, claim 2 never broadcast
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         pending = s.pending_claims()
         assert [(p.channel_id, p.state, p.tx_hash) for p in pending] == [
             (cid(1), "sent", b"\x01" * 32),
@@ -346,7 +350,7 @@ def test_restart_resumes_pending_claims(db: Path) -> None:
 
 
 async def test_async_claims(db: Path) -> None:
-    store = await AsyncVoucherStore.open(db)
+    store = await AsyncVoucherStore.open(db, lane=LANE)
     try:
         await store.accept(v(1, 5))
         intent = await store.begin_claim(cid(1))
@@ -368,7 +372,7 @@ def garbage_db(db: Path) -> Path:
 
 async def test_async_open_error_is_clear(garbage_db: Path) -> None:
     with pytest.raises(StoreError):
-        await AsyncVoucherStore.open(garbage_db)
+        await AsyncVoucherStore.open(garbage_db, lane=LANE)
 
 
 def test_accept_latency(store: VoucherStore) -> None:
@@ -432,7 +436,7 @@ def test_balances(store: VoucherStore) -> None:
 async def test_async_group_commit(db: Path) -> None:
     """200 concurrent accepts over 5 channels: right maxima, right per-caller results, and
     far fewer fsyncs than vouchers."""
-    store = await AsyncVoucherStore.open(db)
+    store = await AsyncVoucherStore.open(db, lane=LANE)
     try:
         rng = random.Random(11)
         calls = [(ch, rng.randrange(1, 60)) for ch in range(5) for _ in range(40)]
@@ -455,7 +459,7 @@ async def test_async_group_commit(db: Path) -> None:
 
 
 async def test_async_group_commit_failure_reaches_every_caller(db: Path) -> None:
-    store = await AsyncVoucherStore.open(db)
+    store = await AsyncVoucherStore.open(db, lane=LANE)
     try:
         calls = 0
 
@@ -477,7 +481,7 @@ async def test_async_group_commit_failure_reaches_every_caller(db: Path) -> None
 
 
 async def test_async_accept_bad_input_fails_alone(db: Path) -> None:
-    store = await AsyncVoucherStore.open(db)
+    store = await AsyncVoucherStore.open(db, lane=LANE)
     try:
         good, bad = await asyncio.gather(
             store.accept(v(1, 1)), store.accept(v(2, 1), -5), return_exceptions=True
@@ -490,12 +494,12 @@ async def test_async_accept_bad_input_fails_alone(db: Path) -> None:
 
 
 async def test_async_close_waits_for_queued_accepts(db: Path) -> None:
-    store = await AsyncVoucherStore.open(db)
+    store = await AsyncVoucherStore.open(db, lane=LANE)
     tasks = [asyncio.create_task(store.accept(v(1, a))) for a in range(1, 31)]
     await asyncio.sleep(0)
     await store.close()
     assert all(t.done() for t in tasks)
-    with VoucherStore(db) as s:
+    with VoucherStore(db, lane=LANE) as s:
         assert s.latest(cid(1)) == v(1, 30)
 
 
@@ -551,14 +555,14 @@ def test_a_version_1_store_is_migrated_and_seeds_delivered_from_the_onchain_clai
         old.execute(f"PRAGMA application_id={APPLICATION_ID}")
         old.execute("PRAGMA user_version=1")
         old.commit()
-    with VoucherStore(db) as store:
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    with VoucherStore(db, lane=LANE) as store:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         # Known delivered: what was claimed (the rule); the 70 above it stays credit.
         assert store.delivered() == [(cid(1), 30), (cid(2), 0)]
         assert store.latest(cid(1)) == v(1, 100)
         assert [i.amount for i in store.pending_claims()] == [30]
         store.record_delivered([(cid(1), 40)])
-    with VoucherStore(db) as store:  # opened again: already version 2, nothing re-seeded
+    with VoucherStore(db, lane=LANE) as store:  # opened again: already version 2, nothing re-seeded
         assert store.delivered() == [(cid(1), 40), (cid(2), 0)]
 
 
@@ -570,7 +574,7 @@ def test_a_failed_migration_leaves_version_1_untouched(db: Path) -> None:
         old.execute("PRAGMA user_version=1")
         old.commit()
     with pytest.raises(StoreError, match="upgrade from schema version 1"):
-        VoucherStore(db)
+        VoucherStore(db, lane=LANE)
     with contextlib.closing(sqlite3.connect(db)) as old:
         assert old.execute("PRAGMA user_version").fetchone()[0] == 1
 

@@ -82,10 +82,11 @@ def _gas_cost(chain: Any, tx: str) -> int:
 def _claim(chain: Any, channel_id: bytes, amount: int, payer: str = "buyer") -> None:
     """What the broker does: submit the payer's voucher (here signed with the SDK)."""
     domain = VoucherDomain(chain.deployment.chain_id, chain.deployment.address("PaymentChannels"))
-    voucher = sign_voucher(bytes(chain.accounts[payer].key), domain, channel_id, amount)
-    tx = chain.PaymentChannels.functions.claim(channel_id, amount, voucher.signature).transact(
-        {"from": chain.addr("operator")}
-    )
+    lane = chain.addr("operator")  # the channels here name it: its own lane
+    voucher = sign_voucher(bytes(chain.accounts[payer].key), domain, channel_id, lane, amount)
+    tx = chain.PaymentChannels.functions.claim(
+        channel_id, lane, amount, voucher.signature
+    ).transact({"from": chain.addr("operator")})
     assert chain.w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
 
 

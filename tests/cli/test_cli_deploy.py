@@ -115,9 +115,9 @@ def test_deploy_errors_are_one_clear_line(
 def test_upgrade_adds_brokers_to_a_deployment_that_predates_it(
     chain: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A deployment file written before the Brokers contract: `--upgrade` deploys only Brokers,
-    wired to that deployment's Registry and Market, and writes the file back; a second run adds
-    nothing."""
+    """A deployment file written before the Brokers contract: `--upgrade` adds Brokers, the
+    one its PaymentChannels already checks lanes against (never a second one), and writes the
+    file back; a second run adds nothing."""
     old = dataclasses.replace(
         chain.deployment,
         addresses={k: v for k, v in chain.deployment.addresses.items() if k != "Brokers"},
@@ -145,7 +145,7 @@ def test_upgrade_adds_brokers_to_a_deployment_that_predates_it(
     brokers = chain.w3.eth.contract(address=upgraded.address("Brokers"), abi=chain.Brokers.abi)
     assert brokers.functions.registry().call() == old.address("Registry")
     assert brokers.functions.market().call() == old.address("Market")
-    assert upgraded.address("Brokers") != chain.deployment.address("Brokers")  # a new one
+    assert upgraded.address("Brokers") == chain.deployment.address("Brokers")  # the wired one
 
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("Nothing to add: the suite is complete\n")

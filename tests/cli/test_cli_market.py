@@ -47,7 +47,7 @@ def rate(chain: Any, send: Callable[..., Any], buyer: str, seller: str, score: i
     )
     (opened,) = chain.PaymentChannels.events.ChannelOpened().process_receipt(receipt)
     channel_id = opened["args"]["channelId"]
-    send(pc.cooperativeClose(channel_id, 0, b""), seller)
+    send(pc.cooperativeClose(channel_id, "0x" + "00" * 20, 0, b""), seller)  # no operator: lane 0
     send(chain.Ratings.functions.rate(channel_id, score), buyer)
 
 

@@ -55,6 +55,11 @@ def test_three_brokers_one_killed_buyers_move_and_every_wei_is_accounted_for() -
         assert 0 <= short <= (CREDIT_BOUND if ch["on_killed_broker"] else 0), ch
         assert ch["payout_to_seller"] + ch["fee_to_operator"] == ch["settled_onchain"]
         assert ch["payout_to_seller"] + ch["fee_to_operator"] + ch["refund"] == ch["deposit"]
+    # lanes: the moved buyers' channel with operator A was claimed by A1 and A2 on their own
+    # lanes (one channel, one deposit, two brokers, nothing counted twice)
+    for ch in d["channels"]:
+        if ch["operator"] == "A" and ch["buyer"] in d["failover_seconds"]:
+            assert ch["lanes_claimed"] == ["A1", "A2"], ch
     for letter in "AB":
         assert d["per_operator"][letter]["settled_onchain"] > 0
         assert d["per_operator"][letter]["fee_to_operator"] > 0

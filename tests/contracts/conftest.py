@@ -245,10 +245,17 @@ def enrol(chain: Any, tx: Callable[..., Any]) -> Callable[[str, int], str]:
     return lambda label, role: enrol_raw(chain, tx, label, role)
 
 
+def lane_of(pc: Any, channel_id: bytes) -> str:
+    """The operator's own lane of a channel (zero for a channel with no operator or no channel):
+    the lane a single-broker deployment signs and claims."""
+    return str(pc.functions.channel(channel_id).call()[5])
+
+
 @pytest.fixture
 def voucher(chain: Any) -> Callable[[str, bytes, int], bytes]:
     def sign(payer: str, channel_id: bytes, amount: int) -> bytes:
-        digest = chain.PaymentChannels.functions.voucherDigest(channel_id, amount).call()
+        lane = lane_of(chain.PaymentChannels, channel_id)
+        digest = chain.PaymentChannels.functions.voucherDigest(channel_id, lane, amount).call()
         key = coincurve.PrivateKey(bytes(chain.accounts[payer].key))
         sig = key.sign_recoverable(bytes(digest), hasher=None)  # r || s || recid, low s
         return sig[:64] + bytes([sig[64] + 27])

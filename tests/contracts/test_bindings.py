@@ -39,6 +39,10 @@ DEPOSIT = 10**18
 MakeMp = Callable[[str], Marketplace]
 
 
+#: The one lane of a channel opened with no operator.
+NO_OPERATOR_LANE = "0x" + "00" * 20
+
+
 def sign_digest(account: LocalAccount, digest: bytes) -> bytes:
     """r || s || v with v = recid + 27, as the contract's ECDSA.recover wants."""
     sig = coincurve.PrivateKey(bytes(account.key)).sign_recoverable(digest, hasher=None)
@@ -190,26 +194,33 @@ async def test_native_channel_round_trip(chain: Any, mp: MakeMp) -> None:
     )
     vdomain = domain.voucher_domain()
     assert vdomain.separator == await channels.domain_separator()
-    assert vdomain.digest(opened.channel_id, 7) == await channels.voucher_digest(
-        opened.channel_id, 7
+    assert vdomain.digest(opened.channel_id, operator, 7) == await channels.voucher_digest(
+        opened.channel_id, operator, 7
     )
+    assert await channels.is_lane(opened.channel_id, operator)
+    assert not await channels.is_lane(opened.channel_id, seller)
+    assert await channels.brokers_address() == chain.deployment.address("Brokers")
 
     # the operator submits vouchers on the payee's behalf
     key = chain.accounts["buyer"].key
     seller_before, op_before = chain.balance(None, seller), chain.balance(None, operator)
-    v1 = sign_voucher(bytes(key), vdomain, opened.channel_id, 4 * PRICE)
+    v1 = sign_voucher(bytes(key), vdomain, opened.channel_id, operator, 4 * PRICE)
     first = await mp("operator").channels.claim(
-        opened.channel_id, v1.cumulative_amount, v1.signature
+        opened.channel_id, v1.lane, v1.cumulative_amount, v1.signature
     )
     assert isinstance(first, ClaimReceipt)
-    assert (first.payout, first.fee, first.claimed) == (
+    assert (first.payout, first.fee, first.claimed, first.lane, first.lane_claimed) == (
         4 * PRICE,
         4 * PRICE * 250 // 10_000,
         4 * PRICE,
+        operator,
+        4 * PRICE,
     )
-    v2 = sign_voucher(bytes(key), vdomain, opened.channel_id, 10 * PRICE)
+    assert not first.cut_short
+    assert await channels.lane_claimed(opened.channel_id, operator) == 4 * PRICE
+    v2 = sign_voucher(bytes(key), vdomain, opened.channel_id, operator, 10 * PRICE)
     second = await mp("operator").channels.claim(
-        opened.channel_id, v2.cumulative_amount, v2.signature
+        opened.channel_id, v2.lane, v2.cumulative_amount, v2.signature
     )
     assert (second.payout, second.claimed) == (6 * PRICE, 10 * PRICE)
     assert second.gas_used < first.gas_used  # claimed goes non-zero -> non-zero
@@ -285,14 +296,16 @@ async def test_erc20_channel_and_cooperative_close(chain: Any, mp: MakeMp) -> No
     assert (await channels.channel(opened.channel_id)).deposit == 3 * DEPOSIT  # type: ignore[union-attr]
 
     domain = (await channels.domain()).voucher_domain()
-    final = sign_voucher(bytes(chain.accounts["buyer"].key), domain, opened.channel_id, 5 * PRICE)
+    final = sign_voucher(
+        bytes(chain.accounts["buyer"].key), domain, opened.channel_id, NO_OPERATOR_LANE, 5 * PRICE
+    )
     with pytest.raises(ContractRevertError) as err:
         await channels.cooperative_close(
-            opened.channel_id, final.cumulative_amount, final.signature
+            opened.channel_id, None, final.cumulative_amount, final.signature
         )
     assert err.value.error_name == "PaymentChannelsNotPayee"
     closed = await mp("seller").channels.cooperative_close(
-        opened.channel_id, final.cumulative_amount, final.signature
+        opened.channel_id, None, final.cumulative_amount, final.signature
     )
     assert (closed.payout, closed.fee, closed.refund) == (5 * PRICE, 0, 3 * DEPOSIT - 5 * PRICE)
     assert await erc20.balance_of(seller) == 5 * PRICE
@@ -364,10 +377,10 @@ async def test_custom_errors_carry_name_and_args(chain: Any, mp: MakeMp) -> None
     # a voucher signed by someone else names the signer
     await enrol(mp, chain, "buyer", Role.BUYER)
     opened = await mp("buyer").channels.open(seller, None, None, DEPOSIT)
-    digest = await mp("buyer").channels.voucher_digest(opened.channel_id, 1)
+    digest = await mp("buyer").channels.voucher_digest(opened.channel_id, NO_OPERATOR_LANE, 1)
     forged = sign_digest(chain.accounts["stranger"], digest)
     with pytest.raises(ContractRevertError) as err:
-        await mp("seller").channels.claim(opened.channel_id, 1, forged)
+        await mp("seller").channels.claim(opened.channel_id, NO_OPERATOR_LANE, 1, forged)
     assert err.value.error_args == {"signer": chain.addr("stranger")}
 
 
@@ -428,15 +441,15 @@ async def test_money_path_on_anvil(chain: Any, mp: MakeMp) -> None:
     assert (await channels.channel(opened.channel_id)).payer == buyer  # type: ignore[union-attr]
 
     seller_before = chain.balance(None, seller)
-    digest = await channels.voucher_digest(opened.channel_id, 3 * PRICE)
+    digest = await channels.voucher_digest(opened.channel_id, operator, 3 * PRICE)
     claim = await mp("operator").channels.claim(
-        opened.channel_id, 3 * PRICE, sign_digest(chain.accounts["buyer"], digest)
+        opened.channel_id, operator, 3 * PRICE, sign_digest(chain.accounts["buyer"], digest)
     )
     assert (claim.payout, claim.fee, claim.claimed) == (3 * PRICE, 3 * PRICE // 100, 3 * PRICE)
     assert chain.balance(None, seller) - seller_before == claim.payout - claim.fee
     with pytest.raises(ContractRevertError) as err:  # the same voucher again pays nothing
         await mp("operator").channels.claim(
-            opened.channel_id, 3 * PRICE, sign_digest(chain.accounts["buyer"], digest)
+            opened.channel_id, operator, 3 * PRICE, sign_digest(chain.accounts["buyer"], digest)
         )
     assert (err.value.error_name, err.value.error_args) == (
         "PaymentChannelsNothingToClaim",

@@ -289,10 +289,12 @@ class ChannelsMachine(RuleBasedStateMachine):
         assert self._event(receipt, "ChannelClaimed") == [
             {
                 "channelId": ch.cid,
+                "lane": self._lane(ch),
                 "cumulativeAmount": cumulative,
                 "payout": payout,
                 "fee": fee,
-                "claimed": payable,
+                "laneClaimed": payable,
+                "totalClaimed": payable,
             }
         ]
         if ch.operator is not None:
@@ -445,6 +447,11 @@ class ChannelsMachine(RuleBasedStateMachine):
                 {"channelId": ch, "amount": amount, "deposit": c.deposit}
             ]
 
+    def _lane(self, c: Ch) -> str:
+        """The operator's own lane (zero with no operator): one broker per channel here; the
+        lanes' arithmetic is the subject of test_payment_channels' lane tests."""
+        return self._addr(c.operator)
+
     def _claim(self, ch: bytes, v: SignedVoucher, submitter: str, t: int) -> None:
         """Submit ``v`` as a claim on ``ch`` at ``t``; the model and the verifier predict."""
         c = self.model[ch]
@@ -454,7 +461,7 @@ class ChannelsMachine(RuleBasedStateMachine):
         state = ChannelState(self._addr(c.payer), c.deposit, c.claimed, c.closes_at, c.settled)
         try:
             predicted: int | type[VoucherError] = VoucherVerifier(self.domain).verify(
-                Voucher(ch, v.cumulative, v.signature), state, t
+                Voucher(ch, self._lane(c), v.cumulative, v.signature), state, t
             )
         except VoucherError as exc:
             predicted = type(exc)
@@ -464,7 +471,10 @@ class ChannelsMachine(RuleBasedStateMachine):
             assert predicted is _VERIFIER_ERROR[expect]
         before = self._balances(c.asset)
         receipt = self._run(
-            self.pc.functions.claim(ch, v.cumulative, v.signature), submitter, t, expect
+            self.pc.functions.claim(ch, self._lane(c), v.cumulative, v.signature),
+            submitter,
+            t,
+            expect,
         )
         if receipt is not None:
             self._pay(c, v.cumulative, receipt, submitter, before)
@@ -481,7 +491,7 @@ class ChannelsMachine(RuleBasedStateMachine):
             cumulative = c.deposit + 1 + c.deposit * per_mille // 1000
         signer = "stranger" if forged else c.payer
         sig = sign_voucher(
-            bytes(self.chain.accounts[signer].key), self.domain, c.cid, cumulative
+            bytes(self.chain.accounts[signer].key), self.domain, c.cid, self._lane(c), cumulative
         ).signature
         if not forged:
             c.max_signed = max(c.max_signed, cumulative)
@@ -597,7 +607,10 @@ class ChannelsMachine(RuleBasedStateMachine):
         before = self._balances(c.asset)
         payer_before = self._balance(c.asset, c.payer)
         receipt = self._run(
-            self.pc.functions.cooperativeClose(ch, cumulative, signature), sender, t, expect
+            self.pc.functions.cooperativeClose(ch, self._lane(c), cumulative, signature),
+            sender,
+            t,
+            expect,
         )
         if receipt is None:
             return

@@ -418,7 +418,8 @@ def test_can_subscribe_min_rating_with_real_ratings(
 
     def deal_rated(score):
         cid = open_channel("buyer", "seller", amount=10**15)
-        tx(channels.claim(cid, 10**12, voucher("buyer", cid, 10**12)), "seller")
+        lane = channels.channel(cid).call()[5]  # the operator's own lane (zero: none)
+        tx(channels.claim(cid, lane, 10**12, voucher("buyer", cid, 10**12)), "seller")
         tx(ratings.rate(cid, score), "seller")
 
     deal_rated(4)

@@ -58,6 +58,11 @@ def free_time(chain: Any, ahead: int = 1) -> int:
     return max(chain.now() + ahead, int(chain.w3.eth.get_block("pending")["timestamp"]))
 
 
+def lane_of(pc: Any, channel_id: bytes) -> str:
+    """The operator's own lane of a channel (zero with no operator): a one-broker deployment."""
+    return str(pc.functions.channel(channel_id).call()[5])
+
+
 def call_at(chain: Any, timestamp: int, fn: Any, sender: str) -> Any:
     """Simulate ``fn`` from ``sender`` in a block at ``timestamp`` (no block is mined)."""
     next_at(chain, timestamp)
@@ -236,7 +241,7 @@ def test_constants(pc: Any) -> None:
     assert pc.functions.MAX_FEE_BPS().call() == MAX_FEE_BPS
     assert pc.functions.challengePeriod().call() == CHALLENGE_PERIOD
     assert bytes(pc.functions.VOUCHER_TYPEHASH().call()) == keccak(
-        text="Voucher(bytes32 channelId,uint256 cumulativeAmount)"
+        text="Voucher(bytes32 channelId,address lane,uint256 cumulativeAmount)"
     )
 
 
@@ -250,7 +255,7 @@ def _domain_separator(chain_id: int, contract: str) -> bytes:
                     text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
                 ),
                 keccak(text="BlendSM PaymentChannels"),
-                keccak(text="1"),
+                keccak(text="2"),
                 chain_id,
                 contract,
             ],
@@ -266,7 +271,7 @@ def test_domain_separator_matches_python(chain: Any, pc: Any) -> None:
     assert (fields, name, version, chain_id, contract, bytes(salt), list(extensions)) == (
         b"\x0f",
         "BlendSM PaymentChannels",
-        "1",
+        "2",
         chain.w3.eth.chain_id,
         pc.address,
         bytes(32),
@@ -277,20 +282,23 @@ def test_domain_separator_matches_python(chain: Any, pc: Any) -> None:
 @pytest.mark.parametrize("amount", [0, 1, 10**18, 2**256 - 1])
 def test_voucher_digest_matches_python(chain: Any, pc: Any, amount: int) -> None:
     channel_id = keccak(text="any channel")
+    lane = chain.addr("operator")
     separator = _domain_separator(chain.w3.eth.chain_id, pc.address)
     struct_hash = keccak(
         encode(
-            ["bytes32", "bytes32", "uint256"],
+            ["bytes32", "bytes32", "address", "uint256"],
             [
-                keccak(text="Voucher(bytes32 channelId,uint256 cumulativeAmount)"),
+                keccak(text="Voucher(bytes32 channelId,address lane,uint256 cumulativeAmount)"),
                 channel_id,
+                lane,
                 amount,
             ],
         )
     )
     expected = keccak(b"\x19\x01" + separator + struct_hash)
-    assert bytes(pc.functions.voucherDigest(channel_id, amount).call()) == expected
-    assert VoucherDomain(chain.w3.eth.chain_id, pc.address).digest(channel_id, amount) == expected
+    assert bytes(pc.functions.voucherDigest(channel_id, lane, amount).call()) == expected
+    domain = VoucherDomain(chain.w3.eth.chain_id, pc.address)
+    assert domain.digest(channel_id, lane, amount) == expected
 
 
 def test_channel_view_of_unknown_id_is_empty(chain: Any) -> None:
@@ -311,11 +319,14 @@ def test_channel_view_of_unknown_id_is_empty(chain: Any) -> None:
     "call",
     [
         pytest.param(lambda f, cid: (f.topUp(cid, 1), "buyer", 1), id="topUp"),
-        pytest.param(lambda f, cid: (f.claim(cid, 1, b"\x00" * 65), "stranger", 0), id="claim"),
+        pytest.param(
+            lambda f, cid: (f.claim(cid, ZERO, 1, b"\x00" * 65), "stranger", 0), id="claim"
+        ),
         pytest.param(lambda f, cid: (f.requestClose(cid), "buyer", 0), id="requestClose"),
         pytest.param(lambda f, cid: (f.withdraw(cid), "buyer", 0), id="withdraw"),
         pytest.param(
-            lambda f, cid: (f.cooperativeClose(cid, 0, b""), "seller", 0), id="cooperativeClose"
+            lambda f, cid: (f.cooperativeClose(cid, ZERO, 0, b""), "seller", 0),
+            id="cooperativeClose",
         ),
     ],
 )
@@ -418,7 +429,7 @@ def test_ids_never_reused_after_settle(
     chain: Any, pc: Any, money: Money, opened: Any, events: Any
 ) -> None:
     first = opened(1000)
-    money.send(pc.functions.cooperativeClose(first, 0, b""), "seller")
+    money.send(pc.functions.cooperativeClose(first, lane_of(pc, first), 0, b""), "seller")
     assert state(chain, first)["settled"] is True
     second = opened(1000)
     assert second != first
@@ -613,7 +624,9 @@ def test_claim_pays_delta_minus_fee_exactly(
     cid = opened(1_000_003, fee_bps)
     amount = 123_457  # fee rounds down for every fee_bps above
     money.watch(*PARTIES)
-    receipt = money.send(pc.functions.claim(cid, amount, voucher("buyer", cid, amount)), submitter)
+    receipt = money.send(
+        pc.functions.claim(cid, lane_of(pc, cid), amount, voucher("buyer", cid, amount)), submitter
+    )
     fee = {0: 0, 1: 12, 333: 4111, MAX_FEE_BPS: 12_345}[fee_bps]  # floor(123457 * bps / 10_000)
     to_payee = amount - fee
     assert events(receipt, "ChannelClaimed") == [
@@ -622,7 +635,9 @@ def test_claim_pays_delta_minus_fee_exactly(
             "cumulativeAmount": amount,
             "payout": amount,
             "fee": fee,
-            "claimed": amount,
+            "lane": lane_of(pc, cid),
+            "laneClaimed": amount,
+            "totalClaimed": amount,
         }
     ]
     money.assert_moved(seller=to_payee, operator=fee, contract=-amount)
@@ -640,7 +655,9 @@ def test_claim_with_no_operator(
 ) -> None:
     cid = opened(1000, 0, operator=None)
     money.watch(*PARTIES)
-    money.send(pc.functions.claim(cid, 999, voucher("buyer", cid, 999)), "stranger")
+    money.send(
+        pc.functions.claim(cid, lane_of(pc, cid), 999, voucher("buyer", cid, 999)), "stranger"
+    )
     money.assert_moved(seller=999, contract=-999)
 
 
@@ -653,7 +670,10 @@ def test_partial_claims_pay_each_delta(
     for cumulative in (1, 999, 1000, 4321, 9999, 10_000):
         money.watch(*PARTIES)
         receipt = money.send(
-            pc.functions.claim(cid, cumulative, voucher("buyer", cid, cumulative)), "seller"
+            pc.functions.claim(
+                cid, lane_of(pc, cid), cumulative, voucher("buyer", cid, cumulative)
+            ),
+            "seller",
         )
         payout = cumulative - claimed
         to_payee, fee = split(payout, fee_bps)
@@ -663,7 +683,9 @@ def test_partial_claims_pay_each_delta(
             "cumulativeAmount": cumulative,
             "payout": payout,
             "fee": fee,
-            "claimed": cumulative,
+            "lane": lane_of(pc, cid),
+            "laneClaimed": cumulative,
+            "totalClaimed": cumulative,
         }
         money.assert_moved(seller=to_payee, operator=fee, contract=-payout)
         claimed = cumulative
@@ -678,23 +700,33 @@ def test_claim_capped_by_deposit_then_top_up_pays_the_rest(
     cid = opened(1000, fee_bps)
     sig = voucher("buyer", cid, 2500)
     money.watch(*PARTIES)
-    receipt = money.send(pc.functions.claim(cid, 2500, sig), "stranger")
+    receipt = money.send(pc.functions.claim(cid, lane_of(pc, cid), 2500, sig), "stranger")
     assert events(receipt, "ChannelClaimed") == [
-        {"channelId": cid, "cumulativeAmount": 2500, "payout": 1000, "fee": 10, "claimed": 1000}
+        {
+            "channelId": cid,
+            "lane": lane_of(pc, cid),
+            "cumulativeAmount": 2500,
+            "payout": 1000,
+            "fee": 10,
+            "laneClaimed": 1000,
+            "totalClaimed": 1000,
+        }
     ]
     money.assert_moved(seller=990, operator=10, contract=-1000)
     # deposit exhausted: the same voucher pays nothing more
     with reverts("PaymentChannelsNothingToClaim", 2500, 1000):
-        pc.functions.claim(cid, 2500, sig).transact({"from": chain.addr("stranger")})
+        pc.functions.claim(cid, lane_of(pc, cid), 2500, sig).transact(
+            {"from": chain.addr("stranger")}
+        )
     money.fund("buyer", 800)
     money.send(pc.functions.topUp(cid, 800), "buyer", money.value(800))
     money.watch(*PARTIES)
-    money.send(pc.functions.claim(cid, 2500, sig), "stranger")
+    money.send(pc.functions.claim(cid, lane_of(pc, cid), 2500, sig), "stranger")
     money.assert_moved(seller=792, operator=8, contract=-800)
     money.fund("buyer", 5000)
     money.send(pc.functions.topUp(cid, 5000), "buyer", money.value(5000))
     money.watch(*PARTIES)
-    money.send(pc.functions.claim(cid, 2500, sig), "stranger")
+    money.send(pc.functions.claim(cid, lane_of(pc, cid), 2500, sig), "stranger")
     money.assert_moved(seller=693, operator=7, contract=-700)
     s = state(chain, cid)
     assert (s["deposit"], s["claimed"]) == (6800, 2500)
@@ -705,16 +737,16 @@ def test_claim_refuses_lower_and_equal_cumulative(
 ) -> None:
     cid = opened(1000)
     with reverts("PaymentChannelsNothingToClaim", 0, 0):
-        pc.functions.claim(cid, 0, voucher("buyer", cid, 0)).transact(
+        pc.functions.claim(cid, lane_of(pc, cid), 0, voucher("buyer", cid, 0)).transact(
             {"from": chain.addr("seller")}
         )
-    money.send(pc.functions.claim(cid, 600, voucher("buyer", cid, 600)), "seller")
+    money.send(pc.functions.claim(cid, lane_of(pc, cid), 600, voucher("buyer", cid, 600)), "seller")
     money.watch(*PARTIES)
     for cumulative in (0, 1, 599, 600):
         with reverts("PaymentChannelsNothingToClaim", cumulative, 600):
-            pc.functions.claim(cid, cumulative, voucher("buyer", cid, cumulative)).transact(
-                {"from": chain.addr("seller")}
-            )
+            pc.functions.claim(
+                cid, lane_of(pc, cid), cumulative, voucher("buyer", cid, cumulative)
+            ).transact({"from": chain.addr("seller")})
     money.assert_moved()
     assert state(chain, cid)["claimed"] == 600
 
@@ -725,7 +757,7 @@ def test_claim_refuses_other_signers(
 ) -> None:
     cid = opened(1000)
     with reverts("PaymentChannelsInvalidSigner", chain.addr(signer)):
-        pc.functions.claim(cid, 500, voucher(signer, cid, 500)).transact(
+        pc.functions.claim(cid, lane_of(pc, cid), 500, voucher(signer, cid, 500)).transact(
             {"from": chain.addr("seller")}
         )
 
@@ -736,12 +768,12 @@ def test_claim_refuses_a_voucher_for_another_channel_or_amount(
     cid = opened(1000)
     other = opened(1000)
     with reverts("PaymentChannelsInvalidSigner", ...) as r:
-        pc.functions.claim(cid, 500, voucher("buyer", other, 500)).transact(
+        pc.functions.claim(cid, lane_of(pc, cid), 500, voucher("buyer", other, 500)).transact(
             {"from": chain.addr("seller")}
         )
     assert r.args[0] != chain.addr("buyer")
     with reverts("PaymentChannelsInvalidSigner", ...) as r:
-        pc.functions.claim(cid, 501, voucher("buyer", cid, 500)).transact(
+        pc.functions.claim(cid, lane_of(pc, cid), 501, voucher("buyer", cid, 500)).transact(
             {"from": chain.addr("seller")}
         )
     assert r.args[0] != chain.addr("buyer")
@@ -773,16 +805,20 @@ def test_claim_refuses_malformed_signatures(
     money.watch(*PARTIES)
     for name, bad in _malformed(good).items():
         with reverts("PaymentChannelsInvalidSignature"):
-            pc.functions.claim(cid, 500, bad).transact({"from": chain.addr("seller")})
+            pc.functions.claim(cid, lane_of(pc, cid), 500, bad).transact(
+                {"from": chain.addr("seller")}
+            )
         assert name
     # the flipped-v sibling is well formed but recovers someone else
     with reverts("PaymentChannelsInvalidSigner", ...) as r:
-        pc.functions.claim(cid, 500, good[:64] + bytes([55 - good[64]])).transact(
+        pc.functions.claim(cid, lane_of(pc, cid), 500, good[:64] + bytes([55 - good[64]])).transact(
             {"from": chain.addr("seller")}
         )
     assert r.args[0] != chain.addr("buyer")
     money.assert_moved()
-    money.send(pc.functions.claim(cid, 500, good), "seller")  # the good one still works
+    money.send(
+        pc.functions.claim(cid, lane_of(pc, cid), 500, good), "seller"
+    )  # the good one still works
     assert state(chain, cid)["claimed"] == 500
 
 
@@ -795,26 +831,39 @@ def test_claim_during_challenge_period_then_refused(
     assert closes_at == chain.now() + CHALLENGE_PERIOD
     assert state(chain, cid)["closesAt"] == closes_at
     money.watch(*PARTIES)
-    money.send(pc.functions.claim(cid, 100, voucher("buyer", cid, 100)), "stranger")
+    money.send(
+        pc.functions.claim(cid, lane_of(pc, cid), 100, voucher("buyer", cid, 100)), "stranger"
+    )
     money.assert_moved(seller=95, operator=5, contract=-100)
     # last second of the challenge period: still claimable
     money.watch(*PARTIES)
     money.send_at(
-        closes_at - 1, pc.functions.claim(cid, 300, voucher("buyer", cid, 300)), "stranger"
+        closes_at - 1,
+        pc.functions.claim(cid, lane_of(pc, cid), 300, voucher("buyer", cid, 300)),
+        "stranger",
     )
     money.assert_moved(seller=190, operator=10, contract=-200)
     # at closesAt it is over, for claims and for cooperative closes
     late = voucher("buyer", cid, 400)
     with reverts("PaymentChannelsChallengePeriodOver", closes_at):
-        call_at(chain, closes_at, pc.functions.claim(cid, 400, late), "stranger")
+        call_at(chain, closes_at, pc.functions.claim(cid, lane_of(pc, cid), 400, late), "stranger")
     with reverts("PaymentChannelsChallengePeriodOver", closes_at):
-        call_at(chain, closes_at, pc.functions.cooperativeClose(cid, 400, late), "seller")
+        call_at(
+            chain,
+            closes_at,
+            pc.functions.cooperativeClose(cid, lane_of(pc, cid), 400, late),
+            "seller",
+        )
     chain.time_travel(CHALLENGE_PERIOD * 5)
     money.watch(*PARTIES)
     with reverts("PaymentChannelsChallengePeriodOver", closes_at):
-        pc.functions.claim(cid, 400, late).transact({"from": chain.addr("stranger")})
+        pc.functions.claim(cid, lane_of(pc, cid), 400, late).transact(
+            {"from": chain.addr("stranger")}
+        )
     with reverts("PaymentChannelsChallengePeriodOver", closes_at):
-        pc.functions.cooperativeClose(cid, 0, b"").transact({"from": chain.addr("seller")})
+        pc.functions.cooperativeClose(cid, lane_of(pc, cid), 0, b"").transact(
+            {"from": chain.addr("seller")}
+        )
     money.assert_moved()
     assert state(chain, cid)["claimed"] == 300
 
@@ -824,9 +873,9 @@ def test_claim_on_settled_channel_refused(
 ) -> None:
     cid = opened(1000)
     sig = voucher("buyer", cid, 700)
-    money.send(pc.functions.cooperativeClose(cid, 0, b""), "seller")
+    money.send(pc.functions.cooperativeClose(cid, lane_of(pc, cid), 0, b""), "seller")
     with reverts("PaymentChannelsChannelSettled", cid):
-        pc.functions.claim(cid, 700, sig).transact({"from": chain.addr("seller")})
+        pc.functions.claim(cid, lane_of(pc, cid), 700, sig).transact({"from": chain.addr("seller")})
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,7 +939,10 @@ def test_withdraw_after_challenge_period_refunds_exactly(
     with reverts("PaymentChannelsNotClosing", cid):
         pc.functions.withdraw(cid).transact({"from": chain.addr("buyer")})
     if claimed:
-        money.send(pc.functions.claim(cid, claimed, voucher("buyer", cid, claimed)), "seller")
+        money.send(
+            pc.functions.claim(cid, lane_of(pc, cid), claimed, voucher("buyer", cid, claimed)),
+            "seller",
+        )
     closes_at = close_requested(chain, money, events, cid)
     with reverts("PaymentChannelsChallengePeriodActive", closes_at):
         pc.functions.withdraw(cid).transact({"from": chain.addr("buyer")})
@@ -912,11 +964,13 @@ def test_withdraw_after_challenge_period_refunds_exactly(
     with reverts("PaymentChannelsChannelSettled", cid):
         pc.functions.topUp(cid, 1).transact({"from": chain.addr("buyer"), "value": money.value(1)})
     with reverts("PaymentChannelsChannelSettled", cid):
-        pc.functions.claim(cid, 1000, voucher("buyer", cid, 1000)).transact(
+        pc.functions.claim(cid, lane_of(pc, cid), 1000, voucher("buyer", cid, 1000)).transact(
             {"from": chain.addr("seller")}
         )
     with reverts("PaymentChannelsChannelSettled", cid):
-        pc.functions.cooperativeClose(cid, 0, b"").transact({"from": chain.addr("seller")})
+        pc.functions.cooperativeClose(cid, lane_of(pc, cid), 0, b"").transact(
+            {"from": chain.addr("seller")}
+        )
 
 
 def test_withdraw_leaves_other_channels_alone(
@@ -924,7 +978,7 @@ def test_withdraw_leaves_other_channels_alone(
 ) -> None:
     a = opened(1000, 100)
     b = opened(2000, 100, payer="buyer2")
-    money.send(pc.functions.claim(b, 500, voucher("buyer2", b, 500)), "seller")
+    money.send(pc.functions.claim(b, lane_of(pc, b), 500, voucher("buyer2", b, 500)), "seller")
     close_requested(chain, money, events, a)
     chain.time_travel(CHALLENGE_PERIOD)
     money.watch("buyer2", *PARTIES)
@@ -932,7 +986,7 @@ def test_withdraw_leaves_other_channels_alone(
     money.assert_moved(buyer=1000, contract=-1000)
     assert money.balance("contract") == 1500
     money.watch("buyer2", *PARTIES)
-    money.send(pc.functions.claim(b, 2000, voucher("buyer2", b, 2000)), "seller")
+    money.send(pc.functions.claim(b, lane_of(pc, b), 2000, voucher("buyer2", b, 2000)), "seller")
     money.assert_moved(seller=1485, operator=15, contract=-1500)
 
 
@@ -947,9 +1001,9 @@ def test_cooperative_close_payee_only(
 ) -> None:
     cid = opened(1000)
     with reverts("PaymentChannelsNotPayee", chain.addr(sender)):
-        pc.functions.cooperativeClose(cid, 500, voucher("buyer", cid, 500)).transact(
-            {"from": chain.addr(sender)}
-        )
+        pc.functions.cooperativeClose(
+            cid, lane_of(pc, cid), 500, voucher("buyer", cid, 500)
+        ).transact({"from": chain.addr(sender)})
 
 
 @pytest.mark.parametrize("closing", [False, True])
@@ -977,13 +1031,17 @@ def test_cooperative_close_pays_delta_then_refunds(
 ) -> None:
     cid = opened(1000, fee_bps)
     if before:
-        money.send(pc.functions.claim(cid, before, voucher("buyer", cid, before)), "stranger")
+        money.send(
+            pc.functions.claim(cid, lane_of(pc, cid), before, voucher("buyer", cid, before)),
+            "stranger",
+        )
     if closing:
         close_requested(chain, money, events, cid)
         chain.time_travel(CHALLENGE_PERIOD - 100)
     money.watch(*PARTIES)
     receipt = money.send(
-        pc.functions.cooperativeClose(cid, final, voucher("buyer", cid, final)), "seller"
+        pc.functions.cooperativeClose(cid, lane_of(pc, cid), final, voucher("buyer", cid, final)),
+        "seller",
     )
     to_payee, fee = split(payout, fee_bps)
     refund = 1000 - before - payout
@@ -995,7 +1053,9 @@ def test_cooperative_close_pays_delta_then_refunds(
             "cumulativeAmount": final,
             "payout": payout,
             "fee": fee,
-            "claimed": before + payout,
+            "lane": lane_of(pc, cid),
+            "laneClaimed": before + payout,
+            "totalClaimed": before + payout,
         }
     ]
     assert events(receipt, "ChannelSettled") == [{"channelId": cid, "refund": refund}]
@@ -1017,9 +1077,13 @@ def test_cooperative_close_without_new_voucher_ignores_signature(
     signature: bytes,
 ) -> None:
     cid = opened(1000, 500)
-    money.send(pc.functions.claim(cid, 400, voucher("buyer", cid, 400)), "stranger")
+    money.send(
+        pc.functions.claim(cid, lane_of(pc, cid), 400, voucher("buyer", cid, 400)), "stranger"
+    )
     money.watch(*PARTIES)
-    receipt = money.send(pc.functions.cooperativeClose(cid, final, signature), "seller")
+    receipt = money.send(
+        pc.functions.cooperativeClose(cid, lane_of(pc, cid), final, signature), "seller"
+    )
     assert events(receipt, "ChannelClaimed") == []
     assert events(receipt, "ChannelSettled") == [{"channelId": cid, "refund": 600}]
     money.assert_moved(buyer=600, contract=-600)
@@ -1031,11 +1095,13 @@ def test_cooperative_close_checks_a_new_voucher(
 ) -> None:
     cid = opened(1000)
     with reverts("PaymentChannelsInvalidSignature"):
-        pc.functions.cooperativeClose(cid, 1, b"").transact({"from": chain.addr("seller")})
-    with reverts("PaymentChannelsInvalidSigner", chain.addr("seller")):
-        pc.functions.cooperativeClose(cid, 500, voucher("seller", cid, 500)).transact(
+        pc.functions.cooperativeClose(cid, lane_of(pc, cid), 1, b"").transact(
             {"from": chain.addr("seller")}
         )
+    with reverts("PaymentChannelsInvalidSigner", chain.addr("seller")):
+        pc.functions.cooperativeClose(
+            cid, lane_of(pc, cid), 500, voucher("seller", cid, 500)
+        ).transact({"from": chain.addr("seller")})
     assert state(chain, cid)["settled"] is False
 
 
@@ -1046,9 +1112,9 @@ def test_cooperative_close_with_deposit_fully_claimed(
     voucher (cumulative above the deposit): it pays nothing new, so it is not read."""
     cid = opened(1000)
     sig = voucher("buyer", cid, 1500)
-    money.send(pc.functions.claim(cid, 1500, sig), "seller")
+    money.send(pc.functions.claim(cid, lane_of(pc, cid), 1500, sig), "seller")
     money.watch(*PARTIES)
-    receipt = money.send(pc.functions.cooperativeClose(cid, 1500, sig), "seller")
+    receipt = money.send(pc.functions.cooperativeClose(cid, lane_of(pc, cid), 1500, sig), "seller")
     assert events(receipt, "ChannelClaimed") == []
     assert events(receipt, "ChannelSettled") == [{"channelId": cid, "refund": 0}]
     money.assert_moved()
@@ -1080,8 +1146,8 @@ def evil(chain: Any, events: Any, voucher: Any) -> dict[str, Any]:
         "money": money,
         "a": a,
         "b": b,
-        "claim_b": pc.encode_abi("claim", args=[b, 600, voucher("buyer", b, 600)]),
-        "claim_a": pc.encode_abi("claim", args=[a, 900, voucher("buyer", a, 900)]),
+        "claim_b": pc.encode_abi("claim", args=[b, lane_of(pc, b), 600, voucher("buyer", b, 600)]),
+        "claim_a": pc.encode_abi("claim", args=[a, lane_of(pc, a), 900, voucher("buyer", a, 900)]),
         "withdraw_a": pc.encode_abi("withdraw", args=[a]),
         "sig_a": voucher("buyer", a, 400),
     }
@@ -1114,13 +1180,13 @@ def test_reentrancy_is_refused_and_funds_stay_exact(
     attempts = tok.functions.attempts().call()
     fns = {
         "claim": (
-            pc.functions.claim(a, 400, evil["sig_a"]),
+            pc.functions.claim(a, lane_of(pc, a), 400, evil["sig_a"]),
             "stranger",
             dict(seller=380, operator=20, contract=-400),
         ),
         "withdraw": (pc.functions.withdraw(a), "buyer", dict(buyer=1000, contract=-1000)),
         "cooperativeClose": (
-            pc.functions.cooperativeClose(a, 400, evil["sig_a"]),
+            pc.functions.cooperativeClose(a, lane_of(pc, a), 400, evil["sig_a"]),
             "seller",
             dict(seller=380, operator=20, buyer=600, contract=-1000),
         ),
@@ -1165,12 +1231,12 @@ def test_operator_that_cannot_receive_native_blocks_claims(
     (ev,) = events(money.send(fn, "buyer", 1000), "ChannelOpened")
     cid = bytes(ev["channelId"])
     with reverts("FailedCall"):
-        pc.functions.claim(cid, 1000, voucher("buyer", cid, 1000)).transact(
+        pc.functions.claim(cid, lane_of(pc, cid), 1000, voucher("buyer", cid, 1000)).transact(
             {"from": chain.addr("seller")}
         )
     # with a payout small enough for the fee to round to zero the operator is skipped
     money.watch(*PARTIES)
-    money.send(pc.functions.claim(cid, 99, voucher("buyer", cid, 99)), "seller")
+    money.send(pc.functions.claim(cid, lane_of(pc, cid), 99, voucher("buyer", cid, 99)), "seller")
     money.assert_moved(seller=99, contract=-99)
 
 
@@ -1185,7 +1251,7 @@ def test_huge_token_deposit_with_fee_is_claimable(
     )
     (ev,) = events(money.send(fn, "buyer"), "ChannelOpened")
     cid = bytes(ev["channelId"])
-    claim = pc.functions.claim(cid, deposit, voucher("buyer", cid, deposit))
+    claim = pc.functions.claim(cid, lane_of(pc, cid), deposit, voucher("buyer", cid, deposit))
     # payout * feeBps would overflow uint256: the contract must use mulDiv
     money.watch(*PARTIES)
     money.send(claim, "seller")

@@ -26,7 +26,10 @@ def claimed_channel(chain, pc, tx, open_channel, voucher):
 
     def make(payer="buyer", payee="seller", amount=10**12):
         cid = open_channel(payer, payee, amount=DEPOSIT, operator="operator", fee_bps=100)
-        tx(pc.claim(cid, amount, voucher(payer, cid, amount)), "operator")  # anyone may submit
+        tx(
+            pc.claim(cid, pc.channel(cid).call()[5], amount, voucher(payer, cid, amount)),
+            "operator",
+        )  # anyone may submit
         assert pc.channel(cid).call()[8] == amount
         return cid
 
@@ -116,7 +119,7 @@ def test_rating_after_withdraw_without_claims(chain, rt, pc, tx, events, reverts
 
 def test_rating_after_cooperative_close_without_claims(chain, rt, pc, tx, open_channel):
     cid = open_channel("buyer", "seller")
-    tx(pc.cooperativeClose(cid, 0, b""), "seller")
+    tx(pc.cooperativeClose(cid, pc.channel(cid).call()[5], 0, b""), "seller")
     channel = pc.channel(cid).call()
     assert channel[3] is True
     assert channel[8] == 0
@@ -130,7 +133,10 @@ def test_rating_after_cooperative_close_with_final_voucher(
     chain, rt, pc, tx, open_channel, voucher
 ):
     cid = open_channel("buyer", "seller")
-    tx(pc.cooperativeClose(cid, 777, voucher("buyer", cid, 777)), "seller")
+    tx(
+        pc.cooperativeClose(cid, pc.channel(cid).call()[5], 777, voucher("buyer", cid, 777)),
+        "seller",
+    )
     assert pc.channel(cid).call()[8] == 777
     tx(rt.rate(cid, 4), "buyer")
     assert score_of(chain, "seller") == ((1, 4), 400)

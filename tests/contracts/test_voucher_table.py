@@ -56,6 +56,7 @@ from blendsm.device_sdk import (
 from blendsm.errors import (
     VoucherChannelError,
     VoucherError,
+    VoucherLaneError,
     VoucherNotNewerError,
     VoucherSignatureError,
 )
@@ -78,6 +79,8 @@ CONTRACT_TO_PYTHON: dict[str, type[VoucherError]] = {
     "PaymentChannelsInvalidSignature": VoucherSignatureError,
     "PaymentChannelsInvalidSigner": VoucherSignatureError,
     "PaymentChannelsNothingToClaim": VoucherNotNewerError,
+    # the broker pins its own lane (a valid one): another lane is VoucherLaneError there
+    "PaymentChannelsInvalidLane": VoucherLaneError,
 }
 
 _ERRORS = {
@@ -89,6 +92,7 @@ _ERRORS = {
         ("PaymentChannelsInvalidSignature()", []),
         ("PaymentChannelsInvalidSigner(address)", ["address"]),
         ("PaymentChannelsNothingToClaim(uint256,uint256)", ["uint256", "uint256"]),
+        ("PaymentChannelsInvalidLane(address)", ["address"]),
         ("Panic(uint256)", ["uint256"]),
         ("FailedCall()", []),
     ]
@@ -125,7 +129,7 @@ def _revert_bytes(exc: BaseException) -> bytes:
 
 
 def contract_outcome(
-    chain: Any, t: int, channel_id: bytes, cumulative: int, signature: bytes
+    chain: Any, t: int, channel_id: bytes, lane: str, cumulative: int, signature: bytes
 ) -> Outcome:
     """What claim does in a block at ``t``.
 
@@ -135,7 +139,7 @@ def contract_outcome(
     """
     pc = chain.PaymentChannels
     next_at(chain, t)
-    fn = pc.functions.claim(channel_id, cumulative, signature)
+    fn = pc.functions.claim(channel_id, lane, cumulative, signature)
     try:
         fn.call({"from": chain.addr("stranger")}, block_identifier="pending")
     except (ContractLogicError, TransactionFailed) as exc:
@@ -168,15 +172,26 @@ def contract_outcome(
 
 
 def python_outcome(
-    chain: Any, domain: VoucherDomain, t: int, channel_id: bytes, cumulative: int, signature: bytes
+    chain: Any,
+    domain: VoucherDomain,
+    t: int,
+    channel_id: bytes,
+    lane: str,
+    cumulative: int,
+    signature: bytes,
 ) -> tuple[type[VoucherError] | None, int | None]:
+    """The verifier as a broker runs it: pinned to its own lane, the operator's (valid)."""
     payer, _fee, closes_at, settled, _payee, _op, _token, deposit, claimed = (
         chain.PaymentChannels.functions.channel(channel_id).call()
     )
-    state = ChannelState(payer, deposit, claimed, closes_at or None, settled)
+    own = chain.addr("operator")
+    lane_claimed = chain.PaymentChannels.functions.laneClaimed(channel_id, own).call()
+    state = ChannelState(
+        payer, deposit, claimed, closes_at or None, settled, lane=own, lane_claimed=lane_claimed
+    )
     try:
         return None, VoucherVerifier(domain).verify(
-            Voucher(channel_id, cumulative, signature), state, t
+            Voucher(channel_id, lane, cumulative, signature), state, t
         )
     except VoucherError as exc:
         return type(exc), None
@@ -206,6 +221,7 @@ class Scene:
     domain: VoucherDomain
     cid: bytes  # the channel under test: deposit 1000, claimed 400, fee 2.5 %
     other: bytes  # another open channel of the same payer and payee
+    lane: str = ZERO  # the lane signed and claimed; the scene sets the operator's own
     closes_at: int | None = None
     t: int | None = None  # block time of the claim; None: the next free second
 
@@ -220,7 +236,9 @@ class Scene:
         channel: bytes | None = None,
         domain: VoucherDomain | None = None,
     ) -> bytes:
-        v = sign_voucher(self.key(label), domain or self.domain, channel or self.cid, cumulative)
+        v = sign_voucher(
+            self.key(label), domain or self.domain, channel or self.cid, self.lane, cumulative
+        )
         return v.signature
 
     def tx(self, fn: Any, sender: str, value: int = 0) -> Any:
@@ -249,8 +267,8 @@ def scene(chain: Any) -> Scene:
         )
         (log,) = pc.events.ChannelOpened().process_receipt(receipt, errors=DISCARD)
         ids.append(bytes(log["args"]["channelId"]))
-    s = Scene(chain, domain, ids[0], ids[1])
-    s.tx(pc.functions.claim(s.cid, CLAIMED, s.sign(CLAIMED)), "seller")
+    s = Scene(chain, domain, ids[0], ids[1], lane=chain.addr("operator"))
+    s.tx(pc.functions.claim(s.cid, s.lane, CLAIMED, s.sign(CLAIMED)), "seller")
     return s
 
 
@@ -295,7 +313,7 @@ Build = Callable[[Scene], tuple[bytes, int, bytes]]
 
 
 def _settle_cooperatively(s: Scene) -> None:
-    s.tx(s.chain.PaymentChannels.functions.cooperativeClose(s.cid, 0, b""), "seller")
+    s.tx(s.chain.PaymentChannels.functions.cooperativeClose(s.cid, s.lane, 0, b""), "seller")
 
 
 def _settle_by_withdraw(s: Scene) -> None:
@@ -340,6 +358,11 @@ class Row:
 ROWS: dict[str, Row] = {
     # -- pays -------------------------------------------------------------------------------
     "valid": Row(lambda s: (s.cid, 700, s.sign(700)), Pays(300)),
+    "lane of nobody (not the operator, not its broker)": Row(
+        lambda s: (s.cid, 700, s.sign(700)),
+        Refused("PaymentChannelsInvalidLane"),
+        lambda s: setattr(s, "lane", s.chain.addr("stranger")),
+    ),
     "one above claimed": Row(lambda s: (s.cid, 401, s.sign(401)), Pays(1)),
     "exactly the deposit": Row(lambda s: (s.cid, DEPOSIT, s.sign(DEPOSIT)), Pays(600)),
     "over deposit (capped)": Row(lambda s: (s.cid, 1500, s.sign(1500)), Pays(600)),
@@ -507,8 +530,11 @@ def test_contract_and_verifier_agree(chain: Any, scene: Scene, row: Row) -> None
     assert t >= next_free_time(chain), "row pinned a time in the past"
 
     # Python first: contract_outcome really claims when the voucher pays
-    py_error, py_payout = python_outcome(chain, scene.domain, t, channel_id, cumulative, signature)
-    got = contract_outcome(chain, t, channel_id, cumulative, signature)
+    lane = scene.lane
+    py_error, py_payout = python_outcome(
+        chain, scene.domain, t, channel_id, lane, cumulative, signature
+    )
+    got = contract_outcome(chain, t, channel_id, lane, cumulative, signature)
 
     if isinstance(got, Refused):
         # agreement first (what the broker relies on), then the expected row outcome
@@ -523,13 +549,17 @@ def test_contract_and_verifier_agree(chain: Any, scene: Scene, row: Row) -> None
         assert got == row.expect
         if got.error == "PaymentChannelsInvalidSigner":
             assert (
-                recover_voucher_signer(scene.domain, Voucher(channel_id, cumulative, signature))
+                recover_voucher_signer(
+                    scene.domain, Voucher(channel_id, lane, cumulative, signature)
+                )
                 == got.args[0]
             )
             assert got.args[0] != chain.addr("buyer")
         if got.error == "PaymentChannelsInvalidSignature":
             with pytest.raises(VoucherSignatureError):
-                recover_voucher_signer(scene.domain, Voucher(channel_id, cumulative, signature))
+                recover_voucher_signer(
+                    scene.domain, Voucher(channel_id, lane, cumulative, signature)
+                )
         return
 
     assert py_error is None, f"contract pays {got.amount}, Python raised {py_error}"
@@ -541,7 +571,7 @@ def test_verifier_pins_the_metered_channel(chain: Any, scene: Scene) -> None:
     """Stricter than the contract, on purpose: a voucher that is valid for *another* channel of
     the same payer is refused by the broker with VoucherChannelError when it meters
     ``scene.cid`` (on-chain it would pay into that other channel, not this one)."""
-    voucher = sign_voucher(scene.key("buyer"), scene.domain, scene.other, 700)
+    voucher = sign_voucher(scene.key("buyer"), scene.domain, scene.other, scene.lane, 700)
     payer, _f, _c, settled, _p, _o, _t, deposit, claimed = chain.PaymentChannels.functions.channel(
         scene.other
     ).call()
@@ -561,6 +591,7 @@ def test_table_covers_every_claim_error(chain: Any) -> None:
         "PaymentChannelsInvalidSignature",
         "PaymentChannelsInvalidSigner",
         "PaymentChannelsNothingToClaim",
+        "PaymentChannelsInvalidLane",
     }
     assert set(CONTRACT_TO_PYTHON) == claim_errors
     assert {r.expect.error for r in ROWS.values() if isinstance(r.expect, Refused)} == claim_errors

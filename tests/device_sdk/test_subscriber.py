@@ -23,6 +23,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from eth_account import Account
+from eth_utils import to_checksum_address
 from paho.mqtt.enums import CallbackAPIVersion
 from support import wait_until
 
@@ -749,8 +750,9 @@ async def test_chain_helpers_open_top_up_close_withdraw(
     assert info is not None
     assert info.deposit == 15_000
     # A voucher the subscriber signs is what the contract computes.
-    assert await market.channels.voucher_digest(channel_id, 1234) == sub.domain.digest(
-        channel_id, 1234
+    lane = sub.broker  # a broker without broker_key: the operator's own lane
+    assert await market.channels.voucher_digest(channel_id, lane, 1234) == sub.domain.digest(
+        channel_id, lane, 1234
     )
     closing = await sub.close_channel(market, channel_id)
     chain.time_travel(closing.closes_at - chain.now() + 1)
@@ -830,3 +832,43 @@ def test_after_a_reconnect_the_latest_unconfirmed_voucher_is_sent_again(
         assert sub.wait_confirmed(CHANNEL, 2000, 5)
     finally:
         op.close()
+
+
+# --------------------------------------------------------------------------------- lanes
+
+LANE_A = "0x" + "a1" * 20  # TEST ONLY broker keys: any addresses
+LANE_B = "0x" + "b2" * 20
+
+
+def test_one_counter_per_lane_and_never_over_the_deposit(make_sub: Any, operator: Operator) -> None:
+    """Issue 14: the quotes name the broker's lane; the SDK keeps one cumulative counter per
+    (channel, lane), so moving from broker A to broker B starts B's lane at 0, and it never
+    signs lanes that together exceed the deposit it knows."""
+    sub, rec = make_sub()
+    sub.set_deposit(CHANNEL, 3 * PRICE)
+    lane_a, lane_b = (to_checksum_address(x) for x in (LANE_A, LANE_B))
+    q_a = Quote(TOPIC, SELLER, CHANNEL, PRICE, credit=3 * PRICE, charged=0, paid=0, lane=lane_a)
+    start_paid(sub, operator, q_a)
+    for _ in range(2):
+        operator.data(TOPIC)
+    rec.take(2)
+    got = operator.drain(2)
+    assert check_signed(got) == [PRICE, 2 * PRICE]
+    assert {v.lane for v in got} == {lane_a}
+    q_b = Quote(TOPIC, SELLER, CHANNEL, PRICE, credit=3 * PRICE, charged=0, paid=0, lane=lane_b)
+    operator.notice(sub.address, q_b)
+    wait_until(lambda: sub.quote(TOPIC) == q_b)
+    operator.data(TOPIC)
+    rec.take(1)
+    (first_b,) = operator.drain(1)
+    assert (first_b.lane, first_b.cumulative_amount) == (lane_b, PRICE)  # B starts at 0
+    operator.data(TOPIC)  # lane B at 2 * PRICE would make 4 * PRICE over both: not signed
+    rec.take(1)
+    wait_until(lambda: len(rec.kinds(PaymentEventKind.DEPOSIT_EXHAUSTED)) == 1)
+    assert operator.drain() == []
+    assert sub.vouchered(CHANNEL, lane_a) == 2 * PRICE
+    assert sub.vouchered(CHANNEL, lane_b) == PRICE
+    assert sub.vouchered(CHANNEL) == 3 * PRICE
+    operator.notice(sub.address, Receipt(CHANNEL, PRICE, lane_b))
+    assert sub.wait_confirmed(CHANNEL, PRICE, 5, lane_b)
+    assert sub.confirmed(CHANNEL, lane_a) == 0

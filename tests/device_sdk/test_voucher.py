@@ -43,6 +43,7 @@ from blendsm.errors import (
     ConfigError,
     VoucherChannelError,
     VoucherError,
+    VoucherLaneError,
     VoucherNotNewerError,
     VoucherSignatureError,
     WireError,
@@ -56,6 +57,9 @@ KEY = bytes.fromhex("ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f
 PAYER = Account.from_key(KEY).address  # anvil's first account
 OTHER_KEY = bytes.fromhex("59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d")
 CID = bytes.fromhex("11" * 32)
+# TEST ONLY: the broker key a voucher names (its lane); any address.
+LANE = to_checksum_address("0x" + "ab" * 20)
+OTHER_LANE = to_checksum_address("0x" + "cd" * 20)
 OTHER_CID = bytes.fromhex("22" * 32)
 
 private_keys = st.integers(1, SECP256K1_N - 1).map(lambda k: k.to_bytes(32, "big"))
@@ -64,7 +68,9 @@ bytes32s = st.binary(min_size=32, max_size=32)
 addresses = st.binary(min_size=20, max_size=20)
 
 
-def typed_data(chain_id: int, contract: str, channel_id: bytes, amount: int) -> SignableMessage:
+def typed_data(
+    chain_id: int, contract: str, channel_id: bytes, amount: int, lane: str | None = None
+) -> SignableMessage:
     """The same voucher as eth_account encodes it from the EIP-712 JSON form."""
     return encode_typed_data(
         full_message={
@@ -77,17 +83,22 @@ def typed_data(chain_id: int, contract: str, channel_id: bytes, amount: int) -> 
                 ],
                 "Voucher": [
                     {"name": "channelId", "type": "bytes32"},
+                    {"name": "lane", "type": "address"},
                     {"name": "cumulativeAmount", "type": "uint256"},
                 ],
             },
             "primaryType": "Voucher",
             "domain": {
                 "name": "BlendSM PaymentChannels",
-                "version": "1",
+                "version": "2",
                 "chainId": chain_id,
                 "verifyingContract": contract,
             },
-            "message": {"channelId": channel_id, "cumulativeAmount": amount},
+            "message": {
+                "channelId": channel_id,
+                "lane": lane or LANE,
+                "cumulativeAmount": amount,
+            },
         }
     )
 
@@ -108,7 +119,7 @@ def channel() -> ChannelState:
 
 
 def with_signature(voucher: Voucher, signature: bytes) -> Voucher:
-    return Voucher(voucher.channel_id, voucher.cumulative_amount, signature)
+    return Voucher(voucher.channel_id, voucher.lane, voucher.cumulative_amount, signature)
 
 
 def rs_v(r: int, s: int, v: int) -> bytes:
@@ -165,11 +176,14 @@ def test_checksum_address_rejects_wrong_length() -> None:
 
 
 def test_typehashes() -> None:
-    assert keccak256(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)") == VOUCHER_TYPEHASH
+    assert (
+        keccak256(b"Voucher(bytes32 channelId,address lane,uint256 cumulativeAmount)")
+        == VOUCHER_TYPEHASH
+    )
     assert EIP712_DOMAIN_TYPEHASH.hex() == (
         "8b73c3c69bb8fe3d512ecc4cf759cc79239f7b179b0ffacaa9a75d522b39400f"
     )
-    assert (VOUCHER_DOMAIN_NAME, VOUCHER_DOMAIN_VERSION) == ("BlendSM PaymentChannels", "1")
+    assert (VOUCHER_DOMAIN_NAME, VOUCHER_DOMAIN_VERSION) == ("BlendSM PaymentChannels", "2")
 
 
 @settings(max_examples=60)
@@ -193,9 +207,9 @@ def test_sign_and_recover_match_eth_account(
     domain = VoucherDomain(chain_id, address)
     message = typed_data(chain_id, address, channel_id, amount)
     theirs = Account.sign_message(message, key)
-    ours = sign_voucher(key, domain, channel_id, amount)
+    ours = sign_voucher(key, domain, channel_id, LANE, amount)
 
-    assert voucher_digest(domain, channel_id, amount) == theirs.message_hash
+    assert voucher_digest(domain, channel_id, LANE, amount) == theirs.message_hash
     assert ours.signature == theirs.signature  # RFC 6979 on both sides
     assert ours.signature[64] in (27, 28)
     assert int.from_bytes(ours.signature[32:64], "big") <= SECP256K1_HALF_N
@@ -209,9 +223,9 @@ def test_sign_and_recover_match_eth_account(
 def test_signer_is_reusable(domain: VoucherDomain) -> None:
     signer = VoucherSigner(KEY, domain)
     assert signer.address == PAYER
-    vouchers = [signer.sign(CID, amount) for amount in (1, 2, 3)]
+    vouchers = [signer.sign(CID, LANE, amount) for amount in (1, 2, 3)]
     assert [recover_voucher_signer(domain, v) for v in vouchers] == [PAYER] * 3
-    assert vouchers[0] == sign_voucher(KEY, domain, CID, 1)
+    assert vouchers[0] == sign_voucher(KEY, domain, CID, LANE, 1)
 
 
 @pytest.mark.parametrize("bad", [b"", bytes(31), bytes(33), "00" * 32])
@@ -232,27 +246,27 @@ def test_signer_rejects_out_of_range_secret(domain: VoucherDomain, bad: bytes) -
 @pytest.mark.parametrize("channel_id", [b"", bytes(31), bytes(33), bytearray(32), "11" * 32])
 def test_voucher_rejects_channel_id_not_bytes32(channel_id: object) -> None:
     with pytest.raises(VoucherError, match="channel_id"):
-        Voucher(channel_id, 1, bytes(65))  # type: ignore[arg-type]
+        Voucher(channel_id, LANE, 1, bytes(65))  # type: ignore[arg-type]
     with pytest.raises(VoucherError, match="channel_id"):
-        sign_voucher(KEY, VoucherDomain(1, CONTRACT), channel_id, 1)  # type: ignore[arg-type]
+        sign_voucher(KEY, VoucherDomain(1, CONTRACT), channel_id, LANE, 1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("amount", [-1, 2**256, 2**300, True, 1.0, "1"])
 def test_voucher_rejects_amount_not_uint256(amount: object) -> None:
     with pytest.raises(VoucherError, match="cumulative_amount"):
-        Voucher(CID, amount, bytes(65))  # type: ignore[arg-type]
+        Voucher(CID, LANE, amount, bytes(65))  # type: ignore[arg-type]
     with pytest.raises(VoucherError, match="cumulative_amount"):
-        voucher_digest(VoucherDomain(1, CONTRACT), CID, amount)  # type: ignore[arg-type]
+        voucher_digest(VoucherDomain(1, CONTRACT), CID, LANE, amount)  # type: ignore[arg-type]
 
 
 def test_voucher_accepts_uint256_bounds(domain: VoucherDomain) -> None:
     for amount in (0, UINT256_MAX):
-        assert recover_voucher_signer(domain, sign_voucher(KEY, domain, CID, amount)) == PAYER
+        assert recover_voucher_signer(domain, sign_voucher(KEY, domain, CID, LANE, amount)) == PAYER
 
 
 def test_voucher_signature_must_be_bytes() -> None:
     with pytest.raises(VoucherSignatureError):
-        Voucher(CID, 1, "0x" + "00" * 65)  # type: ignore[arg-type]
+        Voucher(CID, LANE, 1, "0x" + "00" * 65)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -286,12 +300,12 @@ def test_channel_state_normalises_and_checks_payer() -> None:
 
 def test_verify_pays_the_delta(verifier: VoucherVerifier, domain: VoucherDomain) -> None:
     channel = ChannelState(PAYER, deposit=1_000, claimed=100)
-    assert verifier.verify(sign_voucher(KEY, domain, CID, 101), channel, now=0) == 1
-    assert verifier.verify(sign_voucher(KEY, domain, CID, 1_000), channel, now=0) == 900
+    assert verifier.verify(sign_voucher(KEY, domain, CID, LANE, 101), channel, now=0) == 1
+    assert verifier.verify(sign_voucher(KEY, domain, CID, LANE, 1_000), channel, now=0) == 900
 
 
 def test_verify_caps_payout_at_deposit(verifier: VoucherVerifier, domain: VoucherDomain) -> None:
-    voucher = sign_voucher(KEY, domain, CID, 5_000)
+    voucher = sign_voucher(KEY, domain, CID, LANE, 5_000)
     assert verifier.verify(voucher, ChannelState(PAYER, 1_000, 100), now=0) == 900
     with pytest.raises(VoucherNotNewerError):
         verifier.verify(voucher, ChannelState(PAYER, 1_000, 1_000), now=0)
@@ -302,14 +316,14 @@ def test_verify_refuses_voucher_not_above_claimed(
     verifier: VoucherVerifier, domain: VoucherDomain, channel: ChannelState, amount: int
 ) -> None:
     with pytest.raises(VoucherNotNewerError):
-        verifier.verify(sign_voucher(KEY, domain, CID, amount), channel, now=0)
+        verifier.verify(sign_voucher(KEY, domain, CID, LANE, amount), channel, now=0)
 
 
 def test_verify_refuses_other_signer(
     verifier: VoucherVerifier, domain: VoucherDomain, channel: ChannelState
 ) -> None:
     with pytest.raises(VoucherSignatureError, match="not by the payer"):
-        verifier.verify(sign_voucher(OTHER_KEY, domain, CID, 500), channel, now=0)
+        verifier.verify(sign_voucher(OTHER_KEY, domain, CID, LANE, 500), channel, now=0)
 
 
 @pytest.mark.parametrize(
@@ -320,7 +334,7 @@ def test_verify_refuses_other_signer(
 def test_verify_refuses_other_domain(
     verifier: VoucherVerifier, channel: ChannelState, signed_under: VoucherDomain
 ) -> None:
-    voucher = sign_voucher(KEY, signed_under, CID, 500)
+    voucher = sign_voucher(KEY, signed_under, CID, LANE, 500)
     assert recover_voucher_signer(signed_under, voucher) == PAYER
     with pytest.raises(VoucherSignatureError, match="not by the payer"):
         verifier.verify(voucher, channel, now=0)
@@ -329,12 +343,12 @@ def test_verify_refuses_other_domain(
 def test_verify_refuses_voucher_moved_to_other_channel(
     verifier: VoucherVerifier, domain: VoucherDomain, channel: ChannelState
 ) -> None:
-    voucher = sign_voucher(KEY, domain, CID, 500)
-    moved = Voucher(OTHER_CID, voucher.cumulative_amount, voucher.signature)
+    voucher = sign_voucher(KEY, domain, CID, LANE, 500)
+    moved = Voucher(OTHER_CID, LANE, voucher.cumulative_amount, voucher.signature)
     with pytest.raises(VoucherSignatureError, match="not by the payer"):
         verifier.verify(moved, channel, now=0)
     # Honest voucher for another channel of the same payer, credited to the wrong one.
-    other = sign_voucher(KEY, domain, OTHER_CID, 500)
+    other = sign_voucher(KEY, domain, OTHER_CID, LANE, 500)
     assert verifier.verify(other, channel, now=0) == 400
     with pytest.raises(VoucherChannelError, match="not 0x2222"):
         verifier.verify(voucher, channel, now=0, channel_id=OTHER_CID)
@@ -344,9 +358,9 @@ def test_verify_refuses_voucher_moved_to_other_channel(
 def test_verify_refuses_altered_amount(
     verifier: VoucherVerifier, domain: VoucherDomain, channel: ChannelState
 ) -> None:
-    voucher = sign_voucher(KEY, domain, CID, 500)
+    voucher = sign_voucher(KEY, domain, CID, LANE, 500)
     with pytest.raises(VoucherSignatureError, match="not by the payer"):
-        verifier.verify(Voucher(CID, 900, voucher.signature), channel, now=0)
+        verifier.verify(Voucher(CID, LANE, 900, voucher.signature), channel, now=0)
 
 
 # --- verify: channel state ------------------------------------------------------------
@@ -366,26 +380,26 @@ def test_verify_refuses_channel_state(
     verifier: VoucherVerifier, domain: VoucherDomain, state: ChannelState | None, match: str
 ) -> None:
     with pytest.raises(VoucherChannelError, match=match):
-        verifier.verify(sign_voucher(KEY, domain, CID, 500), state, now=1_000)
+        verifier.verify(sign_voucher(KEY, domain, CID, LANE, 500), state, now=1_000)
 
 
 def test_verify_claims_during_challenge_period(
     verifier: VoucherVerifier, domain: VoucherDomain
 ) -> None:
     closing = ChannelState(PAYER, 1_000, 100, closes_at=1_001)
-    assert verifier.verify(sign_voucher(KEY, domain, CID, 500), closing, now=1_000) == 400
+    assert verifier.verify(sign_voucher(KEY, domain, CID, LANE, 500), closing, now=1_000) == 400
 
 
 def test_check_order_channel_then_signature_then_amount(
     verifier: VoucherVerifier, domain: VoucherDomain
 ) -> None:
-    bad_sig_stale = Voucher(CID, 50, bytes(64))  # bad signature AND not newer
+    bad_sig_stale = Voucher(CID, LANE, 50, bytes(64))  # bad signature AND not newer
     settled = ChannelState(PAYER, 1_000, 100, settled=True)
     with pytest.raises(VoucherChannelError):
         verifier.verify(bad_sig_stale, settled, now=0)
     with pytest.raises(VoucherSignatureError):
         verifier.verify(bad_sig_stale, ChannelState(PAYER, 1_000, 100), now=0)
-    stale_other_signer = sign_voucher(OTHER_KEY, domain, CID, 50)
+    stale_other_signer = sign_voucher(OTHER_KEY, domain, CID, LANE, 50)
     with pytest.raises(VoucherSignatureError):
         verifier.verify(stale_other_signer, ChannelState(PAYER, 1_000, 100), now=0)
 
@@ -395,7 +409,7 @@ def test_check_order_channel_then_signature_then_amount(
 
 @pytest.fixture
 def good(domain: VoucherDomain) -> Voucher:
-    return sign_voucher(KEY, domain, CID, 500)
+    return sign_voucher(KEY, domain, CID, LANE, 500)
 
 
 def test_high_s_twin_is_refused(
@@ -408,7 +422,7 @@ def test_high_s_twin_is_refused(
     assert twin[64] == 55 - v
     # Plain ecrecover (eth_keys, no low-s rule) maps the twin to the same payer ...
     vrs = Signature(vrs=(twin[64] - 27, int.from_bytes(twin[:32]), int.from_bytes(twin[32:64])))
-    digest = voucher_digest(domain, CID, 500)
+    digest = voucher_digest(domain, CID, LANE, 500)
     assert vrs.recover_public_key_from_msg_hash(digest).to_checksum_address() == PAYER
     # ... which is exactly why OZ and we refuse it.
     with pytest.raises(VoucherSignatureError, match=r"^ECDSAInvalidSignatureS\(0x"):
@@ -429,10 +443,10 @@ def test_s_at_half_order_is_not_high(verifier: VoucherVerifier, channel: Channel
     # s == n/2 passes OZ's s check; the signature then fails only as a wrong signer/point.
     sig = rs_v(1, SECP256K1_HALF_N, 27)
     with pytest.raises(VoucherSignatureError) as info:
-        verifier.verify(Voucher(CID, 500, sig), channel, now=0)
+        verifier.verify(Voucher(CID, LANE, 500, sig), channel, now=0)
     assert "ECDSAInvalidSignatureS" not in str(info.value)
     with pytest.raises(VoucherSignatureError, match="ECDSAInvalidSignatureS"):
-        verifier.verify(Voucher(CID, 500, rs_v(1, SECP256K1_HALF_N + 1, 27)), channel, now=0)
+        verifier.verify(Voucher(CID, LANE, 500, rs_v(1, SECP256K1_HALF_N + 1, 27)), channel, now=0)
 
 
 @pytest.mark.parametrize("v", [0, 1, 2, 3, 26, 29, 35, 255])
@@ -510,11 +524,11 @@ def _scalars(edges: list[int]) -> st.SearchStrategy[int]:
 def test_random_signatures_agree_with_raw_ecrecover(r: int, s: int, v: int) -> None:
     """Wherever OZ's extra rules pass, we recover what eth_keys' ecrecover recovers."""
     domain = VoucherDomain(CHAIN_ID, CONTRACT)
-    voucher = Voucher(CID, 7, rs_v(r, s, v))
+    voucher = Voucher(CID, LANE, 7, rs_v(r, s, v))
     try:
         expected: str | None = (
             Signature(vrs=(v - 27, r, s))
-            .recover_public_key_from_msg_hash(voucher_digest(domain, CID, 7))
+            .recover_public_key_from_msg_hash(voucher_digest(domain, CID, LANE, 7))
             .to_checksum_address()
         )
     except Exception:  # eth_keys refuses what ecrecover would map to address(0)
@@ -544,7 +558,7 @@ def test_device_sdk_imports_without_web3_or_amqtt() -> None:
         sys.meta_path.insert(0, Block())
         import blendsm.device_sdk as sdk
         domain = sdk.VoucherDomain(1, bytes(20))
-        voucher = sdk.sign_voucher(bytes(31) + b"\\x01", domain, bytes(32), 1)
+        voucher = sdk.sign_voucher(bytes(31) + b"\\x01", domain, bytes(32), bytes(20), 1)
         assert sdk.recover_voucher_signer(domain, voucher)
         assert not {"web3", "amqtt"} & set(sys.modules)
         """
@@ -557,9 +571,44 @@ def test_device_sdk_imports_without_web3_or_amqtt() -> None:
 def test_typed_data_json_is_the_same_voucher(chain_id: int, channel_id: bytes, amount: int) -> None:
     # Wallets that sign EIP-712 JSON themselves must produce the digest the contract checks.
     domain = VoucherDomain(chain_id, CONTRACT)
-    ours = encode_typed_data(full_message=voucher_typed_data(domain, channel_id, amount))
+    ours = encode_typed_data(full_message=voucher_typed_data(domain, channel_id, LANE, amount))
     reference = typed_data(chain_id, domain.verifying_contract, channel_id, amount)
     assert (ours.header, ours.body) == (reference.header, reference.body)
     assert keccak256(b"\x19\x01" + ours.header + ours.body) == voucher_digest(
-        domain, channel_id, amount
+        domain, channel_id, LANE, amount
     )
+
+
+# --------------------------------------------------------------------------------- lanes
+
+
+def test_the_lane_is_signed(domain: VoucherDomain, verifier: VoucherVerifier) -> None:
+    """A voucher for one lane does not verify as another lane's: the payer signed the lane."""
+    voucher = sign_voucher(KEY, domain, CID, LANE, 500)
+    assert voucher.lane == LANE
+    moved = Voucher(CID, OTHER_LANE, 500, voucher.signature)
+    assert recover_voucher_signer(domain, moved) != PAYER
+    assert voucher_digest(domain, CID, LANE, 500) != voucher_digest(domain, CID, OTHER_LANE, 500)
+    # the lane may be given in any case or as bytes: it is kept in checksum form
+    assert Voucher(CID, LANE.lower(), 500, voucher.signature) == voucher
+    assert sign_voucher(KEY, domain, CID, bytes.fromhex(LANE[2:]), 500) == voucher
+    with pytest.raises(VoucherError, match="lane"):
+        Voucher(CID, "0x1234", 500, voucher.signature)
+
+
+def test_verifier_pins_the_lane_and_caps_it_by_the_deposit_left(
+    domain: VoucherDomain, verifier: VoucherVerifier
+) -> None:
+    """Lane A took 300 and lane B 500 of a 1,000 deposit: B's next voucher can reach at most
+    500 + (1,000 - 800) = 700, and a voucher naming lane A is refused where B meters."""
+    lane_b = ChannelState(PAYER, 1_000, 800, lane=OTHER_LANE, lane_claimed=500)
+    assert lane_b.lane_payable == 700
+    assert verifier.verify(sign_voucher(KEY, domain, CID, OTHER_LANE, 650), lane_b, now=0) == 150
+    assert verifier.verify(sign_voucher(KEY, domain, CID, OTHER_LANE, 9_000), lane_b, now=0) == 200
+    with pytest.raises(VoucherNotNewerError):
+        verifier.verify(sign_voucher(KEY, domain, CID, OTHER_LANE, 500), lane_b, now=0)
+    with pytest.raises(VoucherLaneError):
+        verifier.verify(sign_voucher(KEY, domain, CID, LANE, 650), lane_b, now=0)
+    full = ChannelState(PAYER, 1_000, 1_000, lane=OTHER_LANE, lane_claimed=500)
+    with pytest.raises(VoucherNotNewerError):
+        verifier.verify(sign_voucher(KEY, domain, CID, OTHER_LANE, 650), full, now=0)

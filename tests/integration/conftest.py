@@ -220,11 +220,16 @@ def split_messages(messages: list[Any], topic: str) -> tuple[list[bytes], list[A
     return data, notices
 
 
-def voucher_payload(chain: Any, label: str, channel: bytes, amount: int) -> bytes:
-    """A voucher of the TEST-ONLY account ``label`` for ``amount`` (cumulative) on
-    ``channel``, encoded as published on its voucher topic."""
+def voucher_payload(
+    chain: Any, label: str, channel: bytes, amount: int, lane: str | None = None
+) -> bytes:
+    """A voucher of the TEST-ONLY account ``label`` for ``amount`` (cumulative) on ``lane``
+    (default: the operator's own, a broker without broker_key) of ``channel``, encoded as
+    published on its voucher topic."""
     domain = VoucherDomain(chain.deployment.chain_id, chain.deployment.address("PaymentChannels"))
-    return encode_voucher(sign_voucher(bytes(chain.accounts[label].key), domain, channel, amount))
+    key = bytes(chain.accounts[label].key)
+    lane = lane or chain.addr("operator")
+    return encode_voucher(sign_voucher(key, domain, channel, lane, amount))
 
 
 class Payer:
@@ -238,6 +243,8 @@ class Payer:
         )
         self.topic = f"blendsm/ctl/{chain.addr(label).lower()}/voucher"
         self.client = client
+        self.lane = chain.addr("operator")
+        """The broker's lane: the operator's own (no broker_key)."""
 
     async def pay(
         self,
@@ -246,8 +253,11 @@ class Payer:
         *,
         domain: VoucherDomain | None = None,
         key: bytes | None = None,
+        lane: str | None = None,
     ) -> None:
-        voucher = sign_voucher(key or self.key, domain or self.domain, channel, amount)
+        voucher = sign_voucher(
+            key or self.key, domain or self.domain, channel, lane or self.lane, amount
+        )
         await self.client.publish(self.topic, encode_voucher(voucher), qos=1)
 
     async def raw(self, payload: bytes) -> None:

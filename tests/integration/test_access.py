@@ -162,8 +162,9 @@ async def test_min_rating_policy_admits_only_well_rated_buyers(market: Market) -
     domain = VoucherDomain(chain.deployment.chain_id, chain.deployment.address("PaymentChannels"))
     # buyer earns a 5-star rating from the seller on a channel with a claim
     channel = await market.open_channel("buyer")
-    voucher = sign_voucher(bytes(chain.accounts["buyer"].key), domain, channel, 1)
-    await market.mp("seller").channels.claim(channel, 1, voucher.signature)
+    lane = chain.addr("operator")  # the broker's lane: the operator's own (no broker_key)
+    voucher = sign_voucher(bytes(chain.accounts["buyer"].key), domain, channel, lane, 1)
+    await market.mp("seller").channels.claim(channel, lane, 1, voucher.signature)
     await market.mp("seller").ratings.rate(channel, 5)
     channel2 = await market.open_channel("buyer2")
     created = await market.mp("seller").market.create_topic(

@@ -282,7 +282,9 @@ async def test_dashboard_shows_live_market_in_headless_chromium(
         for i in range(3, 5):
             await device.publish(TOPIC, b"reading %d" % i, qos=1)
         domain = VoucherDomain(deployment.chain_id, deployment.address("PaymentChannels"))
-        voucher = sign_voucher(bytes(chain.accounts["buyer"].key), domain, channel, 5 * PRICE)
+        voucher = sign_voucher(
+            bytes(chain.accounts["buyer"].key), domain, channel, chain.addr("operator"), 5 * PRICE
+        )
         await buyer.publish(
             f"blendsm/ctl/{chain.addr('buyer').lower()}/voucher", encode_voucher(voucher), qos=1
         )

@@ -122,6 +122,7 @@ async def _pay(chain: Any, buyer: Any, channel: bytes, amount: int) -> None:
         bytes(chain.accounts["buyer"].key),
         VoucherDomain(chain.deployment.chain_id, chain.deployment.address("PaymentChannels")),
         channel,
+        chain.addr("operator"),  # the broker's lane: the operator's own (no broker_key)
         amount,
     )
     topic = f"blendsm/ctl/{chain.addr('buyer').lower()}/voucher"

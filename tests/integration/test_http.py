@@ -98,7 +98,13 @@ async def _pay(market: Market, buyer: Client, channel: bytes, amount: int) -> No
     domain = VoucherDomain(
         market.chain.deployment.chain_id, market.chain.deployment.address("PaymentChannels")
     )
-    voucher = sign_voucher(bytes(market.chain.accounts["buyer"].key), domain, channel, amount)
+    voucher = sign_voucher(
+        bytes(market.chain.accounts["buyer"].key),
+        domain,
+        channel,
+        market.chain.addr("operator"),
+        amount,
+    )
     topic = f"blendsm/ctl/{market.chain.addr('buyer').lower()}/voucher"
     accepted = market.service.stats.vouchers_accepted
     await buyer.publish(topic, encode_voucher(voucher), qos=1)

@@ -63,6 +63,11 @@ def test_three_brokers_of_two_operators_one_killed_mid_stream(chain: Any) -> Non
         assert 0 <= short <= (bound if ch["on_killed_broker"] else 0), ch
         assert ch["payout_to_seller"] + ch["fee_to_operator"] == ch["settled_onchain"]
         assert ch["payout_to_seller"] + ch["fee_to_operator"] + ch["refund"] == ch["deposit"]
+    # lanes: the moved buyers' channel with operator A was claimed by A1 and A2 on their own
+    # lanes (one channel, one deposit, two brokers, nothing counted twice)
+    for ch in f["channels"]:
+        if ch["operator"] == "A" and ch["buyer"] in f["failover_seconds"]:
+            assert ch["lanes_claimed"] == ["A1", "A2"], ch
     for letter in "AB":
         assert f["per_operator"][letter]["settled_onchain"] > 0
     assert f["paid_to_seller"] + f["fees_to_operators"] + f["refunded_to_buyers"] == f["deposits"]

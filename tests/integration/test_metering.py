@@ -49,7 +49,7 @@ async def test_credit_exhaustion_pauses_delivery_and_a_voucher_resumes_it(market
     await payer.pay(channel, 5 * market.price)
     data, notices = split_messages(await buyer.got.drain(within=1.0), market.topic)
     assert data == [b"m%d" % i for i in range(5, 10)]
-    assert Receipt(channel, 5 * market.price) in notices
+    assert Receipt(channel, 5 * market.price, market.chain.addr("operator")) in notices
     assert (account.charged, account.paid) == (10 * market.price, 5 * market.price)
     assert market.service.meter.denied_no_credit == 0
     await payer.pay(channel, 10 * market.price)

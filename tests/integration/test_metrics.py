@@ -135,7 +135,13 @@ async def test_metrics_endpoint_follows_the_broker(
     domain = VoucherDomain(
         market.chain.deployment.chain_id, market.chain.deployment.address("PaymentChannels")
     )
-    voucher = sign_voucher(bytes(market.chain.accounts["buyer"].key), domain, channel, 5 * PRICE)
+    voucher = sign_voucher(
+        bytes(market.chain.accounts["buyer"].key),
+        domain,
+        channel,
+        market.chain.addr("operator"),
+        5 * PRICE,
+    )
     voucher_topic = f"blendsm/ctl/{market.chain.addr('buyer').lower()}/voucher"
     await buyer.publish(voucher_topic, encode_voucher(voucher), qos=1)
     await buyer.publish(voucher_topic, b"not a voucher", qos=1)
@@ -303,6 +309,7 @@ async def test_chain_node_going_away_counts_chain_errors_and_unhealthy_misses(
                         chain.deployment.chain_id, chain.deployment.address("PaymentChannels")
                     ),
                     channel,
+                    chain.addr("operator"),
                     PRICE,
                 )
             ),

@@ -29,7 +29,7 @@ async def test_prepaid_voucher_is_credit_never_delivered_value(market: Market) -
     buyer, channel = await market.channel_client("buyer")
     await Payer(market, "buyer", buyer).pay(channel, 100 * price)
     _, notices = split_messages(await buyer.got.drain(within=1.0, until=1), market.topic)
-    assert notices == [Receipt(channel, 100 * price)]
+    assert notices == [Receipt(channel, 100 * price, market.chain.addr("operator"))]
 
     assert await buyer.subscribe(market.topic) == [0]
     device = await market.connected_device()

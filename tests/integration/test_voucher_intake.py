@@ -91,7 +91,8 @@ async def test_a_burst_of_vouchers_is_one_commit_all_durable_and_one_receipt_cov
     amounts = [(i + 1) * market.price for i in range(BURST)]
     burst = b"".join(
         publish_packet(
-            payer.topic, encode_voucher(sign_voucher(payer.key, payer.domain, channel, a))
+            payer.topic,
+            encode_voucher(sign_voucher(payer.key, payer.domain, channel, payer.lane, a)),
         )
         for a in amounts
     )
@@ -122,7 +123,7 @@ async def test_a_burst_of_vouchers_is_one_commit_all_durable_and_one_receipt_cov
     latest = await service.store.latest(channel)
     assert latest is not None
     assert latest.cumulative_amount == amounts[-1]
-    assert notices == [Receipt(channel, amounts[-1])]
+    assert notices == [Receipt(channel, amounts[-1], market.chain.addr("operator"))]
 
 
 async def test_a_resent_voucher_is_receipted_not_refused(market: Market) -> None:
@@ -132,10 +133,10 @@ async def test_a_resent_voucher_is_receipted_not_refused(market: Market) -> None
     payer = Payer(market, "buyer", buyer)
     await payer.pay(channel, 3 * market.price)
     _, notices = split_messages(await buyer.got.drain(within=1.0, until=1), market.topic)
-    assert notices == [Receipt(channel, 3 * market.price)]
+    assert notices == [Receipt(channel, 3 * market.price, market.chain.addr("operator"))]
     await payer.pay(channel, 3 * market.price)
     _, notices = split_messages(await buyer.got.drain(within=1.0, until=1), market.topic)
-    assert notices == [Receipt(channel, 3 * market.price)]
+    assert notices == [Receipt(channel, 3 * market.price, market.chain.addr("operator"))]
     assert market.service.stats.vouchers_refused == 0
     assert market.service.stats.vouchers_repeated == 1
     await payer.pay(channel, 2 * market.price)

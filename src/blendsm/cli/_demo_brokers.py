@@ -25,10 +25,12 @@ from typing import Any
 
 from blendsm.errors import BrokerConnectionError
 
-__all__ = ["KEY_ENV", "BrokerProcess"]
+__all__ = ["BROKER_KEY_ENV", "KEY_ENV", "BrokerProcess"]
 
 KEY_ENV = "BLENDSM_DEMO_OPERATOR_KEY"
 """The environment variable naming a broker process's TEST-ONLY operator key."""
+BROKER_KEY_ENV = "BLENDSM_DEMO_BROKER_KEY"
+"""... and the one naming its own TEST-ONLY broker key (its lane of every channel)."""
 START_SECONDS = 60.0
 """How long a broker may take to sync its chain view and listen."""
 
@@ -45,6 +47,10 @@ class BrokerProcess:
     folder: Path
     key_hex: str
     """The operator's TEST-ONLY private key (hex), passed in the environment only."""
+    broker_key_hex: str
+    """The broker's own TEST-ONLY key (hex), registered in ``Brokers`` to its operator."""
+    lane: str = ""
+    """The broker key's address: its lane in every channel (set once registered)."""
     proc: subprocess.Popen[str] | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=50))
     starts: int = 0
@@ -61,6 +67,7 @@ class BrokerProcess:
                 "poll_interval": 0.1,
             },
             "operator_key": {"env": KEY_ENV},
+            "broker_key": {"env": BROKER_KEY_ENV},
             "data_dir": str(self.folder / "data"),
             "log_level": "ERROR",
             **sections,
@@ -79,7 +86,7 @@ class BrokerProcess:
             self.proc.stdout.close()  # a previous run's pipe (killed: its reader has ended)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "blendsm.cli", "broker", "-c", str(self.folder / "broker.yaml")],
-            env={**os.environ, KEY_ENV: self.key_hex},
+            env={**os.environ, KEY_ENV: self.key_hex, BROKER_KEY_ENV: self.broker_key_hex},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

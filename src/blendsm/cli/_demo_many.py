@@ -151,8 +151,9 @@ async def _start_brokers(run: ManyRun, count: int) -> None:
     for index in range(count):
         operator = OPERATORS[index % 2]
         name = f"{'AB'[index % 2]}{index // 2 + 1}"
+        own = test_account(f"demo-broker:{name}")  # TEST ONLY: the broker's own key (lane)
         broker = BrokerProcess(
-            name, operator, free_port(), run.tmp / name, accounts[operator].key.hex()
+            name, operator, free_port(), run.tmp / name, accounts[operator].key.hex(), own.key.hex()
         )
         broker.write_config(
             run.url,
@@ -165,8 +166,10 @@ async def _start_brokers(run: ManyRun, count: int) -> None:
                 "anchoring": {"batch_seconds": 1.0},
             },
         )
-        key = test_account(f"demo-broker:{name}").address  # TEST ONLY: the broker's own key
-        await run.mps[operator].brokers.register_broker(key, f"mqtt://127.0.0.1:{broker.port}")
+        await run.mps[operator].brokers.register_broker(
+            own.address, f"mqtt://127.0.0.1:{broker.port}"
+        )
+        broker.lane = own.address
         run.brokers.append(broker)
         run.by_port[broker.port] = name
     run.view.say(
@@ -180,14 +183,9 @@ async def _start_brokers(run: ManyRun, count: int) -> None:
 
 
 def _order(endpoints: Sequence[Any], names: dict[int, str], first: str) -> list[Any]:
-    """The buyer's failover order: ``first``, then the others in the chain's order. Without
-    lanes a channel must not be metered by two brokers, so at most one broker per operator."""
-    ordered = sorted(endpoints, key=lambda e: names[e.port] != first)
-    chosen: list[Any] = []
-    for endpoint in ordered:
-        if all(e.broker != endpoint.broker for e in chosen):
-            chosen.append(endpoint)
-    return chosen
+    """The buyer's failover order: ``first``, then the others in the chain's order (brokers
+    of one operator meter a shared channel on their own lanes, so any order is safe)."""
+    return sorted(endpoints, key=lambda e: names[e.port] != first)
 
 
 async def _connect_buyers(run: ManyRun) -> None:
@@ -443,6 +441,8 @@ async def _close_channels(run: ManyRun, rows: list[dict[str, Any]]) -> None:
         row["payout_to_seller"] = sum(int(a["payout"]) - int(a["fee"]) for a in mine)
         row["refund"] = refunds[ch]
         row["deposit"] = DEPOSIT
+        names = {b.lane: b.name for b in run.brokers}
+        row["lanes_claimed"] = sorted({names.get(str(a["lane"]), str(a["lane"])) for a in mine})
 
 
 async def _close(run: ManyRun) -> None:
