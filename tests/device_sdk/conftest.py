@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol, TypeVar
 
 import pytest
+from support.stock_amqtt import STOCK_OPERATORS, StockBroker, free_port
 
 
 class Closable(Protocol):
@@ -28,3 +29,14 @@ def closing() -> Iterator[Callable[[C], C]]:
     yield register
     for thing in reversed(made):
         thing.close()
+
+
+@pytest.fixture
+def brokers() -> Iterator[list[StockBroker]]:
+    """Two stock amqtt brokers on free ports (one per :data:`STOCK_OPERATORS`), closed after."""
+    running = [StockBroker(free_port()).start() for _ in STOCK_OPERATORS]
+    try:
+        yield running
+    finally:
+        for broker in running:
+            broker.close()

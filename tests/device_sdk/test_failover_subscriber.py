@@ -5,10 +5,8 @@ replay: tests/integration/test_failover.py.)"""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,8 @@ import pytest
 from eth_account import Account
 from paho.mqtt.enums import CallbackAPIVersion
 from support import wait_until
-from support.stock_amqtt import StockBroker
+from support.stock_amqtt import STOCK_OPERATORS as OPERATORS
+from support.stock_amqtt import StockBroker, free_port
 
 from blendsm.device_sdk import (
     NOTICE,
@@ -45,25 +44,8 @@ CHANNELS = "0x" + "c4" * 20
 DOMAIN = MessageDomain(CHAIN_ID, REGISTRY)
 DEVICE = Account.from_key(bytes.fromhex("6c" * 32))  # TEST-ONLY key
 BUYER = Account.from_key(bytes.fromhex("7d" * 32))  # TEST-ONLY key
-OPERATORS = ("0x" + "a1" * 20, "0x" + "b2" * 20)
 TOPIC = "market/t"
 PRICE = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def brokers() -> Iterator[list[StockBroker]]:
-    running = [StockBroker(free_port()).start() for _ in OPERATORS]
-    try:
-        yield running
-    finally:
-        for broker in running:
-            broker.close()
 
 
 class Tape:

@@ -4,14 +4,14 @@ broker, so a broker that is down holds back only its own leg. Real stock amqtt b
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from eth_account import Account
-from support.stock_amqtt import EnvelopeReader, StockBroker
+from support.stock_amqtt import STOCK_OPERATORS as OPERATORS
+from support.stock_amqtt import EnvelopeReader, StockBroker, free_port
 
 from blendsm.device_sdk import (
     BrokerEndpoint,
@@ -26,13 +26,6 @@ CHAIN_ID = 31337
 REGISTRY = "0x" + "5c" * 20
 DOMAIN = MessageDomain(CHAIN_ID, REGISTRY)
 DEVICE = Account.from_key(bytes.fromhex("6c" * 32))  # TEST-ONLY key
-OPERATORS = ("0x" + "a1" * 20, "0x" + "b2" * 20)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Reader(EnvelopeReader):
@@ -43,16 +36,6 @@ class Reader(EnvelopeReader):
 
     def envelopes(self, n: int, timeout: float = 10.0) -> list[Envelope]:
         return [envelope for _, envelope in self.take(n, timeout)]
-
-
-@pytest.fixture
-def brokers() -> Iterator[list[StockBroker]]:
-    running = [StockBroker(free_port()).start() for _ in OPERATORS]
-    try:
-        yield running
-    finally:
-        for broker in running:
-            broker.close()
 
 
 @pytest.fixture

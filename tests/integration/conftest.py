@@ -427,10 +427,12 @@ def mqtt_client() -> type[Client]:
     return Client
 
 
-def anvil_broker_config(chain: Any, folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def anvil_broker_config(
+    chain: Any, folder: Path, operator: str = "operator"
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The ``chain``, ``operator_key`` and ``data_dir`` sections of a broker YAML in ``folder``
     on the test's anvil chain (its deployment saved there), and the environment holding the
-    operator's TEST-ONLY key that ``operator_key`` names."""
+    TEST-ONLY key of the ``operator`` account that ``operator_key`` names."""
     chain.deployment.save(folder / "deployment.json")
     sections = {
         "chain": {
@@ -442,7 +444,7 @@ def anvil_broker_config(chain: Any, folder: Path) -> tuple[dict[str, Any], dict[
         "operator_key": {"env": OPERATOR_KEY_ENV},
         "data_dir": "data",
     }
-    return sections, {OPERATOR_KEY_ENV: chain.accounts["operator"].key.hex()}  # TEST ONLY
+    return sections, {OPERATOR_KEY_ENV: chain.accounts[operator].key.hex()}  # TEST ONLY
 
 
 @dataclass

@@ -41,7 +41,7 @@ from blendsm.device_sdk import (
 )
 from blendsm.errors import BrokerConnectionError, BrokerRefusedError, ConfigError
 
-from .conftest import OPERATOR_KEY_ENV, BrokerProcess, enrol_market, open_channel
+from .conftest import BrokerProcess, anvil_broker_config, enrol_market, open_channel
 
 PRICE = 1_000
 CREDIT = 5
@@ -53,23 +53,15 @@ FAILOVER_BOUND = 5.0
 def _broker(chain: Any, folder: Path, operator: str) -> BrokerProcess:
     """A broker process config for ``operator`` in its own folder (data dir, port)."""
     folder.mkdir()
-    chain.deployment.save(folder / "deployment.json")
+    sections, env = anvil_broker_config(chain, folder, operator)
     port = free_port()
     config = {
         "listen": {"host": "127.0.0.1", "port": port},
-        "chain": {
-            "endpoint": chain.anvil.url,
-            "deployment": "deployment.json",
-            "confirmations": 0,
-            "poll_interval": 0.05,
-        },
-        "operator_key": {"env": OPERATOR_KEY_ENV},
-        "data_dir": "data",
+        **sections,
         "log_level": "WARNING",
         "payments": {"credit_messages": CREDIT, "settlement": {"interval_seconds": 1.0}},
     }
     (folder / "broker.yaml").write_text(yaml.safe_dump(config))
-    env = {OPERATOR_KEY_ENV: chain.accounts[operator].key.hex()}  # TEST ONLY
     return BrokerProcess(folder / "broker.yaml", port, env)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import socket
 import threading
 from typing import Any
 
@@ -13,6 +14,16 @@ from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from blendsm.device_sdk import Envelope, MessageDomain, decode_envelope, verify_envelope
+
+STOCK_OPERATORS = ("0x" + "a1" * 20, "0x" + "b2" * 20)
+"""Made-up operator addresses for SDK tests against stock brokers (one per broker)."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class StoppableStockBroker(Broker):
