@@ -83,6 +83,10 @@ async def connect_chain(config: BrokerConfig) -> ChainConnection:
         w3 = connect(EMBEDDED, ethereum_tester=tester)
         deployment = await deploy_suite(w3, deployer)
         await enrol_operator(w3, deployment, operator, deployer)
+        # The in-process chain mines only on transactions: without these blocks the view
+        # (``chain.confirmations`` deep) would not see the operator enrolled, and a broker
+        # whose operator is not active serves no market topic, until two more transactions.
+        tester.mine_blocks(config.chain.confirmations)
         return ChainConnection(w3, deployment, operator, tester)
     account = resolve_operator_account(config)
     if account is None or config.chain.deployment is None:

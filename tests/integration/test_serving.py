@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from support import Client, enrol
 
+from blendsm.broker import parse_config, start_broker
 from blendsm.contracts import Role
 from blendsm.device_sdk import Refusal
 
@@ -140,3 +141,19 @@ async def test_a_stale_chain_view_refuses_like_every_market_decision(market: Mar
     data, _ = split_messages(await live.got.drain(within=0.8), market.topic)
     assert data == []
     assert market.service.stats.subscribes_refused_not_serving == 0  # undecided, not "no"
+
+
+async def test_an_embedded_broker_serves_from_its_start_with_default_confirmations(
+    tmp_path: Any,
+) -> None:
+    """``blendsm broker`` on the embedded chain enrols its operator at start. That chain mines
+    only on transactions, so with the default ``chain.confirmations`` (2) the view did not see
+    the enrolment: the operator was not active, and every market topic was refused until two
+    more transactions happened (CI caught the start-up warning)."""
+    config = parse_config({"listen": {"host": "127.0.0.1", "port": 0}, "data_dir": str(tmp_path)})
+    assert config.chain.confirmations == 2
+    running = await start_broker(config)
+    try:
+        assert running.service.view.operator_active()
+    finally:
+        await running.stop()
