@@ -23,7 +23,7 @@ The rule is the contract's, read from the mirrored state:
 from __future__ import annotations
 
 import logging
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from blendsm.contracts import ChainEvent, Deployment, Role, TopicInfo
 
@@ -41,8 +41,9 @@ class ServingLists:
 
     log: logging.Logger
 
-    def _has_active_role(self, key: str, role: Role) -> bool:
-        raise NotImplementedError  # the chain view's
+    if TYPE_CHECKING:  # the chain view's, found through the MRO
+
+        def _has_active_role(self, key: str, role: Role) -> bool: ...
 
     def _init_serving(self, deployment: Deployment) -> tuple[str, ...]:
         """Empty lists; the events to follow (none for a deployment without Brokers)."""
