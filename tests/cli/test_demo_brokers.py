@@ -1,7 +1,22 @@
-"""``blendsm demo --brokers 3`` end to end, as a user runs it: three real broker processes of
-two operators on the chain the demo serves, one SIGKILLed mid-stream. Its JSON line is
-checked here, not only its own verdict: the buyers moved within 5 s, no sequence was lost
-after de-duplication, and every wei is accounted for per channel, per operator and in total."""
+"""``blendsm demo --brokers 3`` end to end, as a user runs it: three real ``blendsm broker``
+processes of two operators (A1, A2 of A; B1 of B) registered in the ``Brokers`` contract, on
+the development chain the demo serves over JSON-RPC (py-evm), two multi-homed devices, four
+paying ``FailoverSubscriber`` buyers with a channel to each operator. The busiest broker is
+SIGKILLed mid-stream and started again.
+
+Checked here from the JSON's raw figures (not only the demo's own verdict): every buyer on the
+killed broker resumed on another one within 5 s; after de-duplication no buyer misses a
+sequence and none reported a gap; per channel what the buyer received equals what it
+vouchered, and what was settled on chain equals it too, except on the killed broker's
+channels, which may fall short by what that broker delivered but had not yet written down when
+it died (it never claims what it cannot show; never more than one credit window, never above
+the vouchers); payouts + fees + refunds equal the deposits; all three brokers served; the
+killed one rejoined (its devices' outboxes caught up).
+
+One run, on the demo's own chain: the same scenario on anvil (``--chain URL``) ran here too
+until it was found to repeat every check on the same code path for ~25 s of CI; the anvil
+JSON-RPC path of brokers, lanes and failover is covered by ``tests/integration/test_failover.py``
+and ``tests/integration/test_lanes.py``."""
 
 from __future__ import annotations
 
@@ -30,6 +45,7 @@ def test_three_brokers_one_killed_buyers_move_and_every_wei_is_accounted_for() -
     assert done.returncode == 0, done.stderr[-3000:]
     d = json.loads(done.stdout.strip().splitlines()[-1])
     assert d["invariants_hold"] is True, d["problems"]
+    assert d["problems"] == []
     assert [(b["name"], b["operator"]) for b in d["brokers"]] == [
         ("A1", "A"),
         ("B1", "B"),
@@ -39,18 +55,24 @@ def test_three_brokers_one_killed_buyers_move_and_every_wei_is_accounted_for() -
     assert next(b for b in d["brokers"] if b["name"] == killed)["starts"] == 2  # rejoined
     assert d["rejoined_seconds"] is not None
     # the buyers on the killed broker resumed elsewhere within 5 s, nothing lost after dedup
-    assert len(d["failover_seconds"]) == 2
+    assert killed == "A1"  # two buyers start there: the busiest
+    assert sorted(d["failover_seconds"]) == ["buyer-1", "buyer-2"]
     assert 0 < d["failover_seconds_max"] < 5
     assert d["messages_published"] > 0
     assert set(d["lost_after_dedup"].values()) == {0}
+    assert set(d["gaps_reported"].values()) == {0}
+    served = {b for per in d["delivered_per_broker"].values() for b in per}
+    assert served == {"A1", "B1", "A2"}
     assert d["owed_after_settle_up"] == 0  # the restarted broker got the vouchers it lost
     for buyer, per_broker in d["delivered_per_broker"].items():
         if buyer in d["failover_seconds"]:  # served by the killed broker, then another one
             assert len(per_broker) == 2, per_broker
     # money per channel: received == vouchered; settled equal too, except the killed
     # broker's channels, short by at most what it lost count of (never above)
+    assert d["uncounted_bound_per_channel"] == CREDIT_BOUND
+    assert len(d["channels"]) == 8  # 4 buyers x 2 operators
     for ch in d["channels"]:
-        assert ch["received_value"] == ch["vouchered"]
+        assert ch["received_value"] == ch["vouchered"], ch
         short = ch["vouchered"] - ch["settled_onchain"]
         assert 0 <= short <= (CREDIT_BOUND if ch["on_killed_broker"] else 0), ch
         assert ch["payout_to_seller"] + ch["fee_to_operator"] == ch["settled_onchain"]

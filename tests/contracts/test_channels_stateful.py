@@ -25,7 +25,7 @@ block; refused actions are only simulated, so the state they leave was already c
   exactly deposit - claimed (checked on every withdraw).
 
 Each hypothesis example starts from a chain snapshot and reverts to it at teardown. Bounded:
-40 examples of up to 25 steps on the embedded chain (``BLENDSM_CHANNELS_EXAMPLES=400`` for a
+25 examples of up to 25 steps on the embedded chain (``BLENDSM_CHANNELS_EXAMPLES=400`` for a
 longer local hunt), 10 of up to 20 on anvil. ``-s`` prints how often each function met each
 outcome, to see what the random runs actually reached.
 """
@@ -697,7 +697,7 @@ def _prepare(chain: Any) -> None:
 
 RUNS = {
     "embedded": settings(
-        max_examples=int(os.environ.get("BLENDSM_CHANNELS_EXAMPLES", "40")),
+        max_examples=int(os.environ.get("BLENDSM_CHANNELS_EXAMPLES", "25")),
         stateful_step_count=25,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
