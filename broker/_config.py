@@ -140,12 +140,14 @@ class PaymentsConfig:
 
     credit_messages: int = 5
     """Unpaid messages a subscriber may receive before delivery pauses (>= 1)."""
-    hold_messages: int = 1000
+    hold_messages: int = 10_000
     """Live paid deliveries one session may have held while waiting for a voucher (0-10000;
-    0: none, a delivery refused for credit is dropped); past it the oldest is dropped. As many
-    as an offline session may have queued (``sessions.max_queued_messages``): with 100, the
-    paid benchmark's 3,000-message burst still lost 425-5,140 of 30,000 deliveries from the
-    hold; the bytes are bounded by ``sessions.max_outgoing_bytes`` whatever this says."""
+    0: none, a delivery refused for credit is dropped); past it the oldest is dropped. The
+    default is the session's outgoing message bound (``sessions.max_outgoing_messages``), so
+    in practice the bytes bound (``sessions.max_outgoing_bytes``, 1 MiB) decides: held bytes
+    count against it like deliveries in flight, whatever this says. With 1,000 (before
+    2026-12-04) the benchmarks' bursts (3,000 and 5,000 messages to 10 subscribers) lost
+    12,000-27,500 deliveries from the hold; with 6,000 none."""
     hold_seconds: float = 5.0
     """Seconds a delivery may wait for credit before it is dropped (> 0, at most 60)."""
     dedup_max_pairs: int = 100_000

@@ -3,9 +3,14 @@
 Payment follows the control-topic protocol (:mod:`._control`). The broker sends a
 :class:`Quote` (price and channel of a market topic) before the first paid message of that
 topic to this session, and again when price or channel change. For every message on a quoted
-topic the channel's *received value* grows by the price; once ``pay_every`` messages' worth is
-unpaid, the subscriber signs a voucher for ``cumulative = received value`` and publishes it on
-``blendsm/ctl/<address>/voucher``. So a buyer never signs for more than it received, and never
+topic the channel's *received value* grows by the price; once the payment schedule says so, the
+subscriber signs a voucher for ``cumulative = received value`` and publishes it on
+``blendsm/ctl/<address>/voucher``. The default schedule follows the broker's credit: a voucher
+once half the quoted credit is unpaid (so the next one is on its way long before the broker
+pauses: it never needs a voucher per message, and at a steady rate the credit never runs out
+while the round trip takes less than half the credit's time), and, with ``pay_within``, at most
+that many seconds after an unpaid message arrived (the end of a stream is paid too). An
+explicit ``pay_every`` pays every that many messages' worth instead. So a buyer never signs for more than it received, and never
 for more than its ``budget`` in total; past the budget it stops paying (and the broker stops
 delivering once its credit runs out). A :class:`PaymentRequest` is answered with
 ``min(charged, received value)`` (after a reconnect or restart, up to the credit more for
@@ -106,7 +111,10 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
     ``chain_id`` and ``channels_contract`` (the PaymentChannels address) form the voucher
     domain. ``budget`` caps the sum of all vouchers this Subscriber
     signs (None: no cap); ``pay_every`` is how many paid messages may stay unpaid before a
-    voucher is sent (keep it within the broker's credit, or delivery pauses until paid).
+    voucher is sent (keep it within the broker's credit, or delivery pauses until paid; None,
+    the default: half the credit the broker quoted, at least one message); ``pay_within``
+    (seconds, None: never) pays whatever is still unpaid that long after it arrived, from a
+    timer thread, so a stream that stops below the threshold is paid in full.
     ``max_write_off`` caps what a request may make it pay for messages lost in flight, per
     channel and connection (None: the broker's credit; 0: never, at the risk of a stuck channel).
 
@@ -139,7 +147,8 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
         channels_contract: str | bytes,
         endpoint: BrokerEndpoint | None = None,
         budget: int | None = None,
-        pay_every: int = 1,
+        pay_every: int | None = None,
+        pay_within: float | None = 1.0,
         max_write_off: int | None = None,
         callback_api_version: SubscriberCallbackAPI = SubscriberCallbackAPI.VERSION1,
         clean_session: bool = True,
@@ -158,7 +167,9 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
                 f"callback_api_version: unsupported {callback_api_version!r} (VERSION1 only)"
             )
         check_amount("budget", budget, 0)
-        check_amount("pay_every", pay_every, 1, optional=False)
+        check_amount("pay_every", pay_every, 1)
+        if pay_within is not None and not 0 < pay_within <= 3600:
+            raise ConfigError(f"pay_within: must be in (0, 3600] seconds or None, got {pay_within}")
         check_amount("max_write_off", max_write_off, 0)
         super().__init__(
             account,
@@ -171,6 +182,8 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
         self._signer = VoucherSigner(self._key, self.domain)
         self.budget = budget
         self.pay_every = pay_every
+        self.pay_within = pay_within
+        self._pay_timer: threading.Timer | None = None
         self.max_write_off = max_write_off
         self.notice_topic = control_topic(self.address, NOTICE)
         self.voucher_topic = control_topic(self.address, VOUCHER)
@@ -367,8 +380,11 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
                 lane = self._lane(quote.lane)
                 book = self._book(quote.channel_id, lane)
                 book.received += quote.price
-                if book.received - book.vouchered >= self.pay_every * quote.price:
+                unpaid = book.received - book.vouchered
+                if unpaid >= self._pay_threshold(quote):
                     self._pay(quote.channel_id, lane, book, book.received, events)
+                elif unpaid > 0 and self.pay_within is not None and self._pay_timer is None:
+                    self._arm_pay_timer(self.pay_within)
                 received = ReceivedMessage(
                     topic,
                     payload,
@@ -384,6 +400,30 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
         else:
             self._report(events)
             self._verification.message_received(received, time.time(), checked)
+
+    def _pay_threshold(self, quote: Quote) -> int:
+        """Unpaid value on a lane that triggers a voucher: ``pay_every`` messages' worth, or
+        (default) half the quoted credit, at least one message's."""
+        if self.pay_every is not None:
+            return self.pay_every * quote.price
+        return max(quote.price, quote.credit // 2)
+
+    def _arm_pay_timer(self, delay: float) -> None:
+        """Pay what is unpaid ``delay`` seconds from now (caller holds the lock)."""
+        timer = threading.Timer(delay, self._pay_due)
+        timer.daemon = True
+        timer.name = f"blendsm-pay-within-{self.client_id}"
+        self._pay_timer = timer
+        timer.start()
+
+    def _pay_due(self) -> None:
+        """``pay_within`` elapsed since an unpaid message arrived: voucher everything received."""
+        with self._lock:
+            self._pay_timer = None
+        try:
+            self.pay_outstanding()
+        except BlendsmError as exc:
+            self._report_error(exc)
 
     def _authentic(self, topic: str, payload: bytes) -> tuple[bool, Envelope | None]:
         """With verification on: is this a well-formed envelope signed by its device for this
@@ -405,6 +445,10 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
     def disconnect(self) -> None:
         """Send DISCONNECT, stop the network thread, then let the verification worker finish
         what was received (idempotent)."""
+        with self._lock:
+            timer, self._pay_timer = self._pay_timer, None
+        if timer is not None:
+            timer.cancel()
         super().disconnect()
         self._verification.stop()
 

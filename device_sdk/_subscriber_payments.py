@@ -108,7 +108,8 @@ class SubscriberPayments:
 
     def pay_outstanding(self, channel_id: bytes | None = None) -> int:
         """Voucher everything received but not yet paid (on one channel, or all): the last
-        messages of a stream stay below ``pay_every`` otherwise. Within the budget; returns
+        messages of a stream stay below the schedule's threshold otherwise (``pay_within`` calls
+        this on a timer). Within the budget; returns
         the number of vouchers sent."""
         events: list[PaymentEvent] = []
         with self._lock:

@@ -65,7 +65,7 @@ def test_empty_mapping_gives_all_defaults() -> None:
     assert config.chain.confirmations == 2
     assert config.operator_key is None
     assert config.payments.credit_messages == 5
-    assert (config.payments.hold_messages, config.payments.hold_seconds) == (1000, 5.0)
+    assert (config.payments.hold_messages, config.payments.hold_seconds) == (10_000, 5.0)
     assert config.public_topics is False
     assert config.data_dir == Path("blendsm-data")
     assert config.log_level == "INFO"

@@ -223,6 +223,10 @@ def make_sub(broker: StockBroker) -> Iterator[Callable[..., tuple[Subscriber, Re
             "broker": OPERATOR,
             "chain_id": CHAIN_ID,
             "channels_contract": CONTRACT,
+            # These tests follow each voucher: one per message unless a test says otherwise
+            # (the default schedule, half the quoted credit, is tested on its own below and
+            # against a real broker in tests/integration/test_payment_schedule.py).
+            "pay_every": 1,
             **kwargs,
         }
         sub = Subscriber(options.pop("account", BUYER), **options)
@@ -301,6 +305,33 @@ def test_price_change_applies_to_later_messages(make_sub: Any, operator: Operato
     operator.data(TOPIC)
     assert [m.price for m in rec.take(2)] == [250, 250]
     assert check_signed(operator.drain(3)) == [1000, 1250, 1500]
+
+
+def test_the_default_schedule_pays_at_half_the_quoted_credit_then_the_tail_on_a_timer(
+    make_sub: Any, operator: Operator
+) -> None:
+    sub, rec = make_sub(pay_every=None, pay_within=1.0)
+    start_paid(sub, operator, Quote(TOPIC, SELLER, CHANNEL, PRICE, 10 * PRICE, 0, 0))
+    for _ in range(12):
+        operator.data(TOPIC)
+    rec.take(12)
+    assert check_signed(operator.drain(2)) == [5 * PRICE, 10 * PRICE]  # every 5: half of 10
+    assert check_signed(operator.drain(1)) == [12 * PRICE]  # the last 2, by the timer
+    assert sub.stats.vouchers_sent == 3
+
+
+@pytest.mark.parametrize("pay_within", [0, -1.0, 3601])
+def test_pay_within_out_of_range_is_refused(pay_within: float) -> None:
+    with pytest.raises(ConfigError, match="pay_within"):
+        Subscriber(
+            BUYER,
+            host="127.0.0.1",
+            port=1883,
+            broker=OPERATOR,
+            chain_id=CHAIN_ID,
+            channels_contract=CONTRACT,
+            pay_within=pay_within,
+        )
 
 
 def test_budget_stops_payment_at_the_cap(make_sub: Any, operator: Operator) -> None:
