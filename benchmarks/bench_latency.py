@@ -38,8 +38,8 @@ public topic; (c) BlendSM on a paid topic, 10 members with channels (``--chain a
 default: the chain is an anvil node in its own process, so anchor transactions do not run on
 the broker's event loop; ``--chain embedded``: the in-process EVM of the demo and tests);
 (e) is (c) on the embedded chain whatever ``--chain`` says, to compare the two in one run.
-``credit_messages`` 50 and ``pay_every`` 10 as in ``bench_paid_delivery.py`` (``BENCH_CREDIT``,
-``BENCH_PAY_EVERY``). ``BENCH_STAGGER=1``: the paying subscribers pay out of phase (member j
+``credit_messages`` 50 and a voucher every 25 messages (the SDK's default schedule: half the
+credit) as in ``bench_paid_delivery.py`` (``BENCH_CREDIT``, ``BENCH_PAY_EVERY``). ``BENCH_STAGGER=1``: the paying subscribers pay out of phase (member j
 pays its first voucher after ``pay_every - j`` messages) instead of all on the same message.
 ``--rate N``: publish N messages/s instead of a fraction of the saturation just measured
 (stock's saturation moves between runs on a shared machine, and the rate with it), to compare
@@ -104,7 +104,7 @@ async def _clients(conn: Any, port: int, kind: str, info: dict[str, Any], n: int
                     info["chain_id"],
                     info["operator"],
                     info["channels"],
-                    paid.PAY_EVERY,
+                    paid.PAY_EVERY_MESSAGES,
                     j if STAGGER else 0,
                 )
             ready: asyncio.Future[None] = loop.create_future()

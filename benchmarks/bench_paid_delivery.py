@@ -40,7 +40,7 @@ Configurations:
      the broker process) or ``embedded`` (the in-process EVM) (``bench/t`` created on chain by the seller,
      price 1000 wei per message): 10 SDK ``Subscriber``s, each its own funded TEST-ONLY key and
      an open channel to the seller naming the broker operator, paying a voucher every
-     ``PAY_EVERY`` messages as they arrive; the broker lets a channel owe
+     ``PAY_EVERY`` messages as they arrive (default: the SDK's own schedule); the broker lets a channel owe
      ``CREDIT_MESSAGES`` messages. The publisher is the SDK ``Publisher`` of a registered
      device of the seller. Every voucher is verified (ECDSA recover), stored durably
      (SQLite WAL, synchronous=FULL, group commit) and answered with a Receipt notice.
@@ -73,7 +73,9 @@ Environment (for profiling and diagnosis, not for published figures unless said 
 ``BENCH_PROFILE=file`` runs cProfile in each BlendSM broker process over the measured window
 (first to last "cpu" command) and writes it to ``file`` (the last configuration wins; run one
 configuration at a time); ``BENCH_CREDIT`` and ``BENCH_PAY_EVERY`` override the credit (50) and
-the subscribers' ``pay_every`` (10).
+the subscribers' ``pay_every`` (default: the SDK's default schedule, a voucher once half the
+quoted credit is unpaid, i.e. every 25 messages at credit 50; it was ``pay_every`` 10 before
+2026-12-04).
 
 The in-process EVM cannot be shared across processes, so the broker process of (c) and (d)
 builds its own chain (that of (e) does the same on anvil): deploys the suite, enrols seller,
@@ -133,9 +135,12 @@ DEPOSIT = 10**18  # per channel: far more than a run can spend
 CREDIT_MESSAGES = int(
     os.environ.get("BENCH_CREDIT", "50")
 )  # broker: unpaid messages a channel may owe before delivery pauses
-PAY_EVERY = int(
-    os.environ.get("BENCH_PAY_EVERY", "10")
-)  # SDK Subscriber: a voucher every 10 paid messages
+PAY_EVERY: int | None = (
+    int(os.environ["BENCH_PAY_EVERY"]) if os.environ.get("BENCH_PAY_EVERY") else None
+)  # SDK Subscriber: None = the SDK's default schedule (a voucher per half the quoted credit)
+PAY_EVERY_MESSAGES = PAY_EVERY or max(1, CREDIT_MESSAGES // 2)
+"""Paid messages per voucher: what raw paying clients (``bench_latency.py``) use to pay as the
+SDK does (its default threshold is half the quoted credit, at least one message)."""
 IDLE_STOP_S = 2.0  # a subscriber stops this long after its last message
 RUN_DEADLINE_S = 20.0  # per configuration, from subscriber start
 START_TIMEOUT_S = 40.0  # broker start-up (chain set-up included)
@@ -913,7 +918,7 @@ def main() -> None:
     print(
         f"1 pub -> {N_SUBSCRIBERS} subs, QoS {QOS}, {len(PAYLOAD)} B, {messages} messages,"
         f" {rounds} round(s); paid topic: credit_messages {CREDIT_MESSAGES},"
-        f" pay_every {PAY_EVERY}, price {PRICE} wei; (c)/(d) chain: {CHAIN}\n  {pinning()};"
+        f" pay_every {PAY_EVERY or f'SDK default ({PAY_EVERY_MESSAGES})'}, price {PRICE} wei; (c)/(d) chain: {CHAIN}\n  {pinning()};"
         f" load average {os.getloadavg()}",
         flush=True,
     )

@@ -238,16 +238,15 @@ class CreditHold:
         # The topic's half of the gate, decided once per topic for this resume (synchronous:
         # the chain view cannot change under it), as the fan-out does once per broadcast.
         gates: dict[str, Callable[[Session], Any]] = {}
-        while self.items:
+        items = self.items
+        while items:
             if blocked and len(blocked) == len(self.topics):
-                # Every topic still held is refused again: the rest stays, in order, without
-                # being looked at (a burst holds up to ``hold_messages`` of one topic, and a
-                # voucher frees a few: walking all of them per voucher cost more than the
-                # deliveries it released).
-                kept.extend(self.items)
-                self.items.clear()
+                # Every topic still held is refused again: the rest stays where it is, in
+                # order, not looked at nor moved (a burst holds up to ``hold_messages`` of one
+                # topic and a voucher frees a credit's worth: walking, or even moving, all of
+                # them per voucher cost more than the deliveries it released).
                 break
-            item = self.items.popleft()
+            item = items.popleft()
             if item.topic in blocked:
                 kept.append(item)
                 continue
@@ -285,8 +284,6 @@ class CreditHold:
                 # The connection failed under this write: the rest ends with it (evacuated).
                 self._keep(item)
                 kept.append(item)
-                kept.extend(self.items)
-                self.items.clear()
                 break
             if verdict is Verdict.NO_CREDIT:
                 ident = getattr(session, "blendsm", None)
@@ -297,7 +294,8 @@ class CreditHold:
                 self._keep(item)
                 kept.append(item)
                 blocked.add(item.topic)
-        self.items = kept
+        if kept:  # what was taken and is still held goes back in front of the rest, in order
+            items.extendleft(reversed(kept))
         sent = outbox.flush(meter)
         if not self.items and self._timer is not None:
             self._timer.cancel()

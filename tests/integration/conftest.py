@@ -94,8 +94,14 @@ class Market:
 
     def sdk_subscriber(self, label: str = "buyer", **options: Any) -> Subscriber:
         """An SDK Subscriber for the TEST-ONLY account ``label``, paying through this
-        broker (``options``: ``pay_every``, ``registry``, ``chain_reader``...)."""
+        broker (``options``: ``pay_every``, ``registry``, ``chain_reader``...).
+
+        One voucher per message unless ``pay_every`` says otherwise: these tests follow the
+        money message by message. The SDK's default schedule (half the quoted credit, the
+        rest within ``pay_within``) has its own tests (``test_payment_schedule.py``) and runs
+        in the demo and the benchmarks."""
         deployment = self.chain.deployment
+        options.setdefault("pay_every", 1)
         return Subscriber(
             self.chain.accounts[label],
             host=self.host,

@@ -32,6 +32,7 @@ async def _stream(
     """An SDK buyer (``options`` for its schedule) subscribed; ``count`` messages published
     in one burst and all received; the subscriber, channel, what was sent and what arrived."""
     received: list[ReceivedMessage] = []
+    options.setdefault("pay_every", None)  # the SDK's default (the fixture's is 1)
     sub = market.sdk_subscriber("buyer", **options)
     channel = await sub.open_channel(market.mp("buyer"), market.chain.addr("seller"), 10**17)
     await market.wait_channel(channel)
