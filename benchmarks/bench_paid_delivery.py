@@ -138,7 +138,7 @@ CREDIT_MESSAGES = int(
 PAY_EVERY: int | None = (
     int(os.environ["BENCH_PAY_EVERY"]) if os.environ.get("BENCH_PAY_EVERY") else None
 )  # SDK Subscriber: None = the SDK's default schedule (a voucher per half the quoted credit)
-PAY_EVERY_MESSAGES = PAY_EVERY or max(1, CREDIT_MESSAGES // 2)
+PAY_EVERY_MESSAGES = PAY_EVERY or max(1, -(-CREDIT_MESSAGES // 2))
 """Paid messages per voucher: what raw paying clients (``bench_latency.py``) use to pay as the
 SDK does (its default threshold is half the quoted credit, at least one message)."""
 IDLE_STOP_S = 2.0  # a subscriber stops this long after its last message
