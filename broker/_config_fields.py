@@ -193,8 +193,10 @@ def resolve(path: Path, base: Path | None) -> Path:
     return path if base is None or path.is_absolute() else base / path
 
 
-def env_name(data: Mapping[str, Any], name: str) -> str | None:
-    where = dotted("operator_key", name)
+def env_name(data: Mapping[str, Any], name: str, section: str = "operator_key") -> str | None:
+    """The environment variable name at ``section.name`` (None if absent); the error names
+    that path."""
+    where = dotted(section, name)
     value = data.get(name)
     if value is None:
         return None

@@ -39,9 +39,9 @@ def parse_key_config(
         )
     data = mapping(value, what)
     check_keys(data, OperatorKeyConfig, what)
-    env = env_name(data, "env")
+    env = env_name(data, "env", what)
     keystore = path_field(data, "keystore", what, base)
-    password_env = env_name(data, "password_env")
+    password_env = env_name(data, "password_env", what)
     if (env is None) == (keystore is None):
         raise ConfigError(
             f"{what}: give exactly one of env (variable holding the hex key) "

@@ -383,6 +383,23 @@ def test_operator_key_shapes(operator_key: object, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("broker_key", "expected"),
+    [
+        ({"env": "not a name"}, "broker_key.env: must be an environment variable name"),
+        (
+            {"keystore": "k.json", "password_env": 5},
+            "broker_key.password_env: must be an environment variable name",
+        ),
+    ],
+)
+def test_broker_key_errors_name_the_broker_key(broker_key: object, expected: str) -> None:
+    """The error names the section that is wrong (it said ``operator_key`` for both)."""
+    assert expected in _error(
+        {"chain": NODE, "operator_key": {"env": "OPERATOR"}, "broker_key": broker_key}
+    )
+
+
+@pytest.mark.parametrize(
     "data",
     [
         {"operator_key": {"env": KEY}},
