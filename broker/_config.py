@@ -147,7 +147,7 @@ class PaymentsConfig:
     in practice the bytes bound (``sessions.max_outgoing_bytes``, 1 MiB) decides: held bytes
     count against it like deliveries in flight, whatever this says. With 1,000 (before
     2026-12-04) the benchmarks' bursts (3,000 and 5,000 messages to 10 subscribers) lost
-    12,000-27,500 deliveries from the hold; with 6,000 none."""
+    12,000-27,500 deliveries from the hold; with 6,000 or more, none."""
     hold_seconds: float = 5.0
     """Seconds a delivery may wait for credit before it is dropped (> 0, at most 60)."""
     dedup_max_pairs: int = 100_000

@@ -10,9 +10,10 @@ once half the quoted credit is unpaid (so the next one is on its way long before
 pauses: it never needs a voucher per message, and at a steady rate the credit never runs out
 while the round trip takes less than half the credit's time), and, with ``pay_within``, at most
 that many seconds after an unpaid message arrived (the end of a stream is paid too). An
-explicit ``pay_every`` pays every that many messages' worth instead. So a buyer never signs for more than it received, and never
-for more than its ``budget`` in total; past the budget it stops paying (and the broker stops
-delivering once its credit runs out). A :class:`PaymentRequest` is answered with
+explicit ``pay_every`` pays every that many messages' worth instead. So a buyer never signs for
+more than it received, and never for more than its ``budget`` in total; past the budget it
+stops paying (and the broker stops delivering once its credit runs out). A
+:class:`PaymentRequest` is answered with
 ``min(charged, received value)`` (after a reconnect or restart, up to the credit more for
 messages lost in flight: :mod:`._payment_book`); :class:`Receipt` notices confirm payments
 (cumulative: the broker sends one every few vouchers, so nothing here waits for one).
@@ -168,7 +169,11 @@ class Subscriber(_MqttClient, ChannelHelpers, SubscriberIntegrity, SubscriberPay
             )
         check_amount("budget", budget, 0)
         check_amount("pay_every", pay_every, 1)
-        if pay_within is not None and not 0 < pay_within <= 3600:
+        if pay_within is not None and (
+            not isinstance(pay_within, int | float)
+            or isinstance(pay_within, bool)
+            or not 0 < pay_within <= 3600
+        ):
             raise ConfigError(f"pay_within: must be in (0, 3600] seconds or None, got {pay_within}")
         check_amount("max_write_off", max_write_off, 0)
         super().__init__(

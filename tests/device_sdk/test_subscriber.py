@@ -320,8 +320,8 @@ def test_the_default_schedule_pays_at_half_the_quoted_credit_then_the_tail_on_a_
     assert sub.stats.vouchers_sent == 3
 
 
-@pytest.mark.parametrize("pay_within", [0, -1.0, 3601])
-def test_pay_within_out_of_range_is_refused(pay_within: float) -> None:
+@pytest.mark.parametrize("pay_within", [0, -1.0, 3601, float("nan"), "1", True])
+def test_pay_within_out_of_range_is_refused(pay_within: object) -> None:
     with pytest.raises(ConfigError, match="pay_within"):
         Subscriber(
             BUYER,
