@@ -39,8 +39,9 @@ default: the chain is an anvil node in its own process, so anchor transactions d
 the broker's event loop; ``--chain embedded``: the in-process EVM of the demo and tests);
 (e) is (c) on the embedded chain whatever ``--chain`` says, to compare the two in one run.
 ``credit_messages`` 50 and a voucher every 25 messages (the SDK's default schedule: half the
-credit) as in ``bench_paid_delivery.py`` (``BENCH_CREDIT``, ``BENCH_PAY_EVERY``). ``BENCH_STAGGER=1``: the paying subscribers pay out of phase (member j
-pays its first voucher after ``pay_every - j`` messages) instead of all on the same message.
+credit) as in ``bench_paid_delivery.py`` (``BENCH_CREDIT``, ``BENCH_PAY_EVERY``).
+``BENCH_STAGGER=1``: the paying subscribers pay out of phase (member j pays its first voucher
+after ``pay_every - j`` messages) instead of all on the same message.
 ``--rate N``: publish N messages/s instead of a fraction of the saturation just measured
 (stock's saturation moves between runs on a shared machine, and the rate with it), to compare
 runs at one rate. ``BENCH_SLOW_MS=N``: each round also lists the broker's event-loop callbacks

@@ -13,8 +13,8 @@ and what was lost.
 
 ``--kind b``: a public (non-market) topic, anonymous clients. ``--kind c``: a paid market
 topic, each subscriber a paying member with its own channel (vouchers every
-``bench_paid_delivery.PAY_EVERY_MESSAGES`` messages, credit ``CREDIT_MESSAGES``) and the publisher a
-registered device signing every envelope. The in-process EVM cannot be shared between
+``bench_paid_delivery.PAY_EVERY_MESSAGES`` messages, credit ``CREDIT_MESSAGES``) and the
+publisher a registered device signing every envelope. The in-process EVM cannot be shared between
 processes, so each broker builds its own embedded chain with the same market (``bench_latency``'s
 round, reused here): the channels are separate per broker, as they are today without lanes,
 and nothing on a chain is shared (no shared node's CPU is in the figures).

@@ -40,8 +40,8 @@ Configurations:
      the broker process) or ``embedded`` (the in-process EVM) (``bench/t`` created on chain by the seller,
      price 1000 wei per message): 10 SDK ``Subscriber``s, each its own funded TEST-ONLY key and
      an open channel to the seller naming the broker operator, paying a voucher every
-     ``PAY_EVERY`` messages as they arrive (default: the SDK's own schedule); the broker lets a channel owe
-     ``CREDIT_MESSAGES`` messages. The publisher is the SDK ``Publisher`` of a registered
+     ``PAY_EVERY`` messages as they arrive (default: the SDK's own schedule); the broker lets
+     a channel owe ``CREDIT_MESSAGES`` messages. The publisher is the SDK ``Publisher`` of a registered
      device of the seller. Every voucher is verified (ECDSA recover), stored durably
      (SQLite WAL, synchronous=FULL, group commit) and answered with a Receipt notice.
   d  exactly (c), broker and clients alike, but with the broker's HTTP API and dashboard on
@@ -918,7 +918,8 @@ def main() -> None:
     print(
         f"1 pub -> {N_SUBSCRIBERS} subs, QoS {QOS}, {len(PAYLOAD)} B, {messages} messages,"
         f" {rounds} round(s); paid topic: credit_messages {CREDIT_MESSAGES},"
-        f" pay_every {PAY_EVERY or f'SDK default ({PAY_EVERY_MESSAGES})'}, price {PRICE} wei; (c)/(d) chain: {CHAIN}\n  {pinning()};"
+        f" pay_every {PAY_EVERY or f'SDK default ({PAY_EVERY_MESSAGES})'}, price {PRICE} wei;"
+        f" (c)/(d) chain: {CHAIN}\n  {pinning()};"
         f" load average {os.getloadavg()}",
         flush=True,
     )

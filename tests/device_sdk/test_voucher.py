@@ -165,6 +165,9 @@ def test_keccak256_backends_agree(data: bytes) -> None:
 @given(addresses)
 def test_checksum_address_matches_eth_utils(raw: bytes) -> None:
     assert checksum_address(raw) == to_checksum_address(raw)
+    # cached by value: the same answer again, and for any bytes-like holding the address
+    assert checksum_address(raw) == checksum_address(bytearray(raw)) == to_checksum_address(raw)
+    assert checksum_address(memoryview(raw)) == to_checksum_address(raw)
 
 
 def test_checksum_address_rejects_wrong_length() -> None:
