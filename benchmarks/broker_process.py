@@ -55,22 +55,39 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- CPU pinning
+_SPLIT_ENV = "BENCH_CPU_SPLIT"
+"""Where the driver leaves its split for the processes it spawns (``"1;0"``: broker CPUs, then
+client CPUs). A child computing its own split from its affinity would see only the clients'
+CPUs once the driver has pinned itself, and put its broker on them too (which every spawned
+broker did until 2026-12-04: the broker shared CPU 0 with its clients, CPU 1 sat idle)."""
+
+
 def _split_cpus() -> tuple[set[int], set[int]]:
     """The broker's CPUs and the clients' CPUs: the last CPU this process may use for the
     broker under test, the others for everything else (clients, publisher, chain node).
-    ``BENCH_PIN=0`` (or a single CPU) turns pinning off: both sets are then every CPU."""
+    ``BENCH_PIN=0`` (or a single CPU) turns pinning off: both sets are then every CPU.
+    Inherited from the driver when it set ``BENCH_CPU_SPLIT`` (see there)."""
+    inherited = os.environ.get(_SPLIT_ENV)
+    if inherited:
+        broker, clients = (
+            {int(c) for c in part.split(",") if c} for part in inherited.split(";", 1)
+        )
+        return broker, clients
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if os.environ.get("BENCH_PIN", "1") == "0" or len(cpus) < 2:
-        return set(cpus), set(cpus)
-    return {cpus[-1]}, set(cpus[:-1])
+        split = set(cpus), set(cpus)
+    else:
+        split = {cpus[-1]}, set(cpus[:-1])
+    os.environ[_SPLIT_ENV] = ";".join(",".join(map(str, sorted(s))) for s in split)
+    return split
 
 
 BROKER_CPUS, CLIENT_CPUS = _split_cpus()
 """Every broker under test (stock amqtt, BlendSM, mosquitto) runs on ``BROKER_CPUS`` and
 every client process (and the driver, and a chain node) on ``CLIENT_CPUS``, so that a ratio
 between two brokers measures the brokers rather than how the scheduler placed a broker next
-to its own clients. Computed at import, in the driver and (spawned) children alike, from the
-driver's affinity, which children inherit until they pin themselves."""
+to its own clients. Computed at import in the driver from its affinity, and handed to the
+processes it spawns through ``BENCH_CPU_SPLIT``."""
 
 
 def pin(role: str, pid: int = 0) -> None:
