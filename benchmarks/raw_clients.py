@@ -119,15 +119,19 @@ class Payer:
     def token(self, client_id: str) -> str:
         return self._tokens.token(client_id)
 
-    def on_data(self, tally: Tally) -> bytes | None:
-        """A paid message arrived: the voucher PUBLISH to send now, if one is due."""
+    def on_data(self) -> bool:
+        """A paid message arrived: True if a voucher is due (:meth:`pay` makes it)."""
         if self.channel is None or not self.price:
-            return None
+            return False
         self.received += self.price
         due = self.pay_every if self.vouchered else self._first
-        if self.received - self.vouchered >= due * self.price:
-            return self._voucher(self.received, tally)
-        return None
+        return self.received - self.vouchered >= due * self.price
+
+    def pay(self, tally: Tally) -> bytes | None:
+        """The voucher PUBLISH for everything received, unless it is paid already."""
+        if self.channel is None or self.received <= self.vouchered:
+            return None
+        return self._voucher(self.received, tally)
 
     def on_notice(self, payload: bytes, tally: Tally) -> bytes | None:
         """A notice arrived: learn the Quote, answer a PaymentRequest; count the rest."""
@@ -183,6 +187,7 @@ class RawSubscriber(asyncio.Protocol):
         self.transport: Any = None
         self._topic_bytes = topic.encode()
         self._notice_bytes = payer.notice_topic.encode() if payer is not None else b""
+        self._pending: list[bytes | None] = []  # notices (None: a voucher due) to answer
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -243,14 +248,36 @@ class RawSubscriber(asyncio.Protocol):
         payer = self.payer
         if topic == self._topic_bytes:
             self.tally.data(payload)
-            if payer is not None:
-                voucher = payer.on_data(self.tally)
-                if voucher is not None:
-                    out.append(voucher)
+            if payer is not None and payer.on_data():
+                self._later(None)
         elif payer is not None and topic == self._notice_bytes:
-            answer = payer.on_notice(payload, self.tally)
-            if answer is not None:
-                out.append(answer)
+            if payer.channel is None:  # the Quote: before the data that follows it
+                answer = payer.on_notice(payload, self.tally)
+                if answer is not None:
+                    out.append(answer)
+            else:
+                self._later(payload)
+
+    def _later(self, notice: bytes | None) -> None:
+        """Sign and answer in the loop's next turn, not in this ``data_received``: the other
+        subscribers of this process stamp what arrived with them first (ten members in one
+        process stand for ten devices; one's signing is not another's latency)."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._answer)
+        self._pending.append(notice)
+
+    def _answer(self) -> None:
+        pending, self._pending = self._pending, []
+        payer, out = self.payer, []
+        assert payer is not None
+        for notice in pending:
+            packet = (
+                payer.pay(self.tally) if notice is None else payer.on_notice(notice, self.tally)
+            )
+            if packet is not None:
+                out.append(packet)
+        if out and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
