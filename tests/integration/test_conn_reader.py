@@ -10,6 +10,7 @@ Tasks started while a client sends are counted (amqtt 0.12.1 started one per pac
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from support import connect_packet, poll, publish_packet, subscribe_packet, tasks_started
 
@@ -198,3 +199,61 @@ async def test_unsubscribe_then_subscribe_in_one_segment_ends_subscribed(
     assert first >> 4 == 3, "the UNSUBSCRIBE took effect after the later SUBSCRIBE"
     assert body.endswith(b"still subscribed")
     writer.close()
+
+
+async def test_a_flooding_publisher_does_not_keep_the_loop_from_other_clients(
+    start_market: StartMarket,
+) -> None:
+    """A connection's reader hands the loop over every ``SLICE_SECONDS``: while it works
+    through a flood of market PUBLISHes it had buffered (each checked with an ECDSA recovery
+    on the reader's path), the loop's other work runs in between. The reader used to handle
+    everything buffered in one go (0.24-0.40 s of loop in a paid burst of 5,000 messages,
+    during which no subscriber's voucher was read).
+
+    The envelopes are forged (signed by a buyer, not the device), so each is recovered and
+    counted in ``envelopes_refused``: a task of this loop samples that count, and must see
+    the flood part-way through several times."""
+    market = await start_market()
+    stats = market.service.stats
+    flood = 600  # ~100 KB: all of it in the broker's socket buffer before it reads
+    forged = market.envelope_signer("buyer")
+    packets = b"".join(
+        publish_packet(market.topic, forged.sign(market.topic, b"f%d" % n, n + 1, 0).encode())
+        for n in range(flood)
+    )
+    device = market.chain.accounts["device"].address
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", market.port))
+    await loop.sock_sendall(
+        sock,
+        connect_packet(
+            "flooding-device",
+            30,
+            username=device,
+            password=market.signer("device").token("flooding-device"),
+        ),
+    )
+    assert await asyncio.wait_for(loop.sock_recv(sock, 4), 5) == CONNACK_OK
+    seen: set[int] = set()
+
+    async def sample() -> None:
+        while True:
+            seen.add(stats.envelopes_refused)
+            await asyncio.sleep(0)
+
+    before = stats.envelopes_refused
+    sampler = asyncio.create_task(sample())
+    try:
+        sock.setblocking(True)
+        sock.sendall(packets)  # the loop (and the broker in it) is held until it is all sent
+        sock.setblocking(False)
+        assert await poll(lambda: stats.envelopes_refused - before >= flood, 30)
+    finally:
+        sampler.cancel()
+        sock.close()
+    part_way = sorted(n - before for n in seen if before < n < before + flood)
+    # 600 recoveries take 30 ms or more: three slices at least. Before, the flood was worked
+    # through in one go per socket read (one or two reads: 0 or 1 part-way sample).
+    assert len(part_way) >= 3, f"the loop ran in between only at {part_way} of {flood}"
