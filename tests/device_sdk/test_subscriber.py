@@ -18,7 +18,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
@@ -26,6 +25,8 @@ from eth_account import Account
 from eth_utils import to_checksum_address
 from paho.mqtt.enums import CallbackAPIVersion
 from support import wait_until
+from support.stock_amqtt import StockBroker as _StockBroker
+from support.stock_amqtt import free_port
 
 from blendsm.contracts import Marketplace
 from blendsm.device_sdk import (
@@ -97,45 +98,14 @@ class DenyTopics(BaseTopicPlugin):
         return not denied
 
 
-class StockBroker:
-    """A stock amqtt broker on its own event loop thread, so tests stay synchronous."""
+class StockBroker(_StockBroker):
+    """The shared stock broker (its shutdown survives amqtt's stuck reader) with this module's
+    recording auth and topic plugins, on a fresh free port."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.broker: Any = None
-        self.port = 0
-
-    def start(self, port: int = 0) -> StockBroker:
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {
-                f"{__name__}.RecordingAuth": {},
-                f"{__name__}.DenyTopics": {},
-            },
-        }
-
-        async def start() -> Any:
-            broker = Broker(config)
-            await broker.start()
-            return broker
-
-        self.broker = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
-        server = self.broker._servers["default"].instance
-        self.port = int(server.sockets[0].getsockname()[1])
-        return self
-
-    def stop(self) -> None:
-        if self.broker is not None:
-            asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop).result(10)
-            self.broker = None
-
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+        super().__init__(
+            free_port(), {f"{__name__}.RecordingAuth": {}, f"{__name__}.DenyTopics": {}}
+        )
 
 
 @pytest.fixture
@@ -593,11 +563,10 @@ def test_automatic_reconnect_uses_a_fresh_token_and_renews_subscriptions(
     sub.connect(5)
     assert sub.subscribe(TOPIC, 1) == 1
     assert sub.subscribe("revoked/x", 0) == 0
-    port = broker.port
     broker.stop()
     DENIED_PREFIXES.add("revoked/")  # renewing this one will be refused
     wait_until(lambda: any(not d.requested and d.reconnecting for d in rec.disconnects))
-    broker.start(port)  # same port; paho retries after its 1 s back-off
+    broker.start()  # same port; paho retries after its 1 s back-off
     wait_until(lambda: sub.tokens_issued >= 2 and sub.connected, within=15)
     wait_until(lambda: bool(rec.errors))
     assert [(type(e), getattr(e, "topic_filter", None)) for e in rec.errors] == [
@@ -629,10 +598,9 @@ def test_after_a_reconnect_the_first_request_pays_in_flight_loss_up_to_the_credi
     operator.notice(sub.address, PaymentRequest(CHANNEL, 3000, 0, 3000, TOPIC))
     assert check_signed(operator.drain(1)) == [1000]
     operator.close()
-    port = broker.port
     broker.stop()
     wait_until(lambda: any(not d.requested and d.reconnecting for d in rec.disconnects))
-    broker.start(port)
+    broker.start()
     wait_until(lambda: sub.tokens_issued >= 2 and sub.connected, within=15)
     op = Operator(broker.port)
     try:
@@ -810,11 +778,10 @@ def test_back_soon_after_a_broker_restart(broker: StockBroker, make_sub: Any) ->
     next attempt comes within about 1 s of the broker listening (generous bound: loaded CI)."""
     sub, rec = make_sub()
     sub.connect(5)
-    port = broker.port
     broker.stop()
     wait_until(lambda: any(not d.requested and d.reconnecting for d in rec.disconnects))
     time.sleep(3.5)
-    broker.start(port)
+    broker.start()
     listening = time.monotonic()
     wait_until(lambda: sub.connected, within=15)
     back = time.monotonic() - listening
@@ -845,11 +812,10 @@ def test_after_a_reconnect_the_latest_unconfirmed_voucher_is_sent_again(
     operator.notice(sub.address, Receipt(OTHER_CHANNEL, 1000))  # up to date
     wait_until(lambda: sub.stats.receipts == 2)
     operator.close()
-    port = broker.port
     broker.stop()
     wait_until(lambda: any(not d.requested and d.reconnecting for d in rec.disconnects))
     BUYER_GATE.clear()  # the operator subscribes before the buyer is back
-    broker.start(port)
+    broker.start()
     op = Operator(broker.port)
     BUYER_GATE.set()
     try:
