@@ -12,7 +12,11 @@ writer as ``blendsm_flow``) that counts what the broker holds for it:
   transport has sent past it);
 * deliveries and notices started on amqtt's path (a task each) and not finished: their
   estimated bytes and count, released when the task ends;
-* the QoS 0 bytes of the batch being built for it (the caller passes the outbox's share).
+* the QoS 0 bytes of the batch being built for it (the caller passes the outbox's share);
+* paid deliveries held for credit (:mod:`~blendsm.broker._credit_hold`, as tasks). They give
+  way: a delivery that would pass a bound first drops the oldest held ones (for credit, never
+  charged), and they are left out when deciding whether the client is slow (pause, resume,
+  disconnect): they wait on its payments, not on its reading.
 
 Bounds (``sessions`` config): ``max_outgoing_bytes`` and ``max_outgoing_messages``.
 
@@ -54,7 +58,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from blendsm.broker._log_limit import LogLimiter
 
@@ -62,10 +66,26 @@ if TYPE_CHECKING:
     from blendsm.broker._config_sessions import SessionsConfig
     from blendsm.broker._stats import ServiceStats
 
+
+class HeldForCredit(Protocol):
+    """What a :class:`Flow` asks of the session's credit hold
+    (:class:`~blendsm.broker._credit_hold.CreditHold`)."""
+
+    def share(self) -> tuple[int, int]:
+        """(bytes, messages) held for credit, all counted in the flow's ``task_*``."""
+        ...
+
+    def give_room(self, nbytes: int, messages: int) -> tuple[int, int]:
+        """Drop the oldest held until ``nbytes`` and ``messages`` are freed (or none is
+        left); the (bytes, messages) freed."""
+        ...
+
+
 __all__ = [
     "PUBLISH_OVERHEAD",
     "Backpressure",
     "Flow",
+    "HeldForCredit",
     "publish_size",
     "track",
     "transport_of",
@@ -103,6 +123,7 @@ class Flow:
         "_handed",
         "_marked",
         "_marks",
+        "hold",
         "paused_since",
         "session",
         "task_bytes",
@@ -128,6 +149,10 @@ class Flow:
         self.task_messages = 0
         self.paused_since: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.hold: HeldForCredit | None = None
+        """The session's deliveries held for credit, counted here (in ``task_*``) but not the
+        client's doing: they make room when the bound is reached, and never make it a slow
+        consumer (set by :meth:`~blendsm.broker._credit_hold.CreditHold.adopt`)."""
 
     # --- what is held ------------------------------------------------------------------
 
@@ -153,6 +178,15 @@ class Flow:
         transport = self.transport
         size = transport.get_write_buffer_size() if not transport.is_closing() else 0
         return size + self.task_bytes, self._buffered_messages(size) + self.task_messages
+
+    def outstanding(self, held_bytes: int, held_messages: int) -> tuple[int, int]:
+        """Of ``held_*`` (what :meth:`held` said), what waits on the client, not on its
+        payments: the deliveries held for credit taken out."""
+        hold = self.hold
+        if hold is None:
+            return held_bytes, held_messages
+        hold_bytes, hold_messages = hold.share()
+        return held_bytes - hold_bytes, held_messages - hold_messages
 
     # --- admission ---------------------------------------------------------------------
 
@@ -190,16 +224,26 @@ class Flow:
         held_bytes += pending_bytes
         held_messages += pending_messages
         if self.paused_since is not None:
-            if held_bytes * 2 > bound.max_bytes or held_messages * 2 > bound.max_messages:
+            own_bytes, own_messages = self.outstanding(held_bytes, held_messages)
+            if own_bytes * 2 > bound.max_bytes or own_messages * 2 > bound.max_messages:
                 return False
             self._resume()
         if held_bytes == 0 and held_messages == 0:
             return True  # an empty session takes one message, whatever its size
-        if (
-            held_bytes + nbytes <= bound.max_bytes
-            and held_messages + messages <= bound.max_messages
-        ):
+        over_bytes = held_bytes + nbytes - bound.max_bytes
+        over_messages = held_messages + messages - bound.max_messages
+        if over_bytes <= 0 and over_messages <= 0:
             return True
+        if self.hold is not None:
+            # Deliveries held for credit give way (their oldest dropped for credit, never
+            # charged): a member that reads but pays late is not a slow consumer.
+            freed_bytes, freed_messages = self.hold.give_room(over_bytes, over_messages)
+            held_bytes -= freed_bytes
+            held_messages -= freed_messages
+            if (freed_bytes >= over_bytes and freed_messages >= over_messages) or (
+                held_bytes == 0 and held_messages == 0
+            ):
+                return True
         self._pause(session, held_bytes, held_messages)
         return False
 
@@ -279,7 +323,7 @@ class Flow:
         if self.paused_since is None:
             return
         bound = self._bound
-        held_bytes, held_messages = self.held()
+        held_bytes, held_messages = self.outstanding(*self.held())
         if self.transport.is_closing():
             self.paused_since = None
             bound.paused -= 1

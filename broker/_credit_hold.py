@@ -22,7 +22,10 @@ The rule, per connected session served inline by the fan-out (:mod:`~blendsm.bro
 * bounds: ``payments.hold_messages`` held per session (past it the oldest is dropped) and
   ``payments.hold_seconds`` of age (a timer drops the expired ones); their bytes and count are
   held against the session's outgoing bound (``sessions.max_outgoing_bytes`` /
-  ``max_outgoing_messages``) like deliveries in flight. A dropped held delivery was never
+  ``max_outgoing_messages``) like deliveries in flight, but give way there: a delivery or
+  notice that would pass the bound drops the oldest held first (:meth:`CreditHold.give_room`),
+  and only what waits on the client's socket can make it a slow consumer (a member that reads
+  but pays late was paused, then disconnected). A dropped held delivery was never
   reserved nor charged; it is counted as a denial for credit (as before the hold existed) and in
   ``blendsm_deliveries_held_dropped_total``, logged at most once a minute;
 * a disconnect (or a transport found closing) ends the hold: QoS 1/2 to a persistent session go
@@ -153,7 +156,16 @@ async def end_credit_hold(broker: Any, session: Session) -> None:
 class CreditHold:
     """One connected session's deliveries waiting for credit (see the module doc)."""
 
-    __slots__ = ("_accounts", "_flow", "_service", "_timer", "items", "session", "topics")
+    __slots__ = (
+        "_accounts",
+        "_flow",
+        "_service",
+        "_timer",
+        "bytes",
+        "items",
+        "session",
+        "topics",
+    )
 
     def __init__(self, service: MarketplaceService, session: Session) -> None:
         self._service = service
@@ -163,6 +175,8 @@ class CreditHold:
         """Held messages per topic: a new delivery of one of them queues behind."""
         self._accounts: dict[str, Account | None] = {}
         """Per held topic, the account its latest refusal was on (one queued behind: that)."""
+        self.bytes = 0
+        """The held deliveries' bytes (their share of the outgoing bound)."""
         self._flow: Flow | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -171,10 +185,38 @@ class CreditHold:
         if flow is self._flow:
             return
         old, self._flow = self._flow, flow
+        if old is not None and old.hold is self:
+            old.hold = None
+        flow.hold = self
         for item in self.items:
             if old is not None:
                 old.task_ended(item.size)
             flow.task_started(item.size)
+
+    # --- the outgoing bound (:class:`~blendsm.broker._backpressure.HeldForCredit`) -------
+
+    def share(self) -> tuple[int, int]:
+        """(bytes, messages) held here, all counted against the connection's bound."""
+        return self.bytes, len(self.items)
+
+    def give_room(self, nbytes: int, messages: int) -> tuple[int, int]:
+        """The connection's outgoing bound is reached: drop the oldest held deliveries (for
+        credit: counted, never charged) until ``nbytes`` and ``messages`` are freed or none
+        is left. The (bytes, messages) freed."""
+        freed_bytes = freed_messages = 0
+        dropped: list[_Held] = []
+        while self.items and (freed_bytes < nbytes or freed_messages < messages):
+            item = self.items.popleft()
+            dropped.append(item)
+            self._drop(item, "its share of sessions.max_outgoing_bytes/messages reached")
+            freed_bytes += item.size
+            freed_messages += 1
+        if dropped and not self.items:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._unwait(dropped)  # nothing left to send: no account keeps this hold alive
+        return freed_bytes, freed_messages
 
     # --- in ---------------------------------------------------------------------------
 
@@ -199,6 +241,7 @@ class CreditHold:
             self._drop(self.items.popleft(), "payments.hold_messages reached")
         self.items.append(_Held(broadcast, topic, data, qos, granted, size, loop.time(), account))
         self.topics[topic] = self.topics.get(topic, 0) + 1
+        self.bytes += size
         if self._flow is not None:
             self._flow.task_started(size)
         self._service.stats.deliveries_held_for_credit += 1
@@ -378,6 +421,7 @@ class CreditHold:
         else:
             del self.topics[item.topic]
             self._accounts.pop(item.topic, None)
+        self.bytes -= item.size
         if self._flow is not None:
             self._flow.task_ended(item.size)
 
@@ -385,6 +429,7 @@ class CreditHold:
         """``item`` stays (refused again on resume): counted back in."""
         self.topics[item.topic] = self.topics.get(item.topic, 0) + 1
         self._accounts[item.topic] = item.account
+        self.bytes += item.size
         if self._flow is not None:
             self._flow.task_started(item.size)
         account = item.account

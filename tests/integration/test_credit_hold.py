@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from blendsm.broker import PaymentsConfig, SettlementConfig
+from blendsm.broker import PaymentsConfig, SessionsConfig, SettlementConfig
 from blendsm.device_sdk import PaymentRequest, ReceivedMessage, decode_envelope
 
 from .conftest import Payer, split_messages
@@ -189,3 +189,37 @@ async def test_held_qos1_messages_of_a_persistent_session_go_to_its_offline_queu
     data, _ = split_messages(await again.got.drain(within=1.0), market.topic)
     assert data == [b"q%d" % i for i in range(5, 10)]  # replayed in order once paid
     assert account.charged == 10 * market.price
+
+
+async def test_a_reading_member_that_pays_late_is_held_to_its_bound_not_called_a_slow_consumer(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    """The held messages count against the session's outgoing bound (broker memory stays
+    bounded), but a member that reads everything is not a slow consumer: when the hold fills
+    the bound its oldest are dropped for credit (counted, never charged), the session is
+    neither paused nor disconnected, and a voucher sends the newest the bound kept."""
+    market = await start_market(
+        payments=_payments(hold_messages=1000, hold_seconds=30.0),
+        sessions=SessionsConfig(max_outgoing_messages=10, slow_consumer_seconds=0.5),
+    )
+    service = market.service
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    for i in range(40):
+        await device.publish(market.topic, b"m%d" % i)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == [b"m%d" % i for i in range(5)]  # the credit's worth; it read them all
+    hold = market.running.broker._sessions[buyer.client_id][0].blendsm_credit_hold
+    assert await until(lambda: service.stats.deliveries_held_dropped == 25, 5.0)
+    assert len(hold.items) == 10  # the bound's worth, the newest
+    stats = service.stats
+    assert (stats.deliveries_dropped_slow_consumer, stats.slow_consumers_paused) == (0, 0)
+    assert service.meter.denied_no_credit == 25  # dropped for credit, as before the hold
+    await asyncio.sleep(1.0)  # twice slow_consumer_seconds: still connected
+    assert stats.slow_consumers_disconnected == 0
+    await Payer(market, "buyer", buyer).pay(channel, 15 * market.price)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == [b"m%d" % i for i in range(30, 40)]
+    account = service.meter.accounts[channel]
+    assert (account.delivered, account.charged) == (15, 15 * market.price)
