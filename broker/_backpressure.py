@@ -190,11 +190,16 @@ class Flow:
 
     # --- admission ---------------------------------------------------------------------
 
-    def idle(self) -> bool:
-        """Nothing held for this connection and it is not paused (the cheap check)."""
+    def fits_now(self, nbytes: int, messages: int) -> bool:
+        """The cheap check: ``messages`` more (``nbytes``) fit for sure, with nothing in the
+        transport buffer and the session not paused (the caller passes what it has queued
+        for all sessions plus the new one: an upper bound of this session's share). Counts
+        the tasks and held deliveries, so a session holding for credit stays on this path."""
+        bound = self._bound
         return (
             self.paused_since is None
-            and not self.task_messages
+            and self.task_bytes + nbytes <= bound.max_bytes
+            and self.task_messages + messages <= bound.max_messages
             and not self.transport.get_write_buffer_size()
         )
 

@@ -159,6 +159,8 @@ class CreditHold:
     __slots__ = (
         "_accounts",
         "_flow",
+        "_loop",
+        "_max_items",
         "_service",
         "_timer",
         "bytes",
@@ -179,6 +181,8 @@ class CreditHold:
         """The held deliveries' bytes (their share of the outgoing bound)."""
         self._flow: Flow | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._max_items = service.config.payments.hold_messages
 
     def adopt(self, flow: Flow) -> None:
         """Count the held bytes against this connection's outgoing bound from now on."""
@@ -231,16 +235,17 @@ class CreditHold:
         account: Account | None = None,
     ) -> None:
         """Append a delivery (refused for credit, or queued behind one of its topic)."""
-        config = self._service.config.payments
-        loop = asyncio.get_running_loop()
         if account is None:
             account = self._accounts.get(topic)
         else:
             self._accounts[topic] = account
-        while len(self.items) >= config.hold_messages:
-            self._drop(self.items.popleft(), "payments.hold_messages reached")
-        self.items.append(_Held(broadcast, topic, data, qos, granted, size, loop.time(), account))
-        self.topics[topic] = self.topics.get(topic, 0) + 1
+        items = self.items
+        while len(items) >= self._max_items:
+            self._drop(items.popleft(), "payments.hold_messages reached")
+        now = self._loop.time()
+        items.append(_Held(broadcast, topic, data, qos, granted, size, now, account))
+        topics = self.topics
+        topics[topic] = topics.get(topic, 0) + 1
         self.bytes += size
         if self._flow is not None:
             self._flow.task_started(size)
@@ -248,7 +253,8 @@ class CreditHold:
         if account is not None and self not in account.waiters:
             account.waiters.append(self)
         if self._timer is None:
-            self._timer = loop.call_at(self.items[0].since + config.hold_seconds, self._expire)
+            hold_seconds = self._service.config.payments.hold_seconds
+            self._timer = self._loop.call_at(items[0].since + hold_seconds, self._expire)
 
     # --- out: a voucher landed ----------------------------------------------------------
 
@@ -306,7 +312,7 @@ class CreditHold:
                         session,
                         writer,
                         item.topic,
-                        bytes(item.data),
+                        item.data,
                         outbox,
                         resend=resend,
                         broadcast=item.broadcast,

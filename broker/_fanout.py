@@ -311,13 +311,10 @@ async def deliver(
         flow = getattr(writer, "blendsm_flow", None) or bound.flow(writer)
         if (
             flow is not None
-            # the common case first: nothing waiting for this session, and the whole batch
-            # so far fits its bounds (else: its own share of the batch is looked up)
-            and not (
-                outbox.size + size <= bound.max_bytes
-                and outbox.count < bound.max_messages
-                and flow.idle()
-            )
+            # the common case first: nothing in the session's transport buffer, and what it
+            # holds plus the whole batch so far fits its bounds (else: its own share of the
+            # batch is looked up)
+            and not flow.fits_now(outbox.size + size, outbox.count + 1)
             and not flow.admits(session, size, 1, *outbox.pending(writer))
         ):
             await _not_admitted(broker, broadcast, session, min(qos, publish_qos), qos)
@@ -448,7 +445,7 @@ def deliver_qos0_now(
     session: Session,
     writer: StreamWriterAdapter,
     topic: str,
-    payload: bytes,
+    payload: bytes | bytearray,
     outbox: Outbox,
     *,
     resend: bool = False,
@@ -465,7 +462,7 @@ def deliver_qos0_now(
     if type(kept) is _Frame and kept.topic == topic:
         frame: _Frame = kept
     else:
-        frame = _Frame(topic, payload)
+        frame = _Frame(topic, bytes(payload))
         if broadcast is not None:
             broadcast[_HELD_FRAME] = frame
     return _deliver_qos0(service, gate, session, writer, frame, outbox)
