@@ -597,12 +597,17 @@ def test_after_a_reconnect_the_first_request_pays_in_flight_loss_up_to_the_credi
     # Before the connection drops, a request above what was received pays nothing more.
     operator.notice(sub.address, PaymentRequest(CHANNEL, 3000, 0, 3000, TOPIC))
     assert check_signed(operator.drain(1)) == [1000]
+    # Confirmed, so the reconnect re-sends nothing (an unconfirmed 1000 would go again).
+    operator.notice(sub.address, Receipt(CHANNEL, 1000))
+    wait_until(lambda: sub.stats.receipts == 1)
     operator.close()
     broker.stop()
     wait_until(lambda: any(not d.requested and d.reconnecting for d in rec.disconnects))
+    BUYER_GATE.clear()  # the operator subscribes before the buyer is back: it sees everything
     broker.start()
-    wait_until(lambda: sub.tokens_issued >= 2 and sub.connected, within=15)
     op = Operator(broker.port)
+    BUYER_GATE.set()
+    wait_until(lambda: sub.tokens_issued >= 2 and sub.connected, within=15)
     try:
         op.notice(sub.address, PaymentRequest(CHANNEL, 3000, 1000, 3000, TOPIC))
         assert check_signed(op.drain(1)) == [3000]  # the 2 lost with the connection
