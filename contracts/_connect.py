@@ -8,6 +8,7 @@ from web3 import AsyncWeb3
 from web3.providers import AsyncHTTPProvider, WebSocketProvider
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
+from blendsm.contracts._http_provider import KeepAliveHTTPProvider
 from blendsm.errors import ConfigError
 
 __all__ = ["EMBEDDED", "connect", "disconnect"]
@@ -24,6 +25,8 @@ def connect(
     For ``embedded``, pass ``ethereum_tester`` to share one in-process chain between
     several clients (the broker, the demo's devices and buyers); otherwise a fresh chain starts.
     A WebSocket provider must still be connected by the caller (``await w3.provider.connect()``).
+    An HTTP one keeps its connections to the node alive between requests
+    (:mod:`~blendsm.contracts._http_provider`).
     """
     if endpoint == EMBEDDED:
         provider = AsyncEthereumTesterProvider()
@@ -31,7 +34,8 @@ def connect(
             provider.ethereum_tester = ethereum_tester
         return AsyncWeb3(provider)
     if endpoint.startswith(("http://", "https://")):
-        return AsyncWeb3(AsyncHTTPProvider(endpoint, request_kwargs={"timeout": request_timeout}))
+        http = KeepAliveHTTPProvider(endpoint, request_kwargs={"timeout": request_timeout})
+        return AsyncWeb3(http)
     if endpoint.startswith(("ws://", "wss://")):
         return AsyncWeb3(WebSocketProvider(endpoint))
     raise ConfigError(

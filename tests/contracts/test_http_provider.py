@@ -1,0 +1,124 @@
+"""The JSON-RPC client keeps its connections to the node alive (contracts._http_provider).
+
+A counting TCP relay stands between the client and a real anvil node, so what is measured is
+what the node would see: connections opened, and requests that still succeed after the node
+side drops an idle connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+
+from blendsm.contracts import connect, disconnect
+
+pytestmark = pytest.mark.anvil
+
+
+class _Relay:
+    """127.0.0.1 relay to the node: counts accepted connections and can cut them all."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.accepted = 0
+        self.open: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open.add(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            self.open.discard(writer)
+
+    def cut(self) -> None:
+        """The node side closes every connection (a node restart, an idle timeout)."""
+        for writer in list(self.open):
+            writer.close()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].rstrip("/"))
+
+
+@pytest.fixture
+async def relay(anvil_chain: Any) -> Any:
+    assert anvil_chain.anvil is not None
+    r = _Relay(_port(anvil_chain.anvil.url))
+    r.url = await r.start()  # type: ignore[attr-defined]
+    yield r
+    await r.stop()
+
+
+async def test_sequential_requests_share_one_connection(relay: Any) -> None:
+    w3 = connect(relay.url)
+    try:
+        numbers = [await w3.eth.block_number for _ in range(30)]
+    finally:
+        await disconnect(w3)
+    assert len(numbers) == 30
+    # web3 8 as shipped opens one connection per request (30 here)
+    assert relay.accepted == 1
+
+
+async def test_a_connection_the_node_closed_is_replaced_without_a_failed_request(
+    relay: Any,
+) -> None:
+    w3 = connect(relay.url)
+    try:
+        first = await w3.eth.chain_id
+        relay.cut()
+        await asyncio.sleep(0.05)  # the close reaches the client's idle connection
+        again = [await w3.eth.chain_id for _ in range(3)]
+    finally:
+        await disconnect(w3)
+    assert again == [first] * 3
+    assert relay.accepted == 2
+
+
+async def test_concurrent_requests_are_bounded_by_the_pool(relay: Any) -> None:
+    from blendsm.contracts._http_provider import MAX_CONNECTIONS
+
+    w3 = connect(relay.url)
+    try:
+        results = await asyncio.gather(*(w3.eth.block_number for _ in range(40)))
+    finally:
+        await disconnect(w3)
+    assert len(results) == 40
+    assert 1 <= relay.accepted <= MAX_CONNECTIONS
+
+
+async def test_disconnect_closes_the_kept_connection(relay: Any) -> None:
+    w3 = connect(relay.url)
+    await w3.eth.block_number
+    assert len(relay.open) == 1
+    await disconnect(w3)
+    for _ in range(50):
+        if not relay.open:
+            break
+        await asyncio.sleep(0.02)
+    assert not relay.open
