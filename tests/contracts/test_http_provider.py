@@ -12,6 +12,7 @@ import contextlib
 from typing import Any
 
 import pytest
+from eth_typing import HexStr
 
 from blendsm.contracts import connect, disconnect
 
@@ -139,7 +140,7 @@ async def test_the_chain_id_is_asked_once(relay: Any) -> None:
         first = relay.requests.count(b'"eth_chainId"')  # web3's cache asks twice at first
         for _ in range(3):
             assert await w3.eth.chain_id == 31337
-            await w3.eth.call({"to": "0x" + "00" * 20, "data": "0x"})
+            await w3.eth.call({"to": "0x" + "00" * 20, "data": HexStr("0x")})
     finally:
         await disconnect(w3)
     assert relay.requests.count(b'"eth_call"') == 3
@@ -194,3 +195,19 @@ async def test_a_transaction_goes_through_on_a_poa_node(chain: Any, poa_node: st
     finally:
         await disconnect(w3)
     assert result.block_number > 0
+
+
+async def test_a_websocket_endpoint_takes_the_same_settings(anvil_chain: Any) -> None:
+    """connect() sets the chain-id cache and the middleware on every provider kind."""
+    assert anvil_chain.anvil is not None
+    w3 = connect(anvil_chain.anvil.url.replace("http://", "ws://"))
+    await w3.provider.connect()
+    try:
+        assert [await w3.eth.chain_id for _ in range(2)] == [31337, 31337]
+        block = await w3.eth.get_block("latest")
+        assert block["number"] >= 0
+        names = {name for _, name in w3.middleware_onion.middleware}
+        assert "validation" not in names
+        assert "ens_name_to_address" not in names
+    finally:
+        await disconnect(w3)
