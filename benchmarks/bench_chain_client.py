@@ -1,13 +1,16 @@
 """What the broker's JSON-RPC client costs per call: web3 8's AsyncHTTPProvider as shipped
 against ours (:mod:`blendsm.contracts._http_provider`: kept-alive connections, no thread hop
-for the session), in the same run, against one anvil node.
+for the session), in the same run, against anvil.
 
 Every chain call of the broker (anchors, claims, the chain view's polls) runs on the event loop
 that delivers messages, so its client CPU is taken from deliveries. Measured per variant,
 interleaved over ``--rounds``: a raw read (``eth_blockNumber``), a contract view through our
 bindings (``DataAnchors.latestBatchId``) and an anchor transaction (build, sign, send, receipt:
 what the anchorer does per root). Prints client CPU and wall time per call and the ratios.
-The client is pinned to one CPU and anvil to the other where there are two; every\n(round, client) gets a fresh node, since anvil slows as anchors pile up (10 -> 58 ms per\nanchor over 320 of them in one node).
+The client is pinned to one CPU and anvil to the other where there are two; every
+(round, client) gets a fresh node: anchors sent to one node take longer as they pile up
+(10 -> 58 ms of wall time each over 320 in one node, not investigated; 50 ms is the
+Transactor's receipt poll interval).
 
 Usage: ``python benchmarks/bench_chain_client.py [--rounds 3] [--reads 300] [--anchors 40]``
 """
@@ -86,7 +89,8 @@ async def _variant(
 
 async def _fresh_node(cpus: list[int]) -> tuple[AnvilNode, Any, Any]:
     """A new anvil (on the second CPU) with the suite deployed and the operator enrolled: the
-    node slows as its anchors pile up, so every measured client gets a node of the same age."""
+    anchors take longer as they pile up in one node, so every measured client gets a node of
+    the same age."""
     node = AnvilNode().start(timeout=30)
     if len(cpus) >= 2 and node.process is not None:
         os.sched_setaffinity(node.process.pid, {cpus[1]})
