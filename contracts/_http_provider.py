@@ -49,6 +49,7 @@ class _KeepAliveSessions(HTTPSessionManager):
     ) -> ClientSession:
         key = generate_cache_key(f"{id(asyncio.get_event_loop())}:{endpoint_uri}")
         cached: ClientSession | None = self.session_cache.get_cache_entry(key)
+        ours: ClientSession | None = None
         if session is None:
             if cached is not None and not cached.closed and not cached._loop.is_closed():
                 return cached
@@ -57,11 +58,16 @@ class _KeepAliveSessions(HTTPSessionManager):
                 if not cached.closed:
                     with contextlib.suppress(Exception):
                         await cached.close()
-            session = ClientSession(
+            session = ours = ClientSession(
                 raise_for_status=True,
                 connector=TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=IDLE_SECONDS),
             )
-        return await super().async_cache_and_return_session(endpoint_uri, session, request_timeout)
+        kept = await super().async_cache_and_return_session(endpoint_uri, session, request_timeout)
+        if ours is not None and kept is not ours:
+            # Concurrent first requests each made one; web3 keeps the first cached, so the
+            # others are closed here rather than left to the garbage collector.
+            await ours.close()
+        return kept
 
 
 class KeepAliveHTTPProvider(AsyncHTTPProvider):
