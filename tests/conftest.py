@@ -207,12 +207,17 @@ class TcpProxy:
     ``lose_reply_to(marker)`` arms a one-shot fault: the next request whose bytes contain
     ``marker`` (e.g. ``b"eth_sendRawTransaction"``) reaches the node in full, but the link is
     cut as the node's answer comes back, so the client never learns what the node did.
+    ``cut()`` closes every link and keeps listening (the node dropped its idle connections).
+    ``accepted``, ``links`` and ``sent`` say what a node would see: connections made, those
+    open now, and every byte the clients sent.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.replies_lost = 0
+        self.accepted = 0
+        self.sent = bytearray()
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
         self._lose_marker: bytes | None = None
@@ -226,12 +231,20 @@ class TcpProxy:
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
+    @property
+    def links(self) -> int:
+        """Client connections relayed now."""
+        return len(self._links) // 2
+
+    def cut(self) -> None:
+        for link in list(self._links):
+            link.close()
+
     async def stop(self) -> None:
         if self._server is None:
             return
         self._server.close()
-        for link in list(self._links):
-            link.close()
+        self.cut()
         self._links.clear()
         await self._server.wait_closed()
         self._server = None
@@ -243,6 +256,7 @@ class TcpProxy:
             writer.close()
             return
         self._links |= {writer, up_writer}
+        self.accepted += 1
         doomed = False  # this link carried the marked request: its answer is lost
         tail = b""  # the marker may straddle two reads
 
@@ -253,7 +267,9 @@ class TcpProxy:
                     marker = self._lose_marker
                     if up and marker is not None and marker in tail + data:
                         self._lose_marker, doomed = None, True
-                    tail = (tail + data)[-64:] if up else tail
+                    if up:
+                        self.sent += data
+                        tail = (tail + data)[-64:]
                     if doomed and not up:  # the node answered: drop it and cut the link
                         self.replies_lost += 1
                         writer.close()

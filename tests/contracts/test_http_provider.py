@@ -1,14 +1,13 @@
 """The JSON-RPC client keeps its connections to the node alive (contracts._http_provider).
 
-A counting TCP relay stands between the client and a real anvil node, so what is measured is
-what the node would see: connections opened, and requests that still succeed after the node
-side drops an idle connection.
+The tests' TCP relay (``TcpProxy``) stands between the client and a real anvil node, so what
+is measured is what the node would see: connections opened, the requests sent, and requests
+that still succeed after the node side drops an idle connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import warnings
 from typing import Any
@@ -21,66 +20,14 @@ from blendsm.contracts import connect, disconnect
 pytestmark = pytest.mark.anvil
 
 
-class _Relay:
-    """127.0.0.1 relay to the node: counts accepted connections and can cut them all."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.accepted = 0
-        self.open: set[asyncio.StreamWriter] = set()
-        self.requests = bytearray()
-        """Every byte the client sent to the node."""
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        self.open.add(writer)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def pump(
-            src: asyncio.StreamReader, dst: asyncio.StreamWriter, log: bytearray | None = None
-        ) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await src.read(65536):
-                    if log is not None:
-                        log += data
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        try:
-            await asyncio.gather(pump(reader, up_writer, self.requests), pump(up_reader, writer))
-        finally:
-            self.open.discard(writer)
-
-    def cut(self) -> None:
-        """The node side closes every connection (a node restart, an idle timeout)."""
-        for writer in list(self.open):
-            writer.close()
-
-    async def stop(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].rstrip("/"))
-
-
 @pytest.fixture
-async def relay(anvil_chain: Any) -> Any:
+async def relay(anvil_chain: Any, tcp_proxy: Any) -> Any:
+    """The shared TCP relay (conftest's ``TcpProxy``) in front of the anvil node."""
     assert anvil_chain.anvil is not None
-    r = _Relay(_port(anvil_chain.anvil.url))
-    r.url = await r.start()  # type: ignore[attr-defined]
-    yield r
-    await r.stop()
+    proxy = tcp_proxy(anvil_chain.anvil.port)
+    await proxy.start()
+    proxy.url = f"http://127.0.0.1:{proxy.port}"
+    return proxy
 
 
 async def test_sequential_requests_share_one_connection(relay: Any) -> None:
@@ -130,13 +77,13 @@ async def test_concurrent_requests_are_bounded_by_the_pool(relay: Any) -> None:
 async def test_disconnect_closes_the_kept_connection(relay: Any) -> None:
     w3 = connect(relay.url)
     await w3.eth.block_number
-    assert len(relay.open) == 1
+    assert relay.links == 1
     await disconnect(w3)
     for _ in range(50):
-        if not relay.open:
+        if not relay.links:
             break
         await asyncio.sleep(0.02)
-    assert not relay.open
+    assert relay.links == 0
 
 
 async def test_the_chain_id_is_asked_once(relay: Any) -> None:
@@ -145,22 +92,22 @@ async def test_the_chain_id_is_asked_once(relay: Any) -> None:
     w3 = connect(relay.url)
     try:
         assert await w3.eth.chain_id == 31337
-        first = relay.requests.count(b'"eth_chainId"')  # web3's cache asks twice at first
+        first = relay.sent.count(b'"eth_chainId"')  # web3's cache asks twice at first
         for _ in range(3):
             assert await w3.eth.chain_id == 31337
             await w3.eth.call({"to": "0x" + "00" * 20, "data": HexStr("0x")})
     finally:
         await disconnect(w3)
-    assert relay.requests.count(b'"eth_call"') == 3
+    assert relay.sent.count(b'"eth_call"') == 3
     assert 1 <= first <= 2
-    assert relay.requests.count(b'"eth_chainId"') == first
+    assert relay.sent.count(b'"eth_chainId"') == first
 
 
 @pytest.fixture
 async def poa_node(anvil_chain: Any) -> Any:
     """The anvil node behind a JSON-RPC relay that answers blocks as a PoA node does: Besu
     QBFT and Clique put validators and seals in ``extraData`` (97 bytes here, Clique's
-    minimum; web3's validation middleware refuses anything over 32). Besu does not run
+    minimum; web3's block formatter refuses anything over 32). Besu does not run
     here; everything else is anvil's own answer."""
     from aiohttp import ClientSession, web
 
