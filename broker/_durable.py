@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,7 +89,10 @@ class GroupCommit(Generic[_Item, _Result]):
 
     A group holding only not-awaited items may wait up to :attr:`linger` seconds for more
     (to share an fsync); an awaited item, ``group_size`` queued items or :meth:`drain` end
-    the wait, so whoever waits is never delayed by the linger.
+    the wait, so whoever waits is never delayed by the linger. A drain waits for the items
+    queued before it, not for the queue to be seen empty: under steady traffic that never
+    happened, and until it did every group took only what arrived during the commit before
+    it (1-2 leaves per fsync at 1,000 messages/s, measured).
     """
 
     def __init__(
@@ -115,7 +119,14 @@ class GroupCommit(Generic[_Item, _Result]):
         self._waiters = 0
         """Awaited items in ``_queue``."""
         self._wake = asyncio.Event()
-        self._draining = 0
+        self._queued = 0
+        """Items ever queued (the position of the last one)."""
+        self._taken = 0
+        """Items ever taken into a transaction (committed, failed or cancelled)."""
+        self._drain_to = 0
+        """The furthest position a drain waits for: the groups up to it do not linger."""
+        self._progress: asyncio.Future[None] | None = None
+        """Resolved each time a group's transaction ended (what a drain waits on)."""
         self._flusher: asyncio.Task[None] | None = None
 
     async def add(self, item: _Item) -> _Result:
@@ -130,6 +141,7 @@ class GroupCommit(Generic[_Item, _Result]):
 
     def _enqueue(self, item: _Item, done: asyncio.Future[_Result] | None) -> None:
         self._queue.append((item, done))
+        self._queued += 1
         if done is not None:
             self._waiters += 1
         if done is not None or len(self._queue) >= self.group_size:
@@ -144,7 +156,7 @@ class GroupCommit(Generic[_Item, _Result]):
         while self._queue:
             if (
                 not self._waiters
-                and not self._draining
+                and self._drain_to <= self._taken
                 and len(self._queue) < self.group_size
                 and self.linger > 0
             ):
@@ -158,6 +170,7 @@ class GroupCommit(Generic[_Item, _Result]):
             try:
                 results = await self._commit([item for item, _ in group])
             except Exception as exc:
+                self._ended(len(group))
                 lost = 0
                 for _, done in group:
                     if done is None:
@@ -170,22 +183,46 @@ class GroupCommit(Generic[_Item, _Result]):
                         self._on_lost(len(group), exc)
                 continue
             except BaseException:  # cancelled (loop shutting down): so are its callers
+                self._ended(len(group))
                 for _, done in group + self._queue:
                     if done is not None:
                         done.cancel()
                 raise
+            self._ended(len(group))
             for (_, done), result in zip(group, results, strict=True):
                 if done is not None and not done.done():  # a caller that gave up: still stored
                     done.set_result(result)
             if self._on_committed is not None:
                 self._on_committed(results)
 
+    def _ended(self, items: int) -> None:
+        """A group of ``items`` left the queue for good: wake the drains waiting on it."""
+        self._taken += items
+        progress, self._progress = self._progress, None
+        if progress is not None and not progress.done():
+            progress.set_result(None)
+
     async def drain(self) -> None:
-        """Commit every queued item now (no lingering) and wait for it (or its failure)."""
-        self._draining += 1
+        """Commit every item queued so far now (no lingering) and wait for it (or its
+        failure); items queued after this call keep their linger."""
+        target = self._queued
+        if target <= self._taken:
+            return
+        self._drain_to = max(self._drain_to, target)
         self._wake.set()
-        try:
-            while self._flusher is not None and not self._flusher.done():
-                await asyncio.gather(self._flusher, return_exceptions=True)
-        finally:
-            self._draining -= 1
+        while self._taken < target and self._flusher is not None and not self._flusher.done():
+            if self._progress is None:
+                self._progress = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._progress, self._flusher], return_when=FIRST_COMPLETED)
+
+    @property
+    def pending(self) -> bool:
+        """Whether items are queued and not yet taken into a transaction."""
+        return self._queued > self._taken
+
+    async def drain_all(self) -> None:
+        """Drain until nothing is queued, the items queued meanwhile too (a store closing)."""
+        while self.pending and self._flusher is not None:
+            await self.drain()
+            if self._flusher.done():
+                break

@@ -513,6 +513,14 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
     async def _mark_later(self, delay: float = MARK_LINGER) -> None:
         await asyncio.sleep(delay)
         await self.drain()  # queued leaves (a QoS 0 one may linger) take the marks along
+        if self._adds.pending:
+            # Leaves queued since the drain: a mark left may be for one of them, so the
+            # marks ride with their commit (``_commit_adds``), due within the linger.
+            return
+        await self._write_marks()
+
+    async def _write_marks(self) -> None:
+        """Write the marks left (every leaf queued so far is committed)."""
         marks, self._marks = self._marks, []
         if marks:
             try:
@@ -523,7 +531,8 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
     async def _finish_writes(self) -> None:
         if self._marking is not None:
             self._marking.cancel()
-        await self._mark_later(0)
+        await self._adds.drain_all()
+        await self._write_marks()
 
     async def handed_state(self, leaf: bytes) -> int | None:
         return await self._run(self._store.handed_state, leaf)

@@ -542,7 +542,7 @@ class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
         return await self._run(self._store.delivered)
 
     async def _finish_writes(self) -> None:
-        await self._accepts.drain()
+        await self._accepts.drain_all()
 
     async def latest(self, channel_id: bytes) -> Voucher | None:
         """See :meth:`VoucherStore.latest`."""

@@ -134,8 +134,10 @@ async def test_roots_never_pass_max_roots_per_hour_even_across_a_restart(
     first = await AsyncLeafStore.open(path)
     a = make_anchorer(first, mp, batch_max_leaves=5, max_roots_per_hour=3, clock=lambda: now[0])
     async with running(a):
-        a.delivered(SOLD)
-        await add(a, msgs[:40])  # 8 roots' worth, every leaf sold
+        # Stored first, then sold: a leaf stored after the last delivery is not sold, so
+        # whether a root sealed while the rest arrived took them all depended on timing.
+        await add(a, msgs[:40])  # 8 roots' worth
+        a.delivered(SOLD)  # every leaf sold
         await eventually(lambda: a.anchors_deferred == 1)
         assert a.batches_anchored == 3
     await first.close()
@@ -145,8 +147,8 @@ async def test_roots_never_pass_max_roots_per_hour_even_across_a_restart(
     b = make_anchorer(second, mp, batch_max_leaves=5, max_roots_per_hour=3, clock=lambda: now[0])
     try:
         async with running(b):
-            b.delivered(SOLD)
             await add(b, msgs[40:])
+            b.delivered(SOLD)
             await eventually(lambda: b.anchors_deferred == 1)
             assert await b.anchor_now() == []  # on demand too: the ceiling holds
             assert anchor_txs(chain) == 3
