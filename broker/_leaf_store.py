@@ -125,31 +125,39 @@ class LeafStore(DurableStore):
     def add_many(self, rows: Sequence[LeafRow], handed: Sequence[bytes] = ()) -> list[bool]:
         """Store every row in ONE transaction (one fsync); per row, True if it was new
         (a leaf already stored, e.g. a QoS 1 retransmission, is kept once). ``handed``
-        leaves are marked handed on in the same transaction, after the rows."""
+        leaves are marked handed on in the same transaction: a new row of this group is
+        stored marked (its mark usually rides with it), the others are updated."""
         for row in rows:
             row.check()
         if not rows:
             return []
 
         def body() -> list[bool]:
-            new = [
-                self._db.execute(
-                    "INSERT INTO leaves"
-                    " (topic, device, sequence, leaf, envelope, received_at, handed)"
-                    " VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT (leaf) DO NOTHING",
-                    (
-                        r.topic,
-                        r.device,
-                        r.sequence.to_bytes(8, "big"),
-                        r.leaf,
-                        r.envelope,
-                        r.received_at,
-                    ),
-                ).rowcount
-                == 1
-                for r in rows
-            ]
-            self._db.executemany(_MARK, [(leaf,) for leaf in handed])
+            marked = set(handed)
+            new: list[bool] = []
+            for r in rows:
+                stored = (
+                    self._db.execute(
+                        "INSERT INTO leaves"
+                        " (topic, device, sequence, leaf, envelope, received_at, handed)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (leaf) DO NOTHING",
+                        (
+                            r.topic,
+                            r.device,
+                            r.sequence.to_bytes(8, "big"),
+                            r.leaf,
+                            r.envelope,
+                            r.received_at,
+                            1 if r.leaf in marked else 0,
+                        ),
+                    ).rowcount
+                    == 1
+                )
+                new.append(stored)
+                if stored:
+                    marked.discard(r.leaf)
+            if marked:  # rows of earlier groups, or already stored
+                self._db.executemany(_MARK, [(leaf,) for leaf in marked])
             return new
 
         return self._write(body)

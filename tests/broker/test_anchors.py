@@ -129,6 +129,23 @@ def _row(i: int) -> LeafRow:
     return LeafRow(TOPIC, bytes(19) + bytes([1]), i, i.to_bytes(32, "big"), b"env", 1.0 + i)
 
 
+def test_handed_marks_ride_with_their_rows(tmp_path: Path) -> None:
+    """A mark for a row of the same group is stored with the row; a mark for a row stored
+    earlier, or for a copy already stored, is an update in the same transaction."""
+    with LeafStore(tmp_path / "leaves.sqlite3") as s:
+        assert s.add_many([_row(1), _row(2)], [_row(1).leaf]) == [True, True]
+        assert (s.handed_state(_row(1).leaf), s.handed_state(_row(2).leaf)) == (1, 0)
+        commits = s.commits
+        assert s.add_many([_row(3), _row(2), _row(3)], [_row(2).leaf, _row(3).leaf]) == [
+            True,
+            False,
+            False,
+        ]
+        assert s.commits == commits + 1
+        assert [s.handed_state(_row(i).leaf) for i in (1, 2, 3)] == [1, 1, 1]
+        assert s.leaf_count() == 3
+
+
 def test_store_schema_and_foreign_files(tmp_path: Path) -> None:
     path = tmp_path / "leaves.sqlite3"
     with LeafStore(path) as s:
