@@ -3,6 +3,7 @@ environment or a keystore, and the errors a first-time user runs into."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from eth_account import Account
+from support import eventually
 
 from blendsm.cli import main
 from blendsm.contracts import SUITE_CONTRACTS, Deployment
@@ -93,6 +95,22 @@ def test_deploy_with_a_keystore_in_a_subprocess(
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "wrong password or corrupt file" in proc.stderr
+
+
+@ANVIL
+async def test_deploy_closes_its_connection_to_the_node(
+    chain: Any, tcp_proxy: Callable[[int], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command closes its kept-alive JSON-RPC connection before it returns (it ran to
+    the end of the process, or of the caller's, before: web3 caches the session)."""
+    proxy = tcp_proxy(chain.anvil.port)
+    await proxy.start()
+    monkeypatch.setenv("DEPLOYER_KEY", "0x" + chain.accounts["stranger"].key.hex())
+    url = f"http://127.0.0.1:{proxy.port}"
+    argv = ["deploy", "--chain", url, "--key-env", "DEPLOYER_KEY", "--json"]
+    assert await asyncio.to_thread(main, argv) == 0  # its own asyncio.run, as from a shell
+    assert proxy.accepted >= 1
+    await eventually(lambda: proxy.links == 0, within=2.0, what="the node's link closed")
 
 
 @ANVIL

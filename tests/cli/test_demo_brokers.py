@@ -20,10 +20,22 @@ and ``tests/integration/test_lanes.py``."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import eventually
+
+from blendsm.cli._demo_many import _close
+from blendsm.cli._demo_many_parts import ManyRun
+from blendsm.cli._demo_parts import Progress
+from blendsm.contracts import connect
 
 TIMEOUT = 240
 CREDIT_BOUND = 50 * 1_000  # the demo's credit (messages) x its highest price (wei)
@@ -92,3 +104,19 @@ def test_brokers_out_of_range_is_refused() -> None:
     done = _demo("--brokers", "9", "--duration", "6")
     assert done.returncode == 2
     assert "--brokers" in done.stderr
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+async def test_closing_the_demo_closes_its_connection_to_the_chain(
+    chain: Any, tcp_proxy: Callable[[int], Any], tmp_path: Path
+) -> None:
+    """``--chain URL``: the demo's own JSON-RPC connection is closed with the rest (it was
+    left to the end of the process)."""
+    proxy = tcp_proxy(chain.anvil.port)
+    await proxy.start()
+    run = ManyRun(tmp_path, Progress(io.StringIO(), quiet=True))
+    run.w3 = connect(f"http://127.0.0.1:{proxy.port}")
+    assert await run.w3.eth.block_number >= 0
+    assert proxy.links == 1
+    await _close(run)
+    await eventually(lambda: proxy.links == 0, within=2.0, what="the chain's link closed")

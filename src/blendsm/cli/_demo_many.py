@@ -446,11 +446,16 @@ async def _close_channels(run: ManyRun, rows: list[dict[str, Any]]) -> None:
 
 
 async def _close(run: ManyRun) -> None:
-    """Disconnect the clients, stop the brokers (SIGTERM), stop the chain node."""
+    """Disconnect the clients, stop the brokers (SIGTERM), close the chain connection, stop
+    the chain node."""
+    from blendsm.contracts import disconnect
+
     for sub in run.subs.values():
         await asyncio.to_thread(sub.disconnect)
     for pub in run.devices.values():
         await asyncio.to_thread(pub.close)
     await asyncio.gather(*(asyncio.to_thread(b.stop) for b in run.brokers))
+    if run.w3 is not None:
+        await disconnect(run.w3)
     if run.node is not None:
         await run.node.stop()

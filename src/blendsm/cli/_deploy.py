@@ -11,12 +11,16 @@ import argparse
 import asyncio
 import dataclasses
 import json
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from blendsm.cli._support import signing_account
 from blendsm.errors import ConfigError
 
 __all__ = ["register"]
+
+_T = TypeVar("_T")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -84,13 +88,15 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         if args.chain == EMBEDDED:
             raise ConfigError("--upgrade needs --chain URL: the embedded chain starts empty")
         old = Deployment.load(args.upgrade)
-        deployment = asyncio.run(deploy_later_contracts(w3, account, old))
+        deployment = asyncio.run(_closing(w3, deploy_later_contracts(w3, account, old)))
         args.out = args.out or args.upgrade
         added = sorted(set(deployment.addresses) - set(old.addresses))
         if not args.json:
             print(f"Added {', '.join(added)}" if added else "Nothing to add: the suite is complete")
     else:
-        deployment = asyncio.run(deploy_suite(w3, account, challenge_period=args.challenge_period))
+        deployment = asyncio.run(
+            _closing(w3, deploy_suite(w3, account, challenge_period=args.challenge_period))
+        )
     if args.out:
         deployment.save(args.out)
     if args.json:
@@ -115,3 +121,14 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         if args.out:
             print(f"Deployment written to {args.out}")
     return 0
+
+
+async def _closing(w3: Any, work: Awaitable[_T]) -> _T:
+    """``work``, then ``w3``'s connection closed on the same loop (web3 caches its session:
+    left open, the node's socket stayed until the process ended)."""
+    from blendsm.contracts import disconnect
+
+    try:
+        return await work
+    finally:
+        await disconnect(w3)
