@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from blendsm.broker._anchor_records import UINT64_MAX, Batch, LeafRow, ProofRecord
 from blendsm.broker._durable import AsyncDurableStore, GroupCommit, open_on_worker
+from blendsm.broker._leaf_schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION, V1_TO_V2
 from blendsm.broker._sqlite import DurableStore
 from blendsm.device_sdk import MerkleTree, checksum_address
 from blendsm.errors import StoreError
@@ -43,53 +44,8 @@ __all__ = [
     "LeafStore",
 ]
 
-SCHEMA_VERSION = 2
-"""``PRAGMA user_version`` of the schema below; a newer file is refused, not guessed at."""
-
-APPLICATION_ID = 0x424C4C46
-"""``PRAGMA application_id`` ("BLLF"), so another SQLite file (the voucher store) is told apart."""
-
 _OPEN_STATES = ("intent", "sent")
 _INT63 = 2**63 - 1
-
-_SCHEMA_V1 = """
-CREATE TABLE batches (
-    batch_id     INTEGER PRIMARY KEY,
-    root         BLOB NOT NULL CHECK (length(root) = 32),
-    leaf_count   INTEGER NOT NULL CHECK (leaf_count > 0),
-    state        TEXT NOT NULL CHECK (state IN ('intent', 'sent', 'confirmed', 'failed')),
-    tx_hash      BLOB CHECK (tx_hash IS NULL OR length(tx_hash) = 32),
-    block_number INTEGER,
-    gas_used     INTEGER,
-    error        TEXT,
-    created_at   REAL NOT NULL,
-    updated_at   REAL NOT NULL
-);
-
-CREATE TABLE leaves (
-    leaf_index   INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic        TEXT NOT NULL,
-    device       BLOB NOT NULL CHECK (length(device) = 20),
-    sequence     BLOB NOT NULL CHECK (length(sequence) = 8),   -- uint64 big-endian
-    leaf         BLOB NOT NULL UNIQUE CHECK (length(leaf) = 32),
-    envelope     BLOB NOT NULL,
-    received_at  REAL NOT NULL,
-    batch_id     INTEGER REFERENCES batches (batch_id),
-    position     INTEGER,
-    CHECK ((batch_id IS NULL) = (position IS NULL))
-);
-
-CREATE INDEX leaves_unbatched ON leaves (leaf_index) WHERE batch_id IS NULL;
-CREATE INDEX leaves_by_message ON leaves (topic, sequence, device);
-CREATE UNIQUE INDEX leaves_by_batch ON leaves (batch_id, position) WHERE batch_id IS NOT NULL;
-CREATE INDEX batches_open ON batches (state) WHERE state IN ('intent', 'sent');
-"""
-
-_V1_TO_V2 = """
--- 0 stored, not known handed to the fan-out, 1 handed on, 2 found at 0 by a start (counted).
--- Version 1 rows were handed on before their PUBACK (as far as it knew). No semicolons here.
-ALTER TABLE leaves ADD COLUMN handed INTEGER NOT NULL DEFAULT 1 CHECK (handed IN (0, 1, 2));
-"""
 
 _MARK = "UPDATE leaves SET handed = 1 WHERE leaf = ?"
 
@@ -108,8 +64,8 @@ class LeafStore(DurableStore):
             kind="leaf store",
             application_id=APPLICATION_ID,
             schema_version=SCHEMA_VERSION,
-            schema=_SCHEMA_V1 + _V1_TO_V2,
-            migrations={1: _V1_TO_V2},
+            schema=SCHEMA_V1 + V1_TO_V2,
+            migrations={1: V1_TO_V2},
         )
         # Added after schema 1 shipped; idempotent, and older brokers ignore it: the sold
         # leaves of one topic are found without scanning every unsold leaf before them.

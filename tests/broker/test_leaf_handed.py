@@ -9,8 +9,8 @@ import sqlite3
 from pathlib import Path
 
 from blendsm.broker._anchor_records import LeafRow
+from blendsm.broker._leaf_schema import SCHEMA_V1
 from blendsm.broker._leaf_store import (
-    _SCHEMA_V1,
     APPLICATION_ID,
     MARK_LINGER,
     SCHEMA_VERSION,
@@ -55,7 +55,7 @@ def test_a_leaf_is_stored_not_handed_marked_later_and_a_start_counts_the_rest_on
 def test_a_schema_1_file_is_upgraded_and_its_leaves_count_as_handed_on(tmp_path: Path) -> None:
     path = tmp_path / "leaves.sqlite3"
     with sqlite3.connect(path) as db:
-        db.executescript(_SCHEMA_V1)
+        db.executescript(SCHEMA_V1)
         db.execute(f"PRAGMA application_id={APPLICATION_ID}")
         db.execute("PRAGMA user_version=1")
         db.execute(
