@@ -57,7 +57,13 @@ if TYPE_CHECKING:
     from blendsm.broker._meter import Account
     from blendsm.broker._service import MarketplaceService
 
-__all__ = ["CreditHold", "end_credit_hold", "hold_for_credit", "holding"]
+__all__ = [
+    "CreditHold",
+    "end_credit_hold",
+    "hold_for_credit",
+    "holding",
+    "session_hold",
+]
 
 _ATTR: Final = "blendsm_credit_hold"
 """The session attribute holding its :class:`CreditHold` (set at its first hold)."""
@@ -77,7 +83,17 @@ def _drop_log(service: MarketplaceService) -> LogLimiter:
 class _Held:
     """One delivery waiting for credit: what the fan-out had in hand when it was refused."""
 
-    __slots__ = ("account", "broadcast", "data", "granted", "qos", "since", "size", "topic")
+    __slots__ = (
+        "account",
+        "broadcast",
+        "data",
+        "granted",
+        "qos",
+        "since",
+        "size",
+        "topic",
+        "window",
+    )
 
     def __init__(
         self,
@@ -89,6 +105,7 @@ class _Held:
         size: int,
         since: float,
         account: Account | None,
+        window: bool = False,
     ) -> None:
         self.broadcast = broadcast
         self.topic = topic
@@ -101,6 +118,14 @@ class _Held:
         self.since = since
         self.account = account
         """The account it was refused on (for one queued behind: its topic's last one)."""
+        self.window = window
+        """Held for the in-flight window, not for credit (or queued behind one that was)."""
+
+
+def session_hold(session: Any) -> CreditHold | None:
+    """The session's hold, if it ever held a delivery."""
+    hold: CreditHold | None = getattr(session, _ATTR, None)
+    return hold
 
 
 def holding(session: Session, topic: str) -> CreditHold | None:
@@ -121,14 +146,22 @@ def hold_for_credit(
     granted: int,
     size: int,
     flow: Flow | None,
+    *,
+    window: bool = False,
 ) -> bool:
-    """Hold a delivery the gate just refused for credit (``ident.owing`` is its account).
-    False when holding is off (``payments.hold_messages`` 0): it stays dropped."""
+    """Hold a delivery the gate just refused for credit (``ident.owing`` is its account),
+    or, ``window``, a QoS 1/2 one that met a full in-flight window (not gated yet) until an
+    acknowledgement frees it. False when holding is off (``payments.hold_messages`` 0): it
+    stays dropped."""
     if service.config.payments.hold_messages <= 0:
         return False
+    hold = _hold_of(service, session, flow)
+    if window:
+        hold.window_waiting = True
+        hold.push(broadcast, topic, data, qos, granted, size, window=True)
+        return True
     ident = getattr(session, "blendsm", None)
     account = ident.owing if ident is not None else None
-    hold = _hold_of(service, session, flow)
     service.meter.held(account)  # a hold, not a denial (yet): the gate counted one
     service.stats.deliveries_denied -= 1
     hold.push(broadcast, topic, data, qos, granted, size, account)
@@ -163,10 +196,12 @@ class CreditHold:
         "_max_items",
         "_service",
         "_timer",
+        "_windows",
         "bytes",
         "items",
         "session",
         "topics",
+        "window_waiting",
     )
 
     def __init__(self, service: MarketplaceService, session: Session) -> None:
@@ -177,6 +212,10 @@ class CreditHold:
         """Held messages per topic: a new delivery of one of them queues behind."""
         self._accounts: dict[str, Account | None] = {}
         """Per held topic, the account its latest refusal was on (one queued behind: that)."""
+        self._windows: dict[str, bool] = {}
+        """Per held topic, whether its latest hold was for the in-flight window."""
+        self.window_waiting = False
+        """A delivery here waits for the in-flight window: an acknowledgement resumes."""
         self.bytes = 0
         """The held deliveries' bytes (their share of the outgoing bound)."""
         self._flow: Flow | None = None
@@ -233,23 +272,33 @@ class CreditHold:
         granted: int,
         size: int,
         account: Account | None = None,
+        *,
+        window: bool | None = None,
     ) -> None:
-        """Append a delivery (refused for credit, or queued behind one of its topic)."""
+        """Append a delivery (refused for credit, met a full in-flight window, or queued
+        behind one of its topic)."""
         if account is None:
             account = self._accounts.get(topic)
         else:
             self._accounts[topic] = account
+        if window is None:
+            window = self._windows.get(topic, False)
+        else:
+            self._windows[topic] = window
         items = self.items
         while len(items) >= self._max_items:
             self._drop(items.popleft(), "payments.hold_messages reached")
         now = self._loop.time()
-        items.append(_Held(broadcast, topic, data, qos, granted, size, now, account))
+        items.append(_Held(broadcast, topic, data, qos, granted, size, now, account, window))
         topics = self.topics
         topics[topic] = topics.get(topic, 0) + 1
         self.bytes += size
         if self._flow is not None:
             self._flow.task_started(size)
-        self._service.stats.deliveries_held_for_credit += 1
+        if window:
+            self._service.stats.deliveries_held_for_window += 1
+        else:
+            self._service.stats.deliveries_held_for_credit += 1
         if account is not None and self not in account.waiters:
             account.waiters.append(self)
         if self._timer is None:
@@ -299,6 +348,12 @@ class CreditHold:
             if item.topic in blocked:
                 kept.append(item)
                 continue
+            if item.qos and handler.window_full():
+                # The in-flight window is full: this and everything after it wait for an
+                # acknowledgement (:meth:`window_freed`), in order.
+                self.window_waiting = True
+                kept.append(item)
+                break
             self._forget(item)
             resend = is_resend(item.data)
             try:
@@ -338,6 +393,9 @@ class CreditHold:
                 ident = getattr(session, "blendsm", None)
                 if ident is not None and ident.owing is not None:
                     item.account = ident.owing
+                if item.window:  # its window came free, its credit did not: held for that
+                    item.window = False
+                    service.stats.deliveries_held_for_credit += 1
                 meter.held(item.account)  # still held: the gate counted a denial
                 service.stats.deliveries_denied -= 1
                 self._keep(item)
@@ -356,6 +414,13 @@ class CreditHold:
                 plugins.fire_event(MQTTEvents.PACKET_SENT, packet=packet, session=s),
                 "blendsm-packet-sent",
             )
+
+    def window_freed(self) -> None:
+        """An acknowledgement made room in the in-flight window: resume if a delivery here
+        waits for it (synchronous: the acknowledgement's handler calls it)."""
+        if self.window_waiting:
+            self.window_waiting = False
+            self.resume()
 
     # --- bounds and the end --------------------------------------------------------------
 
@@ -410,6 +475,16 @@ class CreditHold:
         self._forget(item)
         stats = self._service.stats
         stats.deliveries_held_dropped += 1
+        if item.window:
+            stats.inflight_dropped += 1
+            _drop_log(self._service).note(
+                "message on %r to client %r dropped after waiting for its in-flight window"
+                " (sessions.max_inflight_messages): %s (not charged)",
+                item.topic,
+                getattr(self.session, "client_id", None),
+                why,
+            )
+            return
         stats.deliveries_denied += 1
         self._service.meter.dropped_for_credit(item.account)
         _drop_log(self._service).note(
@@ -427,6 +502,7 @@ class CreditHold:
         else:
             del self.topics[item.topic]
             self._accounts.pop(item.topic, None)
+            self._windows.pop(item.topic, None)
         self.bytes -= item.size
         if self._flow is not None:
             self._flow.task_ended(item.size)
@@ -435,6 +511,7 @@ class CreditHold:
         """``item`` stays (refused again on resume): counted back in."""
         self.topics[item.topic] = self.topics.get(item.topic, 0) + 1
         self._accounts[item.topic] = item.account
+        self._windows[item.topic] = item.window
         self.bytes += item.size
         if self._flow is not None:
             self._flow.task_started(item.size)

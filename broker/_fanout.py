@@ -12,7 +12,9 @@ calls :func:`run_broadcast` instead):
   once per broadcast; it reserves a paid delivery), then the PUBLISH bytes, encoded once per
   broadcast, queued in the batch's :class:`Outbox`. At QoS 1/2 the packet id is taken and the
   message recorded in flight as well, the header and topic encoded once per broadcast and QoS
-  (:mod:`blendsm.broker._fanout_acked`). The broadcasts already waiting in amqtt's queue, and
+  (:mod:`blendsm.broker._fanout_acked`); one that meets a full in-flight window is held until
+  an acknowledgement frees it (:mod:`~blendsm.broker._credit_hold`). The broadcasts already
+  waiting in amqtt's queue, and
   those arriving within two loop turns (:data:`COALESCE_TURNS`, at most
   :data:`COALESCE_WINDOW` from the batch's start), are taken as one batch (up to
   :data:`MAX_BATCH`), and at its end each session's bytes are handed to its transport in one
@@ -63,6 +65,7 @@ from blendsm.broker._fanout_acked import (
 )
 from blendsm.broker._handler import MeteredHandler, PublishedPayload
 from blendsm.broker._handoff import Ticket, claim, handed, is_resend, uncharged
+from blendsm.broker._inflight import note_window_full
 from blendsm.broker._log_limit import LogLimiter
 from blendsm.broker._meter import Charge, Meter
 
@@ -353,6 +356,24 @@ async def deliver(
                         if is_resend(data):
                             gate = _uncharged_gate(gate, service.meter)
                     verdict = _deliver_qos0(service, gate, session, writer, frame, outbox)
+                elif handler.window_full():
+                    # Unacknowledged up to sessions.max_inflight_messages: held until an
+                    # acknowledgement frees the window (:mod:`._credit_hold`), not dropped.
+                    outbox.write_now(writer, service.meter)  # what is queued goes first
+                    if not hold_for_credit(
+                        service,
+                        session,
+                        broadcast,
+                        topic,
+                        data,
+                        delivered_qos,
+                        qos,
+                        size,
+                        flow,
+                        window=True,
+                    ):
+                        note_window_full(service, session, topic)
+                    continue
                 else:
                     if acked is None:
                         acked = AckedFrames(topic, bytes(data))

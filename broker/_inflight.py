@@ -16,7 +16,10 @@ queue is replayed) re-sends what is left. A redelivery is never charged again: i
 does not pass the gate, and the meter skips DUP packets (:class:`MeteredHandler`).
 
 The window is bounded by ``sessions.max_inflight_messages``: a client that never acknowledges
-cannot make the broker hold more; beyond it a delivery is not sent (nor charged) and counted.
+cannot make the broker hold more in flight. Beyond it, a delivery of the inline fan-out waits
+in the session's hold (:mod:`~blendsm.broker._credit_hold`, bounded there) until
+an acknowledgement frees the window; one on amqtt's path (a task) is not sent (nor charged)
+and counted.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage
 
+from blendsm.broker._credit_hold import session_hold
 from blendsm.broker._log_limit import LogLimiter
 
 if TYPE_CHECKING:
@@ -166,6 +170,9 @@ class InflightHandler(BrokerProtocolHandler):
         if session is None:
             return
         session.inflight_out.pop(message.packet_id, None)
+        hold = session_hold(session)
+        if hold is not None:
+            hold.window_freed()  # deliveries held for the window go out now, in order
         if getattr(session, "blendsm_window_paused", False):
             session.blendsm_window_paused = False
             broker = self._blendsm.broker

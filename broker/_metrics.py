@@ -134,9 +134,15 @@ class BrokerCollector(Collector):
             stats.deliveries_held_for_credit,
         )
         yield counter(
+            "deliveries_held_for_window",
+            "Live QoS 1/2 deliveries held for a full in-flight window instead of dropped.",
+            stats.deliveries_held_for_window,
+        )
+        yield counter(
             "deliveries_held_dropped",
-            "Deliveries held for credit then dropped, never charged: hold bound or age"
-            " (payments.hold_messages, hold_seconds) or their session disconnected.",
+            "Deliveries held (for credit or a full in-flight window) then dropped, never"
+            " charged: hold bound or age (payments.hold_messages, hold_seconds) or their"
+            " session disconnected.",
             stats.deliveries_held_dropped,
         )
         yield counter(

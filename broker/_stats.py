@@ -45,6 +45,9 @@ class ServiceStats:
     deliveries_held_for_credit: int = 0
     """Live paid deliveries refused for credit (or queued behind one of their topic) and held
     for a voucher instead of dropped (``payments.hold_messages``)."""
+    deliveries_held_for_window: int = 0
+    """Live QoS 1/2 deliveries that met a full in-flight window (or queued behind one of their
+    topic) and were held until an acknowledgement freed it, instead of dropped."""
     deliveries_held_dropped: int = 0
     """Held deliveries dropped, never charged: past ``payments.hold_messages`` or
     ``hold_seconds``, or their session disconnected (QoS 1/2 of a persistent session go to its

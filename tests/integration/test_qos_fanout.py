@@ -105,8 +105,10 @@ async def test_many_qos1_messages_reach_each_subscriber_in_order_until_acknowled
 
 async def test_paid_qos1_is_charged_once_per_message_written(start_market: Any) -> None:
     """Window 2, a subscriber that does not acknowledge: two of four messages are written and
-    charged; the two refused at the full window are neither sent nor charged; the reconnect's
-    redelivery (DUP=1) is not charged again; after the acknowledgements a new message is."""
+    charged; the two that meet the full window wait, neither sent nor charged; the connection
+    lost, they go to the persistent session's queue; the reconnect's redelivery (DUP=1) is
+    not charged again; after its acknowledgements the two queued ones are written and
+    charged, then a new message."""
     market = await start_market(sessions=SessionsConfig(max_inflight_messages=2))
     channel = await market.open_channel("buyer")
     await market.wait_channel(channel)
@@ -131,9 +133,10 @@ async def test_paid_qos1_is_charged_once_per_message_written(start_market: Any) 
     first = await data(2)
     # a market payload is the device's signed envelope, ending with the message
     assert [(p.payload[-2:], p.dup) for p in first] == [(b"p0", False), (b"p1", False)]
+    stats = market.service.stats
+    await eventually(lambda: stats.deliveries_held_for_window == 2, 5)
     await raw.silence()
     account = market.service.meter.accounts[channel]
-    await eventually(lambda: market.service.stats.inflight_dropped == 2, 5)
     assert (account.charged, account.reserved, account.delivered) == (2 * market.price, 0, 2)
 
     await _dropped(market, raw)
@@ -145,11 +148,16 @@ async def test_paid_qos1_is_charged_once_per_message_written(start_market: Any) 
     assert (account.charged, account.reserved) == (2 * market.price, 0), "not charged again"
     for packet in again:
         await raw.send(ack_packet(PUBACK, packet.packet_id or 0))
+    queued = await data(2)  # the two that waited for the window, from the session's queue
+    assert [(p.payload[-2:], p.dup) for p in queued] == [(b"p2", False), (b"p3", False)]
+    await eventually(lambda: account.charged == 4 * market.price, 5)
+    for packet in queued:
+        await raw.send(ack_packet(PUBACK, packet.packet_id or 0))
     session = market.running.broker.sessions["raw-paid-window"][0]
     await eventually(lambda: not session.inflight_out, 5, what="the PUBACKs handled")
     await device.publish(market.topic, b"p4", qos=1)
     (fresh,) = await data(1)
     assert (fresh.payload[-2:], fresh.dup) == (b"p4", False)
-    await eventually(lambda: account.charged == 3 * market.price, 5)
-    assert (account.reserved, account.delivered) == (0, 3)
-    assert market.service.stats.inflight_dropped == 2
+    await eventually(lambda: account.charged == 5 * market.price, 5)
+    assert (account.reserved, account.delivered) == (0, 5)
+    assert stats.inflight_dropped == 0

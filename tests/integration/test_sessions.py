@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -29,7 +31,7 @@ from support import (
 
 from blendsm.broker import SessionsConfig
 
-from .conftest import Market, split_messages
+from .conftest import Market, broker_config, split_messages
 
 PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 3, 4, 5, 6, 7
 _OPEN: list[socket.socket] = []
@@ -352,9 +354,12 @@ async def test_public_offline_queue_is_bounded_in_bytes(start_market: Any) -> No
     assert got == [b"a" * 800, b"b" * 800]  # 1,600 bytes fit in 2,048, 2,400 do not
 
 
-async def test_the_inflight_window_is_bounded(start_market: Any) -> None:
-    """A client that never acknowledges holds at most max_inflight_messages: the rest is not
-    sent (nor charged) and counted; an acknowledgement makes room again."""
+async def test_the_inflight_window_is_bounded_and_the_rest_waits_for_it(
+    start_market: Any,
+) -> None:
+    """A client that never acknowledges holds at most max_inflight_messages in flight; the
+    rest waits (it used to be dropped) and goes out, in order, as acknowledgements free the
+    window."""
     market = await start_market(sessions=SessionsConfig(max_inflight_messages=2))
     raw = RawSubscriber(market, "buyer", "raw-window")
     assert await raw.connect() == (0, 0)
@@ -365,11 +370,48 @@ async def test_the_inflight_window_is_bounded(start_market: Any) -> None:
         await publisher.publish("public/w", b"w%d" % i, qos=1)
     first = await raw.read_many(2)
     assert [p.payload for p in first] == [b"w0", b"w1"]
-    await raw.silence()
-    await eventually(lambda: market.service.stats.inflight_dropped == 2, 5)
-    await raw.send(ack_packet(PUBACK, first[0].packet_id or 0))
+    stats = market.service.stats
+    await eventually(lambda: stats.deliveries_held_for_window == 2, 5)
+    await raw.silence()  # nothing more while the window is full
     session = market.running.broker.sessions["raw-window"][0]
-    await eventually(lambda: len(session.inflight_out) == 1, 5, what="the PUBACK handled")
+    assert len(session.inflight_out) == 2
+    await raw.send(ack_packet(PUBACK, first[0].packet_id or 0))
+    (third,) = await raw.read_many(1)
+    assert (third.payload, third.dup) == (b"w2", False)
+    await raw.silence()
+    await raw.send(ack_packet(PUBACK, first[1].packet_id or 0))
+    (fourth,) = await raw.read_many(1)
+    assert fourth.payload == b"w3"
     await publisher.publish("public/w", b"w4", qos=1)
+    await raw.silence()  # w2 and w3 are not acknowledged: w4 waits behind them
+    for packet in (third, fourth):
+        await raw.send(ack_packet(PUBACK, packet.packet_id or 0))
     (more,) = await raw.read_many(1)
     assert (more.payload, more.dup) == (b"w4", False)
+    assert stats.inflight_dropped == 0
+
+
+async def test_what_waits_for_the_window_is_bounded_in_time(start_market: Any) -> None:
+    """Held for the window at most ``payments.hold_seconds``: then dropped, counted as not
+    sent for the window, never charged; the client still gets what comes after its acks."""
+    market = await start_market(
+        sessions=SessionsConfig(max_inflight_messages=1),
+        payments=replace(broker_config(Path("unused")).payments, hold_seconds=0.3),
+    )
+    raw = RawSubscriber(market, "buyer", "raw-window-age")
+    assert await raw.connect() == (0, 0)
+    await raw.subscribe("public/w", 1)
+    publisher = market.client(None)
+    assert await publisher.connect() == 0
+    for i in range(3):
+        await publisher.publish("public/w", b"a%d" % i, qos=1)
+    (first,) = await raw.read_many(1)
+    stats = market.service.stats
+    await eventually(lambda: stats.inflight_dropped == 2, 5, what="held past hold_seconds")
+    assert stats.deliveries_held_for_window == 2
+    assert stats.deliveries_held_dropped == 2
+    await raw.send(ack_packet(PUBACK, first.packet_id or 0))
+    await raw.silence()  # the two dropped do not come back
+    await publisher.publish("public/w", b"a3", qos=1)
+    (fresh,) = await raw.read_many(1)
+    assert fresh.payload == b"a3"
