@@ -20,6 +20,7 @@ from blendsm.contracts._deploy import contract_at
 from blendsm.contracts._records import ZERO_ADDRESS, TxResult
 from blendsm.contracts._revert import chain_errors
 from blendsm.contracts._transactor import Transactor
+from blendsm.contracts._views import USE_WEB3, view_call
 from blendsm.errors import ChainError, ConfigError
 
 __all__ = ["Binding", "addr", "addr_or_zero", "bytes32", "none_if_zero", "tx_fields"]
@@ -83,6 +84,12 @@ class Binding:
 
     async def _read(self, function: str, *args: Any) -> Any:
         with chain_errors(f"{self.NAME}.{function}"):
+            view = view_call(self.contract, function)
+            if view is not None:
+                result = await view.call(self.contract, args)
+                if result is not USE_WEB3:
+                    return result
+            # Not covered (see _views): web3 makes the call and says what is wrong.
             return await self.contract.functions[function](*args).call()
 
     async def _write(self, function: str, *args: Any, value: int = 0) -> TxReceipt:
