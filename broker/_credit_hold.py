@@ -130,7 +130,7 @@ def session_hold(session: Any) -> CreditHold | None:
 
 def holding(session: Session, topic: str) -> CreditHold | None:
     """The session's hold if it holds a message of ``topic`` (a new one queues behind it)."""
-    hold: CreditHold | None = getattr(session, _ATTR, None)
+    hold = session_hold(session)
     if hold is not None and topic in hold.topics:
         return hold
     return None
@@ -169,7 +169,7 @@ def hold_for_credit(
 
 
 def _hold_of(service: MarketplaceService, session: Session, flow: Flow | None) -> CreditHold:
-    hold: CreditHold | None = getattr(session, _ATTR, None)
+    hold = session_hold(session)
     if hold is None:
         hold = CreditHold(service, session)
         setattr(session, _ATTR, hold)
@@ -181,7 +181,7 @@ def _hold_of(service: MarketplaceService, session: Session, flow: Flow | None) -
 async def end_credit_hold(broker: Any, session: Session) -> None:
     """The session's connection ended: its held QoS 1/2 messages go to a persistent
     session's offline queue, in order; the rest are dropped (counted, never charged)."""
-    hold: CreditHold | None = getattr(session, _ATTR, None)
+    hold = session_hold(session)
     if hold is not None:
         await hold.evacuate(broker)
 

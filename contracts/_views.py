@@ -1,4 +1,5 @@
-"""Contract views called without web3's contract layer: calldata and result through eth_abi.
+"""Contract views called without web3's contract layer: calldata and result through web3's ABI
+codec (``w3.codec``: eth_abi with web3's strict checks, exact-length bytes, valid addresses).
 
 Why: ``contract.functions[name](*args).call()`` spends about 0.7 ms of CPU per call on
 matching the arguments against the ABI again, building a transaction dict through formatters
@@ -6,9 +7,9 @@ and normalizing the result, for a ``uint256`` (``bench_chain_client.py``: 0.98 m
 CPU for a view against 0.23 ms for a bare ``eth_blockNumber``). The broker's anchorer makes
 four views per root and the chain view polls, all on the loop that delivers. Here a view's
 selector and types are worked out once per (contract, function), and a call is an
-``eth_abi`` encode, ``w3.eth.call`` (web3's own request path: same revert errors, same
-off-chain lookups) and an ``eth_abi`` decode, with web3's return normalizers (checksummed
-addresses) and its shape (one output: the value; several: a list).
+encode through that codec, ``w3.eth.call`` (web3's own request path: same revert errors,
+same off-chain lookups) and a decode, with web3's return normalizers (checksummed addresses)
+and its shape (one output: the value; several: a list).
 
 Anything this does not cover goes through web3 as before, with web3's own errors: an
 overloaded or unknown function name, arguments the encoder refuses, a result it cannot decode.

@@ -117,6 +117,11 @@ async def test_a_view_with_arguments_the_encoder_refuses_gets_web3s_error(
     view = view_call(anchors.contract, "latestBatchId")
     assert view is not None
     assert await view.call(anchors.contract, ["not an address"]) is USE_WEB3
+    market = mp("operator").market  # a short bytes32 is refused, not padded (web3's rule)
+    topic = view_call(market.contract, "topic")
+    assert topic is not None
+    assert topic.inputs == ["bytes32"]
+    assert await topic.call(market.contract, [b"ab"]) is USE_WEB3
     with pytest.raises(BlendsmError) as ours:
         await anchors._read("latestBatchId", "not an address")
 
