@@ -47,6 +47,10 @@ after ``pay_every - j`` messages) instead of all on the same message.
 runs at one rate. ``BENCH_SLOW_MS=N``: each round also lists the broker's event-loop callbacks
 of N ms or more, grouped by task, with their CPU time (``broker_process._SlowCallbacks``):
 where a latency tail comes from, and whether it was broker work or the broker descheduled.
+``BENCH_TIMELINE=PREFIX`` writes every sample (send time, latency) of a round to
+``PREFIX-<config>-<time>.txt``, and ``BENCH_SLOW_DUMP=PREFIX`` (with ``BENCH_SLOW_MS``) every
+slow callback with its start time to ``PREFIX-<time>.txt``; ``latency_timeline.py`` splits the
+tail into the anchorer's windows and the rest.
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ IDLE_STOP_S = 2.0
 
 
 # --------------------------------------------------------------------------- client process
+def _write_timeline(path: str, samples: list[tuple[float, float]]) -> None:
+    """``BENCH_TIMELINE``: one line per sample, send time and latency in seconds."""
+    with open(path, "w") as out:
+        out.writelines(f"{sent:.6f} {latency:.6f}\n" for sent, latency in samples)
+
+
 def _clients_main(conn: Any, port: int, kind: str, info: dict[str, Any], n: int) -> None:
     quiet()
     pin("clients")
@@ -128,6 +138,8 @@ async def _clients(conn: Any, port: int, kind: str, info: dict[str, Any], n: int
         if cmd[0] == "from":
             tally.sample_from = cmd[1]
             tally.received, tally.latencies = 0, []
+            if TIMELINE:
+                tally.timeline = []
             lags.clear()
         elif cmd[0] == "collect":
             expected, deadline = cmd[1], cmd[2]
@@ -136,6 +148,8 @@ async def _clients(conn: Any, port: int, kind: str, info: dict[str, Any], n: int
                     break
                 await asyncio.sleep(0.01)
             tally.latencies.sort()
+            if TIMELINE and tally.timeline is not None:
+                _write_timeline(f"{TIMELINE}-{kind}-{int(time.time())}.txt", tally.timeline)
             lags.sort()
             counters = {
                 **tally.counters,
@@ -149,6 +163,7 @@ async def _clients(conn: Any, port: int, kind: str, info: dict[str, Any], n: int
         transport.abort()
 
 
+TIMELINE = os.environ.get("BENCH_TIMELINE", "")  # a path prefix: (sent, latency) per sample
 STAGGER = os.environ.get("BENCH_STAGGER", "0") == "1"  # members pay out of phase
 STALL_MS = 20.0  # a round whose broker or client loop ran this late once is marked
 

@@ -180,6 +180,10 @@ class _LoopLag:
         }
 
 
+SLOW_DUMP = os.environ.get("BENCH_SLOW_DUMP", "")
+"""A path prefix: each window's slow callbacks, with their start times, go to a file."""
+
+
 class _SlowCallbacks:
     """``BENCH_SLOW_MS=N``: every event-loop callback of the broker process that ran N ms or
     longer over the measured window, grouped by what ran (a task's coroutine, or the
@@ -191,13 +195,14 @@ class _SlowCallbacks:
     def __init__(self, threshold_ms: float) -> None:
         self.threshold = threshold_ms / 1e3
         self.found: list[tuple[float, float, str]] = []
+        self.timed: list[tuple[float, float, float, str]] = []  # BENCH_SLOW_DUMP: + start
         self._orig: Any = None
 
     def start(self) -> None:
         from asyncio import events
 
         orig = self._orig = events.Handle._run
-        threshold, found = self.threshold, self.found
+        threshold, found, timed = self.threshold, self.found, self.timed
         clock, cpu_clock = time.perf_counter, time.thread_time
 
         def _run(handle: Any) -> None:
@@ -206,6 +211,8 @@ class _SlowCallbacks:
             took = clock() - t
             if took >= threshold and len(found) < 100_000:
                 found.append((took, cpu_clock() - c, _describe(handle)))
+                if SLOW_DUMP:
+                    timed.append((time.time() - took, *found[-1]))
 
         events.Handle._run = _run  # type: ignore[method-assign]
 
@@ -215,6 +222,13 @@ class _SlowCallbacks:
         if self._orig is not None:
             events.Handle._run = self._orig  # type: ignore[method-assign]
             self._orig = None
+        if SLOW_DUMP:  # start (s), wall and CPU (ms), what ran
+            with open(f"{SLOW_DUMP}-{int(time.time())}.txt", "w") as out:
+                out.writelines(
+                    f"{at:.6f} {took * 1e3:.3f} {cpu * 1e3:.3f} {what}\n"
+                    for at, took, cpu, what in self.timed
+                )
+            self.timed.clear()
         groups: dict[str, list[tuple[float, float]]] = {}
         for took, cpu, what in self.found:
             groups.setdefault(what, []).append((took, cpu))

@@ -63,6 +63,7 @@ class Tally:
     received: int = 0
     last: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    timeline: list[tuple[float, float]] | None = None
     counters: dict[str, int] = field(default_factory=dict)
 
     def data(self, payload: bytes | bytearray) -> None:
@@ -73,6 +74,8 @@ class Tally:
             sent = TIMESTAMP.unpack_from(payload, len(payload) - 8)[0]
             if sent >= self.sample_from:
                 self.latencies.append(now - sent)
+                if self.timeline is not None:
+                    self.timeline.append((sent, now - sent))
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
