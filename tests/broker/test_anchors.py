@@ -213,6 +213,8 @@ def test_config_checks() -> None:
         AnchorConfig(batch_max_leaves=0)
     with pytest.raises(ConfigError):
         AnchorConfig(batch_seconds=0)
+    with pytest.raises(ConfigError, match="pause_seconds"):
+        AnchorConfig(pause_seconds=-0.1)
 
 
 # --- on chain -----------------------------------------------------------------------------
@@ -372,6 +374,42 @@ async def test_batch_id_taken_on_chain(chain: Any, mp: MakeMp, store: AsyncLeafS
     assert [(r.batch_id, r.leaf_count) for r in records] == [(2, 20)]
     assert [x.state for x in await store.batches()] == ["failed", "confirmed"]
     assert await check_proofs(chain, a, msgs) == {2}
+
+
+async def test_a_background_anchor_pauses_between_its_chain_calls(
+    chain: Any, mp: MakeMp, store: AsyncLeafStore
+) -> None:
+    """The background loop spreads a root's chain calls (deliveries run in the pauses);
+    ``anchor_now`` (shutdown, demos) does not pause."""
+    await enrol_operator(chain, mp)
+    msgs = messages(signer(chain), 4)
+    loop = asyncio.get_running_loop()
+    anchored: list[float] = []
+    a = anchorer(
+        store,
+        mp,
+        batch_max_leaves=3,
+        pause_seconds=0.3,
+        on_anchored=lambda _record: anchored.append(loop.time()),
+    )
+    first_call: list[float] = []
+    seal_view = a.marketplace.anchors.latest_batch_id
+
+    async def observed(operator: str) -> int:  # the real view, its first call timed
+        first_call.append(loop.time())
+        return await seal_view(operator)
+
+    a.marketplace.anchors.latest_batch_id = observed  # type: ignore[method-assign]
+    async with running(a):
+        await add_all(a, msgs[:3])
+        await eventually(lambda: a.batches_anchored == 1, within=30)
+    # Seal: 2 pauses (after the chain's latest id, after the seal); anchor: 7 (after anchorOf,
+    # latestBatchId, the write-ahead mark, the send, the receipt, anchorOf, the depth check).
+    assert anchored[0] - first_call[0] >= 9 * 0.3 - 0.01
+    await a.add(*msgs[3])
+    slow = anchorer(store, a.marketplace, batch_max_leaves=3, pause_seconds=1.0)
+    records = await asyncio.wait_for(slow.anchor_now(), 8)  # 9 pauses would be 9 s
+    assert [r.leaf_count for r in records] == [1]
 
 
 @BOTH
