@@ -185,6 +185,7 @@ class Anchorer:
         self._retry_at = 0.0
         self._lock = asyncio.Lock()
         self._paced = False  # True while run()'s background step holds the lock
+        self._fresh: int | None = None  # the batch this anchorer sealed last, until sent
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         store.on_durable = self._durable
@@ -394,6 +395,7 @@ class Anchorer:
         )
         if batch is not None:
             budget.sealed(now, more_sold)
+            self._fresh = batch.batch_id
         await self._pause()
         budget.reload(await self.store.pending_by_topic())
         count, oldest = await self.store.pending()
@@ -440,20 +442,29 @@ class Anchorer:
     async def _anchor(self, batch: Batch) -> AnchorRecord | None:
         """Bring the open ``batch`` to confirmed (or failed): reconcile with the chain
         first, send only if its id carries no anchor. Raises ChainError / _PendingError when its
-        fate cannot be decided now (it stays open)."""
-        info = await self.marketplace.anchors.anchor_of(self.operator, batch.batch_id)
-        await self._pause()
-        if info is not None:
-            return await self._settle(batch, info, None)
-        if batch.tx_hash is not None and await self._in_mempool(batch.tx_hash):
-            raise _PendingError(
-                f"batch {batch.batch_id}: transaction {batch.tx_hash.hex()} pending"
-            )
-        latest = await self.marketplace.anchors.latest_batch_id(self.operator)
-        await self._pause()
-        if latest >= batch.batch_id:
-            await self._fail(batch, f"batch id {batch.batch_id} passed on chain (latest {latest})")
-            return None
+        fate cannot be decided now (it stays open).
+
+        A batch this anchorer has just sealed (its id one past the chain's latest, read
+        before the seal) skips the two look-ups: were its id taken meanwhile, the gas
+        estimate reverts and the batch takes the full path then."""
+        fresh = self._fresh == batch.batch_id and batch.tx_hash is None
+        self._fresh = None  # a second attempt looks the batch up
+        if not fresh:
+            info = await self.marketplace.anchors.anchor_of(self.operator, batch.batch_id)
+            await self._pause()
+            if info is not None:
+                return await self._settle(batch, info, None)
+            if batch.tx_hash is not None and await self._in_mempool(batch.tx_hash):
+                raise _PendingError(
+                    f"batch {batch.batch_id}: transaction {batch.tx_hash.hex()} pending"
+                )
+            latest = await self.marketplace.anchors.latest_batch_id(self.operator)
+            await self._pause()
+            if latest >= batch.batch_id:
+                await self._fail(
+                    batch, f"batch id {batch.batch_id} passed on chain (latest {latest})"
+                )
+                return None
         call = self.marketplace.anchors.contract.functions.anchor(
             batch.batch_id, batch.root, batch.leaf_count
         )
@@ -467,6 +478,8 @@ class Anchorer:
             tx_hash = await self.transactor.submit(call, before_send=record)
         except ContractRevertError as exc:
             if exc.error_name == "DataAnchorsBatchIdNotIncreasing":
+                if fresh:  # the look-ups skipped above decide it now
+                    return await self._anchor(batch)
                 # Raced by another anchor under our key: the chain decides next round.
                 raise ChainError(f"batch {batch_id}: {exc}") from exc
             raise
@@ -500,7 +513,8 @@ class Anchorer:
         )
         if shallow is not None:
             raise _PendingError(f"batch {batch.batch_id}: {shallow}")
-        await self._pause()
+        if self.config.confirmations:
+            await self._pause()
         if tx_hash is None:
             tx_hash = batch.tx_hash if batch.state == "sent" else None
             found = await self._find_tx(batch.batch_id, info.block_number)
