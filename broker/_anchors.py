@@ -385,7 +385,10 @@ class Anchorer:
         return 0.0
 
     async def _seal(self) -> Batch | None:
-        """Seal the next root: sold leaves first, the room left to the oldest others."""
+        """Seal the next root: sold leaves first, the room left to the oldest others. The
+        leaves queued before it are committed first (a QoS 0 leaf may still linger in the group
+        commit): a sold one left out would lose its sold mark with the others' at the seal."""
+        await self.store.drain()
         chain_latest = await self.marketplace.anchors.latest_batch_id(self.operator)
         await self._pause()
         budget, now = self.budget, self.clock()

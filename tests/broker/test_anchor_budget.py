@@ -182,3 +182,28 @@ async def test_a_seller_cannot_make_the_broker_keep_more_than_its_leaf_budget(
     await a.anchor_now()  # anchored leaves no longer count
     await a.add(*refused)  # the device's re-send is taken now
     assert await store.leaf_count() == 9
+
+
+async def test_sold_leaves_still_in_a_group_commit_go_into_the_root(
+    chain: Any, mp: MakeMp, store: AsyncLeafStore
+) -> None:
+    """A QoS 0 leaf of a sold topic still lingering in the store's group commit when a root
+    is sealed is in that root: the seal waits for the leaves queued before it. (It used to be
+    left out, and the seal forgot that the topic was sold: with no further delivery the leaf
+    waited ``unsold_batch_seconds`` for a root.)"""
+    await enrol(mp, chain, "operator", Role.OPERATOR)
+    msgs = Device(chain).sign(SOLD, 3)
+    store.linger = 30.0  # QoS 0 leaves wait in the group commit until something drains it
+    a = make_anchorer(store, mp, batch_seconds=0.2, unsold_batch_seconds=NEVER)
+    async with running(a):
+        await a.add(*msgs[0])  # durable (QoS 1)
+        for m in msgs[1:]:
+            a.add_nowait(*m)  # queued (QoS 0)
+        a.delivered(SOLD)  # all three were delivered: sold
+        await eventually(lambda: a.batches_anchored >= 1, within=20, what="a root")
+        await asyncio.sleep(0.5)  # two more batch_seconds: a second root would be sealed
+    assert a.leaves == 3
+    assert [b.leaf_count for b in await store.batches()] == [3]
+    for topic, envelope, leaf in msgs:
+        proof = await a.proof_by_leaf(leaf)
+        assert proof is not None, f"{topic} #{envelope.sequence} is not in a root"

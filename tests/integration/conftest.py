@@ -384,12 +384,13 @@ class Participants:
 @pytest.fixture
 async def proxied_broker(chain: Any, tcp_proxy: Any) -> AsyncIterator[StartProxiedBroker]:
     """``await proxied_broker(config, **start_broker_options)`` on the anvil chain: the broker
-    is handed the proxied connection (``config``'s chain endpoint is not dialled); it is
-    stopped and the connection closed after the test."""
+    is handed the proxied connection (``config``'s chain endpoint is not dialled) and a chain
+    view that fails closed after ``max_staleness`` (1 s) without catching up; it is stopped
+    and the connection closed after the test."""
     connections: list[Any] = []
     started: list[RunningBroker] = []
 
-    async def start(config: Any, **options: Any) -> ProxiedBroker:
+    async def start(config: Any, *, max_staleness: float = 1.0, **options: Any) -> ProxiedBroker:
         assert chain.anvil is not None
         proxy = tcp_proxy(chain.anvil.port)
         await proxy.start()
@@ -400,7 +401,7 @@ async def proxied_broker(chain: Any, tcp_proxy: Any) -> AsyncIterator[StartProxi
             chain.deployment,
             confirmations=0,
             poll_interval=0.05,
-            max_staleness=1.0,
+            max_staleness=max_staleness,
             backoff_max=0.5,
         )
         running = await start_broker(
