@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from typing import Generic, TypeVar
 
 from blendsm.broker._sqlite import DurableStore
 
-__all__ = ["AsyncDurableStore", "GroupCommit", "open_on_worker"]
+__all__ = ["AsyncDurableStore", "GroupCommit", "open_on_worker", "yield_to_the_loop"]
 
 _T = TypeVar("_T")
 _S = TypeVar("_S", bound=DurableStore)
@@ -32,13 +33,37 @@ _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
 
+def yield_to_the_loop() -> bool:
+    """Run the calling thread under Linux's ``SCHED_BATCH`` policy; False where there is none.
+
+    Why: a store thread is woken for every commit, and on a core it shares with the event
+    loop the kernel let the woken thread preempt the loop at once, mid-delivery, for the
+    whole job (a group commit of leaves or vouchers: about 1 ms of CPU). Under ``SCHED_BATCH``
+    a woken thread does not preempt; it runs when the loop waits for I/O, or at the next
+    tick, with the same CPU share as before (same nice value: nothing is starved under
+    load). On a core of its own nothing changes. Measured at 1,000 paid messages/s: the added
+    p99 fell from +1.89 to +1.44 ms (medians of six alternated pairs), the burst ratio held
+    (docs/benchmarks.md). Setting it needs no privilege; a refusal is not an error.
+    """
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None or not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))  # 0: the calling thread
+    except OSError:
+        return False
+    return True
+
+
 async def open_on_worker(
     factory: Callable[[], _S], thread_name: str
 ) -> tuple[ThreadPoolExecutor, _S]:
     """Open a blocking store on a fresh single-thread executor, which then owns it (SQLite
     connections are bound to the thread that created them). The thread is stopped if
-    opening fails."""
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+    opening fails. It runs under :func:`yield_to_the_loop`."""
+    executor = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=thread_name, initializer=yield_to_the_loop
+    )
     try:
         store = await asyncio.get_running_loop().run_in_executor(executor, factory)
     except BaseException:

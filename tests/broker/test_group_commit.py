@@ -1,4 +1,5 @@
-"""The group commit under steady traffic (:class:`~blendsm.broker._durable.GroupCommit`).
+"""The group commit under steady traffic (:class:`~blendsm.broker._durable.GroupCommit`), and
+the stores' worker threads.
 
 Its transaction is an ``asyncio.sleep`` of a fixed length here, standing in for a commit and
 its fsync, so the schedule is the same on any machine; the stores' own tests run it over
@@ -7,9 +8,16 @@ real SQLite files (tests/broker/test_anchors.py, test_store.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
+
+import pytest
 
 from blendsm.broker._durable import GroupCommit
+from blendsm.broker._leaf_store import AsyncLeafStore
+from blendsm.broker._store import AsyncVoucherStore
 
+LANE = "0x" + "ab" * 20  # a broker's lane (its operator address)
 COMMIT_SECONDS = 0.005
 """Each transaction's length: longer than the gap between two arrivals (1 ms)."""
 
@@ -89,3 +97,21 @@ async def test_drain_all_takes_what_arrives_while_it_drains() -> None:
     await arriving
     assert sum(groups) == 4
     assert not commits.pending
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+async def test_the_store_threads_do_not_preempt_the_loop(tmp_path: Path) -> None:
+    """Both durable stores run their thread under SCHED_BATCH (woken for a commit, it waits
+    for the loop to yield the core instead of preempting it), and the loop thread keeps its
+    own policy."""
+    leaves = await AsyncLeafStore.open(tmp_path / "leaves.sqlite3")
+    vouchers = await AsyncVoucherStore.open(tmp_path / "vouchers.sqlite3", lane=LANE)
+    loop = asyncio.get_running_loop()
+    try:
+        for store in (leaves, vouchers):
+            policy = await loop.run_in_executor(store._executor, os.sched_getscheduler, 0)
+            assert policy == os.SCHED_BATCH, type(store).__name__
+    finally:
+        await leaves.close()
+        await vouchers.close()
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
