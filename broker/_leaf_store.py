@@ -40,7 +40,6 @@ __all__ = [
     "NOWAIT_GROUP",
     "NOWAIT_LINGER",
     "SCHEMA_VERSION",
-    "SEAL_CHUNK",
     "AsyncLeafStore",
     "LeafStore",
 ]
@@ -50,13 +49,6 @@ _INT63 = 2**63 - 1
 
 _MARK = "UPDATE leaves SET handed = 1 WHERE leaf = ?"
 _SEAL = "UPDATE leaves SET batch_id = ?, position = ? WHERE leaf_index = ?"
-
-SEAL_CHUNK: Final = 128
-"""Leaves given their batch per statement of a seal. After each statement the store's thread
-sleeps as long as the statement ran: a seal takes at most half a core. Why: sealing 1,000
-leaves is about 6 ms of CPU in one go, and on a broker confined to one core the store's
-thread then held it (and the GIL) while deliveries waited; a root is not late for taking
-twice that."""
 
 
 class LeafStore(DurableStore):
@@ -279,12 +271,7 @@ class LeafStore(DurableStore):
                 " VALUES (?, ?, ?, 'intent', ?, ?)",
                 (batch_id, tree.root, len(rows), at, at),
             )
-            positions = [(batch_id, pos, r[0]) for pos, r in enumerate(rows)]
-            for start in range(0, len(positions), SEAL_CHUNK):
-                ran = time.thread_time()
-                self._db.executemany(_SEAL, positions[start : start + SEAL_CHUNK])
-                if start + SEAL_CHUNK < len(positions):
-                    time.sleep(time.thread_time() - ran)
+            self._db.executemany(_SEAL, [(batch_id, pos, r[0]) for pos, r in enumerate(rows)])
             self._remember(batch_id, tree)
             return Batch(batch_id, tree.root, len(rows), "intent", None, at), more_sold
 
