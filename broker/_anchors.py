@@ -80,10 +80,11 @@ class AnchorConfig:
     backoff_max: float = 300.0
     pause_seconds: float = 0.005
     """Pause between two chain calls of a background anchor (none in :meth:`Anchorer.anchor_now`
-    or :meth:`Anchorer.reconcile`). Why: a root's chain calls and seal cost the event loop
-    about 13 ms of CPU, and back to back they took it in a 50 ms run (26 % of the loop on top
-    of the deliveries; at 1,000 paid messages/s every anchor made a 60-80 ms episode of 2-7 ms
-    latencies). Paused, the same work is spread over about 100 ms; a root is not late for it."""
+    or :meth:`Anchorer.reconcile`). Why: a root's chain calls cost the event loop 13-16 ms of
+    CPU, and back to back they took it within about 50 ms, on top of the deliveries (at 1,000
+    paid messages/s each root made a 60-120 ms window of 2-7 ms latencies). Six pauses spread
+    it over about twice that; a root lands 30 ms later. Measured: added p99 +0.97 to +1.22 ms
+    with 5 ms, +1.31 to +2.02 ms without, +1.37 to +1.39 ms with 20 ms (docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
         if not self.batch_seconds > 0:
