@@ -391,7 +391,7 @@ async def test_a_batch_just_sealed_skips_the_look_ups_and_survives_a_race(
     anchors = a.marketplace.anchors
     latest_of, anchor_of = anchors.latest_batch_id, anchors.anchor_of
     looked_up: list[int] = []
-    other = mp("operator").anchors  # its own transactor: the "second broker"
+    other = mp("operator").anchors  # a root under the same key, as a second broker sends it
 
     async def racing_latest(broker: str) -> int:  # the real view; the race right after it
         latest = await latest_of(broker)
