@@ -11,7 +11,7 @@ Usage::
 
     BENCH_SLOW_MS=0.25 BENCH_SLOW_DUMP=/tmp/cb BENCH_TIMELINE=/tmp/tl \\
         python benchmarks/bench_latency.py --rounds 1 --configs c --rate 1000
-    python benchmarks/latency_timeline.py /tmp/tl-c-*.txt /tmp/cb-*.txt
+    python benchmarks/latency_timeline.py /tmp/tl-c-*.txt --callbacks /tmp/cb-*.txt
 
 (the newest file of each kind when several match).
 """
@@ -43,15 +43,15 @@ def _describe(name: str, values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("timeline", nargs="+", type=Path, help="BENCH_TIMELINE file(s)")
-    parser.add_argument("--callbacks", type=Path, help="BENCH_SLOW_DUMP file")
+    parser.add_argument(
+        "--callbacks", nargs="+", type=Path, required=True, help="BENCH_SLOW_DUMP file(s)"
+    )
     args = parser.parse_args()
-    files = sorted(args.timeline, key=lambda p: p.stat().st_mtime)
-    callbacks = args.callbacks
-    if callbacks is None:  # the last positional may be the callbacks' file
-        callbacks = files.pop()
+    timeline = max(args.timeline, key=lambda p: p.stat().st_mtime)  # the newest of each
+    callbacks = max(args.callbacks, key=lambda p: p.stat().st_mtime)
     samples = [
         (float(sent), float(latency))
-        for sent, latency in (line.split() for line in files[-1].read_text().splitlines())
+        for sent, latency in (line.split() for line in timeline.read_text().splitlines())
     ]
     starts = sorted(
         float(line.split(None, 1)[0])
@@ -70,7 +70,7 @@ def main() -> None:
     for sent, latency in samples:
         (inside if any(lo <= sent <= hi for lo, hi in spans) else outside).append(latency)
     length = sum(hi - lo for lo, hi in spans) / max(len(spans), 1) * 1e3
-    print(f"{files[-1].name}: {len(spans)} anchor windows, {length:.0f} ms long on average")
+    print(f"{timeline.name}: {len(spans)} anchor windows, {length:.0f} ms long on average")
     print(_describe("all", [latency for _, latency in samples]))
     print(_describe("anchor windows", inside))
     print(_describe("outside", outside))

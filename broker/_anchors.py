@@ -482,8 +482,8 @@ class Anchorer:
             tx_hash = await self.transactor.submit(call, before_send=record)
         except ContractRevertError as exc:
             if exc.error_name == "DataAnchorsBatchIdNotIncreasing":
-                if fresh:  # the look-ups skipped above decide it now
-                    return await self._anchor(batch)
+                if fresh:  # the look-ups skipped above decide it now, on the stored batch
+                    return await self._anchor(await self.store.batch(batch_id) or batch)
                 # Raced by another anchor under our key: the chain decides next round.
                 raise ChainError(f"batch {batch_id}: {exc}") from exc
             raise

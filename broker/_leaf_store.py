@@ -48,7 +48,6 @@ _OPEN_STATES = ("intent", "sent")
 _INT63 = 2**63 - 1
 
 _MARK = "UPDATE leaves SET handed = 1 WHERE leaf = ?"
-_SEAL = "UPDATE leaves SET batch_id = ?, position = ? WHERE leaf_index = ?"
 
 
 class LeafStore(DurableStore):
@@ -271,7 +270,10 @@ class LeafStore(DurableStore):
                 " VALUES (?, ?, ?, 'intent', ?, ?)",
                 (batch_id, tree.root, len(rows), at, at),
             )
-            self._db.executemany(_SEAL, [(batch_id, pos, r[0]) for pos, r in enumerate(rows)])
+            self._db.executemany(
+                "UPDATE leaves SET batch_id = ?, position = ? WHERE leaf_index = ?",
+                [(batch_id, pos, r[0]) for pos, r in enumerate(rows)],
+            )
             self._remember(batch_id, tree)
             return Batch(batch_id, tree.root, len(rows), "intent", None, at), more_sold
 
