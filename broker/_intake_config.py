@@ -22,7 +22,7 @@ _WHERE: Final = "payments.intake"
 class IntakeConfig:
     """Voucher intake: receipt batching and the per-session bound on queued vouchers."""
 
-    linger_seconds: float = 0.002
+    linger_seconds: float = 0.0005
     """How long the intake waits, after a voucher arrives at an idle intake, before it takes
     the batch (0 to 1 s): vouchers that arrive together (a burst, several payers at once) then
     share one verification per channel and one commit. Vouchers that arrive while a commit is

@@ -344,12 +344,18 @@ class MarketplaceService(EnvelopeIntake):
     def payment_request_for(self, session: Session) -> PaymentRequest | None:
         """The payment request owed after a NO_CREDIT verdict: once per session and paid
         amount, so every new session of the buyer (e.g. after a crash that lost the last
-        request with its connection) is asked again."""
+        request with its connection) is asked again; none while a voucher of the channel
+        is queued in the intake or being committed."""
         ident: Identity | None = getattr(session, "blendsm", None)
         if ident is None or ident.owing is None:
             return None
         account, topic = ident.owing, ident.owing_topic
         if ident.requested.get(account.channel_id) == account.paid:
+            return None
+        if self.intake.withhold_request(account.channel_id):
+            # A voucher of the channel is on its way: the payer is paying, and a request
+            # now only made it sign a second one (the SDK answers a request with what it
+            # received). Not marked as asked: a refusal after that voucher asks again.
             return None
         ident.requested[account.channel_id] = account.paid
         self.stats.payment_requests += 1

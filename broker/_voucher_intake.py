@@ -31,8 +31,11 @@ at once as a *batch*:
 Receipts (``payments.intake``): a Receipt is cumulative, so the broker sends one per channel and
 session after ``receipt_every`` accepted vouchers or ``receipt_delay_seconds`` after the
 previous one, whichever comes first (the first after a quiet spell goes out at once). Refusals
-go out at once. Notices to a session at its ``MAX_CONTROL_TASKS`` bound (a client that does not
-read them) are dropped and counted (``notices_dropped``): the voucher itself is not affected.
+go out at once. While a voucher of a channel is queued or being committed, a delivery refused
+for that channel's credit asks for no payment (:meth:`VoucherIntake.withhold_request`): the
+payer is paying, and a request then only made it sign a second voucher. Notices to a session at
+its ``MAX_CONTROL_TASKS`` bound (a client that does not read them) are dropped and counted
+(``notices_dropped``): the voucher itself is not affected.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ if TYPE_CHECKING:
 
     from blendsm.broker._access import Identity
     from blendsm.broker._chain_view import ChainView
-    from blendsm.broker._meter import Meter
+    from blendsm.broker._meter import Account, Meter
     from blendsm.broker._settlement import Settler
     from blendsm.broker._stats import ServiceStats
     from blendsm.broker._store import AsyncVoucherStore
@@ -112,6 +115,13 @@ class IntakeHost(Protocol):
 _MAX_CACHED_STATES: Final = 100_000
 """Channel states kept for verification; past it the cache starts over (a bound, not a policy)."""
 
+_BUSY_TURN: Final = 0.001
+"""A yield that took this long (seconds) means the loop's turns are long (a burst): yielding
+after every signature recovery then delays the vouchers by a whole turn each."""
+
+_UNYIELDED: Final = 0.002
+"""At most this long (seconds) of verification without a yield, even when turns are long."""
+
 _REPEAT: Final = Refusal("not_newer", "the latest accepted voucher, again")
 """Marks a voucher equal to the durable amount: answered with a Receipt, never sent."""
 
@@ -144,6 +154,12 @@ class VoucherIntake:
         self._service = service
         self.config = config
         self._queue: list[_Entry] = []
+        self._paying: dict[bytes, int] = {}
+        """Channel id -> its vouchers queued or in the batch being processed."""
+        self._unsettled: list[_Entry] = []
+        """The batch being processed, until :meth:`_settle`."""
+        self._withheld: set[bytes] = set()
+        """Channels whose payment request waited for a voucher on its way."""
         self._by_session: dict[int, list[_Entry]] = {}  # id(ident) -> its queued entries
         self._runner: asyncio.Task[None] | None = None
         self._receipts: dict[tuple[int, bytes], _PendingReceipt] = {}
@@ -183,6 +199,8 @@ class VoucherIntake:
             return
         entry = _Entry(handler, ident, voucher)
         self._queue.append(entry)
+        channel = voucher.channel_id
+        self._paying[channel] = self._paying.get(channel, 0) + 1
         if mine is None:
             self._by_session[key] = [entry]
         else:
@@ -196,6 +214,53 @@ class VoucherIntake:
     def queued(self) -> int:
         """Vouchers waiting for the next batch."""
         return len(self._queue)
+
+    def withhold_request(self, channel_id: bytes) -> bool:
+        """Whether a payment request for ``channel_id`` waits: True while a voucher of it is
+        queued or in the batch being processed (up to its commit: the deliveries it frees
+        are gated after it). Should that voucher not raise ``paid`` (refused, a repeat),
+        the deliveries waiting on the channel are gated again, so the request goes out."""
+        if channel_id not in self._paying:
+            return False
+        self._withheld.add(channel_id)
+        return True
+
+    def _wake(self, account: Account) -> None:
+        """Gate the deliveries waiting on ``account`` again, in order (held live ones are
+        sent what fits now; paused offline replays go on)."""
+        service = self._service
+        waiters, account.waiters = account.waiters, []
+        for waiter in waiters:
+            if isinstance(waiter, CreditHold):
+                try:  # live deliveries held for credit: sent now, in order
+                    waiter.resume()
+                except Exception:  # never let one session's hold stop the batch
+                    service.log.exception("deliveries held for credit: resume failed")
+            elif service.broker is not None:
+                service.broker.resume_offline_replay(waiter)
+
+    def _ask_again(self) -> None:
+        """Requests withheld for vouchers that were decided without raising ``paid``: the
+        deliveries waiting on those channels are gated again (their refusal asks)."""
+        accounts = self._service.meter.accounts
+        for channel in [c for c in self._withheld if c not in self._paying]:
+            self._withheld.discard(channel)
+            account = accounts.get(channel)
+            if account is not None and account.waiters:
+                self._wake(account)
+
+    def _settle(self) -> None:
+        """The batch in hand is decided (committed, refused or failed): its channels are not
+        paying through it any more. Once per batch: after its commit, or when it ends."""
+        batch, self._unsettled = self._unsettled, []
+        paying = self._paying
+        for entry in batch:
+            channel = entry.voucher.channel_id
+            left = paying.get(channel, 0) - 1
+            if left > 0:
+                paying[channel] = left
+            else:
+                paying.pop(channel, None)
 
     async def close(self) -> None:
         """Finish every queued voucher (the store must still be open) and send the receipts
@@ -217,10 +282,15 @@ class VoucherIntake:
             batch, self._queue = self._queue, []
             self._by_session = {}
             self._service.stats.voucher_batches += 1
+            self._unsettled = batch
             try:
                 await self._process(batch)
             except Exception:  # never let a voucher crash the broker
                 self._service.log.exception("voucher batch of %d: internal error", len(batch))
+            finally:
+                self._settle()  # if _process returned before its commit, or raised
+            if self._withheld:
+                self._ask_again()
 
     async def _process(self, batch: list[_Entry]) -> None:
         service = self._service
@@ -242,14 +312,24 @@ class VoucherIntake:
         order = {id(entry): index for index, entry in enumerate(batch)}
         chosen: list[tuple[_Entry, list[_Entry], list[_Entry]]] = []
         verified = 0
+        clock = time.perf_counter
+        run_until = 0.0  # verify without yielding until then (the loop's turns are long)
         for entries in groups.values():
             entries.sort(key=lambda e: e.voucher.cumulative_amount, reverse=True)
             for index, entry in enumerate(entries):
-                if verified:
+                if verified and clock() >= run_until:
                     # One signature recovery (~60 us) per loop turn: the deliveries that
                     # arrived meanwhile go out between two, instead of waiting behind all
                     # of a batch's (ten members paying on the same message cost ~1 ms).
+                    # But when a turn is long anyway (a publisher's burst is read in 10 ms
+                    # slices), a yield per voucher held ten members' credit for ten turns
+                    # (200 ms between commits, measured) while every delivery to them
+                    # waited: then the next ``_UNYIELDED`` of recoveries run in one go.
+                    yielded = clock()
                     await asyncio.sleep(0)
+                    now = clock()
+                    if now - yielded >= _BUSY_TURN:
+                        run_until = now + _UNYIELDED
                 verified += 1
                 refusal = self._verify(entry)
                 if refusal is None:
@@ -277,6 +357,9 @@ class VoucherIntake:
         if not chosen:
             return
         results = await self._commit([entry for entry, _, _ in chosen])
+        # Before the held deliveries are gated again below: one still refused for credit asks
+        # for payment unless a later voucher of its channel is already on its way.
+        self._settle()
         meter, stats = service.meter, service.stats
         for (entry, covered, repeats), stored in zip(chosen, results, strict=True):
             voucher = entry.voucher
@@ -291,16 +374,9 @@ class VoucherIntake:
             stats.vouchers_superseded += len(covered)
             if service.settler is not None:
                 service.settler.notify_voucher(voucher.channel_id, voucher.cumulative_amount)
+            self._withheld.discard(voucher.channel_id)  # its refusals below ask again
             if account is not None and account.waiters:
-                waiters, account.waiters = account.waiters, []
-                for waiter in waiters:
-                    if isinstance(waiter, CreditHold):
-                        try:  # live deliveries held for credit: sent now, in order
-                            waiter.resume()
-                        except Exception:  # never let one session's hold stop the batch
-                            service.log.exception("deliveries held for credit: resume failed")
-                    elif service.broker is not None:
-                        service.broker.resume_offline_replay(waiter)
+                self._wake(account)
             self._repeated(repeats, voucher)
             seen = {id(entry.ident)}
             self._owe_receipt(entry, voucher, 1 + len(covered))

@@ -91,6 +91,77 @@ async def test_a_late_voucher_sends_the_held_messages_in_order(
     assert market.service.stats.deliveries_held_dropped == 0
 
 
+async def test_no_payment_request_while_a_voucher_of_the_channel_is_on_its_way(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    # The voucher for the credit's worth sits in the intake (linger 0.5 s) when the next
+    # deliveries are refused: asking then only made the payer sign a second voucher (the
+    # SDK answers a request with what it received), which doubled the vouchers of a burst.
+    market = await start_market(payments=_payments(intake={"linger_seconds": 0.5}))
+    service = market.service
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    for i in range(5):
+        await device.publish(market.topic, b"m%d" % i)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == [b"m%d" % i for i in range(5)]  # the credit's worth
+    await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
+    assert await until(lambda: service.intake.queued == 1, 2.0)  # lingering, not durable
+    for i in range(5, 8):
+        await device.publish(market.topic, b"m%d" % i)
+    assert await until(lambda: service.stats.deliveries_held_for_credit == 3, 2.0)
+    account = service.meter.accounts[channel]
+    assert await until(lambda: account.paid == 5 * market.price, 3.0)
+    data, notices = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == [b"m5", b"m6", b"m7"]  # sent once the voucher counted, in order
+    assert not any(isinstance(n, PaymentRequest) for n in notices), notices
+    assert service.stats.payment_requests == 0
+
+
+async def test_a_withheld_payment_request_goes_out_when_the_voucher_adds_nothing(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    # The voucher on its way is the latest accepted one again (a payer unsure it arrived):
+    # it raises nothing, so the held delivery is gated again and the request goes out
+    # (else the member would wait for hold_seconds, then lose the message).
+    market = await start_market(payments=_payments(intake={"linger_seconds": 0.3}))
+    service = market.service
+    buyer, channel = await market.channel_client("buyer")
+    payer = Payer(market, "buyer", buyer)
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    await payer.pay(channel, 5 * market.price)
+    account = await _account_paid(market, until, channel, 5 * market.price)
+    for i in range(10):
+        await device.publish(market.topic, b"m%d" % i)
+    data, notices = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == [b"m%d" % i for i in range(10)]  # paid 5 + the credit of 5
+    assert not any(isinstance(n, PaymentRequest) for n in notices), notices
+    await payer.pay(channel, 5 * market.price)  # the same voucher again
+    assert await until(lambda: service.intake.queued == 1, 2.0)
+    await device.publish(market.topic, b"m10")
+    data, notices = split_messages(await buyer.got.drain(within=1.5), market.topic)
+    assert data == []  # still held
+    requests = [n for n in notices if isinstance(n, PaymentRequest)]
+    assert len(requests) == 1, notices
+    assert (requests[0].charged, requests[0].paid) == (10 * market.price, 5 * market.price)
+    assert account.paid == 5 * market.price
+    await payer.pay(channel, 10 * market.price)
+    data, _ = split_messages(await buyer.got.drain(within=1.0), market.topic)
+    assert data == [b"m10"]
+    assert service.stats.deliveries_held_dropped == 0
+
+
+async def _account_paid(
+    market: Market, until: Callable[..., Any], channel: bytes, amount: int
+) -> Any:
+    """The channel's account once ``amount`` is durable (the Quote's account)."""
+    service = market.service
+    assert await until(lambda: service.meter.paid_of(channel) == amount, 3.0)
+    return service.meter.accounts.get(channel)
+
+
 async def test_a_member_that_never_pays_gets_its_credit_and_the_held_ones_are_dropped(
     start_market: Callable[..., Any], until: Callable[..., Any]
 ) -> None:
