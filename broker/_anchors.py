@@ -52,7 +52,7 @@ from blendsm.broker._anchor_records import AnchorRecord, Batch, LeafRow, ProofRe
 from blendsm.broker._config import AnchoringConfig
 from blendsm.broker._leaf_store import AsyncLeafStore
 from blendsm.broker._tx_watch import confirmations_missing, find_transaction
-from blendsm.contracts import AnchorInfo, Marketplace, Transactor, chain_errors
+from blendsm.contracts import Marketplace, Transactor, chain_errors
 from blendsm.device_sdk import Envelope, Proof, ProofRequest, Refusal
 from blendsm.errors import ChainError, ConfigError, ContractRevertError
 
@@ -82,8 +82,8 @@ class AnchorConfig:
     """Pause between two chain calls of a background anchor (none in :meth:`Anchorer.anchor_now`
     or :meth:`Anchorer.reconcile`). Why: a root's chain calls cost the event loop 13-16 ms of
     CPU, and back to back they took it within about 50 ms, on top of the deliveries (at 1,000
-    paid messages/s each root made a 60-120 ms window of 2-7 ms latencies). Six pauses spread
-    it over about twice that; a root lands 30 ms later. Measured: added p99 +0.97 to +1.22 ms
+    paid messages/s each root made a 60-120 ms window of 2-7 ms latencies). Five pauses spread
+    it over about twice that; a root lands 25 ms later. Measured: added p99 +0.97 to +1.22 ms
     with 5 ms, +1.31 to +2.02 ms without, +1.37 to +1.39 ms with 20 ms (docs/benchmarks.md)."""
 
     def __post_init__(self) -> None:
@@ -457,7 +457,9 @@ class Anchorer:
             info = await self.marketplace.anchors.anchor_of(self.operator, batch.batch_id)
             await self._pause()
             if info is not None:
-                return await self._settle(batch, info, None)
+                return await self._settle(
+                    batch, info.root, info.leaf_count, info.block_number, None
+                )
             if batch.tx_hash is not None and await self._in_mempool(batch.tx_hash):
                 raise _PendingError(
                     f"batch {batch.batch_id}: transaction {batch.tx_hash.hex()} pending"
@@ -493,25 +495,34 @@ class Anchorer:
         gas = int(receipt["gasUsed"])
         self.gas_used += gas
         self.log.info("anchors: batch %d sent as %s (gas %d)", batch_id, bytes(tx_hash).hex(), gas)
-        info = await self.marketplace.anchors.anchor_of(self.operator, batch_id)
-        await self._pause()
-        if info is None:
-            raise ChainError(f"batch {batch_id}: mined but anchorOf is empty (reorg?)")
-        return await self._settle(batch, info, bytes(tx_hash), gas)
+        # What anchorOf would say, from the receipt's event: no call to the node for it.
+        anchored = self.marketplace.anchors.anchored_in(receipt, self.operator, batch_id)
+        if anchored is None:
+            raise ChainError(f"batch {batch_id}: mined without its Anchored event (reorg?)")
+        root, leaf_count = anchored
+        block = int(receipt["blockNumber"])
+        return await self._settle(batch, root, leaf_count, block, bytes(tx_hash), gas)
 
     async def _settle(
-        self, batch: Batch, info: AnchorInfo, tx_hash: bytes | None, gas: int | None = None
+        self,
+        batch: Batch,
+        root: bytes,
+        leaf_count: int,
+        block_number: int,
+        tx_hash: bytes | None,
+        gas: int | None = None,
     ) -> AnchorRecord | None:
-        """The chain holds an anchor under the batch's id: ours if the root matches."""
-        if info.root != batch.root or info.leaf_count != batch.leaf_count:
+        """The chain holds an anchor (``root``, ``leaf_count``, in ``block_number``) under the
+        batch's id: ours if the root matches."""
+        if root != batch.root or leaf_count != batch.leaf_count:
             await self._fail(
                 batch,
-                f"batch id {batch.batch_id} carries another root on chain ({info.root.hex()})",
+                f"batch id {batch.batch_id} carries another root on chain ({root.hex()})",
             )
             return None
         shallow = await confirmations_missing(
             self.marketplace.w3,
-            info.block_number,
+            block_number,
             self.config.confirmations,
             "anchors: block number",
         )
@@ -521,19 +532,17 @@ class Anchorer:
             await self._pause()
         if tx_hash is None:
             tx_hash = batch.tx_hash if batch.state == "sent" else None
-            found = await self._find_tx(batch.batch_id, info.block_number)
+            found = await self._find_tx(batch.batch_id, block_number)
             tx_hash = found or tx_hash
-        await self.store.mark_confirmed(batch.batch_id, tx_hash, info.block_number, gas)
+        await self.store.mark_confirmed(batch.batch_id, tx_hash, block_number, gas)
         self.batches_anchored += 1
         self.last_batch_id = max(self.last_batch_id, batch.batch_id)
-        record = AnchorRecord(
-            batch.batch_id, batch.root, batch.leaf_count, tx_hash, info.block_number
-        )
+        record = AnchorRecord(batch.batch_id, batch.root, batch.leaf_count, tx_hash, block_number)
         self.log.info(
             "anchors: batch %d anchored (%d leaves, block %d)",
             batch.batch_id,
             batch.leaf_count,
-            info.block_number,
+            block_number,
         )
         if self.on_anchored is not None:
             try:

@@ -227,6 +227,31 @@ class DataAnchors(Binding):
             int(block_number),
         )
 
+    _ANCHORED = keccak(text="Anchored(address,uint256,bytes32,uint64)")
+
+    def anchored_in(self, receipt: Any, broker: str, batch_id: int) -> tuple[bytes, int] | None:
+        """``(root, leaf_count)`` of the ``Anchored`` event this contract emitted for
+        ``broker``'s ``batch_id`` in a transaction's ``receipt``; None if there is none.
+
+        Why: after a successful ``anchor`` the event says what ``anchorOf`` would, in the
+        block the receipt names, without another call to the node (one a root, on the loop
+        that delivers). Decoded by hand (two indexed topics, two words of data)."""
+        broker_topic = bytes(12) + bytes.fromhex(addr(broker)[2:])
+        for log in receipt["logs"]:
+            topics = log["topics"]
+            if (
+                log["address"] == self.contract.address
+                and len(topics) == 3
+                and bytes(topics[0]) == self._ANCHORED
+                and bytes(topics[1]) == broker_topic
+                and int.from_bytes(bytes(topics[2]), "big") == batch_id
+            ):
+                data = bytes(log["data"])
+                if len(data) != 64:
+                    return None
+                return data[:32], int.from_bytes(data[32:], "big")
+        return None
+
     async def latest_batch_id(self, broker: str) -> int:
         return int(await self._read("latestBatchId", addr(broker)))
 

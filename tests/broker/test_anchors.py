@@ -410,10 +410,32 @@ async def test_a_batch_just_sealed_skips_the_look_ups_and_survives_a_race(
     assert [(r.batch_id, r.leaf_count) for r in records] == [(2, 20)]
     assert [x.state for x in await store.batches()] == ["failed", "confirmed"]
     # seal 1 (chain at 0, then raced to 1); its send reverts, anchorOf(1) shows the other
-    # root; seal 2 (chain at 1); sent at once; anchorOf(2) after the receipt.
-    assert looked_up == [0, -1, 1, -2]
+    # root; seal 2 (chain at 1); sent at once; its receipt's Anchored event, no anchorOf(2).
+    assert looked_up == [0, -1, 1]
     assert await check_proofs(chain, a, msgs) == {2}
     assert await chain_latest(mp, operator) == 2
+
+
+@BOTH
+async def test_the_anchored_event_of_a_receipt_names_the_root_of_its_batch_only(
+    chain: Any, mp: MakeMp, store: AsyncLeafStore
+) -> None:
+    """After the send, the anchorer reads root and leaf count from the receipt's ``Anchored``
+    event instead of asking ``anchorOf``: only the event of this operator's batch counts."""
+    operator = await enrol_operator(chain, mp)
+    a = anchorer(store, mp, batch_max_leaves=5)
+    await add_all(a, messages(signer(chain), 5))
+    (record,) = await a.anchor_now()
+    assert record.tx_hash is not None
+    receipt = await a.marketplace.w3.eth.get_transaction_receipt(record.tx_hash)
+    anchors = a.marketplace.anchors
+    assert anchors.anchored_in(receipt, operator, record.batch_id) == (record.root, 5)
+    assert anchors.anchored_in(receipt, operator, record.batch_id + 1) is None
+    assert anchors.anchored_in(receipt, chain.addr("stranger"), record.batch_id) is None
+    assert anchors.anchored_in({"logs": []}, operator, record.batch_id) is None
+    info = await anchors.anchor_of(operator, record.batch_id)
+    assert info is not None
+    assert (info.root, info.leaf_count, info.block_number) == (record.root, 5, record.block)
 
 
 async def test_a_background_anchor_pauses_between_its_chain_calls(
@@ -444,11 +466,11 @@ async def test_a_background_anchor_pauses_between_its_chain_calls(
         await add_all(a, msgs[:3])
         await eventually(lambda: a.batches_anchored == 1, within=30)
     # Seal: 2 pauses (after the chain's latest id, after the seal); anchor of the batch just
-    # sealed: 4 (after the write-ahead mark, the send, the receipt, anchorOf).
-    assert anchored[0] - first_call[0] >= 6 * 0.3 - 0.01
+    # sealed: 3 (after the write-ahead mark, the send, the receipt).
+    assert anchored[0] - first_call[0] >= 5 * 0.3 - 0.01
     await a.add(*msgs[3])
     slow = anchorer(store, a.marketplace, batch_max_leaves=3, pause_seconds=1.0)
-    records = await asyncio.wait_for(slow.anchor_now(), 5)  # 6 pauses would be 6 s
+    records = await asyncio.wait_for(slow.anchor_now(), 4.5)  # 5 pauses would be 5 s
     assert [r.leaf_count for r in records] == [1]
 
 
