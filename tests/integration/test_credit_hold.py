@@ -159,7 +159,9 @@ async def _account_paid(
     """The channel's account once ``amount`` is durable (the Quote's account)."""
     service = market.service
     assert await until(lambda: service.meter.paid_of(channel) == amount, 3.0)
-    return service.meter.accounts.get(channel)
+    account = service.meter.accounts.get(channel)
+    assert account is not None
+    return account
 
 
 async def test_a_member_that_never_pays_gets_its_credit_and_the_held_ones_are_dropped(

@@ -213,12 +213,12 @@ async def test_when_the_loops_turns_are_long_a_batchs_vouchers_are_not_one_per_t
     """One signature recovery per loop turn keeps paced deliveries from waiting behind a
     batch's; but when every turn is long anyway (a publisher's burst is read in 10 ms
     slices), that held each payer's credit a turn per voucher ahead of it. A callback that
-    makes every turn last 5 ms stands for the burst: four channels' vouchers of one batch
-    are verified within two turns, not four."""
+    makes every turn last 5 ms stands for the burst: six channels' vouchers of one batch
+    are verified within three turns (two, unless the machine stalls the run), not six."""
     service = market.service
     service.intake.config = replace(service.intake.config, linger_seconds=0.2)
     payers = []
-    for label in ("buyer", "buyer", "buyer2", "buyer2"):
+    for label in ("buyer", "buyer", "buyer", "buyer2", "buyer2", "buyer2"):
         client, channel = await market.channel_client(label)
         payers.append((Payer(market, label, client), channel))
     turns = 0
@@ -241,17 +241,17 @@ async def test_when_the_loops_turns_are_long_a_batchs_vouchers_are_not_one_per_t
     service.intake._verify = counted  # the real check, observed
     batches = service.stats.voucher_batches
     try:
-        for payer, channel in payers:  # all four within the linger: one batch
+        for payer, channel in payers:  # all six within the linger: one batch
             await payer.pay(channel, market.price)
         asyncio.get_running_loop().call_soon(hog)
         await eventually(
             lambda: all(service.meter.paid_of(c) == market.price for _, c in payers),
             10,
-            what="the four vouchers accepted",
+            what="the six vouchers accepted",
         )
     finally:
         hogging = False
         del service.intake._verify
     assert service.stats.voucher_batches - batches == 1
-    assert len(verified_in) == 4
-    assert verified_in[-1] - verified_in[0] <= 1, verified_in
+    assert len(verified_in) == 6
+    assert verified_in[-1] - verified_in[0] <= 2, verified_in  # one per turn: 5
