@@ -75,7 +75,7 @@ Environment (for profiling and diagnosis, not for published figures unless said 
 configuration at a time); ``BENCH_CREDIT`` and ``BENCH_PAY_EVERY`` override the credit (50) and
 the subscribers' ``pay_every`` (default: the SDK's default schedule, a voucher once half the
 quoted credit is unpaid, i.e. every 25 messages at credit 50; it was ``pay_every`` 10 before
-2026-12-04); ``BENCH_ANCHOR_LEAVES`` the anchoring trigger (see ``ANCHORING``).
+2026-12-04); ``BENCH_ANCHOR_LEAVES`` and ``BENCH_ANCHOR_ROOTS`` the anchoring (see ``ANCHORING``).
 
 The in-process EVM cannot be shared across processes, so the broker process of (c) and (d)
 builds its own chain (that of (e) does the same on anvil): deploys the suite, enrols seller,
@@ -146,13 +146,21 @@ RUN_DEADLINE_S = 20.0  # per configuration, from subscriber start
 START_TIMEOUT_S = 40.0  # broker start-up (chain set-up included)
 TOTAL_BUDGET_S = 200.0  # every wait is clamped to end by then; cleanup adds at most ~10 s
 EST_RUN_S = {"a": 10.0, "b": 14.0, "c": 28.0, "d": 28.0, "e": 30.0}  # worst case, for the budget
-ANCHORING: dict[str, Any] = (
-    {"anchoring": {"batch_max_leaves": int(os.environ["BENCH_ANCHOR_LEAVES"])}}
-    if os.environ.get("BENCH_ANCHOR_LEAVES")
-    else {}
-)
-"""``BENCH_ANCHOR_LEAVES=N``: the broker seals a root per N sold leaves (default 1,000); the
-sizing rule of docs/integrity.md for a stream of R messages/s is about 10 x R."""
+ANCHORING: dict[str, Any] = {
+    "anchoring": {
+        key: int(os.environ[env])
+        for key, env in (
+            ("batch_max_leaves", "BENCH_ANCHOR_LEAVES"),
+            ("max_roots_per_hour", "BENCH_ANCHOR_ROOTS"),
+        )
+        if os.environ.get(env)
+    }
+}
+"""``BENCH_ANCHOR_LEAVES=N``: a root is due once N sold leaves are pending (default 1,000);
+``BENCH_ANCHOR_ROOTS=R``: ``max_roots_per_hour``, so roots are paced 3600 / R seconds apart
+(default 360: 10 s). Each root takes every pending sold leaf (up to 100,000). The roots of
+before 2026-12-05 (at most 1,000 leaves each, one a second at 1,000 messages/s) are
+``BENCH_ANCHOR_ROOTS=3600`` at that rate."""
 CHAIN = os.environ.get("BENCH_CHAIN", "anvil")  # (c), (d): "anvil" (a node) or "embedded"
 OPERATOR_KEY_ENV = "BENCH_OPERATOR_KEY"  # (e): the broker reads its TEST-ONLY key from here
 POLL_PATHS = ("/api/status", "/api/topics", "/api/channels", "/api/anchors")

@@ -15,9 +15,15 @@ leaves made another, even on a topic nobody buys. The rules (docs/integrity.md):
   make a root only once the oldest is ``unsold_batch_seconds`` old (default an hour) and no
   root was sealed in that time, so all unsold topics together cost at most one root per
   period. None is dropped.
+* **Paced roots.** A due root waits until the last one is ``3600 / max_roots_per_hour``
+  seconds old (10 s by default), then takes every pending sold leaf, up to
+  ``max_leaves_per_root``. So the hour's budget lasts the hour at any message rate: before,
+  1,000 messages/s made a root a second for six minutes and none for the next 54, while the
+  sellers' pending leaves grew toward their bound and then were refused.
 * **A hard ceiling.** At most ``max_roots_per_hour`` roots are sealed in any hour, whatever
-  triggers them (a seller buying its own topic, many buyers): past it sealing waits, counted
-  in ``anchors_deferred``, and leaves keep accumulating on disk.
+  triggers them (a seller buying its own topic, many buyers, :meth:`Anchorer.anchor_now`):
+  past it sealing waits, counted in ``anchors_deferred``, and leaves keep accumulating on
+  disk.
 * **Bounded storage per seller.** At most ``max_pending_leaves_per_seller`` unanchored
   leaves per seller; past it that seller's envelopes are refused (:class:`LeafBudgetError`),
   counted in ``leaves_refused``. Anchored leaves are kept (see docs/integrity.md).
@@ -56,6 +62,7 @@ class AnchorBudget:
         batch_max_leaves: int,
         max_roots_per_hour: int,
         unsold_batch_seconds: float,
+        spacing: float | None = None,
         max_pending_leaves_per_seller: int,
         seller_of: Callable[[str], str | None],
         logger: logging.Logger,
@@ -63,6 +70,8 @@ class AnchorBudget:
         self.batch_seconds = batch_seconds
         self.batch_max_leaves = batch_max_leaves
         self.max_roots = max_roots_per_hour
+        self.spacing = HOUR / max_roots_per_hour if spacing is None else spacing
+        """Seconds between two background roots at least (the pacing)."""
         self.unsold_seconds = unsold_batch_seconds
         self.max_pending = max_pending_leaves_per_seller
         self.seller_of = seller_of
@@ -87,7 +96,7 @@ class AnchorBudget:
 
     @property
     def waiting(self) -> bool:
-        """A root is due but waits for ``max_roots_per_hour``."""
+        """A root is due but waits for the pacing or the ceiling of ``max_roots_per_hour``."""
         return self._waiting
 
     @property
@@ -186,6 +195,16 @@ class AnchorBudget:
             waits.append(max(0.0, start + self.unsold_seconds - now))
         return min(waits)
 
+    def root_wait(self, now: float) -> float:
+        """Seconds until a due background root may be sealed (0: now): the pacing first, not
+        counted (at a high rate it is the normal state), then :meth:`ceiling_wait`."""
+        if self._last_root is not None:
+            pace = min(self.spacing, self._last_root + self.spacing - now)  # clock stepped back
+            if pace > 0:
+                self._waiting = True
+                return pace
+        return self.ceiling_wait(now)
+
     def ceiling_wait(self, now: float) -> float:
         """Seconds until ``max_roots_per_hour`` lets another root be sealed (0: now); a wait
         is counted once and logged (rate-limited: a seller can cause it)."""
@@ -212,6 +231,7 @@ class AnchorBudget:
         """A root was sealed: it counts against the hour; sold marks start again."""
         self._roots.append(now)
         self._last_root = now
+        self._waiting = False
         self.sold_backlog = more_sold
         self._marked.clear()
         self._sold_pending = 0

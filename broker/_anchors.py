@@ -66,11 +66,13 @@ _DEFAULTS: Final = AnchoringConfig()
 class AnchorConfig:
     """When leaves are anchored: every ``batch_seconds`` (counted from the oldest pending
     sold leaf) or as soon as ``batch_max_leaves`` sold leaves are pending, whichever comes
-    first; unsold leaves alone after ``unsold_batch_seconds``; never more than
-    ``max_roots_per_hour`` roots (:mod:`blendsm.broker._anchor_budget`)."""
+    first; unsold leaves alone after ``unsold_batch_seconds``; background roots at least
+    ``3600 / max_roots_per_hour`` s apart, each up to ``max_leaves_per_root`` leaves, and
+    never more than ``max_roots_per_hour`` roots (:mod:`blendsm.broker._anchor_budget`)."""
 
     batch_seconds: float = _DEFAULTS.batch_seconds
     batch_max_leaves: int = _DEFAULTS.batch_max_leaves
+    max_leaves_per_root: int = _DEFAULTS.max_leaves_per_root
     max_roots_per_hour: int = _DEFAULTS.max_roots_per_hour
     unsold_batch_seconds: float = _DEFAULTS.unsold_batch_seconds
     max_pending_leaves_per_seller: int = _DEFAULTS.max_pending_leaves_per_seller
@@ -78,6 +80,10 @@ class AnchorConfig:
     """Blocks on top of the anchor's block before it counts (and its proofs are handed out)."""
     backoff_base: float = 1.0
     backoff_max: float = 300.0
+    root_spacing_seconds: float | None = None
+    """Background roots at least this far apart; None (the broker's setting): ``3600 /
+    max_roots_per_hour``, so the hour's budget lasts the hour. Tests not about the pacing
+    set 0."""
     pause_seconds: float = 0.005
     """Pause between two chain calls of a background anchor (none in :meth:`Anchorer.anchor_now`
     or :meth:`Anchorer.reconcile`). Why: a root's chain calls cost the event loop 13-16 ms of
@@ -91,6 +97,8 @@ class AnchorConfig:
             raise ConfigError("anchors.batch_seconds: must be > 0")
         if not 1 <= self.batch_max_leaves <= 2**20:
             raise ConfigError("anchors.batch_max_leaves: must be in [1, 2**20]")
+        if not 1 <= self.max_leaves_per_root <= 2**20:
+            raise ConfigError("anchors.max_leaves_per_root: must be in [1, 2**20]")
         if not 1 <= self.max_roots_per_hour <= 3600:
             raise ConfigError("anchors.max_roots_per_hour: must be in [1, 3600]")
         if not self.unsold_batch_seconds >= 0:
@@ -101,6 +109,8 @@ class AnchorConfig:
             raise ConfigError("anchors.confirmations: must be >= 0")
         if not 0 < self.backoff_base <= self.backoff_max:
             raise ConfigError("anchors: need 0 < backoff_base <= backoff_max")
+        if self.root_spacing_seconds is not None and not 0 <= self.root_spacing_seconds <= 3600:
+            raise ConfigError("anchors: root_spacing_seconds must be in [0, 3600]")
         if not 0 <= self.pause_seconds <= 1:
             raise ConfigError("anchors: pause_seconds must be in [0, 1]")
 
@@ -111,6 +121,7 @@ class AnchorConfig:
         return cls(
             batch_seconds=anchoring.batch_seconds,
             batch_max_leaves=anchoring.batch_max_leaves,
+            max_leaves_per_root=anchoring.max_leaves_per_root,
             max_roots_per_hour=anchoring.max_roots_per_hour,
             unsold_batch_seconds=anchoring.unsold_batch_seconds,
             max_pending_leaves_per_seller=anchoring.max_pending_leaves_per_seller,
@@ -172,6 +183,7 @@ class Anchorer:
             batch_seconds=cfg.batch_seconds,
             batch_max_leaves=cfg.batch_max_leaves,
             max_roots_per_hour=cfg.max_roots_per_hour,
+            spacing=cfg.root_spacing_seconds,
             unsold_batch_seconds=cfg.unsold_batch_seconds,
             max_pending_leaves_per_seller=cfg.max_pending_leaves_per_seller,
             seller_of=seller_of or (lambda topic: None),
@@ -378,7 +390,7 @@ class Anchorer:
         due_in = self.budget.due_in(now, self._pending, self._oldest)
         if due_in > 0 or not self._pending:
             return due_in if due_in > 0 else self.config.batch_seconds
-        wait = self.budget.ceiling_wait(now)
+        wait = self.budget.root_wait(now)
         if wait > 0:
             return wait
         if await self._seal() is None:
@@ -395,7 +407,7 @@ class Anchorer:
         budget, now = self.budget, self.clock()
         sold = {} if budget.everything_sold else budget.sold()
         batch, more_sold = await self.store.seal_sold_first(
-            self.config.batch_max_leaves, chain_latest, now, sold
+            self.config.max_leaves_per_root, chain_latest, now, sold
         )
         if batch is not None:
             budget.sealed(now, more_sold)

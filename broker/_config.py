@@ -166,11 +166,16 @@ class AnchoringConfig:
     batch_seconds: float = 60.0
     """Anchor at most this long after the oldest pending leaf arrived (> 0)."""
     batch_max_leaves: int = 1000
-    """Anchor as soon as this many leaves of sold topics are pending; also the most leaves one
-    root covers (1 to 1048576; the transaction costs the same gas whatever the count)."""
+    """Anchor as soon as this many leaves of sold topics are pending (1 to 1048576), paced by
+    ``max_roots_per_hour``."""
+    max_leaves_per_root: int = 100_000
+    """The most leaves one root covers (1 to 1048576; the transaction costs the same gas
+    whatever the count, sealing about 6 us per leaf): with the pacing, the most messages a
+    broker anchors is this times ``max_roots_per_hour`` an hour (10,000/s by default)."""
     max_roots_per_hour: int = 360
-    """Anchor transactions in any hour, whatever triggers them (1 to 3600): the operator's gas
-    ceiling (about 89k gas each); past it sealing waits and leaves keep accumulating."""
+    """Anchor transactions in any hour (1 to 3600): the operator's gas ceiling (about 89k gas
+    each). Background roots are paced ``3600 / max_roots_per_hour`` seconds apart at least,
+    so the budget lasts the hour; past the ceiling sealing waits and leaves accumulate."""
     unsold_batch_seconds: float = 3600.0
     """Leaves of topics with no delivery since they arrived ("unsold") trigger a root alone
     only once the oldest is this old; they ride free in roots sold leaves trigger. 0: treat
@@ -449,6 +454,9 @@ def _parse_anchoring(data: Mapping[str, Any]) -> AnchoringConfig:
         ),
         batch_max_leaves=integer(
             data, "batch_max_leaves", "anchoring", default.batch_max_leaves, low=1, high=2**20
+        ),
+        max_leaves_per_root=integer(
+            data, "max_leaves_per_root", "anchoring", default.max_leaves_per_root, low=1, high=2**20
         ),
         max_roots_per_hour=integer(
             data, "max_roots_per_hour", "anchoring", default.max_roots_per_hour, low=1, high=3600

@@ -2,13 +2,16 @@
 DataAnchors contract on the embedded chain, counting the anchor transactions it sends.
 
 Leaves of topics nobody was sent a message of make no root on their own (they ride in roots
-that sold leaves trigger); roots never pass ``max_roots_per_hour``, across a restart too; a
+that sold leaves trigger); background roots are paced ``3600 / max_roots_per_hour`` apart and
+take every pending sold leaf, so any rate is anchored within the budget; roots never pass
+``max_roots_per_hour``, across a restart too; a
 seller cannot make the broker keep more than ``max_pending_leaves_per_seller`` unanchored
 leaves; and no leaf is ever lost to these bounds."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 from support import enrol, eventually, running
 
+from blendsm.broker._anchor_budget import AnchorBudget
 from blendsm.broker._anchors import AnchorConfig, Anchorer
 from blendsm.broker._leaf_store import AsyncLeafStore
 from blendsm.contracts import Marketplace, Role, test_account
@@ -55,6 +59,8 @@ class Device:
 def make_anchorer(store: AsyncLeafStore, mp: MakeMp, **kw: Any) -> Anchorer:
     options = {k: kw.pop(k) for k in ("seller_of", "clock") if k in kw}
     kw.setdefault("batch_seconds", NEVER)
+    kw.setdefault("root_spacing_seconds", 0)  # paced only where a test says so
+    kw.setdefault("max_leaves_per_root", kw.get("batch_max_leaves", 1000))
     kw.setdefault("backoff_base", 0.05)
     kw.setdefault("backoff_max", 0.2)
     return Anchorer(store, mp("operator"), AnchorConfig(**kw), **options)
@@ -77,6 +83,66 @@ def test_budget_settings_are_validated() -> None:
         AnchorConfig(unsold_batch_seconds=-1)
     with pytest.raises(ConfigError, match="max_pending_leaves_per_seller"):
         AnchorConfig(max_pending_leaves_per_seller=0)
+
+
+def test_the_pacing_waits_from_the_last_root_even_across_a_restart_and_is_no_deferral() -> None:
+    def budget() -> AnchorBudget:
+        return AnchorBudget(
+            batch_seconds=60,
+            batch_max_leaves=5,
+            max_roots_per_hour=360,
+            unsold_batch_seconds=3600,
+            max_pending_leaves_per_seller=10,
+            seller_of=lambda topic: None,
+            logger=logging.getLogger("test"),
+        )
+
+    b = budget()
+    assert b.spacing == 10.0  # 3600 / max_roots_per_hour
+    assert b.root_wait(100.0) == 0.0  # the first root waits for nothing
+    b.sealed(100.0, more_sold=True)
+    assert b.root_wait(103.0) == 7.0
+    assert b.waiting  # triggers do not wake the anchorer meanwhile
+    assert b.deferred == 0  # the normal state at a high rate: not a deferral
+    assert b.root_wait(50.0) == 10.0  # the clock stepped back: one spacing at most
+    assert b.root_wait(110.0) == 0.0
+    assert not b.waiting
+    restarted = budget()
+    restarted.load_roots([95.0, 100.0])
+    assert restarted.root_wait(101.0) == 9.0
+
+
+async def test_paced_roots_take_every_pending_sold_leaf_so_any_rate_is_anchored(
+    chain: Any, mp: MakeMp, store: AsyncLeafStore
+) -> None:
+    """Eight roots' worth by count arrive between two roots: the next root, 10 s after the
+    last, takes them all. (Roots of ``batch_max_leaves`` each spent the hour's budget in its
+    first minutes at such a rate, and the leaves piled up for the rest of it.)"""
+    await enrol(mp, chain, "operator", Role.OPERATOR)
+    now = [1_000_000.0]
+    device = Device(chain)
+    a = make_anchorer(
+        store,
+        mp,
+        batch_max_leaves=5,
+        max_leaves_per_root=100,
+        root_spacing_seconds=None,  # the broker's: 3600 / 360 = 10 s
+        clock=lambda: now[0],
+    )
+    async with running(a):
+        for root in (1, 2, 3):
+            await add(a, device.sign(SOLD, 40))
+            a.delivered(SOLD)
+            if root > 1:
+                await asyncio.sleep(0.3)
+                assert a.batches_anchored == root - 1  # due, but 10 s after the last root
+                now[0] += 10
+                a._wake.set()
+            await eventually(lambda: a.batches_anchored == root)  # noqa: B023
+            assert (await store.pending())[0] == 0
+    assert [b.leaf_count for b in await store.batches()] == [40, 40, 40]
+    assert anchor_txs(chain) == 3
+    assert a.anchors_deferred == 0
 
 
 async def test_unsold_leaves_make_no_root_and_ride_in_the_next_sold_one(

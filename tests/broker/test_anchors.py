@@ -78,6 +78,8 @@ def anchorer(store: AsyncLeafStore, mp: MakeMp | Marketplace, **kw: Any) -> Anch
     about batching and proofs; which leaves are sold is tests/broker/test_anchor_budget.py)."""
     kw.setdefault("batch_seconds", NEVER)
     kw.setdefault("unsold_batch_seconds", 0)
+    kw.setdefault("root_spacing_seconds", 0)  # the pacing: tests/broker/test_anchor_budget.py
+    kw.setdefault("max_leaves_per_root", kw.get("batch_max_leaves", 1000))  # roots of N leaves
     kw.setdefault("backoff_base", 0.05)
     kw.setdefault("backoff_max", 0.2)
     options = {k: kw.pop(k) for k in ("on_anchored", "logger", "seller_of", "clock") if k in kw}
@@ -196,6 +198,24 @@ def test_store_seal_is_write_ahead_and_single(tmp_path: Path) -> None:
             s.mark_failed(42, "confirmed stays confirmed")
 
 
+def test_the_tree_cache_is_bounded_by_leaves_and_proofs_survive_eviction(tmp_path: Path) -> None:
+    """A root may cover 2**20 leaves (about 130 MB of tree): eight cached trees are bounded
+    by their leaves too; an evicted tree is rebuilt from the rows for a proof."""
+    with LeafStore(tmp_path / "l.sqlite3", tree_cache_leaves=10) as s:
+        s.add_many([_row(i) for i in range(1, 19)])
+        for batch_id in (1, 2, 3):
+            assert s.seal_batch(6) is not None
+            s.mark_confirmed(batch_id, b"\x22" * 32, batch_id)
+        assert list(s._trees) == [3]  # two trees (12 leaves) would pass 10
+        assert s._cached_leaves == 6
+        p = s.proof_for(TOPIC, None, 2)  # batch 1: rebuilt, and cached in place of 3
+        assert p is not None
+        assert p.batch_id == 1
+        assert verify_proof(p.leaf, p.proof, p.root)
+        assert list(s._trees) == [1]
+        assert s._cached_leaves == 6
+
+
 async def test_group_commit_and_nowait(store: AsyncLeafStore) -> None:
     before = store.commits
     results = await asyncio.gather(*(store.add(_row(i)) for i in range(1, 101)))
@@ -211,6 +231,10 @@ async def test_group_commit_and_nowait(store: AsyncLeafStore) -> None:
 def test_config_checks() -> None:
     with pytest.raises(ConfigError):
         AnchorConfig(batch_max_leaves=0)
+    with pytest.raises(ConfigError, match="max_leaves_per_root"):
+        AnchorConfig(max_leaves_per_root=0)
+    with pytest.raises(ConfigError, match="root_spacing_seconds"):
+        AnchorConfig(root_spacing_seconds=-1)
     with pytest.raises(ConfigError):
         AnchorConfig(batch_seconds=0)
     with pytest.raises(ConfigError, match="pause_seconds"):

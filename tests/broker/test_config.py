@@ -266,6 +266,10 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
             "anchoring.max_roots_per_hour: must be <= 3600, got 3601",
         ),
         (
+            {"anchoring": {"max_leaves_per_root": 2**20 + 1}},
+            "anchoring.max_leaves_per_root: must be <= 1048576, got 1048577",
+        ),
+        (
             {"anchoring": {"unsold_batch_seconds": -1}},
             "anchoring.unsold_batch_seconds: must be >= 0, got -1",
         ),
@@ -511,13 +515,17 @@ def test_anchoring_budget_parses() -> None:
         {
             "anchoring": {
                 "max_roots_per_hour": 12,
+                "max_leaves_per_root": 5000,
                 "unsold_batch_seconds": 0,
                 "max_pending_leaves_per_seller": 50,
             }
         }
     )
     assert config.anchoring == AnchoringConfig(
-        max_roots_per_hour=12, unsold_batch_seconds=0.0, max_pending_leaves_per_seller=50
+        max_roots_per_hour=12,
+        max_leaves_per_root=5000,
+        unsold_batch_seconds=0.0,
+        max_pending_leaves_per_seller=50,
     )
 
 

@@ -163,7 +163,7 @@ async def _start_brokers(run: ManyRun, count: int) -> None:
                     "credit_messages": CREDIT,
                     "settlement": {"interval_seconds": SETTLE_SECONDS},
                 },
-                "anchoring": {"batch_seconds": 1.0},
+                "anchoring": {"batch_seconds": 1.0, "max_roots_per_hour": 3600},
             },
         )
         await run.mps[operator].brokers.register_broker(

@@ -204,7 +204,7 @@ async def start_demo_broker(
                 "credit_messages": CREDIT_MESSAGES,
                 "settlement": {"interval_seconds": max(2.0, duration / 2)},
             },
-            "anchoring": {"batch_seconds": 1.0, "batch_max_leaves": 1000},
+            "anchoring": {"batch_seconds": 1.0, "max_roots_per_hour": 3600},  # a root a second
             "data_dir": str(data_dir),
             "log_level": "WARNING",
         }
