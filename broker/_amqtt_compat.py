@@ -55,6 +55,7 @@ _EXPECTED: Final = {
     (Broker, "_del_subscription"): ["self", "a_filter", "session"],
     (Broker, "_del_all_subscriptions"): ["self", "session"],
     (Broker, "_run_broadcast"): ["self", "running_tasks"],
+    (Broker, "_broadcast_loop"): ["self"],
     (Broker, "_session_monitor"): ["self"],
     (Broker, "_handle_disconnect"): ["self", "client_session", "handler", "disconnect_waiter"],
     (Broker, "create_offline_session"): ["self", "client_id"],

@@ -2,8 +2,10 @@
 
 It overrides amqtt 0.12.1's subscription bookkeeping (``add_subscription``,
 ``_del_subscription``, ``_del_all_subscriptions``) so that amqtt's table and BlendSM's topic
-trie stay equal and the filter caps apply (:mod:`blendsm.broker._subscriptions`), and its
-broadcast step (``_run_broadcast``) with BlendSM's fan-out (:mod:`blendsm.broker._fanout`).
+trie stay equal and the filter caps apply (:mod:`blendsm.broker._subscriptions`), its
+broadcast step (``_run_broadcast``) with BlendSM's fan-out (:mod:`blendsm.broker._fanout`),
+and the loop that runs those steps (``_broadcast_loop``) with one that runs them in its own
+task, one after another.
 A class of its own keeps ``BlendBroker`` (retained messages, offline queues) and
 ``ConnectPath`` (CONNECT, :mod:`blendsm.broker._connect_path`) apart from the delivery path;
 the overridden signatures are checked with the others at import.
@@ -12,6 +14,8 @@ the overridden signatures are checked with the others at import.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +30,8 @@ if TYPE_CHECKING:
     from blendsm.broker._service import MarketplaceService
 
 __all__ = ["DeliveryPath"]
+
+_log = logging.getLogger("blendsm.broker")
 
 
 class DeliveryPath(Broker):  # type: ignore[misc]  # amqtt ships no types: Broker is Any
@@ -79,3 +85,38 @@ class DeliveryPath(Broker):  # type: ignore[misc]  # amqtt ships no types: Broke
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
         await run_broadcast(self, running_tasks)
+
+    async def _broadcast_loop(self) -> None:
+        """Run :meth:`_run_broadcast` passes one after another until amqtt's shutdown.
+
+        Why not amqtt's loop: it starts a Task per pass and waits on it and the shutdown
+        future with ``asyncio.wait``, so at a steady rate (a pass per message) every message
+        cost a Task, three futures and their callbacks on the loop that delivers. Here the
+        passes run in this task; amqtt's ``_shutdown_broadcast_loop`` sets the shutdown future,
+        which cancels this task wherever it waits (amqtt cancelled its pass the same way), and
+        then waits for it. A pass that fails is logged and the next one runs, as in amqtt."""
+        running_tasks = self._tasks_queue
+        shutdown = self._broadcast_shutdown_waiter
+        me = asyncio.current_task()
+        assert me is not None  # started by amqtt as a Task
+        shutdown.add_done_callback(lambda _: me.cancel())
+        try:
+            while not shutdown.done():
+                while running_tasks and running_tasks[0].done():  # amqtt's offline queues
+                    task = running_tasks.popleft()
+                    if not task.cancelled() and task.exception() is not None:
+                        _log.error("broadcast task failed: %r", task.exception())
+                try:
+                    await self._run_broadcast(running_tasks)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    _log.exception("broadcast pass failed; the next one runs")
+        except asyncio.CancelledError:
+            if not shutdown.done():
+                raise  # cancelled by someone else: not ours to swallow
+        finally:
+            for task in running_tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*running_tasks, return_exceptions=True)

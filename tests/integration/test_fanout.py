@@ -115,6 +115,48 @@ async def test_qos0_fan_out_starts_no_task_per_delivery(market: Market) -> None:
     assert not [name for name in started if "mqtt_publish" in name]  # amqtt: 15
 
 
+async def test_a_message_at_a_time_starts_no_task_per_broadcast_pass(market: Market) -> None:
+    """At a steady rate each message is a broadcast pass of its own: amqtt's loop started a
+    Task per pass (and waited on it with asyncio.wait); the broker's runs them in place."""
+    sub, pub = market.client(None), market.client(None)
+    for c in (sub, pub):
+        assert await c.connect() == 0
+    assert await sub.subscribe("public/steady") == [0]
+    with tasks_started() as started:
+        for n in range(5):  # one at a time: the next is published once this one arrived
+            await pub.publish("public/steady", b"m%d" % n, qos=1)
+            got = await sub.got.drain(within=0.2, until=1)
+            assert [m.payload for m in got] == [b"m%d" % n]
+    assert started, "the broker's own tasks are counted"
+    assert not [name for name in started if "_run_broadcast" in name]  # amqtt's loop: 5
+
+
+async def test_a_failing_broadcast_pass_is_logged_and_the_next_one_runs(
+    market: Market, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, until: Any
+) -> None:
+    broker = market.running.broker
+    sub, pub = market.client(None), market.client(None)
+    for c in (sub, pub):
+        assert await c.connect() == 0
+    assert await sub.subscribe("public/fails") == [0]
+    real = type(broker)._run_broadcast
+    failures = [RuntimeError("a pass failed")]
+
+    async def failing_once(self: Any, running_tasks: Any) -> None:
+        if failures:
+            await self._broadcast_queue.get()  # this broadcast is lost with its pass
+            raise failures.pop()
+        await real(self, running_tasks)
+
+    monkeypatch.setattr(type(broker), "_run_broadcast", failing_once)
+    await pub.publish("public/fails", b"first", qos=1)  # the pass already waiting takes it
+    assert [m.payload for m in await sub.got.drain(within=0.2, until=5)] == [b"first"]
+    await pub.publish("public/fails", b"lost", qos=1)  # the failing pass takes this one
+    assert await until(lambda: "broadcast pass failed" in caplog.text, 5)
+    await pub.publish("public/fails", b"kept", qos=1)
+    assert [m.payload for m in await sub.got.drain(within=0.2, until=5)] == [b"kept"]
+
+
 @pytest.mark.parametrize("chain", ["anvil"], indirect=True)
 async def test_third_party_topic_and_event_plugins_keep_working(
     chain: Any, mp: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, until: Any
