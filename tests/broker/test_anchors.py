@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -206,14 +207,45 @@ def test_the_tree_cache_is_bounded_by_leaves_and_proofs_survive_eviction(tmp_pat
         for batch_id in (1, 2, 3):
             assert s.seal_batch(6) is not None
             s.mark_confirmed(batch_id, b"\x22" * 32, batch_id)
-        assert list(s._trees) == [3]  # two trees (12 leaves) would pass 10
-        assert s._cached_leaves == 6
+        assert s.trees.batch_ids() == [3]  # two trees (12 leaves) would pass 10
+        assert s.trees.leaves == 6
         p = s.proof_for(TOPIC, None, 2)  # batch 1: rebuilt, and cached in place of 3
         assert p is not None
         assert p.batch_id == 1
         assert verify_proof(p.leaf, p.proof, p.root)
-        assert list(s._trees) == [1]
-        assert s._cached_leaves == 6
+        assert s.trees.batch_ids() == [1]
+        assert s.trees.leaves == 6
+
+
+@pytest.mark.parametrize("sold_first", [False, True])
+def test_a_seal_of_more_leaves_than_one_statement_places_every_leaf(
+    tmp_path: Path, sold_first: bool
+) -> None:
+    """A seal updates its leaves 512 at a time (the event loop gets its turn between): one
+    run of indexes by ranges, a sold-first choice (not one run) row by row. Every leaf must
+    land at its place in the tree either way, the last slice's included."""
+    other = "sensors/paris/temp"
+    rows = [_row(i) if i % 2 else dataclasses.replace(_row(i), topic=other) for i in range(1, 1301)]
+    with LeafStore(tmp_path / "l.sqlite3") as s:
+        s.add_many(rows)
+        sold = {TOPIC: 10_000.0} if sold_first else {}
+        batch, more_sold = s.seal_sold_first(1100, 0, None, sold)
+        assert batch is not None
+        assert (batch.leaf_count, more_sold) == (1100, False)
+        s.mark_confirmed(batch.batch_id, b"\x22" * 32, 1)
+        s.trees.forget(batch.batch_id)  # proofs from the rows' positions, not the seal's tree
+        # sold first: the 650 odd (sold) ones, then the oldest 450 others
+        chosen = sorted(
+            [i for i in range(1, 1301) if i % 2] + [i for i in range(2, 1301, 2)][:450]
+            if sold_first
+            else range(1, 1101)
+        )
+        for position in (0, 511, 512, 513, 1023, 1024, 1099):
+            sequence = chosen[position]
+            p = s.proof_for(TOPIC if sequence % 2 else other, None, sequence)
+            assert p is not None
+            assert p.index == position
+            assert verify_proof(p.leaf, p.proof, p.root)
 
 
 async def test_group_commit_and_nowait(store: AsyncLeafStore) -> None:

@@ -129,3 +129,24 @@ def test_large_tree() -> None:
         proof = tree.proof(i)
         assert len(proof) <= 17
         assert verify_proof(ls[i], proof, tree.root)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 511, 512, 513, 514, 1025, 3001])
+def test_a_tree_built_with_pauses_is_the_same_tree(n: int) -> None:
+    """``pause`` (a store thread letting the event loop in) slices the hashing, never the
+    pairs: same root and proofs as in one go, for sizes around the slice bounds."""
+    from blendsm.device_sdk._merkle import PAUSE_EVERY
+
+    pauses: list[int] = []
+    paused = MerkleTree(leaves(n), pause=lambda: pauses.append(1))
+    whole = MerkleTree(leaves(n))
+    assert paused.root == whole.root
+    for i in {0, n // 2, n - 1}:
+        assert paused.proof(i) == whole.proof(i)
+    # one pause between two slices of a level; a level of at most 2 x PAUSE_EVERY has none
+    expected, size = 0, n
+    while size > 1:
+        expected += (size - 1) // (2 * PAUSE_EVERY)
+        size = (size + 1) // 2
+    assert len(pauses) == expected
+    assert (len(pauses) > 0) == (n > 2 * PAUSE_EVERY)
