@@ -258,6 +258,9 @@ class LeafStore(DurableStore):
                         (topic, until, max_leaves + 1),
                     )
                 )
+                if len(chosen) > 2 * (max_leaves + 1):  # memory: keep the oldest max + 1
+                    chosen.sort()
+                    del chosen[max_leaves + 1 :]
             chosen.sort()
             more_sold = len(chosen) > max_leaves
             rows = chosen[:max_leaves]

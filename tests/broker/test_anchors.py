@@ -248,6 +248,25 @@ def test_a_seal_of_more_leaves_than_one_statement_places_every_leaf(
             assert verify_proof(p.leaf, p.proof, p.root)
 
 
+def test_a_sold_first_seal_over_many_topics_takes_the_oldest_sold_leaves(tmp_path: Path) -> None:
+    """The candidates of a sold-first seal are cut back to the oldest ``max + 1`` as the topics
+    are read (a root may take 100,000 leaves: one list of every topic's would not be bounded);
+    the root still gets the oldest sold leaves, and says more were left."""
+    rows = [dataclasses.replace(_row(i), topic=f"t/{i % 5}") for i in range(1, 21)]
+    with LeafStore(tmp_path / "l.sqlite3") as s:
+        s.add_many(rows)
+        sold = {f"t/{t}": 10_000.0 for t in range(5)}  # 4 rows a topic, cut back twice
+        batch, more_sold = s.seal_sold_first(3, 0, None, sold)
+        assert batch is not None
+        assert (batch.leaf_count, more_sold) == (3, True)
+        s.mark_confirmed(batch.batch_id, b"\x22" * 32, 1)
+        for position, sequence in enumerate((1, 2, 3)):
+            p = s.proof_for(f"t/{sequence % 5}", None, sequence)
+            assert p is not None
+            assert p.index == position
+        assert s.pending() == (17, 5.0)  # leaf 4 (received at 5.0) waits
+
+
 async def test_group_commit_and_nowait(store: AsyncLeafStore) -> None:
     before = store.commits
     results = await asyncio.gather(*(store.add(_row(i)) for i in range(1, 101)))
