@@ -4,13 +4,16 @@ Version 1: leaves (topic, device, sequence, leaf, envelope, time, batch and posi
 batches (root, leaf count, state of its anchor). Version 2: ``leaves.handed``, whether a stored
 leaf's message reached the fan-out (:mod:`blendsm.broker._handoff`); rows of a version 1 file
 were handed on before their PUBACK, as far as that broker knew, so they default to 1.
+Version 3: ``batches.chunk_roots``, the sealed tree's nodes ten levels up, so a proof of an
+old batch does not rebuild its whole tree (:mod:`blendsm.broker._leaf_proofs`); NULL for the
+batches a version 2 broker sealed (their first proof rebuilds and stores them).
 """
 
 from __future__ import annotations
 
-__all__ = ["APPLICATION_ID", "SCHEMA_V1", "SCHEMA_VERSION", "V1_TO_V2"]
+__all__ = ["APPLICATION_ID", "SCHEMA_V1", "SCHEMA_VERSION", "V1_TO_V2", "V2_TO_V3"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """``PRAGMA user_version`` of the schema below; a newer file is refused, not guessed at."""
 
 APPLICATION_ID = 0x424C4C46
@@ -53,4 +56,9 @@ V1_TO_V2 = """
 -- 0 stored, not known handed to the fan-out, 1 handed on, 2 found at 0 by a start (counted).
 -- Version 1 rows were handed on before their PUBACK (as far as it knew). No semicolons here.
 ALTER TABLE leaves ADD COLUMN handed INTEGER NOT NULL DEFAULT 1 CHECK (handed IN (0, 1, 2));
+"""
+
+V2_TO_V3 = """
+-- The tree's nodes 10 levels above the leaves, 32 bytes each, concatenated (NULL: none).
+ALTER TABLE batches ADD COLUMN chunk_roots BLOB;
 """

@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from blendsm.broker._anchor_records import UINT64_MAX, Batch, LeafRow, ProofRecord
+from blendsm.broker._anchor_records import Batch, LeafRow, ProofRecord
 from blendsm.broker._durable import (
     AsyncDurableStore,
     GroupCommit,
@@ -35,10 +35,17 @@ from blendsm.broker._durable import (
     let_the_loop_in,
     open_on_worker,
 )
-from blendsm.broker._leaf_schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION, V1_TO_V2
+from blendsm.broker._leaf_proofs import LeafProofs, chunk_roots
+from blendsm.broker._leaf_schema import (
+    APPLICATION_ID,
+    SCHEMA_V1,
+    SCHEMA_VERSION,
+    V1_TO_V2,
+    V2_TO_V3,
+)
 from blendsm.broker._sqlite import DurableStore
 from blendsm.broker._tree_cache import TreeCache
-from blendsm.device_sdk import MerkleTree, checksum_address
+from blendsm.device_sdk import MerkleTree
 from blendsm.errors import StoreError
 
 __all__ = [
@@ -73,8 +80,8 @@ class LeafStore(DurableStore):
             kind="leaf store",
             application_id=APPLICATION_ID,
             schema_version=SCHEMA_VERSION,
-            schema=SCHEMA_V1 + V1_TO_V2,
-            migrations={1: V1_TO_V2},
+            schema=SCHEMA_V1 + V1_TO_V2 + V2_TO_V3,
+            migrations={1: V1_TO_V2, 2: V2_TO_V3},
         )
         # Added after schema 1 shipped; idempotent, and older brokers ignore it: the sold
         # leaves of one topic are found without scanning every unsold leaf before them.
@@ -82,8 +89,8 @@ class LeafStore(DurableStore):
             "CREATE INDEX IF NOT EXISTS leaves_unbatched_by_topic"
             " ON leaves (topic, leaf_index) WHERE batch_id IS NULL"
         )
-        self.trees = TreeCache(tree_cache, tree_cache_leaves)
-        """Recent batches' trees, for proofs (bounded by trees and by leaves)."""
+        self.proofs = LeafProofs(self._db, self._write, TreeCache(tree_cache, tree_cache_leaves))
+        """Proofs of anchored messages, and the recent batches' trees they come from."""
 
     # -- leaves --------------------------------------------------------------
 
@@ -282,9 +289,10 @@ class LeafStore(DurableStore):
                 raise StoreError(f"seal_batch: batch id {batch_id} does not fit the store")
             tree = MerkleTree([r[1] for r in rows], pause=let_the_loop_in)
             self._db.execute(
-                "INSERT INTO batches (batch_id, root, leaf_count, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'intent', ?, ?)",
-                (batch_id, tree.root, len(rows), at, at),
+                "INSERT INTO batches"
+                " (batch_id, root, leaf_count, state, created_at, updated_at, chunk_roots)"
+                " VALUES (?, ?, ?, 'intent', ?, ?, ?)",
+                (batch_id, tree.root, len(rows), at, at, chunk_roots(tree)),
             )
             first = rows[0][0]
             run = rows[-1][0] - first + 1 == len(rows)  # one run of indexes (sorted, distinct)
@@ -344,64 +352,21 @@ class LeafStore(DurableStore):
 
         self._write(body)
 
-    # -- proofs --------------------------------------------------------------
+    # -- proofs (:mod:`blendsm.broker._leaf_proofs`) -----------------------------
 
-    def _tree(self, batch_id: int) -> MerkleTree:
-        tree = self.trees.get(batch_id)
-        if tree is None:
-            rows = fetch_pausing(
-                self._db.execute(
-                    "SELECT leaf FROM leaves WHERE batch_id = ? ORDER BY position", (batch_id,)
-                )
-            )
-            tree = MerkleTree([r[0] for r in rows], pause=let_the_loop_in)
-        self.trees.put(batch_id, tree)
-        return tree
-
-    _PROOF_SELECT = (
-        "SELECT l.topic, l.sequence, l.device, l.leaf, l.batch_id, l.position, l.envelope,"
-        " b.root, b.leaf_count, b.tx_hash, b.block_number"
-        " FROM leaves l JOIN batches b ON b.batch_id = l.batch_id"
-        " WHERE b.state = 'confirmed' AND "
-    )
-
-    def _proof(self, row: Any) -> ProofRecord:
-        topic, seq, device, leaf, batch_id, position, envelope, root, count, tx, block = row
-        tree = self._tree(batch_id)
-        if tree.root != root:  # the store was altered behind our back: never hand it out
-            raise StoreError(f"batch {batch_id}: stored leaves do not give the anchored root")
-        return ProofRecord(
-            topic=topic,
-            sequence=int.from_bytes(seq, "big"),
-            device=checksum_address(device),
-            leaf=leaf,
-            proof=tuple(tree.proof(position)),
-            batch_id=batch_id,
-            root=root,
-            tx_hash=tx,
-            index=position,
-            leaf_count=count,
-            block=block,
-            envelope=envelope,
-        )
+    @property
+    def trees(self) -> TreeCache:
+        """Recent batches' trees, for proofs (bounded by trees and by leaves)."""
+        return self.proofs.trees
 
     def proof_for(self, topic: str, device: bytes | None, sequence: int) -> ProofRecord | None:
         """The proof of the message ``sequence`` on ``topic`` (by ``device`` if given, else
         the first such message stored), None unless it is in a confirmed batch."""
-        if not 0 <= sequence <= UINT64_MAX:
-            return None
-        sql = self._PROOF_SELECT + "l.topic = ? AND l.sequence = ?"
-        params: tuple[object, ...] = (topic, sequence.to_bytes(8, "big"))
-        if device is not None:
-            sql += " AND l.device = ?"
-            params += (device,)
-        row = self._db.execute(sql + " ORDER BY l.leaf_index LIMIT 1", params).fetchone()
-        return None if row is None else self._proof(row)
+        return self.proofs.proof_for(topic, device, sequence)
 
     def proof_for_leaf(self, leaf: bytes) -> ProofRecord | None:
         """The proof of the message whose leaf hash is ``leaf``, None unless anchored."""
-        row = self._db.execute(self._PROOF_SELECT + "l.leaf = ?", (leaf,)).fetchone()
-        return None if row is None else self._proof(row)
+        return self.proofs.proof_for_leaf(leaf)
 
 
 # --------------------------------------------------------------------------- async facade

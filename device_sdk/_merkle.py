@@ -101,6 +101,18 @@ class MerkleTree:
         """The leaf hashes, in the order given (a copy)."""
         return list(self._levels[0])
 
+    def level(self, height: int) -> list[bytes]:
+        """The nodes ``height`` levels above the leaves (a copy; past the top, ``[root]``).
+
+        Node ``j`` there is the root of the tree over leaves ``j * 2**height`` up to
+        ``(j + 1) * 2**height`` (fewer in the last): pairs never cross those bounds, and an
+        odd last node is carried up the same way in the part as in the whole. So a proof can
+        be put together from that part's tree and the tree over this level's nodes, which is
+        how the broker answers proofs of old batches without rebuilding them."""
+        if height < 0:
+            raise ValueError(f"level height must be >= 0, got {height}")
+        return list(self._levels[min(height, len(self._levels) - 1)])
+
     def proof(self, index: int) -> list[bytes]:
         """Sibling hashes from leaf ``index`` up to the root, for ``MerkleProof.verify``."""
         n = len(self._levels[0])

@@ -201,7 +201,8 @@ def test_store_seal_is_write_ahead_and_single(tmp_path: Path) -> None:
 
 def test_the_tree_cache_is_bounded_by_leaves_and_proofs_survive_eviction(tmp_path: Path) -> None:
     """A root may cover 2**20 leaves (about 130 MB of tree): eight cached trees are bounded
-    by their leaves too; an evicted tree is rebuilt from the rows for a proof."""
+    by their leaves too; the proof of an evicted tree's leaf comes from its chunk's rows and
+    leaves the cache as it was (:mod:`blendsm.broker._leaf_proofs`)."""
     with LeafStore(tmp_path / "l.sqlite3", tree_cache_leaves=10) as s:
         s.add_many([_row(i) for i in range(1, 19)])
         for batch_id in (1, 2, 3):
@@ -209,12 +210,12 @@ def test_the_tree_cache_is_bounded_by_leaves_and_proofs_survive_eviction(tmp_pat
             s.mark_confirmed(batch_id, b"\x22" * 32, batch_id)
         assert s.trees.batch_ids() == [3]  # two trees (12 leaves) would pass 10
         assert s.trees.leaves == 6
-        p = s.proof_for(TOPIC, None, 2)  # batch 1: rebuilt, and cached in place of 3
+        p = s.proof_for(TOPIC, None, 2)  # batch 1: from its one chunk, not cached
         assert p is not None
         assert p.batch_id == 1
         assert verify_proof(p.leaf, p.proof, p.root)
-        assert s.trees.batch_ids() == [1]
-        assert s.trees.leaves == 6
+        assert s.trees.batch_ids() == [3]
+        assert s.proofs.leaves_hashed == 6
 
 
 @pytest.mark.parametrize("sold_first", [False, True])

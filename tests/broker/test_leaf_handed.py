@@ -70,7 +70,7 @@ def test_a_schema_1_file_is_upgraded_and_its_leaves_count_as_handed_on(tmp_path:
         store.add_many([_row(2)])
         assert store.handed_state(_leaf(2)) == 0
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     db.close()
 
 
