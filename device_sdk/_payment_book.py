@@ -47,6 +47,11 @@ class Book:
     """The last connection whose first request could write off in-flight messages."""
     written_off: int = 0
     """Total value paid for messages charged on a dead connection and never received."""
+    sent_at: float = 0.0
+    """``time.monotonic()`` when ``last`` was last sent (a request younger than
+    :data:`~blendsm.device_sdk._subscriber_payments.RESEND_AFTER` may have crossed it)."""
+    resend_armed: bool = False
+    """A deferred re-send of ``last`` is waiting (at most one per book)."""
 
 
 def request_target(

@@ -49,6 +49,7 @@ from blendsm.device_sdk import (
     parse_connect_token,
     recover_voucher_signer,
 )
+from blendsm.device_sdk._subscriber_payments import RESEND_AFTER
 from blendsm.errors import (
     BlendsmError,
     BrokerConnectionError,
@@ -365,6 +366,34 @@ def test_payment_request_is_paid_but_never_above_received(
     assert [e.amount for e in requests] == [3000, None, None]
     assert all(isinstance(e.notice, PaymentRequest) for e in requests)
     assert sub.vouchered(CHANNEL) == 3000 == sub.spent
+
+
+def test_requests_that_crossed_a_voucher_get_one_late_copy_and_none_once_receipted(
+    make_sub: Any, operator: Operator
+) -> None:
+    """A request naming less than the voucher just sent may have crossed it on the wire: no
+    copy at once; one copy RESEND_AFTER after the voucher went out, however many requests
+    came (each answered at once sent 3 here); none if a Receipt confirmed it meanwhile."""
+    sub, rec = make_sub(pay_every=3)
+    start_paid(sub, operator)
+    for _ in range(3):
+        operator.data(TOPIC)
+    rec.take(3)
+    assert check_signed(operator.drain(1, quiet=0.0)) == [3000]
+    for _ in range(3):
+        operator.notice(sub.address, PaymentRequest(CHANNEL, 3000, 0, 3000, TOPIC))
+    wait_until(lambda: sub.stats.payment_requests == 3)
+    assert check_signed(operator.drain(1, quiet=RESEND_AFTER + 0.3)) == [3000]
+    for _ in range(3):
+        operator.data(TOPIC)
+    rec.take(3)
+    assert check_signed(operator.drain(1, quiet=0.0)) == [6000]
+    operator.notice(sub.address, PaymentRequest(CHANNEL, 6000, 3000, 3000, TOPIC))
+    operator.notice(sub.address, Receipt(CHANNEL, 6000))
+    wait_until(lambda: sub.stats.receipts == 1)
+    assert operator.drain(quiet=RESEND_AFTER + 0.3) == []
+    assert sub.stats.vouchers_sent == 3
+    assert sub.spent == 6000
 
 
 def test_after_a_restart_the_first_request_pays_in_flight_loss_up_to_the_credit(
