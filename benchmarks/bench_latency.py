@@ -121,7 +121,7 @@ async def _clients(conn: Any, port: int, kind: str, info: dict[str, Any], n: int
             ready: asyncio.Future[None] = loop.create_future()
             transport, _ = await loop.create_connection(
                 lambda ready=ready, payer=payer, j=j: RawSubscriber(
-                    f"lat-{os.getpid()}-{j}", TOPIC, 0, ready, tally, payer
+                    f"lat-{os.getpid()}-{j}", TOPIC, QOS, ready, tally, payer
                 ),
                 "127.0.0.1",
                 port,
@@ -163,6 +163,7 @@ async def _clients(conn: Any, port: int, kind: str, info: dict[str, Any], n: int
         transport.abort()
 
 
+QOS = int(os.environ.get("BENCH_LAT_QOS", "0"))  # publish and subscribe QoS (--qos)
 TIMELINE = os.environ.get("BENCH_TIMELINE", "")  # a path prefix: (sent, latency) per sample
 STAGGER = os.environ.get("BENCH_STAGGER", "0") == "1"  # members pay out of phase
 STALL_MS = 20.0  # a round whose broker or client loop ran this late once is marked
@@ -236,9 +237,10 @@ class _Round:
                 chain_id=info["chain_id"],
                 broker=info["operator"],
                 registry=info["registry"],
+                qos=QOS,
             )
         else:
-            self.pub = RawPublisher(self.port)
+            self.pub = RawPublisher(self.port, qos=QOS)
 
     def run(self, rate: float, seconds: float, warmup: float) -> dict[str, Any]:
         """Publish at ``rate`` messages/s for ``warmup + seconds``; latencies are sampled from
@@ -325,6 +327,7 @@ LABELS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    global QOS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window per round")
@@ -335,18 +338,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default="abc")
     parser.add_argument("--chain", choices=("anvil", "embedded"), default="anvil")
     parser.add_argument(
+        "--qos",
+        type=int,
+        choices=(0, 1),
+        default=QOS,
+        help="publish and subscribe QoS (1: a market message is delivered once its leaf is"
+        " durable, and every delivery is acknowledged)",
+    )
+    parser.add_argument(
         "--throughput",
         action="store_true",
         help="instead: a burst of --burst messages per configuration and round (saturation"
         " deliveries/s and broker CPU per delivery, ratios to stock)",
     )
     args = parser.parse_args(argv)
+    QOS = args.qos
+    os.environ["BENCH_LAT_QOS"] = str(QOS)  # the spawned client processes read it
     if args.throughput:
         throughput(args)
         return
     pin("clients")  # the driver (publisher) and every child it spawns, until they re-pin
     start = time.time()
-    print(f"latency: 1 pub -> {N_SUBSCRIBERS} raw subs, QoS 0, 64 B; {pinning()}", flush=True)
+    print(f"latency: 1 pub -> {N_SUBSCRIBERS} raw subs, QoS {QOS}, 64 B; {pinning()}", flush=True)
     print(f"  load average before: {os.getloadavg()}", flush=True)
     sat = one("a", args.chain, "burst", args.burst)
     rate = args.rate or args.fraction * sat["rate"] / N_SUBSCRIBERS
@@ -426,7 +439,7 @@ def throughput(args: Any) -> None:
     pin("clients")
     start = time.time()
     print(
-        f"throughput: 1 pub -> {N_SUBSCRIBERS} raw subs, QoS 0, 64 B, bursts of {args.burst}"
+        f"throughput: 1 pub -> {N_SUBSCRIBERS} raw subs, QoS {QOS}, 64 B, bursts of {args.burst}"
         f" messages; paid topic on {args.chain}; {pinning()}; load average {os.getloadavg()}",
         flush=True,
     )

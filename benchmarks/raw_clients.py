@@ -23,8 +23,10 @@ Imported as ``raw_clients``, a sibling module, like ``broker_process``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,18 +39,21 @@ __all__ = ["Payer", "RawPublisher", "RawSubscriber", "Tally"]
 TIMESTAMP = struct.Struct("!d")
 
 
-def publish_packet(topic: str, payload: bytes) -> bytes:
-    """A QoS 0 PUBLISH, not retained, encoded by hand (~1 µs; amqtt's codec, used by
-    ``broker_process.publish_packet``, takes ~60 µs, which a paced publisher cannot afford)."""
+def publish_packet(topic: str, payload: bytes, packet_id: int = 0) -> bytes:
+    """A PUBLISH, not retained, encoded by hand (~1 µs; amqtt's codec, used by
+    ``broker_process.publish_packet``, takes ~60 µs, which a paced publisher cannot afford):
+    QoS 0, or QoS 1 with ``packet_id`` (1-65535)."""
     t = topic.encode()
-    n = 2 + len(t) + len(payload)
+    pid = packet_id.to_bytes(2, "big") if packet_id else b""
+    n = 2 + len(t) + len(pid) + len(payload)
     length = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
         length.append(byte | (0x80 if n else 0))
         if not n:
             break
-    return b"\x30" + bytes(length) + len(t).to_bytes(2, "big") + t + payload
+    header = b"\x32" if packet_id else b"\x30"
+    return header + bytes(length) + len(t).to_bytes(2, "big") + t + pid + payload
 
 
 @dataclass
@@ -290,9 +295,10 @@ class RawSubscriber(asyncio.Protocol):
 
 
 class RawPublisher:
-    """A blocking raw-socket publisher (QoS 0): anonymous, or a registered device that
+    """A blocking raw-socket publisher (QoS 0, or 1): anonymous, or a registered device that
     connects with a CONNECT token and signs every message into an envelope. ``publish`` puts
-    ``time.time()`` at the moment of sending into the payload's last 8 bytes."""
+    ``time.time()`` at the moment of sending into the payload's last 8 bytes. At QoS 1 a
+    thread reads the PUBACKs (counted in ``acked``); the sends never wait for them."""
 
     def __init__(
         self,
@@ -302,8 +308,12 @@ class RawPublisher:
         chain_id: int = 0,
         broker: str = "",
         registry: str = "",
+        qos: int = 0,
     ) -> None:
         self._sign: Callable[[str, bytes], bytes] | None = None
+        self.qos = qos
+        self.acked = 0  # PUBACKs read (QoS 1)
+        self._next_id = 0
         self.late = 0  # sends more than 1 ms behind their schedule
         self.build_s = 0.0  # time spent building (and signing) packets
         client_id = f"pub-{time.monotonic_ns()}"
@@ -328,6 +338,24 @@ class RawPublisher:
         ack = self.sock.recv(4)
         if ack[:1] != b"\x20" or len(ack) < 4 or ack[3] != 0:
             raise RuntimeError(f"publisher: CONNACK {ack!r}")
+        if qos:
+            threading.Thread(target=self._read_acks, daemon=True, name="pub-acks").start()
+
+    def _read_acks(self) -> None:
+        """Count the PUBACKs (4 bytes each) until the socket closes."""
+        pending = b""
+        with contextlib.suppress(OSError):
+            while chunk := self.sock.recv(65536):
+                pending += chunk
+                whole = len(pending) - len(pending) % 4
+                self.acked += whole // 4
+                pending = pending[whole:]
+
+    def _packet(self, topic: str, payload: bytes) -> bytes:
+        if not self.qos:
+            return publish_packet(topic, payload)
+        self._next_id = self._next_id % 65535 + 1
+        return publish_packet(topic, payload, self._next_id)
 
     def publish(self, topic: str, body: bytes, at: float | None = None) -> None:
         """Send ``body`` + the send time. ``at`` (time.time() units): wait until then first.
@@ -344,7 +372,7 @@ class RawPublisher:
         payload = body + TIMESTAMP.pack(time.time())
         if self._sign is not None:  # the signature covers the timestamp too
             payload = self._sign(topic, payload)
-        packet = publish_packet(topic, payload)
+        packet = self._packet(topic, payload)
         self.build_s += time.perf_counter() - t
         self.sock.sendall(packet)
 
@@ -353,7 +381,7 @@ class RawPublisher:
         payload = body + TIMESTAMP.pack(time.time())
         if self._sign is not None:
             payload = self._sign(topic, payload)
-        return publish_packet(topic, payload)
+        return self._packet(topic, payload)
 
     def close(self) -> None:
         try:

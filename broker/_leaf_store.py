@@ -8,10 +8,12 @@ Durability rules this module enforces (the same patterns as the voucher store,
   leaves go through :meth:`AsyncLeafStore.add_nowait`, into the same group commit, not
   awaited. Concurrent adds share one transaction (one fsync), each caller resuming once its
   own row is durable.
-* A batch is sealed write-ahead: in ONE transaction the oldest unbatched leaves get the
-  next batch id and their positions, and the batch row (root, leaf count) is written in
-  state ``intent``, before any transaction is signed. So a batch never gets other leaves
-  and its id and root never change.
+* A batch is sealed write-ahead: its leaves are chosen and hashed, then the batch row (root,
+  leaf count) is written in state ``intent`` with the first slice of leaves' batch id and
+  positions, and the other slices follow, each its own transaction, all before any
+  transaction is signed (:mod:`blendsm.broker._leaf_seal`, which says why slices and how a
+  seal stopped half way is undone). So a batch never gets other leaves and its id and root
+  never change once it is anchored.
 * At most one batch is open (``intent`` or ``sent``) at a time.
 * A leaf is stored ``handed = 0``, set to 1 (lazily) once its message reached the fan-out,
   so a re-send of one never handed on is delivered (:mod:`blendsm.broker._handoff`).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
@@ -31,11 +33,9 @@ from blendsm.broker._anchor_records import Batch, LeafRow, ProofRecord
 from blendsm.broker._durable import (
     AsyncDurableStore,
     GroupCommit,
-    fetch_pausing,
-    let_the_loop_in,
     open_on_worker,
 )
-from blendsm.broker._leaf_proofs import LeafProofs, chunk_roots
+from blendsm.broker._leaf_proofs import LeafProofs
 from blendsm.broker._leaf_schema import (
     APPLICATION_ID,
     SCHEMA_V1,
@@ -43,10 +43,17 @@ from blendsm.broker._leaf_schema import (
     V1_TO_V2,
     V2_TO_V3,
 )
+from blendsm.broker._leaf_seal import (
+    SealPlan,
+    hash_part,
+    place_slice,
+    plan_steps,
+    run_steps,
+    step,
+    undo_unfinished,
+)
 from blendsm.broker._sqlite import DurableStore
 from blendsm.broker._tree_cache import TreeCache
-from blendsm.device_sdk import MerkleTree
-from blendsm.errors import StoreError
 
 __all__ = [
     "APPLICATION_ID",
@@ -58,8 +65,6 @@ __all__ = [
 ]
 
 _OPEN_STATES = ("intent", "sent")
-_SEAL_SLICE = 512  # leaves updated per statement of a seal, about 1 ms (then the loop's turn)
-_INT63 = 2**63 - 1
 
 _MARK = "UPDATE leaves SET handed = 1 WHERE leaf = ?"
 
@@ -91,6 +96,14 @@ class LeafStore(DurableStore):
         )
         self.proofs = LeafProofs(self._db, self._write, TreeCache(tree_cache, tree_cache_leaves))
         """Proofs of anchored messages, and the recent batches' trees they come from."""
+        self._sealing: SealPlan | None = None  # a seal placing its leaves, or stopped doing so
+        undone = self._write(lambda: undo_unfinished(self._db))
+        if undone is not None:
+            logging.getLogger("blendsm.broker.anchors").warning(
+                "anchors: batch %d was sealed only in part (the broker stopped during its"
+                " seal): undone, its leaves are pending again",
+                undone,
+            )
 
     # -- leaves --------------------------------------------------------------
 
@@ -193,12 +206,15 @@ class LeafStore(DurableStore):
     # -- batches -------------------------------------------------------------
 
     def open_batch(self) -> Batch | None:
-        """The batch in state ``intent`` or ``sent``, if any (at most one exists)."""
+        """The batch in state ``intent`` or ``sent``, if any (at most one exists); not one
+        whose seal is still placing its leaves, or stopped doing so (never anchored)."""
         row = self._db.execute(
             "SELECT batch_id, root, leaf_count, state, tx_hash, created_at FROM batches"
             " WHERE state IN ('intent', 'sent') ORDER BY batch_id LIMIT 1"
         ).fetchone()
-        return None if row is None else Batch(*row)
+        if row is None or (self._sealing is not None and row[0] == self._sealing.batch_id):
+            return None
+        return Batch(*row)
 
     def batch(self, batch_id: int) -> Batch | None:
         row = self._db.execute(
@@ -248,72 +264,51 @@ class LeafStore(DurableStore):
         """:meth:`seal_batch`, but the leaves of sold topics go first: those of topic ``t``
         received at or before ``sold[t]`` (its last delivery), oldest first; the room left
         takes the oldest other leaves (a root costs the same gas however many it covers).
-        Also says whether sold leaves were left out (the batch was full of them)."""
-        if max_leaves < 1:
-            raise StoreError("seal_batch: max_leaves must be >= 1")
+        Also says whether sold leaves were left out (the batch was full of them). All slices
+        at once here; the async store lets leaf adds in between (:mod:`._leaf_seal`)."""
+        plan = self.plan_seal(max_leaves, chain_latest, now, sold)
+        if plan is None:
+            return None, False
+        while plan.tree is None:
+            hash_part(plan)
+        while not plan.done:
+            self.place_slice(plan)
+        return plan.batch, plan.more_sold
+
+    def plan_steps(
+        self,
+        max_leaves: int,
+        chain_latest: int,
+        now: float | None,
+        sold: Mapping[str, float],
+    ) -> Generator[None, None, SealPlan | None]:
+        """The steps that choose the next batch's leaves (:func:`._leaf_seal.plan_steps`),
+        nothing written; run them on this store's thread. A seal this store left unfinished
+        (a slice failed, or was never run) is undone first."""
+        if self._sealing is not None:
+            self._write(lambda: undo_unfinished(self._db))
+            self._sealing = None
         at = time.time() if now is None else now
+        return plan_steps(self._db, max_leaves, chain_latest, at, sold)
 
-        def body() -> tuple[Batch | None, bool]:
-            if self.open_batch() is not None:
-                raise StoreError("seal_batch: a batch is still open; resolve it first")
-            chosen: list[tuple[int, bytes]] = []
-            for topic, until in sold.items():  # slices, and the tree's: let the loop in
-                chosen += fetch_pausing(
-                    self._db.execute(
-                        "SELECT leaf_index, leaf FROM leaves WHERE topic = ?"
-                        " AND batch_id IS NULL AND received_at <= ? ORDER BY leaf_index LIMIT ?",
-                        (topic, until, max_leaves + 1),
-                    )
-                )
-                if len(chosen) > 2 * (max_leaves + 1):  # memory: keep the oldest max + 1
-                    chosen.sort()
-                    del chosen[max_leaves + 1 :]
-            chosen.sort()
-            more_sold = len(chosen) > max_leaves
-            rows = chosen[:max_leaves]
-            if len(rows) < max_leaves:
-                taken = {r[0] for r in rows}
-                oldest = fetch_pausing(
-                    self._db.execute(
-                        "SELECT leaf_index, leaf FROM leaves WHERE batch_id IS NULL"
-                        " ORDER BY leaf_index LIMIT ?",
-                        (max_leaves,),
-                    )
-                )
-                rows += [r for r in oldest if r[0] not in taken][: max_leaves - len(rows)]
-                rows.sort()
-            if not rows:
-                return None, False
-            batch_id = max(self.last_batch_id(), chain_latest) + 1
-            if batch_id > _INT63:
-                raise StoreError(f"seal_batch: batch id {batch_id} does not fit the store")
-            tree = MerkleTree([r[1] for r in rows], pause=let_the_loop_in)
-            self._db.execute(
-                "INSERT INTO batches"
-                " (batch_id, root, leaf_count, state, created_at, updated_at, chunk_roots)"
-                " VALUES (?, ?, ?, 'intent', ?, ?, ?)",
-                (batch_id, tree.root, len(rows), at, at, chunk_roots(tree)),
-            )
-            first = rows[0][0]
-            run = rows[-1][0] - first + 1 == len(rows)  # one run of indexes (sorted, distinct)
-            for start in range(0, len(rows), _SEAL_SLICE):  # one transaction, the loop let in
-                part = rows[start : start + _SEAL_SLICE]
-                if run:  # a range UPDATE takes half the time of one per row
-                    self._db.execute(
-                        "UPDATE leaves SET batch_id = ?, position = leaf_index - ?"
-                        " WHERE leaf_index BETWEEN ? AND ? AND batch_id IS NULL",
-                        (batch_id, first, part[0][0], part[-1][0]),
-                    )
-                else:
-                    self._db.executemany(
-                        "UPDATE leaves SET batch_id = ?, position = ? WHERE leaf_index = ?",
-                        [(batch_id, start + i, r[0]) for i, r in enumerate(part)],
-                    )
-                let_the_loop_in()
-            self.trees.put(batch_id, tree)
-            return Batch(batch_id, tree.root, len(rows), "intent", None, at), more_sold
+    def plan_seal(
+        self,
+        max_leaves: int,
+        chain_latest: int,
+        now: float | None,
+        sold: Mapping[str, float],
+    ) -> SealPlan | None:
+        """The next batch chosen, nothing hashed or written yet (None: no leaf pending)."""
+        return run_steps(self.plan_steps(max_leaves, chain_latest, now, sold))
 
-        return self._write(body)
+    def place_slice(self, plan: SealPlan) -> None:
+        """Place the plan's next slice of leaves in one transaction (the first also writes
+        the batch row); the batch is open for anchoring once the last one committed."""
+        self._sealing = plan
+        self._write(lambda: place_slice(self._db, plan))
+        if plan.done and plan.tree is not None:
+            self._sealing = None
+            self.trees.put(plan.batch_id, plan.tree)
 
     def mark_sent(self, batch_id: int, tx_hash: bytes) -> None:
         """The anchor transaction is about to be broadcast as ``tx_hash`` (write-ahead).
@@ -508,7 +503,20 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
     async def seal_sold_first(
         self, max_leaves: int, chain_latest: int, now: float | None, sold: Mapping[str, float]
     ) -> tuple[Batch | None, bool]:
-        return await self._run(self._store.seal_sold_first, max_leaves, chain_latest, now, sold)
+        """The blocking seal, a job per slice on the store's thread: the leaf adds queued
+        meanwhile (QoS 1 messages wait for theirs) commit between two slices."""
+        store = self._store
+        steps = await self._run(store.plan_steps, max_leaves, chain_latest, now, sold)
+        while not (stepped := await self._run(step, steps))[0]:
+            pass
+        plan = stepped[1]
+        if plan is None:
+            return None, False
+        while plan.tree is None:
+            await self._run(hash_part, plan)
+        while not plan.done:
+            await self._run(store.place_slice, plan)
+        return plan.batch, plan.more_sold
 
     async def high_sequences(self, limit: int) -> list[tuple[bytes, str, int]]:
         return await self._run(self._store.high_sequences, limit)
@@ -531,7 +539,7 @@ class AsyncLeafStore(AsyncDurableStore[LeafStore]):
     async def seal_batch(
         self, max_leaves: int, chain_latest: int = 0, now: float | None = None
     ) -> Batch | None:
-        return await self._run(self._store.seal_batch, max_leaves, chain_latest, now)
+        return (await self.seal_sold_first(max_leaves, chain_latest, now, {}))[0]
 
     async def mark_sent(self, batch_id: int, tx_hash: bytes) -> None:
         await self._run(self._store.mark_sent, batch_id, tx_hash)

@@ -88,6 +88,22 @@ class MerkleTree:
             level = nxt
         self._levels: list[list[bytes]] = levels
 
+    @classmethod
+    def joined(cls, parts: Sequence[MerkleTree], height: int) -> MerkleTree:
+        """The tree over the leaves of ``parts`` in order, each part but the last holding
+        exactly ``2**height`` leaves (the last at most that): its levels up to ``height`` are
+        the parts' own (see :meth:`level`), only the levels above are hashed. So a large tree
+        can be built part by part, with other work in between."""
+        if not parts:
+            raise WireError("a Merkle tree needs at least one leaf")
+        size = 1 << height
+        if any(len(p) != size for p in parts[:-1]) or len(parts[-1]) > size:
+            raise WireError(f"every part but the last must hold {size} leaves, the last at most")
+        levels = [[node for p in parts for node in p.level(i)] for i in range(height + 1)]
+        tree = cls.__new__(cls)
+        tree._levels = levels[:-1] + MerkleTree(levels[-1])._levels
+        return tree
+
     def __len__(self) -> int:
         return len(self._levels[0])
 

@@ -14,7 +14,7 @@ from blendsm.broker._leaf_proofs import CHUNK_LEAVES, CHUNK_LEVEL
 from blendsm.broker._leaf_schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION, V1_TO_V2
 from blendsm.broker._leaf_store import LeafStore
 from blendsm.device_sdk import MerkleTree, verify_proof
-from blendsm.errors import StoreError
+from blendsm.errors import StoreError, WireError
 
 TOPIC = "sensors/berlin/temp"
 DEVICE = bytes(19) + b"\x01"
@@ -44,7 +44,14 @@ def test_a_level_joins_its_parts_proofs_into_the_whole_trees_proof(height: int) 
         for i in range(n):
             chunk = MerkleTree(leaves[i - i % part : i - i % part + part])
             assert chunk.proof(i % part) + upper.proof(i // part) == whole.proof(i), (n, i)
+        parts = [MerkleTree(leaves[j : j + part]) for j in range(0, n, part)]
+        joined = MerkleTree.joined(parts, height)  # a seal builds its tree this way
+        assert joined.root == whole.root
+        assert [joined.proof(i) for i in range(n)] == [whole.proof(i) for i in range(n)]
+        assert joined.level(height) == nodes
     assert MerkleTree(_leaves(3)).level(99) == [MerkleTree(_leaves(3)).root]
+    with pytest.raises(WireError, match="every part but the last"):
+        MerkleTree.joined([MerkleTree(_leaves(3)), MerkleTree(_leaves(4))], 2)
     with pytest.raises(ValueError, match="height"):
         MerkleTree(_leaves(3)).level(-1)
 
