@@ -165,6 +165,17 @@ class AnchorBudget:
             sellers[seller] = sellers.get(seller, 0) + count
         self._seller_pending = sellers
 
+    def remark(self, since: float) -> None:
+        """After a seal and its :meth:`reload`: topics delivered since ``since`` (when the
+        seal chose its leaves) are sold again, with their pending leaves. Why: a leaf stored
+        and delivered while the seal ran was not in it, and :meth:`sealed` cleared its topic's
+        mark, so a stream that ended then left a bought leaf waiting for the unsold timer (an
+        hour) with its buyer's proof requests refused meanwhile."""
+        for topic, last in self._last_delivery.items():
+            if last > since and topic not in self._marked:
+                self._marked.add(topic)
+                self._count_sold(self._topic_pending.get(topic, 0), last)
+
     def sold(self) -> dict[str, float]:
         """For the seal: each topic with pending leaves and a delivery, and its last one."""
         last = self._last_delivery

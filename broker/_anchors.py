@@ -414,6 +414,8 @@ class Anchorer:
             self._fresh = batch.batch_id
         await self._pause()
         budget.reload(await self.store.pending_by_topic())
+        if batch is not None:
+            budget.remark(now)  # deliveries during the seal: their leaves stay sold
         count, oldest = await self.store.pending()
         self._pending = count
         self._oldest = None if count == 0 else min(oldest or self.clock(), self.clock())

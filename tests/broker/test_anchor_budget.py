@@ -85,18 +85,20 @@ def test_budget_settings_are_validated() -> None:
         AnchorConfig(max_pending_leaves_per_seller=0)
 
 
-def test_the_pacing_waits_from_the_last_root_even_across_a_restart_and_is_no_deferral() -> None:
-    def budget() -> AnchorBudget:
-        return AnchorBudget(
-            batch_seconds=60,
-            batch_max_leaves=5,
-            max_roots_per_hour=360,
-            unsold_batch_seconds=3600,
-            max_pending_leaves_per_seller=10,
-            seller_of=lambda topic: None,
-            logger=logging.getLogger("test"),
-        )
+def budget() -> AnchorBudget:
+    """batch_seconds 60, batch_max_leaves 5, 360 roots an hour (a root per 10 s at most)."""
+    return AnchorBudget(
+        batch_seconds=60,
+        batch_max_leaves=5,
+        max_roots_per_hour=360,
+        unsold_batch_seconds=3600,
+        max_pending_leaves_per_seller=10,
+        seller_of=lambda topic: None,
+        logger=logging.getLogger("test"),
+    )
 
+
+def test_the_pacing_waits_from_the_last_root_even_across_a_restart_and_is_no_deferral() -> None:
     b = budget()
     assert b.spacing == 10.0  # 3600 / max_roots_per_hour
     assert b.root_wait(100.0) == 0.0  # the first root waits for nothing
@@ -110,6 +112,26 @@ def test_the_pacing_waits_from_the_last_root_even_across_a_restart_and_is_no_def
     restarted = budget()
     restarted.load_roots([95.0, 100.0])
     assert restarted.root_wait(101.0) == 9.0
+
+
+def test_a_leaf_delivered_while_a_root_was_sealed_stays_sold() -> None:
+    """The seal chose its leaves at 150; a leaf stored and delivered at 150.5 is left for the
+    next root, and stays sold: due a batch_seconds after its delivery, not after the unsold
+    timer (an hour, while its buyer's proof requests are refused)."""
+    b = budget()
+    b.reserve(SOLD, 100.0)
+    b.delivered(SOLD, 100.0)
+    b.reserve(SOLD, 150.5)  # during the seal: stored, then delivered
+    b.delivered(SOLD, 150.5)
+    b.sealed(150.0, more_sold=False)
+    b.reload({SOLD: 1})  # what the store holds after the seal
+    b.remark(150.0)
+    assert b.due_in(200.0, 1, 150.5) == pytest.approx(10.5)
+    assert b.due_in(211.0, 1, 150.5) == 0.0
+    b.sealed(211.0, more_sold=False)
+    b.reload({})
+    b.remark(211.0)  # nothing delivered since: nothing marked
+    assert b.due_in(300.0, 0, None) == 60
 
 
 async def test_paced_roots_take_every_pending_sold_leaf_so_any_rate_is_anchored(
