@@ -377,13 +377,12 @@ async def deliver(
                 else:
                     if acked is None:
                         acked = AckedFrames(topic, bytes(data))
+                    if gate is None:
+                        gate = service.gate(topic)
+                        if is_resend(data):
+                            gate = _uncharged_gate(gate, service.meter)
                     verdict = deliver_acked(
-                        handler,
-                        session,
-                        writer,
-                        acked.at(delivered_qos),
-                        outbox,
-                        resend=is_resend(data),
+                        handler, session, writer, acked.at(delivered_qos), outbox, gate=gate
                     )
                 if verdict is Verdict.NO_CREDIT:
                     outbox.write_now(writer, service.meter)  # what is queued goes first
