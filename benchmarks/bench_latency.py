@@ -392,8 +392,15 @@ def main(argv: list[str] | None = None) -> None:
                 + (
                     f"  vouchers {out.get('vouchers_sent', 0)}, receipts"
                     f" {out.get('receipts', 0)}, denied_no_credit {out['denied_no_credit']},"
-                    f" refused {out['vouchers_refused']}"
+                    f" refused {out['vouchers_refused']}, held for credit"
+                    f" {out.get('deliveries_held_for_credit', 0)}"
                     if "denied_no_credit" in out
+                    else ""
+                )
+                + (
+                    f"; {out['commits']} voucher commits, p50 {out['commit_p50_ms']:.1f} /"
+                    f" p90 {out['commit_p90_ms']:.1f} / max {out['commit_max_ms']:.1f} ms"
+                    if "commits" in out
                     else ""
                 )
                 + (
