@@ -14,8 +14,9 @@ Why it is still write-ahead: the first slice's transaction also writes the batch
 root, leaf count, chunk roots) in state ``intent``, and nothing is signed before the last
 slice committed (the anchorer awaits the whole seal). A seal that stopped between two slices
 (the broker died, a write failed) left a batch with fewer placed leaves than its count. It
-was never sent, so it is undone: its leaves go back to the pool and its row is deleted, by
-the next seal in this process and when the store opens (:func:`undo_unfinished`).
+was never sent, so it is undone: its leaves go back to the pool and its row is deleted (at
+once after a failed write, when the store opens after a death, and by the next seal if
+neither could: :func:`undo_unfinished`).
 """
 
 from __future__ import annotations

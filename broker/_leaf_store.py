@@ -303,9 +303,22 @@ class LeafStore(DurableStore):
 
     def place_slice(self, plan: SealPlan) -> None:
         """Place the plan's next slice of leaves in one transaction (the first also writes
-        the batch row); the batch is open for anchoring once the last one committed."""
+        the batch row); the batch is open for anchoring once the last one committed. A slice
+        that fails undoes the whole seal at once, so its placed leaves are pending again
+        (counted, and sealed by the next root) rather than parked until the next seal or
+        start; if the undo fails too, those two do it."""
         self._sealing = plan
-        self._write(lambda: place_slice(self._db, plan))
+        try:
+            self._write(lambda: place_slice(self._db, plan))
+        except Exception:
+            try:
+                self._write(lambda: undo_unfinished(self._db))
+                self._sealing = None
+            except Exception as undo:  # the next seal or the next open undoes it
+                logging.getLogger("blendsm.broker.anchors").error(
+                    "anchors: batch %d: undoing a failed seal failed: %r", plan.batch_id, undo
+                )
+            raise
         if plan.done and plan.tree is not None:
             self._sealing = None
             self.trees.put(plan.batch_id, plan.tree)

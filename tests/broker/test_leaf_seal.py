@@ -75,8 +75,8 @@ def test_a_failed_slice_leaves_nothing_to_anchor_and_the_next_seal_starts_over(
     tmp_path: Path,
 ) -> None:
     """A slice that cannot place its leaves (one was taken meanwhile: never by an honest
-    broker) raises; the half-placed batch is not open for anchoring, and the next seal undoes
-    it before choosing again."""
+    broker) raises and undoes the half-placed batch at once: never open for anchoring, its
+    leaves pending again; the next seal takes them all."""
     path = tmp_path / "leaves.sqlite3"
     with LeafStore(path) as s:
         plan = _planned_and_hashed(s)
@@ -93,6 +93,8 @@ def test_a_failed_slice_leaves_nothing_to_anchor_and_the_next_seal_starts_over(
         with pytest.raises(StoreError, match="still free"):
             s.place_slice(plan)  # the last slice holds leaf N
         assert s.open_batch() is None
+        assert [b.batch_id for b in s.batches()] == [99]  # the half-placed one undone at once
+        assert s.pending()[0] == N - 1  # its placed leaves are pending again, counted
         s._db.execute("UPDATE leaves SET batch_id = NULL, position = NULL WHERE batch_id = 99")
         batch = s.seal_batch(N)  # undoes the half-placed one first
         assert batch is not None
