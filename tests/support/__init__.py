@@ -31,6 +31,7 @@ from support.stores import (
     leaf_sequences,
     leaf_times,
     open_claims,
+    stored_delivered,
     stored_voucher,
 )
 from support.tasks import running, tasks_started
@@ -61,6 +62,7 @@ __all__ = [
     "remaining_length",
     "running",
     "seconds_until_closed",
+    "stored_delivered",
     "stored_voucher",
     "subscribe_packet",
     "tasks_started",

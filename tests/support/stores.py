@@ -18,6 +18,7 @@ __all__ = [
     "leaf_sequences",
     "leaf_times",
     "open_claims",
+    "stored_delivered",
     "stored_voucher",
 ]
 
@@ -33,6 +34,13 @@ def stored_voucher(db: Path, channel: bytes) -> int:
     """The latest voucher amount the voucher store holds for ``channel`` (0: none)."""
     rows = _query(db, "SELECT amount FROM channels WHERE channel_id = ?", channel)
     return 0 if not rows else int.from_bytes(rows[0][0], "big")
+
+
+def stored_delivered(db: Path, channel: bytes) -> int:
+    """The delivered value the voucher store holds for ``channel`` (0: none), the ceiling of
+    every claim."""
+    rows = _query(db, "SELECT charged FROM delivered WHERE channel_id = ?", channel)
+    return max((int.from_bytes(r[0], "big") for r in rows), default=0)
 
 
 def confirmed_claims(db: Path, channel: bytes) -> int:
