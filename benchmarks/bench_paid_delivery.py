@@ -987,6 +987,12 @@ def main() -> None:
                         if name.startswith("sub_refused:")
                     )
                     + "".join(f", {name} {out[name]}" for name in _LOSS_COUNTERS if out.get(name))
+                    + (
+                        f"; {out['commits']} voucher commits, p50 {out['commit_p50_ms']:.1f} /"
+                        f" p90 {out['commit_p90_ms']:.1f} / max {out['commit_max_ms']:.1f} ms"
+                        if "commits" in out
+                        else ""
+                    )
                 )
             if k == "d":
                 line += (

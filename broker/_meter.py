@@ -125,6 +125,12 @@ class Meter:
             if account is not None:
                 account.paid = max(account.paid, amount)
 
+    def awaited(self, channel_ids: Iterable[bytes]) -> bool:
+        """Whether deliveries held for credit wait on one of these channels (a voucher of
+        one of them releases them once committed)."""
+        accounts = self.accounts
+        return any((a := accounts.get(cid)) is not None and bool(a.waiters) for cid in channel_ids)
+
     def load_delivered(self, delivered: Iterable[tuple[bytes, int]]) -> None:
         """Seed ``charged`` with the delivered values read from the store at start-up."""
         for channel_id, charged in delivered:

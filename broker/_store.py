@@ -503,7 +503,9 @@ class AsyncVoucherStore(AsyncDurableStore[VoucherStore]):
             lambda: VoucherStore(path, lane=lane, legacy_lane=legacy_lane, keep=keep),
             "blendsm-store",
         )
-        return cls(*store)
+        opened = cls(*store)
+        await opened.learn_thread()  # for urgent commits
+        return opened
 
     @property
     def lane(self) -> str:

@@ -393,7 +393,9 @@ class VoucherIntake:
         if store is None:
             return [("store_unavailable", "broker is shutting down")] * len(entries)
         # The channels' delivered value rides along: same transaction, no fsync of its own.
-        delivered = self._service.meter.unsaved_delivered()
+        meter = self._service.meter
+        delivered = meter.unsaved_delivered()
+        store.urgent(meter.awaited(e.voucher.channel_id for e in entries))  # deliveries held
         try:
             stored = await store.accept_many([(e.voucher, None) for e in entries], delivered)
         except Exception as exc:

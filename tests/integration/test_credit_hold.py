@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,45 @@ async def test_a_late_voucher_sends_the_held_messages_in_order(
     assert account.delivered == 12
     assert market.service.meter.denied_no_credit == 0
     assert market.service.stats.deliveries_held_dropped == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+async def test_a_voucher_that_held_deliveries_wait_on_commits_off_sched_batch(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    """The voucher store's thread leaves SCHED_BATCH for a commit that deliveries held for
+    credit wait on (under it such a commit waited for slices of the busy loop's core: 22-113
+    ms through a paid burst), and yields to the loop again for one nobody waits on."""
+    market = await start_market(payments=_payments())
+    store = market.service.store
+    account_of = market.service.meter.accounts
+
+    def policy() -> int:
+        return os.sched_getscheduler(store._thread_id)
+
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    payer = Payer(market, "buyer", buyer)
+    device = await market.connected_device()
+    await device.publish(market.topic, b"m0")
+    assert await until(
+        lambda: channel in account_of and account_of[channel].charged == market.price
+    )
+    await payer.pay(channel, market.price)  # nothing held: nobody waits on this commit
+    assert await until(lambda: account_of[channel].paid == market.price)
+    assert policy() == os.SCHED_BATCH
+
+    for i in range(1, 9):  # the credit's worth (5) goes out, 3 are held
+        await device.publish(market.topic, b"m%d" % i)
+    assert await until(lambda: account_of[channel].charged == 6 * market.price)
+    assert account_of[channel].waiters
+    await payer.pay(channel, 6 * market.price)
+    assert await until(lambda: account_of[channel].charged == 9 * market.price)
+    assert policy() == os.SCHED_OTHER
+
+    await payer.pay(channel, 9 * market.price)  # nothing held any more
+    assert await until(lambda: account_of[channel].paid == 9 * market.price)
+    assert policy() == os.SCHED_BATCH
 
 
 async def test_no_payment_request_while_a_voucher_of_the_channel_is_on_its_way(
