@@ -51,6 +51,7 @@ from amqtt.mqtt.packet import (
 )
 
 from blendsm.broker._log_limit import LogLimiter
+from blendsm.broker._mqtt_strings import connect_strings_fault, strings_fault
 
 if TYPE_CHECKING:
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -239,6 +240,8 @@ async def read_connect_packet(packets: PacketStream) -> ConnectPacket:
     connect: ConnectPacket = await ConnectPacket.from_stream(
         BufferReader(body), fixed_header=header
     )
+    if (wrong := connect_strings_fault(body)) is not None:
+        raise MQTTError(wrong)  # section 1.5.3: closed, no CONNACK
     return connect
 
 
@@ -271,7 +274,7 @@ async def read_packets(handler: BrokerProtocolHandler, packets: PacketStream) ->
                 break
             try:
                 packet = await decode(header, body)
-                wrong = violation(header, packet)
+                wrong = violation(header, packet) or strings_fault(kind, packet, body)
             except (MQTTError, NoDataError, ValueError, IndexError) as exc:
                 wrong = f"malformed packet of type {kind}: {exc!r}"
             if wrong is not None:  # MQTT 3.1.1 section 4.8: close the connection

@@ -351,7 +351,10 @@ class MeteredHandler(InflightHandler):
         if running and stopped is not None and not await stop_reader(task, stopped, self.writer):
             self._blendsm.stats.connections_aborted += 1
             stopped.set()  # aborted; amqtt's stop must not wait for it
-        await super().stop()
+        try:
+            await super().stop()
+        finally:
+            close_transport(self.writer)
 
     async def _send_packet(self, packet: Any) -> None:
         charge = _CHARGE.get()
@@ -423,6 +426,18 @@ def _write_ack(writer: StreamWriterAdapter, puback: PubackPacket) -> None:
     transport = writer._writer.transport
     if not writer.is_closed and not transport.is_closing():
         transport.write(puback.to_bytes())
+
+
+def close_transport(writer: Any) -> None:
+    """Close a TCP/TLS connection's transport if its graceful close left it open. amqtt's
+    close marks the writer closed before it drains, so a close cancelled mid-drain (a reader
+    ending its own session is cancelled by the session's stop, as when a client with a QoS 1
+    or 2 flow open goes away) or failed there never closed the socket, and no later close
+    would: it stayed open until the garbage collector found the writer, or for as long as a
+    persistent session kept its handler. ``transport.close`` still sends what is buffered."""
+    transport = getattr(getattr(writer, "_writer", None), "transport", None)
+    if transport is not None and not transport.is_closing():
+        transport.close()
 
 
 def abort_connection(writer: Any) -> None:

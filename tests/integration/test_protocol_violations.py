@@ -37,6 +37,16 @@ def _utf8(text: str) -> bytes:
     return struct.pack("!H", len(text)) + text.encode()
 
 
+def _raw(data: bytes) -> bytes:
+    """A length-prefixed MQTT string of these bytes, UTF-8 or not."""
+    return struct.pack("!H", len(data)) + data
+
+
+def _publish(topic: bytes, qos: int) -> bytes:
+    body = _raw(topic) + (b"\x00\x01" if qos else b"") + b"x"
+    return bytes([0x30 | qos << 1, len(body)]) + body
+
+
 VIOLATIONS = {
     # a SUBSCRIBE whose requested QoS is 3 (MQTT-3-8.3-4)
     "subscribe_qos3": b"\x82" + bytes([2 + 2 + 3 + 1]) + b"\x00\x01" + _utf8("a/b") + b"\x03",
@@ -56,6 +66,13 @@ VIOLATIONS = {
     "unsubscribe_empty": b"\xa2\x02\x00\x01",
     # a PUBLISH with QoS 3 (MQTT-3.3.1-4)
     "publish_qos3": b"\x36" + bytes([2 + 3 + 2 + 1]) + _utf8("a/b") + b"\x00\x01x",
+    # strings (MQTT-1.5.3-1, -2): amqtt turned these into the text of their bytes' repr
+    "publish_topic_ill_formed_utf8": _publish(b"a\xc3", 1),
+    "publish_topic_overlong_utf8": _publish(b"\xc0\xaf", 0),
+    "publish_topic_surrogate": _publish(b"\xed\xa0\x80", 2),
+    "publish_topic_nul": _publish(b"a\x00b", 1),
+    "subscribe_filter_ill_formed_utf8": b"\x82\x07\x00\x01" + _raw(b"a\xff") + b"\x00",
+    "unsubscribe_filter_nul": b"\xa2\x06\x00\x01" + _raw(b"a\x00"),
 }
 
 
@@ -72,3 +89,31 @@ async def test_a_protocol_violation_closes_the_connection(
     client = market.client(None)
     assert await client.connect() == 0
     assert await client.subscribe("public/ok", 1) == [1]
+
+
+@pytest.mark.parametrize(
+    ("what", "client_id", "username"),
+    [
+        ("client id", b"\xff\xfe", None),
+        ("client id", b"a\x00", None),
+        ("user name", b"ok", b"caf\xe9"),
+    ],
+)
+async def test_a_connect_with_a_bad_string_gets_no_connack_and_is_closed(
+    start_market: StartMarket, what: str, client_id: bytes, username: bytes | None
+) -> None:
+    """MQTT-1.5.3-1/2 on CONNECT: closed without a CONNACK (amqtt accepted the client id as
+    the text of its bytes' repr)."""
+    market = await start_market()
+    flags = 0x02 | (0x80 if username is not None else 0)
+    body = _utf8("MQTT") + bytes([4, flags]) + b"\x00\x3c" + _raw(client_id)
+    body += b"" if username is None else _raw(username)
+    packet = b"\x10" + bytes([len(body)]) + body
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", market.port), timeout=5) as sock:
+            sock.sendall(packet)
+            sock.settimeout(2.0)
+            return sock.recv(16)  # b"": closed; a timeout fails the test
+
+    assert await asyncio.to_thread(exchange) == b"", what
