@@ -30,6 +30,8 @@ _REFUSED_LOG: Final = LogLimiter(_log, logging.WARNING)
 """Connections refused at a cap or rate: one log line a minute, with a count."""
 _PACKET_SIZE_LOG: Final = LogLimiter(_log, logging.WARNING)
 """Connections closed for an oversized packet: one log line a minute, with a count."""
+_VIOLATION_LOG: Final = LogLimiter(_log, logging.WARNING)
+"""WebSocket clients breaking MQTT's rules (:mod:`._packet_rules`): at most one line a minute."""
 
 
 class Admission:
@@ -80,6 +82,11 @@ class Admission:
             )
             abort_connection(writer)
 
+        def violated(why: str) -> None:  # section 4.8, on the WebSocket listeners
+            self.stats.protocol_violations += 1
+            _VIOLATION_LOG.note("%s: %s: closing", address, why)
+            abort_connection(writer)
+
         if type(reader) is StreamReaderAdapter:
             return PacketStream(reader._reader, limit, too_large)
-        return PacketSizeLimit(reader, limit, too_large)
+        return PacketSizeLimit(reader, limit, too_large, violated)

@@ -91,7 +91,7 @@ _HANDLERS: Final = {
 }
 """amqtt's reader dispatch: packet type -> the handler method it calls (the same methods)."""
 
-_FIXED_FLAGS: Final = {
+FIXED_FLAGS: Final = {
     CONNECT: 0,
     PUBACK: 0,
     PUBREC: 0,
@@ -104,7 +104,7 @@ _FIXED_FLAGS: Final = {
 }
 """The fixed-header flags MQTT 3.1.1 requires of each packet a client may send other than
 PUBLISH (MQTT-2.2.2-2: any other value is a protocol violation)."""
-_SERVER_ONLY: Final = frozenset((CONNACK, SUBACK, UNSUBACK, PINGRESP))
+SERVER_ONLY: Final = frozenset((CONNACK, SUBACK, UNSUBACK, PINGRESP))
 """Packets only a server sends: from a client, a protocol violation."""
 
 
@@ -113,13 +113,13 @@ def violation(header: MQTTFixedHeader, packet: Any) -> str | None:
     closed, section 4.8), or None. amqtt's decoder accepts these; its handlers would act on
     them (a SUBSCRIBE asking QoS 3 got a SUBACK)."""
     kind, flags = header.packet_type, header.flags
-    if kind in _SERVER_ONLY:
+    if kind in SERVER_ONLY:
         return f"a client sent packet type {kind}, which only a server sends"
     if kind == CONNECT:
         return "a second CONNECT (MQTT-3.1.0-2)"
     if kind == PUBLISH:
         return "PUBLISH with QoS 3 (MQTT-3.3.1-4)" if flags & 0x06 == 0x06 else None
-    if flags != _FIXED_FLAGS.get(kind, flags):
+    if flags != FIXED_FLAGS.get(kind, flags):
         return f"packet type {kind} with reserved flags {flags:#x} (MQTT-2.2.2-2)"
     if kind == SUBSCRIBE:
         topics = packet.payload.topics

@@ -17,7 +17,7 @@ from typing import Final
 
 from amqtt.mqtt.packet import PUBLISH, SUBSCRIBE, UNSUBSCRIBE
 
-__all__ = ["connect_strings_fault", "strings_fault"]
+__all__ = ["connect_strings_fault", "raw_strings_fault", "strings_fault"]
 
 _FALLBACK: Final = ("b'", 'b"')
 """How amqtt's ``decode_string`` fallback (``str(bytes)``) begins."""
@@ -43,11 +43,19 @@ def _string_at(body: bytes, at: int) -> tuple[bytes, int] | None:
 
 
 def strings_fault(kind: int, packet: object, body: bytes) -> str | None:
-    """Why a PUBLISH, SUBSCRIBE or UNSUBSCRIBE breaks the string rule, or None."""
+    """Why a PUBLISH, SUBSCRIBE or UNSUBSCRIBE breaks the string rule, or None; a PUBLISH
+    only read when amqtt's decoded topic shows a sign of a bad string."""
     if kind == PUBLISH:
         topic = getattr(getattr(packet, "variable_header", None), "topic_name", None)
         if not isinstance(topic, str) or (topic[:2] not in _FALLBACK and "\x00" not in topic):
             return None
+    return raw_strings_fault(kind, body)
+
+
+def raw_strings_fault(kind: int, body: bytes) -> str | None:
+    """:func:`strings_fault` on the bytes alone (every PUBLISH read), and a SUBSCRIBE's
+    requested QoS with each filter (MQTT-3.8.3-4)."""
+    if kind == PUBLISH:
         found = _string_at(body, 0)
         why = None if found is None else _fault(found[0])
         return None if why is None else f"PUBLISH topic: {why}"
@@ -58,7 +66,10 @@ def strings_fault(kind: int, packet: object, body: bytes) -> str | None:
         text, at = found
         if (why := _fault(text)) is not None:
             return f"topic filter: {why}"
-        at += kind == SUBSCRIBE  # the requested QoS byte
+        if kind == SUBSCRIBE:
+            if at < len(body) and body[at] > 2:
+                return "SUBSCRIBE requesting QoS > 2 or reserved bits set (MQTT-3.8.3-4)"
+            at += 1
     return None
 
 

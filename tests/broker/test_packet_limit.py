@@ -7,8 +7,10 @@ import asyncio
 
 import pytest
 from amqtt.adapters import BufferReader
+from amqtt.errors import NoDataError
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.publish import PublishPacket
+from support import connect_packet, subscribe_packet
 
 from blendsm.broker._packet_limit import PacketSizeLimit
 
@@ -68,3 +70,76 @@ async def test_a_fifth_remaining_length_byte_is_refused() -> None:
     reader = PacketSizeLimit(BufferReader(b"\x30\xff\xff\xff\xff\x01"), 10**9, refused.append)
     assert await MQTTFixedHeader.from_stream(reader) is None
     assert len(refused) == 1
+
+
+class Trickle:
+    """A reader handing out at most ``piece`` bytes per read (how a WebSocket frame or a TCP
+    segment may cut the stream)."""
+
+    def __init__(self, data: bytes, piece: int) -> None:
+        self.data, self.piece = data, piece
+
+    async def read(self, n: int = -1) -> bytes:
+        size = self.piece if n < 0 else min(n, self.piece)
+        chunk, self.data = self.data[:size], self.data[size:]
+        return chunk
+
+    def feed_eof(self) -> None:
+        pass
+
+
+def _raw_publish(topic: bytes, payload: bytes) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic + b"\x00\x01" + payload
+    length = len(body)
+    encoded = b""
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        encoded += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            break
+    return b"\x32" + encoded + body
+
+
+async def _drain(reader: PacketSizeLimit) -> bytes:
+    """Read as amqtt does (a fixed header, then its body) until the stream ends; the bytes
+    of every packet read whole."""
+    got = b""
+    try:
+        while (header := await MQTTFixedHeader.from_stream(reader)) is not None:
+            body = b""
+            while len(body) < header.remaining_length:
+                chunk = await reader.read(header.remaining_length - len(body))
+                if not chunk:
+                    return got
+                body += chunk
+            got += bytes(header.to_bytes()) + body
+    except (asyncio.IncompleteReadError, NoDataError):
+        pass
+    return got
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 4096])
+async def test_with_the_rules_a_valid_stream_passes_unchanged_in_any_pieces(piece: int) -> None:
+    stream = (
+        connect_packet("ok", 30)
+        + subscribe_packet(1, "a/#", 1)
+        + _raw_publish("t/ü".encode(), b"x")
+        + _raw_publish(b"t/big", b"p" * 70_000)  # a body past what the rules keep
+        + b"\xc0\x00"  # PINGREQ
+    )
+    refused: list[int] = []
+    violations: list[str] = []
+    reader = PacketSizeLimit(Trickle(stream, piece), 10**6, refused.append, violations.append)
+    assert await _drain(reader) == stream
+    assert (refused, violations) == ([], [])
+
+
+@pytest.mark.parametrize("piece", [1, 5, 4096])
+async def test_with_the_rules_a_bad_packet_ends_the_stream_before_it_is_whole(piece: int) -> None:
+    good = connect_packet("ok", 30) + _raw_publish(b"t/1", b"x")
+    bad = _raw_publish(b"t/\xc3", b"x")
+    violations: list[str] = []
+    reader = PacketSizeLimit(Trickle(good + bad + good, piece), 10**6, [].append, violations.append)
+    assert await _drain(reader) == good  # the bad packet never reaches amqtt whole
+    assert violations == ["PUBLISH topic: ill-formed UTF-8 (MQTT-1.5.3-1)"]
+    assert reader.refused

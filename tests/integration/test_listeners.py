@@ -32,6 +32,7 @@ from blendsm.device_sdk import (
 from blendsm.errors import BrokerConnectionError, ConfigError
 
 from .conftest import Market, StartMarket
+from .test_protocol_violations import VIOLATIONS
 
 
 class Pki:
@@ -294,6 +295,52 @@ def _silent_ws_client(port: int, keepalive: int, context: ssl.SSLContext | None)
     sock.sendall(_ws_frame(connect_packet(f"silent-{time.monotonic_ns()}", keepalive)))
     assert sock.recv(6) == b"\x82\x04\x20\x02\x00\x00"
     return sock
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "publish_topic_ill_formed_utf8",
+        "publish_topic_nul",
+        "subscribe_filter_ill_formed_utf8",
+        "subscribe_qos3",
+        "subscribe_empty",
+        "unsubscribe_empty",
+        "publish_qos3",
+        "pubrel_flags",
+        "second_connect",
+        "connack_from_client",
+    ],
+)
+async def test_a_protocol_violation_closes_a_websocket_connection(
+    start_market: StartMarket, pki: Pki, name: str
+) -> None:
+    """The TCP listeners' rules hold on a WebSocket listener too (its packets go through
+    amqtt's reader, which accepted them all: a SUBSCRIBE asking QoS 3 got a SUBACK, a topic
+    of ill-formed UTF-8 was published under its bytes' repr)."""
+    market = await start_market(listeners=_all_four(pki))
+    port = market.running.ports["ws"]
+
+    def violate() -> tuple[float | None, bytes]:
+        sock = _silent_ws_client(port, 60, None)  # connected: CONNECT answered
+        try:
+            sock.sendall(_ws_frame(VIOLATIONS[name]))
+            sock.settimeout(0.5)
+            try:
+                first = sock.recv(64)  # nothing, or the end of the stream
+            except TimeoutError:
+                return None, b""
+            return (0.0 if not first else _seconds_until_eof(sock, 4.0)), first
+        finally:
+            sock.close()
+
+    closed, answered = await asyncio.to_thread(violate)
+    assert closed is not None, f"{name}: a WebSocket connection left open"
+    assert b"\x90" not in answered[:4], f"{name}: the broker answered {answered!r}"  # no SUBACK
+    assert market.service.stats.protocol_violations == 1
+    client = _client(market, "ws")  # the listener still serves honest clients
+    assert await client.connect() == 0
+    client.close()
 
 
 @pytest.mark.parametrize("listener", ["ws", "wss"])
