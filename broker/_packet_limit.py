@@ -11,8 +11,8 @@ before the body is asked for, and the caller's ``on_refused`` closes the connect
 
 With ``on_violation`` it also applies MQTT's rules (:mod:`._packet_rules`), for the WebSocket
 listeners whose packets amqtt's lenient reader decodes: a packet whose fixed header breaks them
-ends the stream once the header is read, one whose strings do once its body is (only a PUBLISH's
-topic is kept, not its payload). amqtt reads a header, then exactly its body, so the read that
+ends the stream once the header is read, one whose strings do once its body is (of a PUBLISH
+only the topic is kept, not the payload). amqtt reads a header, then exactly its body, so the read that
 fails is the bad packet's own and amqtt never decodes it.
 """
 
@@ -22,13 +22,16 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Final
 
+from amqtt.mqtt.packet import PUBLISH
+
 from blendsm.broker._packet_rules import WITH_STRINGS, body_fault, header_fault
 
 __all__ = ["PacketSizeLimit"]
 
-_KEEP_AT_MOST: Final = 2 + 65_535 + 2
-"""Body bytes kept for :func:`~._packet_rules.body_fault`: a PUBLISH's topic (its strings
-come first), not its payload; the other packets with strings are a few dozen bytes."""
+_PUBLISH_KEPT: Final = 2 + 65_535
+"""A PUBLISH's body bytes kept for :func:`~._packet_rules.body_fault`: its topic, which comes
+first, not its payload. The other packets with strings are kept whole (a SUBSCRIBE's filters
+run to its end; a CONNECT's user name follows its Will message), within the size limit."""
 _MAX_LENGTH_BYTES: Final = 4
 """MQTT's remaining length takes 1 to 4 bytes; a fifth continuation byte is malformed."""
 
@@ -61,6 +64,7 @@ class PacketSizeLimit:
         self._first_byte = 0
         self._packets = 0
         self._kept: bytearray | None = None  # the body of a packet with strings, as it comes
+        self._keep = 0  # how much of it to keep
         self.refused = False
 
     async def read(self, n: int = -1) -> bytes:
@@ -82,8 +86,8 @@ class PacketSizeLimit:
         while pos < size:
             if self._body:
                 step = min(self._body, size - pos)
-                if self._kept is not None and len(self._kept) < _KEEP_AT_MOST:
-                    self._kept += data[pos : pos + min(step, _KEEP_AT_MOST - len(self._kept))]
+                if self._kept is not None and len(self._kept) < self._keep:
+                    self._kept += data[pos : pos + min(step, self._keep - len(self._kept))]
                 self._body -= step
                 pos += step
                 if not self._body and self._kept is not None:
@@ -119,6 +123,7 @@ class PacketSizeLimit:
         kind = self._first_byte >> 4
         if kind in WITH_STRINGS:
             self._kept = bytearray()
+            self._keep = _PUBLISH_KEPT if kind == PUBLISH else self._length
             if not self._body:  # an empty body: judged now
                 self._judge_body(read, n)
 

@@ -143,3 +143,22 @@ async def test_with_the_rules_a_bad_packet_ends_the_stream_before_it_is_whole(pi
     assert await _drain(reader) == good  # the bad packet never reaches amqtt whole
     assert violations == ["PUBLISH topic: ill-formed UTF-8 (MQTT-1.5.3-1)"]
     assert reader.refused
+
+
+async def test_with_the_rules_a_long_subscribe_is_read_to_its_last_filter() -> None:
+    """A SUBSCRIBE is kept whole (unlike a PUBLISH's payload): a bad filter after 70 KB of
+    good ones is found."""
+    filters = b"".join(len(f).to_bytes(2, "big") + f + b"\x00" for f in [b"a" * 1000] * 70)
+    body = b"\x00\x01" + filters + b"\x00\x02a\xff\x00"
+    length, encoded = len(body), b""
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        encoded += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            break
+    good = connect_packet("ok", 30)
+    violations: list[str] = []
+    stream = good + b"\x82" + encoded + body
+    reader = PacketSizeLimit(Trickle(stream, 4096), 10**6, [].append, violations.append)
+    assert await _drain(reader) == good
+    assert violations == ["topic filter: ill-formed UTF-8 (MQTT-1.5.3-1)"]
