@@ -51,7 +51,7 @@ from amqtt.mqtt.packet import (
 )
 
 from blendsm.broker._log_limit import LogLimiter
-from blendsm.broker._mqtt_strings import connect_strings_fault, strings_fault
+from blendsm.broker._packet_rules import body_fault, header_fault
 
 if TYPE_CHECKING:
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -90,46 +90,6 @@ _HANDLERS: Final = {
     CONNECT: "handle_connect",
 }
 """amqtt's reader dispatch: packet type -> the handler method it calls (the same methods)."""
-
-FIXED_FLAGS: Final = {
-    CONNECT: 0,
-    PUBACK: 0,
-    PUBREC: 0,
-    PUBREL: 2,
-    PUBCOMP: 0,
-    SUBSCRIBE: 2,
-    UNSUBSCRIBE: 2,
-    PINGREQ: 0,
-    DISCONNECT: 0,
-}
-"""The fixed-header flags MQTT 3.1.1 requires of each packet a client may send other than
-PUBLISH (MQTT-2.2.2-2: any other value is a protocol violation)."""
-SERVER_ONLY: Final = frozenset((CONNACK, SUBACK, UNSUBACK, PINGRESP))
-"""Packets only a server sends: from a client, a protocol violation."""
-
-
-def violation(header: MQTTFixedHeader, packet: Any) -> str | None:
-    """Why this packet from a client breaks MQTT 3.1.1 (which then requires the connection
-    closed, section 4.8), or None. amqtt's decoder accepts these; its handlers would act on
-    them (a SUBSCRIBE asking QoS 3 got a SUBACK)."""
-    kind, flags = header.packet_type, header.flags
-    if kind in SERVER_ONLY:
-        return f"a client sent packet type {kind}, which only a server sends"
-    if kind == CONNECT:
-        return "a second CONNECT (MQTT-3.1.0-2)"
-    if kind == PUBLISH:
-        return "PUBLISH with QoS 3 (MQTT-3.3.1-4)" if flags & 0x06 == 0x06 else None
-    if flags != FIXED_FLAGS.get(kind, flags):
-        return f"packet type {kind} with reserved flags {flags:#x} (MQTT-2.2.2-2)"
-    if kind == SUBSCRIBE:
-        topics = packet.payload.topics
-        if not topics:
-            return "SUBSCRIBE without a topic filter (MQTT-3.8.3-3)"
-        if any(qos > 2 for _, qos in topics):
-            return "SUBSCRIBE requesting QoS > 2 or reserved bits set (MQTT-3-8.3-4)"
-    if kind == UNSUBSCRIBE and not packet.payload.topics:
-        return "UNSUBSCRIBE without a topic filter (MQTT-3.10.3-2)"
-    return None
 
 
 class PacketStream:
@@ -240,7 +200,7 @@ async def read_connect_packet(packets: PacketStream) -> ConnectPacket:
     connect: ConnectPacket = await ConnectPacket.from_stream(
         BufferReader(body), fixed_header=header
     )
-    if (wrong := connect_strings_fault(body)) is not None:
+    if (wrong := body_fault(CONNECT, body)) is not None:
         raise MQTTError(wrong)  # section 1.5.3: closed, no CONNACK
     return connect
 
@@ -274,7 +234,9 @@ async def read_packets(handler: BrokerProtocolHandler, packets: PacketStream) ->
                 break
             try:
                 packet = await decode(header, body)
-                wrong = violation(header, packet) or strings_fault(kind, packet, body)
+                wrong = header_fault(kind << 4 | header.flags, False) or body_fault(
+                    kind, body, packet
+                )
             except (MQTTError, NoDataError, ValueError, IndexError) as exc:
                 wrong = f"malformed packet of type {kind}: {exc!r}"
             if wrong is not None:  # MQTT 3.1.1 section 4.8: close the connection

@@ -17,7 +17,7 @@ from typing import Final
 
 from amqtt.mqtt.packet import PUBLISH, SUBSCRIBE, UNSUBSCRIBE
 
-__all__ = ["connect_strings_fault", "raw_strings_fault", "strings_fault"]
+__all__ = ["connect_strings_fault", "plain_topic", "raw_strings_fault"]
 
 _FALLBACK: Final = ("b'", 'b"')
 """How amqtt's ``decode_string`` fallback (``str(bytes)``) begins."""
@@ -42,19 +42,16 @@ def _string_at(body: bytes, at: int) -> tuple[bytes, int] | None:
     return (body[at + 2 : end], end) if end <= len(body) else None
 
 
-def strings_fault(kind: int, packet: object, body: bytes) -> str | None:
-    """Why a PUBLISH, SUBSCRIBE or UNSUBSCRIBE breaks the string rule, or None; a PUBLISH
-    only read when amqtt's decoded topic shows a sign of a bad string."""
-    if kind == PUBLISH:
-        topic = getattr(getattr(packet, "variable_header", None), "topic_name", None)
-        if not isinstance(topic, str) or (topic[:2] not in _FALLBACK and "\x00" not in topic):
-            return None
-    return raw_strings_fault(kind, body)
+def plain_topic(packet: object) -> bool:
+    """Whether amqtt's decoded PUBLISH topic shows no sign of a bad string (neither its
+    fallback's prefix nor a U+0000): then its bytes need no second look."""
+    topic = getattr(getattr(packet, "variable_header", None), "topic_name", None)
+    return isinstance(topic, str) and topic[:2] not in _FALLBACK and "\x00" not in topic
 
 
 def raw_strings_fault(kind: int, body: bytes) -> str | None:
-    """:func:`strings_fault` on the bytes alone (every PUBLISH read), and a SUBSCRIBE's
-    requested QoS with each filter (MQTT-3.8.3-4)."""
+    """Why a PUBLISH topic or a SUBSCRIBE or UNSUBSCRIBE filter breaks the string rule, or a
+    SUBSCRIBE's requested QoS is over 2 (MQTT-3.8.3-4); None if neither."""
     if kind == PUBLISH:
         found = _string_at(body, 0)
         why = None if found is None else _fault(found[0])
@@ -70,6 +67,8 @@ def raw_strings_fault(kind: int, body: bytes) -> str | None:
             if at < len(body) and body[at] > 2:
                 return "SUBSCRIBE requesting QoS > 2 or reserved bits set (MQTT-3.8.3-4)"
             at += 1
+    if at != len(body):  # a filter's length past the packet's end: amqtt read what was there
+        return "malformed topic filter list"
     return None
 
 

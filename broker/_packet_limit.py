@@ -70,6 +70,10 @@ class PacketSizeLimit:
     async def read(self, n: int = -1) -> bytes:
         if self.refused:
             raise asyncio.IncompleteReadError(b"", n if n >= 0 else None)
+        if self._on_violation is not None and 0 < self._body < n:
+            # amqtt reads a field longer than what is left of the packet (a length past its
+            # end): the reader would wait for the next packet's bytes, or for ever.
+            self._violated("a field runs past the end of its packet (malformed)", b"", n)
         data: bytes = await self._reader.read(n)
         if len(data) <= self._body and self._kept is None:  # the common case: a piece of a
             self._body -= len(data)  # body already admitted, with nothing to check in it

@@ -1,5 +1,6 @@
-"""MQTT's string rule read from the client's bytes (broker/_mqtt_strings.py): what amqtt's
-decoder made of a string is only a hint, the raw bytes decide."""
+"""MQTT's string rule read from the client's bytes (broker/_mqtt_strings.py, applied by
+broker/_packet_rules.py): what amqtt's decoder made of a string is only a hint, the raw bytes
+decide."""
 
 from __future__ import annotations
 
@@ -8,37 +9,39 @@ from types import SimpleNamespace
 
 from amqtt.mqtt.packet import PUBLISH, SUBSCRIBE, UNSUBSCRIBE
 
-from blendsm.broker._mqtt_strings import connect_strings_fault, strings_fault
+from blendsm.broker._mqtt_strings import connect_strings_fault
+from blendsm.broker._packet_rules import body_fault
 
 
 def _raw(data: bytes) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-def _publish(topic_seen: str, topic_sent: bytes) -> tuple[object, bytes]:
+def _publish(topic_seen: str, topic_sent: bytes) -> tuple[bytes, object]:
+    """(the body sent, amqtt's decoded packet with the topic it made of it)."""
     packet = SimpleNamespace(variable_header=SimpleNamespace(topic_name=topic_seen))
-    return packet, _raw(topic_sent) + b"\x00\x01payload"
+    return _raw(topic_sent) + b"\x00\x01payload", packet
 
 
 def test_a_publish_is_judged_by_the_bytes_sent() -> None:
     # amqtt's fallback text for b"\xc0\xaf", and the bytes behind it
-    assert strings_fault(PUBLISH, *_publish("b'\\xc0\\xaf'", b"\xc0\xaf")) is not None
+    assert body_fault(PUBLISH, *_publish("b'\\xc0\\xaf'", b"\xc0\xaf")) is not None
     # the same text sent as well-formed UTF-8 is a topic like any other
-    assert strings_fault(PUBLISH, *_publish("b'\\xc0\\xaf'", b"b'\\xc0\\xaf'")) is None
+    assert body_fault(PUBLISH, *_publish("b'\\xc0\\xaf'", b"b'\\xc0\\xaf'")) is None
     assert (
-        strings_fault(PUBLISH, *_publish("a\x00b", b"a\x00b"))
+        body_fault(PUBLISH, *_publish("a\x00b", b"a\x00b"))
         == "PUBLISH topic: U+0000 (MQTT-1.5.3-2)"
     )
-    assert strings_fault(PUBLISH, *_publish("sensors/t", b"sensors/t")) is None
+    assert body_fault(PUBLISH, *_publish("sensors/t", b"sensors/t")) is None
 
 
 def test_every_filter_of_a_subscribe_or_unsubscribe_is_checked() -> None:
     good = b"\x00\x07" + _raw(b"a/#") + b"\x01" + _raw(b"b/+") + b"\x00"
-    assert strings_fault(SUBSCRIBE, None, good) is None
+    assert body_fault(SUBSCRIBE, good) is None
     bad = b"\x00\x07" + _raw(b"a/#") + b"\x01" + _raw(b"b/\xed\xa0\x80") + b"\x00"
-    assert strings_fault(SUBSCRIBE, None, bad) == "topic filter: ill-formed UTF-8 (MQTT-1.5.3-1)"
-    assert strings_fault(UNSUBSCRIBE, None, b"\x00\x07" + _raw(b"ok") + _raw(b"x\x00")) is not None
-    assert strings_fault(UNSUBSCRIBE, None, b"\x00\x07" + _raw(b"ok") + _raw(b"fine")) is None
+    assert body_fault(SUBSCRIBE, bad) == "topic filter: ill-formed UTF-8 (MQTT-1.5.3-1)"
+    assert body_fault(UNSUBSCRIBE, b"\x00\x07" + _raw(b"ok") + _raw(b"x\x00")) is not None
+    assert body_fault(UNSUBSCRIBE, b"\x00\x07" + _raw(b"ok") + _raw(b"fine")) is None
 
 
 def _connect(client_id: bytes, will: tuple[bytes, bytes] | None, user: bytes | None) -> bytes:

@@ -305,6 +305,7 @@ def _silent_ws_client(port: int, keepalive: int, context: ssl.SSLContext | None)
         "subscribe_filter_ill_formed_utf8",
         "subscribe_qos3",
         "subscribe_empty",
+        "subscribe_truncated",
         "unsubscribe_empty",
         "publish_qos3",
         "pubrel_flags",
