@@ -300,7 +300,7 @@ class CreditHold:
         else:
             self._service.stats.deliveries_held_for_credit += 1
         if account is not None and self not in account.waiters:
-            account.waiters.append(self)
+            self._wait_on(account)
         if self._timer is None:
             hold_seconds = self._service.config.payments.hold_seconds
             self._timer = self._loop.call_at(items[0].since + hold_seconds, self._expire)
@@ -517,4 +517,10 @@ class CreditHold:
             self._flow.task_started(item.size)
         account = item.account
         if account is not None and self not in account.waiters:
-            account.waiters.append(self)
+            self._wait_on(account)
+
+    def _wait_on(self, account: Account) -> None:
+        """Wait for a voucher of ``account``; one already on its way is committed without
+        yielding to the loop (:meth:`~blendsm.broker._voucher_intake.VoucherIntake.expedite`)."""
+        account.waiters.append(self)
+        self._service.intake.expedite(account.channel_id)

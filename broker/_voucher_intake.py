@@ -25,13 +25,13 @@ at once as a *batch*:
    While it is in flight the next batch queues;
 4. only after the commit: ``paid`` rises in the meter, the settler and paused offline replays
    are told, deliveries held for credit (:mod:`~blendsm.broker._credit_hold`) are sent, and
-   receipts are scheduled. Vouchers are processed batch after batch, in arrival
-   order, so the meter is never behind a voucher being checked and no two of one channel race.
+   receipts are scheduled. Deliveries that begin to wait on a voucher already here make its
+   commit stop yielding to the loop (:meth:`VoucherIntake.expedite`). Vouchers are processed
+   batch after batch, in arrival order: the meter is never behind a voucher being checked
+   and no two of one channel race.
 
-Receipts (``payments.intake``): a Receipt is cumulative, so the broker sends one per channel and
-session after ``receipt_every`` accepted vouchers or ``receipt_delay_seconds`` after the
-previous one, whichever comes first (the first after a quiet spell goes out at once). Refusals
-go out at once. While a voucher of a channel is queued or being committed, a delivery refused
+Receipts are batched per channel and session (:mod:`blendsm.broker._receipts`, the
+``payments.intake`` knobs); refusals go out at once. While a voucher of a channel is queued or being committed, a delivery refused
 for that channel's credit asks for no payment (:meth:`VoucherIntake.withhold_request`): the
 payer is paying, and a request then only made it sign a second voucher. Notices to a session at
 its ``MAX_CONTROL_TASKS`` bound (a client that does not read them) are dropped and counted
@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from blendsm.broker._credit_hold import CreditHold
 from blendsm.broker._intake_config import IntakeConfig
 from blendsm.broker._log_limit import LogLimiter
+from blendsm.broker._receipts import ReceiptBatcher
 from blendsm.device_sdk import (
     AnyNotice,
     ChannelState,
@@ -135,18 +136,6 @@ class _Entry:
     voucher: Voucher
 
 
-@dataclass(slots=True, eq=False)
-class _PendingReceipt:
-    """A receipt owed to one session for one channel, not sent yet (batched)."""
-
-    handler: BrokerProtocolHandler
-    ident: Identity
-    channel_id: bytes
-    amount: int
-    count: int = 0
-    due: float = 0.0
-
-
 class VoucherIntake:
     """The broker's voucher pipeline (see the module docstring); one per service."""
 
@@ -162,8 +151,7 @@ class VoucherIntake:
         """Channels whose payment request waited for a voucher on its way."""
         self._by_session: dict[int, list[_Entry]] = {}  # id(ident) -> its queued entries
         self._runner: asyncio.Task[None] | None = None
-        self._receipts: dict[tuple[int, bytes], _PendingReceipt] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._receipts = ReceiptBatcher(config, service.lane, service.stats, self._send)
         self._states: dict[bytes, tuple[ChannelInfo, ChannelState]] = {}
         """channel id -> (the view's record, its ChannelState): building one checks the payer's
         EIP-55 checksum (two keccaks), as costly as half a signature recovery."""
@@ -225,6 +213,11 @@ class VoucherIntake:
         self._withheld.add(channel_id)
         return True
 
+    def expedite(self, channel_id: bytes) -> None:
+        """Deliveries began to wait on ``channel_id``: its voucher's commit stops yielding."""
+        if channel_id in self._paying and self._service.store is not None:
+            self._service.store.urgent(True)
+
     def _wake(self, account: Account) -> None:
         """Gate the deliveries waiting on ``account`` again, in order (held live ones are
         sent what fits now; paused offline replays go on)."""
@@ -267,10 +260,7 @@ class VoucherIntake:
         still owed; called when the broker stops."""
         while self._runner is not None and not self._runner.done():
             await asyncio.gather(self._runner, return_exceptions=True)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._flush_receipts(everything=True)
+        self._receipts.flush(everything=True)
 
     # --- batches -----------------------------------------------------------------------
 
@@ -360,31 +350,32 @@ class VoucherIntake:
         # Before the held deliveries are gated again below: one still refused for credit asks
         # for payment unless a later voucher of its channel is already on its way.
         self._settle()
-        meter, stats = service.meter, service.stats
+        meter, stats, owe = service.meter, service.stats, self._receipts.owe
         for (entry, covered, repeats), stored in zip(chosen, results, strict=True):
             voucher = entry.voucher
+            amount = voucher.cumulative_amount
             if stored is not True:
                 code, detail = stored or ("not_newer", "a voucher at least as high is stored")
                 for refused in (entry, *covered, *repeats):
                     self._refused(refused.handler, refused.ident, _refusal(voucher, code, detail))
                 continue
             # Durable: now it counts.
-            account = meter.paid_up_to(voucher.channel_id, voucher.cumulative_amount)
+            account = meter.paid_up_to(voucher.channel_id, amount)
             stats.vouchers_accepted += 1
             stats.vouchers_superseded += len(covered)
             if service.settler is not None:
-                service.settler.notify_voucher(voucher.channel_id, voucher.cumulative_amount)
+                service.settler.notify_voucher(voucher.channel_id, amount)
             self._withheld.discard(voucher.channel_id)  # its refusals below ask again
             if account is not None and account.waiters:
                 self._wake(account)
             self._repeated(repeats, voucher)
             seen = {id(entry.ident)}
-            self._owe_receipt(entry, voucher, 1 + len(covered))
+            owe(entry.handler, entry.ident, voucher.channel_id, amount, 1 + len(covered))
             for other in covered:  # another session of the same payer: it is told too
                 if id(other.ident) not in seen:
                     seen.add(id(other.ident))
-                    self._owe_receipt(other, voucher, 1)
-        self._flush_receipts()
+                    owe(other.handler, other.ident, voucher.channel_id, amount, 1)
+        self._receipts.flush()
 
     async def _commit(self, entries: list[_Entry]) -> list[bool | tuple[RefusalCode, str]]:
         """Store the chosen vouchers in one transaction: True (durable), False (a voucher at
@@ -515,52 +506,6 @@ class VoucherIntake:
                 entry.ident,
                 [Receipt(voucher.channel_id, voucher.cumulative_amount, self._service.lane)],
             )
-
-    def _owe_receipt(self, entry: _Entry, voucher: Voucher, count: int) -> None:
-        key = (id(entry.ident), voucher.channel_id)
-        pending = self._receipts.get(key)
-        if pending is None:
-            pending = self._receipts[key] = _PendingReceipt(
-                entry.handler, entry.ident, voucher.channel_id, voucher.cumulative_amount
-            )
-        pending.handler = entry.handler
-        pending.amount = max(pending.amount, voucher.cumulative_amount)
-        pending.count += count
-        last = entry.ident.receipted.get(voucher.channel_id)
-        delay = self.config.receipt_delay_seconds
-        if pending.count >= self.config.receipt_every or last is None:
-            pending.due = 0.0  # now
-        else:
-            pending.due = last + delay
-
-    def _flush_receipts(self, *, everything: bool = False) -> None:
-        """Send the receipts that are due (all of them with ``everything``); arm the timer
-        for the next one."""
-        if self._timer is not None:
-            self._timer.cancel()  # a no-op when it is this call
-            self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        due: dict[int, list[_PendingReceipt]] = {}
-        later = None
-        for key, pending in list(self._receipts.items()):
-            if everything or pending.due <= now:
-                del self._receipts[key]
-                due.setdefault(id(pending.ident), []).append(pending)
-            elif later is None or pending.due < later:
-                later = pending.due
-        for receipts in due.values():
-            first = receipts[0]
-            for pending in receipts:
-                first.ident.receipted[pending.channel_id] = now
-            self._service.stats.receipts_sent += len(receipts)
-            self._send(
-                first.handler,
-                first.ident,
-                [Receipt(p.channel_id, p.amount, self._service.lane) for p in receipts],
-            )
-        if later is not None and self._timer is None:
-            self._timer = loop.call_at(later, self._flush_receipts)
 
     def _send(
         self, handler: BrokerProtocolHandler, ident: Identity, notices: list[AnyNotice]

@@ -131,6 +131,39 @@ async def test_a_voucher_that_held_deliveries_wait_on_commits_off_sched_batch(
     assert policy() == os.SCHED_BATCH
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policy")
+async def test_deliveries_held_behind_a_voucher_already_on_its_way_expedite_its_commit(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    """The voucher arrived while nobody waited (its commit would yield to the loop), then
+    deliveries began to wait on it: the store's thread leaves SCHED_BATCH at once, not only
+    for the next commit (through a paid round at 50 % load, a commit begun that way held
+    deliveries for up to 19 ms)."""
+    market = await start_market(payments=_payments(intake={"linger_seconds": 0.5}))
+    service = market.service
+    store = service.store
+
+    def policy() -> int:
+        return os.sched_getscheduler(store._thread_id)
+
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    for i in range(5):
+        await device.publish(market.topic, b"m%d" % i)
+    assert await until(lambda: service.meter.accounts[channel].charged == 5 * market.price)
+    await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
+    assert await until(lambda: service.intake.queued == 1, 2.0)  # lingering: nobody waits
+    assert policy() == os.SCHED_BATCH
+    await device.publish(market.topic, b"m5")
+    assert await until(lambda: service.stats.deliveries_held_for_credit == 1, 2.0)
+    assert service.intake.queued == 1  # still lingering
+    assert policy() == os.SCHED_OTHER
+    assert await until(lambda: service.meter.accounts[channel].paid == 5 * market.price, 3.0)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data[-1] == b"m5"  # released once the voucher counted
+
+
 async def test_no_payment_request_while_a_voucher_of_the_channel_is_on_its_way(
     start_market: Callable[..., Any], until: Callable[..., Any]
 ) -> None:
