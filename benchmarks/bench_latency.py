@@ -50,7 +50,10 @@ where a latency tail comes from, and whether it was broker work or the broker de
 ``BENCH_TIMELINE=PREFIX`` writes every sample (send time, latency) of a round to
 ``PREFIX-<config>-<time>.txt``, and ``BENCH_SLOW_DUMP=PREFIX`` (with ``BENCH_SLOW_MS``) every
 slow callback with its start time to ``PREFIX-<time>.txt``; ``latency_timeline.py`` splits the
-tail into the anchorer's windows and the rest.
+tail into the anchorer's windows and the rest. Each round also prints the broker's CPU per
+delivery by thread (``broker_process.threads_line``): the event loop (``MainThread``) apart
+from the voucher and leaf stores' threads (``blendsm-store_0``, ``blendsm-leaves_0``), which
+share its pinned core.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ import time
 from typing import Any
 
 import bench_paid_delivery as paid
-from broker_process import ask, percentile, pin, pinning, quiet, stock_main
+from broker_process import ask, percentile, pin, pinning, quiet, stock_main, threads_line
 from raw_clients import Payer, RawPublisher, RawSubscriber, Tally
 
 N_SUBSCRIBERS = 10
@@ -403,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
                     if "commits" in out
                     else ""
                 )
+                + threads_line(out, out["received"])
                 + (
                     f"\n           broker callbacks >= BENCH_SLOW_MS: {out['slow_callbacks']},"
                     f" {out['slow_callbacks_s'] * 1e3:.0f} ms in all"

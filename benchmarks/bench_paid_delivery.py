@@ -67,7 +67,8 @@ Configurations:
 ``--latency`` runs ``bench_latency.py`` (raw paced clients; see there). Its rounds also
 report the broker's event-loop lag over the measured window (how
 late a 1 ms timer in the broker process fires: p99, maximum, and the seconds spent in lags
-over 10 ms), to tell a stall inside the broker from queueing elsewhere.
+over 10 ms), to tell a stall inside the broker from queueing elsewhere. Each round also prints
+the broker's CPU per delivery by thread (the event loop apart from the stores' threads).
 
 Environment (for profiling and diagnosis, not for published figures unless said so):
 ``BENCH_PROFILE=file`` runs cProfile in each BlendSM broker process over the measured window
@@ -120,6 +121,7 @@ from broker_process import (
     run_child,
     serve,
     stock_main,
+    threads_line,
 )
 
 N_SUBSCRIBERS = 10
@@ -1001,7 +1003,7 @@ def main() -> None:
                     f" ({out['poll_rps']:.1f} requests/s)"
                     + "".join(f", {name} x{n}" for name, n in out["poll_errors"].items())
                 )
-            print(line, flush=True)
+            print(line + threads_line(out, out["deliveries"]), flush=True)
     print("median:")
     base = statistics.median(x["rate"] for x in res["a"]) if res["a"] else float("nan")
     base_cpu = statistics.median(x["cpu_us"] for x in res["a"]) if res["a"] else float("nan")
