@@ -105,6 +105,7 @@ class VoucherStore(DurableStore):
     _STATE_TABLE = "claims"
     _STATE_KEY = "intent_id"
     _STATE_NOUN = "claim intent"
+    _WAL_PAGES = 128  # each commit rewrites a few pages: a small WAL, rewritten in place
 
     def __init__(
         self,

@@ -70,6 +70,18 @@ def test_pragmas_and_schema_version(store: VoucherStore, db: Path) -> None:
                 assert decl == "BLOB", (table, name, decl)
 
 
+def test_the_wal_stays_small_and_is_rewritten_in_place(store: VoucherStore, db: Path) -> None:
+    """Each commit rewrites a few pages, so the WAL is checkpointed every 128 pages and then
+    rewritten in place (an fsync that does not change the file's size costs about a third
+    less CPU); with SQLite's default of 1000 pages it grew to ~4 MB after every start."""
+    for i in range(1, 601):
+        store.accept_many([(v(i % 7, i), None), (v(7 + i % 5, i), None)], [(cid(i % 7), i)])
+    wal = db.with_name(db.name + "-wal")
+    # the header, 128 frames, and the last commit's pages past the mark (a few)
+    assert wal.stat().st_size <= 32 + (128 + 8) * (4096 + 24)
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 128
+
+
 def test_reopen_keeps_data(db: Path) -> None:
     with VoucherStore(db, lane=LANE) as s:
         assert s.accept(v(1, 5))
