@@ -478,7 +478,8 @@ def throughput(args: Any) -> None:
                     f" p90 {out['commit_p90_ms']:.1f} / max {out['commit_max_ms']:.1f} ms"
                     if "commits" in out
                     else ""
-                ),
+                )
+                + threads_line(out, out["received"]),
                 flush=True,
             )
     print("median over rounds:")
