@@ -289,9 +289,10 @@ async def serve(
 ) -> None:
     """Answer the driver's commands until "stop": "cpu" -> process CPU seconds so far,
     "stats" -> the broker's counters (with the event-loop lag of the window between the first
-    two "cpu" commands, and each thread's CPU seconds in it: ``threads_cpu_s``). ``BENCH_PROFILE=file``: cProfile of that window, written to ``file``;
-    ``BENCH_SLOW_MS=N``: the loop callbacks of that window that ran N ms or longer
-    (:class:`_SlowCallbacks`), in the stats."""
+    two "cpu" commands, and each thread's CPU seconds in it: ``threads_cpu_s``).
+    ``BENCH_PROFILE=file``: cProfile of that window, written to ``file``; ``BENCH_SLOW_MS=N``:
+    the loop callbacks of that window that ran N ms or longer (:class:`_SlowCallbacks`), in
+    the stats."""
     quiet()  # again: eth_tester's backend set-up resets the warning filters
     loop = asyncio.get_running_loop()
     profile_to = os.environ.get("BENCH_PROFILE")  # cProfile of the measured window, to a file

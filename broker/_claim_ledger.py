@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from blendsm.broker._sqlite import DurableStore
 from blendsm.broker._store_records import ClaimIntent, _int, _u256
@@ -45,11 +46,11 @@ class ClaimLedger(DurableStore):
     _lane: bytes
     lane: str
 
-    def _record_delivered(self, values: Sequence[tuple[bytes, bytes]], now: float) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # VoucherStore's, declared here for the type checker only
 
-    def _prune(self, channel_id: bytes) -> None:
-        raise NotImplementedError
+        def _record_delivered(self, values: Sequence[tuple[bytes, bytes]], now: float) -> None: ...
+
+        def _prune(self, channel_id: bytes) -> None: ...
 
     def begin_claim(
         self,

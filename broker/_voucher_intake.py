@@ -31,9 +31,10 @@ at once as a *batch*:
    and no two of one channel race.
 
 Receipts are batched per channel and session (:mod:`blendsm.broker._receipts`, the
-``payments.intake`` knobs); refusals go out at once. While a voucher of a channel is queued or being committed, a delivery refused
-for that channel's credit asks for no payment (:meth:`VoucherIntake.withhold_request`): the
-payer is paying, and a request then only made it sign a second voucher. Notices to a session at
+``payments.intake`` knobs); refusals go out at once. While a voucher of a channel is queued or
+being committed, a delivery refused for that channel's credit asks for no payment
+(:meth:`VoucherIntake.withhold_request`): the payer is paying, and a request then only made it
+sign a second voucher. Notices to a session at
 its ``MAX_CONTROL_TASKS`` bound (a client that does not read them) are dropped and counted
 (``notices_dropped``): the voucher itself is not affected.
 """

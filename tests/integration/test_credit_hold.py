@@ -137,8 +137,8 @@ async def test_deliveries_held_behind_a_voucher_already_on_its_way_expedite_its_
 ) -> None:
     """The voucher arrived while nobody waited (its commit would yield to the loop), then
     deliveries began to wait on it: the store's thread leaves SCHED_BATCH at once, not only
-    for the next commit (through a paid round at 50 % load, a commit begun that way held
-    deliveries for up to 19 ms)."""
+    from the next commit on (the intake still lingers when the policy is read, so the
+    commit's own rule cannot be what moved it)."""
     market = await start_market(payments=_payments(intake={"linger_seconds": 0.5}))
     service = market.service
     store = service.store
