@@ -28,6 +28,13 @@ class IntakeConfig:
     share one verification per channel and one commit. Vouchers that arrive while a commit is
     in flight wait for it anyway and take no linger. It adds to a voucher's round trip, which
     the credit must cover: keep it well below a few messages' time."""
+    unawaited_linger_seconds: float = 0.01
+    """How long a queued voucher that no delivery waits on may wait, since it arrived, before
+    its batch is taken (0 to 1 s; 0 = never): the vouchers that arrive meanwhile share its
+    commit, whose fsync costs more broker CPU than everything else a voucher does. A delivery
+    that begins to wait on a queued voucher's channel ends the wait at once
+    (:meth:`~blendsm.broker._voucher_intake.VoucherIntake.expedite`), so it delays no
+    delivery; it delays the voucher's receipt and a settlement's view of it by at most this."""
     receipt_every: int = 10
     """A Receipt goes out after this many accepted vouchers of a channel on a session (1 to
     10000; 1 = a receipt per accepted voucher). A receipt is cumulative, so one covers every
@@ -48,6 +55,15 @@ def parse_intake(data: Mapping[str, Any]) -> IntakeConfig:
     linger = seconds(data, "linger_seconds", _WHERE, default.linger_seconds, allow_zero=True)
     if linger > 1:
         raise ConfigError(f"{_WHERE}.linger_seconds: must be <= 1, got {linger}")
+    unawaited = seconds(
+        data,
+        "unawaited_linger_seconds",
+        _WHERE,
+        default.unawaited_linger_seconds,
+        allow_zero=True,
+    )
+    if unawaited > 1:
+        raise ConfigError(f"{_WHERE}.unawaited_linger_seconds: must be <= 1, got {unawaited}")
     delay = seconds(
         data, "receipt_delay_seconds", _WHERE, default.receipt_delay_seconds, allow_zero=True
     )
@@ -55,6 +71,7 @@ def parse_intake(data: Mapping[str, Any]) -> IntakeConfig:
         raise ConfigError(f"{_WHERE}.receipt_delay_seconds: must be <= 60, got {delay}")
     return IntakeConfig(
         linger_seconds=linger,
+        unawaited_linger_seconds=unawaited,
         receipt_every=integer(
             data, "receipt_every", _WHERE, default.receipt_every, low=1, high=10_000
         ),

@@ -9,7 +9,8 @@ pays for; and vouchers of one channel processed concurrently raced each other an
 How it runs: :meth:`VoucherIntake.submit` (on the client's read loop) decodes the payload and
 queues it, bounded per session; one runner task (started by the first voucher after a quiet
 spell, which lingers ``linger_seconds`` so the rest of a burst joins it) takes everything queued
-at once as a *batch*:
+at once as a *batch*, once its first voucher is due (vouchers that no delivery waits on may wait
+a little to share a commit: :mod:`~blendsm.broker._commit_linger`):
 
 1. cheap checks per voucher (channel known, metered here, paid by this session's participant,
    not closing or settled, above what is already durable), in the contract's spirit: a voucher
@@ -48,6 +49,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from blendsm.broker._commit_linger import CommitLinger
 from blendsm.broker._credit_hold import CreditHold
 from blendsm.broker._intake_config import IntakeConfig
 from blendsm.broker._log_limit import LogLimiter
@@ -152,6 +154,8 @@ class VoucherIntake:
         """Channels whose payment request waited for a voucher on its way."""
         self._by_session: dict[int, list[_Entry]] = {}  # id(ident) -> its queued entries
         self._runner: asyncio.Task[None] | None = None
+        self._linger = CommitLinger(lambda: self.config.unawaited_linger_seconds)
+        """When the next batch is taken: vouchers nobody waits on may share a commit."""
         self._receipts = ReceiptBatcher(config, service.lane, service.stats, self._send)
         self._states: dict[bytes, tuple[ChannelInfo, ChannelState]] = {}
         """channel id -> (the view's record, its ChannelState): building one checks the payer's
@@ -186,6 +190,7 @@ class VoucherIntake:
                 "voucher from %s dropped: %d already queued (flood)", ident.address, len(mine)
             )
             return
+        loop = asyncio.get_running_loop()
         entry = _Entry(handler, ident, voucher)
         self._queue.append(entry)
         channel = voucher.channel_id
@@ -194,10 +199,9 @@ class VoucherIntake:
             self._by_session[key] = [entry]
         else:
             mine.append(entry)
+        self._linger.arrived(channel, loop.time(), self._service.meter.awaited((channel,)))
         if self._runner is None or self._runner.done():
-            self._runner = asyncio.get_running_loop().create_task(
-                self._run(), name="blendsm-voucher-intake"
-            )
+            self._runner = loop.create_task(self._run(), name="blendsm-voucher-intake")
 
     @property
     def queued(self) -> int:
@@ -215,8 +219,12 @@ class VoucherIntake:
         return True
 
     def expedite(self, channel_id: bytes) -> None:
-        """Deliveries began to wait on ``channel_id``: its voucher's commit stops yielding."""
-        if channel_id in self._paying and self._service.store is not None:
+        """Deliveries began to wait on ``channel_id``: a voucher of it already here is taken
+        without the unawaited linger, and its commit stops yielding to the loop."""
+        if channel_id not in self._paying:
+            return
+        self._linger.end()
+        if self._service.store is not None:
             self._service.store.urgent(True)
 
     def _wake(self, account: Account) -> None:
@@ -259,7 +267,9 @@ class VoucherIntake:
     async def close(self) -> None:
         """Finish every queued voucher (the store must still be open) and send the receipts
         still owed; called when the broker stops."""
+        self._linger.closing = True
         while self._runner is not None and not self._runner.done():
+            self._linger.end()
             await asyncio.gather(self._runner, return_exceptions=True)
         self._receipts.flush(everything=True)
 
@@ -270,7 +280,9 @@ class VoucherIntake:
         if linger > 0:  # the intake was idle: let the rest of a burst arrive
             await asyncio.sleep(linger)
         while self._queue:
+            await self._linger.wait(self._awaited)
             batch, self._queue = self._queue, []
+            self._linger.taken()
             self._by_session = {}
             self._service.stats.voucher_batches += 1
             self._unsettled = batch
@@ -282,6 +294,10 @@ class VoucherIntake:
                 self._settle()  # if _process returned before its commit, or raised
             if self._withheld:
                 self._ask_again()
+
+    def _awaited(self) -> bool:
+        """Whether deliveries wait on a queued voucher's channel."""
+        return self._service.meter.awaited(e.voucher.channel_id for e in self._queue)
 
     async def _process(self, batch: list[_Entry]) -> None:
         service = self._service

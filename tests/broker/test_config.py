@@ -218,6 +218,14 @@ def test_parse_config_keeps_relative_paths_without_base_dir() -> None:
         ({"payments": {"hold_messages": 10_001}}, "payments.hold_messages: must be <= 10000"),
         ({"payments": {"hold_seconds": 0}}, "payments.hold_seconds: must be > 0"),
         ({"payments": {"hold_seconds": 61}}, "payments.hold_seconds: must be <= 60, got 61"),
+        (
+            {"payments": {"intake": {"unawaited_linger_seconds": 2}}},
+            "payments.intake.unawaited_linger_seconds: must be <= 1, got 2",
+        ),
+        (
+            {"payments": {"intake": {"unawaited_linger_seconds": -0.1}}},
+            "payments.intake.unawaited_linger_seconds",
+        ),
         ({"listen": {"port": 70000}}, "listen.port: must be <= 65535, got 70000"),
         ({"listen": {"port": -1}}, "listen.port: must be >= 0"),
         ({"listen": {"host": ""}}, "listen.host: must not be empty"),

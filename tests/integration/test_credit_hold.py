@@ -27,6 +27,21 @@ def _payments(**options: Any) -> PaymentsConfig:
     return dataclasses.replace(base, intake=dataclasses.replace(base.intake, **intake), **options)
 
 
+async def _paid_at_the_credit_edge(
+    market: Market, until: Callable[..., Any]
+) -> tuple[Any, bytes, Any]:
+    """A subscribed buyer sent the credit's worth (m0-m4), and its voucher for them, which
+    nobody waits on yet; returns the buyer, its channel and the connected device."""
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    for i in range(5):
+        await device.publish(market.topic, b"m%d" % i)
+    assert await until(lambda: market.service.meter.accounts[channel].charged == 5 * market.price)
+    await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
+    return buyer, channel, device
+
+
 async def test_a_slow_sdk_payer_gets_every_message_in_order_and_pays_exactly(
     start_market: Callable[..., Any], until: Callable[..., Any]
 ) -> None:
@@ -146,13 +161,7 @@ async def test_deliveries_held_behind_a_voucher_already_on_its_way_expedite_its_
     def policy() -> int:
         return os.sched_getscheduler(store._thread_id)
 
-    buyer, channel = await market.channel_client("buyer")
-    assert await buyer.subscribe(market.topic) == [0]
-    device = await market.connected_device()
-    for i in range(5):
-        await device.publish(market.topic, b"m%d" % i)
-    assert await until(lambda: service.meter.accounts[channel].charged == 5 * market.price)
-    await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
+    buyer, channel, device = await _paid_at_the_credit_edge(market, until)
     assert await until(lambda: service.intake.queued == 1, 2.0)  # lingering: nobody waits
     assert policy() == os.SCHED_BATCH
     await device.publish(market.topic, b"m5")
@@ -162,6 +171,74 @@ async def test_deliveries_held_behind_a_voucher_already_on_its_way_expedite_its_
     assert await until(lambda: service.meter.accounts[channel].paid == 5 * market.price, 3.0)
     data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
     assert data[-1] == b"m5"  # released once the voucher counted
+
+
+async def test_a_delivery_that_begins_to_wait_ends_the_unawaited_linger(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    """A voucher nobody waits for may linger 5 s here to share a commit; the first delivery
+    held for credit behind it ends that linger at once, so the hold lasts a commit, not 5 s."""
+    market = await start_market(payments=_payments(intake={"unawaited_linger_seconds": 5.0}))
+    service = market.service
+    buyer, channel, device = await _paid_at_the_credit_edge(market, until)
+    assert await until(lambda: service.intake.queued == 1, 2.0)
+    await asyncio.sleep(0.3)
+    assert service.intake.queued == 1  # lingering: nobody waits
+    await device.publish(market.topic, b"m5")
+    assert await until(lambda: service.meter.accounts[channel].paid == 5 * market.price, 2.0)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data[-1] == b"m5"  # released once the voucher counted
+
+
+async def test_a_voucher_deliveries_wait_for_is_not_kept_behind_anothers_linger(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    """Another payer's voucher lingers (nobody waits on it, 5 s here); a voucher that held
+    deliveries already wait for arrives behind it: the batch is taken at once."""
+    market = await start_market(payments=_payments(intake={"unawaited_linger_seconds": 5.0}))
+    service = market.service
+    other, other_channel = await market.channel_client("buyer2")
+    buyer, channel = await market.channel_client("buyer")
+    assert await buyer.subscribe(market.topic) == [0]
+    device = await market.connected_device()
+    for i in range(6):
+        await device.publish(market.topic, b"m%d" % i)
+    assert await until(lambda: service.stats.deliveries_held_for_credit == 1, 2.0)
+    await Payer(market, "buyer2", other).pay(other_channel, market.price)  # a prepayment
+    assert await until(lambda: service.intake.queued == 1, 2.0)
+    await asyncio.sleep(0.3)
+    assert service.intake.queued == 1  # lingering: nobody waits on it
+    await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
+    assert await until(lambda: service.meter.accounts[channel].paid == 5 * market.price, 2.0)
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data == [b"m%d" % i for i in range(6)]
+
+
+async def test_an_offline_replay_paused_for_credit_ends_the_unawaited_linger(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    """A prepayment from another connection of the buyer lingers (nobody waits); the
+    persistent session's replay then pauses at the credit behind it: the voucher is taken
+    at once and the replay goes on, not 5 s later."""
+    market = await start_market(payments=_payments(intake={"unawaited_linger_seconds": 5.0}))
+    service = market.service
+    buyer, channel = await market.channel_client(
+        "buyer", client_id="buyer-persistent", clean_session=False
+    )
+    assert await buyer.subscribe(market.topic, qos=1) == [1]
+    buyer.close()
+    device = await market.connected_device()
+    for i in range(8):
+        await device.publish(market.topic, b"q%d" % i, qos=1)
+    payer_client = market.client("buyer")  # the same buyer on another connection
+    assert await payer_client.connect() == 0
+    await Payer(market, "buyer", payer_client).pay(channel, 5 * market.price)
+    assert await until(lambda: service.intake.queued == 1, 2.0)
+    again = market.client("buyer", client_id="buyer-persistent", clean_session=False)
+    assert await again.connect() == 0
+    data, _ = split_messages(await again.got.drain(within=2.0), market.topic)
+    assert data == [b"q%d" % i for i in range(8)]  # credit 5, then the voucher's 5
+    assert service.meter.paid_of(channel) == 5 * market.price
 
 
 async def test_no_payment_request_while_a_voucher_of_the_channel_is_on_its_way(

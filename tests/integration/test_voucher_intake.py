@@ -255,3 +255,45 @@ async def test_when_the_loops_turns_are_long_a_batchs_vouchers_are_not_one_per_t
     assert service.stats.voucher_batches - batches == 1
     assert len(verified_in) == 6
     assert verified_in[-1] - verified_in[0] <= 2, verified_in  # one per turn: 5
+
+
+async def test_vouchers_no_delivery_waits_for_share_one_commit(market: Market) -> None:
+    """Two payers' vouchers 0.2 s apart, nothing held for credit: the first waits for the
+    second (``unawaited_linger_seconds``) and both are one commit, one fsync. Without that
+    linger each was a commit of its own (the intake's 0.5 ms burst linger is long over)."""
+    service = market.service
+    service.intake.config = replace(service.intake.config, unawaited_linger_seconds=1.0)
+    payers = []
+    for label in ("buyer", "buyer2"):
+        client, channel = await market.channel_client(label)
+        payers.append((Payer(market, label, client), channel))
+    batches, commits = service.stats.voucher_batches, service.store.commits
+    (first, first_channel), (second, second_channel) = payers
+    await first.pay(first_channel, market.price)
+    await asyncio.sleep(0.2)
+    assert service.meter.paid_of(first_channel) == 0  # still lingering: nobody waits
+    await second.pay(second_channel, market.price)
+    await eventually(
+        lambda: all(service.meter.paid_of(c) == market.price for _, c in payers),
+        5,
+        what="both vouchers accepted",
+    )
+    assert service.stats.voucher_batches - batches == 1
+    assert service.store.commits - commits == 1
+
+
+async def test_a_fast_payers_voucher_lingers_a_quarter_of_its_pace(market: Market) -> None:
+    """A payer's second voucher 0.4 s after its first lingers at most 0.1 s (a quarter of
+    that gap: about a quarter of the time its credit lasts), not the 5 s set here: the
+    batch holding both is taken at once, though no delivery waits on it."""
+    service = market.service
+    service.intake.config = replace(service.intake.config, unawaited_linger_seconds=5.0)
+    client, channel = await market.channel_client("buyer")
+    payer = Payer(market, "buyer", client)
+    await payer.pay(channel, market.price)
+    await asyncio.sleep(0.4)
+    assert service.meter.paid_of(channel) == 0  # the first lingers: its pace is not known
+    await payer.pay(channel, 2 * market.price)
+    await eventually(
+        lambda: service.meter.paid_of(channel) == 2 * market.price, 2, what="both counted"
+    )
