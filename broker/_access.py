@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from amqtt.session import Session
     from eth_account.signers.local import LocalAccount
 
+    from blendsm.broker._voucher_intake import VoucherIntake
     from blendsm.contracts import TopicInfo
 
 
@@ -95,6 +96,7 @@ class AccessDecisions:
     tokens: ConnectTokenVerifier
     operator: LocalAccount
     stats: ServiceStats
+    intake: VoucherIntake
     _denied_log: LogLimiter
     """Paid deliveries not sent for credit or deposit: one line a minute, the rest counted."""
     _serving_log: LogLimiter
@@ -412,6 +414,9 @@ class AccessDecisions:
         if result == Reservation.NO_CREDIT:
             ident.owing = account
             ident.owing_topic = topic_name
+            # Whatever becomes of this delivery (held, paused in a replay, dropped), a voucher
+            # of its channel already in the intake is taken now: no linger, no yielding.
+            self.intake.expedite(account.channel_id)
             return Verdict.NO_CREDIT
         return Verdict.DENY
 

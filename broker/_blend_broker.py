@@ -412,8 +412,6 @@ class BlendBroker(ConnectPath):
                 account = ident.owing if ident is not None else None
                 if account is not None and session not in account.waiters:
                     account.waiters.append(session)
-                    # A voucher of it already on its way is taken at once.
-                    self.service.intake.expedite(account.channel_id)
                 return
 
     def resume_offline_replay(self, session: object) -> None:

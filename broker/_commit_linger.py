@@ -10,9 +10,11 @@ waits on may wait a little for others to share its commit:
   its credit), so that gap is about how long the credit the voucher arrives with lasts: a fast
   stream's voucher lingers briefly and is committed before its deliveries reach the credit
   edge, a slow one's up to the whole setting;
-- never while a delivery waits on a queued voucher's channel: one that begins to wait
-  (:meth:`CommitLinger.end`, from ``VoucherIntake.expedite``), a voucher arriving for a
-  channel deliveries already wait on, and the broker stopping end the wait at once.
+- never once a delivery is refused for credit on a queued voucher's channel: the refusal
+  (the gate calls ``VoucherIntake.expedite``, which calls :meth:`CommitLinger.end`), a
+  voucher arriving for a channel deliveries already wait on, and the broker stopping take
+  the queued vouchers at once, whether the refused delivery is held, paused in an offline
+  replay or dropped (``payments.hold_messages`` 0).
 
 It delays no delivery; it delays a voucher's receipt by at most the setting.
 """
@@ -40,13 +42,13 @@ class CommitLinger:
         self._first_due = math.inf
         """The earliest time by which a queued voucher's batch is taken."""
         self._hurry: asyncio.Future[None] | None = None
-        """Set while lingering; :meth:`end` resolves it."""
+        """Set while lingering; :meth:`_wake` resolves it."""
         self.closing = False
 
     def arrived(self, channel: bytes, now: float, awaited: bool) -> None:
         """A voucher of ``channel`` was queued at ``now`` (``awaited``: deliveries wait on
         ``channel``). A channel's first voucher may linger the whole setting: should its
-        deliveries reach the credit edge, the hold ends the linger."""
+        deliveries reach the credit edge, their refusal ends the linger."""
         arrivals = self._last_arrival
         previous = arrivals.get(channel)
         if previous is None and len(arrivals) >= _MAX_PACES:
@@ -54,18 +56,23 @@ class CommitLinger:
         arrivals[channel] = now
         spare = self._spare_seconds()
         due = now + (spare if previous is None else min(spare, (now - previous) / 4))
-        if due < self._first_due:
-            self._first_due = due
-            self.end()  # if lingering: until this one is due
-        elif awaited:
+        if awaited:
             self.end()
+        elif due < self._first_due:
+            self._first_due = due
+            self._wake()  # if lingering: until this one is due
 
     def taken(self) -> None:
         """The queue was taken as a batch: nothing is due any more."""
         self._first_due = math.inf
 
     def end(self) -> None:
-        """Stop lingering now (the batch is taken unless another reason to wait remains)."""
+        """Take the queued vouchers now: no linger until the next batch."""
+        self._first_due = -math.inf
+        self._wake()
+
+    def _wake(self) -> None:
+        """The lingering runner looks again at what is due (or ends: :attr:`closing`)."""
         hurry = self._hurry
         if hurry is not None and not hurry.done():
             hurry.set_result(None)
@@ -79,7 +86,7 @@ class CommitLinger:
             if due <= 0 or awaited():
                 return
             self._hurry = hurry = loop.create_future()
-            timer = loop.call_later(due, self.end)
+            timer = loop.call_later(due, self._wake)
             try:
                 await hurry
             finally:

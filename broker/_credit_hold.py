@@ -520,7 +520,6 @@ class CreditHold:
             self._wait_on(account)
 
     def _wait_on(self, account: Account) -> None:
-        """Wait for a voucher of ``account``; one already on its way is committed without
-        yielding to the loop (:meth:`~blendsm.broker._voucher_intake.VoucherIntake.expedite`)."""
+        """Wait for a voucher of ``account`` (the gate's refusal already expedited one on its
+        way: :meth:`~blendsm.broker._voucher_intake.VoucherIntake.expedite`)."""
         account.waiters.append(self)
-        self._service.intake.expedite(account.channel_id)

@@ -190,6 +190,28 @@ async def test_a_delivery_that_begins_to_wait_ends_the_unawaited_linger(
     assert data[-1] == b"m5"  # released once the voucher counted
 
 
+async def test_with_holding_off_a_refusal_for_credit_ends_the_unawaited_linger(
+    start_market: Callable[..., Any], until: Callable[..., Any]
+) -> None:
+    """``hold_messages`` 0: a delivery refused for credit is dropped, not held, so nothing
+    waits on the lingering voucher; the refusal itself ends the linger (else every message
+    of the next 5 s here would be dropped for a credit already paid)."""
+    market = await start_market(
+        payments=_payments(hold_messages=0, intake={"unawaited_linger_seconds": 5.0})
+    )
+    service = market.service
+    buyer, channel, device = await _paid_at_the_credit_edge(market, until)
+    assert await until(lambda: service.intake.queued == 1, 2.0)
+    await asyncio.sleep(0.3)
+    assert service.intake.queued == 1  # lingering: nobody waits
+    await device.publish(market.topic, b"m5")  # refused for credit: dropped
+    assert await until(lambda: service.meter.accounts[channel].paid == 5 * market.price, 2.0)
+    await device.publish(market.topic, b"m6")
+    data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
+    assert data[-1] == b"m6"
+    assert service.stats.deliveries_held_for_credit == 0
+
+
 async def test_a_voucher_deliveries_wait_for_is_not_kept_behind_anothers_linger(
     start_market: Callable[..., Any], until: Callable[..., Any]
 ) -> None:
