@@ -16,7 +16,10 @@ waits on may wait a little for others to share its commit:
   the queued vouchers at once, whether the refused delivery is held, paused in an offline
   replay or dropped (``payments.hold_messages`` 0).
 
-It delays no delivery; it delays a voucher's receipt by at most the setting.
+No delivery waits for the linger itself (the refusal that would hold one ends it), but a
+voucher lingering counts later, so a stream nearer its credit edge may meet it sooner and wait
+for a commit there (the pace cap is what keeps that rare; docs/benchmarks.md counts the
+holds). A voucher's receipt comes at most the setting later.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ class IntakeConfig:
     its batch is taken (0 to 1 s; 0 = never): the vouchers that arrive meanwhile share its
     commit, whose fsync costs more broker CPU than everything else a voucher does; at most a
     quarter of the time since the channel's previous voucher (``broker/_commit_linger.py``).
-    A delivery refused for credit on a queued voucher's channel ends the wait at once, so it
-    delays no delivery; it delays the voucher's receipt and a settlement's view of it by at
-    most this."""
+    A delivery refused for credit on a queued voucher's channel ends the wait at once, so no
+    delivery waits for the linger itself; it delays the voucher's receipt and a settlement's
+    view of it by at most this."""
     receipt_every: int = 10
     """A Receipt goes out after this many accepted vouchers of a channel on a session (1 to
     10000; 1 = a receipt per accepted voucher). A receipt is cumulative, so one covers every

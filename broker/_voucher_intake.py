@@ -219,8 +219,9 @@ class VoucherIntake:
         return True
 
     def expedite(self, channel_id: bytes) -> None:
-        """Deliveries began to wait on ``channel_id``: a voucher of it already here is taken
-        without the unawaited linger, and its commit stops yielding to the loop."""
+        """A delivery was refused for credit on ``channel_id`` (the gate calls this): a voucher
+        of it already here is taken without the unawaited linger (if it is being committed,
+        the next batch is), and its commit stops yielding to the loop."""
         if channel_id not in self._paying:
             return
         self._linger.end()
