@@ -1,9 +1,9 @@
 """When the voucher intake takes its next batch: vouchers nobody waits on share a commit.
 
 Why: a voucher's commit is an fsync, which costs more broker CPU than everything else a voucher
-does, and at a steady paid rate commits came one per voucher or two; the voucher store's thread
-was then half the paid path's CPU beyond stock amqtt's. So a queued voucher that no delivery
-waits on may wait a little for others to share its commit:
+does, and at 50 % of stock's saturation a commit took only three to five vouchers; the voucher
+store's thread was then about half the paid path's CPU beyond stock amqtt's. So a queued
+voucher that no delivery waits on may wait a little for others to share its commit:
 
 - ``payments.intake.unawaited_linger_seconds`` at most, and at most a quarter of the time
   since its channel's previous voucher. A payer pays every so many messages (the SDK: at half
