@@ -51,6 +51,10 @@ from blendsm.errors import ContractRevertError
 STARTUP_TIMEOUT = 60.0
 
 
+_PUMPS: dict[int, threading.Thread] = {}
+"""id() of a child's stream -> the thread of the :class:`_Lines` reading it (it closes it)."""
+
+
 class _Lines:
     """Lines of a child's stream, read on a thread so a test can wait with a timeout."""
 
@@ -59,11 +63,14 @@ class _Lines:
         self.seen: list[str] = []
 
         def pump() -> None:
-            for line in stream:
-                self.queue.put(line)
+            with stream:  # closed here, at EOF: the child's pipe is not left to the GC
+                for line in stream:
+                    self.queue.put(line)
             self.queue.put(None)
 
-        threading.Thread(target=pump, daemon=True).start()
+        thread = threading.Thread(target=pump, daemon=True)
+        _PUMPS[id(stream)] = thread
+        thread.start()
 
     def next(self, timeout: float) -> str:
         try:
@@ -112,6 +119,14 @@ def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+    for stream in (proc.stdout, proc.stderr):  # the child is gone: its pipes are at EOF
+        if stream is None:
+            continue
+        pump = _PUMPS.pop(id(stream), None)
+        if pump is None:
+            stream.close()
+        else:
+            pump.join(timeout=10)  # it closes the stream at EOF
     return int(proc.returncode)
 
 
