@@ -80,13 +80,13 @@ class CommitLinger:
         if hurry is not None and not hurry.done():
             hurry.set_result(None)
 
-    async def wait(self, awaited: Callable[[], bool]) -> None:
-        """Until the first queued voucher is due, or ``awaited()`` (deliveries wait on a
-        queued voucher's channel), or :attr:`closing`."""
+    async def wait(self) -> None:
+        """Until the first queued voucher is due (at once after :meth:`end`, which a refusal
+        for credit or a voucher deliveries wait on calls), or :attr:`closing`."""
         loop = asyncio.get_running_loop()
         while not self.closing:
             due = self._first_due - loop.time()
-            if due <= 0 or awaited():
+            if due <= 0:
                 return
             self._hurry = hurry = loop.create_future()
             timer = loop.call_later(due, self._wake)

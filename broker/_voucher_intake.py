@@ -281,7 +281,7 @@ class VoucherIntake:
         if linger > 0:  # the intake was idle: let the rest of a burst arrive
             await asyncio.sleep(linger)
         while self._queue:
-            await self._linger.wait(self._awaited)
+            await self._linger.wait()
             batch, self._queue = self._queue, []
             self._linger.taken()
             self._by_session = {}
@@ -295,10 +295,6 @@ class VoucherIntake:
                 self._settle()  # if _process returned before its commit, or raised
             if self._withheld:
                 self._ask_again()
-
-    def _awaited(self) -> bool:
-        """Whether deliveries wait on a queued voucher's channel."""
-        return self._service.meter.awaited(e.voucher.channel_id for e in self._queue)
 
     async def _process(self, batch: list[_Entry]) -> None:
         service = self._service

@@ -154,6 +154,17 @@ class Market:
         assert await client.subscribe(own) == [0]
         return client, channel
 
+    async def queued_offline(self, label: str, client_id: str, count: int) -> bytes:
+        """``label``'s persistent session ``client_id`` (a fresh channel), subscribed at QoS 1
+        and gone, with ``count`` QoS 1 messages (``q0``, ``q1``...) queued for it; its channel."""
+        client, channel = await self.channel_client(label, client_id=client_id, clean_session=False)
+        assert await client.subscribe(self.topic, qos=1) == [1]
+        client.close()
+        device = await self.connected_device()
+        for i in range(count):
+            await device.publish(self.topic, b"q%d" % i, qos=1)
+        return channel
+
     async def connected_device(self) -> Client:
         """The seller's registered device, connected (it signs what it publishes)."""
         device = self.client("device")

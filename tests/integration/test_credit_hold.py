@@ -42,6 +42,13 @@ async def _paid_at_the_credit_edge(
     return buyer, channel, device
 
 
+async def _still_lingering(service: Any, until: Callable[..., Any]) -> None:
+    """The voucher reached the intake and is still queued 0.3 s later: nobody waits on it."""
+    assert await until(lambda: service.intake.queued == 1, 2.0)
+    await asyncio.sleep(0.3)
+    assert service.intake.queued == 1
+
+
 async def test_a_slow_sdk_payer_gets_every_message_in_order_and_pays_exactly(
     start_market: Callable[..., Any], until: Callable[..., Any]
 ) -> None:
@@ -181,9 +188,7 @@ async def test_a_delivery_that_begins_to_wait_ends_the_unawaited_linger(
     market = await start_market(payments=_payments(intake={"unawaited_linger_seconds": 5.0}))
     service = market.service
     buyer, channel, device = await _paid_at_the_credit_edge(market, until)
-    assert await until(lambda: service.intake.queued == 1, 2.0)
-    await asyncio.sleep(0.3)
-    assert service.intake.queued == 1  # lingering: nobody waits
+    await _still_lingering(service, until)
     await device.publish(market.topic, b"m5")
     assert await until(lambda: service.meter.accounts[channel].paid == 5 * market.price, 2.0)
     data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
@@ -201,9 +206,7 @@ async def test_with_holding_off_a_refusal_for_credit_ends_the_unawaited_linger(
     )
     service = market.service
     buyer, channel, device = await _paid_at_the_credit_edge(market, until)
-    assert await until(lambda: service.intake.queued == 1, 2.0)
-    await asyncio.sleep(0.3)
-    assert service.intake.queued == 1  # lingering: nobody waits
+    await _still_lingering(service, until)
     await device.publish(market.topic, b"m5")  # refused for credit: dropped
     assert await until(lambda: service.meter.accounts[channel].paid == 5 * market.price, 2.0)
     await device.publish(market.topic, b"m6")
@@ -227,9 +230,7 @@ async def test_a_voucher_deliveries_wait_for_is_not_kept_behind_anothers_linger(
         await device.publish(market.topic, b"m%d" % i)
     assert await until(lambda: service.stats.deliveries_held_for_credit == 1, 2.0)
     await Payer(market, "buyer2", other).pay(other_channel, market.price)  # a prepayment
-    assert await until(lambda: service.intake.queued == 1, 2.0)
-    await asyncio.sleep(0.3)
-    assert service.intake.queued == 1  # lingering: nobody waits on it
+    await _still_lingering(service, until)
     await Payer(market, "buyer", buyer).pay(channel, 5 * market.price)
     assert await until(lambda: service.meter.accounts[channel].paid == 5 * market.price, 2.0)
     data, _ = split_messages(await buyer.got.drain(within=0.5), market.topic)
@@ -244,14 +245,7 @@ async def test_an_offline_replay_paused_for_credit_ends_the_unawaited_linger(
     at once and the replay goes on, not 5 s later."""
     market = await start_market(payments=_payments(intake={"unawaited_linger_seconds": 5.0}))
     service = market.service
-    buyer, channel = await market.channel_client(
-        "buyer", client_id="buyer-persistent", clean_session=False
-    )
-    assert await buyer.subscribe(market.topic, qos=1) == [1]
-    buyer.close()
-    device = await market.connected_device()
-    for i in range(8):
-        await device.publish(market.topic, b"q%d" % i, qos=1)
+    channel = await market.queued_offline("buyer", "buyer-persistent", 8)
     payer_client = market.client("buyer")  # the same buyer on another connection
     assert await payer_client.connect() == 0
     await Payer(market, "buyer", payer_client).pay(channel, 5 * market.price)

@@ -80,14 +80,7 @@ async def test_retained_paid_message_is_charged_on_subscribe_and_not_leaked_on_c
 
 
 async def test_offline_queue_is_charged_on_replay_and_pauses_on_credit(market: Market) -> None:
-    buyer, channel = await market.channel_client(
-        "buyer", client_id="buyer-persistent", clean_session=False
-    )
-    assert await buyer.subscribe(market.topic, qos=1) == [1]
-    buyer.close()
-    device = await market.connected_device()
-    for i in range(8):
-        await device.publish(market.topic, b"q%d" % i, qos=1)
+    channel = await market.queued_offline("buyer", "buyer-persistent", 8)
     await market.wait_view(lambda: True)
     account = market.service.meter.select(
         market.chain.addr("buyer").lower(),
