@@ -24,6 +24,7 @@ from blendsm.errors import ConfigError
 
 from ._eip712 import address_bytes, check_chain_id
 from ._keccak import checksum_address
+from ._paho_sockets import closing_failed_handshakes
 
 __all__ = ["TRANSPORTS", "BrokerEndpoint", "ClientTls", "EndpointArgs", "resolve_endpoint"]
 
@@ -45,7 +46,8 @@ class ClientTls:
 
     def context(self) -> ssl.SSLContext:
         """A client context: the broker's certificate verified against ``ca_certs`` and its
-        host name checked, TLS 1.2 at least; ConfigError for an unusable file."""
+        host name checked, TLS 1.2 at least; ConfigError for an unusable file. Its sockets
+        close themselves when their handshake fails (:mod:`._paho_sockets`)."""
         try:
             context = ssl.create_default_context(cafile=self.ca_certs)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -53,7 +55,7 @@ class ClientTls:
                 context.load_cert_chain(self.certfile, self.keyfile, password=_no_passphrase)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"tls: cannot use {self}: {exc}") from exc
-        return context
+        return closing_failed_handshakes(context)
 
 
 def _no_passphrase() -> bytes:

@@ -14,7 +14,10 @@ What paho does not do for us, and a BlendSM client needs:
 - a blocking ``connect`` and ``subscribe`` that raise errors from the BlendSM tree
   (:class:`BrokerRefusedError`, :class:`SubscriptionRefusedError`) instead of return codes;
 - no dead network thread: exceptions from our callbacks are logged, never raised into paho
-  (paho re-raises them and its loop thread dies).
+  (paho re-raises them and its loop thread dies);
+- no socket left open by a failed connection set-up (:mod:`._paho_sockets`), and a
+  ``connect`` that works again after one failed (paho kept the connection marked as opening
+  and refused the next attempt with a RuntimeError).
 
 paho runs with the threaded interface (``loop_start``): callbacks run on its loop thread.
 """
@@ -45,6 +48,7 @@ from blendsm.errors import (
 from ._connect_token import ConnectTokenSigner
 from ._ecdsa import private_key_bytes
 from ._endpoint import BrokerEndpoint
+from ._paho_sockets import SocketClosingClient
 
 __all__ = ["Disconnection", "ReconnectPolicy", "default_client_id", "private_key_bytes"]
 
@@ -153,7 +157,7 @@ class _MqttClient:
         self._halt = threading.Event()  # disconnect requested: cut reconnect waits short
         self._attempt = 0  # connection attempts since connect()/start() (0: the first)
 
-        c = mqtt.Client(
+        c = SocketClosingClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=clean_session,
@@ -173,7 +177,7 @@ class _MqttClient:
         c.reconnect_delay_set(
             reconnect.floor, reconnect.floor
         )  # the growing, jittered part is ours
-        self._mqtt = c
+        self._mqtt: mqtt.Client = c
 
     # --- public ------------------------------------------------------------------------
 
@@ -201,10 +205,16 @@ class _MqttClient:
         self._mqtt.connect_timeout = max(timeout, 0.1)
         try:
             self._mqtt.connect(self.host, self.port, self.keepalive)
-        except OSError as exc:
-            raise BrokerConnectionError(
-                f"cannot reach the broker at {self.host}:{self.port}: {exc}"
-            ) from exc
+        except BaseException as exc:
+            # paho marked the connection as opening before the socket failed (refused, TLS
+            # or WebSocket handshake) and kept the mark: the next connect() raised paho's
+            # RuntimeError. With no socket, disconnect() only clears the mark.
+            self._mqtt.disconnect()
+            if isinstance(exc, OSError):
+                raise BrokerConnectionError(
+                    f"cannot reach the broker at {self.host}:{self.port}: {exc}"
+                ) from exc
+            raise
         self._mqtt.loop_start()
         with self._cond:
             got = self._cond.wait_for(

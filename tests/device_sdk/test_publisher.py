@@ -199,6 +199,30 @@ def test_refused_connect_raises(broker: _StockBroker, state_dir: Path) -> None:
     assert info.value.return_code in (4, 5)
 
 
+def test_connect_works_again_once_the_broker_listens(
+    state_dir: Path, closing: Callable[[Reader], Reader]
+) -> None:
+    """paho marks the connection as opening before it opens the socket, and kept that mark
+    when the socket could not be opened: every later ``connect`` raised paho's RuntimeError
+    ("updating connect_timeout on established connection"), so a device retrying in a loop
+    never connected again, whatever the broker did."""
+    port = free_port()
+    pub = make(port, state_dir)
+    for _ in range(2):  # the second failure is the same clean error, not paho's
+        with pytest.raises(BrokerConnectionError, match="cannot reach the broker"):
+            pub.connect(2)
+    broker = StockBroker(port).start()
+    try:
+        reader = closing(Reader(port))
+        pub.connect(5)
+        pub.publish("data/temp", b"back", qos=1)
+        pub.flush(5)
+        assert [e.payload for _, e in reader.take(1)] == [b"back"]
+        pub.close()
+    finally:
+        broker.close()
+
+
 def test_qos0_while_disconnected_raises_and_queues_nothing(state_dir: Path) -> None:
     pub = make(free_port(), state_dir)
     with pytest.raises(BrokerConnectionError):
@@ -427,3 +451,15 @@ def test_on_acknowledged_errors_are_logged_and_delivery_goes_on(
 def test_an_unknown_callback_api_version_is_refused(state_dir: Path) -> None:
     with pytest.raises(ConfigError, match="callback_api_version"):
         make(1, state_dir, callback_api_version=2)
+
+
+def test_connect_works_again_after_a_refusal(broker: _StockBroker, state_dir: Path) -> None:
+    """The refused attempt's connection is closed, not left marked open: the device is
+    admitted on its next connect (e.g. once enrolled)."""
+    REFUSED_USERS.add(DEVICE.address)
+    pub = make(broker.port, state_dir)
+    with pytest.raises(BrokerRefusedError):
+        pub.connect(5)
+    REFUSED_USERS.clear()
+    pub.connect(5)
+    pub.close()

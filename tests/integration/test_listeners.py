@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
@@ -191,6 +192,67 @@ async def test_a_client_that_trusts_another_ca_refuses_the_broker(
     with pytest.raises(BrokerConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         await asyncio.to_thread(sub.connect, 5.0)
     assert market.service.stats.connect_timeouts == 0
+
+
+def _open_tls_sockets() -> set[int]:
+    """Ids of this process's client TLS sockets that nobody closed yet (alive, since
+    something still refers to them; a reset one counts too)."""
+    return {
+        id(thing)
+        for thing in gc.get_objects()
+        if isinstance(thing, ssl.SSLSocket) and thing.fileno() != -1
+    }
+
+
+@pytest.mark.parametrize(
+    ("listener", "transport", "why"),
+    [
+        ("tls", "tcp", "a broker certificate it does not trust: the TLS handshake fails"),
+        ("mwss", "websockets", "no client certificate: TLS 1.3 refuses it in the upgrade"),
+    ],
+)
+async def test_a_failed_connection_set_up_leaves_no_socket_open(
+    start_market: StartMarket, pki: Pki, listener: str, transport: str, why: str
+) -> None:
+    """paho drops the socket it opened when a step of the set-up fails (the TLS handshake,
+    or the WebSocket upgrade after it): it stayed open for as long as the error lived, so an
+    application keeping its errors kept a descriptor per attempt, and the garbage collector
+    closed the others with a ResourceWarning."""
+    required = pki.tls(cafile=str(pki.ca.cert), require_client_cert=True)
+    market = await start_market(
+        listeners=_listeners(
+            plain={"port": 0},
+            tls={"port": 0, "tls": pki.tls()},
+            mwss={"type": "ws", "port": 0, "tls": required},
+        )
+    )
+    port = market.running.ports[listener]
+    trusted = pki.rogue if listener == "tls" else pki.ca
+    endpoint = BrokerEndpoint(
+        "127.0.0.1",
+        port,
+        market.chain.addr("operator"),
+        market.chain.deployment.chain_id,
+        transport=transport,
+        tls=ClientTls(ca_certs=str(trusted.cert)),
+    )
+    sub = Subscriber(
+        market.chain.accounts["buyer"],
+        endpoint=endpoint,
+        channels_contract=market.chain.deployment.address("PaymentChannels"),
+    )
+    kept: list[BaseException] = []  # as an application keeping its errors would
+    gc.disable()
+    try:
+        before = _open_tls_sockets()
+        for _ in range(3):  # each attempt fails the same clean way (paho's mark is cleared)
+            with pytest.raises(BrokerConnectionError, match="cannot reach") as caught:
+                await asyncio.to_thread(sub.connect, 5.0)
+            kept.append(caught.value)
+        assert len(_open_tls_sockets() - before) == 0, why
+    finally:
+        gc.enable()
+    assert len(kept) == 3
 
 
 def _tls_connect(
