@@ -24,6 +24,7 @@ paho runs with the threaded interface (``loop_start``): callbacks run on its loo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import socket
@@ -202,19 +203,21 @@ class _MqttClient:
             self._closing = None
             self._dropped = False
         self._mqtt.loop_stop()  # a network thread still retrying would race this attempt
-        self._mqtt.connect_timeout = max(timeout, 0.1)
+        # paho marks the connection as opening before it opens the socket, and keeps the mark
+        # when that fails (refused, a TLS or WebSocket handshake; this call's or start()'s
+        # retries): it then refused the timeout below with its own RuntimeError, and the
+        # client could never connect again. With no socket, disconnect() only clears the
+        # mark; a socket still open is closed by paho's connect below, which then keeps the
+        # timeout set before.
+        self._mqtt.disconnect()
+        with contextlib.suppress(RuntimeError):
+            self._mqtt.connect_timeout = max(timeout, 0.1)
         try:
             self._mqtt.connect(self.host, self.port, self.keepalive)
-        except BaseException as exc:
-            # paho marked the connection as opening before the socket failed (refused, TLS
-            # or WebSocket handshake) and kept the mark: the next connect() raised paho's
-            # RuntimeError. With no socket, disconnect() only clears the mark.
-            self._mqtt.disconnect()
-            if isinstance(exc, OSError):
-                raise BrokerConnectionError(
-                    f"cannot reach the broker at {self.host}:{self.port}: {exc}"
-                ) from exc
-            raise
+        except OSError as exc:
+            raise BrokerConnectionError(
+                f"cannot reach the broker at {self.host}:{self.port}: {exc}"
+            ) from exc
         self._mqtt.loop_start()
         with self._cond:
             got = self._cond.wait_for(

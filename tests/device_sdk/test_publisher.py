@@ -453,6 +453,30 @@ def test_an_unknown_callback_api_version_is_refused(state_dir: Path) -> None:
         make(1, state_dir, callback_api_version=2)
 
 
+def test_connect_works_after_start_retried_in_vain(
+    state_dir: Path, closing: Callable[[Reader], Reader]
+) -> None:
+    """``start()``'s background retries left paho's connection marked as opening: a
+    blocking ``connect()`` afterwards raised paho's RuntimeError instead of connecting."""
+    port = free_port()
+    pub = make(port, state_dir)
+    pub.start()
+    deadline = time.monotonic() + 10
+    while pub.tokens_issued < 2 and time.monotonic() < deadline:  # two attempts failed
+        time.sleep(0.05)
+    assert pub.tokens_issued >= 2
+    broker = StockBroker(port).start()
+    try:
+        reader = closing(Reader(port))
+        pub.connect(5)
+        pub.publish("data/temp", b"up", qos=1)
+        pub.flush(5)
+        assert [e.payload for _, e in reader.take(1)] == [b"up"]
+        pub.close()
+    finally:
+        broker.close()
+
+
 def test_connect_works_again_after_a_refusal(broker: _StockBroker, state_dir: Path) -> None:
     """The refused attempt's connection is closed, not left marked open: the device is
     admitted on its next connect (e.g. once enrolled)."""
