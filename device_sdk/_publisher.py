@@ -292,11 +292,21 @@ class Publisher(_MqttClient):
 
     # --- connection ----------------------------------------------------------------------
 
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect and wait for the CONNACK (see the base class); :class:`StoreError` once
+        closed: its sender, outbox and sequence file are gone, so a connection would only
+        keep a network thread reconnecting for nothing."""
+        if self._closed:
+            raise StoreError("publisher is closed")
+        super().connect(timeout)
+
     def start(self) -> None:
         """Connect in the background and return at once: retries (with jittered backoff)
         until the broker answers, then reconnects after every drop. For a device that must
         queue readings while the broker is down at boot. A refusal (bad token, not a
-        member) stops the retries; see the log."""
+        member) stops the retries; see the log. :class:`StoreError` once closed."""
+        if self._closed:
+            raise StoreError("publisher is closed")
         if self._mqtt.is_connected():
             return
         self._halt.clear()

@@ -34,7 +34,7 @@ from blendsm.device_sdk import (
     Publisher,
     PublisherCallbackAPI,
 )
-from blendsm.errors import BrokerConnectionError, BrokerRefusedError, ConfigError
+from blendsm.errors import BrokerConnectionError, BrokerRefusedError, ConfigError, StoreError
 
 CHAIN_ID = 31337
 REGISTRY = "0x" + "5b" * 20
@@ -221,6 +221,20 @@ def test_connect_works_again_once_the_broker_listens(
         pub.close()
     finally:
         broker.close()
+
+
+def test_a_closed_publisher_neither_connects_nor_starts(state_dir: Path) -> None:
+    """``close()`` released the outbox and the sequence file and stopped the sender: a later
+    ``connect()`` or ``start()`` connected anyway, and ``start()`` left paho's network thread
+    retrying for ever for a publisher that could send nothing."""
+    pub = make(free_port(), state_dir)
+    pub.close()
+    with pytest.raises(StoreError, match="publisher is closed"):
+        pub.connect(1)
+    with pytest.raises(StoreError, match="publisher is closed"):
+        pub.start()
+    time.sleep(0.2)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("paho-mqtt-client")]
 
 
 def test_qos0_while_disconnected_raises_and_queues_nothing(state_dir: Path) -> None:
