@@ -198,19 +198,21 @@ class _MqttClient:
         self._halt.clear()
         self._attempt = 0
         deadline = time.monotonic() + timeout
-        with self._cond:
-            self._connack = None
-            self._closing = None
-            self._dropped = False
         self._mqtt.loop_stop()  # a network thread still retrying would race this attempt
         # paho marks the connection as opening before it opens the socket, and keeps the mark
         # when that fails (refused, a TLS or WebSocket handshake; this call's or start()'s
         # retries): it then refused the timeout below with its own RuntimeError, and the
         # client could never connect again. With no socket, disconnect() only clears the
-        # mark; a socket still open is closed by paho's connect below, which then keeps the
-        # timeout set before.
+        # mark. An attempt still waiting for its CONNACK is closed here, as requested, and
+        # before this attempt's state is set: its closing is not this attempt's.
+        with self._cond:
+            self._closing = "requested"
         self._mqtt.disconnect()
-        with contextlib.suppress(RuntimeError):
+        with self._cond:
+            self._connack = None
+            self._closing = None
+            self._dropped = False
+        with contextlib.suppress(RuntimeError):  # a socket paho still holds: it closes it
             self._mqtt.connect_timeout = max(timeout, 0.1)
         try:
             self._mqtt.connect(self.host, self.port, self.keepalive)

@@ -467,6 +467,32 @@ def test_an_unknown_callback_api_version_is_refused(state_dir: Path) -> None:
         make(1, state_dir, callback_api_version=2)
 
 
+def test_connect_while_start_waits_for_a_connack(
+    state_dir: Path, closing: Callable[[Reader], Reader]
+) -> None:
+    """``start()``'s attempt is connected and waiting for its CONNACK when the application
+    calls ``connect()``: closing that attempt must not count as this call's connection
+    closing (it failed at once with "closed the connection before any CONNACK")."""
+    port = free_port()
+    silent = socket.create_server(("127.0.0.1", port))
+    pub = make(port, state_dir)
+    pub.start()
+    silent.settimeout(5)
+    held, _ = silent.accept()  # start()'s attempt: its CONNECT is never answered
+    silent.close()
+    broker = StockBroker(port).start()
+    try:
+        reader = closing(Reader(port))
+        pub.connect(5)
+        pub.publish("data/temp", b"mine", qos=1)
+        pub.flush(5)
+        assert [e.payload for _, e in reader.take(1)] == [b"mine"]
+        pub.close()
+    finally:
+        held.close()
+        broker.close()
+
+
 def test_connect_works_after_start_retried_in_vain(
     state_dir: Path, closing: Callable[[Reader], Reader]
 ) -> None:
