@@ -15,9 +15,10 @@ when its handshake fails:
   handshake fails (``ssl.SSLContext.sslsocket_class``, the ssl module's documented hook);
   :meth:`ClientTls.context <blendsm.device_sdk.ClientTls.context>` returns one;
 * :class:`SocketClosingClient`: paho's client, closing the socket it opened (plain or TLS)
-  when a later step fails. It overrides three of paho's private steps (present from paho 2.0
-  on); should a later paho rename them, the overrides go unused and paho's old behaviour
-  returns, which ``tests/integration/test_listeners.py`` would report as open sockets.
+  when a later step fails. It overrides three of paho's private steps (as paho 2.2 has them,
+  which this was written against); should another paho rename them, the overrides go unused
+  and paho's behaviour returns, which ``tests/integration/test_listeners.py`` reports as
+  open sockets.
 """
 
 from __future__ import annotations
