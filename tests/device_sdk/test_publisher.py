@@ -199,6 +199,22 @@ def test_refused_connect_raises(broker: _StockBroker, state_dir: Path) -> None:
     assert info.value.return_code in (4, 5)
 
 
+def _connects_and_publishes_once_a_broker_listens(
+    pub: Publisher, port: int, closing: Callable[[Reader], Reader], payload: bytes
+) -> None:
+    """A broker starts on ``port``; ``pub`` connects, its QoS 1 message arrives, it closes."""
+    broker = StockBroker(port).start()
+    try:
+        reader = closing(Reader(port))
+        pub.connect(5)
+        pub.publish("data/temp", payload, qos=1)
+        pub.flush(5)
+        assert [e.payload for _, e in reader.take(1)] == [payload]
+        pub.close()
+    finally:
+        broker.close()
+
+
 def test_connect_works_again_once_the_broker_listens(
     state_dir: Path, closing: Callable[[Reader], Reader]
 ) -> None:
@@ -211,16 +227,7 @@ def test_connect_works_again_once_the_broker_listens(
     for _ in range(2):  # the second failure is the same clean error, not paho's
         with pytest.raises(BrokerConnectionError, match="cannot reach the broker"):
             pub.connect(2)
-    broker = StockBroker(port).start()
-    try:
-        reader = closing(Reader(port))
-        pub.connect(5)
-        pub.publish("data/temp", b"back", qos=1)
-        pub.flush(5)
-        assert [e.payload for _, e in reader.take(1)] == [b"back"]
-        pub.close()
-    finally:
-        broker.close()
+    _connects_and_publishes_once_a_broker_listens(pub, port, closing, b"back")
 
 
 def test_a_closed_publisher_neither_connects_nor_starts(state_dir: Path) -> None:
@@ -480,17 +487,10 @@ def test_connect_while_start_waits_for_a_connack(
     silent.settimeout(5)
     held, _ = silent.accept()  # start()'s attempt: its CONNECT is never answered
     silent.close()
-    broker = StockBroker(port).start()
     try:
-        reader = closing(Reader(port))
-        pub.connect(5)
-        pub.publish("data/temp", b"mine", qos=1)
-        pub.flush(5)
-        assert [e.payload for _, e in reader.take(1)] == [b"mine"]
-        pub.close()
+        _connects_and_publishes_once_a_broker_listens(pub, port, closing, b"mine")
     finally:
         held.close()
-        broker.close()
 
 
 def test_connect_works_after_start_retried_in_vain(
@@ -505,16 +505,7 @@ def test_connect_works_after_start_retried_in_vain(
     while pub.tokens_issued < 2 and time.monotonic() < deadline:  # two attempts failed
         time.sleep(0.05)
     assert pub.tokens_issued >= 2
-    broker = StockBroker(port).start()
-    try:
-        reader = closing(Reader(port))
-        pub.connect(5)
-        pub.publish("data/temp", b"up", qos=1)
-        pub.flush(5)
-        assert [e.payload for _, e in reader.take(1)] == [b"up"]
-        pub.close()
-    finally:
-        broker.close()
+    _connects_and_publishes_once_a_broker_listens(pub, port, closing, b"up")
 
 
 def test_connect_works_again_after_a_refusal(broker: _StockBroker, state_dir: Path) -> None:
